@@ -1,0 +1,33 @@
+# recsys-operator: `make demo` and `make test` each set up what they need first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
+PYTEST_WORKERS ?= 2
+
+.PHONY: help setup test lint typecheck crds demo bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup:  ## install system packages, the venv and the tools (idempotent)
+	@bash scripts/setup.sh
+
+lint: setup  ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	@rm -rf build/typecheck && mkdir -p build/typecheck && ln -s ../../operator build/typecheck/recsys_operator
+	cd build/typecheck && MYPYPATH=$(CURDIR) ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p recsys_operator -p stream_jobs -p model_handlers
+
+test: setup lint  ## set up, lint, then the whole test suite
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+crds: setup  ## regenerate crds/ from the API models
+	$(VENV)/bin/recsys crds
+
+demo: setup  ## set up, then validate and render the quickstart
+	$(VENV)/bin/recsys validate -f examples/quickstart.yaml -f examples/scaling-policy.yaml
+	$(VENV)/bin/recsys render -f examples/quickstart.yaml -f examples/scaling-policy.yaml
+
+clean:  ## remove build outputs (keeps .venv and .tools)
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,469 @@
+"""The `RecommenderSystem` spec: what an ML team declares.
+
+Every field carries its documentation as an attribute docstring; the CRD in
+`crds/`, the API reference in `docs/` and the examples are derived from, or
+checked against, these models.
+"""
+
+from __future__ import annotations
+
+import itertools
+from enum import StrEnum
+from typing import Self
+
+from pydantic import Field, field_validator, model_validator
+
+from recsys_operator.api.base import (
+    ApiModel,
+    DnsLabel,
+    Duration,
+    Quantity,
+    field_error,
+    quantity_value,
+)
+
+GPU_RESOURCE = "nvidia.com/gpu"
+MODEL_VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+PULSAR_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+ARCHIVE_URI_PATTERN = r"^(https?://|s3://|pvc://|file://).+"
+
+
+# --- events -----------------------------------------------------------------------
+
+
+class SubscriptionType(StrEnum):
+    KEY_SHARED = "KeyShared"
+    FAILOVER = "Failover"
+    SHARED = "Shared"
+
+
+class DeletionPolicy(StrEnum):
+    KEEP = "Keep"
+    DELETE = "Delete"
+
+
+class SecretKeyRef(ApiModel):
+    """A key inside a Secret in the resource's namespace."""
+
+    name: DnsLabel
+    """Name of the Secret."""
+    key: str = Field(default="token", min_length=1)
+    """Key inside the Secret whose value is used."""
+
+
+class TopicSpec(ApiModel):
+    """One Pulsar topic the operator creates and owns."""
+
+    partitions: int = Field(default=4, ge=1, le=1024)
+    """Number of partitions; events are keyed by user id, so one user's events stay in order."""
+    retention_minutes: int = Field(default=1440, ge=-1)
+    """How long acknowledged messages are kept (-1 keeps them forever, 0 keeps none)."""
+    retention_size_mb: int = Field(default=1024, ge=-1)
+    """How many megabytes of acknowledged messages are kept per topic (-1: no limit)."""
+    backlog_quota_mb: int = Field(default=2048, ge=1)
+    """Unacknowledged backlog allowed before producers are held back (producer_request_hold)."""
+
+
+class TopicsSpec(ApiModel):
+    """The topics of one RecommenderSystem, under `persistent://TENANT/NAMESPACE/`."""
+
+    interactions: TopicSpec = Field(default_factory=TopicSpec)
+    """User interactions (view, click, purchase, dwell) sent by clients through the gateway."""
+    impressions: TopicSpec = Field(default_factory=TopicSpec)
+    """One event per recommendation served: what was shown, to whom, by which model version."""
+    dead_letter: TopicSpec = Field(default_factory=lambda: TopicSpec(partitions=1))
+    """Events that could not be processed, each with the reason; never dropped silently."""
+
+
+class EventsSpec(ApiModel):
+    """Where user events flow: a Pulsar cluster, a tenant and namespace, and the topics."""
+
+    service_url: str = Field(
+        default="pulsar://pulsar-broker.pulsar:6650", pattern=r"^pulsar(\+ssl)?://.+"
+    )
+    """Pulsar binary protocol URL used by producers and consumers."""
+    admin_url: str = Field(default="http://pulsar-broker.pulsar:8080", pattern=r"^https?://.+")
+    """Pulsar admin REST API URL used by the operator to create topics."""
+    auth_secret_ref: SecretKeyRef | None = None
+    """Secret holding a Pulsar JWT token; omit when the cluster has no authentication."""
+    tenant: str = Field(default="recsys", pattern=PULSAR_NAME_PATTERN)
+    """Pulsar tenant; created when missing."""
+    namespace: str | None = Field(default=None, pattern=PULSAR_NAME_PATTERN)
+    """Pulsar namespace; defaults to `<kubernetes-namespace>-<name>` so systems never share topics."""
+    subscription_type: SubscriptionType = SubscriptionType.KEY_SHARED
+    """Subscription type of the stream jobs: KeyShared or Failover keep per-user order; Shared does not."""
+    deletion_policy: DeletionPolicy = DeletionPolicy.KEEP
+    """What happens to the topics when the RecommenderSystem is deleted."""
+    topics: TopicsSpec = Field(default_factory=TopicsSpec)
+    """Per-topic partitions, retention and backlog quota."""
+
+
+# --- features ---------------------------------------------------------------------
+
+
+class StoreSpec(ApiModel):
+    """The online feature store (Redis)."""
+
+    url: str = Field(default="redis://redis:6379/0", pattern=r"^(redis|rediss|unix)://.+")
+    """Redis URL shared by the stream jobs (writers) and the serving pods (readers)."""
+    password_secret_ref: SecretKeyRef | None = None
+    """Secret holding the Redis password, if any."""
+    ttl: Duration = "168h"
+    """Per-user features expire after this long without events."""
+
+
+class OnlineUpdatesSpec(ApiModel):
+    """Online user-embedding updates from the items a user just touched."""
+
+    enabled: bool = True
+    """Update the user's embedding on every event; off means features only."""
+    learning_rate: float = Field(default=0.1, gt=0.0, le=1.0)
+    """Weight of the touched item's embedding in each update."""
+    decay: float = Field(default=0.98, gt=0.0, le=1.0)
+    """Per-event decay of the existing embedding before the update (1.0: no decay)."""
+
+
+class ResourceRequirements(ApiModel):
+    """Compute resources of a container, as in Kubernetes (`requests` and `limits`)."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    """Minimum resources, e.g. `cpu: 500m`, `memory: 1Gi`."""
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+    """Maximum resources; GPUs are asked for here as `nvidia.com/gpu: 1`."""
+
+    @field_validator("requests", "limits")
+    @classmethod
+    def _gpu_is_whole(cls, value: dict[str, Quantity]) -> dict[str, Quantity]:
+        gpus = value.get(GPU_RESOURCE)
+        if gpus is not None and (not float(quantity_value(gpus)).is_integer()):
+            raise ValueError(f"{GPU_RESOURCE} must be a whole number of GPUs, got {gpus!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> Self:
+        for name, limit in self.limits.items():
+            request = self.requests.get(name)
+            if request is not None and quantity_value(request) > quantity_value(limit):
+                raise field_error(("requests", name), f"request {request} exceeds limit {limit}")
+        gpu_request = self.requests.get(GPU_RESOURCE)
+        if gpu_request is not None and self.limits.get(GPU_RESOURCE) != gpu_request:
+            # Kubernetes rejects extended resources whose request differs from the limit.
+            raise field_error(("limits", GPU_RESOURCE), f"must equal requests[{GPU_RESOURCE!r}]")
+        return self
+
+    @property
+    def gpus(self) -> int:
+        """Number of GPUs asked for (0 when none)."""
+        value = self.limits.get(GPU_RESOURCE, self.requests.get(GPU_RESOURCE, 0))
+        return int(quantity_value(value))
+
+
+class FeaturesSpec(ApiModel):
+    """The stream feature job: events in, fresh per-user features out."""
+
+    image: str | None = None
+    """Container image; defaults to the stream-jobs image of the operator's own version."""
+    replicas: int = Field(default=1, ge=0, le=256)
+    """Initial replicas (the ScalingPolicy scales them by Pulsar backlog)."""
+    last_n: int = Field(default=50, ge=1, le=1000)
+    """How many recent items are kept per user."""
+    windows: list[Duration] = Field(
+        default_factory=lambda: ["1h", "24h"], min_length=1, max_length=8
+    )
+    """Sliding windows for the per-type event counts."""
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    """Events handled (and written to the store) per batch."""
+    store: StoreSpec = Field(default_factory=StoreSpec)
+    """The online feature store."""
+    online_updates: OnlineUpdatesSpec = Field(default_factory=OnlineUpdatesSpec)
+    """Online user-embedding updates."""
+    resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "250m", "memory": "256Mi"}, limits={"memory": "512Mi"}
+        )
+    )
+    """Resources of each stream-job pod."""
+
+    @field_validator("windows")
+    @classmethod
+    def _windows_distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"windows must be distinct, got {value}")
+        return value
+
+
+# --- model ------------------------------------------------------------------------
+
+
+class IndexType(StrEnum):
+    FLAT = "Flat"
+    HNSW = "HNSW"
+    IVF_PQ = "IVF-PQ"
+    SQ8 = "SQ8"
+
+
+class HnswParams(ApiModel):
+    """Parameters of an HNSW graph index."""
+
+    m: int = Field(default=32, ge=4, le=128)
+    """Neighbours per node: more means better recall, more memory and slower builds."""
+    ef_construction: int = Field(default=40, ge=8, le=1024)
+    """Candidate list size while building."""
+    ef_search: int = Field(default=64, ge=1, le=4096)
+    """Candidate list size while searching; must be at least the model's topK."""
+
+
+class IvfPqParams(ApiModel):
+    """Parameters of an IVF index with product quantization."""
+
+    nlist: int = Field(default=1024, ge=1, le=1_048_576)
+    """Number of inverted lists (coarse clusters)."""
+    m: int = Field(default=8, ge=1, le=256)
+    """Number of sub-quantizers; must divide embeddingDim."""
+    nbits: int = Field(default=8, ge=4, le=12)
+    """Bits per sub-quantizer code."""
+    nprobe: int = Field(default=16, ge=1)
+    """Lists visited per query; at most nlist."""
+
+
+class IndexSpec(ApiModel):
+    """The FAISS index used for retrieval (inner product)."""
+
+    type: IndexType = IndexType.HNSW
+    """Flat is exact; HNSW and IVF-PQ are approximate and much faster on large catalogues; SQ8 is exact-ish with 4x less memory."""
+    hnsw: HnswParams = Field(default_factory=HnswParams)
+    """Used when type is HNSW."""
+    ivfpq: IvfPqParams = Field(default_factory=IvfPqParams)
+    """Used when type is IVF-PQ."""
+
+    @model_validator(mode="after")
+    def _ivfpq_consistent(self) -> Self:
+        if self.type is IndexType.IVF_PQ and self.ivfpq.nprobe > self.ivfpq.nlist:
+            raise field_error(
+                "ivfpq.nprobe", f"nprobe {self.ivfpq.nprobe} exceeds nlist {self.ivfpq.nlist}"
+            )
+        return self
+
+
+class ModelSpec(ApiModel):
+    """The retrieval model: a two-tower network plus a FAISS index, packed as a TorchServe archive."""
+
+    name: DnsLabel = "retrieval"
+    """Model name in TorchServe (`/predictions/NAME/VERSION`)."""
+    version: str = Field(pattern=MODEL_VERSION_PATTERN)
+    """Model version; changing it starts a progressive rollout."""
+    archive_uri: str | None = Field(default=None, pattern=ARCHIVE_URI_PATTERN)
+    """Where the `.mar` archive lives: http(s)://, s3://, pvc://CLAIM/PATH, or file:// (local mode). Required in a cluster; local mode trains one when omitted."""
+    embedding_dim: int = Field(default=64, ge=2, le=4096)
+    """Dimension of user and item embeddings."""
+    num_items: int | None = Field(default=None, ge=1)
+    """Number of items in the catalogue, when known; lets topK and the index be checked up front."""
+    top_k: int = Field(default=50, ge=1, le=1000)
+    """Largest number of items one request may ask for (and the default)."""
+    index: IndexSpec = Field(default_factory=IndexSpec)
+    """The FAISS index."""
+    quantize_tower: bool = False
+    """Run the user tower with int8 dynamic quantization (CPU serving)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.num_items is not None and self.top_k > self.num_items:
+            raise field_error(
+                "topK", f"topK {self.top_k} exceeds the catalogue size numItems {self.num_items}"
+            )
+        index = self.index
+        if index.type is IndexType.IVF_PQ:
+            if self.embedding_dim % index.ivfpq.m:
+                raise field_error(
+                    "index.ivfpq.m",
+                    f"m {index.ivfpq.m} must divide embeddingDim {self.embedding_dim}",
+                )
+            if self.num_items is not None and index.ivfpq.nlist > self.num_items:
+                raise field_error(
+                    "index.ivfpq.nlist",
+                    f"nlist {index.ivfpq.nlist} exceeds the catalogue size numItems {self.num_items}",
+                )
+        if index.type is IndexType.HNSW and index.hnsw.ef_search < self.top_k:
+            raise field_error(
+                "index.hnsw.efSearch",
+                f"efSearch {index.hnsw.ef_search} is below topK {self.top_k}; HNSW cannot return more than efSearch results",
+            )
+        return self
+
+
+# --- serving ----------------------------------------------------------------------
+
+
+class BatchingSpec(ApiModel):
+    """TorchServe dynamic batching."""
+
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    """Most requests handled together by one worker."""
+    max_batch_delay_ms: int = Field(default=5, ge=0, le=10_000)
+    """Longest a request waits for its batch to fill."""
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration, e.g. for dedicated GPU nodes."""
+
+    key: str | None = None
+    """Taint key; empty with operator Exists tolerates everything."""
+    operator: str = Field(default="Equal", pattern=r"^(Equal|Exists)$")
+    """Equal or Exists."""
+    value: str | None = None
+    """Taint value (with operator Equal)."""
+    effect: str | None = Field(default=None, pattern=r"^(NoSchedule|PreferNoSchedule|NoExecute)$")
+    """NoSchedule, PreferNoSchedule or NoExecute; empty matches all."""
+    toleration_seconds: int | None = Field(default=None, ge=0)
+    """With NoExecute: how long the pod stays bound after the taint appears."""
+
+
+class ServingSpec(ApiModel):
+    """TorchServe pods running the retrieval handler."""
+
+    image: str | None = None
+    """Container image; defaults to the model-server image of the operator's version (`-gpu` when GPUs are asked for)."""
+    replicas: int = Field(default=1, ge=0, le=1000)
+    """Initial replicas; the ScalingPolicy bounds and scales them."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """TorchServe workers per pod for the model (each single-threaded; scale with batching and workers)."""
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    """Dynamic batching."""
+    resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "1", "memory": "2Gi"}, limits={"memory": "2Gi"}
+        )
+    )
+    """Resources of each serving pod; GPUs via `limits: {nvidia.com/gpu: 1}`."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the serving pods must run on (e.g. a GPU node pool)."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints the serving pods tolerate (e.g. `nvidia.com/gpu`)."""
+    response_timeout_s: int = Field(default=10, ge=1, le=600)
+    """TorchServe's per-request timeout for the handler."""
+
+
+class GatewaySpec(ApiModel):
+    """The gateway: the only endpoint clients call."""
+
+    image: str | None = None
+    """Container image; defaults to the stream-jobs image (which also serves the gateway)."""
+    replicas: int = Field(default=2, ge=0, le=1000)
+    """Initial replicas."""
+    timeout_ms: int = Field(default=250, ge=1, le=60_000)
+    """Serving call timeout; past it the gateway answers from the popularity fallback."""
+    resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "250m", "memory": "256Mi"}, limits={"memory": "512Mi"}
+        )
+    )
+    """Resources of each gateway pod."""
+
+
+# --- scaling and rollout ----------------------------------------------------------
+
+
+class PolicyRef(ApiModel):
+    """Reference to a ScalingPolicy in the same namespace."""
+
+    name: DnsLabel
+    """Name of the ScalingPolicy."""
+
+
+class ScalingOverrides(ApiModel):
+    """Per-system tightening of the referenced ScalingPolicy. Each value must lie within the policy's."""
+
+    min_replicas: int | None = Field(default=None, ge=0)
+    """Serving minimum replicas; at least the policy's minReplicas."""
+    max_replicas: int | None = Field(default=None, ge=1)
+    """Serving maximum replicas; at most the policy's maxReplicas."""
+    target_p99_latency_ms: float | None = Field(default=None, gt=0)
+    """Serving p99 latency target; at most the policy's."""
+    backlog_per_replica: int | None = Field(default=None, ge=1)
+    """Pulsar backlog per stream-job replica; at most the policy's."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if (
+            self.min_replicas is not None
+            and self.max_replicas is not None
+            and self.min_replicas > self.max_replicas
+        ):
+            raise field_error(
+                "minReplicas",
+                f"minReplicas {self.min_replicas} exceeds maxReplicas {self.max_replicas}",
+            )
+        return self
+
+
+class AnalysisSpec(ApiModel):
+    """What a canary must show, against the stable version over the same window, to advance."""
+
+    max_p99_latency_ms: float = Field(default=100.0, gt=0, le=60_000)
+    """Canary p99 request latency must stay at or below this."""
+    max_error_rate: float = Field(default=0.01, ge=0.0, le=1.0)
+    """Canary share of failed requests must stay at or below this."""
+    min_ctr_ratio: float = Field(default=0.95, gt=0.0, le=10.0)
+    """Canary CTR divided by stable CTR must not be significantly below this."""
+    min_impressions: int = Field(default=500, ge=1)
+    """Impressions each variant needs in the window before CTR is judged; fewer means wait."""
+    confidence: float = Field(default=0.95, ge=0.5, lt=1.0)
+    """Confidence of the one-sided two-proportion test on CTR."""
+
+
+class RolloutSpec(ApiModel):
+    """How a new model version is introduced: canary weights, pauses and analysis."""
+
+    steps: list[int] = Field(default_factory=lambda: [10, 25, 50, 100], min_length=1, max_length=20)
+    """Canary traffic weights in percent: strictly increasing, each in 1..100, ending at 100."""
+    interval: Duration = "5m"
+    """How long each step runs before it is analysed."""
+    progress_deadline: Duration = "1h"
+    """A rollout not finished by then (e.g. stuck inconclusive) is rolled back."""
+    max_inconclusive: int = Field(default=3, ge=1, le=100)
+    """Inconclusive analyses in a row tolerated at one step before rolling back."""
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    """Pass/fail thresholds."""
+    auto_rollback: bool = True
+    """Roll back on a failed analysis; off means pause and wait for a person."""
+    paused: bool = False
+    """Hold the rollout at its current step."""
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_valid(cls, steps: list[int]) -> list[int]:
+        for i, weight in enumerate(steps):
+            if not 1 <= weight <= 100:
+                raise ValueError(f"step {i} has weight {weight}; weights are percentages in 1..100")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError(f"weights must be strictly increasing, got {steps}")
+        if steps[-1] != 100:
+            raise ValueError(f"the last weight must be 100 (full promotion), got {steps[-1]}")
+        return steps
+
+
+class RecommenderSystemSpec(ApiModel):
+    """A real-time recommender system: events, features, a retrieval model, serving, a gateway, scaling and rollouts."""
+
+    events: EventsSpec = Field(default_factory=EventsSpec)
+    """Pulsar cluster and topics."""
+    features: FeaturesSpec = Field(default_factory=FeaturesSpec)
+    """Stream feature job and the online store."""
+    model: ModelSpec
+    """The retrieval model and its index."""
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    """TorchServe pods."""
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec)
+    """The gateway clients call."""
+    scaling_policy_ref: PolicyRef | None = None
+    """The ScalingPolicy (owned by SREs) that bounds autoscaling; no autoscaling when omitted."""
+    scaling: ScalingOverrides = Field(default_factory=ScalingOverrides)
+    """Optional tightening of the referenced policy."""
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    """Progressive rollout of new model versions."""
+
+    @model_validator(mode="after")
+    def _overrides_need_policy(self) -> Self:
+        if self.scaling_policy_ref is None and self.scaling.model_fields_set:
+            raise field_error("scaling", "scaling overrides need a scalingPolicyRef to tighten")
+        return self

@@ -1,0 +1,147 @@
+"""Status of the custom resources: Kubernetes-style conditions plus rollout state.
+
+The rollout's whole state lives here (not in annotations), so an operator
+restarted mid-rollout resumes at the same step with the same weight.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import Field
+
+from recsys_operator.api.base import ApiModel
+
+# Conditions are a map keyed by type, so server-side apply merges them per type.
+CONDITIONS_LIST_MAP: dict[str, Any] = {
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["type"],
+}
+REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"
+    TOPICS_READY = "TopicsReady"
+    FEATURES_READY = "FeaturesReady"
+    SERVING_READY = "ServingReady"
+    ROLLOUT_HEALTHY = "RolloutHealthy"
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+class Condition(ApiModel):
+    """One aspect of the resource's state, as in Kubernetes `metav1.Condition`."""
+
+    type: str = Field(max_length=316)
+    """Ready, TopicsReady, FeaturesReady, ServingReady or RolloutHealthy."""
+    status: ConditionStatus
+    """True, False or Unknown."""
+    reason: str = Field(pattern=REASON_PATTERN, max_length=1024)
+    """A CamelCase word saying why, e.g. ScalingPolicyNotFound."""
+    message: str = Field(default="", max_length=32768)
+    """A human-readable explanation with the details."""
+    observed_generation: int = Field(default=0, ge=0)
+    """The metadata.generation this condition was computed from."""
+    last_transition_time: str = Field(default_factory=now_rfc3339)
+    """When status last changed (RFC 3339)."""
+
+
+class AnalysisDecision(StrEnum):
+    PASS = "Pass"
+    FAIL = "Fail"
+    INCONCLUSIVE = "Inconclusive"
+    WAIT = "Wait"
+
+
+class AnalysisResult(ApiModel):
+    """The numbers behind one rollout decision."""
+
+    time: str
+    """When the analysis ran (RFC 3339)."""
+    decision: AnalysisDecision
+    """Pass (advance), Fail (roll back), Inconclusive (hold) or Wait (too few impressions)."""
+    reason: str = ""
+    """Why, in a sentence with the numbers."""
+    canary_p99_ms: float | None = None
+    """Canary p99 latency over the window."""
+    stable_p99_ms: float | None = None
+    """Stable p99 latency over the window."""
+    canary_error_rate: float | None = None
+    """Canary error rate over the window."""
+    canary_ctr: float | None = None
+    """Canary click-through rate over the window."""
+    stable_ctr: float | None = None
+    """Stable click-through rate over the window."""
+    canary_impressions: int | None = None
+    """Canary impressions in the window."""
+    stable_impressions: int | None = None
+    """Stable impressions in the window."""
+    p_value: float | None = None
+    """p-value of the one-sided test that canary CTR is below minCtrRatio x stable CTR."""
+
+
+class CanaryStatus(ApiModel):
+    """The rollout in progress, if any."""
+
+    version: str
+    """Model version being rolled out."""
+    weight: int = Field(default=0, ge=0, le=100)
+    """Current share of traffic (percent) sent to the canary."""
+    step: int = Field(default=0, ge=0)
+    """Index into spec.rollout.steps."""
+    step_started_at: str | None = None
+    """When the current step began (RFC 3339)."""
+    started_at: str | None = None
+    """When the rollout began (RFC 3339)."""
+    inconclusive_count: int = Field(default=0, ge=0)
+    """Inconclusive analyses in a row at this step."""
+    last_analysis: AnalysisResult | None = None
+    """The latest analysis."""
+
+
+class Endpoints(ApiModel):
+    """Where to reach the system inside the cluster."""
+
+    gateway: str | None = None
+    """Gateway URL clients call."""
+    serving: str | None = None
+    """TorchServe inference URL."""
+
+
+class RecommenderSystemStatus(ApiModel):
+    """Observed state, written only by the operator."""
+
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation last reconciled."""
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_LIST_MAP)
+    """Ready, TopicsReady, FeaturesReady, ServingReady, RolloutHealthy."""
+    stable_version: str | None = None
+    """Model version serving the stable share of traffic."""
+    stable_archive_uri: str | None = None
+    """Archive of the stable version (the spec may already name the canary's)."""
+    canary: CanaryStatus | None = None
+    """The rollout in progress, if any."""
+    endpoints: Endpoints | None = None
+    """Service URLs."""
+    kopf: dict[str, Any] | None = None
+    """Handler progress of the operator framework (Kopf); internal."""
+
+
+class ScalingPolicyStatus(ApiModel):
+    """Observed state of a ScalingPolicy."""
+
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation last reconciled."""
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_LIST_MAP)
+    """Ready (the policy is valid)."""

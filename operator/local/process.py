@@ -1,0 +1,107 @@
+"""A child process the project started itself: logs to a file, waits until its
+port answers, and is stopped by its own PID only (SIGTERM, then SIGKILL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = LOOPBACK) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class ProcessFailed(RuntimeError):
+    """A process exited or never became ready; the message carries its log tail."""
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class ManagedProcess:
+    """One started process and what is needed to reach and stop it."""
+
+    name: str
+    argv: Sequence[str]
+    log_path: Path
+    port: int
+    cwd: Path | None = None
+    env: dict[str, str] | None = None
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def start(self, ready_timeout: float = 30.0) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                list(self.argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.cwd,
+                env={**os.environ, **(self.env or {})},
+                start_new_session=True,  # our own process group: signals reach children too
+            )
+        self.wait_ready(ready_timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen is not None and self.popen.poll() is not None:
+                raise ProcessFailed(
+                    f"{self.name} exited with code {self.popen.returncode} before it was ready; "
+                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            if port_open(self.port):
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise ProcessFailed(
+            f"{self.name} did not listen on {LOOPBACK}:{self.port} within {timeout:.0f}s; "
+            f"log {self.log_path}:\n{log_tail(self.log_path)}"
+        )
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM our process group, wait up to `grace` seconds, then SIGKILL it."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        pgid = self.popen.pid  # start_new_session made the child its group leader
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            self.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.popen.wait(timeout=5)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,24 @@
+"""Names of the metrics every component exports, in one place.
+
+The gateway and stream jobs export them; alert rules, KEDA triggers and the
+rollout analysis query them. All are `recsys_*`; per-version metrics carry
+`model_version` and `variant` (stable | canary) labels, and every metric a
+`system` label (`<namespace>.<name>`), so one Prometheus can watch many systems.
+"""
+
+# Gateway (histogram in seconds; counters).
+GATEWAY_LATENCY = "recsys_gateway_request_duration_seconds"
+GATEWAY_REQUESTS = "recsys_gateway_requests_total"  # + code label
+IMPRESSIONS = "recsys_impressions_total"
+CLICKS = "recsys_clicks_total"
+
+# Stream feature job.
+FEATURES_EVENTS = "recsys_features_events_total"  # + type label
+FEATURES_DEAD_LETTERED = "recsys_features_dead_lettered_total"  # + reason label
+FEATURES_FRESHNESS = "recsys_features_freshness_seconds"
+FEATURES_BACKLOG = "recsys_features_backlog_messages"
+
+# Operator.
+OPERATOR_RECONCILES = "recsys_operator_reconciles_total"
+OPERATOR_RECONCILE_ERRORS = "recsys_operator_reconcile_errors_total"
+OPERATOR_RECONCILE_DURATION = "recsys_operator_reconcile_duration_seconds"

@@ -1,0 +1,86 @@
+"""The `recsys` command line, run as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+RECSYS = [sys.executable, "-m", "recsys_operator.cli"]
+
+
+def recsys(
+    *args: str, stdin: str | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RECSYS, *args], capture_output=True, text=True, input=stdin, cwd=cwd, timeout=120
+    )
+
+
+def test_help_lists_the_commands() -> None:
+    result = recsys("--help")
+    assert result.returncode == 0
+    for command in ("crds", "validate", "render", "version"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["crds", "validate", "render", "version"])
+def test_every_command_has_help(command: str) -> None:
+    result = recsys(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
+
+
+def test_validate_accepts_the_examples() -> None:
+    result = recsys("validate", "-f", "examples")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok    examples/quickstart.yaml: RecommenderSystem/quickstart" in result.stdout
+
+
+def test_validate_rejects_with_field_paths_and_exit_1(tmp_path: Path) -> None:
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["spec"]["rollout"]["steps"] = [50, 20, 100]
+    doc["spec"]["serving"]["workers"] = 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    result = recsys("validate", "-f", str(bad))
+    assert result.returncode == 1
+    assert "spec.rollout.steps: weights must be strictly increasing" in result.stdout
+    assert "spec.serving.workers:" in result.stdout
+
+
+def test_validate_reads_stdin_and_reports_bad_yaml() -> None:
+    result = recsys("validate", "-f", "-", stdin="kind: [unclosed\n")
+    assert result.returncode == 1
+    assert "not valid YAML" in result.stdout
+
+
+def test_validate_names_a_missing_file() -> None:
+    result = recsys("validate", "-f", "no/such/file.yaml")
+    assert result.returncode != 0
+    assert "no/such/file.yaml" in result.stdout + result.stderr
+
+
+def test_crds_regenerates_byte_for_byte(tmp_path: Path) -> None:
+    result = recsys("crds", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for generated in sorted(tmp_path.iterdir()):
+        assert generated.read_bytes() == (ROOT / "crds" / generated.name).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (ROOT / "crds").glob("*.yaml")
+    )
+
+
+def test_crds_check_fails_on_drift(tmp_path: Path) -> None:
+    assert recsys("crds", "--out", str(tmp_path)).returncode == 0
+    target = next(tmp_path.iterdir())
+    target.write_text(
+        target.read_text().replace("description: Number of partitions", "description: edited")
+    )
+    result = recsys("crds", "--check", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert target.name in result.stderr
