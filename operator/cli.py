@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 
 from recsys_operator import __version__
 
@@ -40,11 +39,17 @@ def version() -> None:
     typer.echo(__version__)
 
 
+DEFAULT_CRD_DIRS = [Path("crds"), Path("charts/recsys-operator/crds")]
+
+
 @app.command()
 def crds(
-    out: Annotated[Path, typer.Option(help="Folder to write the CRD YAML files into.")] = Path(
-        "crds"
-    ),
+    out: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Folder to write the CRD YAML files into (repeatable). Default: crds/ and the chart's crds/."
+        ),
+    ] = None,
     check: Annotated[
         bool, typer.Option("--check", help="Only report whether the files are up to date.")
     ] = False,
@@ -52,15 +57,17 @@ def crds(
     """Generate the CustomResourceDefinitions from the API models."""
     from recsys_operator.crd import stale_crd_files, write_crd_files
 
+    folders = out or DEFAULT_CRD_DIRS
     if check:
-        stale = stale_crd_files(out)
+        stale = [f"{folder}/{name}" for folder in folders for name in stale_crd_files(folder)]
         if stale:
-            typer.echo(f"out of date in {out}/: {', '.join(stale)} (run `recsys crds`)", err=True)
+            typer.echo(f"out of date: {', '.join(stale)} (run `recsys crds`)", err=True)
             raise typer.Exit(1)
-        typer.echo(f"{out}/ is up to date")
+        typer.echo(f"up to date: {', '.join(map(str, folders))}")
         return
-    for path in write_crd_files(out):
-        typer.echo(f"wrote {path}")
+    for folder in folders:
+        for path in write_crd_files(folder):
+            typer.echo(f"wrote {path}")
 
 
 @app.command()
@@ -91,7 +98,7 @@ def render(
 
     Give the RecommenderSystem and, when it references one, its ScalingPolicy.
     """
-    from recsys_operator.manifests import load_documents, validate_documents
+    from recsys_operator.manifests import dump_yaml_documents, load_documents, validate_documents
     from recsys_operator.render import render_system
 
     report = validate_documents(load_documents(filename), default_namespace=namespace)
@@ -106,9 +113,62 @@ def render(
     if output == "json":
         typer.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
     elif output == "yaml":
-        typer.echo(yaml.safe_dump_all(objects, sort_keys=False, width=120), nl=False)
+        typer.echo(dump_yaml_documents(objects), nl=False)
     else:
         raise typer.BadParameter("must be yaml or json", param_hint="--output")
+
+
+operator_app = typer.Typer(help="Run the Kubernetes operator.", no_args_is_help=True)
+app.add_typer(operator_app, name="operator")
+
+
+@operator_app.command("run")
+def operator_run(
+    namespace: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--namespace",
+            "-n",
+            metavar="NAMESPACE",
+            help="Watch this namespace (repeatable; globs allowed).",
+        ),
+    ] = None,
+    all_namespaces: Annotated[
+        bool, typer.Option("--all-namespaces", "-A", help="Watch every namespace.")
+    ] = False,
+    metrics_address: Annotated[
+        str, typer.Option(help="host:port serving the operator's /metrics.")
+    ] = "127.0.0.1:8080",
+    liveness: Annotated[
+        str | None, typer.Option(help="Liveness endpoint, e.g. http://0.0.0.0:8081/healthz.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info or warning.")] = "info",
+) -> None:
+    """Reconcile RecommenderSystems and ScalingPolicies (uses the in-cluster config or KUBECONFIG)."""
+    import logging
+
+    import kopf
+    from prometheus_client import start_http_server
+
+    if bool(namespace) == all_namespaces:
+        raise typer.BadParameter("give either --namespace (one or more) or --all-namespaces")
+    host, _, port = metrics_address.rpartition(":")
+    start_http_server(int(port), addr=host or "127.0.0.1")
+    level = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}.get(
+        log_level
+    )
+    if level is None:
+        raise typer.BadParameter("must be debug, info or warning", param_hint="--log-level")
+    kopf.configure(verbose=level <= logging.INFO, debug=level <= logging.DEBUG)
+    logging.getLogger().setLevel(level)
+    import recsys_operator.controller.handlers  # noqa: F401  (registers the handlers)
+
+    kopf.run(
+        clusterwide=all_namespaces,
+        namespaces=namespace or [],
+        standalone=True,  # one replica; no peering objects to install
+        liveness_endpoint=liveness,
+    )
 
 
 def _register_package_commands() -> None:

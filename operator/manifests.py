@@ -218,3 +218,20 @@ def validate_documents(
             report.systems.append(resource)
         report.ok_lines.append(doc.title)
     return report
+
+
+class _BlockStyleDumper(yaml.SafeDumper):
+    """Multi-line strings (config files inside ConfigMaps) as literal `|` blocks."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockStyleDumper.add_representer(str, _represent_str)
+
+
+def dump_yaml_documents(objects: list[dict[str, Any]]) -> str:
+    """Objects as a multi-document YAML stream, readable the way `kubectl get -o yaml` is."""
+    return yaml.dump_all(objects, Dumper=_BlockStyleDumper, sort_keys=False, width=120)

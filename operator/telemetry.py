@@ -22,3 +22,4 @@ FEATURES_BACKLOG = "recsys_features_backlog_messages"
 OPERATOR_RECONCILES = "recsys_operator_reconciles_total"
 OPERATOR_RECONCILE_ERRORS = "recsys_operator_reconcile_errors_total"
 OPERATOR_RECONCILE_DURATION = "recsys_operator_reconcile_duration_seconds"
+OPERATOR_ROLLOUT_DECISIONS = "recsys_operator_rollout_decisions_total"  # + reason label

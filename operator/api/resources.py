@@ -39,7 +39,9 @@ class CustomResource(ApiModel):
     short_names: ClassVar[list[str]]
     namespaced: ClassVar[bool] = True
 
-    api_version: Literal["recsys.dev/v1alpha1"] = Field(default="recsys.dev/v1alpha1", alias="apiVersion")
+    api_version: Literal["recsys.dev/v1alpha1"] = Field(
+        default="recsys.dev/v1alpha1", alias="apiVersion"
+    )
     metadata: ObjectMeta
 
     def to_wire(self) -> dict[str, Any]:

@@ -110,6 +110,27 @@ class CanaryStatus(ApiModel):
     """The latest analysis."""
 
 
+class RolloutOutcome(StrEnum):
+    PROMOTED = "Promoted"
+    ROLLED_BACK = "RolledBack"
+    ABORTED = "Aborted"
+
+
+class RolloutRecord(ApiModel):
+    """How the last finished rollout ended."""
+
+    version: str
+    """The model version that was rolled out."""
+    outcome: RolloutOutcome
+    """Promoted, RolledBack (analysis or deadline) or Aborted (by a person or a spec change)."""
+    time: str
+    """When it ended (RFC 3339)."""
+    reason: str = ""
+    """Why, with the numbers."""
+    last_analysis: AnalysisResult | None = None
+    """The analysis that decided it, if any."""
+
+
 class Endpoints(ApiModel):
     """Where to reach the system inside the cluster."""
 
@@ -132,6 +153,8 @@ class RecommenderSystemStatus(ApiModel):
     """Archive of the stable version (the spec may already name the canary's)."""
     canary: CanaryStatus | None = None
     """The rollout in progress, if any."""
+    last_rollout: RolloutRecord | None = None
+    """How the previous rollout ended; a rolled-back version is not retried until the spec names another."""
     endpoints: Endpoints | None = None
     """Service URLs."""
     kopf: dict[str, Any] | None = None

@@ -18,9 +18,10 @@ from recsys_operator.manifests import crd_schema_issues, load_documents, parse_r
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_crds_folder_is_up_to_date() -> None:
-    stale = stale_crd_files(ROOT / "crds")
-    assert not stale, f"run `recsys crds`: {stale} differ from the models"
+@pytest.mark.parametrize("folder", ["crds", "charts/recsys-operator/crds"])
+def test_crd_folders_are_up_to_date(folder: str) -> None:
+    stale = stale_crd_files(ROOT / folder)
+    assert not stale, f"run `recsys crds`: {stale} in {folder}/ differ from the models"
 
 
 def test_generation_is_deterministic() -> None:

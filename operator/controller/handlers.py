@@ -1,0 +1,288 @@
+"""Kopf handlers: when to reconcile, and recording the outcome.
+
+Every trigger — the resource created, its spec changed, the operator resumed,
+a periodic resync, a child changed or deleted, its ScalingPolicy changed — runs
+the same `Reconciler.reconcile` under a per-resource lock, then writes status
+once (and only if it changed) and posts an Event per change or problem.
+Kopf keeps its own bookkeeping in `status.kopf`, never in annotations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+from kubernetes import config as kube_config
+from pydantic import ValidationError
+
+from recsys_operator.api.base import GROUP, VERSION
+from recsys_operator.api.errors import issues_from_validation_error
+from recsys_operator.api.resources import ScalingPolicy
+from recsys_operator.api.status import ConditionType
+from recsys_operator.controller import metrics
+from recsys_operator.controller.conditions import condition, merge_conditions
+from recsys_operator.controller.kube import KubeClient
+from recsys_operator.controller.reconcile import Outcome, Reconciler, parse_system
+from recsys_operator.controller.rollout_driver import ACTION_ANNOTATION, rollout_tick
+from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
+from recsys_operator.render import RenderOptions, topic_plan
+from recsys_operator.render.naming import INSTANCE_LABEL, MANAGED_BY
+
+log = logging.getLogger(__name__)
+
+RECSYS = (GROUP, VERSION, "recommendersystems")
+POLICIES = (GROUP, VERSION, "scalingpolicies")
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# How often every system is reconciled even when nothing announced a change.
+RESYNC_SECONDS = float(os.environ.get("RECSYS_RESYNC_SECONDS", "60"))
+
+
+class State:
+    """What the handlers share, set up once at start-up."""
+
+    reconciler: Reconciler
+    kube: KubeClient
+    locks: dict[tuple[str, str], asyncio.Lock]
+
+
+STATE = State()
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
+        field="status.kopf.lastHandled"
+    )
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = 8
+    try:
+        kube_config.load_incluster_config()
+    except kube_config.ConfigException:
+        kube_config.load_kube_config()
+    STATE.kube = KubeClient()
+    STATE.reconciler = Reconciler(STATE.kube, options=_discover_options(STATE.kube))
+    STATE.locks = {}
+
+
+def _discover_options(kube: KubeClient) -> RenderOptions:
+    """Which optional APIs the cluster serves (KEDA, Prometheus Operator)."""
+    served = set()
+    try:
+        groups = kube._call("GET", "/apis") or {}
+        served = {g.get("name") for g in groups.get("groups", [])}
+    except Exception as exc:  # discovery is best effort; the defaults are safe
+        log.warning("API discovery failed (%s); assuming no KEDA and no Prometheus Operator", exc)
+    return RenderOptions(
+        monitoring="monitoring.coreos.com" in served,
+        keda="keda.sh" in served,
+        prometheus_url=os.environ.get("RECSYS_PROMETHEUS_URL", RenderOptions.prometheus_url),
+    )
+
+
+def post_event(body: dict[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
+    """A Kubernetes Event on the resource (Kopf posts it in the background)."""
+    kopf.event(
+        cast(kopf.Body, body),
+        type="Warning" if warning else "Normal",
+        reason=reason,
+        message=message,
+    )
+
+
+# --- reconcile and record ---------------------------------------------------------
+
+
+def _without_kopf(status: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in status.items() if k != "kopf"}
+
+
+async def reconcile_and_record(namespace: str, name: str, trigger: str) -> Outcome | None:
+    """Reconcile one system from its freshest body; write status only when it changed."""
+    key = (namespace, name)
+    lock = STATE.locks.setdefault(key, asyncio.Lock())
+    async with lock:
+        body = await asyncio.to_thread(
+            STATE.kube.get, API_VERSION, "RecommenderSystem", namespace, name
+        )
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        started = time.perf_counter()
+        metrics.RECONCILES.labels(trigger=trigger).inc()
+        try:
+            outcome = await STATE.reconciler.reconcile(body)
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
+        finally:
+            metrics.RECONCILE_DURATION.observe(time.perf_counter() - started)
+        old = _without_kopf(body.get("status") or {})
+        if outcome.status != old:
+            await asyncio.to_thread(
+                STATE.kube.merge_patch,
+                API_VERSION,
+                "RecommenderSystem",
+                namespace,
+                name,
+                {"status": outcome.status},
+                "status",
+            )
+        for change in outcome.changes:
+            post_event(body, "Applied", change)
+        for warning in outcome.warnings:
+            post_event(body, "ReconcileFailed", warning, warning=True)
+        return outcome
+
+
+@kopf.on.resume(*RECSYS)
+@kopf.on.create(*RECSYS)
+@kopf.on.update(*RECSYS, field="spec")
+async def reconcile_system(namespace: str | None, name: str, reason: str, **_: Any) -> None:
+    assert namespace is not None  # RecommenderSystems are namespaced
+    outcome = await reconcile_and_record(namespace, name, trigger=str(reason))
+    if outcome is not None and outcome.retry:
+        raise kopf.TemporaryError("a dependency is not ready yet; retrying", delay=10)
+
+
+@kopf.timer(*RECSYS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+async def resync_system(namespace: str | None, name: str, **_: Any) -> None:
+    assert namespace is not None
+    await reconcile_and_record(namespace, name, trigger="resync")
+
+
+async def _on_child_event(
+    type: str, namespace: str | None, labels: Mapping[str, str], **_: Any
+) -> None:
+    """A child changed or vanished: reconcile its owner so hand edits are put back at once."""
+    owner = labels.get(INSTANCE_LABEL)
+    if owner and namespace and type in ("MODIFIED", "DELETED"):
+        await reconcile_and_record(namespace, owner, trigger="child")
+
+
+for _group, _version, _plural in (
+    ("apps", "v1", "deployments"),
+    ("", "v1", "services"),
+    ("", "v1", "configmaps"),
+):
+    kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"child-{_plural}")(_on_child_event)
+
+
+@kopf.on.delete(*RECSYS)
+async def delete_system(body: kopf.Body, spec: kopf.Spec, **_: Any) -> None:
+    """The finalizer: delete or keep the Pulsar topics as spec.events.deletionPolicy says.
+
+    Children are owned (ownerReferences), so Kubernetes garbage-collects them.
+    """
+    try:
+        system = parse_system(dict(body))
+    except Exception as exc:  # an invalid spec created no topics under its name
+        post_event(dict(body), "TopicsKept", f"spec invalid ({exc}); nothing to clean up")
+        return
+    plan = topic_plan(system)
+    if system.spec.events.deletion_policy != "Delete":
+        post_event(
+            dict(body),
+            "TopicsKept",
+            f"deletionPolicy Keep: topics of {plan.tenant}/{plan.namespace} kept",
+        )
+        return
+    try:
+        token = STATE.reconciler.pulsar_token(system)
+        async with PulsarAdmin(system.spec.events.admin_url, token) as admin:
+            deleted = await admin.delete_plan(plan)
+    except PulsarAdminError as exc:
+        raise kopf.TemporaryError(f"could not delete topics: {exc}", delay=30) from exc
+    post_event(
+        dict(body), "TopicsDeleted", f"deleted {', '.join(deleted) or 'nothing (already gone)'}"
+    )
+
+
+# --- rollouts ---------------------------------------------------------------------
+
+ROLLOUT_TICK_SECONDS = float(os.environ.get("RECSYS_ROLLOUT_TICK_SECONDS", "10"))
+
+
+@kopf.timer(*RECSYS, interval=ROLLOUT_TICK_SECONDS, initial_delay=ROLLOUT_TICK_SECONDS / 2)
+async def drive_rollout(namespace: str | None, name: str, **_: Any) -> None:
+    """Advance, hold, promote or roll back the system's rollout; then apply the new traffic split."""
+    assert namespace is not None
+    key = (namespace, name)
+    async with STATE.locks.setdefault(key, asyncio.Lock()):
+        body = await asyncio.to_thread(
+            STATE.kube.get, API_VERSION, "RecommenderSystem", namespace, name
+        )
+        if body is None or body["metadata"].get("deletionTimestamp") or not body.get("status"):
+            return  # not reconciled yet: the first reconcile records the stable version
+        patch, transition = await rollout_tick(body, STATE.reconciler.options.prometheus_url)
+        if transition is None:
+            return
+        if patch is not None:
+            await asyncio.to_thread(
+                STATE.kube.merge_patch,
+                API_VERSION,
+                "RecommenderSystem",
+                namespace,
+                name,
+                {"status": patch},
+                "status",
+            )
+        if (body["metadata"].get("annotations") or {}).get(ACTION_ANNOTATION):
+            await asyncio.to_thread(
+                STATE.kube.merge_patch,
+                API_VERSION,
+                "RecommenderSystem",
+                namespace,
+                name,
+                {"metadata": {"annotations": {ACTION_ANNOTATION: None}}},
+            )
+        for event in transition.events:
+            post_event(body, event.reason, event.message, warning=event.warning)
+            metrics.ROLLOUT_DECISIONS.labels(reason=event.reason).inc()
+    if patch is not None:
+        await reconcile_and_record(namespace, name, trigger="rollout")
+
+
+# --- ScalingPolicy ----------------------------------------------------------------
+
+
+@kopf.on.resume(*POLICIES)
+@kopf.on.create(*POLICIES)
+@kopf.on.update(*POLICIES, field="spec")
+async def reconcile_policy(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+    """Validate the policy into its Ready condition, then re-check every system using it."""
+    assert namespace is not None
+    generation = int(body.get("metadata", {}).get("generation") or 0)
+    try:
+        ScalingPolicy.model_validate(
+            {"metadata": {"name": name}, "spec": dict(body.get("spec") or {})}
+        )
+        ready = condition(ConditionType.READY, True, "Valid", "policy is valid", generation)
+    except ValidationError as exc:
+        summary = "; ".join(str(i) for i in issues_from_validation_error(exc, "spec"))
+        ready = condition(ConditionType.READY, False, "InvalidSpec", summary, generation)
+    old = dict(body.get("status") or {})
+    status = {
+        "observedGeneration": generation,
+        "conditions": merge_conditions(old.get("conditions", []), [ready]),
+    }
+    if status != _without_kopf(old):
+        await asyncio.to_thread(
+            STATE.kube.merge_patch,
+            API_VERSION,
+            "ScalingPolicy",
+            namespace,
+            name,
+            {"status": status},
+            "status",
+        )
+    systems = await asyncio.to_thread(STATE.kube.list, API_VERSION, "RecommenderSystem", namespace)
+    for system in systems:
+        if ((system.get("spec") or {}).get("scalingPolicyRef") or {}).get("name") == name:
+            await reconcile_and_record(namespace, system["metadata"]["name"], trigger="policy")

@@ -1,0 +1,187 @@
+"""Reading and writing Kubernetes objects by apiVersion/kind, quietly.
+
+`apply` writes only when the live object differs from the desired one in a
+field the operator sets: a reconcile of an unchanged system makes GETs and no
+writes, and a child edited by hand is patched back. Values the API server adds
+(defaults, status, managed fields) are ignored; quantities compare by value
+(the server may print 2048Mi as 2Gi).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from recsys_operator.api.base import GROUP, VERSION, quantity_value
+
+log = logging.getLogger(__name__)
+
+# (apiVersion, kind) -> (plural, namespaced). Only what the operator touches.
+KNOWN_KINDS: dict[tuple[str, str], tuple[str, bool]] = {
+    ("v1", "ConfigMap"): ("configmaps", True),
+    ("v1", "Service"): ("services", True),
+    ("v1", "Secret"): ("secrets", True),
+    ("v1", "Namespace"): ("namespaces", False),
+    ("apps/v1", "Deployment"): ("deployments", True),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): ("horizontalpodautoscalers", True),
+    ("policy/v1", "PodDisruptionBudget"): ("poddisruptionbudgets", True),
+    ("keda.sh/v1alpha1", "ScaledObject"): ("scaledobjects", True),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): ("triggerauthentications", True),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): ("servicemonitors", True),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): ("prometheusrules", True),
+    (f"{GROUP}/{VERSION}", "RecommenderSystem"): ("recommendersystems", True),
+    (f"{GROUP}/{VERSION}", "ScalingPolicy"): ("scalingpolicies", True),
+}
+
+
+def resource_path(
+    api_version: str, kind: str, namespace: str | None, name: str | None = None
+) -> str:
+    plural, namespaced = KNOWN_KINDS[(api_version, kind)]
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    path = prefix + (f"/namespaces/{namespace}" if namespaced and namespace else "") + f"/{plural}"
+    return path + (f"/{name}" if name else "")
+
+
+def covers(live: Any, desired: Any) -> bool:
+    """True when every field of `desired` has the same value in `live` (extra live fields are fine)."""
+    if isinstance(desired, dict):
+        return isinstance(live, dict) and all(covers(live.get(k), v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (
+            isinstance(live, list)
+            and len(live) == len(desired)
+            and all(covers(lv, dv) for lv, dv in zip(live, desired, strict=True))
+        )
+    if live == desired:
+        return True
+    if (
+        isinstance(live, str | int)
+        and isinstance(desired, str | int)
+        and not isinstance(live, bool)
+    ):
+        try:
+            return quantity_value(str(live)) == quantity_value(str(desired))
+        except (ValueError, KeyError):
+            return False
+    return False
+
+
+@dataclass
+class ApplyResult:
+    kind: str
+    name: str
+    action: str  # created | patched | unchanged
+    live: dict[str, Any]  # the object as the server returned it
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.name} {self.action}"
+
+
+class KubeClient:
+    """A thin JSON-in, JSON-out client on top of kubernetes.client.ApiClient."""
+
+    def __init__(self, api_client: client.ApiClient | None = None):
+        self.api = api_client or client.ApiClient()
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str | None = None,
+        query: list[tuple[str, str]] | None = None,
+    ) -> Any:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        # kubernetes>=35 (openapi-generator 7): serialize (auth, query) then call.
+        method, url, headers, body, _ = self.api.param_serialize(
+            method,
+            path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(method, url, header_params=headers, body=body)
+        data = response.read()
+        if response.status >= 400:
+            raise ApiException(status=response.status, reason=response.reason, body=data)
+        return json.loads(data) if data else None
+
+    def get(
+        self, api_version: str, kind: str, namespace: str | None, name: str
+    ) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", resource_path(api_version, kind, namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(
+        self, api_version: str, kind: str, namespace: str | None, label_selector: str = ""
+    ) -> list[dict[str, Any]]:
+        query = [("labelSelector", label_selector)] if label_selector else []
+        result = self._call("GET", resource_path(api_version, kind, namespace), query=query)
+        return list((result or {}).get("items", []))
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        path = resource_path(obj["apiVersion"], obj["kind"], meta.get("namespace"))
+        return self._call("POST", path, obj, "application/json")
+
+    def merge_patch(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        patch: dict[str, Any],
+        subresource: str = "",
+    ) -> dict[str, Any]:
+        path = resource_path(api_version, kind, namespace, name) + (
+            f"/{subresource}" if subresource else ""
+        )
+        return self._call("PATCH", path, patch, "application/merge-patch+json")
+
+    def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> bool:
+        try:
+            self._call("DELETE", resource_path(api_version, kind, namespace, name))
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    def apply(self, desired: dict[str, Any]) -> ApplyResult:
+        """Create `desired`, or merge-patch the live object back to it; no write when it already matches."""
+        meta = desired["metadata"]
+        api_version, kind, namespace, name = (
+            desired["apiVersion"],
+            desired["kind"],
+            meta.get("namespace"),
+            meta["name"],
+        )
+        live = self.get(api_version, kind, namespace, name)
+        if live is None:
+            try:
+                return ApplyResult(kind, name, "created", self.create(desired))
+            except ApiException as exc:
+                if (
+                    exc.status != 409
+                ):  # created meanwhile (e.g. by a concurrent reconcile): patch below
+                    raise
+                live = self.get(api_version, kind, namespace, name) or {}
+        wanted = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "status")}
+        if covers(live, wanted):
+            return ApplyResult(kind, name, "unchanged", live)
+        return ApplyResult(
+            kind, name, "patched", self.merge_patch(api_version, kind, namespace, name, wanted)
+        )

@@ -1,0 +1,31 @@
+"""The operator's own metrics, served on /metrics by `recsys operator run`."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from recsys_operator.telemetry import (
+    OPERATOR_RECONCILE_DURATION,
+    OPERATOR_RECONCILE_ERRORS,
+    OPERATOR_RECONCILES,
+    OPERATOR_ROLLOUT_DECISIONS,
+)
+
+RECONCILES = Counter(
+    OPERATOR_RECONCILES.removesuffix("_total"),
+    "Reconciles of RecommenderSystems, by trigger.",
+    ["trigger"],
+)
+RECONCILE_ERRORS = Counter(
+    OPERATOR_RECONCILE_ERRORS.removesuffix("_total"), "Reconciles that raised an unexpected error."
+)
+RECONCILE_DURATION = Histogram(
+    OPERATOR_RECONCILE_DURATION,
+    "Seconds one reconcile took.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+ROLLOUT_DECISIONS = Counter(
+    OPERATOR_ROLLOUT_DECISIONS.removesuffix("_total"),
+    "Rollout decisions (started, advanced, promoted, rolled back, ...).",
+    ["reason"],
+)

@@ -1,0 +1,254 @@
+"""One reconcile of one RecommenderSystem, as a linear pipeline of idempotent steps:
+
+  parse spec -> find ScalingPolicy -> render -> ensure Pulsar topics -> apply children
+  -> read readiness -> compute status
+
+Each step that fails ends the pipeline with a False condition that says why;
+nothing is applied for an invalid spec or a missing/exceeded policy, so a broken
+manifest never leaves a partial set of children. The caller writes the returned
+status once, and only when it differs from what is stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from recsys_operator.api.errors import InvalidResource, issues_from_validation_error
+from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
+from recsys_operator.api.status import Condition, ConditionStatus, ConditionType
+from recsys_operator.controller.conditions import condition, merge_conditions, summarize_ready
+from recsys_operator.controller.kube import ApplyResult, KubeClient
+from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
+from recsys_operator.render import RenderOptions, render_system, topic_plan
+from recsys_operator.render.naming import Component, Track, child_name, serving_name
+from recsys_operator.render.serving import INFERENCE_PORT
+
+log = logging.getLogger(__name__)
+
+PulsarAdminFactory = Callable[[str, str | None], PulsarAdmin]
+
+
+@dataclass
+class Outcome:
+    """What one reconcile decided: the status to store, and what to tell the user."""
+
+    status: dict[str, Any]
+    changes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    retry: bool = False  # a transient failure: reconcile again soon
+
+
+def parse_system(body: dict[str, Any]) -> RecommenderSystem:
+    clean: dict[str, Any] = {
+        k: body[k] for k in ("apiVersion", "kind", "spec", "status") if k in body
+    }
+    meta = body.get("metadata", {})
+    clean["metadata"] = {
+        k: meta[k]
+        for k in ("name", "namespace", "labels", "annotations", "generation", "uid")
+        if k in meta
+    }
+    clean["metadata"]["labels"] = dict(meta.get("labels") or {})
+    clean["metadata"]["annotations"] = dict(meta.get("annotations") or {})
+    try:
+        return RecommenderSystem.model_validate(clean)
+    except ValidationError as exc:
+        raise InvalidResource("spec", issues_from_validation_error(exc)) from None
+
+
+def deployment_readiness(live: dict[str, Any] | None) -> tuple[bool, str]:
+    """As `kubectl rollout status` judges it: observed, updated and ready at the desired count."""
+    if live is None:
+        return False, "not created"
+    status = live.get("status") or {}
+    generation = live.get("metadata", {}).get("generation", 0)
+    if status.get("observedGeneration", 0) < generation:
+        return False, "waiting for the deployment controller"
+    want = (live.get("spec") or {}).get("replicas", 1)
+    updated = status.get("updatedReplicas", 0)
+    ready = status.get("readyReplicas", 0)
+    if updated < want:
+        return False, f"{updated}/{want} replicas updated"
+    if ready < want:
+        return False, f"{ready}/{want} replicas ready"
+    return True, f"{ready}/{want} replicas ready"
+
+
+class Reconciler:
+    """Reconciles RecommenderSystems against one cluster and its Pulsar admin endpoints."""
+
+    def __init__(
+        self,
+        kube: KubeClient,
+        options: RenderOptions | None = None,
+        pulsar_admin: PulsarAdminFactory = PulsarAdmin,
+    ):
+        self.kube = kube
+        self.options = options or RenderOptions()
+        self.pulsar_admin = pulsar_admin
+
+    # --- steps --------------------------------------------------------------------
+
+    def _policy(self, system: RecommenderSystem) -> ScalingPolicy | None:
+        ref = system.spec.scaling_policy_ref
+        if ref is None:
+            return None
+        body = self.kube.get(
+            system.api_version, "ScalingPolicy", system.metadata.namespace, ref.name
+        )
+        if body is None:
+            return None
+        return ScalingPolicy.model_validate(
+            {
+                **body,
+                "metadata": {
+                    "name": body["metadata"]["name"],
+                    "namespace": body["metadata"].get("namespace"),
+                },
+            }
+        )
+
+    def pulsar_token(self, system: RecommenderSystem) -> str | None:
+        ref = system.spec.events.auth_secret_ref
+        if ref is None:
+            return None
+        secret = self.kube.get("v1", "Secret", system.metadata.namespace, ref.name)
+        data = (secret or {}).get("data") or {}
+        if ref.key not in data:
+            raise PulsarAdminError("-", "-", None, f'Secret "{ref.name}" has no key "{ref.key}"')
+        return base64.b64decode(data[ref.key]).decode().strip()
+
+    async def _ensure_topics(
+        self, system: RecommenderSystem, generation: int
+    ) -> tuple[Condition, list[str]]:
+        plan = topic_plan(system)
+        try:
+            token = self.pulsar_token(system)
+            async with self.pulsar_admin(system.spec.events.admin_url, token) as admin:
+                changes = await admin.ensure_plan(plan)
+        except PulsarAdminError as exc:
+            reason = {401: "PulsarUnauthorized", 403: "PulsarForbidden"}.get(
+                exc.status or 0, "PulsarAdminFailed"
+            )
+            return condition(ConditionType.TOPICS_READY, False, reason, str(exc), generation), []
+        names = ", ".join(plan.topic_url(t) for t in plan.topics)
+        return condition(
+            ConditionType.TOPICS_READY, True, "TopicsReady", names, generation
+        ), changes
+
+    def _apply(self, objects: list[dict[str, Any]]) -> dict[tuple[str, str], ApplyResult]:
+        results = {}
+        for obj in objects:
+            result = self.kube.apply(obj)
+            results[(obj["kind"], obj["metadata"]["name"])] = result
+        return results
+
+    # --- the pipeline ---------------------------------------------------------------
+
+    async def reconcile(self, body: dict[str, Any]) -> Outcome:
+        generation = int(body.get("metadata", {}).get("generation") or 0)
+        old_status = dict(body.get("status") or {})
+
+        def finish(conditions: list[Condition], **status_fields: Any) -> dict[str, Any]:
+            ready = summarize_ready(conditions, generation)
+            status = {k: v for k, v in old_status.items() if k != "kopf"}
+            status.update({k: v for k, v in status_fields.items() if v is not None})
+            status["observedGeneration"] = generation
+            status["conditions"] = merge_conditions(
+                old_status.get("conditions", []), [ready, *conditions]
+            )
+            return status
+
+        def blocked(reason: str, message: str) -> Outcome:
+            parts = [
+                condition(t, False, reason, message, generation)
+                for t in (
+                    ConditionType.TOPICS_READY,
+                    ConditionType.FEATURES_READY,
+                    ConditionType.SERVING_READY,
+                )
+            ]
+            return Outcome(finish(parts), warnings=[f"{reason}: {message}"])
+
+        # 1. The spec.
+        try:
+            system = parse_system(body)
+        except InvalidResource as exc:
+            return blocked("InvalidSpec", exc.summary)
+
+        # 2. The ScalingPolicy and 3. the desired objects (render checks the policy bounds).
+        policy = self._policy(system)
+        ref = system.spec.scaling_policy_ref
+        if ref is not None and policy is None:
+            return blocked(
+                "ScalingPolicyNotFound",
+                f'ScalingPolicy "{ref.name}" not found in namespace {system.metadata.namespace}',
+            )
+        try:
+            objects = render_system(system, policy, self.options)
+        except InvalidResource as exc:
+            reason = (
+                "PolicyViolation"
+                if any(
+                    i.path.startswith("spec.scaling") or "ScalingPolicy" in i.message
+                    for i in exc.issues
+                )
+                else "InvalidSpec"
+            )
+            return blocked(reason, exc.summary)
+
+        # 4. Pulsar topics; a failure is reported but does not hold back the children.
+        topics, topic_changes = await self._ensure_topics(system, generation)
+
+        # 5. Children.
+        results = self._apply(objects)
+        changes = [f"Pulsar {c}" for c in topic_changes] + [
+            str(r) for r in results.values() if r.action != "unchanged"
+        ]
+
+        # 6. Readiness.
+        def ready_of(name: str) -> tuple[bool, str]:
+            result = results.get(("Deployment", name))
+            return deployment_readiness(result.live if result else None)
+
+        features_ok, features_msg = ready_of(child_name(system, "features"))
+        features = condition(
+            ConditionType.FEATURES_READY,
+            features_ok,
+            "DeploymentAvailable" if features_ok else "DeploymentNotReady",
+            f"stream job: {features_msg}",
+            generation,
+        )
+        serving_parts = [(Component.GATEWAY, child_name(system, "gateway"))]
+        serving_parts += [
+            (f"serving {track}", serving_name(system, track))
+            for track in (Track.STABLE, Track.CANARY)
+            if ("Deployment", serving_name(system, track)) in results
+        ]
+        states = [(label, *ready_of(name)) for label, name in serving_parts]
+        serving_ok = all(ok for _, ok, _ in states)
+        serving = condition(
+            ConditionType.SERVING_READY,
+            serving_ok,
+            "DeploymentAvailable" if serving_ok else "DeploymentNotReady",
+            "; ".join(f"{label}: {msg}" for label, _, msg in states),
+            generation,
+        )
+
+        namespace = system.metadata.namespace
+        status = finish(
+            [topics, features, serving],
+            stableVersion=old_status.get("stableVersion") or system.spec.model.version,
+            stableArchiveUri=old_status.get("stableArchiveUri") or system.spec.model.archive_uri,
+            endpoints={
+                "gateway": f"http://{child_name(system, 'gateway')}.{namespace}.svc:80/v1/recommend",
+                "serving": f"http://{serving_name(system, Track.STABLE)}.{namespace}.svc:{INFERENCE_PORT}",
+            },
+        )
+        return Outcome(status, changes=changes, retry=topics.status != ConditionStatus.TRUE)

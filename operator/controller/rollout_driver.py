@@ -1,0 +1,89 @@
+"""Driving rollouts in a cluster: the state machine with Prometheus as its metrics source
+and the resource's status as its memory.
+
+Traffic moves by writing status: the gateway's routing ConfigMap and the canary
+Deployment are rendered from it by the next reconcile, which runs right after.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from recsys_operator.api.errors import InvalidResource
+from recsys_operator.api.resources import RecommenderSystem
+from recsys_operator.api.status import ConditionType
+from recsys_operator.controller.conditions import condition, merge_conditions
+from recsys_operator.controller.reconcile import parse_system
+from recsys_operator.rollout.prometheus_source import PrometheusSource
+from recsys_operator.rollout.state_machine import AnalysisSource, RolloutState, Transition, tick
+
+ACTION_ANNOTATION = "recsys.dev/rollout-action"
+
+
+def rollout_state(system: RecommenderSystem) -> RolloutState:
+    status = system.status
+    stable = (status.stable_version if status else None) or system.spec.model.version
+    return RolloutState(
+        stable_version=stable,
+        canary=status.canary if status else None,
+        last_rollout=status.last_rollout if status else None,
+    )
+
+
+def status_patch(
+    system: RecommenderSystem, body: dict[str, Any], transition: Transition
+) -> dict[str, Any]:
+    """The status fields a transition changes (None removes a field in a merge patch)."""
+    generation = int(body.get("metadata", {}).get("generation") or 0)
+    state = transition.state
+    health = transition.health
+    old = body.get("status") or {}
+    healthy = condition(
+        ConditionType.ROLLOUT_HEALTHY, health.ok, health.reason, health.message, generation
+    )
+    patch: dict[str, Any] = {
+        "stableVersion": state.stable_version,
+        "canary": state.canary.to_wire() if state.canary else None,
+        "lastRollout": state.last_rollout.to_wire() if state.last_rollout else None,
+        "conditions": merge_conditions(old.get("conditions", []), [healthy]),
+    }
+    if transition.promoted:
+        patch["stableArchiveUri"] = system.spec.model.archive_uri
+    return patch
+
+
+def changed(old_status: dict[str, Any], patch: dict[str, Any]) -> bool:
+    return any(old_status.get(k) != v for k, v in patch.items())
+
+
+async def rollout_tick(
+    body: dict[str, Any],
+    prometheus_url: str,
+    now: datetime | None = None,
+    source: AnalysisSource | None = None,
+) -> tuple[dict[str, Any] | None, Transition | None]:
+    """(status patch or None when nothing changed, the transition) for one system."""
+    try:
+        system = parse_system(body)
+    except InvalidResource:
+        return None, None  # the reconcile reports invalid specs
+    state = rollout_state(system)
+    namespace = system.metadata.namespace or "default"
+    action = (body.get("metadata", {}).get("annotations") or {}).get(ACTION_ANNOTATION)
+    source = source or PrometheusSource(
+        prometheus_url,
+        f"{namespace}.{system.metadata.name}",
+        state.stable_version,
+        system.spec.rollout.analysis,
+    )
+    transition = await tick(
+        system.spec.model.version,
+        system.spec.rollout,
+        state,
+        now or datetime.now(UTC),
+        source,
+        action,
+    )
+    patch = status_patch(system, body, transition)
+    return (patch if changed(body.get("status") or {}, patch) else None), transition

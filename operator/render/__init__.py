@@ -1,0 +1,166 @@
+"""Pure functions from (RecommenderSystem, ScalingPolicy) to the objects the operator applies.
+
+`render_system` is the whole desired state of one system's Kubernetes children;
+`topic_plan` is its desired Pulsar state. Neither talks to a server: the Kopf
+handlers read, call these, and apply the result; `recsys render` prints it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from recsys_operator.api.effective_scaling import EffectiveScaling, resolve_scaling
+from recsys_operator.api.errors import FieldIssue, InvalidResource
+from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
+from recsys_operator.render.autoscaling import (
+    DEFAULT_PROMETHEUS_URL,
+    build_autoscalers,
+    build_disruption_budgets,
+    build_pulsar_trigger_authentication,
+)
+from recsys_operator.render.features import build_feature_job_deployment
+from recsys_operator.render.gateway import (
+    build_gateway_configmap,
+    build_gateway_deployment,
+    build_gateway_service,
+)
+from recsys_operator.render.monitoring import (
+    build_features_metrics_service,
+    build_prometheus_rule,
+    build_service_monitor,
+)
+from recsys_operator.render.serving import (
+    UnsupportedArchiveUri,
+    build_serving_configmap,
+    build_serving_deployment,
+    build_serving_service,
+    serving_tracks,
+)
+from recsys_operator.render.topics import TopicPlan, topic_plan
+from recsys_operator.render.traffic import TrafficPlan, traffic_plan
+
+__all__ = [
+    "RenderOptions",
+    "TopicPlan",
+    "TrafficPlan",
+    "effective_scaling",
+    "render_system",
+    "topic_plan",
+]
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """What the cluster offers, discovered by the operator at start-up."""
+
+    monitoring: bool = False
+    """The cluster serves monitoring.coreos.com (ServiceMonitor, PrometheusRule)."""
+    keda: bool = True
+    """The cluster serves keda.sh; without it a keda policy is an error."""
+    prometheus_url: str = DEFAULT_PROMETHEUS_URL
+    """Prometheus that KEDA's latency trigger queries."""
+
+
+def effective_scaling(
+    system: RecommenderSystem, policy: ScalingPolicy | None
+) -> EffectiveScaling | None:
+    """The policy as narrowed by the system; None when the system references no policy."""
+    ref = system.spec.scaling_policy_ref
+    if ref is None:
+        return None
+    if policy is None or policy.metadata.name != ref.name:
+        raise InvalidResource(
+            f'ScalingPolicy "{ref.name}"',
+            [
+                FieldIssue(
+                    "spec.scalingPolicyRef.name",
+                    f'ScalingPolicy "{ref.name}" not found in this namespace',
+                )
+            ],
+        )
+    return resolve_scaling(system.spec, policy.spec, policy.metadata.name)
+
+
+def _owner_reference(system: RecommenderSystem) -> dict[str, Any]:
+    return {
+        "apiVersion": system.api_version,
+        "kind": system.kind,
+        "name": system.metadata.name,
+        "uid": system.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _canary_replicas(system: RecommenderSystem, weight: int) -> int:
+    return max(1, math.ceil(system.spec.serving.replicas * weight / 100))
+
+
+def render_system(
+    system: RecommenderSystem,
+    policy: ScalingPolicy | None = None,
+    options: RenderOptions | None = None,
+) -> list[dict[str, Any]]:
+    """Every Kubernetes object of one RecommenderSystem, in apply order.
+
+    Raises InvalidResource (with field paths) when the spec cannot be rendered:
+    a missing or exceeded ScalingPolicy, an archive URI a cluster cannot fetch.
+    """
+    options = options or RenderOptions()
+    scaling = effective_scaling(system, policy)
+    if scaling is not None and scaling.engine == "keda" and not options.keda:
+        raise InvalidResource(
+            "autoscaling",
+            [
+                FieldIssue(
+                    "spec.scalingPolicyRef.name",
+                    f'ScalingPolicy "{scaling.policy_name}" uses engine keda, '
+                    "but the cluster does not serve keda.sh",
+                )
+            ],
+        )
+    plan = traffic_plan(system)
+    autoscaled = scaling is not None
+
+    objects: list[dict[str, Any]] = []
+    gateway_config = build_gateway_configmap(system, plan)
+    objects.append(gateway_config)
+    for track, version in serving_tracks(plan.stable_version, plan.canary_version):
+        try:
+            configmap = build_serving_configmap(system, track, version)
+            if track == "stable":
+                replicas = None if autoscaled else system.spec.serving.replicas
+            else:
+                replicas = _canary_replicas(system, plan.canary_weight)
+            deployment = build_serving_deployment(system, track, version, configmap, replicas)
+        except UnsupportedArchiveUri as exc:
+            raise InvalidResource(
+                "serving", [FieldIssue("spec.model.archiveUri", str(exc))]
+            ) from None
+        objects += [configmap, build_serving_service(system, track, version), deployment]
+    objects.append(build_gateway_service(system))
+    objects.append(
+        build_gateway_deployment(
+            system, gateway_config, None if autoscaled else system.spec.gateway.replicas
+        )
+    )
+    objects.append(
+        build_feature_job_deployment(system, None if autoscaled else system.spec.features.replicas)
+    )
+    if scaling is not None:
+        auth = build_pulsar_trigger_authentication(system) if scaling.engine == "keda" else None
+        objects += [auth] if auth else []
+        objects += build_autoscalers(system, scaling, options.prometheus_url)
+        objects += build_disruption_budgets(system, scaling.min_available_percent)
+    if options.monitoring:
+        objects += [
+            build_features_metrics_service(system),
+            build_service_monitor(system),
+            build_prometheus_rule(system, scaling),
+        ]
+    if system.metadata.uid:
+        for obj in objects:
+            obj["metadata"]["ownerReferences"] = [_owner_reference(system)]
+    return objects

@@ -1,0 +1,110 @@
+"""The stream feature job: a Deployment consuming the interactions topic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from recsys_operator.api.base import parse_duration
+from recsys_operator.api.resources import RecommenderSystem
+from recsys_operator.render.naming import (
+    CONFIG_HASH_ANNOTATION,
+    FEATURES_SUBSCRIPTION,
+    TOPIC_NAMES,
+    Component,
+    child_name,
+    config_hash,
+    default_image,
+    metadata,
+    selector_labels,
+    topic_url,
+)
+from recsys_operator.render.pods import (
+    METRICS_PORT,
+    container_resources,
+    pod_security_context,
+    pulsar_token_env,
+    redis_password_env,
+    restricted_security_context,
+)
+
+# Long enough to finish a batch and flush its Redis pipeline after SIGTERM.
+FEATURES_GRACE_SECONDS = 60
+
+
+def feature_job_env(system: RecommenderSystem) -> list[dict[str, Any]]:
+    """Configuration of `recsys features run`, as environment variables."""
+    spec = system.spec
+    features = spec.features
+    values = {
+        "RECSYS_SYSTEM_ID": f"{system.metadata.namespace or 'default'}.{system.metadata.name}",
+        "RECSYS_PULSAR_SERVICE_URL": spec.events.service_url,
+        "RECSYS_INTERACTIONS_TOPIC": topic_url(system, TOPIC_NAMES["interactions"]),
+        "RECSYS_DEAD_LETTER_TOPIC": topic_url(system, TOPIC_NAMES["dead_letter"]),
+        "RECSYS_SUBSCRIPTION": FEATURES_SUBSCRIPTION,
+        "RECSYS_SUBSCRIPTION_TYPE": spec.events.subscription_type.value,
+        "RECSYS_REDIS_URL": features.store.url,
+        "RECSYS_STORE_TTL_SECONDS": str(int(parse_duration(features.store.ttl))),
+        "RECSYS_LAST_N": str(features.last_n),
+        "RECSYS_WINDOWS": ",".join(features.windows),
+        "RECSYS_BATCH_SIZE": str(features.batch_size),
+        "RECSYS_ONLINE_UPDATES": str(features.online_updates.enabled).lower(),
+        "RECSYS_LEARNING_RATE": str(features.online_updates.learning_rate),
+        "RECSYS_DECAY": str(features.online_updates.decay),
+        "RECSYS_MODEL_VERSION": spec.model.version,
+        "RECSYS_METRICS_ADDRESS": f"0.0.0.0:{METRICS_PORT}",
+    }
+    if spec.model.archive_uri:
+        values["RECSYS_MODEL_ARCHIVE_URI"] = spec.model.archive_uri
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values.items()]
+    env += pulsar_token_env(system) + redis_password_env(system)
+    return env
+
+
+def build_feature_job_deployment(
+    system: RecommenderSystem, replicas: int | None = None
+) -> dict[str, Any]:
+    """The feature job Deployment; `replicas` None leaves scaling to the autoscaler."""
+    features = system.spec.features
+    env = feature_job_env(system)
+    labels = selector_labels(system, Component.FEATURES)
+    container = {
+        "name": "features",
+        "image": features.image or default_image(Component.FEATURES),
+        "args": ["features", "run"],
+        "env": env,
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "resources": container_resources(features.resources),
+        "readinessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 10},
+        "livenessProbe": {
+            "httpGet": {"path": "/metrics", "port": "metrics"},
+            "periodSeconds": 20,
+            "failureThreshold": 6,
+        },
+        "securityContext": restricted_security_context(),
+    }
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": labels},
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+        },
+        "template": {
+            "metadata": {
+                "labels": metadata(system, "", Component.FEATURES)["labels"],
+                "annotations": {CONFIG_HASH_ANNOTATION: config_hash(env, container["image"])},
+            },
+            "spec": {
+                "terminationGracePeriodSeconds": FEATURES_GRACE_SECONDS,
+                "containers": [container],
+                "securityContext": pod_security_context(),
+            },
+        },
+    }
+    if replicas is not None:
+        spec["replicas"] = replicas
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(system, child_name(system, "features"), Component.FEATURES),
+        "spec": spec,
+    }

@@ -1,0 +1,33 @@
+"""Which model versions serve traffic, and in what shares.
+
+Derived from status alone (the rollout's state lives there), so every render of
+an unchanged resource yields the same objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from recsys_operator.api.resources import RecommenderSystem
+
+
+@dataclass(frozen=True)
+class TrafficPlan:
+    stable_version: str
+    canary_version: str | None = None
+    canary_weight: int = 0
+
+    @property
+    def versions(self) -> list[str]:
+        return [self.stable_version] + ([self.canary_version] if self.canary_version else [])
+
+
+def traffic_plan(system: RecommenderSystem) -> TrafficPlan:
+    """Stable is what status says has been promoted (the spec's version before the first
+    rollout); a canary exists only while status records a rollout in progress."""
+    status = system.status
+    stable = (status.stable_version if status else None) or system.spec.model.version
+    canary = status.canary if status else None
+    if canary is None or canary.version == stable:
+        return TrafficPlan(stable)
+    return TrafficPlan(stable, canary.version, canary.weight)

@@ -1,0 +1,1 @@
+"""Progressive rollouts: analysis, the state machine, and its metrics source."""

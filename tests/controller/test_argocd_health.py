@@ -1,0 +1,128 @@
+"""The Argo CD health script, run by a real Lua 5.1 interpreter (lupa) on condition fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lupa.lua51 import LuaRuntime  # Argo CD runs gopher-lua, a Lua 5.1
+
+SCRIPT = (
+    Path(__file__).resolve().parents[2]
+    / "charts/recsys-operator/argocd/recommendersystem-health.lua"
+).read_text()
+
+
+def health(obj: dict[str, Any]) -> tuple[str, str]:
+    lua = LuaRuntime(unpack_returned_tuples=True)
+    assert lua.eval("_VERSION") == "Lua 5.1"
+
+    def to_lua(value: Any) -> Any:
+        if isinstance(value, dict):
+            return lua.table_from({k: to_lua(v) for k, v in value.items()})
+        if isinstance(value, list):
+            return lua.table_from([to_lua(v) for v in value])
+        return value
+
+    lua.globals().obj = to_lua(obj)
+    result = lua.execute(SCRIPT)
+    return result["status"], result["message"]
+
+
+def cond(
+    type_: str, status: str, reason: str = "R", message: str = "m", generation: int = 2
+) -> dict[str, Any]:
+    return {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+    }
+
+
+def resource(
+    conditions: list[dict[str, Any]] | None, generation: int = 2, observed: int = 2, **status: Any
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"metadata": {"name": "x", "generation": generation}}
+    if conditions is not None:
+        body["status"] = {"observedGeneration": observed, "conditions": conditions, **status}
+    return body
+
+
+CASES = [
+    ("no status yet", resource(None), "Progressing", "Waiting for the operator"),
+    (
+        "ready",
+        resource([cond("Ready", "True", "AllComponentsReady", "all good")]),
+        "Healthy",
+        "all good",
+    ),
+    (
+        "ready but for an older generation",
+        resource([cond("Ready", "True")], generation=3, observed=2),
+        "Progressing",
+        "generation 3",
+    ),
+    (
+        "condition stale although status observed",
+        resource([cond("Ready", "True", generation=1)]),
+        "Progressing",
+        "up-to-date",
+    ),
+    (
+        "pods starting",
+        resource([cond("Ready", "False", "DeploymentNotReady", "0/1 ready")]),
+        "Progressing",
+        "DeploymentNotReady",
+    ),
+    (
+        "invalid spec",
+        resource([cond("Ready", "False", "InvalidSpec", "spec.rollout.steps: ...")]),
+        "Degraded",
+        "InvalidSpec",
+    ),
+    (
+        "missing policy",
+        resource([cond("Ready", "False", "ScalingPolicyNotFound", "x")]),
+        "Degraded",
+        "ScalingPolicyNotFound",
+    ),
+    (
+        "pulsar down: transient",
+        resource([cond("Ready", "False", "PulsarAdminFailed", "x")]),
+        "Progressing",
+        "PulsarAdminFailed",
+    ),
+    (
+        "canary running",
+        resource(
+            [cond("Ready", "True"), cond("RolloutHealthy", "True", "Progressing")],
+            canary={"version": "2", "weight": 25},
+        ),
+        "Progressing",
+        "Canary 2 at 25%",
+    ),
+    (
+        "rolled back",
+        resource(
+            [cond("Ready", "True"), cond("RolloutHealthy", "False", "RolledBack", "CTR fell")]
+        ),
+        "Degraded",
+        "RolledBack: CTR fell",
+    ),
+    (
+        "unknown ready",
+        resource([cond("Ready", "Unknown", "Reconciling")]),
+        "Progressing",
+        "Reconciling",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "obj", "status", "phrase"), CASES, ids=[c[0] for c in CASES])
+def test_health(name: str, obj: dict[str, Any], status: str, phrase: str) -> None:
+    got_status, message = health(obj)
+    assert got_status == status
+    assert phrase in message

@@ -1,0 +1,345 @@
+"""The render functions: every object is valid Kubernetes, and says what the spec asks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from recsys_operator import __version__
+from recsys_operator.api import InvalidResource
+from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
+from recsys_operator.render import RenderOptions, render_system, topic_plan
+from recsys_operator.render.naming import CONFIG_HASH_ANNOTATION
+from recsys_operator.tools import find_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S_VERSION = "1.35.0"
+# Custom resources of other projects: kubernetes-validate has no schema for them.
+FOREIGN_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
+
+
+def load(name: str) -> list[dict[str, Any]]:
+    return list(yaml.safe_load_all((ROOT / "examples" / name).read_text()))
+
+
+def quickstart(**status: Any) -> RecommenderSystem:
+    doc = copy.deepcopy(load("quickstart.yaml")[0])
+    if status:
+        doc["status"] = status
+    return RecommenderSystem.model_validate(doc)
+
+
+def production(**status: Any) -> RecommenderSystem:
+    doc = copy.deepcopy(load("production-gpu.yaml")[0])
+    if status:
+        doc["status"] = status
+    return RecommenderSystem.model_validate(doc)
+
+
+HPA_POLICY = ScalingPolicy.model_validate(load("scaling-policy.yaml")[0])
+KEDA_POLICY = ScalingPolicy.model_validate(load("scaling-policy.yaml")[1])
+CANARY = {
+    "stableVersion": "2026-11-01",
+    "stableArchiveUri": "s3://ml-models/home-feed/old.mar",
+    "canary": {"version": "2026-11-20", "weight": 25, "step": 2},
+}
+
+
+def by_kind(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for obj in objects:
+        out.setdefault(obj["kind"], []).append(obj)
+    return out
+
+
+def named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+SCENARIOS = {
+    "quickstart-hpa": lambda: render_system(quickstart(), HPA_POLICY),
+    "quickstart-no-policy": lambda: render_system(
+        RecommenderSystem.model_validate(
+            {
+                **load("quickstart.yaml")[0],
+                "spec": {
+                    k: v
+                    for k, v in load("quickstart.yaml")[0]["spec"].items()
+                    if k != "scalingPolicyRef"
+                },
+            }
+        )
+    ),
+    "production-keda-canary-monitoring": lambda: render_system(
+        production(**CANARY), KEDA_POLICY, RenderOptions(monitoring=True)
+    ),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_every_rendered_object_passes_strict_kubernetes_validation(scenario: str) -> None:
+    objects = SCENARIOS[scenario]()
+    validated = 0
+    for obj in objects:
+        if obj["kind"] in FOREIGN_KINDS:
+            continue
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        validated += 1
+    assert validated >= 7
+
+
+def test_quickstart_renders_the_expected_children() -> None:
+    objects = render_system(quickstart(), HPA_POLICY)
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    assert names == {
+        ("ConfigMap", "quickstart-gateway"),
+        ("ConfigMap", "quickstart-serving"),
+        ("Service", "quickstart-serving"),
+        ("Deployment", "quickstart-serving"),
+        ("Service", "quickstart-gateway"),
+        ("Deployment", "quickstart-gateway"),
+        ("Deployment", "quickstart-features"),
+        ("HorizontalPodAutoscaler", "quickstart-serving"),
+        ("HorizontalPodAutoscaler", "quickstart-gateway"),
+        ("HorizontalPodAutoscaler", "quickstart-features"),
+        ("PodDisruptionBudget", "quickstart-serving"),
+        ("PodDisruptionBudget", "quickstart-gateway"),
+        ("PodDisruptionBudget", "quickstart-features"),
+    }
+    for obj in objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == "quickstart"
+        assert labels["app.kubernetes.io/managed-by"] == "recsys-operator"
+        assert obj["metadata"]["namespace"] == "default"
+        assert "ownerReferences" not in obj["metadata"]  # no uid: not from a live resource
+
+
+def test_render_is_deterministic() -> None:
+    assert render_system(production(**CANARY), KEDA_POLICY) == render_system(
+        production(**CANARY), KEDA_POLICY
+    )
+
+
+def test_children_are_owned_by_a_live_resource() -> None:
+    doc = load("quickstart.yaml")[0]
+    doc["metadata"]["uid"] = "0b5e-42"
+    for obj in render_system(RecommenderSystem.model_validate(doc), HPA_POLICY):
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner == {
+            "apiVersion": "recsys.dev/v1alpha1",
+            "kind": "RecommenderSystem",
+            "name": "quickstart",
+            "uid": "0b5e-42",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def test_torchserve_config_follows_the_spec() -> None:
+    objects = render_system(production(), KEDA_POLICY)
+    config = named(objects, "ConfigMap", "home-feed-serving")["data"]["config.properties"]
+    props = dict(
+        line.split("=", 1)
+        for line in config.splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert props["disable_token_authorization"] == "true"
+    assert props["metrics_mode"] == "prometheus"
+    assert "-Xmx4096m" in props["vmargs"]  # 25% of 16Gi, capped at 4 GiB
+    models = json.loads(props["models"])["home-feed-retrieval"]["2026-11-20"]
+    assert (models["batchSize"], models["maxBatchDelay"], models["minWorkers"]) == (64, 4, 2)
+
+
+def test_gpu_serving_gets_gpus_node_selector_tolerations_and_the_gpu_image() -> None:
+    deployment = named(render_system(production(), KEDA_POLICY), "Deployment", "home-feed-serving")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["image"] == f"ghcr.io/recsys-operator/model-server:{__version__}-gpu"
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ping"
+
+
+def test_a_config_change_rolls_the_pods_and_nothing_else_does() -> None:
+    def serving_hash(system: RecommenderSystem) -> str:
+        deployment = named(render_system(system, HPA_POLICY), "Deployment", "quickstart-serving")
+        return deployment["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+
+    doc = load("quickstart.yaml")[0]
+    before = serving_hash(RecommenderSystem.model_validate(doc))
+    assert serving_hash(RecommenderSystem.model_validate(copy.deepcopy(doc))) == before
+    doc["spec"]["serving"]["batching"]["maxBatchSize"] = 64
+    assert serving_hash(RecommenderSystem.model_validate(doc)) != before
+
+
+@pytest.mark.parametrize(
+    ("uri", "image", "command_start"),
+    [
+        ("https://models.example/retrieval-1.mar", "curlimages/curl", ["curl", "--fail"]),
+        ("s3://bucket/retrieval-1.mar", "amazon/aws-cli", ["aws", "s3", "cp"]),
+        (
+            "pvc://model-claim/releases/retrieval-1.mar",
+            "busybox",
+            ["cp", "/source/releases/retrieval-1.mar"],
+        ),
+    ],
+)
+def test_archives_are_fetched_by_an_init_container(
+    uri: str, image: str, command_start: list[str]
+) -> None:
+    doc = load("quickstart.yaml")[0]
+    doc["spec"]["model"]["archiveUri"] = uri
+    deployment = named(
+        render_system(RecommenderSystem.model_validate(doc), HPA_POLICY),
+        "Deployment",
+        "quickstart-serving",
+    )
+    (fetch,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    assert fetch["image"].startswith(image)
+    assert fetch["command"][: len(command_start)] == command_start
+    assert (
+        fetch["command"][-1].endswith("/model-store/retrieval-1.mar") or fetch["command"][-1] == uri
+    )
+    assert uri in fetch["command"] or uri.startswith("pvc://")
+    if uri.startswith("pvc://"):
+        volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        assert {
+            "name": "archive-source",
+            "persistentVolumeClaim": {"claimName": "model-claim", "readOnly": True},
+        } in volumes
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/retrieval-1.mar", None])
+def test_archives_a_cluster_cannot_fetch_are_a_spec_error(uri: str | None) -> None:
+    doc = load("quickstart.yaml")[0]
+    doc["spec"]["model"]["archiveUri"] = uri
+    with pytest.raises(InvalidResource) as info:
+        render_system(RecommenderSystem.model_validate(doc), HPA_POLICY)
+    assert info.value.issues[0].path == "spec.model.archiveUri"
+
+
+def test_a_canary_gets_its_own_serving_set_and_its_weight_in_the_routing() -> None:
+    objects = render_system(production(**CANARY), KEDA_POLICY)
+    canary = named(objects, "Deployment", "home-feed-serving-canary")
+    stable = named(objects, "Deployment", "home-feed-serving")
+    assert canary["metadata"]["labels"]["recsys.dev/model-version"] == "2026-11-20"
+    assert stable["metadata"]["labels"]["recsys.dev/model-version"] == "2026-11-01"
+    assert canary["spec"]["replicas"] == 1  # 25% of 4 replicas
+    assert "replicas" not in stable["spec"]  # the autoscaler owns it
+    stable_fetch = stable["spec"]["template"]["spec"]["initContainers"][0]["command"]
+    assert "s3://ml-models/home-feed/old.mar" in stable_fetch
+    routing = json.loads(named(objects, "ConfigMap", "home-feed-gateway")["data"]["routing.json"])
+    assert routing["canaryWeight"] == 25
+    assert routing["canary"]["url"].endswith("/predictions/home-feed-retrieval/2026-11-20")
+    assert routing["stable"]["url"].startswith("http://home-feed-serving.recsys-prod.svc:8080/")
+
+
+def test_hpa_bounds_and_behaviour_come_from_the_effective_policy() -> None:
+    doc = load("quickstart.yaml")[0]
+    doc["spec"]["scaling"] = {"maxReplicas": 5}
+    objects = render_system(RecommenderSystem.model_validate(doc), HPA_POLICY)
+    hpa = named(objects, "HorizontalPodAutoscaler", "quickstart-serving")["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 5)
+    assert hpa["metrics"][0]["resource"]["target"]["averageUtilization"] == 70
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    assert hpa["behavior"]["scaleDown"]["policies"] == [
+        {"type": "Percent", "value": 50, "periodSeconds": 60}
+    ]
+
+
+def test_keda_scales_serving_on_latency_and_gpu_and_stream_jobs_on_backlog() -> None:
+    objects = render_system(production(), KEDA_POLICY)
+    serving = named(objects, "ScaledObject", "home-feed-serving")["spec"]
+    assert (serving["minReplicaCount"], serving["maxReplicaCount"]) == (
+        4,
+        24,
+    )  # tightened by the system
+    triggers = {t.get("name", t["type"]): t for t in serving["triggers"]}
+    assert triggers["p99-latency"]["metadata"]["threshold"] == "35"
+    assert "histogram_quantile(0.99" in triggers["p99-latency"]["metadata"]["query"]
+    assert triggers["gpu-utilization"]["metadata"]["threshold"] == "75"
+    features = named(objects, "ScaledObject", "home-feed-features")["spec"]
+    (pulsar,) = features["triggers"]
+    assert pulsar["type"] == "pulsar"
+    assert pulsar["metadata"]["msgBacklogThreshold"] == "10000"
+    assert pulsar["metadata"]["topic"] == "persistent://discovery/home-feed/interactions"
+    assert pulsar["authenticationRef"] == {"name": "home-feed-pulsar-auth"}
+    auth = named(objects, "TriggerAuthentication", "home-feed-pulsar-auth")["spec"]
+    assert auth["secretTargetRef"] == [
+        {"parameter": "bearerToken", "name": "pulsar-token", "key": "token"}
+    ]
+
+
+def test_keda_policy_without_keda_in_the_cluster_is_an_error() -> None:
+    with pytest.raises(InvalidResource, match="keda"):
+        render_system(production(), KEDA_POLICY, RenderOptions(keda=False))
+
+
+def test_a_missing_or_exceeded_policy_renders_nothing() -> None:
+    with pytest.raises(InvalidResource, match="not found"):
+        render_system(quickstart(), None)
+    doc = load("quickstart.yaml")[0]
+    doc["spec"]["scaling"] = {"maxReplicas": 50}
+    with pytest.raises(InvalidResource) as info:
+        render_system(RecommenderSystem.model_validate(doc), HPA_POLICY)
+    assert info.value.issues[0].path == "spec.scaling.maxReplicas"
+
+
+def test_stream_job_gets_the_pulsar_and_redis_settings() -> None:
+    deployment = named(render_system(production(), KEDA_POLICY), "Deployment", "home-feed-features")
+    pod = deployment["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert (
+        env["RECSYS_INTERACTIONS_TOPIC"]["value"] == "persistent://discovery/home-feed/interactions"
+    )
+    assert env["RECSYS_SUBSCRIPTION_TYPE"]["value"] == "KeyShared"
+    assert env["RECSYS_REDIS_URL"]["value"] == "redis://feature-store.recsys-prod:6379/0"
+    assert env["RECSYS_PULSAR_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "pulsar-token", "key": "token"}
+    }
+    assert env["RECSYS_REDIS_PASSWORD"]["valueFrom"] == {
+        "secretKeyRef": {"name": "feature-store", "key": "password"}
+    }
+    assert pod["terminationGracePeriodSeconds"] >= 30  # time to drain a batch on SIGTERM
+
+
+def test_topic_plan_names_every_topic_with_its_policy() -> None:
+    plan = topic_plan(production())
+    assert (plan.tenant, plan.namespace) == ("discovery", "home-feed")
+    assert [(t.name, t.partitions) for t in plan.topics] == [
+        ("interactions", 32),
+        ("impressions", 32),
+        ("dead-letter", 2),
+    ]
+    assert topic_plan(quickstart()).namespace == "default-quickstart"
+
+
+@pytest.mark.prometheus
+def test_alert_rules_pass_promtool(tmp_path: Path) -> None:
+    rule = named(
+        render_system(production(), KEDA_POLICY, RenderOptions(monitoring=True)),
+        "PrometheusRule",
+        "home-feed-alerts",
+    )
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    result = subprocess.run(
+        [find_tool("promtool"), "check", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 4 rules found" in result.stdout

@@ -1,0 +1,161 @@
+"""The rollout state machine, step by step, with an injected metrics source."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from recsys_operator.api.recommender_system import RolloutSpec
+from recsys_operator.api.status import (
+    AnalysisDecision,
+    AnalysisResult,
+    CanaryStatus,
+    RolloutOutcome,
+)
+from recsys_operator.rollout.state_machine import Action, RolloutState, tick
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+SPEC = RolloutSpec(steps=[10, 50, 100], interval="1m", progress_deadline="30m", max_inconclusive=2)
+
+
+class Source:
+    """Answers analyses from a script and records each call."""
+
+    def __init__(self, *decisions: AnalysisDecision):
+        self.decisions = list(decisions)
+        self.calls: list[tuple[str, float]] = []
+
+    async def __call__(self, canary: CanaryStatus, window: float) -> AnalysisResult:
+        self.calls.append((canary.version, window))
+        decision = self.decisions.pop(0)
+        return AnalysisResult(
+            time="2026-01-01T00:00:00Z", decision=decision, reason=f"scripted {decision.value}"
+        )
+
+
+async def run(
+    state: RolloutState,
+    at: datetime,
+    source: Source,
+    version: str = "2",
+    spec: RolloutSpec = SPEC,
+    action: str | None = None,
+):
+    return await tick(version, spec, state, at, source, action)
+
+
+async def test_no_rollout_when_the_version_is_unchanged() -> None:
+    t = await run(RolloutState("1"), T0, Source(), version="1")
+    assert t.state == RolloutState("1") and t.health.ok and not t.events
+
+
+async def test_a_good_version_walks_every_step_and_is_promoted() -> None:
+    source = Source(AnalysisDecision.PASS, AnalysisDecision.PASS, AnalysisDecision.PASS)
+    t = await run(RolloutState("1"), T0, source)
+    assert t.state.canary is not None and (t.state.canary.weight, t.state.canary.step) == (10, 0)
+    assert t.events[0].reason == "RolloutStarted"
+
+    # Before the interval has passed nothing is analysed, and the state does not change.
+    waiting = await run(t.state, T0 + timedelta(seconds=30), source)
+    assert waiting.state == t.state and source.calls == []
+
+    weights = []
+    state = t.state
+    for minute in (1, 2, 3):
+        t = await run(state, T0 + timedelta(minutes=minute, seconds=1), source)
+        state = t.state
+        weights.append(state.canary.weight if state.canary else "promoted")
+    assert weights == [50, 100, "promoted"]
+    assert state.stable_version == "2" and state.canary is None
+    assert state.last_rollout is not None and state.last_rollout.outcome is RolloutOutcome.PROMOTED
+    assert t.promoted and t.events[-1].reason == "RolloutPromoted"
+    assert source.calls == [("2", 60.0)] * 3
+
+
+async def test_a_failed_analysis_rolls_back_at_once() -> None:
+    started = (await run(RolloutState("1"), T0, Source())).state
+    t = await run(started, T0 + timedelta(minutes=1, seconds=1), Source(AnalysisDecision.FAIL))
+    assert t.state.canary is None and t.state.stable_version == "1"
+    assert t.state.last_rollout.outcome is RolloutOutcome.ROLLED_BACK
+    assert t.health.ok is False and t.health.reason == "RolledBack"
+    assert t.events[0].warning and "scripted Fail" in t.events[0].message
+    # The failed version is not retried while the spec still names it.
+    again = await run(t.state, T0 + timedelta(minutes=2), Source())
+    assert again.state.canary is None and again.health.reason == "RolledBack"
+
+
+async def test_inconclusive_holds_then_rolls_back_past_the_limit() -> None:
+    state = (await run(RolloutState("1"), T0, Source())).state
+    source = Source(
+        AnalysisDecision.INCONCLUSIVE, AnalysisDecision.WAIT, AnalysisDecision.INCONCLUSIVE
+    )
+    at = T0
+    outcomes = []
+    for _ in range(3):
+        at += timedelta(minutes=1, seconds=1)
+        t = await run(state, at, source)
+        state = t.state
+        outcomes.append(
+            (state.canary.weight, state.canary.inconclusive_count)
+            if state.canary
+            else "rolled back"
+        )
+    assert outcomes == [(10, 1), (10, 2), "rolled back"]
+    assert "inconclusive analyses in a row" in state.last_rollout.reason
+    assert state.stable_version == "1"
+
+
+async def test_never_promoted_without_a_pass_even_at_the_deadline() -> None:
+    state = (await run(RolloutState("1"), T0, Source())).state
+    t = await run(state, T0 + timedelta(minutes=31), Source())
+    assert t.state.canary is None and t.state.stable_version == "1"
+    assert t.health.reason == "ProgressDeadlineExceeded"
+
+
+async def test_without_auto_rollback_a_failure_holds_for_a_person() -> None:
+    spec = SPEC.model_copy(update={"auto_rollback": False})
+    state = (await run(RolloutState("1"), T0, Source(), spec=spec)).state
+    t = await run(
+        state, T0 + timedelta(minutes=1, seconds=1), Source(AnalysisDecision.FAIL), spec=spec
+    )
+    assert t.state.canary is not None and t.state.canary.weight == 10
+    assert t.health.ok is False and t.health.reason == "AnalysisFailed"
+
+
+async def test_paused_rollout_does_not_analyse() -> None:
+    spec = SPEC.model_copy(update={"paused": True})
+    state = (await run(RolloutState("1"), T0, Source())).state
+    source = Source()
+    t = await run(state, T0 + timedelta(minutes=5), source, spec=spec)
+    assert t.state == state and t.health.reason == "Paused" and source.calls == []
+
+
+@pytest.mark.parametrize(
+    ("action", "stable", "outcome"),
+    [(Action.ABORT, "1", RolloutOutcome.ABORTED), (Action.PROMOTE, "2", RolloutOutcome.PROMOTED)],
+)
+async def test_manual_abort_and_promote(action: str, stable: str, outcome: RolloutOutcome) -> None:
+    state = (await run(RolloutState("1"), T0, Source())).state
+    t = await run(state, T0 + timedelta(seconds=5), Source(), action=action)
+    assert t.state.canary is None and t.state.stable_version == stable
+    assert t.state.last_rollout.outcome is outcome
+
+
+async def test_a_new_version_mid_rollout_aborts_the_old_one_then_starts() -> None:
+    state = (await run(RolloutState("1"), T0, Source())).state
+    t = await run(state, T0 + timedelta(seconds=5), Source(), version="3")
+    assert t.state.canary is None and t.state.last_rollout.outcome is RolloutOutcome.ABORTED
+    t = await run(t.state, T0 + timedelta(seconds=10), Source(), version="3")
+    assert t.state.canary.version == "3" and t.state.canary.weight == 10
+
+
+async def test_resuming_from_stored_state_continues_at_the_same_step() -> None:
+    """What an operator restart does: rebuild the state from status and tick again."""
+    source = Source(AnalysisDecision.PASS)
+    state = (await run(RolloutState("1"), T0, Source())).state
+    state = (await run(state, T0 + timedelta(minutes=1, seconds=1), source)).state
+    stored = state.canary.to_wire()
+    restored = RolloutState("1", CanaryStatus.model_validate(stored))
+    t = await run(restored, T0 + timedelta(minutes=1, seconds=30), Source())
+    assert (t.state.canary.step, t.state.canary.weight) == (1, 50)
