@@ -71,6 +71,30 @@ def crds(
 
 
 @app.command()
+def docs(
+    out: Annotated[Path, typer.Option(help="Where to write the API reference.")] = Path(
+        "docs/api-reference.md"
+    ),
+    check: Annotated[
+        bool, typer.Option("--check", help="Only report whether the file is up to date.")
+    ] = False,
+) -> None:
+    """Generate the API reference (docs/api-reference.md) from the API models."""
+    from recsys_operator.api_reference import render_api_reference
+
+    text = render_api_reference()
+    if check:
+        if not out.is_file() or out.read_text() != text:
+            typer.echo(f"{out} is out of date (run `recsys docs`)", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{out} is up to date")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
 def validate(filename: FilesOption) -> None:
     """Check manifests against the CRD schemas and the operator's own rules.
 
@@ -172,11 +196,13 @@ def operator_run(
 
 
 def _register_package_commands() -> None:
+    from gateway.cli import register as register_gateway_commands
     from model_handlers.cli import register as register_model_commands
     from stream_jobs.cli import register as register_stream_commands
 
     register_model_commands(app)
     register_stream_commands(app)
+    register_gateway_commands(app)
 
 
 _register_package_commands()

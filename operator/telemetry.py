@@ -11,6 +11,10 @@ GATEWAY_LATENCY = "recsys_gateway_request_duration_seconds"
 GATEWAY_REQUESTS = "recsys_gateway_requests_total"  # + code label
 IMPRESSIONS = "recsys_impressions_total"
 CLICKS = "recsys_clicks_total"
+GATEWAY_FALLBACKS = "recsys_gateway_fallbacks_total"  # + model_version, variant, reason
+GATEWAY_EVENTS_SENT = "recsys_gateway_events_sent_total"  # + stream
+GATEWAY_EVENTS_DROPPED = "recsys_gateway_events_dropped_total"  # + reason
+GATEWAY_ROUTING_RELOADS = "recsys_gateway_routing_reloads_total"  # + result
 
 # Stream feature job.
 FEATURES_EVENTS = "recsys_features_events_total"  # + type label

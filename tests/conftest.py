@@ -17,6 +17,8 @@ from recsys_operator.local.pulsar_broker import broker_process
 from recsys_operator.local.redis_server import redis_process
 from recsys_operator.tools import ToolNotFound
 
+pytest_plugins = ["kubemock.fixtures"]  # the Kubernetes and Pulsar admin emulators
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

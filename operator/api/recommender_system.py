@@ -60,8 +60,23 @@ class TopicSpec(ApiModel):
     """How long acknowledged messages are kept (-1 keeps them forever, 0 keeps none)."""
     retention_size_mb: int = Field(default=1024, ge=-1)
     """How many megabytes of acknowledged messages are kept per topic (-1: no limit)."""
-    backlog_quota_mb: int = Field(default=2048, ge=1)
-    """Unacknowledged backlog allowed before producers are held back (producer_request_hold)."""
+    backlog_quota_mb: int = Field(default=512, ge=1)
+    """Unacknowledged backlog allowed before producers are held back (producer_request_hold); below retentionSizeMb."""
+
+    @model_validator(mode="after")
+    def _pulsar_accepts(self) -> Self:
+        # Pulsar's own rules (AdminResource.checkBacklogQuota, RetentionPolicies checks):
+        if (self.retention_minutes == 0) != (self.retention_size_mb == 0):
+            raise field_error(
+                "retentionMinutes",
+                "retentionMinutes and retentionSizeMb are both 0 (no retention) or both non-zero; use -1 for no limit",
+            )
+        if self.retention_size_mb > 0 and self.backlog_quota_mb >= self.retention_size_mb:
+            raise field_error(
+                "backlogQuotaMb",
+                f"backlogQuotaMb {self.backlog_quota_mb} must be below retentionSizeMb {self.retention_size_mb}",
+            )
+        return self
 
 
 class TopicsSpec(ApiModel):

@@ -168,3 +168,5 @@ class ScalingPolicyStatus(ApiModel):
     """The metadata.generation last reconciled."""
     conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_LIST_MAP)
     """Ready (the policy is valid)."""
+    kopf: dict[str, Any] | None = None
+    """Handler progress of the operator framework (Kopf); internal."""

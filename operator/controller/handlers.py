@@ -13,7 +13,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import kopf
@@ -22,16 +23,17 @@ from pydantic import ValidationError
 
 from recsys_operator.api.base import GROUP, VERSION
 from recsys_operator.api.errors import issues_from_validation_error
-from recsys_operator.api.resources import ScalingPolicy
+from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.api.status import ConditionType
 from recsys_operator.controller import metrics
 from recsys_operator.controller.conditions import condition, merge_conditions
 from recsys_operator.controller.kube import KubeClient
-from recsys_operator.controller.reconcile import Outcome, Reconciler, parse_system
+from recsys_operator.controller.reconcile import Outcome, Reconciler, SecretNotFound, parse_system
 from recsys_operator.controller.rollout_driver import ACTION_ANNOTATION, rollout_tick
 from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
-from recsys_operator.render import RenderOptions, topic_plan
+from recsys_operator.render import RenderOptions, TopicPlan, topic_plan
 from recsys_operator.render.naming import INSTANCE_LABEL, MANAGED_BY
+from recsys_operator.rollout.state_machine import AnalysisSource
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,11 @@ class State:
     reconciler: Reconciler
     kube: KubeClient
     locks: dict[tuple[str, str], asyncio.Lock]
+    queued: set[tuple[str, str]]  # systems with a reconcile waiting for their lock
+    executor: ThreadPoolExecutor
+    # Where rollout analyses come from; None: Prometheus at the configured URL.
+    # (Tests of the Kubernetes side, where no gateway runs, plug in their own.)
+    analysis_source: Callable[[dict[str, Any]], AnalysisSource] | None = None
 
 
 STATE = State()
@@ -63,13 +70,27 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 8
+    # A deleted system waits for its timers to finish their current tick: check every
+    # second rather than Kopf's default minute, so deletion is not held up.
+    settings.background.cancellation_polling = 1
     try:
         kube_config.load_incluster_config()
     except kube_config.ConfigException:
-        kube_config.load_kube_config()
+        # The client captures $KUBECONFIG at import; read it now, as a user expects.
+        kube_config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     STATE.kube = KubeClient()
     STATE.reconciler = Reconciler(STATE.kube, options=_discover_options(STATE.kube))
     STATE.locks = {}
+    STATE.queued = set()
+    # Kubernetes calls run in threads (the client is synchronous): our own pool, so that
+    # stopping can drop calls still queued instead of waiting for each of them.
+    STATE.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kube")
+    asyncio.get_running_loop().set_default_executor(STATE.executor)
+
+
+@kopf.on.cleanup()
+async def stop(**_: Any) -> None:
+    STATE.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _discover_options(kube: KubeClient) -> RenderOptions:
@@ -107,8 +128,14 @@ def _without_kopf(status: dict[str, Any]) -> dict[str, Any]:
 async def reconcile_and_record(namespace: str, name: str, trigger: str) -> Outcome | None:
     """Reconcile one system from its freshest body; write status only when it changed."""
     key = (namespace, name)
+    if key in STATE.queued:
+        # A reconcile is already waiting for the lock; it will read the freshest state,
+        # so a burst of triggers (e.g. many child events) costs one reconcile, not many.
+        return None
+    STATE.queued.add(key)
     lock = STATE.locks.setdefault(key, asyncio.Lock())
     async with lock:
+        STATE.queued.discard(key)
         body = await asyncio.to_thread(
             STATE.kube.get, API_VERSION, "RecommenderSystem", namespace, name
         )
@@ -175,7 +202,7 @@ for _group, _version, _plural in (
 
 
 @kopf.on.delete(*RECSYS)
-async def delete_system(body: kopf.Body, spec: kopf.Spec, **_: Any) -> None:
+async def delete_system(body: kopf.Body, namespace: str | None, **_: Any) -> None:
     """The finalizer: delete or keep the Pulsar topics as spec.events.deletionPolicy says.
 
     Children are owned (ownerReferences), so Kubernetes garbage-collects them.
@@ -186,6 +213,13 @@ async def delete_system(body: kopf.Body, spec: kopf.Spec, **_: Any) -> None:
         post_event(dict(body), "TopicsKept", f"spec invalid ({exc}); nothing to clean up")
         return
     plan = topic_plan(system)
+    assert namespace is not None
+    # Wait for an in-flight reconcile (it may be creating topics); later ones see the deletion.
+    async with STATE.locks.setdefault((namespace, str(body["metadata"]["name"])), asyncio.Lock()):
+        await _delete_topics(body, system, plan)
+
+
+async def _delete_topics(body: kopf.Body, system: RecommenderSystem, plan: TopicPlan) -> None:
     if system.spec.events.deletion_policy != "Delete":
         post_event(
             dict(body),
@@ -194,10 +228,10 @@ async def delete_system(body: kopf.Body, spec: kopf.Spec, **_: Any) -> None:
         )
         return
     try:
-        token = STATE.reconciler.pulsar_token(system)
+        token = await asyncio.to_thread(STATE.reconciler.pulsar_token, system)
         async with PulsarAdmin(system.spec.events.admin_url, token) as admin:
             deleted = await admin.delete_plan(plan)
-    except PulsarAdminError as exc:
+    except (PulsarAdminError, SecretNotFound) as exc:
         raise kopf.TemporaryError(f"could not delete topics: {exc}", delay=30) from exc
     post_event(
         dict(body), "TopicsDeleted", f"deleted {', '.join(deleted) or 'nothing (already gone)'}"
@@ -220,7 +254,10 @@ async def drive_rollout(namespace: str | None, name: str, **_: Any) -> None:
         )
         if body is None or body["metadata"].get("deletionTimestamp") or not body.get("status"):
             return  # not reconciled yet: the first reconcile records the stable version
-        patch, transition = await rollout_tick(body, STATE.reconciler.options.prometheus_url)
+        source = STATE.analysis_source(body) if STATE.analysis_source else None
+        patch, transition = await rollout_tick(
+            body, STATE.reconciler.options.prometheus_url, source=source
+        )
         if transition is None:
             return
         if patch is not None:

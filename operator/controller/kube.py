@@ -21,6 +21,8 @@ from recsys_operator.api.base import GROUP, VERSION, quantity_value
 
 log = logging.getLogger(__name__)
 
+REQUEST_TIMEOUT = 30.0  # seconds; a stuck API call must not hold a reconcile forever
+
 # (apiVersion, kind) -> (plural, namespaced). Only what the operator touches.
 KNOWN_KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("v1", "ConfigMap"): ("configmaps", True),
@@ -109,7 +111,9 @@ class KubeClient:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(method, url, header_params=headers, body=body)
+        response = self.api.call_api(
+            method, url, header_params=headers, body=body, _request_timeout=REQUEST_TIMEOUT
+        )
         data = response.read()
         if response.status >= 400:
             raise ApiException(status=response.status, reason=response.reason, body=data)
@@ -160,8 +164,13 @@ class KubeClient:
                 return False
             raise
 
-    def apply(self, desired: dict[str, Any]) -> ApplyResult:
-        """Create `desired`, or merge-patch the live object back to it; no write when it already matches."""
+    def apply(
+        self, desired: dict[str, Any], live: dict[str, Any] | None = None, *, known: bool = False
+    ) -> ApplyResult:
+        """Create `desired`, or merge-patch the live object back to it; no write when it already matches.
+
+        `known=True` means the caller already looked (`live` is the object or None), saving a GET.
+        """
         meta = desired["metadata"]
         api_version, kind, namespace, name = (
             desired["apiVersion"],
@@ -169,7 +178,8 @@ class KubeClient:
             meta.get("namespace"),
             meta["name"],
         )
-        live = self.get(api_version, kind, namespace, name)
+        if not known:
+            live = self.get(api_version, kind, namespace, name)
         if live is None:
             try:
                 return ApplyResult(kind, name, "created", self.create(desired))
@@ -185,3 +195,18 @@ class KubeClient:
         return ApplyResult(
             kind, name, "patched", self.merge_patch(api_version, kind, namespace, name, wanted)
         )
+
+    def apply_all(self, objects: list[dict[str, Any]], label_selector: str) -> list[ApplyResult]:
+        """Apply every object, reading the live ones with one LIST per kind (not one GET each)."""
+        live: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        for obj in objects:
+            key = (obj["apiVersion"], obj["kind"])
+            if key not in live:
+                items = self.list(*key, obj["metadata"].get("namespace"), label_selector)
+                live[key] = {item["metadata"]["name"]: item for item in items}
+        return [
+            self.apply(
+                obj, live[(obj["apiVersion"], obj["kind"])].get(obj["metadata"]["name"]), known=True
+            )
+            for obj in objects
+        ]

@@ -11,6 +11,7 @@ status once, and only when it differs from what is stored.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import Callable
@@ -19,19 +20,30 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from recsys_operator.api.errors import InvalidResource, issues_from_validation_error
+from recsys_operator.api.errors import FieldIssue, InvalidResource, issues_from_validation_error
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.api.status import Condition, ConditionStatus, ConditionType
 from recsys_operator.controller.conditions import condition, merge_conditions, summarize_ready
 from recsys_operator.controller.kube import ApplyResult, KubeClient
 from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
 from recsys_operator.render import RenderOptions, render_system, topic_plan
-from recsys_operator.render.naming import Component, Track, child_name, serving_name
+from recsys_operator.render.naming import (
+    INSTANCE_LABEL,
+    MANAGED_BY,
+    Component,
+    Track,
+    child_name,
+    serving_name,
+)
 from recsys_operator.render.serving import INFERENCE_PORT
 
 log = logging.getLogger(__name__)
 
 PulsarAdminFactory = Callable[[str, str | None], PulsarAdmin]
+
+
+class SecretNotFound(LookupError):
+    pass
 
 
 @dataclass
@@ -96,6 +108,7 @@ class Reconciler:
     # --- steps --------------------------------------------------------------------
 
     def _policy(self, system: RecommenderSystem) -> ScalingPolicy | None:
+        """The referenced policy (None when absent); raises InvalidResource when it is invalid."""
         ref = system.spec.scaling_policy_ref
         if ref is None:
             return None
@@ -104,24 +117,35 @@ class Reconciler:
         )
         if body is None:
             return None
-        return ScalingPolicy.model_validate(
-            {
-                **body,
-                "metadata": {
-                    "name": body["metadata"]["name"],
-                    "namespace": body["metadata"].get("namespace"),
-                },
-            }
-        )
+        try:
+            return ScalingPolicy.model_validate(
+                {"metadata": {"name": ref.name}, "spec": body.get("spec") or {}}
+            )
+        except ValidationError as exc:
+            issues = issues_from_validation_error(exc, "spec")
+            raise InvalidResource(
+                f'ScalingPolicy "{ref.name}"',
+                [
+                    FieldIssue(
+                        "spec.scalingPolicyRef.name",
+                        f'ScalingPolicy "{ref.name}" is invalid: ' + "; ".join(map(str, issues)),
+                    )
+                ],
+            ) from None
 
     def pulsar_token(self, system: RecommenderSystem) -> str | None:
+        """The Pulsar token from spec.events.authSecretRef; raises SecretNotFound naming what is missing."""
         ref = system.spec.events.auth_secret_ref
         if ref is None:
             return None
         secret = self.kube.get("v1", "Secret", system.metadata.namespace, ref.name)
-        data = (secret or {}).get("data") or {}
+        if secret is None:
+            raise SecretNotFound(f'Secret "{ref.name}" (spec.events.authSecretRef) not found')
+        data = secret.get("data") or {}
         if ref.key not in data:
-            raise PulsarAdminError("-", "-", None, f'Secret "{ref.name}" has no key "{ref.key}"')
+            raise SecretNotFound(
+                f'Secret "{ref.name}" has no key "{ref.key}" (spec.events.authSecretRef.key)'
+            )
         return base64.b64decode(data[ref.key]).decode().strip()
 
     async def _ensure_topics(
@@ -129,9 +153,13 @@ class Reconciler:
     ) -> tuple[Condition, list[str]]:
         plan = topic_plan(system)
         try:
-            token = self.pulsar_token(system)
+            token = await asyncio.to_thread(self.pulsar_token, system)
             async with self.pulsar_admin(system.spec.events.admin_url, token) as admin:
                 changes = await admin.ensure_plan(plan)
+        except SecretNotFound as exc:
+            return condition(
+                ConditionType.TOPICS_READY, False, "PulsarSecretNotFound", str(exc), generation
+            ), []
         except PulsarAdminError as exc:
             reason = {401: "PulsarUnauthorized", 403: "PulsarForbidden"}.get(
                 exc.status or 0, "PulsarAdminFailed"
@@ -142,12 +170,13 @@ class Reconciler:
             ConditionType.TOPICS_READY, True, "TopicsReady", names, generation
         ), changes
 
-    def _apply(self, objects: list[dict[str, Any]]) -> dict[tuple[str, str], ApplyResult]:
-        results = {}
-        for obj in objects:
-            result = self.kube.apply(obj)
-            results[(obj["kind"], obj["metadata"]["name"])] = result
-        return results
+    def _apply(
+        self, system: RecommenderSystem, objects: list[dict[str, Any]]
+    ) -> dict[tuple[str, str], ApplyResult]:
+        selector = (
+            f"{INSTANCE_LABEL}={system.metadata.name},app.kubernetes.io/managed-by={MANAGED_BY}"
+        )
+        return {(r.kind, r.name): r for r in self.kube.apply_all(objects, selector)}
 
     # --- the pipeline ---------------------------------------------------------------
 
@@ -183,7 +212,10 @@ class Reconciler:
             return blocked("InvalidSpec", exc.summary)
 
         # 2. The ScalingPolicy and 3. the desired objects (render checks the policy bounds).
-        policy = self._policy(system)
+        try:
+            policy = await asyncio.to_thread(self._policy, system)
+        except InvalidResource as exc:
+            return blocked("ScalingPolicyInvalid", exc.summary)
         ref = system.spec.scaling_policy_ref
         if ref is not None and policy is None:
             return blocked(
@@ -207,7 +239,7 @@ class Reconciler:
         topics, topic_changes = await self._ensure_topics(system, generation)
 
         # 5. Children.
-        results = self._apply(objects)
+        results = await asyncio.to_thread(self._apply, system, objects)
         changes = [f"Pulsar {c}" for c in topic_changes] + [
             str(r) for r in results.values() if r.action != "unchanged"
         ]

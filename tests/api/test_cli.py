@@ -24,11 +24,11 @@ def recsys(
 def test_help_lists_the_commands() -> None:
     result = recsys("--help")
     assert result.returncode == 0
-    for command in ("crds", "validate", "render", "version"):
+    for command in ("crds", "docs", "validate", "render", "version", "operator"):
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["crds", "validate", "render", "version"])
+@pytest.mark.parametrize("command", ["crds", "docs", "validate", "render", "version", "operator"])
 def test_every_command_has_help(command: str) -> None:
     result = recsys(command, "--help")
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,467 @@
+"""The operator end to end against the Kubernetes API (kmock over real HTTP) and Pulsar's
+admin API (kmock answering as Pulsar documents it).
+
+The emulated API server runs no controllers, so tests play the Deployment controller
+where readiness matters (`mark_deployments_available`), as a kubelet would report.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+import yaml
+from kubemock.accounting import describe
+from kubemock.fixtures import KubeHandle, PulsarAdminHandle, wait_for
+
+from recsys_operator.api.status import AnalysisDecision, AnalysisResult, CanaryStatus
+from recsys_operator.controller import handlers, metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+GROUP, VERSION = "recsys.dev", "v1alpha1"
+HANDLERS = "recsys_operator.controller.handlers"
+pytestmark = pytest.mark.xdist_group(
+    "operator"
+)  # one Kopf registry per process; keep them together
+
+
+def quickstart(
+    pulsar: PulsarAdminHandle, name: str = "shop", **spec_changes: Any
+) -> dict[str, Any]:
+    doc = copy.deepcopy(yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text()))
+    doc["metadata"]["name"] = name
+    doc["spec"]["events"]["adminUrl"] = pulsar.url
+    doc["spec"]["rollout"]["interval"] = "1s"
+    for path, value in spec_changes.items():
+        node = doc["spec"]
+        *parents, leaf = path.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return doc
+
+
+def policy() -> dict[str, Any]:
+    return next(yaml.safe_load_all((ROOT / "examples" / "scaling-policy.yaml").read_text()))
+
+
+class Cluster:
+    """Typed access to the emulated cluster through the official kubernetes client."""
+
+    def __init__(self, kube: KubeHandle):
+        self.kube = kube
+        self.custom = kubernetes.client.CustomObjectsApi(kube.api_client)
+        self.apps = kubernetes.client.AppsV1Api(kube.api_client)
+        self.core = kubernetes.client.CoreV1Api(kube.api_client)
+
+    def create(self, plural: str, body: dict[str, Any]) -> None:
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, "default", plural, body)
+
+    def system(self, name: str = "shop") -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, "default", "recommendersystems", name
+        )
+
+    def patch_system(self, patch: dict[str, Any], name: str = "shop") -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, "default", "recommendersystems", name, patch
+        )
+
+    def condition(self, type_: str, name: str = "shop") -> dict[str, Any] | None:
+        conditions = (self.system(name).get("status") or {}).get("conditions") or []
+        return next((c for c in conditions if c["type"] == type_), None)
+
+    def deployments(self) -> dict[str, Any]:
+        return {d.metadata.name: d for d in self.apps.list_namespaced_deployment("default").items}
+
+    def mark_deployments_available(self) -> None:
+        """Do what the Deployment controller and kubelets would: report every replica ready."""
+        for deployment in self.apps.list_namespaced_deployment("default").items:
+            replicas = deployment.spec.replicas or 1
+            status = {
+                "observedGeneration": deployment.metadata.generation or 0,
+                "replicas": replicas,
+                "updatedReplicas": replicas,
+                "readyReplicas": replicas,
+                "availableReplicas": replicas,
+            }
+            self.apps.patch_namespaced_deployment_status(
+                deployment.metadata.name, "default", {"status": status}
+            )
+
+
+@pytest.fixture
+def cluster(kube: KubeHandle) -> Cluster:
+    return Cluster(kube)
+
+
+@pytest.fixture
+def operator(run_operator: Callable[..., Any], kube: KubeHandle) -> Iterator[Any]:
+    handlers.STATE.analysis_source = None
+    yield run_operator(HANDLERS)
+    handlers.STATE.analysis_source = None
+
+
+def ready(cluster: Cluster, name: str = "shop") -> dict[str, Any]:
+    """Wait for Ready=True, playing the Deployment controller meanwhile."""
+
+    def check() -> dict[str, Any] | None:
+        cluster.mark_deployments_available()
+        cond = cluster.condition("Ready", name)
+        return cond if cond and cond["status"] == "True" else None
+
+    return wait_for(check, timeout=60)
+
+
+def test_create_makes_topics_children_and_ready(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+
+    wait_for(
+        lambda: {"shop-serving", "shop-gateway", "shop-features"} <= cluster.deployments().keys()
+    )
+    cond = ready(cluster)
+    system = cluster.system()
+    assert cond["reason"] == "AllComponentsReady"
+    assert (
+        cond["observedGeneration"]
+        == system["metadata"]["generation"]
+        == system["status"]["observedGeneration"]
+    )
+    assert system["status"]["stableVersion"] == "1"
+    types = {c["type"]: c["status"] for c in system["status"]["conditions"]}
+    assert types["TopicsReady"] == types["FeaturesReady"] == types["ServingReady"] == "True"
+
+    topics = pulsar_admin.emulator.topics
+    base = "persistent://recsys/default-shop"
+    assert topics[f"{base}/interactions"].partitions == 2
+    assert topics[f"{base}/dead-letter"].partitions == 1
+    assert topics[f"{base}/interactions"].retention == {
+        "retentionTimeInMinutes": 1440,
+        "retentionSizeInMB": 1024,
+    }
+    assert (
+        topics[f"{base}/interactions"].backlog_quotas["destination_storage"]["policy"]
+        == "producer_request_hold"
+    )
+
+    # Children are owned by the system and labelled; autoscaling came from the policy.
+    serving = cluster.deployments()["shop-serving"]
+    assert serving.metadata.owner_references[0].uid == system["metadata"]["uid"]
+    hpas = kubernetes.client.AutoscalingV2Api(
+        cluster.kube.api_client
+    ).list_namespaced_horizontal_pod_autoscaler("default")
+    assert {h.metadata.name: h.spec.max_replicas for h in hpas.items}["shop-serving"] == 8
+    # Kopf's own bookkeeping is in status, never in annotations.
+    assert not any(
+        k.startswith("kopf.zalando.org") for k in (system["metadata"].get("annotations") or {})
+    )
+
+
+def test_an_unchanged_system_is_reconciled_without_writes(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+    ready(cluster)
+    resyncs = metrics.RECONCILES.labels(trigger="resync")
+
+    # Let any in-flight reconcile settle, then count what the next two resyncs write.
+    before = resyncs._value.get()
+    wait_for(lambda: resyncs._value.get() >= before + 1, timeout=15)
+    kube_mark, pulsar_mark = cluster.kube.emulator.mark(), pulsar_admin.emulator.mark()
+    before = resyncs._value.get()
+    wait_for(lambda: resyncs._value.get() >= before + 2, timeout=15)
+
+    writes = cluster.kube.emulator.writes_since(kube_mark, exclude=("events",))
+    assert not writes, describe(writes)
+    pulsar_writes = [
+        r for r in pulsar_admin.emulator.requests_since(pulsar_mark) if r.method.value != "GET"
+    ]
+    assert not pulsar_writes, describe(pulsar_writes)
+    assert cluster.kube.emulator.requests_since(kube_mark, method="GET"), "the resyncs did read"
+
+
+def test_spec_change_patches_the_children(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+    ready(cluster)
+    before = cluster.deployments()["shop-serving"].spec.template.metadata.annotations[
+        "recsys.dev/config-hash"
+    ]
+
+    cluster.patch_system(
+        {"spec": {"serving": {"batching": {"maxBatchSize": 48}}, "features": {"lastN": 20}}}
+    )
+
+    def patched() -> bool:
+        config = cluster.core.read_namespaced_config_map("shop-serving", "default").data[
+            "config.properties"
+        ]
+        env = {
+            e.name: e.value
+            for e in cluster.deployments()["shop-features"].spec.template.spec.containers[0].env
+        }
+        return '"batchSize":48' in config and env["RECSYS_LAST_N"] == "20"
+
+    wait_for(patched)
+    after = cluster.deployments()["shop-serving"].spec.template.metadata.annotations[
+        "recsys.dev/config-hash"
+    ]
+    assert after != before  # the serving pods roll to pick up the new config
+    generation = cluster.system()["metadata"]["generation"]
+    wait_for(lambda: cluster.condition("Ready")["observedGeneration"] == generation)
+
+
+def test_hand_edited_or_deleted_children_are_restored(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+    ready(cluster)
+    image = cluster.deployments()["shop-gateway"].spec.template.spec.containers[0].image
+
+    cluster.apps.patch_namespaced_deployment(
+        "shop-gateway",
+        "default",
+        {
+            "spec": {
+                "template": {
+                    "spec": {"containers": [{"name": "gateway", "image": "evil/image:latest"}]}
+                }
+            }
+        },
+    )
+    wait_for(
+        lambda: (
+            cluster.deployments()["shop-gateway"].spec.template.spec.containers[0].image == image
+        )
+    )
+
+    cluster.core.delete_namespaced_config_map("shop-serving", "default")
+    wait_for(
+        lambda: (
+            "shop-serving"
+            in {c.metadata.name for c in cluster.core.list_namespaced_config_map("default").items}
+        )
+    )
+
+
+def test_invalid_spec_is_a_false_condition_and_creates_nothing(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin, rollout__steps=[50, 20, 100]))
+
+    cond = wait_for(lambda: cluster.condition("Ready"))
+    assert (cond["status"], cond["reason"]) == ("False", "InvalidSpec")
+    assert "spec.rollout.steps" in cond["message"]
+    assert cluster.deployments() == {}
+    assert cluster.core.list_namespaced_config_map("default").items == []
+    assert pulsar_admin.emulator.topics == {}
+
+    # Fixing the spec brings everything up.
+    cluster.patch_system({"spec": {"rollout": {"steps": [20, 50, 100]}}})
+    ready(cluster)
+
+
+def test_missing_policy_waits_then_reconciles_when_it_appears(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+    cond = wait_for(lambda: cluster.condition("Ready"))
+    assert (cond["status"], cond["reason"]) == ("False", "ScalingPolicyNotFound")
+    assert cluster.deployments() == {}
+
+    cluster.create("scalingpolicies", policy())
+    ready(cluster)
+    conditions = cluster.custom.get_namespaced_custom_object(
+        GROUP, VERSION, "default", "scalingpolicies", "default"
+    )["status"]["conditions"]
+    assert conditions[0]["type"] == "Ready" and conditions[0]["status"] == "True"
+
+
+def test_a_system_exceeding_its_policy_is_refused(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin, scaling={"maxReplicas": 50}))
+    cond = wait_for(lambda: cluster.condition("Ready"))
+    assert (cond["status"], cond["reason"]) == ("False", "PolicyViolation")
+    assert (
+        "spec.scaling.maxReplicas" in cond["message"]
+        and 'ScalingPolicy "default"' in cond["message"]
+    )
+    assert cluster.deployments() == {}
+
+
+def test_pulsar_admin_errors_are_retried(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    pulsar_admin.emulator.fail_next(2, method="PUT", path="/admin/v2/persistent/*", status=500)
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+    ready(cluster)
+    creates = pulsar_admin.emulator.requests_since(0, method="PUT", path="/admin/v2/persistent/*")
+    assert len(creates) == 3 + 2  # three topics, two of the attempts answered 500
+    assert len(pulsar_admin.emulator.topics) == 3
+
+
+def test_pulsar_auth_comes_from_the_secret(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    pulsar_admin.emulator.token = "s3cret"
+    cluster.create("scalingpolicies", policy())
+    doc = quickstart(pulsar_admin, events__authSecretRef={"name": "pulsar-token", "key": "token"})
+    cluster.create("recommendersystems", doc)
+    cond = wait_for(lambda: cluster.condition("TopicsReady"))
+    assert (cond["status"], cond["reason"]) == ("False", "PulsarSecretNotFound")
+    assert 'Secret "pulsar-token"' in cond["message"]
+
+    def secret(token: bytes) -> dict[str, Any]:
+        return {
+            "metadata": {"name": "pulsar-token"},
+            "data": {"token": base64.b64encode(token).decode()},
+        }
+
+    cluster.core.create_namespaced_secret("default", secret(b"wrong"))
+    wait_for(lambda: cluster.condition("TopicsReady")["reason"] == "PulsarUnauthorized", timeout=30)
+    cluster.core.patch_namespaced_secret("pulsar-token", "default", secret(b"s3cret"))
+    wait_for(lambda: cluster.condition("TopicsReady")["status"] == "True", timeout=30)
+    assert len(pulsar_admin.emulator.topics) == 3
+
+
+@pytest.mark.parametrize(("policy_name", "kept"), [("Delete", False), ("Keep", True)])
+def test_delete_handles_topics_per_policy(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any, policy_name: str, kept: bool
+) -> None:
+    cluster.create("scalingpolicies", policy())
+    cluster.create(
+        "recommendersystems", quickstart(pulsar_admin, events__deletionPolicy=policy_name)
+    )
+    ready(cluster)
+    assert cluster.system()["metadata"]["finalizers"]  # Kopf's, for the topic clean-up
+
+    cluster.custom.delete_namespaced_custom_object(
+        GROUP, VERSION, "default", "recommendersystems", "shop"
+    )
+
+    def gone() -> bool:
+        try:
+            cluster.system()
+        except kubernetes.client.exceptions.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(gone)
+    assert bool(pulsar_admin.emulator.topics) is kept
+
+
+def scripted_source(*decisions: AnalysisDecision) -> Callable[[dict[str, Any]], Any]:
+    queue = list(decisions)
+
+    def factory(body: dict[str, Any]) -> Any:
+        async def analyse(canary: CanaryStatus, window: float) -> AnalysisResult:
+            decision = queue.pop(0) if queue else AnalysisDecision.WAIT
+            return AnalysisResult(
+                time="2026-01-01T00:00:00Z", decision=decision, reason=f"scripted {decision.value}"
+            )
+
+        return analyse
+
+    return factory
+
+
+def routing(cluster: Cluster) -> dict[str, Any]:
+    import json
+
+    return json.loads(
+        cluster.core.read_namespaced_config_map("shop-gateway", "default").data["routing.json"]
+    )
+
+
+def test_version_change_rolls_out_and_survives_an_operator_restart(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, run_operator: Callable[..., Any]
+) -> None:
+    handlers.STATE.analysis_source = scripted_source(AnalysisDecision.PASS)
+    first = run_operator(HANDLERS)
+    try:
+        cluster.create("scalingpolicies", policy())
+        cluster.create("recommendersystems", quickstart(pulsar_admin))
+        ready(cluster)
+        cluster.patch_system(
+            {
+                "spec": {
+                    "model": {"version": "2", "archiveUri": "http://models.default/retrieval-2.mar"}
+                }
+            }
+        )
+
+        # Step 0 (20%) passes its scripted analysis; step 1 (50%) then waits for more impressions.
+        wait_for(
+            lambda: (cluster.system()["status"].get("canary") or {}).get("weight") == 50, timeout=60
+        )
+        wait_for(lambda: routing(cluster)["canaryWeight"] == 50)  # the reconcile right after the tick
+        assert "shop-serving-canary" in cluster.deployments()
+        first.stop()
+
+        canary = cluster.system()["status"]["canary"]
+        second = run_operator(HANDLERS)  # a fresh operator: the whole state is in status
+        wait_for(
+            lambda: (
+                cluster.system()["status"]["canary"]["inconclusiveCount"]
+                > canary["inconclusiveCount"]
+            ),
+            timeout=60,
+        )
+        resumed = cluster.system()["status"]["canary"]
+        assert (resumed["step"], resumed["weight"], resumed["version"]) == (1, 50, "2")
+        assert (
+            routing(cluster)["canary"]["version"] == "2" and routing(cluster)["canaryWeight"] == 50
+        )
+        second.stop()
+    finally:
+        handlers.STATE.analysis_source = None
+
+
+def test_a_failed_analysis_rolls_back_and_says_why(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, run_operator: Callable[..., Any]
+) -> None:
+    handlers.STATE.analysis_source = scripted_source(AnalysisDecision.FAIL)
+    try:
+        run_operator(HANDLERS)
+        cluster.create("scalingpolicies", policy())
+        cluster.create("recommendersystems", quickstart(pulsar_admin))
+        ready(cluster)
+        cluster.patch_system(
+            {
+                "spec": {
+                    "model": {"version": "2", "archiveUri": "http://models.default/retrieval-2.mar"}
+                }
+            }
+        )
+
+        cond = wait_for(
+            lambda: (c := cluster.condition("RolloutHealthy")) and c["status"] == "False" and c,
+            timeout=60,
+        )
+        assert cond["reason"] == "RolledBack" and "scripted Fail" in cond["message"]
+        status = cluster.system()["status"]
+        assert status["stableVersion"] == "1" and "canary" not in status
+        assert status["lastRollout"]["outcome"] == "RolledBack"
+        wait_for(
+            lambda: routing(cluster)["canaryWeight"] == 0 and routing(cluster)["canary"] is None
+        )
+        events = cluster.core.list_namespaced_event("default").items
+        assert any(e.reason == "RolledBack" and "scripted Fail" in e.message for e in events)
+    finally:
+        handlers.STATE.analysis_source = None
