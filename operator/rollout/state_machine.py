@@ -121,6 +121,22 @@ async def tick(
                     False, "RolledBack", f"version {desired_version} was rolled back: {last.reason}"
                 ),
             )
+        if spec.steps == [100]:
+            # No canary steps asked for: switch at once (a blue/green without analysis).
+            canary_state = replace(
+                state,
+                canary=CanaryStatus(version=desired_version, weight=100, started_at=_iso(now)),
+            )
+            new = _finish(
+                canary_state, RolloutOutcome.PROMOTED, "steps is [100]: no canary phase", now, None
+            )
+            message = f"version {desired_version} promoted directly (rollout.steps is [100])"
+            return Transition(
+                new,
+                Health(True, "Promoted", message),
+                [Event(False, "RolloutPromoted", message)],
+                promoted=True,
+            )
         started = CanaryStatus(
             version=desired_version,
             weight=spec.steps[0],
@@ -199,7 +215,8 @@ async def tick(
     )
 
     if analysis.decision is AnalysisDecision.PASS:
-        if canary.step + 1 >= len(spec.steps):
+        # Passing the step before 100% promotes: at 100% no stable traffic is left to compare with.
+        if canary.step + 1 >= len(spec.steps) or spec.steps[canary.step + 1] == 100:
             new = _finish(
                 replace(state, canary=analysed),
                 RolloutOutcome.PROMOTED,

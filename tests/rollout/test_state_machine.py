@@ -51,7 +51,7 @@ async def test_no_rollout_when_the_version_is_unchanged() -> None:
 
 
 async def test_a_good_version_walks_every_step_and_is_promoted() -> None:
-    source = Source(AnalysisDecision.PASS, AnalysisDecision.PASS, AnalysisDecision.PASS)
+    source = Source(AnalysisDecision.PASS, AnalysisDecision.PASS)
     t = await run(RolloutState("1"), T0, source)
     assert t.state.canary is not None and (t.state.canary.weight, t.state.canary.step) == (10, 0)
     assert t.events[0].reason == "RolloutStarted"
@@ -62,15 +62,20 @@ async def test_a_good_version_walks_every_step_and_is_promoted() -> None:
 
     weights = []
     state = t.state
-    for minute in (1, 2, 3):
+    for minute in (1, 2):
         t = await run(state, T0 + timedelta(minutes=minute, seconds=1), source)
         state = t.state
         weights.append(state.canary.weight if state.canary else "promoted")
-    assert weights == [50, 100, "promoted"]
+    assert weights == [50, "promoted"]  # passing at 50% promotes: 100% is the promotion
     assert state.stable_version == "2" and state.canary is None
     assert state.last_rollout is not None and state.last_rollout.outcome is RolloutOutcome.PROMOTED
     assert t.promoted and t.events[-1].reason == "RolloutPromoted"
-    assert source.calls == [("2", 60.0)] * 3
+    assert source.calls == [("2", 60.0)] * 2
+
+
+async def test_a_single_step_of_100_switches_at_once() -> None:
+    t = await run(RolloutState("1"), T0, Source(), spec=RolloutSpec(steps=[100]))
+    assert t.state.stable_version == "2" and t.state.canary is None and t.promoted
 
 
 async def test_a_failed_analysis_rolls_back_at_once() -> None:

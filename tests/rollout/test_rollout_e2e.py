@@ -1,0 +1,326 @@
+"""Rollouts decided by real numbers: simulated users -> real gateway -> real TorchServe,
+real Prometheus scraping the gateway, and the rollout state machine with its Prometheus
+analysis source moving traffic by rewriting the gateway's routing file.
+
+Users are drawn from the synthetic ground truth and click with the probability it gives,
+so a model that ranks well earns clicks and one with random item embeddings does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from recsys_operator.api.recommender_system import AnalysisSpec, RolloutSpec
+from recsys_operator.api.status import RolloutOutcome
+from recsys_operator.local.process import ManagedProcess, free_port
+from recsys_operator.local.prometheus import prometheus_process, prometheus_url
+from recsys_operator.rollout.prometheus_source import PrometheusSource
+from recsys_operator.rollout.state_machine import RolloutState, Transition, tick
+
+pytestmark = [
+    pytest.mark.java,
+    pytest.mark.prometheus,
+    pytest.mark.slow,
+    pytest.mark.xdist_group("rollout-e2e"),
+]
+
+MODEL = "recs"
+SYSTEM = "test.recs"
+K = 10
+
+
+@dataclass
+class Stack:
+    world: Any
+    user_ids: list[str]
+    torchserve: Any
+    gateway_url: str
+    routing_path: Path
+    prometheus: str
+
+
+def write_routing(
+    stack_dir: Path, torchserve: Any, stable: str, canary: str | None, weight: int
+) -> None:
+    routing = {
+        "system": SYSTEM,
+        "stable": {"version": stable, "url": torchserve.predictions_url(stable)},
+        "canary": {"version": canary, "url": torchserve.predictions_url(canary)}
+        if canary
+        else None,
+        "canaryWeight": weight if canary else 0,
+        "salt": f"{MODEL}:{canary or stable}",
+        "timeoutMs": 3000,
+        "defaultK": K,
+        "maxK": 20,
+        "pulsarServiceUrl": None,  # events are not what these tests are about; drops are counted
+    }
+    tmp = stack_dir / "routing.json.tmp"
+    tmp.write_text(json.dumps(routing))
+    tmp.replace(stack_dir / "routing.json")  # atomic: the gateway never reads half a file
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    from model_handlers.archive import ArchiveRequest, build_archive
+    from model_handlers.model_directory import write_trained_model
+    from model_handlers.synthetic import SyntheticConfig, SyntheticWorld
+    from model_handlers.training import TrainingConfig, train_two_tower
+    from recsys_operator.api.recommender_system import IndexSpec, ModelSpec, ServingSpec
+    from recsys_operator.local.torchserve import torchserve_server
+
+    root = tmp_path_factory.mktemp("rollout")
+    world = SyntheticWorld(SyntheticConfig(users=2000, items=400, sessions_per_user=2, seed=7))
+    trained = root / "trained"
+    write_trained_model(
+        train_two_tower(
+            world.interactions(),
+            TrainingConfig(dim=16, hidden=32, max_epochs=2, batch_size=256, threads=1),
+        ),
+        trained,
+    )
+    # Version 3: the same model with random item embeddings - it ranks items at random.
+    broken = root / "broken"
+    shutil.copytree(trained, broken)
+    embeddings = np.load(trained / "item_embeddings.npy")
+    np.save(
+        broken / "item_embeddings.npy",
+        np.random.default_rng(3).normal(size=embeddings.shape).astype(np.float32),
+    )
+    store = root / "store"
+    store.mkdir()
+    for version, model_dir in (("1", trained), ("2", trained), ("3", broken)):
+        build_archive(
+            ArchiveRequest(
+                model_dir=model_dir,
+                out_dir=store,
+                name=MODEL,
+                version=version,
+                index=IndexSpec(type="Flat"),
+                top_k=20,
+            )
+        )
+    model = ModelSpec(
+        name=MODEL,
+        version="1",
+        archive_uri=f"file://{store}/{MODEL}-1.mar",
+        embedding_dim=16,
+        num_items=400,
+        top_k=20,
+        index=IndexSpec(type="Flat"),
+    )
+    torchserve = torchserve_server(
+        root / "ts", model=model, serving=ServingSpec(), model_store=store, versions=["1", "2", "3"]
+    )
+    torchserve.start(timeout=240)
+    write_routing(root, torchserve, "1", None, 0)
+    port = free_port()
+    gateway = ManagedProcess(
+        "gateway",
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "--routing",
+            str(root / "routing.json"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        root / "logs" / "gateway.log",
+        port,
+    ).start(ready_timeout=60)
+    prometheus = prometheus_process(root, [f"127.0.0.1:{port}"]).start(ready_timeout=60)
+    try:
+        user_ids = list(world.interactions().user_ids)
+        yield Stack(
+            world,
+            user_ids,
+            torchserve,
+            f"http://127.0.0.1:{port}",
+            root,
+            prometheus_url(prometheus),
+        )
+    finally:
+        prometheus.stop()
+        gateway.stop()
+        torchserve.stop()
+
+
+class Users(threading.Thread):
+    """Simulated users: ask for recommendations, click at most one item per response with
+    the probability the ground truth gives. Bounded: stops when told or after `limit_s`."""
+
+    def __init__(
+        self,
+        stack: Stack,
+        seen: dict[str, set[str]],
+        recording: threading.Event,
+        limit_s: float = 240,
+    ):
+        super().__init__(daemon=True)
+        self.stack, self.seen, self.recording, self.limit_s = stack, seen, recording, limit_s
+        self.stopped = threading.Event()
+        self.rng = random.Random(11)
+
+    def run(self) -> None:
+        session = requests.Session()
+        deadline = time.monotonic() + self.limit_s
+        while not self.stopped.is_set() and time.monotonic() < deadline:
+            user = self.rng.choice(self.stack.user_ids)
+            try:
+                answer = session.post(
+                    f"{self.stack.gateway_url}/v1/recommend",
+                    json={"user_id": user, "k": K},
+                    timeout=10,
+                ).json()
+            except requests.RequestException:
+                continue
+            if self.recording.is_set():
+                self.seen.setdefault(user, set()).add(
+                    f"{answer['variant']}:{answer['model_version']}"
+                )
+            now = self.stack.world.config.start_ms + int(self.stack.world.config.days * 86_400_000)
+            probabilities = self.stack.world.click_probability(
+                [user] * len(answer["item_ids"]), answer["item_ids"], now
+            )
+            for item, p in zip(answer["item_ids"], probabilities, strict=True):
+                if self.rng.random() < p:
+                    session.post(
+                        f"{self.stack.gateway_url}/v1/events",
+                        json={
+                            "type": "click",
+                            "user_id": user,
+                            "item_id": item,
+                            "request_id": answer["request_id"],
+                        },
+                        timeout=10,
+                    )
+                    break
+
+
+def roll_out(
+    stack: Stack,
+    version: str,
+    spec: RolloutSpec,
+    prometheus: str | None = None,
+    limit_s: float = 150,
+) -> tuple[RolloutState, list[Transition], dict[str, set[str]]]:
+    """Drive the state machine until the rollout ends, moving traffic as it decides."""
+    seen: dict[str, set[str]] = {}  # user -> variant:version answered while a weight held
+    recording = threading.Event()
+    users = [Users(stack, seen, recording) for _ in range(3)]
+    for u in users:
+        u.start()
+    state = RolloutState(stable_version="1")
+    source = PrometheusSource(
+        prometheus or stack.prometheus, SYSTEM, "1", spec.analysis, timeout_s=3
+    )
+    transitions = []
+    deadline = time.monotonic() + limit_s
+    try:
+        while time.monotonic() < deadline:
+            transition = asyncio.run(tick(version, spec, state, datetime.now(UTC), source))
+            if transition.state != state:
+                recording.clear()
+                transitions.append(transition)
+                state = transition.state
+                canary = state.canary
+                write_routing(
+                    stack.routing_path,
+                    stack.torchserve,
+                    state.stable_version,
+                    canary.version if canary else None,
+                    canary.weight if canary else 0,
+                )
+                if canary is not None:  # record once every gateway reload has surely happened
+                    threading.Timer(1.5, recording.set).start()
+            if state.canary is None and state.last_rollout is not None:
+                return state, transitions, seen
+            time.sleep(0.5)
+        raise AssertionError(f"rollout of {version} did not finish in {limit_s}s: {state}")
+    finally:
+        for u in users:
+            u.stopped.set()
+        for u in users:
+            u.join(timeout=15)
+        write_routing(stack.routing_path, stack.torchserve, "1", None, 0)
+
+
+def spec(**analysis: Any) -> RolloutSpec:
+    defaults = {
+        "max_p99_latency_ms": 2000,
+        "max_error_rate": 0.05,
+        "min_ctr_ratio": 0.8,
+        "min_impressions": 150,
+        "confidence": 0.95,
+    }
+    return RolloutSpec(
+        steps=[50, 100],
+        interval="10s",
+        progress_deadline="3m",
+        max_inconclusive=3,
+        analysis=AnalysisSpec(**{**defaults, **analysis}),
+    )
+
+
+def test_a_good_version_is_promoted_and_users_stay_on_their_variant(stack: Stack) -> None:
+    state, transitions, seen = roll_out(stack, "2", spec())
+    assert state.last_rollout.outcome is RolloutOutcome.PROMOTED, state.last_rollout
+    assert state.stable_version == "2"
+    analysis = state.last_rollout.last_analysis
+    assert analysis.canary_impressions >= 150 and analysis.stable_impressions >= 150
+    assert analysis.canary_p99_ms is not None and analysis.p_value is not None
+    # Sticky assignment: while the 50% weight held, each user got one variant and version.
+    assert len(seen) > 50
+    assert all(len(answers) == 1 for answers in seen.values()), {
+        u: v for u, v in seen.items() if len(v) > 1
+    }
+    variants = {next(iter(a)).split(":")[0] for a in seen.values()}
+    assert variants == {"stable", "canary"}
+
+
+def test_random_embeddings_are_rolled_back_on_ctr_with_the_numbers(stack: Stack) -> None:
+    state, _, _ = roll_out(stack, "3", spec())
+    record = state.last_rollout
+    assert record.outcome is RolloutOutcome.ROLLED_BACK, record
+    assert state.stable_version == "1"
+    analysis = record.last_analysis
+    assert "significantly below" in record.reason
+    assert analysis.canary_ctr < analysis.stable_ctr
+    assert analysis.p_value is not None and analysis.p_value < 0.05
+
+
+def test_a_latency_threshold_below_what_the_canary_achieves_rolls_back(stack: Stack) -> None:
+    state, _, _ = roll_out(stack, "2", spec(max_p99_latency_ms=0.5))
+    assert state.last_rollout.outcome is RolloutOutcome.ROLLED_BACK
+    assert (
+        "p99 latency" in state.last_rollout.reason and "exceeds 0.5 ms" in state.last_rollout.reason
+    )
+
+
+def test_prometheus_down_is_inconclusive_then_rolled_back_never_promoted(stack: Stack) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    state, transitions, _ = roll_out(stack, "2", spec(), prometheus=dead)
+    assert state.last_rollout.outcome is RolloutOutcome.ROLLED_BACK
+    assert state.stable_version == "1"
+    assert "inconclusive analyses in a row" in state.last_rollout.reason
+    assert not any(t.promoted for t in transitions)
+    assert all(t.state.canary is None or t.state.canary.weight == 50 for t in transitions)
