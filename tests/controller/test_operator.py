@@ -410,7 +410,9 @@ def test_version_change_rolls_out_and_survives_an_operator_restart(
         wait_for(
             lambda: (cluster.system()["status"].get("canary") or {}).get("weight") == 50, timeout=60
         )
-        wait_for(lambda: routing(cluster)["canaryWeight"] == 50)  # the reconcile right after the tick
+        wait_for(
+            lambda: routing(cluster)["canaryWeight"] == 50
+        )  # the reconcile right after the tick
         assert "shop-serving-canary" in cluster.deployments()
         first.stop()
 

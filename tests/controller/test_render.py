@@ -343,3 +343,27 @@ def test_alert_rules_pass_promtool(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 4 rules found" in result.stdout
+
+
+def test_the_stream_job_accepts_the_rendered_configuration() -> None:
+    """The Deployment's env is exactly what `recsys features run` reads (one contract)."""
+    from stream_jobs.settings import FeatureJobSettings
+
+    deployment = named(render_system(production(), KEDA_POLICY), "Deployment", "home-feed-features")
+    env = {
+        e["name"]: e["value"]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "value" in e
+    }
+    env["RECSYS_PULSAR_TOKEN"] = "t"  # from the Secret at run time
+    settings = FeatureJobSettings.from_env(env)
+    assert settings.interactions_topic == "persistent://discovery/home-feed/interactions"
+    assert settings.subscription_type.value == "KeyShared"
+    assert settings.windows == ["15m", "1h", "24h"] and settings.last_n == 100
+    assert settings.store_ttl_seconds == 336 * 3600 and settings.model_version == "2026-11-20"
+    assert not [
+        name
+        for name in env
+        if name.startswith("RECSYS_")
+        and name.removeprefix("RECSYS_").lower() not in FeatureJobSettings.model_fields
+    ]

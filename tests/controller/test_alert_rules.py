@@ -1,0 +1,174 @@
+"""The rendered PrometheusRule, unit-tested with the real `promtool test rules`."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
+from recsys_operator.render import RenderOptions, render_system
+from recsys_operator.tools import find_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.prometheus
+
+SYSTEM = 'system="recsys-prod.home-feed"'
+
+
+def rules(tmp_path: Path) -> Path:
+    docs = list(yaml.safe_load_all((ROOT / "examples" / "production-gpu.yaml").read_text()))
+    policies = list(yaml.safe_load_all((ROOT / "examples" / "scaling-policy.yaml").read_text()))
+    objects = render_system(
+        RecommenderSystem.model_validate(docs[0]),
+        ScalingPolicy.model_validate(policies[1]),
+        RenderOptions(monitoring=True),
+    )
+    rule = next(o for o in objects if o["kind"] == "PrometheusRule")
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    return path
+
+
+def promtool_test(tmp_path: Path, tests: list[dict]) -> subprocess.CompletedProcess[str]:
+    spec = {"rule_files": [str(rules(tmp_path))], "evaluation_interval": "1m", "tests": tests}
+    path = tmp_path / "test.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return subprocess.run(
+        [find_tool("promtool"), "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_latency_alert_fires_after_ten_minutes_above_target(tmp_path: Path) -> None:
+    bucket = "recsys_gateway_request_duration_seconds_bucket"
+    series = [  # 600 requests a minute, all between 10 and 500 ms: p99 = 10 + 0.99 x 490 = 495.1 ms > 35 ms
+        {"series": f'{bucket}{{{SYSTEM},variant="canary",le="0.01"}}', "values": "0+0x30"},
+        {"series": f'{bucket}{{{SYSTEM},variant="canary",le="0.5"}}', "values": "0+600x30"},
+        {"series": f'{bucket}{{{SYSTEM},variant="canary",le="+Inf"}}', "values": "0+600x30"},
+    ]
+    alert = {"system": "recsys-prod.home-feed", "severity": "warning", "variant": "canary"}
+    result = promtool_test(
+        tmp_path,
+        [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {"eval_time": "8m", "alertname": "RecsysLatencyHigh", "exp_alerts": []},
+                    {
+                        "eval_time": "20m",
+                        "alertname": "RecsysLatencyHigh",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": alert,
+                                "exp_annotations": {
+                                    "summary": "recsys-prod.home-feed: p99 latency above 35 ms",
+                                    "description": "The canary variant's p99 latency is 495.1 ms.",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_events_and_lag_alerts(tmp_path: Path) -> None:
+    result = promtool_test(
+        tmp_path,
+        [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f'recsys_features_events_total{{{SYSTEM},type="view"}}',
+                        "values": "100+0x40",
+                    },
+                    {
+                        "series": f"recsys_features_backlog_messages{{{SYSTEM}}}",
+                        "values": "200000+0x40",
+                    },
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "30m",
+                        "alertname": "RecsysNoEvents",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "system": "recsys-prod.home-feed",
+                                    "severity": "critical",
+                                },
+                                "exp_annotations": {
+                                    "summary": "recsys-prod.home-feed: no user events processed for 15 minutes"
+                                },
+                            }
+                        ],
+                    },
+                    {
+                        "eval_time": "30m",
+                        "alertname": "RecsysConsumerLag",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "system": "recsys-prod.home-feed",
+                                    "severity": "warning",
+                                },
+                                "exp_annotations": {
+                                    "summary": "recsys-prod.home-feed: stream feature job backlog above 160000 events"
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_healthy_system_raises_no_alert(tmp_path: Path) -> None:
+    bucket = "recsys_gateway_request_duration_seconds_bucket"
+    result = promtool_test(
+        tmp_path,
+        [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f'{bucket}{{{SYSTEM},variant="stable",le="0.01"}}',
+                        "values": "0+600x40",
+                    },
+                    {
+                        "series": f'{bucket}{{{SYSTEM},variant="stable",le="+Inf"}}',
+                        "values": "0+600x40",
+                    },
+                    {
+                        "series": f'recsys_features_events_total{{{SYSTEM},type="view"}}',
+                        "values": "0+500x40",
+                    },
+                    {
+                        "series": f"recsys_features_backlog_messages{{{SYSTEM}}}",
+                        "values": "10+0x40",
+                    },
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "35m", "alertname": name, "exp_alerts": []}
+                    for name in (
+                        "RecsysLatencyHigh",
+                        "RecsysNoEvents",
+                        "RecsysConsumerLag",
+                        "RecsysCtrDrop",
+                    )
+                ],
+            }
+        ],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
