@@ -17,7 +17,7 @@ lint: setup  ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	@rm -rf build/typecheck && mkdir -p build/typecheck && ln -s ../../operator build/typecheck/recsys_operator
-	cd build/typecheck && MYPYPATH=$(CURDIR) ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p recsys_operator -p stream_jobs -p model_handlers
+	cd build/typecheck && MYPYPATH=$(CURDIR) ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p recsys_operator -p stream_jobs -p model_handlers -p gateway
 
 test: setup lint  ## set up, lint, then the whole test suite
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup

@@ -74,21 +74,35 @@ class DeploymentController(threading.Thread):
                 if key in self.done:
                     continue
                 n = d.spec.replicas or 1
-                status = {"observedGeneration": key[1], "replicas": n, "updatedReplicas": n,
-                          "readyReplicas": n, "availableReplicas": n}
-                self.apps.patch_namespaced_deployment_status(d.metadata.name, "default", {"status": status})
+                status = {
+                    "observedGeneration": key[1],
+                    "replicas": n,
+                    "updatedReplicas": n,
+                    "readyReplicas": n,
+                    "availableReplicas": n,
+                }
+                self.apps.patch_namespaced_deployment_status(
+                    d.metadata.name, "default", {"status": status}
+                )
                 self.done.add(key)
 
 
 def ready_count(custom: kubernetes.client.CustomObjectsApi) -> int:
-    items = custom.list_namespaced_custom_object(GROUP, VERSION, "default", "recommendersystems")["items"]
+    items = custom.list_namespaced_custom_object(GROUP, VERSION, "default", "recommendersystems")[
+        "items"
+    ]
     return sum(
-        any(c["type"] == "Ready" and c["status"] == "True" for c in (i.get("status") or {}).get("conditions", []))
+        any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in (i.get("status") or {}).get("conditions", [])
+        )
         for i in items
     )
 
 
-def measure_floor(kube: ServerThread[KubeEmulator], api: kubernetes.client.ApiClient, n: int, admin: str) -> float:
+def measure_floor(
+    kube: ServerThread[KubeEmulator], api: kubernetes.client.ApiClient, n: int, admin: str
+) -> float:
     """Seconds to create the children of n systems straight through the API (no operator)."""
     from recsys_operator.controller.kube import KubeClient
 
@@ -106,9 +120,15 @@ def measure_floor(kube: ServerThread[KubeEmulator], api: kubernetes.client.ApiCl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", type=int, default=200, help="how many RecommenderSystems (default 200)")
-    parser.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--systems", type=int, default=200, help="how many RecommenderSystems (default 200)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="give up after this many seconds"
+    )
     args = parser.parse_args()
     n = args.systems
 
@@ -127,10 +147,16 @@ def main() -> None:
         core.create_namespace({"metadata": {"name": namespace}})
     custom = kubernetes.client.CustomObjectsApi(api)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
     floor = measure_floor(kube, api, n, pulsar.url)
-    children = len(render_system(RecommenderSystem.model_validate(system_doc("x", pulsar.url)),
-                                 ScalingPolicy.model_validate(policy_doc())))
+    children = len(
+        render_system(
+            RecommenderSystem.model_validate(system_doc("x", pulsar.url)),
+            ScalingPolicy.model_validate(policy_doc()),
+        )
+    )
     print(f"floor: {n * children} child objects created directly in {floor:.1f} s")
 
     operator = OperatorThread("recsys_operator.controller.handlers").start()
@@ -139,10 +165,16 @@ def main() -> None:
     try:
         mark = kube.handler.mark()
         started = time.perf_counter()
-        custom.create_namespaced_custom_object(GROUP, VERSION, "default", "scalingpolicies", policy_doc())
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, "default", "scalingpolicies", policy_doc()
+        )
         for i in range(n):
             custom.create_namespaced_custom_object(
-                GROUP, VERSION, "default", "recommendersystems", system_doc(f"sys-{i:04d}", pulsar.url)
+                GROUP,
+                VERSION,
+                "default",
+                "recommendersystems",
+                system_doc(f"sys-{i:04d}", pulsar.url),
             )
         created = time.perf_counter() - started
         last_report = 0.0
@@ -156,11 +188,19 @@ def main() -> None:
             time.sleep(1)
         all_ready = time.perf_counter() - started
         requests = len(kube.handler.requests_since(mark))
-        reconciles = sum(s.value for m in metrics.RECONCILES.collect() for s in m.samples
-                         if s.name.endswith("_total"))
-        print(f"created {n} systems in {created:.1f} s; all Ready after {all_ready:.1f} s "
-              f"({all_ready / floor:.1f}x the floor)")
-        print(f"API requests: {requests} for {reconciles:.0f} reconciles = {requests / reconciles:.1f} per reconcile")
+        reconciles = sum(
+            s.value
+            for m in metrics.RECONCILES.collect()
+            for s in m.samples
+            if s.name.endswith("_total")
+        )
+        print(
+            f"created {n} systems in {created:.1f} s; all Ready after {all_ready:.1f} s "
+            f"({all_ready / floor:.1f}x the floor)"
+        )
+        print(
+            f"API requests: {requests} for {reconciles:.0f} reconciles = {requests / reconciles:.1f} per reconcile"
+        )
 
         # Steady state: wait for every system to be resynced once more, counting writes.
         resyncs = metrics.RECONCILES.labels(trigger="resync")
@@ -170,8 +210,10 @@ def main() -> None:
             time.sleep(0.5)
         writes = kube.handler.writes_since(steady_mark, exclude=("events",))
         steady_requests = len(kube.handler.requests_since(steady_mark))
-        print(f"steady state: {resyncs._value.get() - before:.0f} resync reconciles, "
-              f"{steady_requests} requests, {len(writes)} writes (must be 0)")
+        print(
+            f"steady state: {resyncs._value.get() - before:.0f} resync reconciles, "
+            f"{steady_requests} requests, {len(writes)} writes (must be 0)"
+        )
         if writes:
             raise SystemExit("an unchanged system was written to")
     finally:

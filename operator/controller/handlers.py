@@ -319,7 +319,9 @@ async def reconcile_policy(body: kopf.Body, namespace: str | None, name: str, **
             {"status": status},
             "status",
         )
-    systems = await asyncio.to_thread(STATE.kube.list, API_VERSION, "RecommenderSystem", namespace)
+    systems = await asyncio.to_thread(
+        STATE.kube.list_objects, API_VERSION, "RecommenderSystem", namespace
+    )
     for system in systems:
         if ((system.get("spec") or {}).get("scalingPolicyRef") or {}).get("name") == name:
             await reconcile_and_record(namespace, system["metadata"]["name"], trigger="policy")

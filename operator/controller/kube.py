@@ -129,7 +129,7 @@ class KubeClient:
                 return None
             raise
 
-    def list(
+    def list_objects(
         self, api_version: str, kind: str, namespace: str | None, label_selector: str = ""
     ) -> list[dict[str, Any]]:
         query = [("labelSelector", label_selector)] if label_selector else []
@@ -202,7 +202,7 @@ class KubeClient:
         for obj in objects:
             key = (obj["apiVersion"], obj["kind"])
             if key not in live:
-                items = self.list(*key, obj["metadata"].get("namespace"), label_selector)
+                items = self.list_objects(*key, obj["metadata"].get("namespace"), label_selector)
                 live[key] = {item["metadata"]["name"]: item for item in items}
         return [
             self.apply(

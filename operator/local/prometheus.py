@@ -15,7 +15,9 @@ from recsys_operator.local.process import LOOPBACK, ManagedProcess, free_port
 from recsys_operator.tools import find_tool
 
 
-def prometheus_config(targets: Sequence[str], scrape_interval: str = "1s", rule_files: Sequence[str] = ()) -> str:
+def prometheus_config(
+    targets: Sequence[str], scrape_interval: str = "1s", rule_files: Sequence[str] = ()
+) -> str:
     config = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "scrape_configs": [{"job_name": "recsys", "static_configs": [{"targets": list(targets)}]}],

@@ -130,8 +130,18 @@ MISTAKES = [
     ("spec.events.subscriptionType", "Exclusive", "spec.events.subscriptionType", "KeyShared"),
     ("spec.features.windows", ["1h", "1h"], "spec.features.windows", "distinct"),
     ("spec.model.archiveUri", "ftp://x/y.mar", "spec.model.archiveUri", "pattern"),
-    ("spec.events.topics.interactions", {"retentionSizeMb": 100, "backlogQuotaMb": 200}, "spec.events.topics.interactions.backlogQuotaMb", "below retentionSizeMb"),
-    ("spec.events.topics.impressions", {"retentionMinutes": 0, "retentionSizeMb": 10}, "spec.events.topics.impressions.retentionMinutes", "both 0"),
+    (
+        "spec.events.topics.interactions",
+        {"retentionSizeMb": 100, "backlogQuotaMb": 200},
+        "spec.events.topics.interactions.backlogQuotaMb",
+        "below retentionSizeMb",
+    ),
+    (
+        "spec.events.topics.impressions",
+        {"retentionMinutes": 0, "retentionSizeMb": 10},
+        "spec.events.topics.impressions.retentionMinutes",
+        "both 0",
+    ),
     ("metadata.name", "Has_Caps", "metadata.name", "pattern"),
     ("metadata.name", "x" * 49, "metadata.name", "at most 48"),
 ]

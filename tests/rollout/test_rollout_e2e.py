@@ -282,7 +282,7 @@ def spec(**analysis: Any) -> RolloutSpec:
 
 
 def test_a_good_version_is_promoted_and_users_stay_on_their_variant(stack: Stack) -> None:
-    state, transitions, seen = roll_out(stack, "2", spec())
+    state, _, seen = roll_out(stack, "2", spec())
     assert state.last_rollout.outcome is RolloutOutcome.PROMOTED, state.last_rollout
     assert state.stable_version == "2"
     analysis = state.last_rollout.last_analysis

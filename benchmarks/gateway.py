@@ -1,0 +1,351 @@
+"""What the gateway costs, and how fast a routing change takes effect.
+
+1. Added latency: the same recommendation requests sent straight to the model server
+   and through the gateway (`python -m gateway run`, its own process, with a real
+   pulsar-lite broker taking its impression events), at concurrency 1 and 32; p50,
+   p99, the difference and the ratio. Direct and gateway runs alternate in rounds so
+   that load from elsewhere on the machine hits both alike.
+2. Weight change and rollback: requests run continuously while the routing file is
+   rewritten (canary weight 0 -> 100, then canary removed); the time from the write
+   to the last answer that still followed the old routing.
+
+The model server is a real TorchServe serving two versions of a tiny two-tower +
+FAISS archive (trained and packed here with the project's trainer and archiver)
+when Java is available, else the serving stub of the tests (`--upstream stub`).
+
+    .venv/bin/python benchmarks/gateway.py            # about 2 minutes on 2 cores
+    .venv/bin/python benchmarks/gateway.py --quick    # fewer requests, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from recsys_operator.local.process import ManagedProcess, free_port
+from recsys_operator.local.pulsar_broker import broker_process, service_url
+from recsys_operator.tools import ToolNotFound, find_tool
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "recs"
+K = 10
+USERS = [f"u{n}" for n in range(1000)]
+
+
+# --- the model server ------------------------------------------------------------
+
+
+def start_torchserve(work: Path, stack: ExitStack) -> dict[str, str]:
+    """A tiny model, packed as versions 1 and 2, served by TorchServe on 127.0.0.1."""
+    from model_handlers.archive import ArchiveRequest, build_archive
+    from model_handlers.model_directory import write_trained_model
+    from model_handlers.synthetic import SyntheticConfig, SyntheticWorld
+    from model_handlers.training import TrainingConfig, train_two_tower
+    from recsys_operator.api.recommender_system import IndexSpec, ModelSpec, ServingSpec
+    from recsys_operator.local.torchserve import torchserve_server
+
+    world = SyntheticWorld(SyntheticConfig(users=1000, items=2000, sessions_per_user=2))
+    config = TrainingConfig(dim=32, hidden=64, max_epochs=1, max_eval_users=200, threads=1)
+    write_trained_model(train_two_tower(world.interactions(), config), work / "model")
+    store = work / "store"
+    store.mkdir()
+    index = IndexSpec(type="Flat")
+    for version in ("1", "2"):
+        build_archive(ArchiveRequest(work / "model", store, MODEL, version, index=index, top_k=50))
+    model = ModelSpec(
+        name=MODEL,
+        version="2",
+        archive_uri=f"file://{store}/{MODEL}-2.mar",
+        embedding_dim=32,
+        num_items=2000,
+        top_k=50,
+        index=index,
+    )
+    server = torchserve_server(
+        work / "torchserve",
+        model=model,
+        serving=ServingSpec(),
+        model_store=store,
+        versions=["1", "2"],
+    )
+    server.start(timeout=180)
+    stack.callback(server.stop)
+    return {version: server.predictions_url(version) for version in ("1", "2")}
+
+
+def start_stub(work: Path, stack: ExitStack) -> dict[str, str]:
+    port = free_port()
+    stub = ManagedProcess(
+        "serving-stub",
+        [sys.executable, str(ROOT / "tests" / "gateway" / "serving_stub.py"), str(port)],
+        work / "stub.log",
+        port,
+    ).start()
+    stack.callback(stub.stop)
+    return {v: f"http://127.0.0.1:{port}/predictions/{MODEL}/{v}" for v in ("1", "2")}
+
+
+# --- routing and gateway ---------------------------------------------------------
+
+
+def routing(urls: dict[str, str], pulsar: str, *, canary: bool, weight: int) -> dict[str, Any]:
+    return {
+        "system": "bench.recs",
+        "stable": {"version": "1", "url": urls["1"]},
+        "canary": {"version": "2", "url": urls["2"]} if canary else None,
+        "canaryWeight": weight if canary else 0,
+        "salt": "bench:2",
+        "timeoutMs": 2000,  # latency is measured, not cut short by the fallback
+        "defaultK": K,
+        "maxK": 50,
+        "pulsarServiceUrl": pulsar,
+        "interactionsTopic": "persistent://public/default/bench-interactions",
+        "impressionsTopic": "persistent://public/default/bench-impressions",
+    }
+
+
+def write_routing(path: Path, document: dict[str, Any]) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(document))
+    os.replace(partial, path)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_gateway(work: Path, routing_path: Path, stack: ExitStack) -> tuple[str, int]:
+    port = free_port()
+    gateway = ManagedProcess(
+        "gateway",
+        [sys.executable, "-m", "gateway", "run", "--routing", str(routing_path),
+         "--port", str(port), "--log-level", "WARNING"],
+        work / "gateway.log",
+        port,
+    ).start()  # fmt: skip
+    stack.callback(gateway.stop)
+    assert gateway.pid is not None
+    return f"http://127.0.0.1:{port}", gateway.pid
+
+
+# --- load --------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    latencies_s: list[float]
+    wall_s: float
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies_s)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def load(url: str, body_for: Any, requests: int, concurrency: int) -> Run:
+    """`requests` POSTs from `concurrency` workers over keep-alive connections."""
+    latencies: list[float] = []
+    remaining = iter(range(requests))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            for _ in remaining:
+                started = time.perf_counter()
+                async with session.post(url, json=body_for()) as response:
+                    await response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"{url}: HTTP {response.status}")
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return Run(latencies, time.perf_counter() - started)
+
+
+def random_request() -> dict[str, Any]:
+    # The same body suits both: the gateway's request is a superset of the handler's.
+    return {"user_id": random.choice(USERS), "k": K}
+
+
+async def added_latency(
+    direct_url: str, gateway_url: str, gateway_pid: int, requests: int, rounds: int = 3
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for concurrency in (1, 32):
+        per_round = max(concurrency, requests // rounds)
+        direct = Run([], 0.0)
+        through = Run([], 0.0)
+        await load(direct_url, random_request, 2 * concurrency, concurrency)  # warm up
+        await load(f"{gateway_url}/v1/recommend", random_request, 2 * concurrency, concurrency)
+        gateway_cpu_s = 0.0
+        for _ in range(rounds):
+            d = await load(direct_url, random_request, per_round, concurrency)
+            cpu_before = cpu_seconds(gateway_pid)
+            g = await load(f"{gateway_url}/v1/recommend", random_request, per_round, concurrency)
+            gateway_cpu_s += cpu_seconds(gateway_pid) - cpu_before
+            direct = Run(direct.latencies_s + d.latencies_s, direct.wall_s + d.wall_s)
+            through = Run(through.latencies_s + g.latencies_s, through.wall_s + g.wall_s)
+        row: dict[str, Any] = {
+            "requests": len(direct.latencies_s),
+            # What the gateway process itself spends (its event loop and the Pulsar
+            # client's threads), insensitive to other load on the machine.
+            "gateway_cpu_ms_per_request": 1000 * gateway_cpu_s / len(through.latencies_s),
+        }
+        for name, run in (("direct", direct), ("gateway", through)):
+            row[name] = {
+                "p50_ms": 1000 * run.percentile(0.50),
+                "p99_ms": 1000 * run.percentile(0.99),
+                "rps": len(run.latencies_s) / run.wall_s,
+            }
+        for q in ("p50_ms", "p99_ms"):
+            row[f"added_{q}"] = row["gateway"][q] - row["direct"][q]
+            row[f"ratio_{q.removesuffix('_ms')}"] = row["gateway"][q] / row["direct"][q]
+        results[f"concurrency_{concurrency}"] = row
+    return results
+
+
+async def time_to_follow(
+    gateway_url: str,
+    routing_path: Path,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    new_variant: str,
+) -> float:
+    """Seconds from writing `after` until the last answer that still followed `before`."""
+    write_routing(routing_path, before)
+    users = USERS[:50]
+    async with aiohttp.ClientSession() as session:
+
+        async def variant_of(user: str) -> tuple[float, str]:
+            sent = time.monotonic()
+            async with session.post(
+                f"{gateway_url}/v1/recommend", json={"user_id": user, "k": 1}
+            ) as r:
+                return sent, (await r.json())["variant"]
+
+        # Wait until the gateway follows `before` (it polls the file).
+        deadline = time.monotonic() + 10
+        while any(v == new_variant for _, v in await asyncio.gather(*map(variant_of, users[:8]))):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the gateway never applied the starting routing")
+        write_routing(routing_path, after)
+        written = time.monotonic()
+        last_old = written
+        quiet_since = None
+        deadline = written + 10
+        while time.monotonic() < deadline:
+            answers = await asyncio.gather(*(variant_of(random.choice(users)) for _ in range(8)))
+            old = [sent for sent, v in answers if v != new_variant]
+            if old:
+                last_old = max(last_old, *old)
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 1.0:  # a full second of the new routing
+                return last_old - written
+        raise RuntimeError("the gateway did not follow the new routing within 10 s")
+
+
+# --- main --------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--upstream", choices=["auto", "torchserve", "stub"], default="auto")
+    parser.add_argument("--requests", type=int, default=1500, help="per path and concurrency")
+    parser.add_argument("--trials", type=int, default=5, help="weight changes and rollbacks each")
+    parser.add_argument("--quick", action="store_true", help="300 requests, 2 trials")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.trials = 300, 2
+    upstream = args.upstream
+    if upstream == "auto":
+        try:
+            find_tool("java")
+            upstream = "torchserve"
+        except ToolNotFound:
+            upstream = "stub"
+
+    random.seed(0)
+    started = time.monotonic()
+    print(f"load average before: {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        print(f"upstream: {upstream}; machine: {os.cpu_count()} CPUs, {platform.python_version()}")
+        urls = (
+            start_torchserve(work, stack) if upstream == "torchserve" else start_stub(work, stack)
+        )
+        broker = broker_process(work).start()
+        stack.callback(broker.stop)
+        pulsar = service_url(broker)
+        routing_path = work / "routing.json"
+        write_routing(routing_path, routing(urls, pulsar, canary=False, weight=0))
+        gateway_url, gateway_pid = start_gateway(work, routing_path, stack)
+        print(f"set up in {time.monotonic() - started:.0f}s")
+
+        latency = asyncio.run(added_latency(urls["1"], gateway_url, gateway_pid, args.requests))
+        for name, row in latency.items():
+            d, g = row["direct"], row["gateway"]
+            print(
+                f"{name:>15}: direct p50 {d['p50_ms']:6.2f} ms p99 {d['p99_ms']:6.2f} ms "
+                f"({d['rps']:5.0f}/s) | gateway p50 {g['p50_ms']:6.2f} ms p99 {g['p99_ms']:6.2f} ms "
+                f"({g['rps']:5.0f}/s) | added p50 {row['added_p50_ms']:+.2f} ms "
+                f"p99 {row['added_p99_ms']:+.2f} ms | ratio p50 {row['ratio_p50']:.2f} p99 {row['ratio_p99']:.2f} "
+                f"| gateway CPU {row['gateway_cpu_ms_per_request']:.2f} ms/request"
+            )
+
+        no_canary = routing(urls, pulsar, canary=False, weight=0)
+        canary_0 = routing(urls, pulsar, canary=True, weight=0)
+        canary_100 = routing(urls, pulsar, canary=True, weight=100)
+        weight_changes, rollbacks = [], []
+        for _ in range(args.trials):
+            weight_changes.append(
+                asyncio.run(
+                    time_to_follow(gateway_url, routing_path, canary_0, canary_100, "canary")
+                )
+            )
+            rollbacks.append(
+                asyncio.run(
+                    time_to_follow(gateway_url, routing_path, canary_100, no_canary, "stable")
+                )
+            )
+        follow = {
+            "weight_change_s": {
+                "median": statistics.median(weight_changes),
+                "max": max(weight_changes),
+            },
+            "rollback_s": {"median": statistics.median(rollbacks), "max": max(rollbacks)},
+            "trials": args.trials,
+        }
+        for name, figures in follow.items():
+            if isinstance(figures, dict):
+                print(f"{name:>15}: median {figures['median']:.2f} s, max {figures['max']:.2f} s")
+        gateway_log = (work / "gateway.log").read_text()
+    print(f"total {time.monotonic() - started:.0f}s")
+    if "Traceback" in gateway_log:
+        print("gateway log has tracebacks:\n" + gateway_log[-3000:])
+    if args.json:
+        args.json.write_text(
+            json.dumps({"upstream": upstream, "latency": latency, "routing": follow}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()

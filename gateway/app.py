@@ -1,0 +1,374 @@
+"""The gateway's HTTP API (aiohttp): what happens to each request.
+
+    POST /v1/recommend   assign the user's variant, call its model, answer (or fall
+                         back to popular items), record an impression
+    POST /v1/events      attribute clicks, forward interactions to Pulsar
+    GET  /healthz        the routing applied now
+    GET  /metrics        Prometheus
+    GET  /openapi.json   the API, generated from `gateway.api_models`
+
+Every answer the gateway gives itself is JSON; every error is
+`{"error": "...", "field": "..." | null}`. A client mistake is a 4xx, never a 5xx.
+
+Start it with `create_app(GatewaySettings(routing_path=...))` and any aiohttp
+runner, or `gateway.server` (in a thread, or as `python -m gateway run`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from gateway.api_models import (
+    PATTERN_MEANINGS,
+    ClientEvent,
+    ClientEvents,
+    ErrorResponse,
+    EventsAccepted,
+    Health,
+    RecommendRequest,
+    RecommendResponse,
+)
+from gateway.assignment import Variant
+from gateway.attribution import FALLBACK_MODEL_VERSION, new_request_id, parse_request_id
+from gateway.event_sink import DEFAULT_CAPACITY, OPERATION_TIMEOUT_S, DropReason, EventSink
+from gateway.events import impression_payload, interaction_payload
+from gateway.fallback import PopularityFallback
+from gateway.log_rate_limit import rate_limited_logger
+from gateway.metrics import GatewayMetrics
+from gateway.openapi import build_openapi
+from gateway.routing import POLL_INTERVAL_S, Endpoint, Routing, RoutingWatcher
+from gateway.upstream import ServingClient, ServingRejected, ServingUnavailable
+from recsys_operator import __version__
+from stream_jobs.events import now_ms
+
+log = rate_limited_logger(__name__)
+
+# Bodies larger than this are refused with 413: 1000 ids of 256 characters in each
+# list of a recommend request fit, and so do 1000 events.
+MAX_BODY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    routing_path: Path
+    fallback_items_path: Path | None = None
+    event_buffer_capacity: int = DEFAULT_CAPACITY
+    routing_poll_interval_s: float = POLL_INTERVAL_S
+    pulsar_token: str | None = None  # default: $RECSYS_PULSAR_TOKEN
+    # How long the Pulsar client tries (to connect, to look a topic up) before an
+    # outage turns into counted drops.
+    pulsar_timeout_s: int = OPERATION_TIMEOUT_S
+
+
+class BadInput(Exception):
+    """A client mistake, answered with `status` and a message naming the field."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+    def response(self) -> web.Response:
+        return json_response(ErrorResponse(error=self.message, field=self.field), self.status)
+
+
+class NoFallback(Exception):
+    """Serving failed and the fallback has nothing to offer yet."""
+
+
+def json_response(body: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(
+        body=body.model_dump_json().encode(), status=status, content_type="application/json"
+    )
+
+
+Body = TypeVar("Body")
+_ONE_EVENT: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
+_EVENT_LIST: TypeAdapter[list[ClientEvent]] = TypeAdapter(ClientEvents)
+_RECOMMEND: TypeAdapter[RecommendRequest] = TypeAdapter(RecommendRequest)
+
+
+def parse_body(raw: bytes, adapter: TypeAdapter[Body]) -> Body:
+    """The validated body, or `BadInput`: 400 when it is not JSON, 422 when it is JSON
+    but not a valid request (with the first problem's field)."""
+    if not raw.strip():
+        raise BadInput(400, "the request has no body; send a JSON object")
+    try:
+        return adapter.validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise BadInput(400, f"the body is not valid JSON: {first['msg']}") from None
+        field = field_path(first["loc"])
+        message = first["msg"]
+        if first["type"] == "value_error":  # our own validators: their text, unprefixed
+            message = str(first.get("ctx", {}).get("error", message))
+        elif first["type"] == "string_pattern_mismatch":
+            pattern = str(first.get("ctx", {}).get("pattern"))
+            message = f"must be {PATTERN_MEANINGS.get(pattern, f'a string matching {pattern}')}"
+        raise BadInput(422, f"{field or 'body'}: {message}", field) from None
+
+
+def field_path(loc: tuple[int | str, ...]) -> str | None:
+    """('k',) -> 'k'; (2, 'type') -> '[2].type'; () -> None (the whole body)."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or None
+
+
+class Gateway:
+    """One gateway instance: its routing, serving client, fallback, event sink, metrics."""
+
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
+        self.metrics = metrics or GatewayMetrics()
+        self.routing = RoutingWatcher(
+            settings.routing_path,
+            on_reload=lambda result: self.metrics.routing_reloads.labels(result=result.value).inc(),
+            poll_interval_s=settings.routing_poll_interval_s,
+        )
+        self.fallback = (
+            PopularityFallback.from_file(settings.fallback_items_path)
+            if settings.fallback_items_path
+            else PopularityFallback()
+        )
+        self.serving = ServingClient()
+        self.events = EventSink(
+            self.metrics,
+            capacity=settings.event_buffer_capacity,
+            token=settings.pulsar_token,
+            operation_timeout_s=settings.pulsar_timeout_s,
+        )
+        self.openapi = build_openapi(__version__)
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup context: open on startup, close on shutdown."""
+        await self.serving.open()
+        self.events.start()
+        watcher = asyncio.create_task(self.routing.watch(), name="routing-watcher")
+        yield
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await self.serving.close()
+        await asyncio.to_thread(self.events.close)
+
+    # --- POST /v1/recommend ------------------------------------------------------
+
+    async def recommend(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        # One routing for the whole request, even if the file changes meanwhile.
+        routing = self.routing.current
+        try:
+            ask = parse_body(await request.read(), _RECOMMEND)
+            k = ask.k if ask.k is not None else routing.default_k
+            if k > routing.max_k:
+                raise BadInput(422, f"k: must be at most {routing.max_k}, got {k}", "k")
+        except BadInput as exc:
+            self.metrics.requests.labels(routing.system, "", "", str(exc.status)).inc()
+            return exc.response()
+
+        variant = routing.variant_for(ask.user_id)
+        endpoint = routing.endpoint(variant)
+        try:
+            answer = json_response(await self._recommendation(routing, endpoint, variant, ask, k))
+        except ServingRejected as exc:
+            answer = BadInput(
+                exc.status, f"the model refused the request: {exc.message}"
+            ).response()
+        except NoFallback:
+            answer = json_response(
+                ErrorResponse(error="serving is unavailable and no fallback items are known yet"),
+                503,
+            )
+            answer.headers["Retry-After"] = "1"
+        labels = (routing.system, endpoint.version, variant.value)
+        self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
+        self.metrics.requests.labels(*labels, str(answer.status)).inc()
+        return answer
+
+    async def _recommendation(
+        self, routing: Routing, endpoint: Endpoint, variant: Variant, ask: RecommendRequest, k: int
+    ) -> RecommendResponse:
+        serving_request = {
+            "user_id": ask.user_id,
+            "k": k,
+            "exclude_item_ids": ask.exclude_item_ids,
+            "recent_item_ids": ask.recent_item_ids,
+        }
+        try:
+            served = await self.serving.recommend(
+                endpoint.url, serving_request, routing.timeout_ms / 1000
+            )
+            model_version, fallback = endpoint.version, False
+            item_ids, scores = served.item_ids[:k], served.scores[:k]
+            self.fallback.learn(item_ids)
+        except ServingUnavailable as exc:
+            self.metrics.fallbacks.labels(
+                routing.system, endpoint.version, variant.value, exc.reason.value
+            ).inc()
+            log.warning("serving %s failed, answering from the fallback: %s", endpoint.url, exc)
+            if not self.fallback.known:
+                raise NoFallback from exc
+            model_version, fallback = FALLBACK_MODEL_VERSION, True
+            item_ids, scores = self.fallback.top(k, ask.exclude_item_ids)
+
+        request_id = new_request_id(variant, model_version)
+        if item_ids:
+            self.metrics.impressions.labels(routing.system, model_version, variant.value).inc()
+            self._publish(
+                routing,
+                "impressions",
+                ask.user_id,
+                lambda: impression_payload(
+                    user_id=ask.user_id,
+                    item_ids=item_ids,
+                    request_id=request_id,
+                    model_version=model_version,
+                    ts_ms=now_ms(),
+                ),
+            )
+        return RecommendResponse(
+            request_id=request_id,
+            model_version=model_version,
+            variant=variant,
+            item_ids=item_ids,
+            scores=scores,
+            fallback=fallback,
+        )
+
+    # --- POST /v1/events ---------------------------------------------------------
+
+    async def post_events(self, request: web.Request) -> web.Response:
+        routing = self.routing.current
+        raw = await request.read()
+        try:
+            # One event or a list of them; peeking keeps the error messages about the
+            # shape the client meant instead of about both alternatives.
+            events = (
+                parse_body(raw, _EVENT_LIST)
+                if raw.lstrip().startswith(b"[")
+                else [parse_body(raw, _ONE_EVENT)]
+            )
+        except BadInput as exc:
+            return exc.response()
+        received_at_ms = now_ms()
+        for event in events:
+            # The pattern was checked in validation, so this cannot fail.
+            served_by = parse_request_id(event.request_id) if event.request_id else None
+            if served_by is not None and event.type == "click":
+                self.metrics.clicks.labels(
+                    routing.system, served_by.model_version, served_by.variant.value
+                ).inc()
+            self._publish(
+                routing,
+                "interactions",
+                event.user_id,
+                functools.partial(
+                    interaction_payload,
+                    event,
+                    model_version=served_by.model_version if served_by else None,
+                    received_at_ms=received_at_ms,
+                ),
+            )
+        return json_response(EventsAccepted(accepted=len(events)), 202)
+
+    def _publish(
+        self, routing: Routing, stream: str, user_id: str, payload: Callable[[], bytes]
+    ) -> None:
+        """Hand one event to the sink; an event the contract refuses is a counted drop,
+        never an error for the client (who already has its answer)."""
+        try:
+            encoded = payload()
+        except ValidationError as exc:
+            self.events.drop(routing.system, DropReason.INVALID_EVENT, str(exc.errors()[0]["msg"]))
+            return
+        topic = routing.impressions_topic if stream == "impressions" else routing.interactions_topic
+        self.events.publish(
+            system=routing.system,
+            stream=stream,
+            service_url=routing.pulsar_service_url,
+            topic=topic,
+            key=user_id,
+            payload=encoded,
+        )
+
+    # --- GET ---------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        routing = self.routing.current
+        return json_response(
+            Health(
+                status="ok",
+                system=routing.system,
+                stable_version=routing.stable.version,
+                canary_version=routing.canary.version if routing.canary else None,
+                canary_weight=routing.effective_canary_weight,
+                salt=routing.salt,
+            )
+        )
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def openapi_document(self, request: web.Request) -> web.Response:
+        return web.json_response(self.openapi)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (404, 405, 413...) as JSON errors, and a bug as a JSON 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = json_response(ErrorResponse(error=exc.reason), exc.status)
+        for name, value in exc.headers.items():
+            if name.lower() not in ("content-type", "content-length"):
+                response.headers[name] = value
+        return response
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return json_response(ErrorResponse(error="internal error in the gateway"), 500)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def create_app(
+    settings: GatewaySettings, *, metrics: GatewayMetrics | None = None
+) -> web.Application:
+    """The gateway as an aiohttp application. Reads the routing file now, so a missing
+    or invalid one fails here (`RoutingError`), before anything listens."""
+    gateway = Gateway(settings, metrics)
+    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
+    app[GATEWAY] = gateway
+    app.cleanup_ctx.append(gateway.lifecycle)
+    app.add_routes(
+        [
+            web.post("/v1/recommend", gateway.recommend),
+            web.post("/v1/events", gateway.post_events),
+            web.get("/healthz", gateway.health),
+            web.get("/metrics", gateway.metrics_text),
+            web.get("/openapi.json", gateway.openapi_document),
+        ]
+    )
+    return app

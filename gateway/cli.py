@@ -1,0 +1,73 @@
+"""`recsys gateway run`: the gateway as a process of its own."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+gateway_app = typer.Typer(
+    help="The gateway clients call: sticky canary routing, fallback, events, metrics.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+
+@gateway_app.callback()
+def gateway() -> None:
+    """The gateway clients call: sticky canary routing, fallback, events, metrics."""
+    # A callback keeps `run` a subcommand when this app runs alone (`python -m gateway run`).
+
+
+@gateway_app.command()
+def run(
+    routing: Annotated[
+        Path,
+        typer.Option(help="Routing JSON file (the operator's ConfigMap); re-read when it changes."),
+    ],
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port to listen on. Default: from $RECSYS_GATEWAY_ADDRESS, else 8000."),
+    ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address to listen on. Default: from $RECSYS_GATEWAY_ADDRESS, else 127.0.0.1."
+        ),
+    ] = None,
+    fallback_items: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON list of popular item ids (best first) to answer with when serving fails. "
+            "Default: learn them from what the models serve."
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Serve POST /v1/recommend and POST /v1/events until SIGTERM."""
+    from gateway.app import GatewaySettings
+    from gateway.fallback import FallbackFileError
+    from gateway.routing import RoutingError
+    from gateway.server import listen_address, run_gateway
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        listen_host, listen_port = listen_address(host, port)
+        run_gateway(
+            GatewaySettings(routing_path=routing, fallback_items_path=fallback_items),
+            host=listen_host,
+            port=listen_port,
+        )
+    except (RoutingError, FallbackFileError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add `gateway ...` to the `recsys` CLI."""
+    app.add_typer(gateway_app, name="gateway")

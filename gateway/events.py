@@ -1,0 +1,61 @@
+"""The events the gateway sends to Pulsar, built with the event contract's own model
+(`stream_jobs.events.Event`), so the stream jobs can read every one of them:
+
+    {event_id, user_id, item_id, type, ts, dwell_ms?, request_id?, model_version?}
+
+- interactions (view | click | purchase | dwell) are the clients' events, with
+  `model_version` filled in from the request id when one is given;
+- impressions (type `impression`), one per non-empty recommendation response, name the
+  top item in `item_id` and add the whole list, best first, as `item_ids` (a field the
+  event model does not know and its tolerant readers ignore).
+
+`ts` is Unix time in milliseconds. `event_id` is unique (or the client's own, for
+idempotent retries), so consumers drop the duplicates that at-least-once delivery
+and the gateway's retries make.
+
+Building raises `pydantic.ValidationError` for an event the contract refuses (only
+possible for item ids a model returned: the client's fields were checked against the
+same patterns already).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+
+from gateway.api_models import ClientEvent
+from stream_jobs.events import Event, EventType
+
+
+def impression_payload(
+    *, user_id: str, item_ids: Sequence[str], request_id: str, model_version: str, ts_ms: int
+) -> bytes:
+    event = Event(
+        event_id=uuid.uuid4().hex,
+        user_id=user_id,
+        item_id=item_ids[0],
+        type=EventType.IMPRESSION,
+        ts=ts_ms,
+        request_id=request_id,
+        model_version=model_version,
+    )
+    record = event.model_dump(mode="json", exclude_none=True)
+    record["item_ids"] = list(item_ids)
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def interaction_payload(
+    client_event: ClientEvent, *, model_version: str | None, received_at_ms: int
+) -> bytes:
+    event = Event(
+        event_id=client_event.event_id or uuid.uuid4().hex,
+        user_id=client_event.user_id,
+        item_id=client_event.item_id,
+        type=EventType(client_event.type),
+        ts=client_event.ts if client_event.ts is not None else received_at_ms,
+        dwell_ms=client_event.dwell_ms,
+        request_id=client_event.request_id,
+        model_version=model_version,
+    )
+    return event.to_json()

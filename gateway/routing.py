@@ -1,0 +1,217 @@
+"""The routing file: which model versions serve, in what shares, and where events go.
+
+The operator renders it into a ConfigMap (`recsys_operator.render.gateway.gateway_routing`)
+mounted into every gateway pod; local mode writes the file directly. Its shape:
+
+    {"system": "ns.name",
+     "stable": {"version": "1", "url": "http://.../predictions/NAME/1"},
+     "canary": null | {"version": "2", "url": "..."},
+     "canaryWeight": 0..100, "salt": "...", "timeoutMs": 250,
+     "defaultK": 50, "maxK": 50,
+     "pulsarServiceUrl": "pulsar://...",
+     "interactionsTopic": "persistent://...", "impressionsTopic": "persistent://..."}
+
+Weight changes and rollbacks reach running gateways through this file alone (no pod
+restart), so `RoutingWatcher` re-reads it every half second and applies a new
+version as soon as it parses. A file that cannot be read or does not validate is
+reported and ignored: the gateway keeps serving with the last good routing, because
+a half-written or broken file must never take traffic down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.assignment import Variant, assign_variant
+from gateway.attribution import FALLBACK_MODEL_VERSION, MODEL_VERSION_PATTERN
+
+log = logging.getLogger(__name__)
+
+# Kubernetes updates a mounted ConfigMap within about a minute; the gateway's own
+# part of the delay is this interval (the rollout promises every replica follows a
+# written file within 5 s).
+POLL_INTERVAL_S = 0.5
+
+
+class Endpoint(BaseModel):
+    """One model version and the TorchServe URL that serves it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str = Field(pattern=MODEL_VERSION_PATTERN)
+    url: str = Field(pattern=r"^https?://\S+$")
+
+    @field_validator("version")
+    @classmethod
+    def _not_the_fallback_marker(cls, version: str) -> str:
+        if version == FALLBACK_MODEL_VERSION:
+            raise ValueError(f"{version!r} is reserved for responses from the popularity fallback")
+        return version
+
+
+class Routing(BaseModel):
+    """One valid routing file. Field names follow the file (camelCase aliases).
+
+    Unknown fields are ignored, so an operator that adds a field does not break the
+    gateways still running the previous release.
+    """
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    system: str = Field(min_length=1)
+    stable: Endpoint
+    canary: Endpoint | None = None
+    canary_weight: int = Field(default=0, ge=0, le=100, alias="canaryWeight")
+    salt: str = ""
+    timeout_ms: int = Field(default=250, ge=1, le=60_000, alias="timeoutMs")
+    default_k: int = Field(default=50, ge=1, alias="defaultK")
+    max_k: int = Field(default=50, ge=1, le=1000, alias="maxK")
+    pulsar_service_url: str | None = Field(default=None, alias="pulsarServiceUrl")
+    interactions_topic: str | None = Field(default=None, alias="interactionsTopic")
+    impressions_topic: str | None = Field(default=None, alias="impressionsTopic")
+
+    @model_validator(mode="after")
+    def _default_k_within_max(self) -> Self:
+        if self.default_k > self.max_k:
+            raise ValueError(f"defaultK ({self.default_k}) exceeds maxK ({self.max_k})")
+        return self
+
+    @property
+    def effective_canary_weight(self) -> int:
+        """The canary's share in percent; 0 whenever there is no canary."""
+        return self.canary_weight if self.canary is not None else 0
+
+    def variant_for(self, user_id: str) -> Variant:
+        return assign_variant(self.salt, user_id, self.effective_canary_weight)
+
+    def endpoint(self, variant: Variant) -> Endpoint:
+        if variant is Variant.CANARY and self.canary is not None:
+            return self.canary
+        return self.stable
+
+
+class RoutingError(ValueError):
+    """The routing file could not be read or is not a valid routing."""
+
+    def __init__(self, message: str, result: ReloadResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class ReloadResult(StrEnum):
+    """The `result` label of `recsys_gateway_routing_reloads_total`."""
+
+    OK = "ok"
+    INVALID = "invalid"  # read, but not JSON or not a valid routing
+    UNREADABLE = "unreadable"  # missing or no permission
+
+
+def parse_routing(text: bytes | str) -> Routing:
+    """A routing from the file's bytes; `RoutingError` says what is wrong."""
+    try:
+        return Routing.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(file)"
+        raise RoutingError(
+            f"invalid routing at {where}: {first['msg']} ({exc.error_count()} error(s))",
+            ReloadResult.INVALID,
+        ) from None
+
+
+def read_routing_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise RoutingError(f"cannot read {path}: {exc}", ReloadResult.UNREADABLE) from None
+
+
+def load_routing(path: Path) -> Routing:
+    """Read and validate the routing file at `path`; `RoutingError` says what is wrong."""
+    return parse_routing(read_routing_file(path))
+
+
+class RoutingWatcher:
+    """Holds the current routing and replaces it when the file changes.
+
+    The file is read on every poll and compared byte for byte with the last read:
+    it is small, and mtime alone misses two writes within one timestamp tick. A
+    changed file is parsed once; whatever the outcome it is not retried until its
+    bytes change again, so a broken file is logged and counted once, not every poll.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        on_reload: Callable[[ReloadResult], None] = lambda result: None,
+        poll_interval_s: float = POLL_INTERVAL_S,
+    ) -> None:
+        self.path = path
+        self.poll_interval_s = poll_interval_s
+        self._on_reload = on_reload
+        # The first load must succeed: a gateway that never had a routing cannot serve.
+        self._last_bytes = read_routing_file(path)
+        self.current: Routing = parse_routing(self._last_bytes)
+        self._unreadable = False
+
+    def check(self) -> ReloadResult | None:
+        """Look at the file once; apply it if it changed and is valid.
+
+        Returns what happened, or None when the file is unchanged.
+        """
+        try:
+            text = read_routing_file(self.path)
+        except RoutingError as exc:
+            if self._unreadable:
+                return None
+            self._unreadable = True
+            log.error("keeping the last good routing: %s", exc)
+            self._on_reload(ReloadResult.UNREADABLE)
+            return ReloadResult.UNREADABLE
+        self._unreadable = False
+        if text == self._last_bytes:
+            return None
+        self._last_bytes = text
+        try:
+            routing = parse_routing(text)
+        except RoutingError as exc:
+            log.error("routing file %s rejected, keeping the last good routing: %s", self.path, exc)
+            self._on_reload(exc.result)
+            return exc.result
+        previous, self.current = self.current, routing
+        log.info("routing reloaded: %s", describe_change(previous, routing))
+        self._on_reload(ReloadResult.OK)
+        return ReloadResult.OK
+
+    async def watch(self) -> None:
+        """Poll until cancelled. Reading a few hundred bytes of a local file is
+        faster than handing it to a thread, so this stays on the event loop."""
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            self.check()
+
+
+def describe_change(before: Routing, after: Routing) -> str:
+    def variants(routing: Routing) -> str:
+        canary = routing.canary.version if routing.canary else "none"
+        return (
+            f"stable={routing.stable.version} canary={canary} "
+            f"weight={routing.effective_canary_weight} salt={routing.salt!r}"
+        )
+
+    return f"{variants(before)} -> {variants(after)}"

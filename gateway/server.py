@@ -1,0 +1,126 @@
+"""Running the gateway: in the foreground (the CLI), or in a background thread.
+
+# a process of its own (what `recsys gateway run` and `python -m gateway run` do)
+run_gateway(settings, host="127.0.0.1", port=8000)
+
+# in-process, e.g. local mode, tests, benchmarks: its own event loop in a thread
+with GatewayThread(settings) as gw:        # port 0: a free port is chosen
+    requests.post(f"{gw.url}/v1/recommend", json={"user_id": "u1"})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from types import TracebackType
+
+from aiohttp import web
+
+from gateway.app import GATEWAY, Gateway, GatewaySettings, create_app
+from gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+# "HOST:PORT"; the Kubernetes Deployment sets 0.0.0.0:8000 (pods must listen on all
+# interfaces), everything else defaults to loopback.
+ADDRESS_ENV = "RECSYS_GATEWAY_ADDRESS"
+SHUTDOWN_GRACE_S = 10.0
+# After refusing a body (413), aiohttp keeps reading what the client still sends, so
+# the client sees the answer instead of a reset. Clients that stop sending when they
+# see the 413 would hold the connection for aiohttp's default 10 s (and delay shutdown).
+LINGER_S = 1.0
+
+
+def listen_address(host: str | None, port: int | None) -> tuple[str, int]:
+    """Explicit options first, then $RECSYS_GATEWAY_ADDRESS, then 127.0.0.1:8000."""
+    env_host, env_port = DEFAULT_HOST, DEFAULT_PORT
+    address = os.environ.get(ADDRESS_ENV, "").strip()
+    if address:
+        env_host, sep, port_text = address.rpartition(":")
+        if not sep or not env_host or not port_text.isdigit():
+            raise ValueError(f"{ADDRESS_ENV} must be HOST:PORT, got {address!r}")
+        env_port = int(port_text)
+    return host or env_host, port if port is not None else env_port
+
+
+def run_gateway(settings: GatewaySettings, *, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM, then drain: in-flight requests, then buffered events."""
+    app = create_app(settings)
+    routing = app[GATEWAY].routing.current
+    log.info(
+        "gateway for %s on http://%s:%d (stable %s, canary %s at %d%%)",
+        routing.system,
+        host,
+        port,
+        routing.stable.version,
+        routing.canary.version if routing.canary else "none",
+        routing.effective_canary_weight,
+    )
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        access_log=None,
+        print=None,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        lingering_time=LINGER_S,
+    )
+
+
+class GatewayThread:
+    """A gateway on its own event loop in a daemon thread, listening on `host:port`."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        host: str = DEFAULT_HOST,
+        port: int = 0,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.app = create_app(settings, metrics=metrics)
+        self.gateway: Gateway = self.app[GATEWAY]
+        self.host = host
+        self.port = port
+        self._loop = asyncio.new_event_loop()
+        self._runner = web.AppRunner(self.app, access_log=None, lingering_time=LINGER_S)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gateway", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> GatewayThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        return self
+
+    async def _start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site.port  # the bound one, also when 0 asked for any
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        cleanup = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+        cleanup.result(timeout=SHUTDOWN_GRACE_S + 30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> GatewayThread:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

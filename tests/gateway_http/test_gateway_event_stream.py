@@ -1,0 +1,177 @@
+"""Impressions and interactions reach a real Pulsar broker (pulsar-lite); an absent
+broker costs counted events, never requests."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pulsar
+import pytest
+import requests
+from gateway_testing import StartGateway, metric_value, routing_document, wait_until
+from serving_stub import ServingStub
+
+from recsys_operator.local.process import ManagedProcess, free_port
+from recsys_operator.local.pulsar_broker import service_url
+from stream_jobs.events import EventType, now_ms, parse_event
+
+pytestmark = [pytest.mark.broker, pytest.mark.xdist_group("gateway-pulsar")]
+
+
+@pytest.fixture
+def topics() -> tuple[str, str]:
+    """Fresh (interactions, impressions) topics: the session's broker is shared."""
+    run = uuid.uuid4().hex[:12]
+    base = "persistent://public/default/gateway-test-"
+    return f"{base}interactions-{run}", f"{base}impressions-{run}"
+
+
+@pytest.fixture
+def pulsar_client(pulsar_broker: ManagedProcess) -> Iterator[pulsar.Client]:
+    client = pulsar.Client(
+        service_url(pulsar_broker),
+        operation_timeout_seconds=10,
+        logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
+    )
+    yield client
+    client.close()
+
+
+def subscribe(client: pulsar.Client, topic: str) -> pulsar.Consumer:
+    # Shared: the subscription type pulsar-lite delivers reliably (DESIGN.md).
+    return client.subscribe(
+        topic,
+        "gateway-test",
+        consumer_type=pulsar.ConsumerType.Shared,
+        initial_position=pulsar.InitialPosition.Earliest,
+    )
+
+
+def receive(consumer: pulsar.Consumer, count: int, timeout_s: float = 15.0) -> list[pulsar.Message]:
+    messages: list[pulsar.Message] = []
+    deadline = time.monotonic() + timeout_s
+    while len(messages) < count and time.monotonic() < deadline:
+        try:
+            message = consumer.receive(timeout_millis=500)
+        except pulsar.Timeout:
+            continue
+        consumer.acknowledge(message)
+        messages.append(message)
+    assert len(messages) == count, f"received {len(messages)} of {count} events"
+    return messages
+
+
+def test_impressions_and_client_events_arrive_keyed_by_user(
+    serving: ServingStub,
+    start_gateway: StartGateway,
+    http: requests.Session,
+    pulsar_broker: ManagedProcess,
+    pulsar_client: pulsar.Client,
+    topics: tuple[str, str],
+) -> None:
+    interactions_topic, impressions_topic = topics
+    impressions = subscribe(pulsar_client, impressions_topic)
+    interactions = subscribe(pulsar_client, interactions_topic)
+    gateway = start_gateway(
+        routing_document(
+            serving, canary="2", weight=50, pulsar=service_url(pulsar_broker), topics=topics
+        )
+    )
+    started_ms = now_ms()
+
+    served: dict[str, dict[str, Any]] = {}
+    for user in ("alice", "bob", "carol", "dave"):
+        body = http.post(
+            f"{gateway.url}/v1/recommend", json={"user_id": user, "k": 3}, timeout=10
+        ).json()
+        served[body["request_id"]] = body | {"user_id": user}
+
+    for message in receive(impressions, 4):
+        record = json.loads(message.data())
+        event = parse_event(message.data())  # a valid event for the stream jobs
+        response = served[event.request_id or ""]
+        assert message.partition_key() == response["user_id"] == event.user_id
+        assert event.type is EventType.IMPRESSION
+        assert event.model_version == response["model_version"]
+        assert record["item_ids"] == response["item_ids"]
+        assert event.item_id == response["item_ids"][0]
+        assert started_ms - 1000 <= event.ts <= now_ms() + 1000
+
+    clicked = next(iter(served.values()))
+    client_events = [
+        {"type": "click", "user_id": clicked["user_id"], "item_id": clicked["item_ids"][1], "request_id": clicked["request_id"]},
+        {"type": "view", "user_id": "erin", "item_id": "item-9"},
+        {"type": "dwell", "user_id": "erin", "item_id": "item-9", "dwell_ms": 5300, "ts": 1767225600000, "event_id": "erin-dwell-1"},
+    ]  # fmt: skip
+    answer = http.post(f"{gateway.url}/v1/events", json=client_events, timeout=10)
+    assert answer.status_code == 202
+
+    received = {
+        parse_event(m.data()).type: (m, parse_event(m.data())) for m in receive(interactions, 3)
+    }
+    message, click = received[EventType.CLICK]
+    assert message.partition_key() == clicked["user_id"]
+    assert click.request_id == clicked["request_id"]
+    assert click.model_version == clicked["model_version"]  # filled in from the request id
+    _, view = received[EventType.VIEW]
+    assert view.model_version is None and view.request_id is None
+    assert started_ms - 1000 <= view.ts <= now_ms() + 1000  # the gateway's receive time
+    _, dwell = received[EventType.DWELL]
+    assert (dwell.event_id, dwell.ts, dwell.dwell_ms) == ("erin-dwell-1", 1767225600000, 5300)
+
+    metrics_url = f"{gateway.url}/metrics"
+    wait_until(
+        lambda: (
+            metric_value(http.get(metrics_url, timeout=10).text, "recsys_gateway_events_sent_total")
+            == 7
+        )
+    )
+    metrics = http.get(metrics_url, timeout=10).text
+    assert metric_value(metrics, "recsys_gateway_events_sent_total", stream="impressions") == 4
+    assert metric_value(metrics, "recsys_gateway_events_dropped_total") == 0
+
+
+def test_with_the_broker_down_requests_succeed_and_losses_are_counted(
+    serving: ServingStub,
+    start_gateway: StartGateway,
+    http: requests.Session,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    nowhere = f"pulsar://127.0.0.1:{free_port()}"
+    gateway = start_gateway(
+        routing_document(serving, pulsar=nowhere), event_buffer_capacity=4, pulsar_timeout_s=1
+    )
+    caplog.set_level(logging.WARNING, logger="gateway.event_sink")
+    slowest = 0.0
+    for n in range(30):
+        started = time.monotonic()
+        answer = http.post(
+            f"{gateway.url}/v1/recommend", json={"user_id": f"u{n}", "k": 2}, timeout=10
+        )
+        slowest = max(slowest, time.monotonic() - started)
+        assert answer.status_code == 200
+        event = {"type": "view", "user_id": f"u{n}", "item_id": "item-1"}
+        assert http.post(f"{gateway.url}/v1/events", json=event, timeout=10).status_code == 202
+    assert slowest < 0.5  # nobody waited for the broker
+
+    def dropped(reason: str | None = None) -> float:
+        labels = {"reason": reason} if reason else {}
+        text = http.get(f"{gateway.url}/metrics", timeout=10).text
+        return metric_value(text, "recsys_gateway_events_dropped_total", **labels)
+
+    # 60 events, 4 buffered, at most one in the sender's hands: the rest are counted now.
+    assert dropped("buffer_full") >= 55
+    assert dropped() < 60
+    final = gateway.gateway.metrics  # read after stop, from the registry itself
+    gateway.stop()  # what is still buffered is given up and counted too
+    text = final.exposition().decode()
+    assert metric_value(text, "recsys_gateway_events_dropped_total") == 60
+    assert metric_value(text, "recsys_gateway_events_sent_total") == 0
+    # Logged, rate-limited: a handful of lines for 60 losses.
+    drop_lines = [r for r in caplog.records if "event dropped" in r.getMessage()]
+    assert 1 <= len(drop_lines) <= 6
