@@ -19,6 +19,7 @@ import argparse
 import copy
 import os
 import platform
+import signal
 import sys
 import tempfile
 import threading
@@ -38,12 +39,11 @@ os.environ["RECSYS_ROLLOUT_TICK_SECONDS"] = "3600"  # no rollouts here
 
 from kubemock.emulator import KubeEmulator  # noqa: E402
 from kubemock.fixtures import write_kubeconfig  # noqa: E402
-from kubemock.operator_thread import OperatorThread  # noqa: E402
 from kubemock.pulsar_admin import PulsarAdminEmulator  # noqa: E402
 from kubemock.serving import ServerThread  # noqa: E402
 
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy  # noqa: E402
-from recsys_operator.controller import metrics  # noqa: E402
+from recsys_operator.local.process import ManagedProcess, free_port  # noqa: E402
 from recsys_operator.render import render_system  # noqa: E402
 
 GROUP, VERSION = "recsys.dev", "v1alpha1"
@@ -87,6 +87,19 @@ class DeploymentController(threading.Thread):
                 self.done.add(key)
 
 
+def operator_counter(url: str, name: str, **labels: str) -> float:
+    """Sum of a counter on the operator's /metrics (only samples with the given labels)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        ours = line.startswith((name + "{", name + " "))
+        if ours and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def ready_count(custom: kubernetes.client.CustomObjectsApi) -> int:
     items = custom.list_namespaced_custom_object(GROUP, VERSION, "default", "recommendersystems")[
         "items"
@@ -120,6 +133,8 @@ def measure_floor(
 
 
 def main() -> None:
+    # Ctrl-C or a SIGTERM still stops the operator process this script started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -159,7 +174,28 @@ def main() -> None:
     )
     print(f"floor: {n * children} child objects created directly in {floor:.1f} s")
 
-    operator = OperatorThread("recsys_operator.controller.handlers").start()
+    # The operator as users run it: its own process, through the CLI.
+    metrics_port = free_port()
+    operator = ManagedProcess(
+        "operator",
+        [
+            sys.executable,
+            "-m",
+            "recsys_operator.cli",
+            "operator",
+            "run",
+            "--namespace",
+            "default",
+            "--metrics-address",
+            f"127.0.0.1:{metrics_port}",
+            "--log-level",
+            "warning",
+        ],
+        workdir / "operator.log",
+        metrics_port,
+    ).start(ready_timeout=60)
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    reconciles_total = "recsys_operator_reconciles_total"
     controller = DeploymentController(kubernetes.client.AppsV1Api(api))
     controller.start()
     try:
@@ -188,12 +224,7 @@ def main() -> None:
             time.sleep(1)
         all_ready = time.perf_counter() - started
         requests = len(kube.handler.requests_since(mark))
-        reconciles = sum(
-            s.value
-            for m in metrics.RECONCILES.collect()
-            for s in m.samples
-            if s.name.endswith("_total")
-        )
+        reconciles = operator_counter(metrics_url, reconciles_total)
         print(
             f"created {n} systems in {created:.1f} s; all Ready after {all_ready:.1f} s "
             f"({all_ready / floor:.1f}x the floor)"
@@ -203,15 +234,17 @@ def main() -> None:
         )
 
         # Steady state: wait for every system to be resynced once more, counting writes.
-        resyncs = metrics.RECONCILES.labels(trigger="resync")
+        def resyncs() -> float:
+            return operator_counter(metrics_url, reconciles_total, trigger="resync")
+
         time.sleep(2)
-        steady_mark, before = kube.handler.mark(), resyncs._value.get()
-        while resyncs._value.get() < before + n:
+        steady_mark, before = kube.handler.mark(), resyncs()
+        while (done := resyncs()) < before + n:
             time.sleep(0.5)
         writes = kube.handler.writes_since(steady_mark, exclude=("events",))
         steady_requests = len(kube.handler.requests_since(steady_mark))
         print(
-            f"steady state: {resyncs._value.get() - before:.0f} resync reconciles, "
+            f"steady state: {done - before:.0f} resync reconciles, "
             f"{steady_requests} requests, {len(writes)} writes (must be 0)"
         )
         if writes:
