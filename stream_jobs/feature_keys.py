@@ -15,6 +15,28 @@ one user's keys live in one slot and a pipeline per user never crosses nodes.
 | `recsys:v1:<system>:popular` | zset | stream job | item id -> decayed interaction count (cold-start fallback) |
 
 All per-user keys carry the store TTL (`spec.features.store.ttl`).
+
+Fields of the `features` hash (all values are strings; empty means "not known yet"):
+
+| field | meaning |
+|---|---|
+| `count:<type>:<window>` | events of `<type>` (view, click, purchase, dwell, impression) in `<window>` (e.g. `1h`), for every type and window, zeros included |
+| `last_ts` | the user's newest event time, epoch ms (time since last event = now - last_ts) |
+| `previous_gap_ms` | time between the user's two newest events |
+| `dwell_mean_ms`, `dwell_events` | mean `dwell_ms` over the events that carried one, and how many did |
+| `session_id`, `session_start_ts`, `session_events` | the current session (events less than the session gap apart) |
+| `events` | events applied for this user since the state was created |
+
+Windows end at the user's newest event (event time), not at the time of reading.
+
+Idempotence: the `state` key holds the ids of the user's newest applied events
+(bounded, `dedup_capacity`) and a horizon time; an event whose id is there, or
+whose `ts` is at or before the horizon, changes nothing. `state` and the keys
+derived from it are written by one atomic Lua script, so they never disagree.
+
+`popular` scores are forward-decayed counts: each interaction adds
+`2 ** ((ts - POPULAR_EPOCH_MS) / half_life)`. Compare scores, do not read them as
+counts; the ranking equals that of counts decayed to any common time.
 """
 
 from __future__ import annotations
@@ -22,6 +44,7 @@ from __future__ import annotations
 import numpy as np
 
 LAYOUT_VERSION = "v1"
+POPULAR_EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, the landmark of popular scores
 
 
 def system_id(namespace: str, name: str) -> str:
@@ -63,3 +86,8 @@ def decode_embedding(data: bytes, dim: int) -> np.ndarray | None:
     if not data or len(data) != 4 * dim:
         return None
     return np.frombuffer(data, dtype="<f4").astype(np.float32)
+
+
+def count_field(event_type: str, window: str) -> str:
+    """The `features` hash field holding the count of `event_type` events in `window`."""
+    return f"count:{event_type}:{window}"

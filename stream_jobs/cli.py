@@ -1,0 +1,183 @@
+"""`recsys` commands of the stream jobs: `recsys events send` and `recsys features run`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stream_jobs.settings import SubscriptionType
+
+events_app = typer.Typer(help="Send user events to the interactions topic.", no_args_is_help=True)
+features_app = typer.Typer(help="The stream feature job.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this package's commands to the `recsys` CLI."""
+    app.add_typer(events_app, name="events")
+    app.add_typer(features_app, name="features")
+
+
+# --- recsys events send ----------------------------------------------------------
+
+
+@events_app.command("send")
+def send_events(
+    source: Annotated[
+        str, typer.Argument(help="File of JSON events, one per line; '-' reads stdin.")
+    ] = "-",
+    service_url: Annotated[
+        str, typer.Option(envvar="RECSYS_EVENTS_SERVICE_URL", help="Pulsar service URL.")
+    ] = "pulsar://127.0.0.1:6650",
+    topic: Annotated[
+        str, typer.Option(envvar="RECSYS_EVENTS_TOPIC", help="The interactions topic.")
+    ] = "persistent://public/default/interactions",
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="RECSYS_PULSAR_TOKEN", help="Pulsar JWT, if the cluster wants one."),
+    ] = None,
+    fill_missing: Annotated[
+        bool,
+        typer.Option(
+            "--fill-missing",
+            help="Give events without event_id or ts a random id and the current time.",
+        ),
+    ] = False,
+    key_based_batching: Annotated[
+        bool,
+        typer.Option(
+            "--key-based-batching",
+            help="Batch per user (for KeyShared subscriptions on a real Pulsar cluster).",
+        ),
+    ] = False,
+) -> None:
+    """Send events (JSON lines, keyed by user_id) and report invalid lines.
+
+    Exits 1 when any line was not a valid event (the valid ones are still sent).
+    """
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn, TimeElapsedColumn
+
+    from stream_jobs.producer import EventProducer, send_lines
+
+    err = Console(stderr=True)
+    stream = sys.stdin if source == "-" else Path(source).open(encoding="utf-8")  # noqa: SIM115
+    try:
+        with (
+            EventProducer(
+                service_url, topic, token=token, key_based_batching=key_based_batching
+            ) as producer,
+            Progress(
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=err,
+                disable=not err.is_terminal,
+            ) as progress,
+        ):
+            task = progress.add_task("sending")
+
+            def show(sent: int, invalid: int) -> None:
+                progress.update(task, description=f"{sent} sent, {invalid} invalid")
+
+            report = send_lines(producer, stream, fill=fill_missing, on_progress=show)
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+    for problem in report.problems:
+        err.print(
+            f"line {problem.line_number}: {problem.reason}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    typer.echo(f"sent {report.sent} events to {topic}; {len(report.problems)} invalid lines")
+    if report.problems:
+        raise typer.Exit(1)
+
+
+# --- recsys features run ---------------------------------------------------------
+
+
+def _opt(help_text: str) -> typer.models.OptionInfo:
+    return typer.Option(help=help_text, show_default=False)
+
+
+@features_app.command("run")
+def run_features(
+    system_id: Annotated[str | None, _opt("Id in the feature keys: <namespace>.<name>.")] = None,
+    pulsar_service_url: Annotated[str | None, _opt("Pulsar service URL.")] = None,
+    pulsar_admin_url: Annotated[str | None, _opt("Pulsar admin URL (backlog metric).")] = None,
+    interactions_topic: Annotated[str | None, _opt("The topic to consume.")] = None,
+    subscription: Annotated[str | None, _opt("Subscription name.")] = None,
+    subscription_type: Annotated[
+        SubscriptionType | None, _opt("KeyShared or Failover in production; Shared locally.")
+    ] = None,
+    dead_letter_topic: Annotated[str | None, _opt("Topic for malformed events.")] = None,
+    redis_url: Annotated[str | None, _opt("The feature store.")] = None,
+    store_ttl_seconds: Annotated[int | None, _opt("Expiry of per-user keys.")] = None,
+    last_n: Annotated[int | None, _opt("Recent items kept per user.")] = None,
+    windows: Annotated[str | None, _opt("Counting windows, comma-separated, e.g. 1h,24h.")] = None,
+    session_gap: Annotated[str | None, _opt("Inactivity that ends a session, e.g. 30m.")] = None,
+    dedup_capacity: Annotated[int | None, _opt("Event ids remembered per user.")] = None,
+    online_updates: Annotated[
+        bool | None, typer.Option(help="Update user embeddings online.", show_default=False)
+    ] = None,
+    learning_rate: Annotated[float | None, _opt("Step toward a touched item's embedding.")] = None,
+    decay: Annotated[float | None, _opt("Decay of the user embedding per interaction.")] = None,
+    model_version: Annotated[str | None, _opt("The served model version.")] = None,
+    model_archive_uri: Annotated[
+        str | None, _opt("Its archive or directory: path, file:// or http(s)://.")
+    ] = None,
+    embeddings_path: Annotated[
+        Path | None, _opt("Item embeddings: one model's directory or archive, or one per version.")
+    ] = None,
+    embeddings_reload: Annotated[str | None, _opt("How often embeddings are rescanned.")] = None,
+    popular_half_life: Annotated[str | None, _opt("Decay of the popular items, e.g. 7d.")] = None,
+    max_future: Annotated[str | None, _opt("Events further ahead are dead-lettered.")] = None,
+    batch_size: Annotated[int | None, _opt("Messages per batch.")] = None,
+    batch_wait: Annotated[str | None, _opt("Longest wait for a batch to fill, e.g. 5ms.")] = None,
+    drain_timeout: Annotated[str | None, _opt("On SIGTERM, time left for the batch.")] = None,
+    resubscribe_idle: Annotated[
+        str | None, _opt("Reopen the subscription after this long idle (pulsar-lite).")
+    ] = None,
+    metrics_address: Annotated[
+        str | None, _opt("host:port of /metrics (0.0.0.0:PORT in a pod); empty: off.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
+) -> None:
+    """Consume interaction events and keep per-user features fresh in Redis.
+
+    Every option can also be set as RECSYS_<OPTION> (e.g. RECSYS_REDIS_URL);
+    an option given here wins. Secrets come only from the environment:
+    RECSYS_PULSAR_TOKEN, RECSYS_REDIS_PASSWORD.
+    """
+    # The options are the settings' fields by name; None means "not given here".
+    given = {name: value for name, value in locals().items() if name != "log_level"}
+    from pydantic import ValidationError
+
+    from stream_jobs.features import main
+    from stream_jobs.settings import FeatureJobSettings
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if windows is not None:
+        given["windows"] = [w.strip() for w in windows.split(",") if w.strip()]
+    try:
+        settings = FeatureJobSettings.from_env(**given)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            typer.echo(f"{where}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(main(settings))
+
+
+def features_main() -> None:
+    """`python -m stream_jobs.features`: the `run` command on its own."""
+    app = typer.Typer(add_completion=False)
+    app.command()(run_features)
+    app(prog_name="python -m stream_jobs.features")

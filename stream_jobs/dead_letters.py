@@ -1,0 +1,108 @@
+"""Dead letters: events the job cannot apply, published with the reason instead of dropped.
+
+Each dead letter is a JSON envelope on the dead-letter topic, keyed like the
+original message::
+
+    {"reason": "ts: must be Unix epoch milliseconds ...", "code": "invalid_field",
+     "topic": "persistent://.../interactions-partition-1", "message_id": "(12,3,1,-1)",
+     "subscription": "recsys-features", "key": "u42", "publish_time": 1767225600000,
+     "dead_lettered_at": 1767225600123, "payload": "{\\"user_id\\": ...}"}
+
+`payload` is the original bytes as text when they are UTF-8, otherwise base64
+with `"payload_encoding": "base64"`. The original message is acked only after its
+dead letter was accepted by the broker, so a failing broker delays, never loses.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pulsar
+
+from stream_jobs.events import InvalidEvent
+
+SEND_TIMEOUT_S = 30.0
+
+
+class ReceivedMessage(Protocol):
+    """The parts of a received Pulsar message a dead letter records."""
+
+    def data(self) -> bytes: ...
+    def topic_name(self) -> str: ...
+    def message_id(self) -> Any: ...
+    def partition_key(self) -> str: ...
+    def publish_timestamp(self) -> int: ...
+
+
+def envelope(
+    message: ReceivedMessage, problem: InvalidEvent, subscription: str, now_ms: int
+) -> dict[str, Any]:
+    """The dead letter of `message`, which failed with `problem`."""
+    payload = message.data()
+    document: dict[str, Any] = {
+        "reason": problem.reason,
+        "code": problem.code,
+        "topic": message.topic_name(),
+        "message_id": str(message.message_id()),
+        "subscription": subscription,
+        "key": message.partition_key() or None,
+        "publish_time": message.publish_timestamp(),
+        "dead_lettered_at": now_ms,
+    }
+    try:
+        document["payload"] = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        document["payload"] = base64.b64encode(payload).decode("ascii")
+        document["payload_encoding"] = "base64"
+    return document
+
+
+@dataclass
+class DeadLetter:
+    message: ReceivedMessage
+    problem: InvalidEvent
+
+
+class DeadLetterPublisher:
+    """Publishes dead letters and says which of them the broker accepted."""
+
+    def __init__(self, producer: pulsar.Producer, subscription: str) -> None:
+        self.producer = producer
+        self.subscription = subscription
+
+    def publish(self, letters: Sequence[DeadLetter], now_ms: int) -> list[bool]:
+        """Send all, wait for the broker, and return per letter whether it was stored."""
+        results: list[bool] = [False] * len(letters)
+        done = threading.Semaphore(0)
+
+        def callback(index: int) -> Any:
+            def on_sent(result: pulsar.Result, _message_id: Any) -> None:
+                results[index] = result == pulsar.Result.Ok
+                done.release()
+
+            return on_sent
+
+        for i, letter in enumerate(letters):
+            body = json.dumps(envelope(letter.message, letter.problem, self.subscription, now_ms))
+            key = letter.message.partition_key()
+            try:
+                if key:
+                    self.producer.send_async(body.encode(), callback(i), partition_key=key)
+                else:
+                    self.producer.send_async(body.encode(), callback(i))
+            except pulsar.PulsarException:
+                done.release()  # stays False: the original is not acked and comes back
+        with contextlib.suppress(pulsar.PulsarException):
+            self.producer.flush()  # the callbacks report which letters failed
+        deadline = time.monotonic() + SEND_TIMEOUT_S
+        for _ in letters:
+            if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                break
+        return results

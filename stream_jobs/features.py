@@ -1,0 +1,304 @@
+"""The stream feature job: interaction events in, fresh per-user features out.
+
+    recsys features run --system-id NS.NAME --interactions-topic ... --redis-url ...
+    python -m stream_jobs.features ...      (the same command, alone)
+
+The loop, one batch at a time:
+
+1. receive up to `batch_size` messages, waiting at most `batch_wait`;
+2. parse each; a malformed one becomes a dead letter (published, then acked);
+3. apply the valid ones per user and write them to Redis atomically
+   (`feature_store`); on a Redis error, back off and retry the same batch
+   (nothing is acked meanwhile, so nothing is lost);
+4. ack the batch only after the write committed.
+
+Delivery is at least once; the state remembers event ids, so a redelivered
+event changes nothing. SIGTERM finishes the batch in hand (for up to
+`drain_timeout`), then exits; unacked messages go to another consumer.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import pulsar
+import redis
+
+from stream_jobs.backlog import BacklogPoller
+from stream_jobs.dead_letters import DeadLetter, DeadLetterPublisher
+from stream_jobs.events import Event, InvalidEvent, check_event_time, now_ms, parse_event
+from stream_jobs.feature_store import BatchWrite, FeatureStore, StoreLayout, TooManyConflicts
+from stream_jobs.item_embeddings import EmbeddingCatalog, EmbeddingsError
+from stream_jobs.metrics import FeatureJobMetrics
+from stream_jobs.settings import FeatureJobSettings, SubscriptionType, duration_ms
+from stream_jobs.user_features import Outcome
+
+log = logging.getLogger("stream_jobs.features")
+
+CONSUMER_TYPES = {
+    SubscriptionType.KEY_SHARED: pulsar.ConsumerType.KeyShared,
+    SubscriptionType.FAILOVER: pulsar.ConsumerType.Failover,
+    SubscriptionType.SHARED: pulsar.ConsumerType.Shared,
+}
+# Redis errors worth waiting out: the server is down, restarting, loading or unreachable.
+STORE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, TooManyConflicts)
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 2.0
+# An event naming a model version we have not loaded triggers a rescan, at most this often.
+UNKNOWN_VERSION_RESCAN_S = 5.0
+
+
+def pulsar_client(settings: FeatureJobSettings) -> pulsar.Client:
+    token = settings.pulsar_token.get_secret_value() if settings.pulsar_token else None
+    return pulsar.Client(
+        settings.pulsar_service_url,
+        authentication=pulsar.AuthenticationToken(token) if token else None,
+        logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),  # its INFO lines are per connection
+    )
+
+
+def redis_client(settings: FeatureJobSettings) -> redis.Redis:
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    return redis.Redis.from_url(
+        settings.redis_url, password=password, socket_timeout=5, socket_connect_timeout=2
+    )
+
+
+class FeatureJob:
+    """One consumer of the interactions topic that keeps the users' features fresh."""
+
+    def __init__(
+        self,
+        settings: FeatureJobSettings,
+        metrics: FeatureJobMetrics | None = None,
+        store_client: redis.Redis | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or FeatureJobMetrics()
+        self.params = settings.feature_params()
+        layout = StoreLayout(
+            system=settings.system_id,
+            ttl_ms=settings.store_ttl_seconds * 1000,
+            popular_half_life_ms=duration_ms(settings.popular_half_life),
+        )
+        self.store = FeatureStore(store_client or redis_client(settings), layout, self.params)
+        self.catalog = EmbeddingCatalog(
+            settings.embeddings_path, settings.model_version, settings.model_archive_uri
+        )
+        self._max_future_ms = duration_ms(settings.max_future)
+        self._drain_s = duration_ms(settings.drain_timeout) / 1000
+        self._reload_s = duration_ms(settings.embeddings_reload) / 1000
+        idle = settings.resubscribe_idle
+        self._resubscribe_s = duration_ms(idle) / 1000 if idle else None
+        self._next_reload = 0.0
+        self._last_unknown_rescan = 0.0
+        self._stop_since: float | None = None
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
+        """Consume until `stop` is set, then finish the batch in hand and return."""
+        s = self.settings
+        client = pulsar_client(s)
+        endpoint = s.metrics_endpoint
+        server = self.metrics.serve(*endpoint) if endpoint is not None else None
+        poller = self._start_backlog_poller()
+        try:
+            consumer = self._subscribe(client)
+            dead_letters = DeadLetterPublisher(
+                client.create_producer(s.dead_letters, batching_enabled=False), s.subscription
+            )
+            self._refresh_embeddings()
+            log.info(
+                "consuming %s as %s (%s)", s.interactions_topic, s.subscription, s.subscription_type
+            )
+            if ready is not None:
+                ready.set()
+            last_message = time.monotonic()
+            while not stop.is_set():
+                messages = consumer.batch_receive()
+                now = time.monotonic()
+                if now >= self._next_reload:
+                    self._refresh_embeddings()
+                if messages:
+                    last_message = now
+                    self.process_batch(consumer, dead_letters, list(messages), stop)
+                elif self._resubscribe_s and now - last_message >= self._resubscribe_s:
+                    # Nothing is in flight when idle, so nothing is redelivered.
+                    consumer.close()
+                    consumer = self._subscribe(client)
+                    last_message = now
+                    self.metrics.resubscribes.inc()
+            log.info("stopping: the batch in hand is done")
+            consumer.close()
+        finally:
+            if poller is not None:
+                poller.stop()
+            client.close()
+            if server is not None:
+                server.shutdown()
+
+    def _subscribe(self, client: pulsar.Client) -> pulsar.Consumer:
+        s = self.settings
+        return client.subscribe(
+            s.interactions_topic,
+            s.subscription,
+            consumer_type=CONSUMER_TYPES[s.subscription_type],
+            initial_position=pulsar.InitialPosition.Earliest,
+            receiver_queue_size=max(1000, 2 * s.batch_size),
+            batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
+                s.batch_size, -1, max(1, duration_ms(s.batch_wait))
+            ),
+        )
+
+    def _start_backlog_poller(self) -> BacklogPoller | None:
+        s = self.settings
+        if not s.pulsar_admin_url:
+            return None
+        topic = s.interactions_topic
+        gauge = self.metrics.backlog.labels(topic=topic, subscription=s.subscription)
+        token = s.pulsar_token.get_secret_value() if s.pulsar_token else None
+        return BacklogPoller(s.pulsar_admin_url, topic, s.subscription, token, gauge.set).start()
+
+    def _refresh_embeddings(self) -> None:
+        self._next_reload = time.monotonic() + self._reload_s
+        if not self.settings.online_updates:
+            return
+        try:
+            self.catalog.refresh()
+        except EmbeddingsError as exc:
+            log.error("%s", exc)
+        self.metrics.item_embeddings.clear()
+        for version, items in self.catalog.versions.items():
+            self.metrics.item_embeddings.labels(model_version=version).set(len(items.item_ids))
+
+    # --- one batch ---------------------------------------------------------------
+
+    def process_batch(
+        self,
+        consumer: pulsar.Consumer,
+        dead_letters: DeadLetterPublisher,
+        messages: Sequence[Any],
+        stop: threading.Event,
+    ) -> bool:
+        """Apply, write and ack one batch; False when it was left unacked (stopping)."""
+        started = time.monotonic()
+        valid, invalid = self._parse(messages)
+        if valid:
+            self._maybe_rescan_for([event for _, event in valid])
+            written = self._write_until_done([event for _, event in valid], stop)
+            if written is None:
+                return False
+            self._record(written)
+            for message, _ in valid:
+                consumer.acknowledge(message)
+        if invalid:
+            accepted = dead_letters.publish(invalid, now_ms())
+            for letter, ok in zip(invalid, accepted, strict=True):
+                if ok:
+                    consumer.acknowledge(letter.message)
+                    self.metrics.dead_letters.labels(reason=letter.problem.code).inc()
+                else:
+                    log.error("dead-letter topic refused a message; it stays unacked")
+        self.metrics.batch_events.observe(len(messages))
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
+        self.metrics.last_batch.set_to_current_time()
+        return True
+
+    def _parse(self, messages: Sequence[Any]) -> tuple[list[tuple[Any, Event]], list[DeadLetter]]:
+        valid, invalid = [], []
+        now = now_ms()
+        for message in messages:
+            try:
+                event = parse_event(message.data())
+                check_event_time(event, now, self._max_future_ms)
+            except InvalidEvent as problem:
+                invalid.append(DeadLetter(message, problem))
+            else:
+                valid.append((message, event))
+        return valid, invalid
+
+    def _maybe_rescan_for(self, events: list[Event]) -> None:
+        """Reload embeddings early when events name a model version not loaded yet."""
+        if not self.settings.online_updates or not self.catalog.has_sources:
+            return
+        named = {e.model_version for e in events if e.model_version}
+        if named - set(self.catalog.versions):
+            now = time.monotonic()
+            if now - self._last_unknown_rescan >= UNKNOWN_VERSION_RESCAN_S:
+                self._last_unknown_rescan = now
+                self._refresh_embeddings()
+
+    def _write_until_done(self, events: list[Event], stop: threading.Event) -> BatchWrite | None:
+        """Write the batch, retrying Redis errors with backoff; None if stopped before it could."""
+        by_user: dict[str, list[Event]] = {}
+        for event in events:
+            by_user.setdefault(event.user_id, []).append(event)
+        items = self.catalog.versions if self.settings.online_updates else {}
+        delay = BACKOFF_FIRST_S
+        while True:
+            try:
+                return self.store.apply(by_user, items)
+            except STORE_ERRORS as exc:
+                self.metrics.store_errors.labels(error=type(exc).__name__).inc()
+                if self._drain_expired(stop):
+                    log.error(
+                        "stopping while the store fails (%s): %d events left unacked",
+                        exc,
+                        len(events),
+                    )
+                    return None
+                log.warning("feature store write failed (%s); retrying in %.2fs", exc, delay)
+                if stop.is_set():
+                    time.sleep(delay)  # draining: keep trying until the deadline
+                else:
+                    stop.wait(delay)
+                delay = min(2 * delay, BACKOFF_MAX_S)
+
+    def _drain_expired(self, stop: threading.Event) -> bool:
+        if not stop.is_set():
+            return False
+        if self._stop_since is None:
+            self._stop_since = time.monotonic()
+        return time.monotonic() - self._stop_since >= self._drain_s
+
+    def _record(self, written: BatchWrite) -> None:
+        counts: Counter[tuple[str, str]] = Counter()
+        unknown: Counter[str] = Counter()
+        freshness = self.metrics.freshness
+        for user, update in written.updates.items():
+            unknown.update(update.unknown_items)
+            for event, outcome in zip(written.events[user], update.outcomes, strict=True):
+                counts[(event.type.value, outcome.value)] += 1
+                if outcome is Outcome.APPLIED:
+                    freshness.observe(max(0.0, (written.written_at_ms - event.ts) / 1000))
+        for (event_type, result), n in counts.items():
+            self.metrics.events.labels(type=event_type, outcome=result).inc(n)
+        for version, n in unknown.items():
+            self.metrics.unknown_items.labels(model_version=version).inc(n)
+
+
+def main(settings: FeatureJobSettings) -> int:
+    """Run the job in this process until SIGTERM or SIGINT; the exit code."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    FeatureJob(settings).run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    from stream_jobs.cli import features_main
+
+    features_main()

@@ -1,0 +1,98 @@
+"""The feature job's Prometheus metrics, served on /metrics.
+
+Each job owns a registry (not the process-global one) so that several jobs in
+one process, as in tests, do not collide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Freshness is "event time to written": milliseconds when healthy, seconds to
+# minutes when the job lags, so the buckets span both (finely below 100 ms,
+# where the objective is).
+FRESHNESS_BUCKETS = (
+    *(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1),
+    *(0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+)
+BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class FeatureJobMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.events = Counter(
+            "recsys_feature_events",
+            "Valid events handled, by type and outcome (applied, duplicate, late).",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "recsys_feature_dead_letters",
+            "Events sent to the dead-letter topic, by reason code.",
+            ["reason"],
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "recsys_feature_batch_seconds",
+            "Time from receiving a batch to acknowledging it.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_events = Histogram(
+            "recsys_feature_batch_events",
+            "Messages per batch.",
+            buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+            registry=r,
+        )
+        self.freshness = Histogram(
+            "recsys_feature_freshness_seconds",
+            "Time from an event's ts to its features being written to the store.",
+            buckets=FRESHNESS_BUCKETS,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "recsys_feature_store_errors",
+            "Failed batch writes to the feature store (retried, messages stay unacked).",
+            ["error"],
+            registry=r,
+        )
+        self.unknown_items = Counter(
+            "recsys_feature_unknown_items",
+            "Interactions with items the model version has no embedding for.",
+            ["model_version"],
+            registry=r,
+        )
+        self.item_embeddings = Gauge(
+            "recsys_feature_item_embeddings",
+            "Items with an embedding, per loaded model version.",
+            ["model_version"],
+            registry=r,
+        )
+        self.backlog = Gauge(
+            "recsys_feature_consumer_backlog",
+            "Unacknowledged messages of the job's subscription (from the Pulsar admin API).",
+            ["topic", "subscription"],
+            registry=r,
+        )
+        self.resubscribes = Counter(
+            "recsys_feature_resubscribes",
+            "Times the subscription was reopened after `resubscribe_idle` without messages.",
+            registry=r,
+        )
+        self.last_batch = Gauge(
+            "recsys_feature_last_batch_timestamp_seconds",
+            "When the last batch was written and acknowledged.",
+            registry=r,
+        )
+
+    def serve(self, host: str, port: int) -> Any:
+        """Start the /metrics HTTP server; returns it (call `.shutdown()` to stop it)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server

@@ -1,0 +1,156 @@
+"""Sending events to the interactions topic, for users' services and scripts.
+
+    with EventProducer("pulsar://broker:6650", "persistent://recsys/ns/interactions") as p:
+        p.send(new_event("u42", "i7", "click"))
+
+Events are JSON, keyed by `user_id`, so one user's events land on one partition
+and stay in order. Sends are asynchronous; `flush()` (and leaving the `with`
+block) waits until the broker has stored them and raises if any were refused.
+
+With a KeyShared subscription on a real Pulsar cluster, pass
+`key_based_batching=True` so that a batch never mixes users (else the broker
+routes the whole batch by its first key). pulsar-lite loses key-based batches,
+so it is off by default.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import pulsar
+
+from stream_jobs.events import (
+    Event,
+    InvalidEvent,
+    event_from_record,
+    fill_missing,
+    now_ms,
+    parse_event,
+    parse_json_object,
+)
+
+
+class SendFailed(RuntimeError):
+    """The broker refused some events; the message says how many and why."""
+
+
+class EventProducer:
+    """A Pulsar producer of events, keyed by user id."""
+
+    def __init__(
+        self,
+        service_url: str,
+        topic: str,
+        *,
+        token: str | None = None,
+        key_based_batching: bool = False,
+        client: pulsar.Client | None = None,
+    ) -> None:
+        self._own_client = client is None
+        self._client = client or pulsar.Client(
+            service_url,
+            authentication=pulsar.AuthenticationToken(token) if token else None,
+            logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
+        )
+        self._producer = self._client.create_producer(
+            topic,
+            batching_enabled=True,
+            batching_max_publish_delay_ms=5,
+            batching_type=pulsar.BatchingType.KeyBased
+            if key_based_batching
+            else pulsar.BatchingType.Default,
+            block_if_queue_full=True,  # back-pressure instead of errors on bursts
+        )
+        self._lock = threading.Lock()
+        self._failures: list[str] = []
+        self.sent = 0
+        self.acknowledged = 0
+
+    def send(self, event: Event) -> None:
+        """Queue `event` for sending (returns before the broker confirms it)."""
+        self.send_raw(event.to_json(), event.user_id)
+
+    def send_raw(self, payload: bytes, user_id: str) -> None:
+        """Queue an already-encoded event; `payload` is sent as is."""
+        self._producer.send_async(payload, self._on_sent, partition_key=user_id)
+        self.sent += 1
+
+    def _on_sent(self, result: pulsar.Result, _message_id: Any) -> None:
+        with self._lock:
+            if result == pulsar.Result.Ok:
+                self.acknowledged += 1
+            else:
+                self._failures.append(str(result))
+
+    def flush(self) -> None:
+        """Wait until everything queued is stored; SendFailed if the broker refused any."""
+        self._producer.flush()
+        with self._lock:
+            failures, self._failures = self._failures, []
+        if failures:
+            raise SendFailed(f"{len(failures)} events were not stored: {sorted(set(failures))}")
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._producer.close()
+            if self._own_client:
+                self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclass
+class LineProblem:
+    line_number: int
+    reason: str
+
+
+@dataclass
+class SendReport:
+    sent: int = 0
+    problems: list[LineProblem] = field(default_factory=list)
+
+
+def send_lines(
+    producer: EventProducer,
+    lines: Iterable[str],
+    *,
+    fill: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> SendReport:
+    """Send one JSON event per line; invalid lines are reported, not sent.
+
+    Blank lines and lines starting with `#` are skipped. `fill` gives events
+    without `event_id` or `ts` a random id and the current time. `on_progress`
+    is called with (sent, invalid) every 1,000 lines and at the end.
+    """
+    report = SendReport()
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            if fill:
+                event = event_from_record(fill_missing(parse_json_object(text), now_ms()))
+            else:
+                event = parse_event(text)
+        except InvalidEvent as problem:
+            report.problems.append(LineProblem(number, problem.reason))
+            continue
+        producer.send(event)
+        report.sent += 1
+        if on_progress is not None and number % 1000 == 0:
+            on_progress(report.sent, len(report.problems))
+    producer.flush()
+    if on_progress is not None:
+        on_progress(report.sent, len(report.problems))
+    return report

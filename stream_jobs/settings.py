@@ -1,0 +1,155 @@
+"""Configuration of the feature job: one model, filled from env vars and CLI flags.
+
+Every field `name` can be set with the environment variable `RECSYS_<NAME>`
+(upper case; lists comma-separated) and with the flag `--<name>` (dashes for
+underscores) of `recsys features run`; a flag wins over the environment. The
+operator renders these variables into the job's pods
+(`recsys_operator.render.features`), so the names are a contract with it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from recsys_operator.api.base import Duration, parse_duration
+from stream_jobs.user_features import FeatureParams
+
+ENV_PREFIX = "RECSYS_"
+_LIST_FIELDS = frozenset({"windows"})  # comma-separated in the environment
+
+
+class SubscriptionType(StrEnum):
+    KEY_SHARED = "KeyShared"
+    FAILOVER = "Failover"
+    SHARED = "Shared"
+
+
+class FeatureJobSettings(BaseModel):
+    """Everything the feature job needs to know; see docs/stream-features.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """The RecommenderSystem's id in the feature keys (`<namespace>.<name>`)."""
+    pulsar_service_url: str = Field(
+        default="pulsar://127.0.0.1:6650", pattern=r"^pulsar(\+ssl)?://.+"
+    )
+    pulsar_token: SecretStr | None = None
+    """JWT for Pulsar authentication (from the auth Secret)."""
+    pulsar_admin_url: str | None = Field(default=None, pattern=r"^https?://.+")
+    """Pulsar admin REST API, only to export the subscription backlog as a metric."""
+    interactions_topic: str = Field(
+        default="persistent://public/default/interactions", min_length=1
+    )
+    subscription: str = Field(default="recsys-features", min_length=1)
+    subscription_type: SubscriptionType = SubscriptionType.KEY_SHARED
+    """KeyShared or Failover keep one user's events on one consumer; Shared only locally."""
+    dead_letter_topic: str | None = None
+    """Where malformed events go; defaults to `<interactions_topic>-dead-letter`."""
+
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://.+")
+    redis_password: SecretStr | None = None
+    store_ttl_seconds: int = Field(default=7 * 86_400, ge=1)
+    """Per-user keys expire this long after the user's last write."""
+
+    last_n: int = Field(default=50, ge=1, le=1000)
+    windows: list[Duration] = Field(
+        default_factory=lambda: ["1h", "24h"], min_length=1, max_length=8
+    )
+    session_gap: Duration = "30m"
+    dedup_capacity: int = Field(default=64, ge=1, le=100_000)
+    """Event ids remembered per user for idempotence."""
+    max_future: Duration = "5m"
+    """Events further ahead of the job's clock than this are dead-lettered."""
+
+    online_updates: bool = True
+    learning_rate: float = Field(default=0.1, gt=0.0, le=1.0)
+    decay: float = Field(default=0.98, gt=0.0, le=1.0)
+    model_version: str | None = None
+    """The served model version: names the embeddings of a single model's files."""
+    model_archive_uri: str | None = None
+    """The model version's archive (`.mar`) or directory: a path, file:// or http(s)://."""
+    embeddings_path: Path | None = None
+    """Item embeddings on disk: one model's directory or archive, or one sub-directory
+    per model version (local mode, rollouts with both versions mounted)."""
+    embeddings_reload: Duration = "30s"
+    popular_half_life: Duration = "7d"
+
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    batch_wait: Duration = "5ms"
+    """How long a batch waits to fill before it is processed anyway."""
+    resubscribe_idle: Duration | None = None
+    """After this long without a message, close and reopen the subscription: pulsar-lite
+    sometimes stops dispatching one partition of a partitioned topic to a consumer
+    (batched messages, Shared) until it resubscribes. Off by default; local mode sets it."""
+    drain_timeout: Duration = "20s"
+    """On SIGTERM, how long in-flight work may take before the job exits without acking it."""
+
+    metrics_address: str | None = Field(default="127.0.0.1:9102", pattern=r"^[^:\s]*:\d{1,5}$")
+    """host:port of /metrics (`0.0.0.0:PORT` in a pod); empty turns it off."""
+
+    @field_validator("windows")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"windows must be distinct, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _popular_scores_stay_finite(self) -> FeatureJobSettings:
+        # Forward-decayed scores grow by 2x per half-life since 2026; a short
+        # half-life would overflow a double within the system's lifetime.
+        if parse_duration(self.popular_half_life) < 86_400:
+            raise ValueError("popular_half_life must be at least 1d")
+        return self
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> FeatureJobSettings:
+        """Settings from `RECSYS_FEATURES_*` variables, then `overrides` (None = not given)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is None:
+                continue
+            if name in _LIST_FIELDS:
+                values[name] = [part.strip() for part in raw.split(",") if part.strip()]
+            else:
+                values[name] = raw if raw != "" else None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)
+
+    @property
+    def dead_letters(self) -> str:
+        return self.dead_letter_topic or f"{self.interactions_topic}-dead-letter"
+
+    @property
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        """(host, port) of /metrics, or None when it is off."""
+        if not self.metrics_address:
+            return None
+        host, _, port = self.metrics_address.rpartition(":")
+        return host or "0.0.0.0", int(port)
+
+    def feature_params(self) -> FeatureParams:
+        return FeatureParams(
+            last_n=self.last_n,
+            windows=tuple((w, duration_ms(w)) for w in self.windows),
+            session_gap_ms=duration_ms(self.session_gap),
+            dedup_capacity=self.dedup_capacity,
+            learning_rate=self.learning_rate,
+            decay=self.decay,
+        )
+
+
+def duration_ms(duration: str) -> int:
+    """Milliseconds in a duration setting such as `20ms` or `168h`."""
+    return round(parse_duration(duration) * 1000)

@@ -1,0 +1,401 @@
+"""Per-user feature math: pure functions from (state, event) to a new state.
+
+Nothing here does I/O or reads a clock, so replaying the same events gives the
+same state, and every rule is testable on its own. Time is *event time*: the
+user's clock is the newest `ts` seen for that user, so windows and sessions do
+not depend on when the job happens to run or restart.
+
+Rules (see docs/stream-features.md for the reader's view):
+
+- **Idempotence.** An event whose `event_id` is in the user's seen set changes
+  nothing. The set keeps the `dedup_capacity` newest ids; evicting an id moves the
+  user's *horizon* to its `ts`, and any unseen event at or before the horizon is
+  ignored as too late, because it could be a duplicate of an evicted id. So a
+  replay never counts twice, however large it is.
+- **Windows.** Counts per type over each window are kept in `buckets_per_window`
+  time buckets (a 1h window in 1-minute buckets), so the state is bounded however
+  active the user is. A window covers the buckets that end at the bucket of the
+  user's newest event; its resolution is window / buckets_per_window.
+- **Out-of-order events** land in the bucket of their own `ts` (if still inside the
+  window) and at their place in the recent items, ordered by (ts, item_id).
+- **Sessions** are runs of events less than `session_gap_ms` apart; an event more
+  than the gap after the newest one starts a new session, named by its event id.
+  A late event joins the current session.
+- **Online embedding.** `u <- decay * u + learning_rate * item`, per interaction,
+  in arrival order (impressions do not move it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from stream_jobs.events import Event, EventType
+from stream_jobs.feature_keys import count_field
+from stream_jobs.item_embeddings import ItemEmbeddings
+
+STATE_FORMAT = 1
+# Made once: json.dumps/loads with options build a new coder per call, which costs
+# as much as the coding itself for states this small.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_DECODER = json.JSONDecoder()
+EVENT_TYPE_NAMES = tuple(t.value for t in EventType)
+TYPE_INDEX = {name: i for i, name in enumerate(EVENT_TYPE_NAMES)}
+
+
+@dataclass(frozen=True)
+class FeatureParams:
+    """The knobs of the feature math (from the job's settings)."""
+
+    last_n: int = 50
+    windows: tuple[tuple[str, int], ...] = (("1h", 3_600_000), ("24h", 86_400_000))
+    """(name, length in milliseconds) of each counting window."""
+    buckets_per_window: int = 60
+    session_gap_ms: int = 30 * 60_000
+    dedup_capacity: int = 64
+    learning_rate: float = 0.1
+    decay: float = 0.98
+
+    def bucket_ms(self, window_ms: int) -> int:
+        return max(1, window_ms // self.buckets_per_window)
+
+    @cached_property
+    def window_buckets(self) -> tuple[tuple[str, int], ...]:
+        """(name, bucket width in ms) of each window."""
+        return tuple((name, self.bucket_ms(window_ms)) for name, window_ms in self.windows)
+
+    @cached_property
+    def count_fields(self) -> tuple[tuple[str, ...], ...]:
+        """Per window, the `features` field of each event type's count."""
+        return tuple(
+            tuple(count_field(t, name) for t in EVENT_TYPE_NAMES) for name, _ in self.windows
+        )
+
+
+RecentItem = tuple[int, str]
+"""(ts, item id) of one interaction."""
+
+Counts = Mapping[str, Mapping[int, tuple[int, ...]]]
+"""window name -> bucket index -> count per event type (in EVENT_TYPE_NAMES order)."""
+
+
+@dataclass(frozen=True)
+class UserState:
+    """Everything the job remembers about one user (stored as JSON under `state`)."""
+
+    last_ts: int | None = None
+    """The user's clock: the newest event time seen."""
+    previous_gap_ms: int | None = None
+    """Time between the two newest events."""
+    recent: tuple[RecentItem, ...] = ()
+    """Items of the newest interactions, newest first, at most last_n."""
+    counts: Counts = field(default_factory=dict)
+    dwell_total_ms: int = 0
+    dwell_events: int = 0
+    session_id: str | None = None
+    session_start_ts: int | None = None
+    session_events: int = 0
+    seen: Mapping[str, int] = field(default_factory=dict)
+    """event_id -> ts of the newest dedup_capacity events applied."""
+    horizon_ts: int = -1
+    """Unseen events at or before this time are ignored (see the module docstring)."""
+    events_applied: int = 0
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    LATE = "late"
+
+
+def classify(state: UserState, event: Event) -> Outcome:
+    """Whether `event` is new to `state`, a duplicate, or too late to tell."""
+    if event.event_id in state.seen:
+        return Outcome.DUPLICATE
+    if event.ts <= state.horizon_ts:
+        return Outcome.LATE
+    return Outcome.APPLIED
+
+
+def apply_event(state: UserState, event: Event, params: FeatureParams) -> tuple[UserState, Outcome]:
+    """The state after `event`, and what happened to it (only APPLIED changes the state)."""
+    outcome = classify(state, event)
+    if outcome is not Outcome.APPLIED:
+        return state, outcome
+    last_ts = event.ts if state.last_ts is None else max(state.last_ts, event.ts)
+    seen, horizon = _remember(state.seen, state.horizon_ts, event, params.dedup_capacity)
+    session_id, session_start, session_events = _session(state, event, params.session_gap_ms)
+    has_dwell = event.dwell_ms is not None
+    new = UserState(
+        last_ts=last_ts,
+        previous_gap_ms=_previous_gap(state, event),
+        recent=_add_recent(state.recent, event, params.last_n),
+        counts=_add_count(state.counts, event, last_ts, params),
+        dwell_total_ms=state.dwell_total_ms + (event.dwell_ms or 0),
+        dwell_events=state.dwell_events + has_dwell,
+        session_id=session_id,
+        session_start_ts=session_start,
+        session_events=session_events,
+        seen=seen,
+        horizon_ts=horizon,
+        events_applied=state.events_applied + 1,
+    )
+    return new, Outcome.APPLIED
+
+
+def fold_events(
+    state: UserState, events: Iterable[Event], params: FeatureParams
+) -> tuple[UserState, list[Outcome]]:
+    """`apply_event` over `events` in order."""
+    outcomes = []
+    for event in events:
+        state, outcome = apply_event(state, event, params)
+        outcomes.append(outcome)
+    return state, outcomes
+
+
+def _remember(
+    seen: Mapping[str, int], horizon: int, event: Event, capacity: int
+) -> tuple[dict[str, int], int]:
+    updated = dict(seen)
+    updated[event.event_id] = event.ts
+    if len(updated) > capacity:
+        # Evict the oldest (ties by id, so the result does not depend on arrival order).
+        oldest = sorted(updated.items(), key=lambda kv: (kv[1], kv[0]))[: len(updated) - capacity]
+        for event_id, ts in oldest:
+            del updated[event_id]
+            horizon = max(horizon, ts)
+    return updated, horizon
+
+
+def _previous_gap(state: UserState, event: Event) -> int | None:
+    if state.last_ts is None:
+        return None
+    if event.ts >= state.last_ts:
+        return event.ts - state.last_ts
+    return state.previous_gap_ms  # a late event does not change which two events are newest
+
+
+def _add_recent(
+    recent: tuple[RecentItem, ...], event: Event, last_n: int
+) -> tuple[RecentItem, ...]:
+    if not event.is_interaction:
+        return recent
+    item = (event.ts, event.item_id)
+    if not recent or item >= recent[0]:  # the common case: newer than everything so far
+        return (item, *recent[: last_n - 1])
+    return tuple(sorted((*recent, item), reverse=True)[:last_n])
+
+
+def _add_count(counts: Counts, event: Event, last_ts: int, params: FeatureParams) -> Counts:
+    index = TYPE_INDEX[event.type]
+    updated: dict[str, Mapping[int, tuple[int, ...]]] = {}
+    for name, width in params.window_buckets:
+        oldest = last_ts // width - params.buckets_per_window + 1
+        buckets = {b: c for b, c in counts.get(name, {}).items() if b >= oldest}
+        bucket = event.ts // width
+        if bucket >= oldest:
+            per_type = list(buckets.get(bucket, _NO_COUNTS))
+            per_type[index] += 1
+            buckets[bucket] = tuple(per_type)
+        updated[name] = buckets
+    return updated
+
+
+_NO_COUNTS = (0,) * len(EVENT_TYPE_NAMES)
+
+
+def _session(state: UserState, event: Event, gap_ms: int) -> tuple[str, int, int]:
+    """(id, start ts, events) of the user's session after `event`."""
+    if state.last_ts is None or state.session_id is None or event.ts - state.last_ts > gap_ms:
+        return event.event_id, event.ts, 1
+    start = event.ts if state.session_start_ts is None else min(state.session_start_ts, event.ts)
+    return state.session_id, start, state.session_events + 1
+
+
+# --- what readers see ------------------------------------------------------------
+
+
+def window_totals(state: UserState, params: FeatureParams) -> list[list[int]]:
+    """Per window (in params order), the events per type (in EVENT_TYPE_NAMES order)."""
+    result = []
+    for name, width in params.window_buckets:
+        totals = [0] * len(EVENT_TYPE_NAMES)
+        if state.last_ts is not None:
+            oldest = state.last_ts // width - params.buckets_per_window + 1
+            for bucket, per_type in state.counts.get(name, {}).items():
+                if bucket >= oldest:
+                    for i, n in enumerate(per_type):
+                        totals[i] += n
+        result.append(totals)
+    return result
+
+
+def window_counts(state: UserState, params: FeatureParams) -> dict[tuple[str, str], int]:
+    """(window, event type) -> events of that type in the window, for every pair."""
+    return {
+        (name, event_type): n
+        for (name, _), totals in zip(params.windows, window_totals(state, params), strict=True)
+        for event_type, n in zip(EVENT_TYPE_NAMES, totals, strict=True)
+    }
+
+
+def feature_fields(state: UserState, params: FeatureParams) -> dict[str, str]:
+    """The `features` hash of a user: field -> value (all values as strings)."""
+    fields = {
+        field_name: str(n)
+        for names, totals in zip(params.count_fields, window_totals(state, params), strict=True)
+        for field_name, n in zip(names, totals, strict=True)
+    }
+    fields["last_ts"] = _text(state.last_ts)
+    fields["previous_gap_ms"] = _text(state.previous_gap_ms)
+    fields["dwell_mean_ms"] = (
+        f"{state.dwell_total_ms / state.dwell_events:.1f}" if state.dwell_events else ""
+    )
+    fields["dwell_events"] = str(state.dwell_events)
+    fields["session_id"] = state.session_id or ""
+    fields["session_start_ts"] = _text(state.session_start_ts)
+    fields["session_events"] = str(state.session_events)
+    fields["events"] = str(state.events_applied)
+    return fields
+
+
+def _text(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def recent_item_ids(state: UserState) -> list[str]:
+    """The `recent` list of a user, newest first."""
+    return [item_id for _, item_id in state.recent]
+
+
+# --- online embedding ------------------------------------------------------------
+
+
+def update_embedding(
+    user: np.ndarray | None, item: np.ndarray, learning_rate: float, decay: float
+) -> np.ndarray:
+    """The user's embedding after touching `item`: decay the old, add a step toward the item."""
+    step = learning_rate * np.asarray(item, dtype=np.float32)
+    if user is None:
+        return step.astype(np.float32)
+    return (decay * user + step).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class UserUpdate:
+    """What one user's events in a batch did: the new state and embeddings, and why."""
+
+    state: UserState
+    outcomes: list[Outcome]
+    embeddings: dict[str, np.ndarray]
+    """model version -> new embedding, only for versions the events moved."""
+    touched_items: list[tuple[str, int]]
+    """(item id, ts) of the applied interactions, for the popular items."""
+    unknown_items: dict[str, int]
+    """model version -> interactions with items that version has no embedding for."""
+
+    @property
+    def changed(self) -> bool:
+        return Outcome.APPLIED in self.outcomes
+
+
+def update_user(
+    state: UserState,
+    embeddings: Mapping[str, np.ndarray | None],
+    events: Sequence[Event],
+    params: FeatureParams,
+    items: Mapping[str, ItemEmbeddings],
+) -> UserUpdate:
+    """Apply one user's `events` (in arrival order) to their state and their embeddings.
+
+    `embeddings` holds the user's current embedding per model version in `items`
+    (None when there is none yet); each applied interaction moves every version
+    that knows the item.
+    """
+    current = dict(embeddings)
+    moved: dict[str, np.ndarray] = {}
+    outcomes: list[Outcome] = []
+    touched: list[tuple[str, int]] = []
+    unknown: dict[str, int] = {}
+    for event in events:
+        state, outcome = apply_event(state, event, params)
+        outcomes.append(outcome)
+        if outcome is not Outcome.APPLIED or not event.is_interaction:
+            continue
+        touched.append((event.item_id, event.ts))
+        for version, catalog in items.items():
+            item = catalog.vector(event.item_id)
+            if item is None:
+                unknown[version] = unknown.get(version, 0) + 1
+                continue
+            vector = update_embedding(
+                current.get(version), item, params.learning_rate, params.decay
+            )
+            current[version] = moved[version] = vector
+    return UserUpdate(state, outcomes, moved, touched, unknown)
+
+
+def popular_weight(ts: int, epoch_ms: int, half_life_ms: int) -> float:
+    """Forward-decay weight of an interaction at `ts`: doubles every half-life after epoch."""
+    exponent = min((ts - epoch_ms) / half_life_ms, 1000.0)  # 2**1024 overflows a double
+    return float(2.0**exponent)
+
+
+# --- state on the wire -----------------------------------------------------------
+
+
+def encode_state(state: UserState) -> bytes:
+    """Compact JSON of `state` (the job's private `state` key)."""
+    document: dict[str, Any] = {
+        "format": STATE_FORMAT,
+        "last_ts": state.last_ts,
+        "previous_gap_ms": state.previous_gap_ms,
+        "recent": state.recent,
+        "counts": {w: [[b, *c] for b, c in buckets.items()] for w, buckets in state.counts.items()},
+        "dwell": [state.dwell_total_ms, state.dwell_events],
+        "session": [state.session_id, state.session_start_ts, state.session_events],
+        "seen": state.seen,
+        "horizon_ts": state.horizon_ts,
+        "events": state.events_applied,
+    }
+    return _ENCODER.encode(document).encode()
+
+
+def decode_state(data: bytes | str | None, params: FeatureParams | None = None) -> UserState:
+    """The state stored in `data`; a fresh state when there is none.
+
+    Windows that are no longer configured are dropped (a configuration change
+    then starts those counts afresh rather than misreading old buckets).
+    """
+    if not data:
+        return UserState()
+    document = _DECODER.decode(data.decode() if isinstance(data, bytes) else data)
+    if document.get("format") != STATE_FORMAT:
+        return UserState()
+    names = None if params is None else {name for name, _ in params.windows}
+    session_id, session_start, session_events = document["session"]
+    return UserState(
+        last_ts=document["last_ts"],
+        previous_gap_ms=document["previous_gap_ms"],
+        recent=tuple(map(tuple, document["recent"])),
+        counts={
+            w: {row[0]: tuple(row[1:]) for row in rows}
+            for w, rows in document["counts"].items()
+            if names is None or w in names
+        },
+        dwell_total_ms=document["dwell"][0],
+        dwell_events=document["dwell"][1],
+        session_id=session_id,
+        session_start_ts=session_start,
+        session_events=session_events,
+        seen=document["seen"],
+        horizon_ts=document["horizon_ts"],
+        events_applied=document["events"],
+    )

@@ -1,0 +1,118 @@
+"""`recsys events send` and `recsys features run` as users call them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from stream_support import consume
+from typer.testing import CliRunner
+
+from recsys_operator.cli import app
+from stream_jobs.events import parse_event
+
+runner = CliRunner()
+
+LINES = [
+    '{"event_id": "a1", "user_id": "u1", "item_id": "i1", "type": "click", "ts": 1767225600000}',
+    "# a comment",
+    "",
+    '{"event_id": "a2", "user_id": "u2", "item_id": "i2", "type": "view", "ts": 1767225600001}',
+    '{"event_id": "a3", "user_id": "u1", "item_id": "i3", "type": "like", "ts": 1767225600002}',
+    '{"event_id": "a4", "user_id": "u3", "item_id": "i4", "type": "purchase", "ts": 1767225600003}',
+    "not json at all",
+]
+
+
+@pytest.mark.broker
+def test_events_send_sends_valid_lines_keyed_by_user_and_reports_the_rest(
+    tmp_path: Path, pulsar_url: str, topic: str
+) -> None:
+    source = tmp_path / "events.jsonl"
+    source.write_text("\n".join(LINES) + "\n")
+    result = runner.invoke(
+        app, ["events", "send", str(source), "--service-url", pulsar_url, "--topic", topic]
+    )
+    assert result.exit_code == 1, result.output
+    assert f"sent 3 events to {topic}; 2 invalid lines" in result.stdout
+    assert (
+        "line 5: type: Input should be 'view', 'click', 'purchase', 'dwell' or 'impression'"
+        in result.stderr
+    )
+    assert "line 7: Invalid JSON" in result.stderr
+    messages = consume(pulsar_url, topic, 3, timeout=20)
+    events = {
+        parse_event(m.data()).event_id: (m.partition_key(), parse_event(m.data())) for m in messages
+    }
+    assert set(events) == {"a1", "a2", "a4"}
+    assert all(key == event.user_id for key, event in events.values())
+
+
+@pytest.mark.broker
+def test_events_send_reads_stdin_and_can_fill_ids_and_times(pulsar_url: str, topic: str) -> None:
+    lines = '{"user_id": "u9", "item_id": "i1", "type": "view"}\n' * 2
+    result = runner.invoke(
+        app,
+        ["events", "send", "--fill-missing"],
+        input=lines,
+        env={"RECSYS_EVENTS_SERVICE_URL": pulsar_url, "RECSYS_EVENTS_TOPIC": topic},
+    )
+    assert result.exit_code == 0, result.output
+    assert "sent 2 events" in result.stdout
+    events = [parse_event(m.data()) for m in consume(pulsar_url, topic, 2, timeout=20)]
+    assert len({e.event_id for e in events}) == 2  # each line got its own id
+    assert all(e.ts > 1_700_000_000_000 for e in events)
+
+
+@pytest.mark.broker
+def test_events_send_without_fill_refuses_incomplete_events(
+    tmp_path: Path, pulsar_url: str, topic: str
+) -> None:
+    source = tmp_path / "events.jsonl"
+    source.write_text('{"user_id": "u9", "item_id": "i1", "type": "view"}\n')
+    result = runner.invoke(
+        app, ["events", "send", str(source), "--service-url", pulsar_url, "--topic", topic]
+    )
+    assert result.exit_code == 1
+    assert "line 1: event_id: Field required; ts: Field required" in result.stderr
+    assert "sent 0 events" in result.stdout
+
+
+def test_features_run_reports_bad_settings_by_field() -> None:
+    result = runner.invoke(
+        app, ["features", "run", "--system-id", "a.b", "--learning-rate", "2", "--windows", "1h,x"]
+    )
+    assert result.exit_code == 2
+    assert "learning_rate: Input should be less than or equal to 1" in result.stderr
+    assert "windows.1:" in result.stderr
+
+
+def test_python_m_stream_jobs_features_is_the_same_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_jobs.features", "--windows", "1h,1h"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")},
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "system_id: Field required" in result.stderr
+    assert "windows: Value error, windows must be distinct" in result.stderr
+
+
+def test_the_cli_lists_the_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert "events" in result.stdout and "features" in result.stdout
+    options = runner.invoke(app, ["features", "run", "--help"]).stdout
+    for flag in (
+        "--subscription-type",
+        "--redis-url",
+        "--model-archive-uri",
+        "--metrics-address",
+        "--learning-rate",
+    ):
+        assert flag in options

@@ -1,0 +1,62 @@
+"""The dead-letter envelope: the original payload, the reason, and where it came from."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+
+from stream_jobs.dead_letters import envelope
+from stream_jobs.events import InvalidEvent
+
+
+@dataclass
+class FakeMessage:
+    payload: bytes
+    key: str = "u1"
+
+    def data(self) -> bytes:
+        return self.payload
+
+    def topic_name(self) -> str:
+        return "persistent://public/default/interactions-partition-1"
+
+    def message_id(self) -> str:
+        return "(12,3,1,-1)"
+
+    def partition_key(self) -> str:
+        return self.key
+
+    def publish_timestamp(self) -> int:
+        return 1_767_225_600_000
+
+
+def test_the_envelope_carries_reason_origin_and_the_original_text() -> None:
+    letter = envelope(
+        FakeMessage(b'{"user_id": "u1"}'),
+        InvalidEvent("invalid_field", "ts: Field required"),
+        "features",
+        5,
+    )
+    assert letter == {
+        "reason": "ts: Field required",
+        "code": "invalid_field",
+        "topic": "persistent://public/default/interactions-partition-1",
+        "message_id": "(12,3,1,-1)",
+        "subscription": "features",
+        "key": "u1",
+        "publish_time": 1_767_225_600_000,
+        "dead_lettered_at": 5,
+        "payload": '{"user_id": "u1"}',
+    }
+    json.dumps(letter)  # it is JSON as it stands
+
+
+def test_binary_payloads_are_kept_exactly_as_base64() -> None:
+    raw = b"\xff\x00\xfe"
+    letter = envelope(
+        FakeMessage(raw, key=""), InvalidEvent("not_json", "Invalid JSON"), "features", 5
+    )
+    assert letter["payload_encoding"] == "base64"
+    assert base64.b64decode(letter["payload"]) == raw
+    assert letter["key"] is None

@@ -1,0 +1,319 @@
+"""The feature job against the real broker and Redis, running in a thread of the test.
+
+The reference for every check is the pure computation (`stream_support.expected_content`):
+each user's events folded in order. What is tested here is the I/O around it:
+batching, grouping, writes, acks, dead letters and failures.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from stream_support import (
+    BASE_TS,
+    StoreContent,
+    consume,
+    dead_letter,
+    expected_content,
+    interleave_users,
+    known_stream,
+    produce,
+    produce_events,
+    running_job,
+    sample,
+    store_content,
+    wait_until,
+    write_item_embeddings,
+)
+
+from recsys_operator.local.process import ManagedProcess, free_port
+from recsys_operator.local.redis_server import redis_process, redis_url
+from stream_jobs import feature_keys as keys
+from stream_jobs.events import Event
+from stream_jobs.item_embeddings import EmbeddingCatalog
+from stream_jobs.settings import FeatureJobSettings, duration_ms
+
+pytestmark = [pytest.mark.broker, pytest.mark.redis]
+
+EVENTS_TOTAL = "recsys_feature_events_total"
+
+
+def reference(settings: FeatureJobSettings, events: Sequence[Event]) -> StoreContent:
+    catalog = EmbeddingCatalog(settings.embeddings_path, settings.model_version)
+    catalog.refresh()
+    half_life = duration_ms(settings.popular_half_life)
+    return expected_content(
+        settings.system_id, events, settings.feature_params(), catalog, half_life
+    )
+
+
+def content(
+    client: redis.Redis, settings: FeatureJobSettings, expected: StoreContent
+) -> StoreContent:
+    return store_content(client, settings.system_id, expected.users, ["v1", "v2"])
+
+
+def matches(client: redis.Redis, settings: FeatureJobSettings, expected: StoreContent) -> bool:
+    return content(client, settings, expected).same_as(expected)
+
+
+def outcome_total(registry: object, outcome: str) -> float:
+    types = ["view", "click", "purchase", "dwell", "impression"]
+    return sum(sample(registry, EVENTS_TOTAL, {"type": t, "outcome": outcome}) for t in types)
+
+
+def store_errors(registry: object) -> float:
+    labels = {"error": "ConnectionError"}
+    return sample(registry, "recsys_feature_store_errors_total", labels)
+
+
+def test_the_store_holds_the_reference_computation_of_a_known_stream(
+    job_settings: FeatureJobSettings, store: redis.Redis, pulsar_url: str, topic: str
+) -> None:
+    events = interleave_users(known_stream())
+    produce_events(pulsar_url, topic, events)
+    expected = reference(job_settings, events)
+    with running_job(job_settings) as job:
+        wait_until(
+            lambda: matches(store, job_settings, expected), 30, "the store to match the reference"
+        )
+        registry = job.metrics.registry
+        assert outcome_total(registry, "applied") == len(events)
+        clicks = sum(1 for e in events if e.type.value == "click")
+        assert sample(registry, EVENTS_TOTAL, {"type": "click", "outcome": "applied"}) == clicks
+        assert sample(registry, "recsys_feature_freshness_seconds_count") == len(events)
+        assert sample(registry, "recsys_feature_unknown_items_total", {"model_version": "v2"}) > 0
+        assert sample(registry, "recsys_feature_item_embeddings", {"model_version": "v1"}) == 30
+        assert (
+            sample(registry, "recsys_feature_batch_seconds_count")
+            >= len(events) / job_settings.batch_size
+        )
+    # the known stream covers what the checks are about
+    user = expected.users["user-0"]
+    assert set(user["embeddings"]) == {"v1", "v2"}
+    assert int(user["features"][b"count:click:24h"]) > int(user["features"][b"count:click:1h"])
+    assert user["features"][b"dwell_mean_ms"] != b""
+    # every per-user key expires, with the configured TTL
+    ttl_ms = job_settings.store_ttl_seconds * 1000
+    for key in (
+        keys.state_key(job_settings.system_id, "user-0"),
+        keys.recent_items_key(job_settings.system_id, "user-0"),
+        keys.features_key(job_settings.system_id, "user-0"),
+        keys.embedding_key(job_settings.system_id, "user-0", "v1"),
+    ):
+        assert ttl_ms - 60_000 < store.pttl(key) <= ttl_ms, key
+
+
+def test_a_replay_of_the_same_events_changes_nothing(
+    job_settings: FeatureJobSettings, store: redis.Redis, pulsar_url: str, topic: str
+) -> None:
+    events = interleave_users(known_stream(users=4, per_user=15, seed=3))
+    produce_events(pulsar_url, topic, events)
+    expected = reference(job_settings, events)
+    with running_job(job_settings) as job:
+        wait_until(lambda: matches(store, job_settings, expected), 30, "the first pass")
+        before = content(store, job_settings, expected)
+        produce_events(pulsar_url, topic, reversed(events))  # replayed, even in another order
+        wait_until(
+            lambda: outcome_total(job.metrics.registry, "duplicate") == len(events),
+            30,
+            "the replay",
+        )
+        assert outcome_total(job.metrics.registry, "applied") == len(events)
+    assert content(store, job_settings, expected) == before  # exactly, popular scores included
+
+
+def test_malformed_events_are_dead_lettered_with_reasons_and_block_nothing(
+    job_settings: FeatureJobSettings, store: redis.Redis, pulsar_url: str, topic: str
+) -> None:
+    good = known_stream(users=2, per_user=8, seed=5)
+    valid = json.loads(good[0].to_json())
+    no_ts = {k: v for k, v in valid.items() if k != "ts"}
+    bad = [
+        ("user-0", b"{not json"),
+        ("user-1", json.dumps(no_ts).encode()),
+        ("user-0", json.dumps({**valid, "event_id": "future", "ts": 90_000_000_000_000}).encode()),
+        ("", b"\xff\xfe binary"),
+    ]
+    # bad events first, on both partitions, then the good ones behind them
+    produce(pulsar_url, topic, [*bad, *((e.user_id, e.to_json()) for e in good)])
+    expected = reference(job_settings, good)
+    with running_job(job_settings) as job:
+        wait_until(lambda: matches(store, job_settings, expected), 30, "the good events")
+        letters = [
+            dead_letter(m) for m in _consume_dead_letters(pulsar_url, job_settings, len(bad))
+        ]
+        registry = job.metrics.registry
+        dead = {
+            code: sample(registry, "recsys_feature_dead_letters_total", {"reason": code})
+            for code in ("not_json", "invalid_field", "future_ts")
+        }
+    assert dead == {"not_json": 2, "invalid_field": 1, "future_ts": 1}
+    by_payload = {letter["payload"]: letter for letter in letters}
+    assert by_payload["{not json"]["code"] == "not_json"
+    assert "ts: Field required" in by_payload[json.dumps(no_ts)]["reason"]
+    assert "in the future" in next(x for x in letters if x["code"] == "future_ts")["reason"]
+    binary = next(x for x in letters if x.get("payload_encoding") == "base64")
+    assert binary["key"] is None
+    for letter in letters:
+        assert letter["topic"].startswith(topic)
+        assert letter["message_id"].startswith("(")
+        assert letter["subscription"] == job_settings.subscription
+
+
+def _consume_dead_letters(url: str, settings: FeatureJobSettings, count: int) -> list[Any]:
+    letters = consume(url, settings.dead_letters, count, timeout=20)
+    assert len(letters) == count
+    return letters
+
+
+# --- Redis going away ---------------------------------------------------------------
+
+
+@dataclass
+class RestartableRedis:
+    """A redis-server of this test on a fixed port, so it can be stopped and started again."""
+
+    run_dir: Path
+    port: int
+    process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = redis_process(self.run_dir, port=self.port).start()
+
+    def stop_keeping_data(self) -> None:
+        """SAVE (the server runs without persistence otherwise), then stop it by its PID."""
+        assert self.process is not None
+        redis.Redis.from_url(redis_url(self.process)).save()
+        self.process.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
+    server = RestartableRedis(tmp_path, free_port())
+    server.start()
+    yield server
+    if server.process is not None:
+        server.process.stop()
+
+
+def test_events_sent_while_redis_is_down_are_applied_when_it_returns(
+    job_settings: FeatureJobSettings, own_redis: RestartableRedis, pulsar_url: str, topic: str
+) -> None:
+    settings = job_settings.model_copy(update={"redis_url": own_redis.url})
+    events = interleave_users(known_stream(users=4, per_user=20, seed=11))
+    first, second = events[:40], events[40:]
+    client = redis.Redis.from_url(own_redis.url)
+    produce_events(pulsar_url, topic, first)
+    with running_job(settings) as job:
+        wait_until(
+            lambda: matches(client, settings, reference(settings, first)), 30, "the first half"
+        )
+        own_redis.stop_keeping_data()
+        produce_events(pulsar_url, topic, second)
+        wait_until(
+            lambda: store_errors(job.metrics.registry) >= 3,
+            30,
+            "the job to retry the failing store",
+        )
+        own_redis.start()
+        wait_until(
+            lambda: matches(client, settings, reference(settings, events)),
+            30,
+            "every event after the outage",
+        )
+        assert outcome_total(job.metrics.registry, "applied") == len(events)
+
+
+def test_a_job_stopped_while_redis_is_down_leaves_its_batch_unacked(
+    job_settings: FeatureJobSettings, own_redis: RestartableRedis, pulsar_url: str, topic: str
+) -> None:
+    settings = job_settings.model_copy(
+        update={"redis_url": own_redis.url, "drain_timeout": "500ms"}
+    )
+    events = interleave_users(known_stream(users=3, per_user=10, seed=13))
+    own_redis.stop_keeping_data()
+    produce_events(pulsar_url, topic, events)
+    with running_job(settings) as job:
+        wait_until(
+            lambda: store_errors(job.metrics.registry) >= 1, 30, "the job to meet the failing store"
+        )
+    # stopped (drain timeout passed) without acking: a new job gets every event
+    own_redis.start()
+    client = redis.Redis.from_url(own_redis.url)
+    with running_job(settings):
+        wait_until(
+            lambda: matches(client, settings, reference(settings, events)), 30, "every event"
+        )
+
+
+def test_a_new_model_version_on_disk_is_loaded_as_soon_as_events_name_it(
+    job_settings: FeatureJobSettings,
+    store: redis.Redis,
+    pulsar_url: str,
+    topic: str,
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "models"
+    write_item_embeddings(root / "v1", ["i1", "i2"], dim=4, seed=1)
+    settings = job_settings.model_copy(update={"embeddings_path": root, "embeddings_reload": "1h"})
+    system = settings.system_id
+
+    def event(n: int, user: str, version: str) -> Event:
+        return Event(
+            event_id=f"e{n}",
+            user_id=user,
+            item_id="i1",
+            type="click",
+            ts=BASE_TS + n,
+            model_version=version,
+        )
+
+    with running_job(settings) as job:
+        produce_events(pulsar_url, topic, [event(1, "a", "v1")])
+        wait_until(
+            lambda: store.exists(keys.embedding_key(system, "a", "v1")), 30, "v1's embedding"
+        )
+        write_item_embeddings(root / "v2", ["i1"], dim=3, seed=2)  # a rollout starts
+        produce_events(pulsar_url, topic, [event(2, "b", "v2")])
+        wait_until(
+            lambda: store.exists(keys.embedding_key(system, "b", "v2")), 30, "v2's embedding"
+        )
+        assert (
+            sample(job.metrics.registry, "recsys_feature_item_embeddings", {"model_version": "v2"})
+            == 1
+        )
+    assert len(store.get(keys.embedding_key(system, "b", "v2")) or b"") == 3 * 4
+
+
+def test_an_idle_job_reopens_its_subscription_and_misses_nothing(
+    job_settings: FeatureJobSettings, store: redis.Redis, pulsar_url: str, topic: str
+) -> None:
+    settings = job_settings.model_copy(update={"resubscribe_idle": "200ms"})
+    events = interleave_users(known_stream(users=3, per_user=10, seed=23))
+    first, second = events[:15], events[15:]
+    with running_job(settings) as job:
+        produce_events(pulsar_url, topic, first)
+        wait_until(
+            lambda: matches(store, settings, reference(settings, first)), 30, "the first half"
+        )
+        resubscribes = "recsys_feature_resubscribes_total"
+        wait_until(
+            lambda: sample(job.metrics.registry, resubscribes) >= 2, 30, "two idle reopenings"
+        )
+        produce_events(pulsar_url, topic, second)
+        wait_until(
+            lambda: matches(store, settings, reference(settings, events)), 30, "the second half"
+        )
+        assert outcome_total(job.metrics.registry, "applied") == len(events)
+        assert outcome_total(job.metrics.registry, "duplicate") == 0

@@ -1,0 +1,89 @@
+"""The Redis side of a batch: one optimistic transaction, against a real redis-server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+from stream_support import BASE_TS
+
+from stream_jobs import feature_keys as keys
+from stream_jobs.events import Event
+from stream_jobs.feature_store import FeatureStore, StoreLayout
+from stream_jobs.item_embeddings import ItemEmbeddings
+from stream_jobs.user_features import FeatureParams, decode_state
+
+pytestmark = pytest.mark.redis
+
+PARAMS = FeatureParams()
+ITEMS = {"v1": ItemEmbeddings.from_arrays("v1", ["i1", "i2"], np.eye(2))}
+
+
+def click(n: int, user: str = "u", item: str = "i1") -> Event:
+    return Event(event_id=f"e{n}", user_id=user, item_id=item, type="click", ts=BASE_TS + n)
+
+
+def feature_store(client: redis.Redis, system: str) -> FeatureStore:
+    return FeatureStore(client, StoreLayout(system, 60_000, 7 * 86_400_000), PARAMS)
+
+
+def test_a_batch_writes_every_key_of_its_users(store: redis.Redis, system: str) -> None:
+    written = feature_store(store, system).apply(
+        {"u": [click(1), click(2, item="i2")], "w": [click(3, "w")]}, ITEMS
+    )
+    assert set(written.updates) == {"u", "w"}
+    assert store.lrange(keys.recent_items_key(system, "u"), 0, -1) == [b"i2", b"i1"]
+    assert store.hget(keys.features_key(system, "w"), "count:click:1h") == b"1"
+    vector = keys.decode_embedding(store.get(keys.embedding_key(system, "u", "v1")) or b"", 2)
+    assert vector is not None and np.allclose(vector, [0.098, 0.1])
+    assert decode_state(store.get(keys.state_key(system, "u"))).events_applied == 2
+    assert {m for m, _ in store.zrange(keys.popular_items_key(system), 0, -1, withscores=True)} == {
+        b"i1",
+        b"i2",
+    }
+    assert 0 < store.pttl(keys.popular_items_key(system)) <= 60_000
+
+
+def test_a_batch_of_only_duplicates_writes_nothing(store: redis.Redis, system: str) -> None:
+    fs = feature_store(store, system)
+    fs.apply({"u": [click(1)]}, ITEMS)
+    store.pexpire(keys.state_key(system, "u"), 5_000)
+    fs.apply({"u": [click(1)]}, ITEMS)
+    assert store.pttl(keys.state_key(system, "u")) <= 5_000  # not even the TTL was touched
+
+
+def test_the_script_is_loaded_again_after_the_server_forgot_it(
+    store: redis.Redis, system: str
+) -> None:
+    fs = feature_store(store, system)
+    fs.apply({"u": [click(1)]}, ITEMS)
+    store.script_flush()
+    fs.apply({"u": [click(2)]}, ITEMS)
+    assert store.hget(keys.features_key(system, "u"), "events") == b"2"
+
+
+def test_a_concurrent_writer_makes_the_batch_retry_instead_of_losing_its_update(
+    store: redis.Redis, system: str
+) -> None:
+    first, other = feature_store(store, system), feature_store(store, system)
+    compute = first._compute
+    interfered = []
+
+    def compute_while_another_writes(*args: object, **kwargs: object) -> object:
+        if not interfered:  # between this batch's read and its write, another consumer writes
+            interfered.append(other.apply({"u": [click(7)]}, ITEMS))
+        return compute(*args, **kwargs)  # type: ignore[arg-type]
+
+    first._compute = compute_while_another_writes  # type: ignore[method-assign]
+    first.apply({"u": [click(1)]}, ITEMS)
+    state = decode_state(store.get(keys.state_key(system, "u")))
+    assert set(state.seen) == {"e1", "e7"} and state.events_applied == 2
+
+
+def test_ids_with_quotes_backslashes_and_non_ascii_characters_survive(
+    store: redis.Redis, system: str
+) -> None:
+    user, item = 'ü"ser\\1', 'ítem-"ä\\'
+    feature_store(store, system).apply({user: [click(1, user, item)]}, ITEMS)
+    assert store.lrange(keys.recent_items_key(system, user), 0, -1) == [item.encode()]
+    assert store.zscore(keys.popular_items_key(system), item) is not None
