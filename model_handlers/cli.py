@@ -1,0 +1,322 @@
+"""`recsys` commands of the model side: `data synth`, `train`, `archive`.
+
+Each command parses its options, calls the pure module that does the work, and shows
+progress and results with rich; errors are one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True, soft_wrap=True)
+
+data_app = typer.Typer(
+    help="Interaction data for training: synthetic with a known ground truth.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+@contextmanager
+def _clear_errors() -> Iterator[None]:
+    """Known failures become one line on stderr and exit code 1, not a traceback."""
+    from model_handlers.archive import ArchiveError
+    from model_handlers.item_index import IndexBuildError
+    from model_handlers.movielens import MovieLensFormatError
+
+    try:
+        yield
+    except (
+        ArchiveError,
+        IndexBuildError,
+        MovieLensFormatError,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@data_app.command("synth")
+def synth(
+    out: Annotated[
+        Path, typer.Option(help="Folder to write interactions.npz and synthetic.json into.")
+    ] = Path("artifacts/data/synthetic"),
+    users: Annotated[int, typer.Option(min=1, help="Number of users.")] = 2000,
+    items: Annotated[int, typer.Option(min=1, help="Number of items.")] = 5000,
+    categories: Annotated[int, typer.Option(min=1, help="Number of item categories.")] = 20,
+    latent_dim: Annotated[
+        int, typer.Option(min=1, help="Dimension of the ground-truth latent vectors.")
+    ] = 16,
+    sessions: Annotated[float, typer.Option(min=0.1, help="Mean sessions per user.")] = 4.0,
+    session_length: Annotated[
+        float, typer.Option(min=1.0, help="Mean interactions per session.")
+    ] = 8.0,
+    days: Annotated[
+        float, typer.Option(min=0.1, help="Length of the simulated period in days.")
+    ] = 30.0,
+    popularity_exponent: Annotated[
+        float, typer.Option(min=0.0, help="Zipf exponent of item popularity (0: uniform).")
+    ] = 1.0,
+    drift: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="How far user interests move over the period (0..1)."),
+    ] = 0.5,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same data.")] = 0,
+) -> None:
+    """Generate synthetic interactions with ground truth (deterministic by seed).
+
+    Users have drifting latent preferences, items a power-law popularity and a
+    category; sessions carry dwell times. synthetic.json regenerates the ground truth
+    (click probabilities) for simulations.
+    """
+    import numpy as np
+
+    from model_handlers.synthetic import SyntheticConfig, write_synthetic_dataset
+
+    with _clear_errors():
+        config = SyntheticConfig(
+            users=users,
+            items=items,
+            categories=categories,
+            latent_dim=latent_dim,
+            sessions_per_user=sessions,
+            session_length=session_length,
+            days=days,
+            popularity_exponent=popularity_exponent,
+            drift=drift,
+            seed=seed,
+        )
+        with console.status("sampling interactions"):
+            log = write_synthetic_dataset(config, out)
+    counts = np.sort(log.item_counts())[::-1]
+    top = max(1, len(counts) // 100)
+    console.print(
+        f"wrote {out}/: {len(log)} interactions, {log.num_users} users, {log.num_items} items, "
+        f"{log.num_categories} categories; the top 1% of items get {counts[:top].sum() / counts.sum():.0%} "
+        "of interactions",
+        highlight=False,
+    )
+
+
+def train(
+    out: Annotated[Path, typer.Option(help="Model directory to write.")] = Path("artifacts/model"),
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Folder written by `recsys data synth` (or its interactions.npz)."),
+    ] = None,
+    movielens: Annotated[
+        Path | None,
+        typer.Option(help="A MovieLens ratings file (u.data, ratings.dat or ratings.csv)."),
+    ] = None,
+    min_rating: Annotated[
+        float, typer.Option(help="MovieLens: ratings below this are ignored.")
+    ] = 0.0,
+    dim: Annotated[int, typer.Option(min=2, help="Embedding dimension.")] = 64,
+    history: Annotated[int, typer.Option(min=1, help="Recent items the user tower pools.")] = 20,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Most epochs (early stopping usually ends sooner).")
+    ] = 15,
+    patience: Annotated[
+        int, typer.Option(min=1, help="Epochs without improvement before stopping.")
+    ] = 2,
+    batch_size: Annotated[
+        int, typer.Option(min=2, help="Examples per batch (in-batch negatives).")
+    ] = 512,
+    learning_rate: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 0.005,
+    validation_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.01, max=0.9, help="Last share of the time span held out for validation."
+        ),
+    ] = 0.1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train the two-tower retrieval model and evaluate it against popularity and item-kNN.
+
+    Without --data or --movielens, trains on a default synthetic dataset. Writes the
+    user tower, item ids and embeddings, popularity and metrics.json to --out.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from model_handlers.interactions import Interactions
+    from model_handlers.model_directory import write_trained_model
+    from model_handlers.movielens import load_movielens
+    from model_handlers.synthetic import INTERACTIONS_FILE, SyntheticConfig, SyntheticWorld
+    from model_handlers.training import EpochReport, TrainingConfig, train_two_tower
+
+    if data is not None and movielens is not None:
+        console.print("[red]error:[/red] give --data or --movielens, not both")
+        raise typer.Exit(1)
+    with _clear_errors():
+        if movielens is not None:
+            log = load_movielens(movielens, min_rating=min_rating)
+            source = str(movielens)
+        elif data is not None:
+            path = data / INTERACTIONS_FILE if data.is_dir() else data
+            if not path.is_file():
+                raise FileNotFoundError(f"no interactions at {path}; run `recsys data synth` first")
+            log = Interactions.load(path)
+            source = str(path)
+        else:
+            with console.status("generating the default synthetic dataset"):
+                log = SyntheticWorld(SyntheticConfig(seed=seed)).interactions()
+            source = "synthetic (defaults)"
+        console.print(
+            f"training on {source}: {len(log)} interactions, {log.num_users} users, {log.num_items} items",
+            highlight=False,
+        )
+        config = TrainingConfig(
+            dim=dim,
+            history_length=history,
+            max_epochs=epochs,
+            patience=patience,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            validation_fraction=validation_fraction,
+            seed=seed,
+        )
+        with Progress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("train", total=None, epoch=1, loss=float("nan"))
+
+            def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
+                progress.update(task, completed=step, total=steps, epoch=epoch, loss=loss)
+
+            def on_epoch(report: EpochReport) -> None:
+                v = report.validation
+                progress.console.print(
+                    f"epoch {report.epoch}: loss {report.loss:.3f}, validation recall@10 "
+                    f"{v['recall@10']:.4f} recall@50 {v['recall@50']:.4f} ndcg@10 {v['ndcg@10']:.4f} "
+                    f"({report.seconds:.1f}s)",
+                    highlight=False,
+                )
+
+            trained = train_two_tower(log, config, on_step=on_step, on_epoch=on_epoch)
+        write_trained_model(trained, out)
+    table = Table(
+        title=f"offline evaluation ({trained.metrics['protocol']['users_evaluated']} users)"
+    )
+    for column in ("model", "recall@10", "recall@50", "ndcg@10"):
+        table.add_column(column)
+    for model in ("two_tower", "item_knn", "popularity"):
+        m = trained.metrics[model]
+        table.add_row(
+            model, f"{m['recall@10']:.4f}", f"{m['recall@50']:.4f}", f"{m['ndcg@10']:.4f}"
+        )
+    console.print(table)
+    console.print(
+        f"best epoch {trained.metrics['training']['best_epoch']}; wrote {out}/ (metrics in metrics.json)",
+        highlight=False,
+    )
+
+
+def archive(
+    model_dir: Annotated[
+        Path, typer.Option(help="Model directory written by `recsys train`.")
+    ] = Path("artifacts/model"),
+    out: Annotated[
+        Path, typer.Option(help="Model store folder to write <name>-<version>.mar into.")
+    ] = Path("artifacts/model_store"),
+    name: Annotated[str, typer.Option(help="Model name (spec.model.name).")] = "retrieval",
+    version: Annotated[str, typer.Option(help="Model version (spec.model.version).")] = "1",
+    index: Annotated[str, typer.Option(help="Index type: Flat, HNSW, IVF-PQ or SQ8.")] = "HNSW",
+    hnsw_m: Annotated[int, typer.Option(help="HNSW: neighbours per node.")] = 32,
+    hnsw_ef_construction: Annotated[
+        int, typer.Option(help="HNSW: candidate list while building.")
+    ] = 40,
+    hnsw_ef_search: Annotated[int, typer.Option(help="HNSW: candidate list while searching.")] = 64,
+    ivf_nlist: Annotated[int, typer.Option(help="IVF-PQ: inverted lists.")] = 1024,
+    pq_m: Annotated[
+        int, typer.Option(help="IVF-PQ: sub-quantizers (must divide the dimension).")
+    ] = 8,
+    pq_nbits: Annotated[int, typer.Option(help="IVF-PQ: bits per code.")] = 8,
+    nprobe: Annotated[int, typer.Option(help="IVF-PQ: lists visited per query.")] = 16,
+    top_k: Annotated[
+        int, typer.Option(help="Largest k a request may ask for (and the default).")
+    ] = 50,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Default feature store URL (RECSYS_REDIS_URL overrides it).")
+    ] = None,
+    system_id: Annotated[
+        str | None,
+        typer.Option(
+            help="Default <namespace>.<name> feature-key prefix (RECSYS_SYSTEM_ID overrides)."
+        ),
+    ] = None,
+    quantize_tower: Annotated[
+        bool, typer.Option(help="Serve the user tower with int8 dynamic quantization.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option(help="Overwrite an existing archive of this version.")
+    ] = False,
+) -> None:
+    """Build the FAISS index, measure its recall, and pack a versioned TorchServe archive.
+
+    The archive holds the handler, the user tower, item_ids.json, item_embeddings.npy,
+    the index, popularity, metrics and manifest.json.
+    """
+    from pydantic import ValidationError
+
+    from model_handlers.archive import ArchiveRequest, build_archive
+    from model_handlers.archive_layout import ServingDefaults
+    from recsys_operator.api.errors import issues_from_validation_error
+    from recsys_operator.api.recommender_system import IndexSpec
+
+    with _clear_errors():
+        try:
+            spec = IndexSpec.model_validate(
+                {
+                    "type": index,
+                    "hnsw": {
+                        "m": hnsw_m,
+                        "efConstruction": hnsw_ef_construction,
+                        "efSearch": hnsw_ef_search,
+                    },
+                    "ivfpq": {"nlist": ivf_nlist, "m": pq_m, "nbits": pq_nbits, "nprobe": nprobe},
+                }
+            )
+        except ValidationError as exc:
+            problems = "; ".join(str(i) for i in issues_from_validation_error(exc, "index"))
+            raise ValueError(f"invalid index parameters: {problems}") from None
+        request = ArchiveRequest(
+            model_dir=model_dir,
+            out_dir=out,
+            name=name,
+            version=version,
+            index=spec,
+            top_k=top_k,
+            serving=ServingDefaults(
+                redis_url=redis_url, system_id=system_id, quantize_tower=quantize_tower
+            ),
+            force=force,
+        )
+        with console.status("archiving") as status:
+            built = build_archive(request, on_progress=lambda message: status.update(message))
+    report = built.manifest.index_report
+    console.print(
+        f"wrote {built.path} ({built.path.stat().st_size / 2**20:.1f} MiB): {spec.type} index, "
+        f"recall@10 {report.recall_at_10:.4f} on {report.queries} held-out queries, "
+        f"built in {report.build_seconds:.1f}s",
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add this package's commands to the `recsys` CLI."""
+    app.add_typer(data_app, name="data")
+    app.command("train")(train)
+    app.command("archive")(archive)

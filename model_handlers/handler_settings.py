@@ -1,0 +1,129 @@
+"""The handler's settings: environment variables first, then the archive's defaults.
+
+| variable | default | meaning |
+|---|---|---|
+| `RECSYS_REDIS_URL` | manifest `serving.redis_url` | feature store; unset and no default: no online features |
+| `RECSYS_REDIS_PASSWORD` | none | password for the feature store |
+| `RECSYS_SYSTEM_ID` | manifest `serving.system_id` | `<namespace>.<name>`, the feature-key prefix; required with a store |
+| `RECSYS_STORE_TIMEOUT_MS` | 50 | feature-store connect/read timeout; past it the batch goes on without |
+| `RECSYS_MAX_K` | manifest `top_k` | largest k a request may ask for, and the default k |
+| `RECSYS_QUANTIZE_TOWER` | manifest `serving.quantize_tower` | `true`: int8 dynamic quantization of the user tower |
+| `RECSYS_FAISS_DEVICE` | `auto` | `auto` (GPU when FAISS sees one), `cpu` or `gpu` |
+| `RECSYS_MODEL_VERSION` | none | when set, must equal the archive's version (a pod given the wrong archive fails to load) |
+
+An empty variable counts as unset. A value that does not parse stops the model from
+loading with a message naming the variable, rather than serving with a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from model_handlers.archive_layout import ArchiveManifest
+
+REDIS_URL = "RECSYS_REDIS_URL"
+REDIS_PASSWORD = "RECSYS_REDIS_PASSWORD"
+SYSTEM_ID = "RECSYS_SYSTEM_ID"
+STORE_TIMEOUT_MS = "RECSYS_STORE_TIMEOUT_MS"
+MAX_K = "RECSYS_MAX_K"
+QUANTIZE_TOWER = "RECSYS_QUANTIZE_TOWER"
+FAISS_DEVICE = "RECSYS_FAISS_DEVICE"
+MODEL_VERSION = "RECSYS_MODEL_VERSION"
+
+ENVIRONMENT_VARIABLES = (
+    REDIS_URL,
+    REDIS_PASSWORD,
+    SYSTEM_ID,
+    STORE_TIMEOUT_MS,
+    MAX_K,
+    QUANTIZE_TOWER,
+    FAISS_DEVICE,
+    MODEL_VERSION,
+)
+
+FaissDevice = Literal["auto", "cpu", "gpu"]
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the handler cannot use."""
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    redis_url: str | None
+    redis_password: str | None
+    system_id: str | None
+    store_timeout_s: float
+    max_k: int
+    quantize_tower: bool
+    faiss_device: FaissDevice
+
+    @property
+    def use_gpu(self) -> bool | None:
+        """For `ItemIndex.load`: None lets FAISS decide."""
+        return {"auto": None, "cpu": False, "gpu": True}[self.faiss_device]
+
+    @classmethod
+    def resolve(cls, env: Mapping[str, str], manifest: ArchiveManifest) -> HandlerSettings:
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        expected_version = get(MODEL_VERSION)
+        if expected_version is not None and expected_version != manifest.model_version:
+            raise SettingsError(
+                f"{MODEL_VERSION}={expected_version} but the archive holds version "
+                f"{manifest.model_version} of {manifest.model_name}"
+            )
+        redis_url = get(REDIS_URL) or manifest.serving.redis_url
+        system_id = get(SYSTEM_ID) or manifest.serving.system_id
+        if redis_url and not system_id:
+            raise SettingsError(
+                f"{SYSTEM_ID} is required with a feature store ({REDIS_URL}={redis_url}): "
+                "it is the <namespace>.<name> prefix of the feature keys"
+            )
+        timeout_ms = _number(get(STORE_TIMEOUT_MS), STORE_TIMEOUT_MS, default=50.0)
+        if timeout_ms <= 0:
+            raise SettingsError(f"{STORE_TIMEOUT_MS} must be positive, got {timeout_ms}")
+        max_k = int(_number(get(MAX_K), MAX_K, default=float(manifest.top_k)))
+        if not 1 <= max_k <= manifest.num_items:
+            raise SettingsError(
+                f"{MAX_K} must be between 1 and the catalogue size {manifest.num_items}, got {max_k}"
+            )
+        quantize = _flag(
+            get(QUANTIZE_TOWER), QUANTIZE_TOWER, default=manifest.serving.quantize_tower
+        )
+        device = get(FAISS_DEVICE) or "auto"
+        if device not in ("auto", "cpu", "gpu"):
+            raise SettingsError(f"{FAISS_DEVICE} must be auto, cpu or gpu, got {device!r}")
+        return cls(
+            redis_url=redis_url,
+            redis_password=get(REDIS_PASSWORD),
+            system_id=system_id,
+            store_timeout_s=timeout_ms / 1000.0,
+            max_k=max_k,
+            quantize_tower=quantize,
+            faiss_device=device,  # type: ignore[arg-type]
+        )
+
+
+def _number(value: str | None, name: str, *, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {value!r}") from None
+
+
+def _flag(value: str | None, name: str, *, default: bool) -> bool:
+    if value is None:
+        return default
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {value!r}")

@@ -1,0 +1,122 @@
+"""Reading users' online features from the feature store (Redis), one pipelined round
+trip per batch.
+
+The key layout is the contract in `stream_jobs.feature_keys`: the user's recent items
+(a list, newest first) and their online embedding for this model version
+(little-endian float32 bytes). A store that is down or slow never fails a request: the
+batch goes on without online features and the error is reported for the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stream_jobs.feature_keys import decode_embedding, embedding_key, recent_items_key
+
+log = logging.getLogger(__name__)
+
+WARNING_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True)
+class OnlineFeatures:
+    """What the store knows about one user right now."""
+
+    recent_item_ids: tuple[str, ...] = ()
+    """Newest first."""
+    embedding: np.ndarray | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.recent_item_ids and self.embedding is None
+
+
+NO_FEATURES = OnlineFeatures()
+
+
+@dataclass(frozen=True)
+class OnlineRead:
+    """Features per requested user (same order), plus what went wrong, if anything."""
+
+    features: list[OnlineFeatures]
+    misses: int = 0
+    """Users with an id for whom the store had nothing."""
+    error: str | None = None
+    """Why the store could not be read (then every user misses)."""
+
+
+class RedisFeatureReader:
+    """Reads recent items and online embeddings of a batch of users in one pipeline."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        system: str,
+        model_version: str,
+        dim: int,
+        history_length: int,
+    ) -> None:
+        self.client = client
+        self.system = system
+        self.model_version = model_version
+        self.dim = dim
+        self.history_length = history_length
+        self._last_warning = -WARNING_INTERVAL_S
+
+    def read(self, user_ids: Sequence[str | None]) -> OnlineRead:
+        users = list(dict.fromkeys(u for u in user_ids if u is not None))
+        if not users:
+            return OnlineRead([NO_FEATURES] * len(user_ids))
+        pipe = self.client.pipeline(transaction=False)
+        for user in users:
+            pipe.lrange(recent_items_key(self.system, user), 0, self.history_length - 1)
+            pipe.get(embedding_key(self.system, user, self.model_version))
+        try:
+            replies = pipe.execute()
+        except Exception as exc:  # the store must never fail a request
+            now = time.monotonic()
+            if now - self._last_warning >= WARNING_INTERVAL_S:  # a dead store must not flood logs
+                self._last_warning = now
+                log.warning("feature store read failed for %d users: %s", len(users), exc)
+            return OnlineRead(
+                [NO_FEATURES] * len(user_ids),
+                misses=len(users),
+                error=str(exc) or type(exc).__name__,
+            )
+        by_user: dict[str, OnlineFeatures] = {}
+        misses = 0
+        for n, user in enumerate(users):
+            recent, raw_embedding = replies[2 * n], replies[2 * n + 1]
+            features = OnlineFeatures(
+                recent_item_ids=tuple(_text(item) for item in recent or ()),
+                embedding=decode_embedding(raw_embedding, self.dim) if raw_embedding else None,
+            )
+            misses += features.empty
+            by_user[user] = features
+        return OnlineRead(
+            [by_user[u] if u is not None else NO_FEATURES for u in user_ids], misses=misses
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def connect(url: str, *, timeout_s: float, password: str | None = None) -> Any:
+    """A Redis client with short timeouts (the handler's latency budget is milliseconds)."""
+    import redis
+
+    return redis.Redis.from_url(
+        url,
+        password=password or None,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=30,
+    )

@@ -1,0 +1,1 @@
+"""Tests of the model side: data, training, index, archive, handler, TorchServe."""

@@ -1,0 +1,176 @@
+"""The TorchServe adapter with a stand-in for TorchServe's context: per-request
+statuses in a batch, content types, metrics, and settings from the environment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from model_handlers import handler_metrics
+from model_handlers.archive_layout import ArchiveManifest
+from model_handlers.handler_settings import ENVIRONMENT_VARIABLES, HandlerSettings, SettingsError
+from model_handlers.model_directory import read_manifest
+from model_handlers.torchserve_handler import RetrievalHandler
+
+from .reference import BruteForce
+
+
+class RecordedMetric:
+    def __init__(self, name: str, log: list[tuple[str, float, list[str]]]) -> None:
+        self.name, self.log = name, log
+
+    def add_or_update(
+        self, value: float, dimension_values: list[str], request_id: str = ""
+    ) -> None:
+        self.log.append((self.name, value, dimension_values))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.log: list[tuple[str, float, list[str]]] = []
+
+    def get_metric(self, name: str, kind: Any) -> RecordedMetric:
+        return RecordedMetric(name, self.log)
+
+
+class Context:
+    """What the handler uses of ts.context.Context."""
+
+    def __init__(
+        self, model_dir: Path, metrics: Metrics, content_type: str = "application/json"
+    ) -> None:
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.metrics = metrics  # TorchServe keeps one metrics cache per worker
+        self.statuses: dict[int, tuple[int, str]] = {}
+        self.content_types: dict[int, str] = {}
+        self.request_content_type = content_type
+
+    def get_request_header(self, idx: int, key: str) -> dict[str, str]:
+        return {"content-type": self.request_content_type}
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self.statuses[idx] = (code, phrase)
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        self.content_types[idx] = value
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def handler(
+    unpacked: dict[str, Path], metrics: Metrics, monkeypatch: pytest.MonkeyPatch
+) -> RetrievalHandler:
+    for name in ENVIRONMENT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    h = RetrievalHandler()
+    h.initialize(Context(unpacked["1"], metrics))
+    return h
+
+
+def test_each_request_of_a_batch_gets_its_own_status(
+    handler: RetrievalHandler,
+    metrics: Metrics,
+    unpacked: dict[str, Path],
+    brute_force: dict[str, BruteForce],
+) -> None:
+    user = sorted(brute_force["1"].users)[0]
+    batch = [
+        {"body": {"user_id": user, "k": 3}},
+        {"body": bytearray(b'{"k": ')},  # TorchServe hands over bytes when JSON parsing failed
+        {"body": {"k": 0}},
+        {"data": {"user_id": "nobody", "k": 2}},
+    ]
+    context = Context(unpacked["1"], metrics)
+    answers = [json.loads(a) for a in handler.handle(batch, context)]
+    assert answers[0]["item_ids"] == brute_force["1"].answer(user, k=3)
+    assert answers[3]["item_ids"] == brute_force["1"].popular[:2]
+    assert set(context.statuses) == {1, 2}
+    assert context.statuses[1][0] == 400 and "not valid JSON" in context.statuses[1][1]
+    assert context.statuses[2] == (400, "k must be between 1 and 50, got 0")
+    assert answers[2] == {
+        "error": "k must be between 1 and 50, got 0",
+        "status": 400,
+        "model_version": "1",
+    }
+    assert all(a["model_version"] == "1" for a in answers)
+    assert context.content_types == dict.fromkeys(range(4), "application/json")
+
+
+def test_metrics_carry_the_model_version(
+    handler: RetrievalHandler, metrics: Metrics, unpacked: dict[str, Path]
+) -> None:
+    batch = [{"body": {"user_id": "nobody", "k": 2}}, {"body": {"k": -1}}]
+    handler.handle(batch, Context(unpacked["1"], metrics))
+    emitted = {name: (value, dims) for name, value, dims in metrics.log}
+    assert emitted[handler_metrics.REQUESTS.name] == (2, ["retrieval", "1"])
+    assert emitted[handler_metrics.BAD_REQUESTS.name][0] == 1
+    assert emitted[handler_metrics.COLD_STARTS.name][0] == 1
+    assert emitted[handler_metrics.BATCH_SIZE.name][0] == 2
+    assert emitted[handler_metrics.HANDLER_LATENCY.name][0] > 0
+    assert handler_metrics.STORE_MISSES.name not in emitted  # no store configured
+
+
+def test_a_json_string_body_is_not_parsed_twice(
+    handler: RetrievalHandler, metrics: Metrics, unpacked: dict[str, Path]
+) -> None:
+    batch = [{"body": '{"k": 3}'}]  # the client sent the JSON string "{\"k\": 3}"
+    context = Context(unpacked["1"], metrics)
+    handler.handle(batch, context)
+    assert context.statuses[0][0] == 400 and "JSON object" in context.statuses[0][1]
+    plain = Context(unpacked["1"], metrics, content_type="text/plain")
+    handler.handle(batch, plain)
+    assert plain.statuses == {}
+
+
+@pytest.fixture
+def manifest(unpacked: dict[str, Path]) -> ArchiveManifest:
+    return read_manifest(unpacked["1"])
+
+
+def test_settings_come_from_the_environment_then_the_archive(manifest: ArchiveManifest) -> None:
+    defaults = HandlerSettings.resolve({}, manifest)
+    assert (
+        defaults.redis_url is None and defaults.max_k == manifest.top_k and defaults.use_gpu is None
+    )
+    env = {
+        "RECSYS_REDIS_URL": "redis://127.0.0.1:1/0",
+        "RECSYS_SYSTEM_ID": "ns.name",
+        "RECSYS_STORE_TIMEOUT_MS": "20",
+        "RECSYS_MAX_K": "7",
+        "RECSYS_QUANTIZE_TOWER": "true",
+        "RECSYS_FAISS_DEVICE": "cpu",
+        "RECSYS_MODEL_VERSION": "1",
+    }
+    settings = HandlerSettings.resolve(env, manifest)
+    assert (settings.redis_url, settings.system_id, settings.store_timeout_s) == (
+        "redis://127.0.0.1:1/0",
+        "ns.name",
+        0.02,
+    )
+    assert settings.max_k == 7 and settings.quantize_tower and settings.use_gpu is False
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RECSYS_REDIS_URL": "redis://x:1/0"}, "RECSYS_SYSTEM_ID is required"),
+        ({"RECSYS_MAX_K": "lots"}, "RECSYS_MAX_K must be a number"),
+        ({"RECSYS_MAX_K": "999999"}, "catalogue size 2000"),
+        ({"RECSYS_QUANTIZE_TOWER": "maybe"}, "true or false"),
+        ({"RECSYS_FAISS_DEVICE": "tpu"}, "auto, cpu or gpu"),
+        ({"RECSYS_STORE_TIMEOUT_MS": "0"}, "must be positive"),
+        ({"RECSYS_MODEL_VERSION": "2"}, "archive holds version 1"),
+    ],
+)
+def test_bad_settings_stop_the_model_from_loading(
+    manifest: ArchiveManifest, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        HandlerSettings.resolve(env, manifest)

@@ -1,0 +1,85 @@
+"""Reading online features from a real Redis: one pipelined round trip per batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from model_handlers.online_features import NO_FEATURES, RedisFeatureReader, connect
+from recsys_operator.local.process import ManagedProcess, free_port
+from stream_jobs.feature_keys import embedding_key, encode_embedding, recent_items_key
+
+pytestmark = pytest.mark.redis
+
+SYSTEM = "test-ns.features"
+
+
+class CountingClient:
+    """A Redis client that counts round trips (pipeline executions and direct calls)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.round_trips = 0
+
+    def pipeline(self, transaction: bool = True) -> Any:
+        pipe = self.client.pipeline(transaction=transaction)
+        execute = pipe.execute
+
+        def counted() -> Any:
+            self.round_trips += 1
+            return execute()
+
+        pipe.execute = counted  # type: ignore[method-assign]
+        return pipe
+
+
+@pytest.fixture
+def client(redis_server: ManagedProcess) -> Iterator[redis.Redis]:
+    c = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    yield c
+    for key in c.scan_iter(f"recsys:v1:{SYSTEM}:*"):
+        c.delete(key)
+    c.close()
+
+
+def test_a_batch_is_read_in_one_round_trip(client: redis.Redis) -> None:
+    vector = np.arange(8, dtype=np.float32)
+    client.rpush(recent_items_key(SYSTEM, "alice"), "i3", "i2", "i1")
+    client.set(embedding_key(SYSTEM, "alice", "7"), encode_embedding(vector))
+    client.set(embedding_key(SYSTEM, "bob", "7"), encode_embedding(np.ones(5)))  # wrong dimension
+    client.rpush(recent_items_key(SYSTEM, "bob"), "i9")
+    counting = CountingClient(client)
+    reader = RedisFeatureReader(counting, system=SYSTEM, model_version="7", dim=8, history_length=2)
+    read = reader.read(["alice", None, "bob", "carol", "alice"])
+    assert counting.round_trips == 1
+    alice, nobody, bob, carol, alice_again = read.features
+    assert alice.recent_item_ids == ("i3", "i2")  # newest first, history_length of them
+    np.testing.assert_array_equal(alice.embedding, vector)
+    assert bob.recent_item_ids == ("i9",) and bob.embedding is None
+    assert nobody is NO_FEATURES and carol.empty and alice_again == alice
+    assert read.misses == 1 and read.error is None
+
+
+def test_another_model_version_reads_its_own_embedding(client: redis.Redis) -> None:
+    client.set(embedding_key(SYSTEM, "alice", "7"), encode_embedding(np.ones(4)))
+    reader = RedisFeatureReader(client, system=SYSTEM, model_version="8", dim=4, history_length=5)
+    assert reader.read(["alice"]).features[0].embedding is None
+
+
+def test_a_store_that_is_down_fails_no_request() -> None:
+    closed = connect(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.05)
+    reader = RedisFeatureReader(closed, system=SYSTEM, model_version="1", dim=4, history_length=5)
+    read = reader.read(["alice", "bob"])
+    assert read.features == [NO_FEATURES, NO_FEATURES]
+    assert read.error and read.misses == 2
+
+
+def test_no_user_ids_means_no_round_trip(client: redis.Redis) -> None:
+    counting = CountingClient(client)
+    reader = RedisFeatureReader(counting, system=SYSTEM, model_version="1", dim=4, history_length=5)
+    assert reader.read([None, None]).features == [NO_FEATURES, NO_FEATURES]
+    assert counting.round_trips == 0
