@@ -124,9 +124,33 @@ def build_prometheus_rule(
             "annotations": {"summary": f"{system_id}: no user events processed for 15 minutes"},
         },
     ]
+    # Recorded series for dashboards and for comparing versions over time.
+    records = [
+        {
+            "record": "recsys:gateway_latency_p99_ms:rate5m",
+            "expr": (
+                "histogram_quantile(0.99, sum by (le, model_version, variant) "
+                f"(rate({GATEWAY_LATENCY}_bucket{{{sel}}}[5m]))) * 1000"
+            ),
+            "labels": labels,
+        },
+        {
+            "record": "recsys:ctr:rate1h",
+            "expr": (
+                f"sum by (model_version, variant) (rate({CLICKS}{{{sel}}}[1h]))"
+                f" / sum by (model_version, variant) (rate({IMPRESSIONS}{{{sel}}}[1h]))"
+            ),
+            "labels": labels,
+        },
+    ]
     return {
         "apiVersion": f"{MONITORING_GROUP}/v1",
         "kind": "PrometheusRule",
         "metadata": metadata(system, child_name(system, "alerts"), "monitoring"),
-        "spec": {"groups": [{"name": f"recsys.{system_id}", "rules": alerts}]},
+        "spec": {
+            "groups": [
+                {"name": f"recsys.{system_id}.records", "rules": records},
+                {"name": f"recsys.{system_id}.alerts", "rules": alerts},
+            ]
+        },
     }

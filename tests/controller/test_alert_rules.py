@@ -172,3 +172,37 @@ def test_a_healthy_system_raises_no_alert(tmp_path: Path) -> None:
         ],
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_recorded_ctr_per_version(tmp_path: Path) -> None:
+    result = promtool_test(
+        tmp_path,
+        [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f'recsys_impressions_total{{{SYSTEM},model_version="2",variant="canary"}}',
+                        "values": "0+100x70",
+                    },
+                    {
+                        "series": f'recsys_clicks_total{{{SYSTEM},model_version="2",variant="canary"}}',
+                        "values": "0+25x70",
+                    },
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": "recsys:ctr:rate1h",
+                        "eval_time": "65m",
+                        "exp_samples": [
+                            {
+                                "labels": 'recsys:ctr:rate1h{model_version="2",system="recsys-prod.home-feed",variant="canary"}',
+                                "value": 0.25,  # 25 clicks per 100 impressions
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

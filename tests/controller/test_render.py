@@ -342,7 +342,7 @@ def test_alert_rules_pass_promtool(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 def test_the_stream_job_accepts_the_rendered_configuration() -> None:
