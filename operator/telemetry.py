@@ -16,11 +16,11 @@ GATEWAY_EVENTS_SENT = "recsys_gateway_events_sent_total"  # + stream
 GATEWAY_EVENTS_DROPPED = "recsys_gateway_events_dropped_total"  # + reason
 GATEWAY_ROUTING_RELOADS = "recsys_gateway_routing_reloads_total"  # + result
 
-# Stream feature job.
-FEATURES_EVENTS = "recsys_features_events_total"  # + type label
-FEATURES_DEAD_LETTERED = "recsys_features_dead_lettered_total"  # + reason label
-FEATURES_FRESHNESS = "recsys_features_freshness_seconds"
-FEATURES_BACKLOG = "recsys_features_backlog_messages"
+# Stream feature job (stream_jobs/metrics.py exports these).
+FEATURES_EVENTS = "recsys_feature_events_total"  # + type label
+FEATURES_DEAD_LETTERED = "recsys_feature_dead_letters_total"  # + reason label
+FEATURES_FRESHNESS = "recsys_feature_freshness_seconds"
+FEATURES_BACKLOG = "recsys_feature_consumer_backlog"
 
 # Operator.
 OPERATOR_RECONCILES = "recsys_operator_reconciles_total"

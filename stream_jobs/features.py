@@ -41,6 +41,8 @@ from stream_jobs.user_features import Outcome
 
 log = logging.getLogger("stream_jobs.features")
 
+SUBSCRIBE_ATTEMPTS = 5
+
 CONSUMER_TYPES = {
     SubscriptionType.KEY_SHARED: pulsar.ConsumerType.KeyShared,
     SubscriptionType.FAILOVER: pulsar.ConsumerType.Failover,
@@ -145,17 +147,29 @@ class FeatureJob:
                 server.shutdown()
 
     def _subscribe(self, client: pulsar.Client) -> pulsar.Consumer:
+        """Subscribe, retrying timeouts: a broker still releasing a killed consumer of this
+        subscription (or briefly overloaded) answers late, which is no reason to crash."""
         s = self.settings
-        return client.subscribe(
-            s.interactions_topic,
-            s.subscription,
-            consumer_type=CONSUMER_TYPES[s.subscription_type],
-            initial_position=pulsar.InitialPosition.Earliest,
-            receiver_queue_size=max(1000, 2 * s.batch_size),
-            batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
-                s.batch_size, -1, max(1, duration_ms(s.batch_wait))
-            ),
-        )
+        delay = 1.0
+        for attempt in range(1, SUBSCRIBE_ATTEMPTS + 1):
+            try:
+                return client.subscribe(
+                    s.interactions_topic,
+                    s.subscription,
+                    consumer_type=CONSUMER_TYPES[s.subscription_type],
+                    initial_position=pulsar.InitialPosition.Earliest,
+                    receiver_queue_size=max(1000, 2 * s.batch_size),
+                    batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
+                        s.batch_size, -1, max(1, duration_ms(s.batch_wait))
+                    ),
+                )
+            except pulsar.Timeout:
+                if attempt == SUBSCRIBE_ATTEMPTS:
+                    raise
+                log.warning("subscribing timed out (attempt %d); retrying in %.0fs", attempt, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
 
     def _start_backlog_poller(self) -> BacklogPoller | None:
         s = self.settings

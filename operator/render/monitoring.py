@@ -50,6 +50,10 @@ def build_features_metrics_service(system: RecommenderSystem) -> dict[str, Any]:
     }
 
 
+def system_id(system: RecommenderSystem) -> str:
+    return f"{system.metadata.namespace or 'default'}.{system.metadata.name}"
+
+
 def build_service_monitor(system: RecommenderSystem) -> dict[str, Any]:
     return {
         "apiVersion": f"{MONITORING_GROUP}/v1",
@@ -58,7 +62,14 @@ def build_service_monitor(system: RecommenderSystem) -> dict[str, Any]:
         "spec": {
             "selector": {"matchLabels": {INSTANCE_LABEL: system.metadata.name}},
             "endpoints": [
-                {"port": "metrics", "path": "/metrics", "interval": "15s"},
+                # Stream-job and TorchServe metrics carry no `system` label of their own;
+                # the gateway's (port http) already do.
+                {
+                    "port": "metrics",
+                    "path": "/metrics",
+                    "interval": "15s",
+                    "relabelings": [{"targetLabel": "system", "replacement": system_id(system)}],
+                },
                 {"port": "http", "path": "/metrics", "interval": "15s"},
             ],
         },
@@ -68,8 +79,8 @@ def build_service_monitor(system: RecommenderSystem) -> dict[str, Any]:
 def build_prometheus_rule(
     system: RecommenderSystem, scaling: EffectiveScaling | None
 ) -> dict[str, Any]:
-    system_id = f"{system.metadata.namespace or 'default'}.{system.metadata.name}"
-    sel = f'system="{system_id}"'
+    name = system_id(system)
+    sel = f'system="{name}"'
     p99_target = (
         scaling.target_p99_latency_ms
         if scaling
@@ -80,7 +91,7 @@ def build_prometheus_rule(
         if scaling
         else DEFAULT_BACKLOG_ALERT
     )
-    labels = {"system": system_id}
+    labels = {"system": name}
     alerts = [
         {
             "alert": "RecsysLatencyHigh",
@@ -91,7 +102,7 @@ def build_prometheus_rule(
             "for": "10m",
             "labels": {**labels, "severity": "warning"},
             "annotations": {
-                "summary": f"{system_id}: p99 latency above {p99_target:g} ms",
+                "summary": f"{name}: p99 latency above {p99_target:g} ms",
                 "description": "The {{ $labels.variant }} variant's p99 latency is {{ $value | humanize }} ms.",
             },
         },
@@ -104,7 +115,7 @@ def build_prometheus_rule(
             "for": "30m",
             "labels": {**labels, "severity": "warning"},
             "annotations": {
-                "summary": f"{system_id}: click-through rate fell over 30% below yesterday's"
+                "summary": f"{name}: click-through rate fell over 30% below yesterday's"
             },
         },
         {
@@ -113,7 +124,7 @@ def build_prometheus_rule(
             "for": "10m",
             "labels": {**labels, "severity": "warning"},
             "annotations": {
-                "summary": f"{system_id}: stream feature job backlog above {backlog} events"
+                "summary": f"{name}: stream feature job backlog above {backlog} events"
             },
         },
         {
@@ -121,7 +132,7 @@ def build_prometheus_rule(
             "expr": f"sum(rate({FEATURES_EVENTS}{{{sel}}}[10m])) == 0",
             "for": "15m",
             "labels": {**labels, "severity": "critical"},
-            "annotations": {"summary": f"{system_id}: no user events processed for 15 minutes"},
+            "annotations": {"summary": f"{name}: no user events processed for 15 minutes"},
         },
     ]
     # Recorded series for dashboards and for comparing versions over time.
@@ -149,8 +160,8 @@ def build_prometheus_rule(
         "metadata": metadata(system, child_name(system, "alerts"), "monitoring"),
         "spec": {
             "groups": [
-                {"name": f"recsys.{system_id}.records", "rules": records},
-                {"name": f"recsys.{system_id}.alerts", "rules": alerts},
+                {"name": f"recsys.{name}.records", "rules": records},
+                {"name": f"recsys.{name}.alerts", "rules": alerts},
             ]
         },
     }

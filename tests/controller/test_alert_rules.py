@@ -88,11 +88,11 @@ def test_no_events_and_lag_alerts(tmp_path: Path) -> None:
                 "interval": "1m",
                 "input_series": [
                     {
-                        "series": f'recsys_features_events_total{{{SYSTEM},type="view"}}',
+                        "series": f'recsys_feature_events_total{{{SYSTEM},type="view"}}',
                         "values": "100+0x40",
                     },
                     {
-                        "series": f"recsys_features_backlog_messages{{{SYSTEM}}}",
+                        "series": f"recsys_feature_consumer_backlog{{{SYSTEM}}}",
                         "values": "200000+0x40",
                     },
                 ],
@@ -151,11 +151,11 @@ def test_a_healthy_system_raises_no_alert(tmp_path: Path) -> None:
                         "values": "0+600x40",
                     },
                     {
-                        "series": f'recsys_features_events_total{{{SYSTEM},type="view"}}',
+                        "series": f'recsys_feature_events_total{{{SYSTEM},type="view"}}',
                         "values": "0+500x40",
                     },
                     {
-                        "series": f"recsys_features_backlog_messages{{{SYSTEM}}}",
+                        "series": f"recsys_feature_consumer_backlog{{{SYSTEM}}}",
                         "values": "10+0x40",
                     },
                 ],

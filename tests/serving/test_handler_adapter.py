@@ -109,10 +109,12 @@ def test_metrics_carry_the_model_version(
     batch = [{"body": {"user_id": "nobody", "k": 2}}, {"body": {"k": -1}}]
     handler.handle(batch, Context(unpacked["1"], metrics))
     emitted = {name: (value, dims) for name, value, dims in metrics.log}
-    assert emitted[handler_metrics.REQUESTS.name] == (2, ["retrieval", "1"])
+    assert emitted[handler_metrics.BATCH_SIZE.name] == (2, ["retrieval", "1"])
     assert emitted[handler_metrics.BAD_REQUESTS.name][0] == 1
     assert emitted[handler_metrics.COLD_STARTS.name][0] == 1
-    assert emitted[handler_metrics.BATCH_SIZE.name][0] == 2
+    assert (
+        len(metrics.log) == len(emitted) == 5
+    )  # one line each: latency, search, size, two counters
     assert emitted[handler_metrics.HANDLER_LATENCY.name][0] > 0
     assert handler_metrics.STORE_MISSES.name not in emitted  # no store configured
 

@@ -239,8 +239,8 @@ def test_a_batch_mixing_good_and_bad_requests_answers_each_on_its_own(
 def _handler_counts(server: LocalTorchServe) -> dict[str, float]:
     metrics = _metrics(server)
     return {
-        "batches": _sample(metrics, "recsys_handler_batches_total", "1"),
-        "requests": _sample(metrics, "recsys_handler_requests_total", "1"),
+        "batches": _sample(metrics, "recsys_handler_batch_size_count", "1"),
+        "requests": _sample(metrics, "recsys_handler_batch_size_sum", "1"),
     }
 
 
@@ -283,7 +283,7 @@ def test_handler_metrics_are_exported_per_model_version(server: LocalTorchServe)
             "recsys_handler_latency_ms_count",
             "recsys_search_latency_ms_count",
             "recsys_store_latency_ms_count",
-            "recsys_handler_requests_total",
+            "recsys_handler_batch_size_sum",
             "recsys_handler_bad_requests_total",
             "recsys_cold_starts_total",
             "recsys_store_misses_total",
