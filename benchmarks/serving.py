@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import http.client
 import json
 import os
@@ -46,7 +47,13 @@ import numpy as np
 import torch
 
 from model_handlers import archive_layout as files
-from model_handlers.archive import ARCHIVER, ArchiveRequest, BuiltArchive, build_archive
+from model_handlers.archive import (
+    ARCHIVER,
+    HANDLER_SOURCE,
+    ArchiveRequest,
+    BuiltArchive,
+    build_archive,
+)
 from model_handlers.archive_layout import ArchiveManifest
 from model_handlers.item_index import ItemIndex, exact_top_k, gpu_count, recall_against
 from model_handlers.retrieval_request import RetrievalRequest
@@ -236,11 +243,10 @@ def archive_for(
 ) -> tuple[BuiltArchive, float | None]:
     """The archive of this index over these items: built (and timed), or taken from
     `--archive-cache` when an earlier run left one there."""
-    cached = (
-        args.archive_cache / f"{name}-{len(items)}-{args.requests}.mar"
-        if args.archive_cache
-        else None
-    )
+    # The archive carries the handler file: a changed handler means a new archive.
+    handler = hashlib.sha256(HANDLER_SOURCE.read_bytes()).hexdigest()[:12]
+    key = f"{name}-{len(items)}-{args.requests}-{handler}.mar"
+    cached = args.archive_cache / key if args.archive_cache else None
     store.mkdir(parents=True, exist_ok=True)
     target = store / files.mar_file_name("retrieval", "1")
     if cached is not None and cached.is_file():
@@ -585,11 +591,12 @@ def main() -> None:
             json.dumps(
                 {
                     "machine": info,
-                    "args": vars(args) | {"json": str(args.json)},
+                    "args": vars(args),
                     "results": results,
                     "no_op_handler": no_op,
                 },
                 indent=2,
+                default=str,
             )
         )
 

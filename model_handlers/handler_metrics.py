@@ -6,6 +6,10 @@ plus `Hostname`. Latencies are histograms in milliseconds with the Prometheus cl
 default buckets (0.005 to 10, so 5 µs to 10 ms; slower lands in +Inf). Every metric
 carries `model_version`, so a canary and the stable version compare directly.
 
+Each emission is one log line from the worker that TorchServe parses, so a batch emits
+as few as possible: the batch-size histogram also counts batches (`_count`) and
+requests (`_sum`), and counters are emitted only when they grow.
+
 This module imports nothing heavy: the operator renders the config from it.
 """
 
@@ -46,21 +50,9 @@ STORE_LATENCY = HandlerMetric(
 )
 BATCH_SIZE = HandlerMetric(
     name="recsys_handler_batch_size",
-    kind="gauge",
+    kind="histogram",
     unit="count",
-    description="Requests in the latest batch.",
-)
-BATCHES = HandlerMetric(
-    name="recsys_handler_batches_total",
-    kind="counter",
-    unit="count",
-    description="Batches handled.",
-)
-REQUESTS = HandlerMetric(
-    name="recsys_handler_requests_total",
-    kind="counter",
-    unit="count",
-    description="Requests handled; divided by batches, the mean batch size.",
+    description="Requests per batch; its _count is the number of batches, its _sum the requests.",
 )
 BAD_REQUESTS = HandlerMetric(
     name="recsys_handler_bad_requests_total",
@@ -91,8 +83,6 @@ HANDLER_METRICS = (
     SEARCH_LATENCY,
     STORE_LATENCY,
     BATCH_SIZE,
-    BATCHES,
-    REQUESTS,
     BAD_REQUESTS,
     STORE_MISSES,
     STORE_ERRORS,

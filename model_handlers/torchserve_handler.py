@@ -113,8 +113,6 @@ class RetrievalHandler:
             )
         self._observe(metrics.HANDLER_LATENCY, (time.perf_counter() - started) * 1000)
         self._observe(metrics.BATCH_SIZE, len(data))
-        self._count(metrics.BATCHES, 1)
-        self._count(metrics.REQUESTS, len(data))
         self._count(metrics.BAD_REQUESTS, len(data) - len(requests))
         if online is not None:
             self._count(metrics.STORE_MISSES, online.misses)

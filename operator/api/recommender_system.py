@@ -315,7 +315,7 @@ class BatchingSpec(ApiModel):
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     """Most requests handled together by one worker."""
     max_batch_delay_ms: int = Field(default=5, ge=0, le=10_000)
-    """Longest a request waits for its batch to fill."""
+    """Longest a request waits for its batch to fill (0 is rendered as 1: TorchServe reads 0 as unset, i.e. 100 ms)."""
 
 
 class Toleration(ApiModel):

@@ -179,6 +179,8 @@ def build_serving_deployment(
         },
         {"name": "RECSYS_REDIS_URL", "value": system.spec.features.store.url},
         {"name": "RECSYS_MODEL_VERSION", "value": version},
+        {"name": "RECSYS_MAX_K", "value": str(system.spec.model.top_k)},
+        {"name": "RECSYS_QUANTIZE_TOWER", "value": str(system.spec.model.quantize_tower).lower()},
         *redis_password_env(system),
     ]
     container = {

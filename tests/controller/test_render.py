@@ -367,3 +367,16 @@ def test_the_stream_job_accepts_the_rendered_configuration() -> None:
         if name.startswith("RECSYS_")
         and name.removeprefix("RECSYS_").lower() not in FeatureJobSettings.model_fields
     ]
+
+
+def test_serving_pods_tell_the_handler_its_limits() -> None:
+    deployment = named(render_system(production(), KEDA_POLICY), "Deployment", "home-feed-serving")
+    env = {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["RECSYS_MAX_K"] == "100" and env["RECSYS_QUANTIZE_TOWER"] == "false"
+    assert (
+        env["RECSYS_SYSTEM_ID"] == "recsys-prod.home-feed"
+        and env["RECSYS_MODEL_VERSION"] == "2026-11-20"
+    )
