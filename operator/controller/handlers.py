@@ -118,6 +118,13 @@ def post_event(body: dict[str, Any], reason: str, message: str, *, warning: bool
     )
 
 
+async def write_status(kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+    """Merge-patch the status subresource of one of our resources."""
+    await asyncio.to_thread(
+        STATE.kube.merge_patch, API_VERSION, kind, namespace, name, {"status": status}, "status"
+    )
+
+
 # --- reconcile and record ---------------------------------------------------------
 
 
@@ -152,15 +159,7 @@ async def reconcile_and_record(namespace: str, name: str, trigger: str) -> Outco
             metrics.RECONCILE_DURATION.observe(time.perf_counter() - started)
         old = _without_kopf(body.get("status") or {})
         if outcome.status != old:
-            await asyncio.to_thread(
-                STATE.kube.merge_patch,
-                API_VERSION,
-                "RecommenderSystem",
-                namespace,
-                name,
-                {"status": outcome.status},
-                "status",
-            )
+            await write_status("RecommenderSystem", namespace, name, outcome.status)
         for change in outcome.changes:
             post_event(body, "Applied", change)
         for warning in outcome.warnings:
@@ -261,15 +260,7 @@ async def drive_rollout(namespace: str | None, name: str, **_: Any) -> None:
         if transition is None:
             return
         if patch is not None:
-            await asyncio.to_thread(
-                STATE.kube.merge_patch,
-                API_VERSION,
-                "RecommenderSystem",
-                namespace,
-                name,
-                {"status": patch},
-                "status",
-            )
+            await write_status("RecommenderSystem", namespace, name, patch)
         if (body["metadata"].get("annotations") or {}).get(ACTION_ANNOTATION):
             await asyncio.to_thread(
                 STATE.kube.merge_patch,
@@ -310,15 +301,7 @@ async def reconcile_policy(body: kopf.Body, namespace: str | None, name: str, **
         "conditions": merge_conditions(old.get("conditions", []), [ready]),
     }
     if status != _without_kopf(old):
-        await asyncio.to_thread(
-            STATE.kube.merge_patch,
-            API_VERSION,
-            "ScalingPolicy",
-            namespace,
-            name,
-            {"status": status},
-            "status",
-        )
+        await write_status("ScalingPolicy", namespace, name, status)
     systems = await asyncio.to_thread(
         STATE.kube.list_objects, API_VERSION, "RecommenderSystem", namespace
     )
