@@ -15,6 +15,7 @@ from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.api.status import ConditionType
 from recsys_operator.controller.conditions import condition, merge_conditions
 from recsys_operator.controller.reconcile import parse_system
+from recsys_operator.render.naming import system_id
 from recsys_operator.rollout.prometheus_source import PrometheusSource
 from recsys_operator.rollout.state_machine import AnalysisSource, RolloutState, Transition, tick
 
@@ -69,11 +70,10 @@ async def rollout_tick(
     except InvalidResource:
         return None, None  # the reconcile reports invalid specs
     state = rollout_state(system)
-    namespace = system.metadata.namespace or "default"
     action = (body.get("metadata", {}).get("annotations") or {}).get(ACTION_ANNOTATION)
     source = source or PrometheusSource(
         prometheus_url,
-        f"{namespace}.{system.metadata.name}",
+        system_id(system),
         state.stable_version,
         system.spec.rollout.analysis,
     )

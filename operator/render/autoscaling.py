@@ -23,6 +23,7 @@ from recsys_operator.render.naming import (
     metadata,
     selector_labels,
     serving_name,
+    system_id,
     topic_url,
 )
 from recsys_operator.telemetry import GATEWAY_LATENCY
@@ -123,7 +124,7 @@ def _keda_cpu_trigger(target: int) -> dict[str, Any]:
 
 def serving_latency_query(system: RecommenderSystem, variant: str = Track.STABLE) -> str:
     """p99 gateway latency (ms) of one variant over the last 2 minutes."""
-    selector = f'system="{system.metadata.namespace or "default"}.{system.metadata.name}",variant="{variant}"'
+    selector = f'system="{system_id(system)}",variant="{variant}"'
     return f"histogram_quantile(0.99, sum by (le) (rate({GATEWAY_LATENCY}_bucket{{{selector}}}[2m]))) * 1000"
 
 

@@ -16,6 +16,7 @@ from recsys_operator.render.naming import (
     default_image,
     metadata,
     selector_labels,
+    system_id,
     topic_url,
 )
 from recsys_operator.render.pods import (
@@ -36,7 +37,7 @@ def feature_job_env(system: RecommenderSystem) -> list[dict[str, Any]]:
     spec = system.spec
     features = spec.features
     values = {
-        "RECSYS_SYSTEM_ID": f"{system.metadata.namespace or 'default'}.{system.metadata.name}",
+        "RECSYS_SYSTEM_ID": system_id(system),
         "RECSYS_PULSAR_SERVICE_URL": spec.events.service_url,
         "RECSYS_INTERACTIONS_TOPIC": topic_url(system, TOPIC_NAMES["interactions"]),
         "RECSYS_DEAD_LETTER_TOPIC": topic_url(system, TOPIC_NAMES["dead_letter"]),

@@ -17,6 +17,7 @@ from recsys_operator.render.naming import (
     metadata,
     selector_labels,
     serving_name,
+    system_id,
     topic_url,
 )
 from recsys_operator.render.pods import (
@@ -45,7 +46,7 @@ def gateway_routing(system: RecommenderSystem, plan: TrafficPlan) -> dict[str, A
         }
 
     routing: dict[str, Any] = {
-        "system": f"{namespace}.{system.metadata.name}",
+        "system": system_id(system),
         "stable": endpoint(Track.STABLE, plan.stable_version),
         "canary": None,
         "canaryWeight": 0,

@@ -15,6 +15,7 @@ from recsys_operator.render.naming import (
     child_name,
     metadata,
     selector_labels,
+    system_id,
 )
 from recsys_operator.render.pods import METRICS_PORT
 from recsys_operator.telemetry import (
@@ -48,10 +49,6 @@ def build_features_metrics_service(system: RecommenderSystem) -> dict[str, Any]:
             ],
         },
     }
-
-
-def system_id(system: RecommenderSystem) -> str:
-    return f"{system.metadata.namespace or 'default'}.{system.metadata.name}"
 
 
 def build_service_monitor(system: RecommenderSystem) -> dict[str, Any]:

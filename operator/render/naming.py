@@ -13,6 +13,7 @@ from typing import Any
 from recsys_operator import __version__
 from recsys_operator.api.base import GROUP
 from recsys_operator.api.resources import RecommenderSystem
+from stream_jobs import feature_keys
 
 IMAGE_REPOSITORY = "ghcr.io/recsys-operator"
 MANAGED_BY = "recsys-operator"
@@ -104,6 +105,11 @@ def default_image(component: str, *, gpu: bool = False) -> str:
     name = "model-server" if component == Component.SERVING else "stream-jobs"
     tag = f"{__version__}-gpu" if gpu else __version__
     return f"{IMAGE_REPOSITORY}/{name}:{tag}"
+
+
+def system_id(system: RecommenderSystem) -> str:
+    """`<namespace>.<name>`: the system's id in feature-store keys, metrics labels and the gateway."""
+    return feature_keys.system_id(system.metadata.namespace or "default", system.metadata.name)
 
 
 def config_hash(*parts: Any) -> str:

@@ -22,6 +22,7 @@ from recsys_operator.render.naming import (
     metadata,
     selector_labels,
     serving_name,
+    system_id,
 )
 from recsys_operator.render.pods import (
     container_resources,
@@ -175,7 +176,7 @@ def build_serving_deployment(
         {"name": "MKL_NUM_THREADS", "value": "1"},
         {
             "name": "RECSYS_SYSTEM_ID",
-            "value": f"{system.metadata.namespace or 'default'}.{system.metadata.name}",
+            "value": system_id(system),
         },
         {"name": "RECSYS_REDIS_URL", "value": system.spec.features.store.url},
         {"name": "RECSYS_MODEL_VERSION", "value": version},
