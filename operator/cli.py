@@ -198,11 +198,13 @@ def operator_run(
 def _register_package_commands() -> None:
     from gateway.cli import register as register_gateway_commands
     from model_handlers.cli import register as register_model_commands
+    from recsys_operator.local.cli import register as register_local_commands
     from stream_jobs.cli import register as register_stream_commands
 
     register_model_commands(app)
     register_stream_commands(app)
     register_gateway_commands(app)
+    register_local_commands(app)
 
 
 _register_package_commands()

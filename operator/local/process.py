@@ -52,6 +52,8 @@ class ManagedProcess:
     cwd: Path | None = None
     env: dict[str, str] | None = None
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    ready: bool = False
+    """Set once the port answered (and the caller's own readiness checks passed)."""
 
     @property
     def pid(self) -> int | None:
@@ -81,6 +83,7 @@ class ManagedProcess:
                     f"log {self.log_path}:\n{log_tail(self.log_path)}"
                 )
             if port_open(self.port):
+                self.ready = True
                 return
             time.sleep(0.1)
         self.stop()

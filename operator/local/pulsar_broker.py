@@ -31,7 +31,9 @@ def broker_process(
     """A fresh broker whose data lives under `run_dir/pulsar`."""
     port = port or free_port()
     metrics_port = free_port()
-    data = run_dir / "pulsar"
+    # Absolute: the broker runs in its data folder, and given a config path it cannot
+    # open it silently falls back to its defaults, which listen on 0.0.0.0.
+    data = run_dir.resolve() / "pulsar"
     data.mkdir(parents=True, exist_ok=True)
     config = data / "pulsar-lite.toml"
     config.write_text(broker_config(data / "db", port, metrics_port, default_partitions))

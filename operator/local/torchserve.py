@@ -105,12 +105,14 @@ class LocalTorchServe:
         # A PID file left by an earlier server in this folder would block the start.
         (self.tmp_dir / PID_FILE).unlink(missing_ok=True)
         self.process.start(ready_timeout=timeout)
+        self.process.ready = False  # the port answers before the models have workers
         try:
             for version in self.versions:
                 self.wait_for_workers(version, deadline - time.monotonic())
         except ProcessFailed:
             self.stop()
             raise
+        self.process.ready = True
         return self
 
     def stop(self, grace: float = 20.0) -> None:

@@ -157,20 +157,10 @@ def build_serving_configmap(system: RecommenderSystem, track: str, version: str)
     }
 
 
-def build_serving_deployment(
-    system: RecommenderSystem,
-    track: str,
-    version: str,
-    configmap: dict[str, Any],
-    replicas: int | None,
-) -> dict[str, Any]:
-    serving = system.spec.serving
-    gpus = serving.resources.gpus
-    file_name = archive_file_name(system, version)
-    fetch, extra_volumes = build_fetch_archive_container(
-        archive_uri_for(system, version), file_name
-    )
-    env = [
+def model_server_env(system: RecommenderSystem, version: str) -> list[dict[str, Any]]:
+    """The handler's settings (`model_handlers.handler_settings`) as environment variables;
+    local mode starts TorchServe with the same ones."""
+    return [
         # One thread per worker: scale with batching and workers, not intra-op threads.
         {"name": "OMP_NUM_THREADS", "value": "1"},
         {"name": "MKL_NUM_THREADS", "value": "1"},
@@ -184,6 +174,22 @@ def build_serving_deployment(
         {"name": "RECSYS_QUANTIZE_TOWER", "value": str(system.spec.model.quantize_tower).lower()},
         *redis_password_env(system),
     ]
+
+
+def build_serving_deployment(
+    system: RecommenderSystem,
+    track: str,
+    version: str,
+    configmap: dict[str, Any],
+    replicas: int | None,
+) -> dict[str, Any]:
+    serving = system.spec.serving
+    gpus = serving.resources.gpus
+    file_name = archive_file_name(system, version)
+    fetch, extra_volumes = build_fetch_archive_container(
+        archive_uri_for(system, version), file_name
+    )
+    env = model_server_env(system, version)
     container = {
         "name": "torchserve",
         "image": serving.image or default_image(Component.SERVING, gpu=gpus > 0),

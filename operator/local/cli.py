@@ -1,0 +1,468 @@
+"""`recsys up | status | down | rollout | simulate`: the system on one machine.
+
+`up` validates the manifest, prepares the model archive (training one on synthetic data
+when needed), and starts the supervisor (`recsys_operator.local.supervisor`), which
+starts every part on 127.0.0.1 and drives rollouts. The other commands read its
+state.json or edit the desired state in the run folder, as kubectl would a resource.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from recsys_operator.local.run_folder import (
+    RUNS_ROOT,
+    SUPERVISOR_MODULE,
+    RunFolder,
+    find_run_folders,
+    same_process,
+    signal_group,
+)
+
+UP_TIMEOUT_S = 600.0
+DOWN_TIMEOUT_S = 90.0
+
+FilesOption = Annotated[
+    list[Path],
+    typer.Option(
+        "--filename", "-f", help="Manifest with one RecommenderSystem (YAML; '-' is stdin)."
+    ),
+]
+RunDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Run folder. Default: .runs/<namespace>.<name>, or the only one under .runs/."
+    ),
+]
+ArchiveOption = Annotated[
+    Path | None,
+    typer.Option(help="Model archive (.mar) to serve instead of spec.model.archiveUri."),
+]
+TrainOption = Annotated[
+    bool, typer.Option("--train", help="Ignore spec.model.archiveUri; train on synthetic data.")
+]
+RandomOption = Annotated[
+    bool,
+    typer.Option(
+        "--random-embeddings",
+        help="Serve a deliberately broken model (random item vectors) to see a rollback.",
+    ),
+]
+
+
+def fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg="red")
+    return typer.Exit(1)
+
+
+def resolve_folder(run_dir: Path | None) -> RunFolder:
+    if run_dir is not None:
+        return RunFolder(run_dir)
+    folders = find_run_folders(RUNS_ROOT)
+    if not folders:
+        raise fail("no local system here (.runs/ is empty); start one with `recsys up -f FILE`")
+    if len(folders) > 1:
+        names = ", ".join(str(f.root) for f in folders)
+        raise fail(f"several local systems ({names}); choose one with --run-dir")
+    return folders[0]
+
+
+# -- up -------------------------------------------------------------------------------
+
+
+def up(
+    filename: FilesOption,
+    run_dir: RunDirOption = None,
+    archive: ArchiveOption = None,
+    train: TrainOption = False,
+    random_embeddings: RandomOption = False,
+    foreground: Annotated[
+        bool, typer.Option(help="Stay in the foreground; Ctrl-C stops everything.")
+    ] = False,
+    simulate: Annotated[
+        bool,
+        typer.Option(
+            help="Then run simulated users with a live dashboard (see `recsys simulate`)."
+        ),
+    ] = False,
+    rate: Annotated[float, typer.Option(help="--simulate: requests per second.")] = 20.0,
+    duration: Annotated[
+        float, typer.Option(help="--simulate: seconds to run (0: until Ctrl-C).")
+    ] = 0.0,
+    features: Annotated[
+        bool, typer.Option(help="Run the stream feature job (off: user state stays static).")
+    ] = True,
+) -> None:
+    """Run the RecommenderSystem in FILE on this machine, every part on 127.0.0.1.
+
+    Starts pulsar-lite, Redis, TorchServe (configured by the operator's renderer), the
+    stream feature job, the gateway and Prometheus; logs and PIDs go to the run folder.
+    Running `up` again with a new spec.model.version starts a rollout instead.
+    """
+    from recsys_operator.local.desired_state import (
+        ManifestError,
+        load_system_manifest,
+        parse_system,
+        write_manifest,
+    )
+    from recsys_operator.local.model_source import ModelSourceError, prepare_model
+
+    try:
+        body = load_system_manifest(filename)
+        system = parse_system(body)
+    except ManifestError as exc:
+        raise fail(f"the manifest cannot run:\n{exc}") from None
+    meta = system.metadata
+    folder = (run_dir and RunFolder(run_dir)) or RunFolder.for_system(
+        f"{meta.namespace}.{meta.name}"
+    )
+    model = system.spec.model
+    try:
+        prepared = prepare_model(
+            folder,
+            model,
+            archive=archive,
+            train=train,
+            random_embeddings=random_embeddings,
+            say=typer.echo,
+        )
+    except ModelSourceError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"model {model.name} version {model.version}: {prepared.origin}")
+
+    if folder.supervisor_running():
+        state = folder.read_state() or {}
+        write_manifest(folder.manifest, body)
+        stable = (state.get("rollout") or {}).get("stableVersion")
+        if stable and stable != model.version:
+            typer.echo(
+                f"{folder.root}: rollout of version {model.version} started "
+                f"(steps {system.spec.rollout.steps}, every {system.spec.rollout.interval}); "
+                "follow it with `recsys status`"
+            )
+        else:
+            typer.echo(f"{folder.root}: already running; spec updated")
+    else:
+        _clean_previous_run(folder)
+        write_manifest(folder.manifest, body)
+        args = [str(folder.root)] + ([] if features else ["--no-features"])
+        if foreground:
+            from recsys_operator.local.supervisor import main as supervise
+
+            raise typer.Exit(supervise(args))
+        _start_supervisor(folder, args)
+        _wait_until_up(folder)
+        _print_endpoints(folder)
+    if simulate:
+        simulate_command(run_dir=folder.root, rate=rate, duration=duration)
+
+
+def _clean_previous_run(folder: RunFolder) -> None:
+    """A fresh start: drop the previous run's state and data, keep models and trained ones."""
+    import shutil
+
+    for stale in (folder.state_file, folder.action_file, folder.routing):
+        stale.unlink(missing_ok=True)
+    for data in ("pulsar", "redis", "prometheus", "torchserve"):
+        shutil.rmtree(folder.root / data, ignore_errors=True)
+
+
+def _start_supervisor(folder: RunFolder, args: list[str]) -> None:
+    folder.logs.mkdir(parents=True, exist_ok=True)
+    with open(folder.supervisor_log, "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", SUPERVISOR_MODULE, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # survives this terminal; `recsys down` stops it
+        )
+
+
+def _wait_until_up(folder: RunFolder) -> None:
+    from recsys_operator.local.process import log_tail
+
+    deadline = time.monotonic() + UP_TIMEOUT_S
+    shown: set[str] = set()
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        state = folder.read_state() or {}
+        for name, part in (state.get("parts") or {}).items():
+            if part.get("status") == "running" and name not in shown:
+                shown.add(name)
+                typer.echo(
+                    f"  {name:<16} ready on 127.0.0.1:{part['port']}  "
+                    f"({time.monotonic() - started:.0f}s)"
+                )
+        phase = state.get("phase")
+        if phase == "running":
+            return
+        supervisor_gone = state and not folder.supervisor_running()
+        if phase in ("failed", "stopped") or supervisor_gone:
+            typer.secho("the local system failed to start:", err=True, fg="red")
+            typer.echo(state.get("error") or log_tail(folder.supervisor_log), err=True)
+            raise typer.Exit(1)
+        time.sleep(0.5)
+    raise fail(
+        f"not up after {UP_TIMEOUT_S:.0f}s; see {folder.supervisor_log} (`recsys down` stops it)"
+    )
+
+
+def _print_endpoints(folder: RunFolder) -> None:
+    state = folder.read_state() or {}
+    urls = state.get("urls", {})
+    typer.echo(f"\n{state.get('system')} is up (run folder {folder.root})")
+    typer.echo(f"  gateway     {urls.get('gateway')}")
+    typer.echo(f"  prometheus  {urls.get('prometheus')}")
+    typer.echo(
+        f"\ntry:  curl -s {urls.get('gateway')}/v1/recommend -H 'content-type: application/json' "
+        """-d '{"user_id": "u1", "k": 5}'"""
+    )
+    typer.echo(
+        "then: recsys status | recsys simulate | recsys rollout start --version 2 | recsys down"
+    )
+
+
+# -- status ---------------------------------------------------------------------------
+
+
+def status(
+    run_dir: RunDirOption = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="text or json.")] = "text",
+) -> None:
+    """Show every part of the local system and the rollout."""
+    folder = resolve_folder(run_dir)
+    state = folder.read_state()
+    if state is None:
+        raise fail(f"{folder.root} has no state.json; start the system with `recsys up`")
+    alive = folder.supervisor_running()
+    if output == "json":
+        typer.echo(json.dumps({**state, "supervisorAlive": alive}, indent=2))
+        return
+    typer.echo(render_status(state, alive))
+    if not alive:
+        raise typer.Exit(3)
+
+
+def render_status(state: dict[str, Any], supervisor_alive: bool) -> str:
+    phase = (
+        state.get("phase") if supervisor_alive else f"{state.get('phase')} (supervisor not running)"
+    )
+    lines = [f"system  {state.get('system')}   phase {phase}"]
+    if state.get("error"):
+        lines.append(f"error   {state['error'].splitlines()[0]}")
+    lines.append("")
+    lines.append(f"{'PART':<18}{'STATUS':<14}{'PID':<9}{'ADDRESS':<18}LOG")
+    for name, part in (state.get("parts") or {}).items():
+        status_text = part.get("status", "?")
+        if not supervisor_alive or not same_process(part.get("pid"), part.get("startTime")):
+            status_text = "not running" if status_text == "running" else status_text
+        lines.append(
+            f"{name:<18}{status_text:<14}{part.get('pid') or '-'!s:<9}"
+            f"127.0.0.1:{part.get('port')!s:<8}{part.get('log')}"
+        )
+    rollout = state.get("rollout") or {}
+    lines.append("")
+    canary = rollout.get("canary")
+    desired = state.get("desiredVersion")
+    lines.append(
+        f"stable  {rollout.get('stableVersion')}   desired {desired}   "
+        + (
+            f"canary {canary['version']} at {canary['weight']}% (step {canary.get('step', 0) + 1})"
+            if canary
+            else "no canary"
+        )
+    )
+    health = rollout.get("health") or {}
+    if health:
+        lines.append(f"rollout {health.get('reason')}: {health.get('message')}")
+    last = rollout.get("lastRollout")
+    if last:
+        lines.append(
+            f"last    version {last.get('version')} {last.get('outcome')}: {last.get('reason')}"
+        )
+    events = state.get("events") or []
+    if events:
+        lines.append("\nrecent events:")
+        for event in events[-8:]:
+            mark = "!" if event.get("warning") else " "
+            lines.append(f" {mark} {event['time'][11:19]} {event['reason']}: {event['message']}")
+    return "\n".join(lines)
+
+
+# -- down -----------------------------------------------------------------------------
+
+
+def down(run_dir: RunDirOption = None) -> None:
+    """Stop everything the local system started (by the PIDs it recorded), cleanly."""
+    folder = resolve_folder(run_dir)
+    state = folder.read_state()
+    if state is None:
+        raise fail(f"{folder.root} has no state.json; nothing to stop")
+    supervisor = state.get("supervisor") or {}
+    pid, start_time = supervisor.get("pid"), supervisor.get("startTime")
+    if same_process(pid, start_time):
+        typer.echo(f"stopping {state.get('system')} (supervisor pid {pid})")
+        signal_group(pid, start_time, signal.SIGTERM)
+        deadline = time.monotonic() + DOWN_TIMEOUT_S
+        while same_process(pid, start_time) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    # Whatever is left (a supervisor killed with -9, or one that did not finish in time).
+    leftovers = 0
+    for name, part in ((folder.read_state() or state).get("parts") or {}).items():
+        part_pid, part_start = part.get("pid"), part.get("startTime")
+        if signal_group(part_pid, part_start, signal.SIGTERM):
+            leftovers += 1
+            deadline = time.monotonic() + 20
+            while same_process(part_pid, part_start) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if signal_group(part_pid, part_start, signal.SIGKILL):
+                typer.echo(f"  {name}: killed (did not stop within 20 s)")
+    signal_group(pid, start_time, signal.SIGKILL)
+    typer.echo(
+        f"stopped{f' ({leftovers} part(s) stopped directly)' if leftovers else ''}; logs in {folder.logs}"
+    )
+
+
+# -- rollout --------------------------------------------------------------------------
+
+rollout_app = typer.Typer(
+    help="Start and steer a rollout of the local system.", no_args_is_help=True
+)
+
+
+def _running_folder(run_dir: Path | None) -> RunFolder:
+    folder = resolve_folder(run_dir)
+    if not folder.supervisor_running():
+        raise fail(f"the local system in {folder.root} is not running; start it with `recsys up`")
+    return folder
+
+
+def _edit_spec(folder: RunFolder, edit: Any) -> dict[str, Any]:
+    from recsys_operator.local.desired_state import parse_system, read_manifest, write_manifest
+
+    body = read_manifest(folder.manifest)
+    edit(body["spec"])
+    parse_system(body)  # never write a spec the supervisor would reject
+    write_manifest(folder.manifest, body)
+    return body
+
+
+@rollout_app.command("start")
+def rollout_start(
+    version: Annotated[str, typer.Option(help="The new spec.model.version.")],
+    run_dir: RunDirOption = None,
+    archive: ArchiveOption = None,
+    random_embeddings: RandomOption = False,
+) -> None:
+    """Roll out a new model version (trains one on synthetic data unless --archive)."""
+    from recsys_operator.local.desired_state import parse_system, read_manifest
+    from recsys_operator.local.model_source import ModelSourceError, prepare_model
+
+    folder = _running_folder(run_dir)
+    system = parse_system(read_manifest(folder.manifest))
+    model = system.spec.model.model_copy(update={"version": version, "archive_uri": None})
+    try:
+        prepared = prepare_model(
+            folder, model, archive=archive, random_embeddings=random_embeddings, say=typer.echo
+        )
+    except ModelSourceError as exc:
+        raise fail(str(exc)) from None
+
+    def set_version(spec: dict[str, Any]) -> None:
+        spec["model"]["version"] = version
+        spec["model"]["archiveUri"] = f"file://{prepared.archive.resolve()}"
+
+    _edit_spec(folder, set_version)
+    rollout = system.spec.rollout
+    typer.echo(
+        f"rollout of version {version} ({prepared.origin}) started: steps {rollout.steps}, "
+        f"analysis every {rollout.interval}; follow it with `recsys status`"
+    )
+
+
+def _action(run_dir: Path | None, action: str) -> None:
+    folder = _running_folder(run_dir)
+    folder.action_file.write_text(action)
+    typer.echo(f"{action} requested; `recsys status` shows the outcome")
+
+
+@rollout_app.command("abort")
+def rollout_abort(run_dir: RunDirOption = None) -> None:
+    """Send all traffic back to stable and remove the canary now."""
+    _action(run_dir, "abort")
+
+
+@rollout_app.command("promote")
+def rollout_promote(run_dir: RunDirOption = None) -> None:
+    """Make the canary stable now, skipping the remaining steps."""
+    _action(run_dir, "promote")
+
+
+def _set_paused(run_dir: Path | None, paused: bool) -> None:
+    folder = _running_folder(run_dir)
+    _edit_spec(folder, lambda spec: spec.setdefault("rollout", {}).__setitem__("paused", paused))
+    typer.echo("rollout paused (weights hold)" if paused else "rollout resumed")
+
+
+@rollout_app.command("pause")
+def rollout_pause(run_dir: RunDirOption = None) -> None:
+    """Hold the current weight; no analysis decides until `resume`."""
+    _set_paused(run_dir, True)
+
+
+@rollout_app.command("resume")
+def rollout_resume(run_dir: RunDirOption = None) -> None:
+    """Continue a paused rollout."""
+    _set_paused(run_dir, False)
+
+
+# -- simulate -------------------------------------------------------------------------
+
+
+def simulate_command(
+    run_dir: RunDirOption = None,
+    rate: Annotated[float, typer.Option(help="Recommendation requests per second.")] = 20.0,
+    duration: Annotated[float, typer.Option(help="Seconds to run (0: until Ctrl-C).")] = 0.0,
+    dashboard: Annotated[bool, typer.Option(help="Show the live dashboard.")] = True,
+    record: Annotated[
+        Path | None, typer.Option(help="Write per-second figures per model version to this CSV.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the simulated users.")] = 1,
+) -> None:
+    """Simulated users (synthetic ground truth, drifting interests) against the gateway,
+    with a live dashboard: req/s, latency and CTR per model version, events, freshness
+    and the rollout."""
+    from recsys_operator.local.simulation import run_simulation
+
+    folder = _running_folder(run_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    summary = run_simulation(
+        folder,
+        rate=rate,
+        duration=duration,
+        stop=stop,
+        dashboard=dashboard,
+        record=record,
+        seed=seed,
+    )
+    typer.echo(summary)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the local-mode commands to the `recsys` CLI."""
+    app.command("up")(up)
+    app.command("status")(status)
+    app.command("down")(down)
+    app.add_typer(rollout_app, name="rollout")
+    app.command("simulate")(simulate_command)

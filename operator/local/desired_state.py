@@ -1,0 +1,79 @@
+"""The local system's desired state: the RecommenderSystem manifest in the run folder.
+
+`recsys up` writes it; `recsys rollout start|pause|resume` edits it the way
+`kubectl patch` would edit the resource; the supervisor re-reads it when it changes.
+Local endpoints replace the cluster ones here, so that every renderer the operator
+uses (TorchServe config, handler env, feature job env, gateway routing) runs unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recsys_operator.api.errors import InvalidResource
+from recsys_operator.api.resources import RecommenderSystem
+from recsys_operator.manifests import load_documents, parse_resource, validate_documents
+
+
+class ManifestError(ValueError):
+    """The manifest cannot run locally; the message lists what is wrong, field by field."""
+
+
+def load_system_manifest(paths: list[Path]) -> dict[str, Any]:
+    """The one RecommenderSystem among the given documents, validated, as its YAML body.
+
+    ScalingPolicies are validated with it (bounds are checked) but do not apply locally:
+    every part runs as one process."""
+    documents = load_documents(paths)
+    report = validate_documents(documents)
+    if not report.ok:
+        raise ManifestError("\n".join(line for line in report.lines() if not line.startswith("ok")))
+    bodies = [
+        doc.body
+        for doc in documents
+        if isinstance(doc.body, dict) and doc.body.get("kind") == "RecommenderSystem"
+    ]
+    if len(bodies) != 1:
+        raise ManifestError(f"local mode runs one RecommenderSystem; the files hold {len(bodies)}")
+    body: dict[str, Any] = bodies[0]
+    body.setdefault("metadata", {}).setdefault("namespace", "default")
+    body.pop("status", None)
+    return body
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    body = yaml.safe_load(path.read_text())
+    if not isinstance(body, dict):
+        raise ManifestError(f"{path}: expected one RecommenderSystem document")
+    return body
+
+
+def write_manifest(path: Path, body: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(body, sort_keys=False))
+    tmp.replace(path)
+
+
+def parse_system(body: dict[str, Any]) -> RecommenderSystem:
+    try:
+        resource = parse_resource(body)
+    except InvalidResource as exc:
+        raise ManifestError(str(exc)) from None
+    if not isinstance(resource, RecommenderSystem):
+        raise ManifestError(f"expected a RecommenderSystem, got {body.get('kind')}")
+    return resource
+
+
+def localize(body: dict[str, Any], *, pulsar_url: str, redis_url: str) -> RecommenderSystem:
+    """The system with its broker and feature store on this machine."""
+    local = yaml.safe_load(yaml.safe_dump(body))  # a deep copy the caller's body never sees
+    spec = local["spec"]
+    spec.setdefault("events", {})["serviceUrl"] = pulsar_url
+    # Locally there are no Secrets: the broker and the store run without authentication.
+    spec["events"].pop("authSecretRef", None)
+    spec.setdefault("features", {}).setdefault("store", {})["url"] = redis_url
+    spec["features"]["store"].pop("passwordSecretRef", None)
+    return parse_system(local)
