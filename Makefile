@@ -25,9 +25,9 @@ test: setup lint  ## set up, lint, then the whole test suite
 crds: setup  ## regenerate crds/ from the API models
 	$(VENV)/bin/recsys crds
 
-demo: setup  ## set up, then validate and render the quickstart
-	$(VENV)/bin/recsys validate -f examples/quickstart.yaml -f examples/scaling-policy.yaml
-	$(VENV)/bin/recsys render -f examples/quickstart.yaml -f examples/scaling-policy.yaml
+demo: setup  ## set up, then run the system locally: promote a good canary, roll back a broken one
+	$(VENV)/bin/recsys validate -f examples/demo.yaml
+	$(VENV)/bin/recsys demo -f examples/demo.yaml
 
 clean:  ## remove build outputs (keeps .venv and .tools)
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

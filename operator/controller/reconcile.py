@@ -30,6 +30,7 @@ from recsys_operator.render import RenderOptions, render_system, topic_plan
 from recsys_operator.render.naming import (
     INSTANCE_LABEL,
     MANAGED_BY,
+    TRACK_LABEL,
     Component,
     Track,
     child_name,
@@ -178,6 +179,33 @@ class Reconciler:
         )
         return {(r.kind, r.name): r for r in self.kube.apply_all(objects, selector)}
 
+    def _remove_finished_canary(
+        self, system: RecommenderSystem, results: dict[tuple[str, str], ApplyResult]
+    ) -> list[str]:
+        """Delete the canary track once no rollout needs it (promoted, rolled back, aborted).
+
+        Applying only adds and patches, so a finished canary would keep its pods. One
+        LIST of canary Deployments per reconcile; its ConfigMap and Service go with it."""
+        name = serving_name(system, Track.CANARY)
+        if ("Deployment", name) in results:
+            return []  # a rollout is in progress
+        namespace = system.metadata.namespace
+        selector = (
+            f"{INSTANCE_LABEL}={system.metadata.name},app.kubernetes.io/managed-by={MANAGED_BY},"
+            f"{TRACK_LABEL}={Track.CANARY}"
+        )
+        if not self.kube.list_objects("apps/v1", "Deployment", namespace, selector):
+            return []
+        return [
+            f"{kind}/{name} deleted"
+            for api_version, kind in (
+                ("apps/v1", "Deployment"),
+                ("v1", "Service"),
+                ("v1", "ConfigMap"),
+            )
+            if self.kube.delete(api_version, kind, namespace, name)
+        ]
+
     # --- the pipeline ---------------------------------------------------------------
 
     async def reconcile(self, body: dict[str, Any]) -> Outcome:
@@ -240,9 +268,12 @@ class Reconciler:
 
         # 5. Children.
         results = await asyncio.to_thread(self._apply, system, objects)
-        changes = [f"Pulsar {c}" for c in topic_changes] + [
-            str(r) for r in results.values() if r.action != "unchanged"
-        ]
+        removed = await asyncio.to_thread(self._remove_finished_canary, system, results)
+        changes = (
+            [f"Pulsar {c}" for c in topic_changes]
+            + [str(r) for r in results.values() if r.action != "unchanged"]
+            + removed
+        )
 
         # 6. Readiness.
         def ready_of(name: str) -> tuple[bool, str]:

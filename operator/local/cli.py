@@ -459,6 +459,23 @@ def simulate_command(
     typer.echo(summary)
 
 
+def demo(
+    filename: Annotated[Path, typer.Option("--filename", "-f", help="The demo manifest.")] = Path(
+        "examples/demo.yaml"
+    ),
+    rate: Annotated[float, typer.Option(help="Simulated requests per second.")] = 30.0,
+    dashboard: Annotated[bool, typer.Option(help="Show the live dashboard.")] = True,
+) -> None:
+    """Run the demo: start locally, promote a good canary, roll back a broken one, stop.
+
+    Leaves summary.md, timeline.csv and demo.png in .runs/default.demo/demo/.
+    Exits 0 only when version 2 was promoted and version 3 rolled back.
+    """
+    from recsys_operator.local.demo import run_demo
+
+    raise typer.Exit(run_demo(filename, rate=rate, dashboard=dashboard))
+
+
 def register(app: typer.Typer) -> None:
     """Add the local-mode commands to the `recsys` CLI."""
     app.command("up")(up)
@@ -466,3 +483,4 @@ def register(app: typer.Typer) -> None:
     app.command("down")(down)
     app.add_typer(rollout_app, name="rollout")
     app.command("simulate")(simulate_command)
+    app.command("demo")(demo)

@@ -58,7 +58,7 @@ def synthetic_world_config(model: ModelSpec) -> SyntheticConfig:
 
     return SyntheticConfig(
         users=SYNTHETIC_USERS,
-        items=model.num_items,
+        items=model.num_items or SyntheticConfig.items,
         seed=SYNTHETIC_SEED,
         # A short period with strong drift: interests move while the demo watches.
         drift=0.6,
@@ -152,11 +152,11 @@ def _trained_model(folder: RunFolder, model: ModelSpec, say: Say) -> Path:
 
     # Each version is its own training run (its own seed) on the same synthetic data.
     seed = zlib.crc32(model.version.encode()) % 10_000
-    model_dir = folder.trained / f"items{model.num_items}-dim{model.embedding_dim}-seed{seed}"
+    config = synthetic_world_config(model)
+    model_dir = folder.trained / f"items{config.items}-dim{model.embedding_dim}-seed{seed}"
     if model_dir.is_dir() and not missing_files(model_dir):
         return model_dir
-    config = synthetic_world_config(model)
-    say(f"training a model on synthetic data ({SYNTHETIC_USERS} users, {model.num_items} items)")
+    say(f"training a model on synthetic data ({SYNTHETIC_USERS} users, {config.items} items)")
     interactions = SyntheticWorld(config).interactions()
 
     def on_epoch(report: EpochReport) -> None:

@@ -48,13 +48,15 @@ def process_start_time(pid: int) -> int | None:
 
 
 def same_process(pid: int | None, start_time: int | None) -> bool:
-    return bool(pid) and start_time is not None and process_start_time(pid) == start_time  # type: ignore[arg-type]
+    if not pid or start_time is None:
+        return False
+    return process_start_time(pid) == start_time
 
 
-def signal_group(pid: int, start_time: int | None, sig: signal.Signals) -> bool:
+def signal_group(pid: int | None, start_time: int | None, sig: signal.Signals) -> bool:
     """Signal the process group led by `pid` (our parts run in sessions of their own),
     only if `pid` is still the process we started. True if a signal was sent."""
-    if not same_process(pid, start_time):
+    if pid is None or not same_process(pid, start_time):
         return False
     try:
         os.killpg(pid, sig)

@@ -86,6 +86,7 @@ class Stats:
                 "p99": float(np.percentile(latencies, 99)) if len(latencies) else math.nan,
                 "ctr": sum(s.clicked for s in ok) / len(ok) if ok else math.nan,
                 "errors": sum(not s.ok for s in samples),
+                "n": len(samples),
             }
         return out
 
@@ -358,7 +359,7 @@ class _Recorder:
         self.file = open(path, "w", newline="")  # noqa: SIM115 (closed in close())
         self.writer = csv.writer(self.file)
         self.writer.writerow(
-            ["t", "version", "rps", "p50_ms", "p99_ms", "ctr", "canary_weight", "stable"]
+            ["t", "version", "n", "rps", "p50_ms", "p99_ms", "ctr", "canary_weight", "stable"]
         )
         self.last = -1
 
@@ -374,6 +375,7 @@ class _Recorder:
                 [
                     second,
                     version,
+                    int(figures["n"]),
                     f"{figures['rps']:.2f}",
                     f"{figures['p50']:.2f}",
                     f"{figures['p99']:.2f}",

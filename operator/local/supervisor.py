@@ -58,6 +58,7 @@ START_TIMEOUT_S = 60.0
 # pulsar-lite may stop feeding one partition to a Shared consumer until it resubscribes.
 RESUBSCRIBE_IDLE = "10s"
 MAX_EVENTS = 50
+ROUTING_SETTLE_S = 2.0
 
 
 class Phase:
@@ -163,6 +164,7 @@ class LocalSystem:
         port = free_port()
         env = {e["name"]: e["value"] for e in feature_job_env(system) if "value" in e}
         env.pop("RECSYS_MODEL_ARCHIVE_URI", None)  # every version's vectors come from embeddings/
+        env.pop("RECSYS_PULSAR_ADMIN_URL", None)  # pulsar-lite serves no admin API
         env.update(
             RECSYS_METRICS_ADDRESS=f"{LOOPBACK}:{port}",
             RECSYS_EMBEDDINGS_PATH=str(self.folder.embeddings.resolve()),
@@ -238,8 +240,9 @@ class LocalSystem:
         served = {state.stable_version} | ({canary.version} if canary else set())
         self.write_routing()
         self.write_state()
-        # Only after the gateways have the new routing may a server go away.
-        time.sleep(1.0)
+        # Only after the gateway has the new routing (it polls every 0.5 s) and its
+        # requests in flight are answered may a server go away.
+        time.sleep(ROUTING_SETTLE_S)
         self.servers.keep_only(served)
 
     def write_routing(self) -> None:

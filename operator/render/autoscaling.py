@@ -197,8 +197,9 @@ def build_autoscalers(
                 "name": "gpu-utilization",
                 "metadata": {
                     "serverAddress": prometheus_url,
-                    # DCGM exporter metric, averaged over this deployment's pods.
-                    "query": f'avg(DCGM_FI_DEV_GPU_UTIL{{namespace="{namespace}",pod=~"{serving}-.*"}})',
+                    # DCGM exporter metric, averaged over the stable Deployment's pods
+                    # (<deployment>-<replicaset hash>-<pod suffix>; not the canary's).
+                    "query": f'avg(DCGM_FI_DEV_GPU_UTIL{{namespace="{namespace}",pod=~"{serving}-[a-z0-9]+-[a-z0-9]+"}})',
                     "threshold": str(scaling.target_gpu_utilization),
                 },
             }

@@ -39,6 +39,8 @@ def feature_job_env(system: RecommenderSystem) -> list[dict[str, Any]]:
     values = {
         "RECSYS_SYSTEM_ID": system_id(system),
         "RECSYS_PULSAR_SERVICE_URL": spec.events.service_url,
+        # The job reports its subscription's backlog (the lag alert) from the admin API.
+        "RECSYS_PULSAR_ADMIN_URL": spec.events.admin_url,
         "RECSYS_INTERACTIONS_TOPIC": topic_url(system, TOPIC_NAMES["interactions"]),
         "RECSYS_DEAD_LETTER_TOPIC": topic_url(system, TOPIC_NAMES["dead_letter"]),
         "RECSYS_SUBSCRIPTION": FEATURES_SUBSCRIPTION,

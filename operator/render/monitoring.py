@@ -117,7 +117,8 @@ def build_prometheus_rule(
         },
         {
             "alert": "RecsysConsumerLag",
-            "expr": f"sum({FEATURES_BACKLOG}{{{sel}}}) > {backlog}",
+            # Every replica reports the whole subscription's backlog: max, not sum.
+            "expr": f"max({FEATURES_BACKLOG}{{{sel}}}) > {backlog}",
             "for": "10m",
             "labels": {**labels, "severity": "warning"},
             "annotations": {

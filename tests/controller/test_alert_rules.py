@@ -154,9 +154,15 @@ def test_a_healthy_system_raises_no_alert(tmp_path: Path) -> None:
                         "series": f'recsys_feature_events_total{{{SYSTEM},type="view"}}',
                         "values": "0+500x40",
                     },
+                    # Two replicas each report the subscription's whole backlog (100k):
+                    # below the 160k threshold, however many replicas report it.
                     {
-                        "series": f"recsys_feature_consumer_backlog{{{SYSTEM}}}",
-                        "values": "10+0x40",
+                        "series": f'recsys_feature_consumer_backlog{{{SYSTEM},pod="a"}}',
+                        "values": "100000+0x40",
+                    },
+                    {
+                        "series": f'recsys_feature_consumer_backlog{{{SYSTEM},pod="b"}}',
+                        "values": "100000+0x40",
                     },
                 ],
                 "alert_rule_test": [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway.routing_configmap import ROUTING_KEY, ConfigMapRef
 from recsys_operator import __version__
 from recsys_operator.api import InvalidResource
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
+from recsys_operator.controller.kube import KNOWN_KINDS
 from recsys_operator.render import RenderOptions, render_system, topic_plan
 from recsys_operator.render.naming import CONFIG_HASH_ANNOTATION
 from recsys_operator.tools import find_tool
@@ -100,6 +103,9 @@ def test_quickstart_renders_the_expected_children() -> None:
     names = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert names == {
         ("ConfigMap", "quickstart-gateway"),
+        ("ServiceAccount", "quickstart-gateway"),
+        ("Role", "quickstart-gateway"),
+        ("RoleBinding", "quickstart-gateway"),
         ("ConfigMap", "quickstart-serving"),
         ("Service", "quickstart-serving"),
         ("Deployment", "quickstart-serving"),
@@ -246,6 +252,50 @@ def test_a_canary_gets_its_own_serving_set_and_its_weight_in_the_routing() -> No
     assert routing["stable"]["url"].startswith("http://home-feed-serving.recsys-prod.svc:8080/")
 
 
+def test_the_gateway_watches_its_routing_configmap_and_may_read_nothing_else() -> None:
+    objects = render_system(production(**CANARY), KEDA_POLICY)
+    configmap = named(objects, "ConfigMap", "home-feed-gateway")
+    assert json.loads(configmap["data"][ROUTING_KEY])["canaryWeight"] == 25
+
+    pod = named(objects, "Deployment", "home-feed-gateway")["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    where = args[args.index("--routing-configmap") + 1]
+    assert ConfigMapRef.parse(where) == ConfigMapRef("recsys-prod", "home-feed-gateway")
+    assert "--routing" not in args and "volumes" not in pod  # no mounted copy to go stale
+    assert pod["serviceAccountName"] == "home-feed-gateway"
+    assert pod["automountServiceAccountToken"] is True
+
+    role = named(objects, "Role", "home-feed-gateway")
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["home-feed-gateway"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    binding = named(objects, "RoleBinding", "home-feed-gateway")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "home-feed-gateway",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "home-feed-gateway", "namespace": "recsys-prod"}
+    ]
+    # Applied in this order, the pods never start before their identity and rights exist.
+    order = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    deployment = order.index(("Deployment", "home-feed-gateway"))
+    for kind in ("ConfigMap", "ServiceAccount", "Role", "RoleBinding"):
+        assert order.index((kind, "home-feed-gateway")) < deployment
+
+
+def test_every_rendered_kind_can_be_applied() -> None:
+    for scenario in SCENARIOS.values():
+        for obj in scenario():
+            assert (obj["apiVersion"], obj["kind"]) in KNOWN_KINDS, obj["kind"]
+
+
 def test_hpa_bounds_and_behaviour_come_from_the_effective_policy() -> None:
     doc = load("quickstart.yaml")[0]
     doc["spec"]["scaling"] = {"maxReplicas": 5}
@@ -270,6 +320,11 @@ def test_keda_scales_serving_on_latency_and_gpu_and_stream_jobs_on_backlog() -> 
     assert triggers["p99-latency"]["metadata"]["threshold"] == "35"
     assert "histogram_quantile(0.99" in triggers["p99-latency"]["metadata"]["query"]
     assert triggers["gpu-utilization"]["metadata"]["threshold"] == "75"
+    # The GPU query averages the stable pods only (PromQL regexes match the whole value).
+    pod_regex = re.search(r'pod=~"([^"]+)"', triggers["gpu-utilization"]["metadata"]["query"])
+    assert pod_regex is not None
+    assert re.fullmatch(pod_regex[1], "home-feed-serving-7d9f8b6c5-x2x7q")
+    assert not re.fullmatch(pod_regex[1], "home-feed-serving-canary-7d9f8b6c5-x2x7q")
     features = named(objects, "ScaledObject", "home-feed-features")["spec"]
     (pulsar,) = features["triggers"]
     assert pulsar["type"] == "pulsar"

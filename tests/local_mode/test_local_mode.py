@@ -1,0 +1,225 @@
+"""`recsys up | status | rollout | down` on real parts, as a user runs them.
+
+One small system (a model trained here on 300 synthetic items) is started once for
+the module; the tests then steer it through the CLI and check what users rely on:
+every part answers on 127.0.0.1, a broken canary is rolled back by the same state
+machine the operator runs, a manual abort removes the canary, and `down` leaves no
+process behind. Bounded: each command has a timeout and the simulation a duration.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from recsys_operator.local.run_folder import RunFolder, same_process
+
+pytestmark = [
+    pytest.mark.java,
+    pytest.mark.redis,
+    pytest.mark.broker,
+    pytest.mark.prometheus,
+    pytest.mark.slow,
+    pytest.mark.xdist_group("local-mode"),
+]
+
+MANIFEST: dict[str, Any] = {
+    "apiVersion": "recsys.dev/v1alpha1",
+    "kind": "RecommenderSystem",
+    "metadata": {"name": "smoke", "namespace": "test"},
+    "spec": {
+        "events": {"topics": {"interactions": {"partitions": 1}, "impressions": {"partitions": 1}}},
+        "model": {
+            "name": "smoke",
+            "version": "1",
+            "embeddingDim": 8,
+            "numItems": 300,
+            "topK": 10,
+            "index": {"type": "Flat"},
+        },
+        "serving": {"workers": 1, "batching": {"maxBatchSize": 8, "maxBatchDelayMs": 2}},
+        "rollout": {
+            "steps": [50, 100],
+            "interval": "10s",
+            "progressDeadline": "3m",
+            "analysis": {
+                "maxP99LatencyMs": 5000,
+                "minImpressions": 120,
+                "minCtrRatio": 0.8,
+                "confidence": 0.95,
+            },
+        },
+    },
+}
+
+
+def recsys(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "recsys_operator.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def wait_for_state(folder: RunFolder, check: Any, timeout: float, what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    state: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        state = folder.read_state() or {}
+        if check(state):
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not reached in {timeout:.0f}s; state: {json.dumps(state)[:3000]}")
+
+
+def write_manifest(path: Path, **spec_changes: Any) -> Path:
+    body = json.loads(json.dumps(MANIFEST))
+    body["spec"].update(spec_changes)
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunFolder]:
+    workdir = tmp_path_factory.mktemp("local")
+    manifest = write_manifest(workdir / "smoke.yaml")
+    folder = RunFolder(workdir / "run")
+    result = recsys("up", "-f", str(manifest), "--run-dir", str(folder.root), cwd=workdir)
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield folder
+    finally:
+        recsys("down", "--run-dir", str(folder.root), cwd=workdir, timeout=150)
+
+
+def test_up_starts_every_part_on_loopback_and_serves(system: RunFolder) -> None:
+    state = system.read_state()
+    assert state is not None and state["phase"] == "running"
+    assert set(state["parts"]) == {
+        "pulsar", "redis", "torchserve-1", "features", "gateway", "prometheus"
+    }  # fmt: skip
+    assert all(p["status"] == "running" for p in state["parts"].values()), state["parts"]
+    assert all(url.split("//")[1].startswith("127.0.0.1:") for url in state["urls"].values())
+    answer = requests.post(
+        f"{state['urls']['gateway']}/v1/recommend", json={"user_id": "u0001", "k": 5}, timeout=10
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model_version"] == "1" and len(answer.json()["item_ids"]) == 5
+    status = recsys("status", "--run-dir", str(system.root), cwd=system.root.parent)
+    assert status.returncode == 0, status.stderr
+    assert "torchserve-1" in status.stdout and "stable  1" in status.stdout
+
+
+def test_a_broken_canary_is_rolled_back_on_ctr(system: RunFolder) -> None:
+    from recsys_operator.local.simulation import SimulatedUsers
+
+    started = recsys(
+        "rollout", "start", "--version", "2", "--random-embeddings",
+        "--run-dir", str(system.root), cwd=system.root.parent,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    wait_for_state(
+        system,
+        lambda s: (s["rollout"]["canary"] or {}).get("version") == "2",
+        120,
+        "canary of version 2 taking traffic",
+    )
+    users = SimulatedUsers(system, system.read_state()["urls"]["gateway"], rate=40, seed=5)
+    stop = threading.Event()
+    simulation = threading.Thread(target=users.run, args=(150, stop), daemon=True)
+    simulation.start()
+    try:
+        state = wait_for_state(
+            system,
+            lambda s: (s["rollout"]["lastRollout"] or {}).get("version") == "2",
+            150,
+            "a decision on version 2",
+        )
+    finally:
+        stop.set()
+        simulation.join(timeout=15)
+    record = state["rollout"]["lastRollout"]
+    assert record["outcome"] == "RolledBack", record
+    assert "significantly below" in record["reason"], record
+    assert state["rollout"]["stableVersion"] == "1" and state["rollout"]["canary"] is None
+    analysis = record["lastAnalysis"]
+    assert analysis["canaryCtr"] < analysis["stableCtr"] and analysis["pValue"] < 0.05
+    # The canary's model server is stopped once traffic has left it.
+    wait_for_state(system, lambda s: "torchserve-2" not in s["parts"], 60, "canary server stopped")
+    routing = json.loads(system.routing.read_text())
+    assert routing["canary"] is None and routing["stable"]["version"] == "1"
+
+
+def test_abort_returns_all_traffic_to_stable(system: RunFolder) -> None:
+    started = recsys(
+        "rollout", "start", "--version", "3", "--run-dir", str(system.root), cwd=system.root.parent
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    wait_for_state(
+        system,
+        lambda s: (s["rollout"]["canary"] or {}).get("weight") == 50,
+        120,
+        "canary of version 3 at 50%",
+    )
+    assert json.loads(system.routing.read_text())["canaryWeight"] == 50
+    aborted = recsys("rollout", "abort", "--run-dir", str(system.root), cwd=system.root.parent)
+    assert aborted.returncode == 0, aborted.stderr
+    state = wait_for_state(
+        system,
+        lambda s: (s["rollout"]["lastRollout"] or {}).get("version") == "3",
+        30,
+        "the abort",
+    )
+    assert state["rollout"]["lastRollout"]["outcome"] == "Aborted"
+    assert json.loads(system.routing.read_text())["canary"] is None
+
+
+def test_down_stops_every_process_it_started(system: RunFolder) -> None:
+    state = system.read_state()
+    assert state is not None
+    processes = [(p["pid"], p["startTime"]) for p in state["parts"].values()]
+    processes.append((state["supervisor"]["pid"], state["supervisor"]["startTime"]))
+    result = recsys("down", "--run-dir", str(system.root), cwd=system.root.parent, timeout=150)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not [pid for pid, start in processes if same_process(pid, start)]
+    assert (system.read_state() or {})["phase"] == "stopped"
+
+
+def test_a_part_that_fails_to_start_is_reported_and_the_rest_stopped(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "broken.yaml")
+    not_an_archive = tmp_path / "broken.mar"
+    not_an_archive.write_text("this is not a model archive")
+    folder = RunFolder(tmp_path / "run")
+    result = recsys(
+        "up", "-f", str(manifest), "--archive", str(not_an_archive),
+        "--run-dir", str(folder.root), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "failed to start" in result.stderr and "torchserve" in result.stderr.lower()
+    state = folder.read_state()
+    assert state is not None and state["phase"] == "failed"
+    assert not [
+        name for name, p in state["parts"].items() if same_process(p["pid"], p["startTime"])
+    ]
+
+
+def test_an_invalid_manifest_is_refused_with_the_field_and_nothing_starts(tmp_path: Path) -> None:
+    manifest = write_manifest(
+        tmp_path / "invalid.yaml", rollout={"steps": [50, 20], "interval": "10s"}
+    )
+    result = recsys("up", "-f", str(manifest), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "spec.rollout.steps" in result.stderr
+    assert not (tmp_path / "run" / "state.json").exists()
