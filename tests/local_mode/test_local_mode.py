@@ -162,11 +162,16 @@ def test_a_broken_canary_is_rolled_back_on_ctr(system: RunFolder) -> None:
     assert routing["canary"] is None and routing["stable"]["version"] == "1"
 
 
-def test_abort_returns_all_traffic_to_stable(system: RunFolder) -> None:
+def test_up_with_a_new_version_starts_a_rollout_and_abort_ends_it(system: RunFolder) -> None:
+    manifest = write_manifest(system.root.parent / "smoke-v3.yaml")
+    body = yaml.safe_load(manifest.read_text())
+    body["spec"]["model"]["version"] = "3"
+    manifest.write_text(yaml.safe_dump(body))
     started = recsys(
-        "rollout", "start", "--version", "3", "--run-dir", str(system.root), cwd=system.root.parent
+        "up", "-f", str(manifest), "--run-dir", str(system.root), cwd=system.root.parent
     )
     assert started.returncode == 0, started.stdout + started.stderr
+    assert "rollout of version 3 started" in started.stdout
     wait_for_state(
         system,
         lambda s: (s["rollout"]["canary"] or {}).get("weight") == 50,
