@@ -3,8 +3,10 @@
 A request walks through the modules in this order, which is also a good order to
 read them in:
 
-- `routing`      the routing file the operator writes (versions, weights, topics),
-                 re-read whenever it changes;
+- `routing`      the routing the operator writes (versions, weights, topics),
+                 applied whenever it changes; from a file polled in local mode,
+- `routing_configmap`  or, in a cluster, from its ConfigMap watched through the
+                 Kubernetes API;
 - `assignment`   which variant (stable or canary) a user is sticky to;
 - `upstream`     the call to TorchServe, with the routing's timeout;
 - `fallback`     popular items to answer with when serving fails;

@@ -10,8 +10,9 @@
 Every answer the gateway gives itself is JSON; every error is
 `{"error": "...", "field": "..." | null}`. A client mistake is a 4xx, never a 5xx.
 
-Start it with `create_app(GatewaySettings(routing_path=...))` and any aiohttp
-runner, or `gateway.server` (in a thread, or as `python -m gateway run`).
+Start it with `create_app(GatewaySettings(routing_path=...))` (or
+`routing_configmap=...` in a cluster) and any aiohttp runner, or `gateway.server` (in a
+thread, or as `python -m gateway run`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from gateway.fallback import PopularityFallback
 from gateway.log_rate_limit import rate_limited_logger
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import build_openapi
-from gateway.routing import POLL_INTERVAL_S, Endpoint, Routing, RoutingWatcher
+from gateway.routing import POLL_INTERVAL_S, Endpoint, ReloadResult, Routing, RoutingWatcher
+from gateway.routing_configmap import ConfigMapRef, ConfigMapRoutingWatcher, KubeApi
 from gateway.upstream import ServingClient, ServingRejected, ServingUnavailable
 from recsys_operator import __version__
 from stream_jobs.events import now_ms
@@ -61,7 +63,13 @@ MAX_BODY_BYTES = 1024 * 1024
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    routing_path: Path
+    """Where the routing comes from is exactly one of: `routing_path` (a file, polled:
+    local mode, tests) or `routing_configmap` (watched through the Kubernetes API: a
+    cluster; the API server is found in the pod, else `kubeconfig` or $KUBECONFIG)."""
+
+    routing_path: Path | None = None
+    routing_configmap: ConfigMapRef | None = None
+    kubeconfig: Path | None = None
     fallback_items_path: Path | None = None
     event_buffer_capacity: int = DEFAULT_CAPACITY
     routing_poll_interval_s: float = POLL_INTERVAL_S
@@ -69,6 +77,29 @@ class GatewaySettings:
     # How long the Pulsar client tries (to connect, to look a topic up) before an
     # outage turns into counted drops.
     pulsar_timeout_s: int = OPERATION_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if (self.routing_path is None) == (self.routing_configmap is None):
+            raise ValueError("give the routing as a file or as a ConfigMap, not both or neither")
+
+
+RoutingSource = RoutingWatcher | ConfigMapRoutingWatcher
+
+
+def routing_source(
+    settings: GatewaySettings, on_reload: Callable[[ReloadResult], None]
+) -> RoutingSource:
+    """The routing's watcher; it reads the first routing now (`RoutingError` if it cannot)."""
+    if settings.routing_configmap is not None:
+        return ConfigMapRoutingWatcher(
+            settings.routing_configmap,
+            KubeApi.from_environment(settings.kubeconfig),
+            on_reload=on_reload,
+        )
+    assert settings.routing_path is not None  # __post_init__: one of the two
+    return RoutingWatcher(
+        settings.routing_path, on_reload=on_reload, poll_interval_s=settings.routing_poll_interval_s
+    )
 
 
 class BadInput(Exception):
@@ -134,10 +165,9 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
         self.metrics = metrics or GatewayMetrics()
-        self.routing = RoutingWatcher(
-            settings.routing_path,
+        self.routing: RoutingSource = routing_source(
+            settings,
             on_reload=lambda result: self.metrics.routing_reloads.labels(result=result.value).inc(),
-            poll_interval_s=settings.routing_poll_interval_s,
         )
         self.fallback = (
             PopularityFallback.from_file(settings.fallback_items_path)
@@ -169,7 +199,7 @@ class Gateway:
 
     async def recommend(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        # One routing for the whole request, even if the file changes meanwhile.
+        # One routing for the whole request, even if it changes meanwhile.
         routing = self.routing.current
         try:
             ask = parse_body(await request.read(), _RECOMMEND)
@@ -356,8 +386,8 @@ GATEWAY = web.AppKey("gateway", Gateway)
 def create_app(
     settings: GatewaySettings, *, metrics: GatewayMetrics | None = None
 ) -> web.Application:
-    """The gateway as an aiohttp application. Reads the routing file now, so a missing
-    or invalid one fails here (`RoutingError`), before anything listens."""
+    """The gateway as an aiohttp application. Reads the routing now, so a missing or
+    invalid one fails here (`RoutingError`), before anything listens."""
     gateway = Gateway(settings, metrics)
     app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
     app[GATEWAY] = gateway

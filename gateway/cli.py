@@ -25,9 +25,18 @@ def gateway() -> None:
 @gateway_app.command()
 def run(
     routing: Annotated[
-        Path,
-        typer.Option(help="Routing JSON file (the operator's ConfigMap); re-read when it changes."),
-    ],
+        Path | None,
+        typer.Option(help="Routing JSON file (local mode); re-read when it changes."),
+    ] = None,
+    routing_configmap: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAMESPACE/NAME",
+            help="ConfigMap holding the routing (key routing.json), watched through the "
+            "Kubernetes API: in a pod with its service account, else with $KUBECONFIG. "
+            "Exactly one of --routing and --routing-configmap.",
+        ),
+    ] = None,
     port: Annotated[
         int | None,
         typer.Option(help="Port to listen on. Default: from $RECSYS_GATEWAY_ADDRESS, else 8000."),
@@ -51,18 +60,25 @@ def run(
     from gateway.app import GatewaySettings
     from gateway.fallback import FallbackFileError
     from gateway.routing import RoutingError
+    from gateway.routing_configmap import ConfigMapRef
     from gateway.server import listen_address, run_gateway
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        listen_host, listen_port = listen_address(host, port)
-        run_gateway(
-            GatewaySettings(routing_path=routing, fallback_items_path=fallback_items),
-            host=listen_host,
-            port=listen_port,
+        if (routing is None) == (routing_configmap is None):
+            raise ValueError(
+                "give the routing with exactly one of --routing FILE and "
+                "--routing-configmap NAMESPACE/NAME"
+            )
+        settings = GatewaySettings(
+            routing_path=routing,
+            routing_configmap=ConfigMapRef.parse(routing_configmap) if routing_configmap else None,
+            fallback_items_path=fallback_items,
         )
+        listen_host, listen_port = listen_address(host, port)
+        run_gateway(settings, host=listen_host, port=listen_port)
     except (RoutingError, FallbackFileError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

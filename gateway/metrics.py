@@ -84,7 +84,7 @@ class GatewayMetrics:
         )
         self.routing_reloads = Counter(
             GATEWAY_ROUTING_RELOADS,
-            "Changes of the routing file seen: applied (ok) or rejected (invalid, unreadable).",
+            "Changes of the routing seen: applied (ok) or rejected (invalid, unreadable).",
             ("result",),
             registry=r,
         )

@@ -1,7 +1,9 @@
-"""The routing file: which model versions serve, in what shares, and where events go.
+"""The routing: which model versions serve, in what shares, and where events go.
 
 The operator renders it into a ConfigMap (`recsys_operator.render.gateway.gateway_routing`)
-mounted into every gateway pod; local mode writes the file directly. Its shape:
+that gateways in a cluster watch through the Kubernetes API
+(`gateway.routing_configmap`); local mode writes it to a file that `RoutingWatcher`
+polls. Its shape:
 
     {"system": "ns.name",
      "stable": {"version": "1", "url": "http://.../predictions/NAME/1"},
@@ -11,11 +13,11 @@ mounted into every gateway pod; local mode writes the file directly. Its shape:
      "pulsarServiceUrl": "pulsar://...",
      "interactionsTopic": "persistent://...", "impressionsTopic": "persistent://..."}
 
-Weight changes and rollbacks reach running gateways through this file alone (no pod
-restart), so `RoutingWatcher` re-reads it every half second and applies a new
-version as soon as it parses. A file that cannot be read or does not validate is
-reported and ignored: the gateway keeps serving with the last good routing, because
-a half-written or broken file must never take traffic down.
+Weight changes and rollbacks reach running gateways through this document alone (no pod
+restart), so a new version is applied as soon as it parses. One that cannot be read or
+does not validate is reported and ignored: the gateway keeps serving with the last good
+routing, because a half-written or broken routing must never take traffic down.
+`RoutingState` holds these rules for every source.
 """
 
 from __future__ import annotations
@@ -41,9 +43,8 @@ from gateway.attribution import FALLBACK_MODEL_VERSION, MODEL_VERSION_PATTERN
 
 log = logging.getLogger(__name__)
 
-# Kubernetes updates a mounted ConfigMap within about a minute; the gateway's own
-# part of the delay is this interval (the rollout promises every replica follows a
-# written file within 5 s).
+# The gateway's part of the delay between a written file and its routing in force (the
+# rollout promises every replica follows a change within 5 s).
 POLL_INTERVAL_S = 0.5
 
 
@@ -105,7 +106,7 @@ class Routing(BaseModel):
 
 
 class RoutingError(ValueError):
-    """The routing file could not be read or is not a valid routing."""
+    """The routing could not be read or is not a valid routing."""
 
     def __init__(self, message: str, result: ReloadResult) -> None:
         super().__init__(message)
@@ -117,11 +118,11 @@ class ReloadResult(StrEnum):
 
     OK = "ok"
     INVALID = "invalid"  # read, but not JSON or not a valid routing
-    UNREADABLE = "unreadable"  # missing or no permission
+    UNREADABLE = "unreadable"  # missing, no permission, or the API server unreachable
 
 
 def parse_routing(text: bytes | str) -> Routing:
-    """A routing from the file's bytes; `RoutingError` says what is wrong."""
+    """A routing from its JSON text; `RoutingError` says what is wrong."""
     try:
         return Routing.model_validate_json(text)
     except ValidationError as exc:
@@ -145,13 +146,67 @@ def load_routing(path: Path) -> Routing:
     return parse_routing(read_routing_file(path))
 
 
+class RoutingState:
+    """The routing in force, and the rules for replacing it, whatever the source.
+
+    A source hands over every text it reads (`offer`) and says when it cannot read one
+    (`unavailable`). A new text is parsed once; whatever the outcome it is not looked
+    at again until it changes, so a broken routing is logged and counted once, not on
+    every poll or event. An unavailable source is reported once per outage (until the
+    next text is offered). In every case but a valid new text the routing stays.
+    """
+
+    def __init__(
+        self,
+        first: bytes | str,
+        *,
+        origin: str,
+        on_reload: Callable[[ReloadResult], None] = lambda result: None,
+    ) -> None:
+        self.origin = origin  # for log lines: "routing file /etc/...", "ConfigMap ns/name"
+        self._on_reload = on_reload
+        # The first routing must be valid: a gateway that never had one cannot serve.
+        self.current: Routing = parse_routing(first)
+        self._last_text = _as_bytes(first)
+        self._unavailable = False
+
+    def offer(self, text: bytes | str) -> ReloadResult | None:
+        """Apply `text` if it changed and is valid; what happened, or None when unchanged."""
+        self._unavailable = False
+        text = _as_bytes(text)
+        if text == self._last_text:
+            return None
+        self._last_text = text
+        try:
+            routing = parse_routing(text)
+        except RoutingError as exc:
+            log.error("%s rejected, keeping the last good routing: %s", self.origin, exc)
+            self._on_reload(exc.result)
+            return exc.result
+        previous, self.current = self.current, routing
+        log.info("routing reloaded from %s: %s", self.origin, describe_change(previous, routing))
+        self._on_reload(ReloadResult.OK)
+        return ReloadResult.OK
+
+    def unavailable(self, reason: str) -> ReloadResult | None:
+        """The source cannot give a routing now; reported the first time of an outage."""
+        if self._unavailable:
+            return None
+        self._unavailable = True
+        log.error("keeping the last good routing: %s", reason)
+        self._on_reload(ReloadResult.UNREADABLE)
+        return ReloadResult.UNREADABLE
+
+
+def _as_bytes(text: bytes | str) -> bytes:
+    return text.encode() if isinstance(text, str) else text
+
+
 class RoutingWatcher:
-    """Holds the current routing and replaces it when the file changes.
+    """The routing from a file, re-read every `poll_interval_s`.
 
     The file is read on every poll and compared byte for byte with the last read:
-    it is small, and mtime alone misses two writes within one timestamp tick. A
-    changed file is parsed once; whatever the outcome it is not retried until its
-    bytes change again, so a broken file is logged and counted once, not every poll.
+    it is small, and mtime alone misses two writes within one timestamp tick.
     """
 
     def __init__(
@@ -163,40 +218,24 @@ class RoutingWatcher:
     ) -> None:
         self.path = path
         self.poll_interval_s = poll_interval_s
-        self._on_reload = on_reload
-        # The first load must succeed: a gateway that never had a routing cannot serve.
-        self._last_bytes = read_routing_file(path)
-        self.current: Routing = parse_routing(self._last_bytes)
-        self._unreadable = False
+        self._state = RoutingState(
+            read_routing_file(path), origin=f"routing file {path}", on_reload=on_reload
+        )
+
+    @property
+    def current(self) -> Routing:
+        return self._state.current
 
     def check(self) -> ReloadResult | None:
         """Look at the file once; apply it if it changed and is valid.
 
-        Returns what happened, or None when the file is unchanged.
+        Returns what happened, or None when nothing changed.
         """
         try:
             text = read_routing_file(self.path)
         except RoutingError as exc:
-            if self._unreadable:
-                return None
-            self._unreadable = True
-            log.error("keeping the last good routing: %s", exc)
-            self._on_reload(ReloadResult.UNREADABLE)
-            return ReloadResult.UNREADABLE
-        self._unreadable = False
-        if text == self._last_bytes:
-            return None
-        self._last_bytes = text
-        try:
-            routing = parse_routing(text)
-        except RoutingError as exc:
-            log.error("routing file %s rejected, keeping the last good routing: %s", self.path, exc)
-            self._on_reload(exc.result)
-            return exc.result
-        previous, self.current = self.current, routing
-        log.info("routing reloaded: %s", describe_change(previous, routing))
-        self._on_reload(ReloadResult.OK)
-        return ReloadResult.OK
+            return self._state.unavailable(str(exc))
+        return self._state.offer(text)
 
     async def watch(self) -> None:
         """Poll until cancelled. Reading a few hundred bytes of a local file is

@@ -24,7 +24,10 @@ from recsys_operator.render.features import build_feature_job_deployment
 from recsys_operator.render.gateway import (
     build_gateway_configmap,
     build_gateway_deployment,
+    build_gateway_role,
+    build_gateway_role_binding,
     build_gateway_service,
+    build_gateway_service_account,
 )
 from recsys_operator.render.monitoring import (
     build_features_metrics_service,
@@ -126,7 +129,16 @@ def render_system(
 
     objects: list[dict[str, Any]] = []
     gateway_config = build_gateway_configmap(system, plan)
-    objects.append(gateway_config)
+    # The gateway pods' identity and their right to watch the routing: before the
+    # Deployment, so its pods never start without them.
+    gateway_account = build_gateway_service_account(system)
+    gateway_role = build_gateway_role(system, gateway_config)
+    objects += [
+        gateway_config,
+        gateway_account,
+        gateway_role,
+        build_gateway_role_binding(system, gateway_role, gateway_account),
+    ]
     for track, version in serving_tracks(plan.stable_version, plan.canary_version):
         try:
             configmap = build_serving_configmap(system, track, version)
@@ -143,7 +155,10 @@ def render_system(
     objects.append(build_gateway_service(system))
     objects.append(
         build_gateway_deployment(
-            system, gateway_config, None if autoscaled else system.spec.gateway.replicas
+            system,
+            gateway_config,
+            gateway_account,
+            None if autoscaled else system.spec.gateway.replicas,
         )
     )
     objects.append(

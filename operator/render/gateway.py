@@ -1,4 +1,12 @@
-"""The gateway: Deployment, Service and its routing ConfigMap."""
+"""The gateway: Deployment, Service, its routing ConfigMap, and the right to watch it.
+
+Gateways watch their ConfigMap through the Kubernetes API (`gateway.routing_configmap`)
+rather than mounting it: the kubelet refreshes a mounted ConfigMap only every minute or
+so, and a rollout promises every replica follows a weight change within 5 s. So each
+system gets a ServiceAccount for its gateway pods and a Role that lets them get, list and
+watch that one ConfigMap (`resourceNames`; the gateway lists and watches it with the
+matching `metadata.name` field selector, which is what such a Role allows).
+"""
 
 from __future__ import annotations
 
@@ -30,7 +38,9 @@ from recsys_operator.render.serving import INFERENCE_PORT
 from recsys_operator.render.traffic import TrafficPlan
 
 GATEWAY_PORT = 8000
-ROUTING_FILE = "routing.json"
+ROUTING_KEY = "routing.json"  # the key gateway.routing_configmap reads
+RBAC_GROUP = "rbac.authorization.k8s.io"
+RBAC_API_VERSION = f"{RBAC_GROUP}/v1"
 
 
 def gateway_routing(system: RecommenderSystem, plan: TrafficPlan) -> dict[str, Any]:
@@ -40,10 +50,13 @@ def gateway_routing(system: RecommenderSystem, plan: TrafficPlan) -> dict[str, A
 
     def endpoint(track: str, version: str) -> dict[str, Any]:
         host = f"{serving_name(system, track)}.{namespace}.svc"
-        return {
-            "version": version,
-            "url": f"http://{host}:{INFERENCE_PORT}/predictions/{model.name}/{version}",
-        }
+        # Stable asks for the model without a version: each pod serves the one version it
+        # loaded. At a promotion the stable pods roll from the old version to the new one
+        # while traffic already follows the new routing; a versioned URL would get 404s
+        # (and fallbacks) from the pods not yet rolled. The canary track only ever holds
+        # its own version, so its URL names it.
+        path = f"/predictions/{model.name}" + (f"/{version}" if track == Track.CANARY else "")
+        return {"version": version, "url": f"http://{host}:{INFERENCE_PORT}{path}"}
 
     routing: dict[str, Any] = {
         "system": system_id(system),
@@ -71,23 +84,74 @@ def build_gateway_configmap(system: RecommenderSystem, plan: TrafficPlan) -> dic
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(system, child_name(system, "gateway"), Component.GATEWAY),
-        "data": {ROUTING_FILE: text},
+        "data": {ROUTING_KEY: text},
+    }
+
+
+def build_gateway_service_account(system: RecommenderSystem) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata(system, child_name(system, "gateway"), Component.GATEWAY),
+    }
+
+
+def build_gateway_role(system: RecommenderSystem, configmap: dict[str, Any]) -> dict[str, Any]:
+    """Read access to the routing ConfigMap, and to nothing else."""
+    return {
+        "apiVersion": RBAC_API_VERSION,
+        "kind": "Role",
+        "metadata": metadata(system, child_name(system, "gateway"), Component.GATEWAY),
+        "rules": [
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": [configmap["metadata"]["name"]],
+                "verbs": ["get", "list", "watch"],
+            }
+        ],
+    }
+
+
+def build_gateway_role_binding(
+    system: RecommenderSystem, role: dict[str, Any], service_account: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "apiVersion": RBAC_API_VERSION,
+        "kind": "RoleBinding",
+        "metadata": metadata(system, child_name(system, "gateway"), Component.GATEWAY),
+        "roleRef": {
+            "apiGroup": RBAC_GROUP,
+            "kind": "Role",
+            "name": role["metadata"]["name"],
+        },
+        "subjects": [
+            {
+                "kind": "ServiceAccount",
+                "name": service_account["metadata"]["name"],
+                "namespace": service_account["metadata"]["namespace"],
+            }
+        ],
     }
 
 
 def build_gateway_deployment(
-    system: RecommenderSystem, configmap: dict[str, Any], replicas: int | None
+    system: RecommenderSystem,
+    configmap: dict[str, Any],
+    service_account: dict[str, Any],
+    replicas: int | None,
 ) -> dict[str, Any]:
     gateway = system.spec.gateway
     image = gateway.image or default_image(Component.GATEWAY)
+    routing = f"{configmap['metadata']['namespace']}/{configmap['metadata']['name']}"
     container = {
         "name": "gateway",
         "image": image,
         "args": [
             "gateway",
             "run",
-            "--routing",
-            f"/etc/recsys/{ROUTING_FILE}",
+            "--routing-configmap",
+            routing,
             "--port",
             str(GATEWAY_PORT),
         ],
@@ -103,7 +167,6 @@ def build_gateway_deployment(
             "periodSeconds": 10,
             "failureThreshold": 6,
         },
-        "volumeMounts": [{"name": "routing", "mountPath": "/etc/recsys", "readOnly": True}],
         "securityContext": restricted_security_context(),
     }
     spec: dict[str, Any] = {
@@ -115,16 +178,16 @@ def build_gateway_deployment(
         "template": {
             "metadata": {
                 "labels": metadata(system, "", Component.GATEWAY)["labels"],
-                # Routing changes (weights) are picked up from the mounted file without a
-                # restart; only the rest of the pod spec rolls the pods.
+                # Routing changes (weights) reach the pods through their watch of the
+                # ConfigMap, without a restart; only the rest of the pod spec rolls them.
                 "annotations": {CONFIG_HASH_ANNOTATION: config_hash(container)},
             },
             "spec": {
+                "serviceAccountName": service_account["metadata"]["name"],
+                # The token is how the gateway watches its routing ConfigMap.
+                "automountServiceAccountToken": True,
                 "containers": [container],
                 "securityContext": pod_security_context(),
-                "volumes": [
-                    {"name": "routing", "configMap": {"name": configmap["metadata"]["name"]}}
-                ],
             },
         },
     }

@@ -126,6 +126,14 @@ def analyse(canary: VariantMetrics, stable: VariantMetrics, spec: AnalysisSpec) 
             time=now_rfc3339(), decision=decision, reason=reason, p_value=p_value, **numbers
         )
 
+    # Errors first: a canary whose requests fail (or fall back) has no impressions of
+    # its own, and must fail rather than wait for impressions that never come.
+    error_rate = canary.error_rate
+    if error_rate is not None and error_rate > spec.max_error_rate:
+        return result(
+            AnalysisDecision.FAIL,
+            f"canary error rate {error_rate:.4f} exceeds {spec.max_error_rate:g}",
+        )
     missing = [
         name
         for name, value in (
@@ -147,12 +155,6 @@ def analyse(canary: VariantMetrics, stable: VariantMetrics, spec: AnalysisSpec) 
         return result(
             AnalysisDecision.FAIL,
             f"canary p99 latency {canary.p99_ms:.1f} ms exceeds {spec.max_p99_latency_ms:g} ms",
-        )
-    error_rate = canary.error_rate
-    if error_rate is not None and error_rate > spec.max_error_rate:
-        return result(
-            AnalysisDecision.FAIL,
-            f"canary error rate {error_rate:.4f} exceeds {spec.max_error_rate:g}",
         )
     if canary.impressions < spec.min_impressions or stable.impressions < spec.min_impressions:
         return result(

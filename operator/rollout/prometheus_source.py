@@ -17,7 +17,13 @@ from urllib3.util.retry import Retry
 from recsys_operator.api.recommender_system import AnalysisSpec
 from recsys_operator.api.status import AnalysisResult, CanaryStatus
 from recsys_operator.rollout.analysis import VariantMetrics, analyse
-from recsys_operator.telemetry import CLICKS, GATEWAY_LATENCY, GATEWAY_REQUESTS, IMPRESSIONS
+from recsys_operator.telemetry import (
+    CLICKS,
+    GATEWAY_FALLBACKS,
+    GATEWAY_LATENCY,
+    GATEWAY_REQUESTS,
+    IMPRESSIONS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +35,12 @@ def variant_queries(system_id: str, variant: str, version: str, window_s: float)
     return {
         "p99_ms": f"histogram_quantile(0.99, sum by (le) (rate({GATEWAY_LATENCY}_bucket{{{sel}}}[{w}]))) * 1000",
         "requests": f"sum(increase({GATEWAY_REQUESTS}{{{sel}}}[{w}]))",
-        "errors": f'sum(increase({GATEWAY_REQUESTS}{{{sel},code=~"5.."}}[{w}])) or vector(0)',
+        # A request answered from the popularity fallback is a 200 to the client but a
+        # failure of this version: it counts as an error, like a 5xx.
+        "errors": (
+            f'(sum(increase({GATEWAY_REQUESTS}{{{sel},code=~"5.."}}[{w}])) or vector(0))'
+            f" + (sum(increase({GATEWAY_FALLBACKS}{{{sel}}}[{w}])) or vector(0))"
+        ),
         "impressions": f"sum(increase({IMPRESSIONS}{{{sel}}}[{w}]))",
         "clicks": f"sum(increase({CLICKS}{{{sel}}}[{w}])) or vector(0)",
     }

@@ -12,6 +12,9 @@ import pytest
 import yaml
 
 from recsys_operator import __version__
+from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
+from recsys_operator.controller.kube import KNOWN_KINDS
+from recsys_operator.render import RenderOptions, render_system
 from recsys_operator.render.naming import default_image
 from recsys_operator.tools import find_tool
 
@@ -70,6 +73,44 @@ def test_rbac_is_least_privilege() -> None:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
         if "secrets" in rule["resources"]:
             assert rule["verbs"] == ["get"]
+
+
+def allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -> bool:
+    return any(
+        group in rule.get("apiGroups", [])
+        and resource in rule.get("resources", [])
+        and verb in rule.get("verbs", [])
+        and not rule.get("resourceNames")
+        for rule in rules
+    )
+
+
+@pytest.mark.parametrize(
+    "sets", [(), ("watchNamespaces={team-a}",)], ids=["cluster-wide", "namespaced"]
+)
+def test_the_operator_may_apply_every_child_and_grant_what_it_grants(sets: tuple[str, ...]) -> None:
+    role = next(o for o in template(*sets) if o["kind"] in ("ClusterRole", "Role"))
+    system = next(yaml.safe_load_all((ROOT / "examples" / "production-gpu.yaml").read_text()))
+    policy = list(yaml.safe_load_all((ROOT / "examples" / "scaling-policy.yaml").read_text()))[1]
+    children = render_system(
+        RecommenderSystem.model_validate(system),
+        ScalingPolicy.model_validate(policy),
+        RenderOptions(monitoring=True),
+    )
+    for child in children:
+        group = child["apiVersion"].rpartition("/")[0]
+        plural, _ = KNOWN_KINDS[(child["apiVersion"], child["kind"])]
+        for verb in ("get", "list", "watch", "create", "patch", "delete"):
+            assert allows(role["rules"], group, plural, verb), (child["kind"], verb)
+    # RBAC escalation prevention: the operator may create a Role (and bind it) only when
+    # it holds every permission in it itself.
+    granted = [rule for child in children if child["kind"] == "Role" for rule in child["rules"]]
+    assert granted
+    for rule in granted:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    assert allows(role["rules"], group, resource, verb), (resource, verb)
 
 
 def test_chart_ships_the_generated_crds() -> None:

@@ -8,6 +8,7 @@ where readiness matters (`mark_deployments_available`), as a kubelet would repor
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,9 @@ import yaml
 from kubemock.accounting import describe
 from kubemock.fixtures import KubeHandle, PulsarAdminHandle, wait_for
 
+from gateway.app import GatewaySettings
+from gateway.routing_configmap import ConfigMapRef
+from gateway.server import GatewayThread
 from recsys_operator.api.status import AnalysisDecision, AnalysisResult, CanaryStatus
 from recsys_operator.controller import handlers, metrics
 
@@ -159,6 +163,16 @@ def test_create_makes_topics_children_and_ready(
         cluster.kube.api_client
     ).list_namespaced_horizontal_pod_autoscaler("default")
     assert {h.metadata.name: h.spec.max_replicas for h in hpas.items}["shop-serving"] == 8
+    # The gateway pods' identity and their right to watch the routing ConfigMap.
+    rbac = kubernetes.client.RbacAuthorizationV1Api(cluster.kube.api_client)
+    gateway_children = [
+        cluster.core.read_namespaced_service_account("shop-gateway", "default"),
+        rbac.read_namespaced_role("shop-gateway", "default"),
+        rbac.read_namespaced_role_binding("shop-gateway", "default"),
+    ]
+    for child in gateway_children:
+        assert child.metadata.owner_references[0].uid == system["metadata"]["uid"]
+    assert gateway_children[1].rules[0].resource_names == ["shop-gateway"]
     # Kopf's own bookkeeping is in status, never in annotations.
     assert not any(
         k.startswith("kopf.zalando.org") for k in (system["metadata"].get("annotations") or {})
@@ -381,6 +395,17 @@ def scripted_source(*decisions: AnalysisDecision) -> Callable[[dict[str, Any]], 
     return factory
 
 
+@contextlib.contextmanager
+def gateway_watching(cluster: Cluster) -> Iterator[GatewayThread]:
+    """A real gateway following the routing ConfigMap the operator writes."""
+    settings = GatewaySettings(
+        routing_configmap=ConfigMapRef("default", "shop-gateway"),
+        kubeconfig=cluster.kube.kubeconfig,
+    )
+    with GatewayThread(settings) as gateway:
+        yield gateway
+
+
 def routing(cluster: Cluster) -> dict[str, Any]:
     import json
 
@@ -394,10 +419,12 @@ def test_version_change_rolls_out_and_survives_an_operator_restart(
 ) -> None:
     handlers.STATE.analysis_source = scripted_source(AnalysisDecision.PASS)
     first = run_operator(HANDLERS)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(setattr, handlers.STATE, "analysis_source", None)
         cluster.create("scalingpolicies", policy())
         cluster.create("recommendersystems", quickstart(pulsar_admin))
         ready(cluster)
+        gateway = stack.enter_context(gateway_watching(cluster))
         cluster.patch_system(
             {
                 "spec": {
@@ -413,6 +440,8 @@ def test_version_change_rolls_out_and_survives_an_operator_restart(
         wait_for(
             lambda: routing(cluster)["canaryWeight"] == 50
         )  # the reconcile right after the tick
+        # The gateway follows the ConfigMap within the 5 s a rollout relies on.
+        wait_for(lambda: gateway.gateway.routing.current.canary_weight == 50, timeout=5)
         assert "shop-serving-canary" in cluster.deployments()
         first.stop()
 
@@ -431,19 +460,19 @@ def test_version_change_rolls_out_and_survives_an_operator_restart(
             routing(cluster)["canary"]["version"] == "2" and routing(cluster)["canaryWeight"] == 50
         )
         second.stop()
-    finally:
-        handlers.STATE.analysis_source = None
 
 
 def test_a_failed_analysis_rolls_back_and_says_why(
     cluster: Cluster, pulsar_admin: PulsarAdminHandle, run_operator: Callable[..., Any]
 ) -> None:
     handlers.STATE.analysis_source = scripted_source(AnalysisDecision.FAIL)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(setattr, handlers.STATE, "analysis_source", None)
         run_operator(HANDLERS)
         cluster.create("scalingpolicies", policy())
         cluster.create("recommendersystems", quickstart(pulsar_admin))
         ready(cluster)
+        gateway = stack.enter_context(gateway_watching(cluster))
         cluster.patch_system(
             {
                 "spec": {
@@ -463,7 +492,14 @@ def test_a_failed_analysis_rolls_back_and_says_why(
         wait_for(
             lambda: routing(cluster)["canaryWeight"] == 0 and routing(cluster)["canary"] is None
         )
+        wait_for(lambda: gateway.gateway.routing.current.canary is None, timeout=5)
         events = cluster.core.list_namespaced_event("default").items
         assert any(e.reason == "RolledBack" and "scripted Fail" in e.message for e in events)
-    finally:
-        handlers.STATE.analysis_source = None
+        # The finished canary's pods, Service and ConfigMap are removed, not left running.
+        wait_for(lambda: "shop-serving-canary" not in cluster.deployments(), timeout=30)
+        assert "shop-serving-canary" not in [
+            s.metadata.name for s in cluster.core.list_namespaced_service("default").items
+        ]
+        assert "shop-serving-canary" not in [
+            c.metadata.name for c in cluster.core.list_namespaced_config_map("default").items
+        ]

@@ -25,11 +25,13 @@ real API server does, where Kopf, kubectl and the kubernetes client rely on it:
 - lists carry `apiVersion`, `kind: <Kind>List` and `metadata.resourceVersion`, sorted
   by namespace and name; lists and watches honour equality label selectors and the
   `metadata.name`/`metadata.namespace` field selectors (others answer 400);
+- `open_watches` counts the watch streams receiving events now (a watch request is
+  logged a moment before its stream is);
 - a watch first replays the objects newer than its `resourceVersion` as ADDED (all of
   them and a closing bookmark for `sendInitialEvents=true`, as kubectl 1.35 asks), then
   streams events in order (nothing written in between is lost) until its
   `timeoutSeconds`; watch responses are `application/json`, which client-go needs;
-- discovery serves the core, apps, autoscaling/v2, policy and apiextensions groups, and
+- discovery serves the core, apps, autoscaling/v2, policy, rbac and apiextensions groups, and
   every CustomResourceDefinition created through the API (marked Established).
 
 What it does NOT do (never test these behaviours against it):
@@ -38,9 +40,10 @@ What it does NOT do (never test these behaviours against it):
 - no garbage collection by owner references and no controllers: children of a deleted
   owner stay; Deployments get no status, ReplicaSets or Pods (patch `/status` to fake
   it); deleting a CRD or a namespace leaves their objects in place;
-- no admission, defaulting or schema validation: CRD schemas are not checked (validate
-  manifests with kubernetes-validate / jsonschema), namespaces need not exist; no
-  OpenAPI documents either, so kubectl needs `--validate=false`;
+- no authorization (RBAC objects are stored, never enforced), no admission, defaulting
+  or schema validation: CRD schemas are not checked (validate manifests with
+  kubernetes-validate / jsonschema), namespaces need not exist; no OpenAPI documents
+  either, so kubectl needs `--validate=false`;
 - no Table responses: `kubectl get` prints NAME and AGE only, never a CRD's
   additionalPrinterColumns;
 - server-side apply (`application/apply-patch+yaml`) is a merge patch that creates a
@@ -81,7 +84,14 @@ from .accounting import RequestLog, request_header
 
 # Only the API groups an operator of this project reads or writes, to keep discovery small.
 BUILTIN_GROUP_VERSIONS = frozenset(
-    {"v1", "apps/v1", "autoscaling/v2", "policy/v1", "apiextensions.k8s.io/v1"}
+    {
+        "v1",
+        "apps/v1",
+        "autoscaling/v2",
+        "policy/v1",
+        "rbac.authorization.k8s.io/v1",
+        "apiextensions.k8s.io/v1",
+    }
 )
 CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 CRD_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
@@ -141,6 +151,8 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
     _resource_version: int = attrs.field(default=0, init=False)
     # The object each write request answers with, computed in _handle, served by _serve_*.
     _write_results: dict[kmock.Request, Body] = attrs.field(factory=dict, init=False)
+    # Watch streams that receive events now (a test waits for a client's watch to be live).
+    open_watches: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -416,6 +428,7 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
             position = await bus.mark()
             replay = self._stored_objects(resource)
             version = str(self._resource_version)
+            self.open_watches += 1
         try:
             async with asyncio.timeout(float(timeout) if timeout else None):
                 for body in sorted(replay, key=_namespace_and_name):
@@ -432,6 +445,7 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
         except TimeoutError:
             return  # the server ends a watch after its timeoutSeconds, as the real one does
         finally:
+            self.open_watches -= 1
             await bus.unmark(position)
 
     def _end_of_initial_events(self, resource: kmock.resource, version: str) -> Event:

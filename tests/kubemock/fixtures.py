@@ -5,7 +5,8 @@ is on sys.path there), or by importing the fixture names into a conftest.py.
 
 - `kube`: a fresh Kubernetes API emulator per test, with the project's CRDs and the
   `default` namespace; a kubeconfig for it; the kubernetes client's default
-  configuration and `$KUBECONFIG` point at it for the test (restored afterwards).
+  configuration and `$KUBECONFIG` point at it for the test (restored afterwards);
+  `kube.end_watches()` ends every open watch stream, as an API server restart does.
 - `pulsar_admin`: a fresh Pulsar admin API emulator per test (base URL without
   `/admin/v2`, as `spec.events.adminUrl` gives it).
 - `run_operator`: starts Kopf in its own thread against `kube`; stopped after the test.
@@ -91,6 +92,11 @@ class KubeHandle:
     url: str  # http://127.0.0.1:PORT
     kubeconfig: Path
     api_client: kubernetes.client.ApiClient  # bound to this emulator, whatever the default
+    server: ServerThread[KubeEmulator]
+
+    def end_watches(self) -> None:
+        """End every open watch stream now, as an API server does when it restarts."""
+        self.server.call(KubeEmulator.end_watches)
 
     def install_crds(self, *crds: Mapping[str, Any]) -> None:
         """Create CRDs through the API; their resources are served from then on."""
@@ -143,7 +149,7 @@ def kube(
     try:
         kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url)
         api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
-        handle = KubeHandle(server.handler, server.url, kubeconfig, api_client)
+        handle = KubeHandle(server.handler, server.url, kubeconfig, api_client, server)
         handle.install_crds(*project_crds)
         handle.post("/api/v1/namespaces", {"kind": "Namespace", "metadata": {"name": "default"}})
         # Code under test uses the client's default configuration; subprocesses $KUBECONFIG.

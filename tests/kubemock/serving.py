@@ -58,6 +58,12 @@ class ServerThread(Generic[Handler]):
         if self._error is not None:
             raise RuntimeError(f"{self._thread.name} failed") from self._error
 
+    def call(self, action: Callable[[Handler], Awaitable[None]]) -> None:
+        """Run `action(handler)` on the server's event loop and wait for it."""
+        assert self._loop is not None, "not started"
+        future = asyncio.run_coroutine_threadsafe(action(self.handler), self._loop)
+        future.result(STOP_TIMEOUT)
+
     def _run(self) -> None:
         try:
             asyncio.run(self._serve())

@@ -62,6 +62,14 @@ CASES = [
         "error rate 0.0200 exceeds",
     ),
     (
+        # Serving failed, the gateway answered from the fallback: no impressions of its own.
+        "every canary request fell back",
+        v(p99=None, errors=5000, impressions=None, clicks=None),
+        v(),
+        AnalysisDecision.FAIL,
+        "error rate 1.0000 exceeds",
+    ),
+    (
         "NaN latency (empty histogram)",
         v(p99=NAN),
         v(),

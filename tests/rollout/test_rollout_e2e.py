@@ -324,3 +324,13 @@ def test_prometheus_down_is_inconclusive_then_rolled_back_never_promoted(stack: 
     assert "inconclusive analyses in a row" in state.last_rollout.reason
     assert not any(t.promoted for t in transitions)
     assert all(t.state.canary is None or t.state.canary.weight == 50 for t in transitions)
+
+
+def test_a_canary_whose_serving_fails_is_rolled_back_on_errors(stack: Stack) -> None:
+    # TorchServe serves no version 9: every canary request fails and is answered from the
+    # popularity fallback (a 200 to the client), which the analysis counts as an error.
+    state, _, _ = roll_out(stack, "9", spec())
+    record = state.last_rollout
+    assert record.outcome is RolloutOutcome.ROLLED_BACK, record
+    assert "error rate" in record.reason, record.reason
+    assert record.last_analysis.canary_error_rate > 0.9

@@ -39,7 +39,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: ["recommendersystems/finalizers"]
   verbs: ["update"]
 - apiGroups: [""]
+  # configmaps get/list/watch also because the operator grants them to each gateway:
+  # Kubernetes lets it create that Role and RoleBinding only if it holds them itself.
   resources: ["configmaps", "services"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  # The gateway pods' identity, and their right to watch their routing ConfigMap.
+  resources: ["serviceaccounts"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   # Only to read the Pulsar token named by spec.events.authSecretRef.
