@@ -91,7 +91,10 @@ class FeatureJob:
         )
         self.store = FeatureStore(store_client or redis_client(settings), layout, self.params)
         self.catalog = EmbeddingCatalog(
-            settings.embeddings_path, settings.model_version, settings.model_archive_uri
+            settings.embeddings_path,
+            settings.model_version,
+            settings.model_archive_uri,
+            settings.model_archives,
         )
         self._max_future_ms = duration_ms(settings.max_future)
         self._drain_s = duration_ms(settings.drain_timeout) / 1000

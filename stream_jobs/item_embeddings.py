@@ -5,8 +5,9 @@ A model carries `item_embeddings.npy` (float32, one row per item) and
 archive (`<name>-<version>.mar`, a zip; see model_handlers/archive_layout.py).
 The job finds them in one of these places:
 
-- `model_archive_uri` with `model_version`: the served version's archive or
-  directory, as a path, `file://` or `http(s)://` URI (downloaded once);
+- `model_archives` (version -> URI), or `model_archive_uri` with `model_version`: the
+  served versions' archives or directories, as a path, `file://` or `http(s)://` URI
+  (each downloaded once); the operator names the stable and the canary version here;
 - `embeddings_path`: one model's directory or archive (named by `model_version`),
   or a directory of them, one per model version (`<root>/<version>/` or
   `<root>/<version>.mar`), so that during a rollout both versions stay fresh.
@@ -133,16 +134,36 @@ def download(uri: str, folder: Path) -> Path:
     return target
 
 
+def local_copy(archive_uri: str) -> Path:
+    """A local path for an archive URI: a path or file:// as is, http(s):// downloaded."""
+    uri = urlparse(archive_uri)
+    if uri.scheme in ("", "file"):
+        return Path(uri.path)
+    if uri.scheme in ("http", "https"):
+        try:
+            return download(archive_uri, Path(tempfile.mkdtemp(prefix="recsys-model-")))
+        except OSError as exc:
+            raise EmbeddingsError(f"cannot download {archive_uri}: {exc}") from exc
+    # s3://, pvc://: mounted or fetched by the platform, then given as embeddings_path
+    raise EmbeddingsError(f"cannot fetch {archive_uri}: give its local path as embeddings_path")
+
+
 class EmbeddingCatalog:
     """The loaded item embeddings by model version, kept in step with their files."""
 
     def __init__(
-        self, root: Path | None, model_version: str | None = None, archive_uri: str | None = None
+        self,
+        root: Path | None,
+        model_version: str | None = None,
+        archive_uri: str | None = None,
+        archive_uris: Mapping[str, str] | None = None,
     ) -> None:
         self.root = root
         self.model_version = model_version
         self.archive_uri = archive_uri
+        self.archive_uris = dict(archive_uris or {})
         self._archive: Path | None = None
+        self._fetched: dict[str, Path] = {}
         self._loaded: dict[str, ItemEmbeddings] = {}
         self._signatures: dict[str, tuple[int, ...]] = {}
 
@@ -152,30 +173,29 @@ class EmbeddingCatalog:
 
     @property
     def has_sources(self) -> bool:
-        return self.root is not None or self.archive_uri is not None
+        return self.root is not None or self.archive_uri is not None or bool(self.archive_uris)
 
     def _archive_path(self) -> Path | None:
         """The local path of `archive_uri` (downloaded on first use), or None."""
         if self.archive_uri is None or self._archive is not None:
             return self._archive
-        uri = urlparse(self.archive_uri)
-        if uri.scheme in ("", "file"):
-            self._archive = Path(uri.path)
-        elif uri.scheme in ("http", "https"):
-            try:
-                folder = Path(tempfile.mkdtemp(prefix="recsys-model-"))
-                self._archive = download(self.archive_uri, folder)
-            except OSError as exc:
-                raise EmbeddingsError(f"cannot download {self.archive_uri}: {exc}") from exc
-        else:  # s3://, pvc://: mounted or fetched by the platform, then given as embeddings_path
-            raise EmbeddingsError(
-                f"cannot fetch {self.archive_uri}: give its local path as embeddings_path"
-            )
+        self._archive = local_copy(self.archive_uri)
         return self._archive
+
+    def _versioned_archives(self) -> dict[str, Path]:
+        """`archive_uris` as local paths; one that cannot be fetched is logged and skipped
+        (and tried again on the next refresh), so one bad URI never hides the others."""
+        for version, uri in self.archive_uris.items():
+            if version not in self._fetched:
+                try:
+                    self._fetched[version] = local_copy(uri)
+                except EmbeddingsError as exc:
+                    log.error("item embeddings of %s unavailable: %s", version, exc)
+        return dict(self._fetched)
 
     def _sources(self) -> dict[str, Path]:
         """model version -> the directory or archive holding its embeddings, as things are now."""
-        sources: dict[str, Path] = {}
+        sources: dict[str, Path] = self._versioned_archives()
         archive = self._archive_path()
         if archive is not None:
             sources[self._named_version(archive)] = archive

@@ -75,6 +75,9 @@ class FeatureJobSettings(BaseModel):
     """The served model version: names the embeddings of a single model's files."""
     model_archive_uri: str | None = None
     """The model version's archive (`.mar`) or directory: a path, file:// or http(s)://."""
+    model_archives: dict[str, str] = Field(default_factory=dict)
+    """Every served version's archive, `VERSION=URI,VERSION=URI` in the environment: the
+    stable version and, during a rollout, the canary, so both users' embeddings stay fresh."""
     embeddings_path: Path | None = None
     """Item embeddings on disk: one model's directory or archive, or one sub-directory
     per model version (local mode, rollouts with both versions mounted)."""
@@ -100,6 +103,19 @@ class FeatureJobSettings(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError(f"windows must be distinct, got {value}")
         return value
+
+    @field_validator("model_archives", mode="before")
+    @classmethod
+    def _version_uri_pairs(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        pairs = {}
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            version, sep, uri = part.partition("=")
+            if not sep or not version or not uri:
+                raise ValueError(f"model_archives: expected VERSION=URI, got {part!r}")
+            pairs[version] = uri
+        return pairs
 
     @model_validator(mode="after")
     def _popular_scores_stay_finite(self) -> FeatureJobSettings:

@@ -27,9 +27,28 @@ from recsys_operator.render.pods import (
     redis_password_env,
     restricted_security_context,
 )
+from recsys_operator.render.traffic import traffic_plan
 
 # Long enough to finish a batch and flush its Redis pipeline after SIGTERM.
 FEATURES_GRACE_SECONDS = 60
+
+
+def served_archives(system: RecommenderSystem) -> dict[str, str]:
+    """version -> archive URI of every version taking traffic: stable and, during a
+    rollout, the canary. The job keeps the online embeddings of each fresh, so stable's
+    users are not left with stale ones while a canary runs or after it is rolled back."""
+    plan = traffic_plan(system)
+    spec_model = system.spec.model
+    status = system.status
+    archives = {}
+    for version in plan.versions:
+        if version == spec_model.version:
+            uri = spec_model.archive_uri
+        else:  # the promoted version the spec has moved on from
+            uri = status.stable_archive_uri if status else None
+        if uri:
+            archives[version] = uri
+    return archives
 
 
 def feature_job_env(system: RecommenderSystem) -> list[dict[str, Any]]:
@@ -53,11 +72,11 @@ def feature_job_env(system: RecommenderSystem) -> list[dict[str, Any]]:
         "RECSYS_ONLINE_UPDATES": str(features.online_updates.enabled).lower(),
         "RECSYS_LEARNING_RATE": str(features.online_updates.learning_rate),
         "RECSYS_DECAY": str(features.online_updates.decay),
-        "RECSYS_MODEL_VERSION": spec.model.version,
         "RECSYS_METRICS_ADDRESS": f"0.0.0.0:{METRICS_PORT}",
     }
-    if spec.model.archive_uri:
-        values["RECSYS_MODEL_ARCHIVE_URI"] = spec.model.archive_uri
+    archives = served_archives(system)
+    if archives:
+        values["RECSYS_MODEL_ARCHIVES"] = ",".join(f"{v}={uri}" for v, uri in archives.items())
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values.items()]
     env += pulsar_token_env(system) + redis_password_env(system)
     return env

@@ -404,6 +404,26 @@ def test_alert_rules_pass_promtool(tmp_path: Path) -> None:
     assert "SUCCESS: 6 rules found" in result.stdout
 
 
+def test_the_stream_job_keeps_every_served_version_fresh() -> None:
+    """During a rollout both versions' online embeddings are updated; after a rollback
+    the stable one's still are (not the rolled-back version the spec still names)."""
+    from stream_jobs.settings import FeatureJobSettings
+
+    def archives(system: RecommenderSystem) -> dict[str, str]:
+        deployment = named(render_system(system, KEDA_POLICY), "Deployment", "home-feed-features")
+        env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        values = {e["name"]: e["value"] for e in env if "value" in e}
+        return FeatureJobSettings.from_env(values).model_archives
+
+    canary_uri = "s3://ml-models/home-feed/home-feed-retrieval-2026-11-20.mar"
+    assert archives(production(**CANARY)) == {
+        "2026-11-01": "s3://ml-models/home-feed/old.mar",
+        "2026-11-20": canary_uri,
+    }
+    rolled_back = {k: v for k, v in CANARY.items() if k != "canary"}
+    assert archives(production(**rolled_back)) == {"2026-11-01": "s3://ml-models/home-feed/old.mar"}
+
+
 def test_the_stream_job_accepts_the_rendered_configuration() -> None:
     """The Deployment's env is exactly what `recsys features run` reads (one contract)."""
     from stream_jobs.settings import FeatureJobSettings
@@ -419,7 +439,10 @@ def test_the_stream_job_accepts_the_rendered_configuration() -> None:
     assert settings.interactions_topic == "persistent://discovery/home-feed/interactions"
     assert settings.subscription_type.value == "KeyShared"
     assert settings.windows == ["15m", "1h", "24h"] and settings.last_n == 100
-    assert settings.store_ttl_seconds == 336 * 3600 and settings.model_version == "2026-11-20"
+    assert settings.store_ttl_seconds == 336 * 3600
+    assert settings.model_archives == {
+        "2026-11-20": "s3://ml-models/home-feed/home-feed-retrieval-2026-11-20.mar"
+    }
     assert not [
         name
         for name in env

@@ -136,6 +136,21 @@ def test_the_model_archive_uri_is_read_from_a_path_or_file_uri(tmp_path: Path) -
         assert catalog.refresh() and list(catalog.versions) == ["v5"]
 
 
+def test_every_served_version_is_loaded_and_one_bad_uri_hides_no_other(tmp_path: Path) -> None:
+    make_archive(tmp_path / "stable.mar", ["a"], dim=2, seed=1)
+    make_archive(tmp_path / "canary.mar", ["a", "b"], dim=2, seed=2)
+    catalog = EmbeddingCatalog(
+        None,
+        archive_uris={
+            "1": str(tmp_path / "stable.mar"),
+            "2": f"file://{tmp_path / 'canary.mar'}",
+            "3": "s3://bucket/recs-3.mar",  # logged; the job keeps the other two fresh
+        },
+    )
+    assert catalog.refresh()
+    assert {v: len(e.item_ids) for v, e in catalog.versions.items()} == {"1": 1, "2": 2}
+
+
 def test_an_http_model_archive_is_downloaded_once(tmp_path: Path) -> None:
     make_archive(tmp_path / "recs-v6.mar", ["a", "b", "c"], dim=2, seed=6)
     requests: list[str] = []
