@@ -21,6 +21,24 @@ from recsys_operator.rollout.state_machine import AnalysisSource, RolloutState, 
 
 ACTION_ANNOTATION = "recsys.dev/rollout-action"
 
+# Reasons for which the reconcile applies nothing: a rollout that moved on would change
+# status while the routing (a child) stays where it was.
+BLOCKING_REASONS = frozenset(
+    {"InvalidSpec", "ScalingPolicyNotFound", "ScalingPolicyInvalid", "PolicyViolation"}
+)
+
+
+def blocking_reason(body: dict[str, Any]) -> str | None:
+    """Why the system's children cannot be applied right now, if they cannot."""
+    for cond in (body.get("status") or {}).get("conditions") or []:
+        if (
+            cond.get("type") == "ServingReady"
+            and cond.get("status") == "False"
+            and cond.get("reason") in BLOCKING_REASONS
+        ):
+            return str(cond["reason"])
+    return None
+
 
 def rollout_state(system: RecommenderSystem) -> RolloutState:
     status = system.status
@@ -65,6 +83,8 @@ async def rollout_tick(
     source: AnalysisSource | None = None,
 ) -> tuple[dict[str, Any] | None, Transition | None]:
     """(status patch or None when nothing changed, the transition) for one system."""
+    if blocking_reason(body):
+        return None, None  # the rollout waits until the reconcile can move traffic again
     try:
         system = parse_system(body)
     except InvalidResource:
