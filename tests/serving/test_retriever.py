@@ -71,30 +71,39 @@ def test_sources_in_order_of_preference(
     user = sorted(truth.users)[3]
     store_recent = (truth.items[10], truth.items[20])
     vector = truth.embeddings[42] * 3.0  # the stream job need not normalise
-    requests = [request(user, recent=("i0001",))] * 3 + [request(None), request("stranger")]
+    requests = [request(user, recent=("i0001",))] * 3 + [
+        request("stranger"),
+        request(None),
+        request("stranger"),
+    ]
     online = [
+        # The tower wins whenever it knows the user or their recent items.
         OnlineFeatures(recent_item_ids=store_recent, embedding=vector),
         OnlineFeatures(recent_item_ids=store_recent),
         OnlineFeatures(),
+        # An unknown user without known recent items: the online embedding.
+        OnlineFeatures(embedding=vector),
         OnlineFeatures(),
         OnlineFeatures(embedding=np.zeros(7, dtype=np.float32)),  # wrong dimension: ignored
     ]
     got = exact.recommend(requests, online).recommendations
     assert [g.source for g in got] == [
+        Source.USER_TOWER,
+        Source.USER_TOWER,
+        Source.USER_TOWER,
         Source.ONLINE_EMBEDDING,
-        Source.USER_TOWER,
-        Source.USER_TOWER,
         Source.POPULARITY,
         Source.POPULARITY,
     ]
     blocked = [*store_recent, "i0001"]
-    assert got[0].item_ids == truth.top_k(vector, 10, blocked)[0]
-    assert got[0].item_ids[0] == truth.items[42] and got[0].scores[0] == pytest.approx(
-        1.0, abs=1e-5
-    )
+    assert got[0].item_ids == got[1].item_ids
     assert got[1].item_ids == truth.top_k(truth.query(user, store_recent), 10, blocked)[0]
     assert got[2].item_ids == truth.answer(user, k=10, recent=("i0001",))
-    assert got[3].item_ids == got[4].item_ids == truth.popular[:10]
+    assert got[3].item_ids == truth.top_k(vector, 10, [])[0]
+    assert got[3].item_ids[0] == truth.items[42] and got[3].scores[0] == pytest.approx(
+        1.0, abs=1e-5
+    )
+    assert got[4].item_ids == got[5].item_ids == truth.popular[:10]
 
 
 def test_hnsw_version_finds_nearly_the_exact_answer(
