@@ -77,6 +77,9 @@ def prepare_model(
     """Make sure `model.version` has an archive in the run folder's model store."""
     target = folder.archive(model.name, model.version)
     folder.model_store.mkdir(parents=True, exist_ok=True)
+    if archive is not None or random_embeddings:
+        # Not what the spec describes: never reused for it by a later run.
+        target.with_suffix(".spec.json").unlink(missing_ok=True)
     if archive is not None:
         if not archive.is_file():
             raise ModelSourceError(f"--archive {archive}: no such file")
@@ -90,12 +93,13 @@ def prepare_model(
         return _linked(
             folder, PreparedModel(model.version, target, "trained, with random item embeddings")
         )
-    if target.is_file():
+    if target.is_file() and _built_for(target) == _shape(model):
         return _linked(folder, PreparedModel(model.version, target, str(target)))
     uri = None if train else model.archive_uri
     if uri:
         problem = _fetch(uri, target)
         if problem is None:
+            _record_shape(target, model)
             return _linked(folder, PreparedModel(model.version, target, uri))
         say(
             f"warning: spec.model.archiveUri {uri} cannot be read from this machine ({problem}); "
@@ -103,7 +107,32 @@ def prepare_model(
         )
     model_dir = _trained_model(folder, model, say)
     _build(model_dir, folder, model, say)
+    _record_shape(target, model)
     return _linked(folder, PreparedModel(model.version, target, "trained on synthetic data"))
+
+
+def _shape(model: ModelSpec) -> dict[str, object]:
+    """What an archive in the store was made for; another shape means a new archive."""
+    return model.model_dump(
+        mode="json",
+        include={"name", "version", "archive_uri", "embedding_dim", "num_items", "top_k", "index"},
+    )
+
+
+def _built_for(archive: Path) -> dict[str, object] | None:
+    import json
+
+    try:
+        shape: dict[str, object] = json.loads(archive.with_suffix(".spec.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return shape
+
+
+def _record_shape(archive: Path, model: ModelSpec) -> None:
+    import json
+
+    archive.with_suffix(".spec.json").write_text(json.dumps(_shape(model), sort_keys=True))
 
 
 def _copy(source: Path, target: Path) -> None:

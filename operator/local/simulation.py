@@ -102,7 +102,9 @@ class SimulatedUsers:
         self.rate = rate
         self.rng = random.Random(seed)
         self.stats = Stats()
-        self.visits: queue.Queue[str] = queue.Queue(maxsize=MAX_QUEUED)
+        # (user index, seed of the visit's own draws): the same --seed sends the same
+        # visits with the same clicks, whichever worker thread runs each one.
+        self.visits: queue.Queue[tuple[int, int]] = queue.Queue(maxsize=MAX_QUEUED)
         self.stop = threading.Event()
         self._local = threading.local()
         self._known_items = set(self.world.item_ids)  # fallback answers may name others
@@ -179,9 +181,7 @@ class SimulatedUsers:
 
     def run(self, duration: float, stop: threading.Event) -> None:
         """Issue visits at `rate` per second until `duration` passes or `stop` is set."""
-        workers = [
-            threading.Thread(target=self._worker, args=(n,), daemon=True) for n in range(WORKERS)
-        ]
+        workers = [threading.Thread(target=self._worker, daemon=True) for _ in range(WORKERS)]
         for worker in workers:
             worker.start()
         started = time.monotonic()
@@ -192,7 +192,8 @@ class SimulatedUsers:
                 while issued < due:
                     issued += 1
                     try:
-                        self.visits.put_nowait(str(self.rng.randrange(len(self.world.user_ids))))
+                        user = self.rng.randrange(len(self.world.user_ids))
+                        self.visits.put_nowait((user, self.rng.getrandbits(64)))
                     except queue.Full:
                         with self.stats.lock:
                             self.stats.shed += 1
@@ -202,14 +203,13 @@ class SimulatedUsers:
             for worker in workers:
                 worker.join(timeout=REQUEST_TIMEOUT_S + 1)
 
-    def _worker(self, n: int) -> None:
-        rng = random.Random(self.rng.random() + n)
+    def _worker(self) -> None:
         while not self.stop.is_set():
             try:
-                user_index = int(self.visits.get(timeout=0.1))
+                user_index, visit_seed = self.visits.get(timeout=0.1)
             except queue.Empty:
                 continue
-            self.visit(user_index, rng)
+            self.visit(user_index, random.Random(visit_seed))
 
 
 def prometheus_figures(prometheus: str | None) -> dict[str, float]:
