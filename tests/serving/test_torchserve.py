@@ -71,14 +71,14 @@ def store(redis_server: ManagedProcess) -> Iterator[redis.Redis]:
 
 
 def post(
-    server: LocalTorchServe, body: Any, version: str | None = None
+    server: LocalTorchServe, body: Any, version: str | None = None, timeout: float = 30
 ) -> tuple[int, dict[str, Any]]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(
         server.predictions_url(version), data=data, headers={"Content-Type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
@@ -156,16 +156,21 @@ def test_online_features_from_redis_are_used_when_present(
     assert with_recent["item_ids"] == truth.answer(user, k=10, recent=recent)
     assert with_recent["item_ids"] != before["item_ids"]
 
-    # An online embedding for this model version wins over the tower.
+    # The tower, knowing the user and fed the fresh recent items, comes before the
+    # online embedding (it measured better); the embedding serves users it cannot embed.
     target = truth.embeddings[1234]
     store.set(embedding_key(SYSTEM, user, "1"), encode_embedding(target))
     _, with_embedding = post(server, {"user_id": user, "k": 10}, "1")
-    expected, _ = truth.top_k(target, 10, recent)
-    assert with_embedding["item_ids"] == expected
-    assert with_embedding["item_ids"][0] == truth.items[1234]
+    assert with_embedding["item_ids"] == with_recent["item_ids"]
+    stranger = "not-in-training"
+    store.set(embedding_key(SYSTEM, stranger, "1"), encode_embedding(target))
+    _, from_embedding = post(server, {"user_id": stranger, "k": 10}, "1")
+    expected, _ = truth.top_k(target, 10, [])
+    assert from_embedding["item_ids"] == expected
+    assert from_embedding["item_ids"][0] == truth.items[1234]
     # ...but only for that version: version 2 reads its own key, which is absent.
-    _, other_version = post(server, {"user_id": user, "k": 10}, "2")
-    assert other_version["item_ids"][0] != truth.items[1234] or other_version["scores"][0] < 0.99
+    _, other_version = post(server, {"user_id": stranger, "k": 10}, "2")
+    assert other_version["item_ids"] == truth.popular[:10]
 
 
 @pytest.mark.parametrize(
@@ -256,18 +261,28 @@ def _sample(metrics: str, name: str, version: str) -> float:
 
 
 def test_versions_are_served_side_by_side_with_different_answers(
-    server: LocalTorchServe, brute_force: dict[str, BruteForce]
+    server: LocalTorchServe, brute_force: dict[str, BruteForce], unpacked: dict[str, Path]
 ) -> None:
-    differs = 0
-    for user in known_users(brute_force, 5, seed=5):
+    from model_handlers.retrieval_request import RetrievalRequest
+    from model_handlers.retriever import Retriever
+
+    hnsw = Retriever.load(unpacked["2"])  # the same index file TorchServe loaded
+    differs, overlap = 0, 0
+    users = known_users(brute_force, 10, seed=5)
+    for user in users:
         _, one = post(server, {"user_id": user, "k": 10}, "1")
         _, two = post(server, {"user_id": user, "k": 10}, "2")
         assert one["model_version"] == "1" and two["model_version"] == "2"
         assert one["item_ids"] == brute_force["1"].answer(user, k=10)
-        # Version 2 uses HNSW: nearly the exact answer of its own model.
-        assert len(set(two["item_ids"]) & set(brute_force["2"].answer(user, k=10))) >= 8
+        # Version 2 is served exactly as its own archive's index answers...
+        local = hnsw.recommend([RetrievalRequest(user, (), 10, ())]).recommendations[0]
+        assert two["item_ids"] == local.item_ids
+        overlap += len(set(two["item_ids"]) & set(brute_force["2"].answer(user, k=10)))
         differs += one["item_ids"] != two["item_ids"]
-    assert differs >= 4
+    # ...which is, over users, nearly the exact answer of its model (HNSW is approximate,
+    # and its graph is built by several threads, so one user may fare worse than others).
+    assert overlap >= 0.8 * 10 * len(users)
+    assert differs >= 8
     # Without a version, the default version (1) answers.
     _, default = post(server, {"user_id": "u001", "k": 3})
     assert default["model_version"] == "1"
@@ -299,8 +314,15 @@ def test_a_crashed_worker_is_replaced_and_serving_goes_on(server: LocalTorchServ
     os.kill(old_pid, signal.SIGKILL)  # a worker of the TorchServe this module started
     deadline = time.monotonic() + 90
     new_pids: list[int] = []
+    status, body = 0, {}
     while time.monotonic() < deadline:
-        status, body = post(server, {"user_id": "u001", "k": 5}, "2")
+        # TorchServe 0.12 can strand a request that arrives while the worker is dead: it
+        # is answered only when the next one comes. Clients (the gateway) time out and
+        # retry or fall back; so does this loop.
+        try:
+            status, body = post(server, {"user_id": "u001", "k": 5}, "2", timeout=5)
+        except TimeoutError:
+            status, body = 0, {}
         new_pids = server.worker_pids("2")
         if status == 200 and new_pids and old_pid not in new_pids:
             break
