@@ -40,7 +40,7 @@ FilesOption = Annotated[
 RunDirOption = Annotated[
     Path | None,
     typer.Option(
-        help="Run folder. Default: .runs/<namespace>.<name>, or the only one under .runs/."
+        help="Run folder. Default: the running system under .runs/ (up: .runs/<namespace>.<name>)."
     ),
 ]
 ArchiveOption = Annotated[
@@ -70,6 +70,9 @@ def resolve_folder(run_dir: Path | None) -> RunFolder:
     folders = find_run_folders(RUNS_ROOT)
     if not folders:
         raise fail("no local system here (.runs/ is empty); start one with `recsys up -f FILE`")
+    running = [f for f in folders if f.supervisor_running()]
+    if len(running) == 1:
+        return running[0]  # the one that is up is the one meant
     if len(folders) > 1:
         names = ", ".join(str(f.root) for f in folders)
         raise fail(f"several local systems ({names}); choose one with --run-dir")
@@ -456,7 +459,7 @@ def simulate_command(
         record=record,
         seed=seed,
     )
-    typer.echo(summary)
+    typer.echo(f"\n{summary}")
 
 
 def demo(

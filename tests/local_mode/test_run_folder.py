@@ -1,0 +1,59 @@
+"""Which run folder a command means, and that a recorded PID is only signalled while it
+is still the process that was recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+
+from recsys_operator.local.cli import resolve_folder
+from recsys_operator.local.run_folder import (
+    RunFolder,
+    process_start_time,
+    same_process,
+    signal_group,
+)
+
+
+def write_state(root: Path, pid: int, start_time: int | None) -> RunFolder:
+    root.mkdir(parents=True)
+    (root / "state.json").write_text(
+        json.dumps({"supervisor": {"pid": pid, "startTime": start_time}})
+    )
+    return RunFolder(root)
+
+
+def test_the_running_system_is_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    me = os.getpid()
+    write_state(Path(".runs/default.old"), me, (process_start_time(me) or 0) + 1)  # stale
+    running = write_state(Path(".runs/default.live"), me, process_start_time(me))
+    assert resolve_folder(None).root == running.root
+    write_state(Path(".runs/default.other"), me, process_start_time(me))
+    with pytest.raises(typer.Exit):  # two running: the user must choose
+        resolve_folder(None)
+
+
+def test_a_reused_pid_is_never_signalled() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True
+    )
+    try:
+        started = process_start_time(child.pid)
+        assert same_process(child.pid, started)
+        # The same PID with another start time is another process: left alone.
+        assert not signal_group(child.pid, (started or 0) + 1, signal.SIGTERM)
+        assert child.poll() is None
+        assert signal_group(child.pid, started, signal.SIGTERM)
+        assert child.wait(timeout=10) == -signal.SIGTERM
+        assert not same_process(child.pid, started)
+    finally:
+        if child.poll() is None:
+            child.kill()
