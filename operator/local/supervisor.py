@@ -104,8 +104,18 @@ class LocalSystem:
     _reported_exits: set[int | None] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.servers = ModelServers(self.folder, on_change=self.write_state)
+        self.servers = ModelServers(self.folder, on_change=self._servers_changed)
         self._lock = threading.Lock()
+        self._model_server_targets = self.folder.root / "prometheus" / "model-servers.json"
+
+    def _servers_changed(self) -> None:
+        self._write_model_server_targets()
+        self.write_state()
+
+    def _write_model_server_targets(self) -> None:
+        """Model servers come and go with rollouts; Prometheus follows this file."""
+        self._model_server_targets.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self._model_server_targets, [{"targets": self.servers.metrics_targets()}])
 
     # -- start -----------------------------------------------------------------
 
@@ -129,12 +139,14 @@ class LocalSystem:
         targets = [f"{LOOPBACK}:{self._start_gateway().port}"]
         if self.options.features:
             targets.append(f"{LOOPBACK}:{self._start_feature_job(system).port}")
+        self._write_model_server_targets()
         self._start(
             "prometheus",
             prometheus_process(
                 self.folder.root,
-                targets + self.servers.metrics_targets(),
+                targets,
                 scrape_interval="2s",
+                targets_file=self._model_server_targets,
             ),
         )
         self.phase = Phase.RUNNING

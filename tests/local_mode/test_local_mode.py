@@ -156,6 +156,13 @@ def test_a_broken_canary_is_rolled_back_on_ctr(system: RunFolder) -> None:
     assert state["rollout"]["stableVersion"] == "1" and state["rollout"]["canary"] is None
     analysis = record["lastAnalysis"]
     assert analysis["canaryCtr"] < analysis["stableCtr"] and analysis["pValue"] < 0.05
+    # Prometheus scraped the canary's model server too (it follows servers as they come).
+    handler_metrics = requests.get(
+        f"{state['urls']['prometheus']}/api/v1/query",
+        params={"query": 'max_over_time(recsys_handler_latency_ms_count{model_version="2"}[5m])'},
+        timeout=10,
+    ).json()["data"]["result"]
+    assert handler_metrics, "no handler metrics of the canary in Prometheus"
     # The canary's model server is stopped once traffic has left it.
     wait_for_state(system, lambda s: "torchserve-2" not in s["parts"], 60, "canary server stopped")
     routing = json.loads(system.routing.read_text())
