@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -41,7 +42,12 @@ from gateway.api_models import (
     RecommendResponse,
 )
 from gateway.assignment import Variant
-from gateway.attribution import FALLBACK_MODEL_VERSION, new_request_id, parse_request_id
+from gateway.attribution import (
+    FALLBACK_MODEL_VERSION,
+    MODEL_VERSION_PATTERN,
+    new_request_id,
+    parse_request_id,
+)
 from gateway.event_sink import DEFAULT_CAPACITY, OPERATION_TIMEOUT_S, DropReason, EventSink
 from gateway.events import impression_payload, interaction_payload
 from gateway.fallback import PopularityFallback
@@ -160,6 +166,21 @@ def field_path(loc: tuple[int | str, ...]) -> str | None:
     return path or None
 
 
+def _served_version(reported: str | None, endpoint: Endpoint) -> str:
+    """The version the model server says answered, else the one the routing asked for.
+
+    They differ while the stable pods roll to a promoted version (stable is called
+    without a version, so each pod answers with the one it holds): impressions, clicks
+    and latency then go to the version that really produced them."""
+    if (
+        reported
+        and reported != FALLBACK_MODEL_VERSION
+        and re.fullmatch(MODEL_VERSION_PATTERN, reported)
+    ):
+        return reported
+    return endpoint.version
+
+
 class Gateway:
     """One gateway instance: its routing, serving client, fallback, event sink, metrics."""
 
@@ -212,8 +233,14 @@ class Gateway:
 
         variant = routing.variant_for(ask.user_id)
         endpoint = routing.endpoint(variant)
+        # Failures count against the version the routing chose; answers against the
+        # version that actually served them (see `_served_version`).
+        version = endpoint.version
         try:
-            answer = json_response(await self._recommendation(routing, endpoint, variant, ask, k))
+            recommendation = await self._recommendation(routing, endpoint, variant, ask, k)
+            if not recommendation.fallback:
+                version = recommendation.model_version
+            answer = json_response(recommendation)
         except ServingRejected as exc:
             answer = BadInput(
                 exc.status, f"the model refused the request: {exc.message}"
@@ -224,7 +251,7 @@ class Gateway:
                 503,
             )
             answer.headers["Retry-After"] = "1"
-        labels = (routing.system, endpoint.version, variant.value)
+        labels = (routing.system, version, variant.value)
         self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
         self.metrics.requests.labels(*labels, str(answer.status)).inc()
         return answer
@@ -242,7 +269,7 @@ class Gateway:
             served = await self.serving.recommend(
                 endpoint.url, serving_request, routing.timeout_ms / 1000
             )
-            model_version, fallback = endpoint.version, False
+            model_version, fallback = _served_version(served.model_version, endpoint), False
             item_ids, scores = served.item_ids[:k], served.scores[:k]
             self.fallback.learn(item_ids)
         except ServingUnavailable as exc:

@@ -56,6 +56,10 @@ class ServingStub:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.app = web.Application()
         self.app.router.add_post("/predictions/{model}/{version}", self._predict)
+        # Without a version TorchServe answers with the model's default version: what a
+        # pod holds, which during a rolling update differs from pod to pod.
+        self.default_version = "1"
+        self.app.router.add_post("/predictions/{model}", self._predict)
         self._runner = web.AppRunner(self.app, access_log=None)
 
     def url(self, version: str) -> str:
@@ -68,8 +72,11 @@ class ServingStub:
         self.behaviour.clear()
         self.requests.clear()
 
+    def default_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/predictions/{self.model_name}"
+
     async def _predict(self, request: web.Request) -> web.Response:
-        version = request.match_info["version"]
+        version = request.match_info.get("version", self.default_version)
         if request.match_info["model"] != self.model_name:
             return _torchserve_error(404, "Model not found")
         behaviour = self.behaviour.get(version, Behaviour())

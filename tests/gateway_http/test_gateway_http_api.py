@@ -47,6 +47,32 @@ def test_a_recommendation_names_its_version_variant_and_request(
     assert body["item_ids"] == stub_items("1", "u1", 3, {"item-0"})
 
 
+def test_answers_are_attributed_to_the_version_that_served_them(
+    serving: ServingStub, start_gateway: StartGateway, http: requests.Session
+) -> None:
+    # Right after a promotion the routing says stable is version 2, while some stable
+    # pods still hold version 1 (stable is called without a version, as the operator
+    # renders it): each answer, impression and latency goes to the version that served it.
+    document = routing_document(serving, stable="2")
+    document["stable"]["url"] = serving.default_url()
+    gateway = start_gateway(document)
+    serving.default_version = "1"  # a pod not rolled yet
+    old = recommend(http, gateway.url, user_id="u1").json()
+    serving.default_version = "2"  # a rolled pod
+    new = recommend(http, gateway.url, user_id="u1").json()
+    assert (old["model_version"], new["model_version"]) == ("1", "2")
+    assert parse_request_id(old["request_id"]).model_version == "1"
+    metrics = http.get(f"{gateway.url}/metrics", timeout=10).text
+    for version in ("1", "2"):
+        assert metric_value(metrics, "recsys_impressions_total", model_version=version) == 1
+        assert (
+            metric_value(
+                metrics, "recsys_gateway_requests_total", model_version=version, code="200"
+            )
+            == 1
+        )
+
+
 def test_each_user_stays_on_one_variant(
     serving: ServingStub, start_gateway: StartGateway, http: requests.Session
 ) -> None:
