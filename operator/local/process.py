@@ -60,6 +60,7 @@ class ManagedProcess:
         return self.popen.pid if self.popen else None
 
     def start(self, ready_timeout: float = 30.0) -> ManagedProcess:
+        self.ready = False
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(

@@ -36,7 +36,7 @@ from recsys_operator.local.desired_state import (
     parse_system,
     read_manifest,
 )
-from recsys_operator.local.process import LOOPBACK, ManagedProcess, free_port
+from recsys_operator.local.process import LOOPBACK, ManagedProcess, ProcessFailed, free_port
 from recsys_operator.local.prometheus import prometheus_process, prometheus_url
 from recsys_operator.local.pulsar_broker import broker_process, service_url
 from recsys_operator.local.redis_server import redis_process, redis_url
@@ -59,6 +59,7 @@ START_TIMEOUT_S = 60.0
 RESUBSCRIBE_IDLE = "10s"
 MAX_EVENTS = 50
 ROUTING_SETTLE_S = 2.0
+MAX_RESTARTS = 5
 
 
 class Phase:
@@ -102,6 +103,7 @@ class LocalSystem:
     _failed_starts: set[str] = field(default_factory=set)
     """Versions whose model server did not start; retried when system.yaml changes."""
     _reported_exits: set[int | None] = field(default_factory=set)
+    _restarts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.servers = ModelServers(self.folder, on_change=self._servers_changed)
@@ -309,17 +311,52 @@ class LocalSystem:
         return action
 
     def _check_parts(self) -> None:
-        for name, process in self._all_processes().items():
-            exited = process.popen is not None and process.popen.poll() is not None
-            if exited and process.pid not in self._reported_exits:
-                self._reported_exits.add(process.pid)
-                if process.popen is not None:
+        """Restart a part that exited, as a kubelet would, on the same port (so every URL
+        stays valid), up to MAX_RESTARTS times per part; each exit is an event."""
+        for name, process in list(self.processes.items()):
+            code = process.popen.poll() if process.popen is not None else None
+            if code is None:
+                continue
+            restarts = self._restarts.get(name, 0)
+            if restarts >= MAX_RESTARTS:
+                if process.pid not in self._reported_exits:
+                    self._reported_exits.add(process.pid)
                     self.record(
-                        "PartExited",
-                        f"{name} exited with code {process.popen.returncode}; "
-                        f"log {process.log_path}",
+                        "PartFailed",
+                        f"{name} exited with code {code} after {restarts} restarts; "
+                        f"left stopped, log {process.log_path}",
                         warning=True,
                     )
+                continue
+            self._restarts[name] = restarts + 1
+            self.record(
+                "PartRestarted",
+                f"{name} exited with code {code}; restarting ({restarts + 1}/{MAX_RESTARTS}), "
+                f"log {process.log_path}",
+                warning=True,
+            )
+            try:
+                process.start(ready_timeout=START_TIMEOUT_S)
+            except ProcessFailed as exc:
+                self.record("RestartFailed", str(exc).splitlines()[0], warning=True)
+        assert self.system is not None
+        for version, server in list(self.servers.by_version.items()):
+            name = f"torchserve-{version}"
+            if server.process.alive() or self._restarts.get(name, 0) >= MAX_RESTARTS:
+                continue
+            self._restarts[name] = self._restarts.get(name, 0) + 1
+            self.record(
+                "PartRestarted",
+                f"{name} exited; restarting ({self._restarts[name]}/{MAX_RESTARTS}), "
+                f"log {server.process.log_path}",
+                warning=True,
+            )
+            server.stop()  # whatever is left of its process group (JVM, workers)
+            try:
+                self.servers.ensure(self.system, version)  # new ports: the routing follows
+                self.write_routing()
+            except Exception as exc:
+                self.record("RestartFailed", str(exc).splitlines()[0], warning=True)
 
     # -- stop ---------------------------------------------------------------------
 

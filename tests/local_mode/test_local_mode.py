@@ -10,6 +10,7 @@ process behind. Bounded: each command has a timeout and the simulation a duratio
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ import pytest
 import requests
 import yaml
 
-from recsys_operator.local.run_folder import RunFolder, same_process
+from recsys_operator.local.run_folder import RunFolder, same_process, signal_group
 
 pytestmark = [
     pytest.mark.java,
@@ -120,6 +121,37 @@ def test_up_starts_every_part_on_loopback_and_serves(system: RunFolder) -> None:
     status = recsys("status", "--run-dir", str(system.root), cwd=system.root.parent)
     assert status.returncode == 0, status.stderr
     assert "torchserve-1" in status.stdout and "stable  1" in status.stdout
+
+
+def test_a_part_that_dies_is_restarted_and_serving_goes_on(system: RunFolder) -> None:
+    before = system.read_state()
+    assert before is not None
+    for name in ("gateway", "torchserve-1"):
+        part = before["parts"][name]
+        # Processes this test module started (via `recsys up`), by their recorded PID.
+        assert signal_group(part["pid"], part["startTime"], signal.SIGKILL)
+
+    def recovered(state: dict[str, Any]) -> bool:
+        parts = state["parts"]
+        return all(
+            parts[name]["status"] == "running"
+            and parts[name]["pid"] != before["parts"][name]["pid"]
+            for name in ("gateway", "torchserve-1")
+        )
+
+    state = wait_for_state(system, recovered, 120, "gateway and TorchServe restarted")
+    assert state["parts"]["gateway"]["port"] == before["parts"]["gateway"]["port"]
+    restarted = [e["message"] for e in state["events"] if e["reason"] == "PartRestarted"]
+    assert any("gateway" in m for m in restarted) and any("torchserve-1" in m for m in restarted)
+    deadline = time.monotonic() + 30
+    while True:  # the routing to the new TorchServe reaches the gateway within a second
+        answer = requests.post(
+            f"{state['urls']['gateway']}/v1/recommend", json={"user_id": "u0001"}, timeout=10
+        ).json()
+        if not answer["fallback"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert answer["model_version"] == "1" and not answer["fallback"], answer
 
 
 def test_a_broken_canary_is_rolled_back_on_ctr(system: RunFolder) -> None:
