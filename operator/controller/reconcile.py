@@ -75,6 +75,17 @@ def parse_system(body: dict[str, Any]) -> RecommenderSystem:
         raise InvalidResource("spec", issues_from_validation_error(exc)) from None
 
 
+def children_selector(system: RecommenderSystem) -> str:
+    """The label selector of every object this operator applies for `system`."""
+    return f"{INSTANCE_LABEL}={system.metadata.name},app.kubernetes.io/managed-by={MANAGED_BY}"
+
+
+# Reasons for which the reconcile applies nothing (see `blocked` in `reconcile`).
+BLOCKING_REASONS = frozenset(
+    {"InvalidSpec", "ScalingPolicyNotFound", "ScalingPolicyInvalid", "PolicyViolation"}
+)
+
+
 def deployment_readiness(live: dict[str, Any] | None) -> tuple[bool, str]:
     """As `kubectl rollout status` judges it: observed, updated and ready at the desired count."""
     if live is None:
@@ -174,9 +185,7 @@ class Reconciler:
     def _apply(
         self, system: RecommenderSystem, objects: list[dict[str, Any]]
     ) -> dict[tuple[str, str], ApplyResult]:
-        selector = (
-            f"{INSTANCE_LABEL}={system.metadata.name},app.kubernetes.io/managed-by={MANAGED_BY}"
-        )
+        selector = children_selector(system)
         return {(r.kind, r.name): r for r in self.kube.apply_all(objects, selector)}
 
     def _remove_finished_canary(
@@ -190,10 +199,7 @@ class Reconciler:
         if ("Deployment", name) in results:
             return []  # a rollout is in progress
         namespace = system.metadata.namespace
-        selector = (
-            f"{INSTANCE_LABEL}={system.metadata.name},app.kubernetes.io/managed-by={MANAGED_BY},"
-            f"{TRACK_LABEL}={Track.CANARY}"
-        )
+        selector = f"{children_selector(system)},{TRACK_LABEL}={Track.CANARY}"
         if not self.kube.list_objects("apps/v1", "Deployment", namespace, selector):
             return []
         return [

@@ -14,22 +14,17 @@ from recsys_operator.api.errors import InvalidResource
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.api.status import ConditionType
 from recsys_operator.controller.conditions import condition, merge_conditions
-from recsys_operator.controller.reconcile import parse_system
+from recsys_operator.controller.reconcile import BLOCKING_REASONS, parse_system
 from recsys_operator.render.naming import system_id
 from recsys_operator.rollout.prometheus_source import PrometheusSource
 from recsys_operator.rollout.state_machine import AnalysisSource, RolloutState, Transition, tick
 
 ACTION_ANNOTATION = "recsys.dev/rollout-action"
 
-# Reasons for which the reconcile applies nothing: a rollout that moved on would change
-# status while the routing (a child) stays where it was.
-BLOCKING_REASONS = frozenset(
-    {"InvalidSpec", "ScalingPolicyNotFound", "ScalingPolicyInvalid", "PolicyViolation"}
-)
-
 
 def blocking_reason(body: dict[str, Any]) -> str | None:
-    """Why the system's children cannot be applied right now, if they cannot."""
+    """Why the system's children cannot be applied right now, if they cannot: a rollout
+    that moved on would change status while the routing (a child) stays where it was."""
     for cond in (body.get("status") or {}).get("conditions") or []:
         if (
             cond.get("type") == "ServingReady"

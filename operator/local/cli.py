@@ -125,9 +125,10 @@ def up(
     except ManifestError as exc:
         raise fail(f"the manifest cannot run:\n{exc}") from None
     meta = system.metadata
-    folder = (run_dir and RunFolder(run_dir)) or RunFolder.for_system(
-        f"{meta.namespace}.{meta.name}"
-    )
+    if run_dir is not None:
+        folder = RunFolder(run_dir)
+    else:
+        folder = RunFolder.for_system(f"{meta.namespace}.{meta.name}")
     model = system.spec.model
     try:
         prepared = prepare_model(
@@ -412,8 +413,10 @@ def rollout_promote(run_dir: RunDirOption = None) -> None:
 
 
 def _set_paused(run_dir: Path | None, paused: bool) -> None:
-    folder = _running_folder(run_dir)
-    _edit_spec(folder, lambda spec: spec.setdefault("rollout", {}).__setitem__("paused", paused))
+    def set_paused(spec: dict[str, Any]) -> None:
+        spec.setdefault("rollout", {})["paused"] = paused
+
+    _edit_spec(_running_folder(run_dir), set_paused)
     typer.echo("rollout paused (weights hold)" if paused else "rollout resumed")
 
 

@@ -8,6 +8,7 @@ uses (TorchServe config, handler env, feature job env, gateway routing) runs unc
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def parse_system(body: dict[str, Any]) -> RecommenderSystem:
 
 def localize(body: dict[str, Any], *, pulsar_url: str, redis_url: str) -> RecommenderSystem:
     """The system with its broker and feature store on this machine."""
-    local = yaml.safe_load(yaml.safe_dump(body))  # a deep copy the caller's body never sees
+    local = copy.deepcopy(body)  # the caller's body stays as it was
     spec = local["spec"]
     spec.setdefault("events", {})["serviceUrl"] = pulsar_url
     # Locally there are no Secrets: the broker and the store run without authentication.
@@ -77,3 +78,9 @@ def localize(body: dict[str, Any], *, pulsar_url: str, redis_url: str) -> Recomm
     spec.setdefault("features", {}).setdefault("store", {})["url"] = redis_url
     spec["features"]["store"].pop("passwordSecretRef", None)
     return parse_system(local)
+
+
+def plain_env(env: list[dict[str, Any]]) -> dict[str, str]:
+    """A rendered container env as a process environment. Entries taken from Secrets
+    (`valueFrom`) are left out: locally there are no Secrets (see `localize`)."""
+    return {e["name"]: e["value"] for e in env if "value" in e}

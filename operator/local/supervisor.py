@@ -34,6 +34,7 @@ from recsys_operator.local.desired_state import (
     ManifestError,
     localize,
     parse_system,
+    plain_env,
     read_manifest,
 )
 from recsys_operator.local.process import LOOPBACK, ManagedProcess, ProcessFailed, free_port
@@ -102,8 +103,9 @@ class LocalSystem:
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     _failed_starts: set[str] = field(default_factory=set)
     """Versions whose model server did not start; retried when system.yaml changes."""
-    _reported_exits: set[int | None] = field(default_factory=set)
     _restarts: dict[str, int] = field(default_factory=dict)
+    _given_up: set[str] = field(default_factory=set)
+    """Parts past MAX_RESTARTS: reported once, then left stopped."""
 
     def __post_init__(self) -> None:
         self.servers = ModelServers(self.folder, on_change=self._servers_changed)
@@ -176,7 +178,7 @@ class LocalSystem:
 
     def _start_feature_job(self, system: RecommenderSystem) -> ManagedProcess:
         port = free_port()
-        env = {e["name"]: e["value"] for e in feature_job_env(system) if "value" in e}
+        env = plain_env(feature_job_env(system))
         env.pop("RECSYS_MODEL_ARCHIVE_URI", None)  # every version's vectors come from embeddings/
         env.pop("RECSYS_PULSAR_ADMIN_URL", None)  # pulsar-lite serves no admin API
         env.update(
@@ -315,26 +317,10 @@ class LocalSystem:
         stays valid), up to MAX_RESTARTS times per part; each exit is an event."""
         for name, process in list(self.processes.items()):
             code = process.popen.poll() if process.popen is not None else None
-            if code is None:
+            if code is None or not self._may_restart(
+                name, f"{name} exited with code {code}", process.log_path
+            ):
                 continue
-            restarts = self._restarts.get(name, 0)
-            if restarts >= MAX_RESTARTS:
-                if process.pid not in self._reported_exits:
-                    self._reported_exits.add(process.pid)
-                    self.record(
-                        "PartFailed",
-                        f"{name} exited with code {code} after {restarts} restarts; "
-                        f"left stopped, log {process.log_path}",
-                        warning=True,
-                    )
-                continue
-            self._restarts[name] = restarts + 1
-            self.record(
-                "PartRestarted",
-                f"{name} exited with code {code}; restarting ({restarts + 1}/{MAX_RESTARTS}), "
-                f"log {process.log_path}",
-                warning=True,
-            )
             try:
                 process.start(ready_timeout=START_TIMEOUT_S)
             except ProcessFailed as exc:
@@ -342,21 +328,37 @@ class LocalSystem:
         assert self.system is not None
         for version, server in list(self.servers.by_version.items()):
             name = f"torchserve-{version}"
-            if server.process.alive() or self._restarts.get(name, 0) >= MAX_RESTARTS:
+            if server.process.alive() or not self._may_restart(
+                name, f"{name} exited", server.process.log_path
+            ):
                 continue
-            self._restarts[name] = self._restarts.get(name, 0) + 1
-            self.record(
-                "PartRestarted",
-                f"{name} exited; restarting ({self._restarts[name]}/{MAX_RESTARTS}), "
-                f"log {server.process.log_path}",
-                warning=True,
-            )
             server.stop()  # whatever is left of its process group (JVM, workers)
             try:
                 self.servers.ensure(self.system, version)  # new ports: the routing follows
                 self.write_routing()
             except Exception as exc:
                 self.record("RestartFailed", str(exc).splitlines()[0], warning=True)
+
+    def _may_restart(self, name: str, what: str, log_path: Path) -> bool:
+        """Count one more restart of `name` and say so; past MAX_RESTARTS, say once that
+        it stays stopped and return False."""
+        restarts = self._restarts.get(name, 0)
+        if restarts >= MAX_RESTARTS:
+            if name not in self._given_up:
+                self._given_up.add(name)
+                self.record(
+                    "PartFailed",
+                    f"{what} after {restarts} restarts; left stopped, log {log_path}",
+                    warning=True,
+                )
+            return False
+        self._restarts[name] = restarts + 1
+        self.record(
+            "PartRestarted",
+            f"{what}; restarting ({restarts + 1}/{MAX_RESTARTS}), log {log_path}",
+            warning=True,
+        )
+        return True
 
     # -- stop ---------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys_operator.api.resources import RecommenderSystem
+from recsys_operator.local.desired_state import plain_env
 from recsys_operator.local.run_folder import RunFolder, write_json_atomic
 from recsys_operator.local.torchserve import LocalTorchServe, torchserve_server
 from recsys_operator.render.gateway import gateway_routing
@@ -40,7 +41,7 @@ class ModelServers:
         if server is not None and server.process.alive():
             return server
         model = system.spec.model.model_copy(update={"version": version})
-        env = {e["name"]: e["value"] for e in model_server_env(system, version) if "value" in e}
+        env = plain_env(model_server_env(system, version))
         server = torchserve_server(
             self.folder.root / "torchserve" / version,
             model=model,
