@@ -16,8 +16,8 @@ setup:  ## install system packages, the venv and the tools (idempotent)
 lint: setup  ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	@rm -rf build/typecheck && mkdir -p build/typecheck && ln -s ../../operator build/typecheck/recsys_operator
-	cd build/typecheck && MYPYPATH=$(CURDIR) ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p recsys_operator -p stream_jobs -p model_handlers -p gateway
+	@rm -rf build/typecheck && mkdir -p build/typecheck && ln -s ../../operator build/typecheck/recsys_operator && ln -s ../../contracts build/typecheck/recsys_contracts
+	cd build/typecheck && MYPYPATH=$(CURDIR) ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p recsys_contracts -p recsys_operator -p stream_jobs -p model_handlers -p gateway
 
 test: setup lint  ## set up, lint, then the whole test suite
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup

@@ -46,7 +46,6 @@ import faiss
 import numpy as np
 import torch
 
-from model_handlers import archive_layout as files
 from model_handlers.archive import (
     ARCHIVER,
     HANDLER_SOURCE,
@@ -54,11 +53,12 @@ from model_handlers.archive import (
     BuiltArchive,
     build_archive,
 )
-from model_handlers.archive_layout import ArchiveManifest
 from model_handlers.item_index import ItemIndex, exact_top_k, gpu_count, recall_against
-from model_handlers.retrieval_request import RetrievalRequest
 from model_handlers.retriever import Retriever
 from model_handlers.two_tower import TowerConfig, UserTower, save_user_tower
+from recsys_contracts import archive_layout as files
+from recsys_contracts.archive_layout import ArchiveManifest
+from recsys_contracts.retrieval_request import RetrievalRequest
 from recsys_operator.api.recommender_system import IndexSpec, ModelSpec, ServingSpec
 from recsys_operator.local.torchserve import torchserve_server
 

@@ -7,7 +7,8 @@ read them in:
                  applied whenever it changes; from a file polled in local mode,
 - `routing_configmap`  or, in a cluster, from its ConfigMap watched through the
                  Kubernetes API;
-- `assignment`   which variant (stable or canary) a user is sticky to;
+- `recsys_contracts.variant_assignment`  which variant (stable or canary) a user
+                 is sticky to (shared with the analysis and simulations);
 - `upstream`     the call to TorchServe, with the routing's timeout;
 - `fallback`     popular items to answer with when serving fails;
 - `attribution`  request ids that carry the variant and model version, so a click

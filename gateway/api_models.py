@@ -22,10 +22,10 @@ from pydantic import (
     field_validator,
 )
 
-from gateway.assignment import Variant
 from gateway.attribution import REQUEST_ID_PATTERN
-from model_handlers.retrieval_request import MAX_ID_LENGTH, MAX_LIST_LENGTH
-from stream_jobs.events import ID_PATTERN, MIN_TS_MS, USER_ID_PATTERN
+from recsys_contracts.events import ID_PATTERN, MIN_TS_MS, USER_ID_PATTERN
+from recsys_contracts.retrieval_request import MAX_ID_LENGTH, MAX_LIST_LENGTH
+from recsys_contracts.variant_assignment import Variant
 
 # Ids as the event contract allows them (what the gateway accepts must also be a valid
 # event downstream), within the handler's length limit.

@@ -41,24 +41,21 @@ from gateway.api_models import (
     RecommendRequest,
     RecommendResponse,
 )
-from gateway.assignment import Variant
-from gateway.attribution import (
-    FALLBACK_MODEL_VERSION,
-    MODEL_VERSION_PATTERN,
-    new_request_id,
-    parse_request_id,
-)
+from gateway.attribution import new_request_id, parse_request_id
 from gateway.event_sink import DEFAULT_CAPACITY, OPERATION_TIMEOUT_S, DropReason, EventSink
 from gateway.events import impression_payload, interaction_payload
 from gateway.fallback import PopularityFallback
 from gateway.log_rate_limit import rate_limited_logger
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import build_openapi
-from gateway.routing import POLL_INTERVAL_S, Endpoint, ReloadResult, Routing, RoutingWatcher
+from gateway.routing import POLL_INTERVAL_S, ReloadResult, RoutingWatcher
 from gateway.routing_configmap import ConfigMapRef, ConfigMapRoutingWatcher, KubeApi
 from gateway.upstream import ServingClient, ServingRejected, ServingUnavailable
-from recsys_operator import __version__
-from stream_jobs.events import now_ms
+from recsys_contracts import __version__
+from recsys_contracts.events import now_ms
+from recsys_contracts.model_version import FALLBACK_MODEL_VERSION, MODEL_VERSION_PATTERN
+from recsys_contracts.routing import Endpoint, Routing
+from recsys_contracts.variant_assignment import Variant
 
 log = rate_limited_logger(__name__)
 

@@ -20,14 +20,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from gateway.assignment import Variant
-
-# The event contract's pattern (equal to the API's, which a test checks).
-from stream_jobs.events import MODEL_VERSION_PATTERN
-
-# What `model_version` says on responses (and their events) served from the
-# popularity fallback instead of a model.
-FALLBACK_MODEL_VERSION = "fallback"
+from recsys_contracts.model_version import MODEL_VERSION_PATTERN
+from recsys_contracts.variant_assignment import Variant
 
 REQUEST_ID_PATTERN = r"^[0-9a-f]{32}\.(stable|canary)\." + MODEL_VERSION_PATTERN.removeprefix("^")
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)

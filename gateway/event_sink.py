@@ -37,6 +37,7 @@ import pulsar
 
 from gateway.log_rate_limit import rate_limited_logger
 from gateway.metrics import GatewayMetrics
+from recsys_contracts.env_vars import GatewayEnv
 
 log = rate_limited_logger(__name__)
 # The Pulsar client reports each reconnect attempt; keep them, but rate-limited.
@@ -52,7 +53,7 @@ SEND_TIMEOUT_MS = 5_000
 BATCH_DELAY_MS = 5
 # How long `close` keeps sending what is buffered.
 DRAIN_TIMEOUT_S = 5.0
-TOKEN_ENV = "RECSYS_PULSAR_TOKEN"
+TOKEN_ENV = GatewayEnv.PULSAR_TOKEN
 
 
 class DropReason(StrEnum):

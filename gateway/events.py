@@ -1,5 +1,5 @@
 """The events the gateway sends to Pulsar, built with the event contract's own model
-(`stream_jobs.events.Event`), so the stream jobs can read every one of them:
+(`recsys_contracts.events.Event`), so the stream jobs can read every one of them:
 
     {event_id, user_id, item_id, type, ts, dwell_ms?, request_id?, model_version?}
 
@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Sequence
 
 from gateway.api_models import ClientEvent
-from stream_jobs.events import Event, EventType
+from recsys_contracts.events import Event, EventType
 
 
 def impression_payload(

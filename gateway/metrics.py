@@ -2,7 +2,7 @@
 
 Each instance has its own registry (tests run several gateways in one process).
 Per-version metrics carry `model_version` and `variant` labels, and all carry the
-routing's `system` (`<namespace>.<name>`), as `recsys_operator.telemetry` describes.
+routing's `system` (`<namespace>.<name>`), as `recsys_contracts.metric_names` describes.
 
 Label conventions the rollout analysis relies on:
 - latency and requests are labelled with the version the user was *assigned*,
@@ -17,13 +17,17 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from recsys_operator.telemetry import CLICKS, GATEWAY_LATENCY, GATEWAY_REQUESTS, IMPRESSIONS
-
-# Names recsys_operator.telemetry does not list yet (reported to the operator's owner).
-GATEWAY_FALLBACKS = "recsys_gateway_fallbacks_total"
-GATEWAY_EVENTS_SENT = "recsys_gateway_events_sent_total"
-GATEWAY_EVENTS_DROPPED = "recsys_gateway_events_dropped_total"
-GATEWAY_ROUTING_RELOADS = "recsys_gateway_routing_reloads_total"
+from recsys_contracts.metric_names import (
+    CLICKS,
+    GATEWAY_EVENTS_DROPPED,
+    GATEWAY_EVENTS_SENT,
+    GATEWAY_FALLBACKS,
+    GATEWAY_LATENCY,
+    GATEWAY_REQUESTS,
+    GATEWAY_ROUTING_RELOADS,
+    IMPRESSIONS,
+    VERSION_LABELS,
+)
 
 # 1 ms .. 2 s: the gateway adds about a millisecond, serving takes a few to tens, and
 # the routing's timeout (250 ms by default) caps a call before the fallback answers.
@@ -31,8 +35,6 @@ LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075,
     0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.0,
 )  # fmt: skip
-
-VERSION_LABELS = ("system", "model_version", "variant")
 
 
 class GatewayMetrics:

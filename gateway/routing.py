@@ -1,17 +1,8 @@
-"""The routing: which model versions serve, in what shares, and where events go.
+"""Reading the routing document (`recsys_contracts.routing`) and keeping it current.
 
-The operator renders it into a ConfigMap (`recsys_operator.render.gateway.gateway_routing`)
-that gateways in a cluster watch through the Kubernetes API
-(`gateway.routing_configmap`); local mode writes it to a file that `RoutingWatcher`
-polls. Its shape:
-
-    {"system": "ns.name",
-     "stable": {"version": "1", "url": "http://.../predictions/NAME/1"},
-     "canary": null | {"version": "2", "url": "..."},
-     "canaryWeight": 0..100, "salt": "...", "timeoutMs": 250,
-     "defaultK": 50, "maxK": 50,
-     "pulsarServiceUrl": "pulsar://...",
-     "interactionsTopic": "persistent://...", "impressionsTopic": "persistent://..."}
+The operator renders the routing into a ConfigMap that gateways in a cluster watch
+through the Kubernetes API (`gateway.routing_configmap`); local mode writes it to a file
+that `RoutingWatcher` polls.
 
 Weight changes and rollbacks reach running gateways through this document alone (no pod
 restart), so a new version is applied as soon as it parses. One that cannot be read or
@@ -27,82 +18,16 @@ import logging
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Self
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import ValidationError
 
-from gateway.assignment import Variant, assign_variant
-from gateway.attribution import FALLBACK_MODEL_VERSION, MODEL_VERSION_PATTERN
+from recsys_contracts.routing import Routing
 
 log = logging.getLogger(__name__)
 
 # The gateway's part of the delay between a written file and its routing in force (the
 # rollout promises every replica follows a change within 5 s).
 POLL_INTERVAL_S = 0.5
-
-
-class Endpoint(BaseModel):
-    """One model version and the TorchServe URL that serves it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    version: str = Field(pattern=MODEL_VERSION_PATTERN)
-    url: str = Field(pattern=r"^https?://\S+$")
-
-    @field_validator("version")
-    @classmethod
-    def _not_the_fallback_marker(cls, version: str) -> str:
-        if version == FALLBACK_MODEL_VERSION:
-            raise ValueError(f"{version!r} is reserved for responses from the popularity fallback")
-        return version
-
-
-class Routing(BaseModel):
-    """One valid routing file. Field names follow the file (camelCase aliases).
-
-    Unknown fields are ignored, so an operator that adds a field does not break the
-    gateways still running the previous release.
-    """
-
-    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
-
-    system: str = Field(min_length=1)
-    stable: Endpoint
-    canary: Endpoint | None = None
-    canary_weight: int = Field(default=0, ge=0, le=100, alias="canaryWeight")
-    salt: str = ""
-    timeout_ms: int = Field(default=250, ge=1, le=60_000, alias="timeoutMs")
-    default_k: int = Field(default=50, ge=1, alias="defaultK")
-    max_k: int = Field(default=50, ge=1, le=1000, alias="maxK")
-    pulsar_service_url: str | None = Field(default=None, alias="pulsarServiceUrl")
-    interactions_topic: str | None = Field(default=None, alias="interactionsTopic")
-    impressions_topic: str | None = Field(default=None, alias="impressionsTopic")
-
-    @model_validator(mode="after")
-    def _default_k_within_max(self) -> Self:
-        if self.default_k > self.max_k:
-            raise ValueError(f"defaultK ({self.default_k}) exceeds maxK ({self.max_k})")
-        return self
-
-    @property
-    def effective_canary_weight(self) -> int:
-        """The canary's share in percent; 0 whenever there is no canary."""
-        return self.canary_weight if self.canary is not None else 0
-
-    def variant_for(self, user_id: str) -> Variant:
-        return assign_variant(self.salt, user_id, self.effective_canary_weight)
-
-    def endpoint(self, variant: Variant) -> Endpoint:
-        if variant is Variant.CANARY and self.canary is not None:
-            return self.canary
-        return self.stable
 
 
 class RoutingError(ValueError):

@@ -49,11 +49,12 @@ from kubernetes import client as kube_client
 from kubernetes import config as kube_config
 
 from gateway.log_rate_limit import rate_limited_logger
-from gateway.routing import ReloadResult, Routing, RoutingError, RoutingState
+from gateway.routing import ReloadResult, RoutingError, RoutingState
+from recsys_contracts.routing import ROUTING_KEY, Routing
 
 log = rate_limited_logger(__name__)
 
-ROUTING_KEY = "routing.json"  # the key of the ConfigMap's data the operator writes
+
 # The server ends each watch after this; the watcher then resumes where it was.
 WATCH_TIMEOUT_S = 300
 LIST_TIMEOUT_S = 10.0

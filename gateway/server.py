@@ -20,6 +20,7 @@ from aiohttp import web
 
 from gateway.app import GATEWAY, Gateway, GatewaySettings, create_app
 from gateway.metrics import GatewayMetrics
+from recsys_contracts.env_vars import GatewayEnv
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 # "HOST:PORT"; the Kubernetes Deployment sets 0.0.0.0:8000 (pods must listen on all
 # interfaces), everything else defaults to loopback.
-ADDRESS_ENV = "RECSYS_GATEWAY_ADDRESS"
+ADDRESS_ENV = GatewayEnv.ADDRESS
 SHUTDOWN_GRACE_S = 10.0
 # After refusing a body (413), aiohttp keeps reading what the client still sends, so
 # the client sees the answer instead of a reset. Clients that stop sending when they

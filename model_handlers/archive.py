@@ -1,7 +1,7 @@
 """Packing a trained model into a versioned TorchServe archive (`.mar`).
 
 Steps: check the model directory; validate name, version, index and top-k with the
-API's own `ModelSpec` rules; build the FAISS index from the item embeddings and
+rules the API's `ModelSpec` applies too (`recsys_contracts`); build the FAISS index from the item embeddings and
 measure its recall@10 against exact search; write `manifest.json`; run
 torch-model-archiver (store-only zip: embeddings do not compress) with the handler;
 move the result to `<out>/<name>-<version>.mar`.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,10 +29,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from pydantic import ValidationError
 
-from model_handlers import archive_layout as files
-from model_handlers.archive_layout import ArchiveManifest, IndexReport, ServingDefaults
 from model_handlers.item_index import (
     ItemIndex,
     build_index,
@@ -46,8 +44,11 @@ from model_handlers.model_directory import (
     read_user_ids,
 )
 from model_handlers.two_tower import TowerConfig
-from recsys_operator.api.errors import issues_from_validation_error
-from recsys_operator.api.recommender_system import IndexSpec, ModelSpec
+from recsys_contracts import archive_layout as files
+from recsys_contracts.api_base import DNS_LABEL_PATTERN
+from recsys_contracts.archive_layout import ArchiveManifest, IndexReport, ServingDefaults
+from recsys_contracts.index_spec import IndexSpec, index_fit_problems
+from recsys_contracts.model_version import MODEL_VERSION_PATTERN
 
 HANDLER_SOURCE = Path(__file__).with_name(files.HANDLER_FILE)
 RECALL_QUERIES = 1000
@@ -83,6 +84,24 @@ class BuiltArchive:
 Progress = Callable[[str], None]
 
 
+def model_parameter_problems(
+    request: ArchiveRequest, *, embedding_dim: int, num_items: int
+) -> list[str]:
+    """What makes `request` an archive the API would refuse to serve (empty: nothing)."""
+    problems = []
+    if len(request.name) > 63 or not re.fullmatch(DNS_LABEL_PATTERN, request.name):
+        problems.append(f"name: {request.name!r} is not a DNS label (a-z, 0-9, '-')")
+    if not re.fullmatch(MODEL_VERSION_PATTERN, request.version):
+        problems.append(f"version: {request.version!r} must match {MODEL_VERSION_PATTERN}")
+    if not 1 <= request.top_k <= 1000:
+        problems.append(f"top_k: {request.top_k} must be between 1 and 1000")
+    fit = index_fit_problems(
+        request.index, embedding_dim=embedding_dim, num_items=num_items, top_k=request.top_k
+    )
+    problems += [f"model.{field}: {message}" for field, message in fit]
+    return problems
+
+
 def build_archive(request: ArchiveRequest, *, on_progress: Progress | None = None) -> BuiltArchive:
     say = on_progress or (lambda message: None)
     model_dir = request.model_dir
@@ -104,18 +123,9 @@ def build_archive(request: ArchiveRequest, *, on_progress: Progress | None = Non
             f"item_embeddings.npy is {num_items}x{dim} but the tower expects "
             f"{tower.num_items}x{tower.dim}"
         )
-    try:
-        ModelSpec(
-            name=request.name,
-            version=request.version,
-            embedding_dim=dim,
-            num_items=num_items,
-            top_k=request.top_k,
-            index=request.index,
-        )
-    except ValidationError as exc:
-        problems = "; ".join(str(i) for i in issues_from_validation_error(exc, "model"))
-        raise ArchiveError(f"invalid model parameters: {problems}") from None
+    problems = model_parameter_problems(request, embedding_dim=dim, num_items=num_items)
+    if problems:
+        raise ArchiveError(f"invalid model parameters: {'; '.join(problems)}")
 
     say(f"building the {request.index.type} index over {num_items} items ({dim}-d)")
     started = time.monotonic()

@@ -272,9 +272,9 @@ def archive(
     from pydantic import ValidationError
 
     from model_handlers.archive import ArchiveRequest, build_archive
-    from model_handlers.archive_layout import ServingDefaults
-    from recsys_operator.api.errors import issues_from_validation_error
-    from recsys_operator.api.recommender_system import IndexSpec
+    from recsys_contracts.archive_layout import ServingDefaults
+    from recsys_contracts.field_issues import issues_from_validation_error
+    from recsys_contracts.index_spec import IndexSpec
 
     with _clear_errors():
         try:

@@ -21,27 +21,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from model_handlers.archive_layout import ArchiveManifest
+from recsys_contracts.archive_layout import ArchiveManifest
+from recsys_contracts.env_vars import ModelServerEnv
 
-REDIS_URL = "RECSYS_REDIS_URL"
-REDIS_PASSWORD = "RECSYS_REDIS_PASSWORD"
-SYSTEM_ID = "RECSYS_SYSTEM_ID"
-STORE_TIMEOUT_MS = "RECSYS_STORE_TIMEOUT_MS"
-MAX_K = "RECSYS_MAX_K"
-QUANTIZE_TOWER = "RECSYS_QUANTIZE_TOWER"
-FAISS_DEVICE = "RECSYS_FAISS_DEVICE"
-MODEL_VERSION = "RECSYS_MODEL_VERSION"
-
-ENVIRONMENT_VARIABLES = (
-    REDIS_URL,
-    REDIS_PASSWORD,
-    SYSTEM_ID,
-    STORE_TIMEOUT_MS,
-    MAX_K,
-    QUANTIZE_TOWER,
-    FAISS_DEVICE,
-    MODEL_VERSION,
-)
+REDIS_URL = ModelServerEnv.REDIS_URL
+REDIS_PASSWORD = ModelServerEnv.REDIS_PASSWORD
+SYSTEM_ID = ModelServerEnv.SYSTEM_ID
+STORE_TIMEOUT_MS = ModelServerEnv.STORE_TIMEOUT_MS
+MAX_K = ModelServerEnv.MAX_K
+QUANTIZE_TOWER = ModelServerEnv.QUANTIZE_TOWER
+FAISS_DEVICE = ModelServerEnv.FAISS_DEVICE
+MODEL_VERSION = ModelServerEnv.MODEL_VERSION
+ENVIRONMENT_VARIABLES = ModelServerEnv.ALL
 
 FaissDevice = Literal["auto", "cpu", "gpu"]
 

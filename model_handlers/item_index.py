@@ -23,7 +23,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from recsys_operator.api.recommender_system import IndexSpec, IndexType
+from recsys_contracts.index_spec import IndexSpec, IndexType
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model_handlers import archive_layout as files
 from model_handlers.two_tower import save_user_tower
+from recsys_contracts import archive_layout as files
 
 if TYPE_CHECKING:
     from model_handlers.training import TrainedModel

@@ -1,7 +1,7 @@
 """Reading users' online features from the feature store (Redis), one pipelined round
 trip per batch.
 
-The key layout is the contract in `stream_jobs.feature_keys`: the user's recent items
+The key layout is the contract in `recsys_contracts.feature_keys`: the user's recent items
 (a list, newest first) and their online embedding for this model version
 (little-endian float32 bytes). A store that is down or slow never fails a request: the
 batch goes on without online features and the error is reported for the metrics.
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_jobs.feature_keys import decode_embedding, embedding_key, recent_items_key
+from recsys_contracts.feature_keys import decode_embedding, embedding_key, recent_items_key
 
 log = logging.getLogger(__name__)
 

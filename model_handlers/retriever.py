@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_handlers import archive_layout as files
 from model_handlers.item_index import ItemIndex
 from model_handlers.model_directory import (
     Popularity,
@@ -44,8 +43,9 @@ from model_handlers.model_directory import (
     read_user_ids,
 )
 from model_handlers.online_features import NO_FEATURES, OnlineFeatures
-from model_handlers.retrieval_request import RetrievalRequest
 from model_handlers.two_tower import history_rows, load_user_tower, quantize_user_tower
+from recsys_contracts import archive_layout as files
+from recsys_contracts.retrieval_request import RetrievalRequest
 
 
 class Source(StrEnum):

@@ -22,18 +22,18 @@ from typing import Any
 import faiss
 import torch
 
-from model_handlers import handler_metrics as metrics
 from model_handlers.handler_settings import HandlerSettings
 from model_handlers.item_index import gpu_count
 from model_handlers.model_directory import read_manifest
 from model_handlers.online_features import OnlineRead, RedisFeatureReader, connect
-from model_handlers.retrieval_request import (
+from model_handlers.retriever import Retriever, Source
+from recsys_contracts import handler_metrics as metrics
+from recsys_contracts.retrieval_request import (
     BadRequest,
     RetrievalRequest,
     decode_body,
     parse_request,
 )
-from model_handlers.retriever import Retriever, Source
 
 log = logging.getLogger("recsys.handler")
 

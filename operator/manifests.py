@@ -20,14 +20,14 @@ import jsonschema
 import yaml
 from pydantic import ValidationError
 
-from recsys_operator.api.base import GROUP
-from recsys_operator.api.effective_scaling import resolve_scaling
-from recsys_operator.api.errors import (
+from recsys_contracts.field_issues import (
     FieldIssue,
     InvalidResource,
     issues_from_validation_error,
     join_path,
 )
+from recsys_operator.api.base import GROUP
+from recsys_operator.api.effective_scaling import resolve_scaling
 from recsys_operator.api.resources import (
     RESOURCE_TYPES,
     CustomResource,

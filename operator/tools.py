@@ -11,11 +11,13 @@ import os
 import shutil
 from pathlib import Path
 
+from recsys_contracts.env_vars import OperatorEnv
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def tools_dir() -> Path:
-    return Path(os.environ.get("RECSYS_TOOLS_DIR", PROJECT_ROOT / ".tools" / "bin"))
+    return Path(os.environ.get(OperatorEnv.TOOLS_DIR, PROJECT_ROOT / ".tools" / "bin"))
 
 
 class ToolNotFound(FileNotFoundError):

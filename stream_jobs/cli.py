@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from stream_jobs.settings import SubscriptionType
+from recsys_contracts.feature_job_settings import SubscriptionType
 
 events_app = typer.Typer(help="Send user events to the interactions topic.", no_args_is_help=True)
 features_app = typer.Typer(help="The stream feature job.", no_args_is_help=True)
@@ -158,8 +158,8 @@ def run_features(
     given = {name: value for name, value in locals().items() if name != "log_level"}
     from pydantic import ValidationError
 
+    from recsys_contracts.feature_job_settings import FeatureJobSettings
     from stream_jobs.features import main
-    from stream_jobs.settings import FeatureJobSettings
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import pulsar
 
-from stream_jobs.events import InvalidEvent
+from recsys_contracts.events import InvalidEvent
 
 SEND_TIMEOUT_S = 30.0
 

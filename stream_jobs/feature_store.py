@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import redis
 
-from stream_jobs import feature_keys as keys
-from stream_jobs.events import Event
+from recsys_contracts import feature_keys as keys
+from recsys_contracts.events import Event
 from stream_jobs.item_embeddings import ItemEmbeddings
 from stream_jobs.user_features import (
     FeatureParams,

@@ -30,14 +30,14 @@ from typing import Any
 import pulsar
 import redis
 
+from recsys_contracts.events import Event, InvalidEvent, check_event_time, now_ms, parse_event
+from recsys_contracts.feature_job_settings import FeatureJobSettings, SubscriptionType, duration_ms
 from stream_jobs.backlog import BacklogPoller
 from stream_jobs.dead_letters import DeadLetter, DeadLetterPublisher
-from stream_jobs.events import Event, InvalidEvent, check_event_time, now_ms, parse_event
 from stream_jobs.feature_store import BatchWrite, FeatureStore, StoreLayout, TooManyConflicts
 from stream_jobs.item_embeddings import EmbeddingCatalog, EmbeddingsError
 from stream_jobs.metrics import FeatureJobMetrics
-from stream_jobs.settings import FeatureJobSettings, SubscriptionType, duration_ms
-from stream_jobs.user_features import Outcome
+from stream_jobs.user_features import FeatureParams, Outcome
 
 log = logging.getLogger("stream_jobs.features")
 
@@ -83,7 +83,7 @@ class FeatureJob:
     ) -> None:
         self.settings = settings
         self.metrics = metrics or FeatureJobMetrics()
-        self.params = settings.feature_params()
+        self.params = FeatureParams.from_settings(settings)
         layout = StoreLayout(
             system=settings.system_id,
             ttl_ms=settings.store_ttl_seconds * 1000,

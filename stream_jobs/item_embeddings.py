@@ -2,7 +2,7 @@
 
 A model carries `item_embeddings.npy` (float32, one row per item) and
 `item_ids.json` (the item id of each row), in its model directory and in its
-archive (`<name>-<version>.mar`, a zip; see model_handlers/archive_layout.py).
+archive (`<name>-<version>.mar`, a zip; see recsys_contracts/archive_layout.py).
 The job finds them in one of these places:
 
 - `model_archives` (version -> URI), or `model_archive_uri` with `model_version`: the
@@ -31,8 +31,11 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-VECTORS_FILE = "item_embeddings.npy"
-IDS_FILE = "item_ids.json"
+from recsys_contracts.archive_layout import ITEM_EMBEDDINGS, ITEM_IDS
+
+# The archive layout's names (recsys_contracts.archive_layout).
+VECTORS_FILE = ITEM_EMBEDDINGS
+IDS_FILE = ITEM_IDS
 ARCHIVE_SUFFIXES = (".mar", ".zip")
 
 log = logging.getLogger(__name__)

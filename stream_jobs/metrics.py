@@ -11,6 +11,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from recsys_contracts import metric_names as names
+
 # Freshness is "event time to written": milliseconds when healthy, seconds to
 # minutes when the job lags, so the buckets span both (finely below 100 ms,
 # where the objective is).
@@ -28,66 +30,66 @@ class FeatureJobMetrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.events = Counter(
-            "recsys_feature_events",
+            names.FEATURES_EVENTS,
             "Valid events handled, by type and outcome (applied, duplicate, late).",
             ["type", "outcome"],
             registry=r,
         )
         self.dead_letters = Counter(
-            "recsys_feature_dead_letters",
+            names.FEATURES_DEAD_LETTERED,
             "Events sent to the dead-letter topic, by reason code.",
             ["reason"],
             registry=r,
         )
         self.batch_seconds = Histogram(
-            "recsys_feature_batch_seconds",
+            names.FEATURES_BATCH_SECONDS,
             "Time from receiving a batch to acknowledging it.",
             buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.batch_events = Histogram(
-            "recsys_feature_batch_events",
+            names.FEATURES_BATCH_EVENTS,
             "Messages per batch.",
             buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
             registry=r,
         )
         self.freshness = Histogram(
-            "recsys_feature_freshness_seconds",
+            names.FEATURES_FRESHNESS,
             "Time from an event's ts to its features being written to the store.",
             buckets=FRESHNESS_BUCKETS,
             registry=r,
         )
         self.store_errors = Counter(
-            "recsys_feature_store_errors",
+            names.FEATURES_STORE_ERRORS,
             "Failed batch writes to the feature store (retried, messages stay unacked).",
             ["error"],
             registry=r,
         )
         self.unknown_items = Counter(
-            "recsys_feature_unknown_items",
+            names.FEATURES_UNKNOWN_ITEMS,
             "Interactions with items the model version has no embedding for.",
             ["model_version"],
             registry=r,
         )
         self.item_embeddings = Gauge(
-            "recsys_feature_item_embeddings",
+            names.FEATURES_ITEM_EMBEDDINGS,
             "Items with an embedding, per loaded model version.",
             ["model_version"],
             registry=r,
         )
         self.backlog = Gauge(
-            "recsys_feature_consumer_backlog",
+            names.FEATURES_BACKLOG,
             "Unacknowledged messages of the job's subscription (from the Pulsar admin API).",
             ["topic", "subscription"],
             registry=r,
         )
         self.resubscribes = Counter(
-            "recsys_feature_resubscribes",
+            names.FEATURES_RESUBSCRIBES,
             "Times the subscription was reopened after `resubscribe_idle` without messages.",
             registry=r,
         )
         self.last_batch = Gauge(
-            "recsys_feature_last_batch_timestamp_seconds",
+            names.FEATURES_LAST_BATCH,
             "When the last batch was written and acknowledged.",
             registry=r,
         )

@@ -22,7 +22,7 @@ from typing import Any, Self
 
 import pulsar
 
-from stream_jobs.events import (
+from recsys_contracts.events import (
     Event,
     InvalidEvent,
     event_from_record,

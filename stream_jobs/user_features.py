@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from stream_jobs.events import Event, EventType
-from stream_jobs.feature_keys import count_field
+from recsys_contracts.events import Event, EventType
+from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
+from recsys_contracts.feature_keys import count_field
 from stream_jobs.item_embeddings import ItemEmbeddings
 
 STATE_FORMAT = 1
@@ -61,6 +62,17 @@ class FeatureParams:
     dedup_capacity: int = 64
     learning_rate: float = 0.1
     decay: float = 0.98
+
+    @classmethod
+    def from_settings(cls, settings: FeatureJobSettings) -> FeatureParams:
+        return cls(
+            last_n=settings.last_n,
+            windows=tuple((w, duration_ms(w)) for w in settings.windows),
+            session_gap_ms=duration_ms(settings.session_gap),
+            dedup_capacity=settings.dedup_capacity,
+            learning_rate=settings.learning_rate,
+            decay=settings.decay,
+        )
 
     def bucket_ms(self, window_ms: int) -> int:
         return max(1, window_ms // self.buckets_per_window)

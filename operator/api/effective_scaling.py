@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from recsys_operator.api.errors import FieldIssue, InvalidResource
+from recsys_contracts.field_issues import FieldIssue, InvalidResource
 from recsys_operator.api.recommender_system import RecommenderSystemSpec
 from recsys_operator.api.scaling_policy import ScaleRule, ScalingEngine, ScalingPolicySpec
 

@@ -13,7 +13,7 @@ from typing import Self
 
 from pydantic import Field, field_validator, model_validator
 
-from recsys_operator.api.base import (
+from recsys_contracts.api_base import (
     ApiModel,
     DnsLabel,
     Duration,
@@ -21,20 +21,16 @@ from recsys_operator.api.base import (
     field_error,
     quantity_value,
 )
+from recsys_contracts.feature_job_settings import SubscriptionType
+from recsys_contracts.index_spec import IndexSpec, index_fit_problems
+from recsys_contracts.model_version import MODEL_VERSION_PATTERN
 
 GPU_RESOURCE = "nvidia.com/gpu"
-MODEL_VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 PULSAR_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 ARCHIVE_URI_PATTERN = r"^(https?://|s3://|pvc://|file://).+"
 
 
 # --- events -----------------------------------------------------------------------
-
-
-class SubscriptionType(StrEnum):
-    KEY_SHARED = "KeyShared"
-    FAILOVER = "Failover"
-    SHARED = "Shared"
 
 
 class DeletionPolicy(StrEnum):
@@ -210,56 +206,6 @@ class FeaturesSpec(ApiModel):
 # --- model ------------------------------------------------------------------------
 
 
-class IndexType(StrEnum):
-    FLAT = "Flat"
-    HNSW = "HNSW"
-    IVF_PQ = "IVF-PQ"
-    SQ8 = "SQ8"
-
-
-class HnswParams(ApiModel):
-    """Parameters of an HNSW graph index."""
-
-    m: int = Field(default=32, ge=4, le=128)
-    """Neighbours per node: more means better recall, more memory and slower builds."""
-    ef_construction: int = Field(default=40, ge=8, le=1024)
-    """Candidate list size while building."""
-    ef_search: int = Field(default=64, ge=1, le=4096)
-    """Candidate list size while searching; must be at least the model's topK."""
-
-
-class IvfPqParams(ApiModel):
-    """Parameters of an IVF index with product quantization."""
-
-    nlist: int = Field(default=1024, ge=1, le=1_048_576)
-    """Number of inverted lists (coarse clusters)."""
-    m: int = Field(default=8, ge=1, le=256)
-    """Number of sub-quantizers; must divide embeddingDim."""
-    nbits: int = Field(default=8, ge=4, le=12)
-    """Bits per sub-quantizer code."""
-    nprobe: int = Field(default=16, ge=1)
-    """Lists visited per query; at most nlist."""
-
-
-class IndexSpec(ApiModel):
-    """The FAISS index used for retrieval (inner product)."""
-
-    type: IndexType = IndexType.HNSW
-    """Flat is exact; HNSW and IVF-PQ are approximate and much faster on large catalogues; SQ8 is exact-ish with 4x less memory."""
-    hnsw: HnswParams = Field(default_factory=HnswParams)
-    """Used when type is HNSW."""
-    ivfpq: IvfPqParams = Field(default_factory=IvfPqParams)
-    """Used when type is IVF-PQ."""
-
-    @model_validator(mode="after")
-    def _ivfpq_consistent(self) -> Self:
-        if self.type is IndexType.IVF_PQ and self.ivfpq.nprobe > self.ivfpq.nlist:
-            raise field_error(
-                "ivfpq.nprobe", f"nprobe {self.ivfpq.nprobe} exceeds nlist {self.ivfpq.nlist}"
-            )
-        return self
-
-
 class ModelSpec(ApiModel):
     """The retrieval model: a two-tower network plus a FAISS index, packed as a TorchServe archive."""
 
@@ -282,27 +228,11 @@ class ModelSpec(ApiModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if self.num_items is not None and self.top_k > self.num_items:
-            raise field_error(
-                "topK", f"topK {self.top_k} exceeds the catalogue size numItems {self.num_items}"
-            )
-        index = self.index
-        if index.type is IndexType.IVF_PQ:
-            if self.embedding_dim % index.ivfpq.m:
-                raise field_error(
-                    "index.ivfpq.m",
-                    f"m {index.ivfpq.m} must divide embeddingDim {self.embedding_dim}",
-                )
-            if self.num_items is not None and index.ivfpq.nlist > self.num_items:
-                raise field_error(
-                    "index.ivfpq.nlist",
-                    f"nlist {index.ivfpq.nlist} exceeds the catalogue size numItems {self.num_items}",
-                )
-        if index.type is IndexType.HNSW and index.hnsw.ef_search < self.top_k:
-            raise field_error(
-                "index.hnsw.efSearch",
-                f"efSearch {index.hnsw.ef_search} is below topK {self.top_k}; HNSW cannot return more than efSearch results",
-            )
+        problems = index_fit_problems(
+            self.index, embedding_dim=self.embedding_dim, num_items=self.num_items, top_k=self.top_k
+        )
+        if problems:
+            raise field_error(*problems[0])
         return self
 
 

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from recsys_operator.api.base import DNS_LABEL_PATTERN, ApiModel
+from recsys_contracts.api_base import DNS_LABEL_PATTERN, ApiModel
 from recsys_operator.api.recommender_system import RecommenderSystemSpec
 from recsys_operator.api.scaling_policy import ScalingPolicySpec
 from recsys_operator.api.status import RecommenderSystemStatus, ScalingPolicyStatus

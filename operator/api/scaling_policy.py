@@ -11,7 +11,7 @@ from typing import Self
 
 from pydantic import Field, model_validator
 
-from recsys_operator.api.base import ApiModel, field_error
+from recsys_contracts.api_base import ApiModel, field_error
 
 
 class ScalingEngine(StrEnum):

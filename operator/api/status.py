@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import Field
 
-from recsys_operator.api.base import ApiModel
+from recsys_contracts.api_base import ApiModel
 
 # Conditions are a map keyed by type, so server-side apply merges them per type.
 CONDITIONS_LIST_MAP: dict[str, Any] = {

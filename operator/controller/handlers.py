@@ -21,8 +21,9 @@ import kopf
 from kubernetes import config as kube_config
 from pydantic import ValidationError
 
+from recsys_contracts.env_vars import OperatorEnv
+from recsys_contracts.field_issues import issues_from_validation_error
 from recsys_operator.api.base import GROUP, VERSION
-from recsys_operator.api.errors import issues_from_validation_error
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.api.status import ConditionType
 from recsys_operator.controller import metrics
@@ -43,7 +44,7 @@ MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 API_VERSION = f"{GROUP}/{VERSION}"
 
 # How often every system is reconciled even when nothing announced a change.
-RESYNC_SECONDS = float(os.environ.get("RECSYS_RESYNC_SECONDS", "60"))
+RESYNC_SECONDS = float(os.environ.get(OperatorEnv.RESYNC_SECONDS, "60"))
 
 
 class State:
@@ -104,7 +105,7 @@ def _discover_options(kube: KubeClient) -> RenderOptions:
     return RenderOptions(
         monitoring="monitoring.coreos.com" in served,
         keda="keda.sh" in served,
-        prometheus_url=os.environ.get("RECSYS_PROMETHEUS_URL", RenderOptions.prometheus_url),
+        prometheus_url=os.environ.get(OperatorEnv.PROMETHEUS_URL, RenderOptions.prometheus_url),
     )
 
 
@@ -239,7 +240,7 @@ async def _delete_topics(body: kopf.Body, system: RecommenderSystem, plan: Topic
 
 # --- rollouts ---------------------------------------------------------------------
 
-ROLLOUT_TICK_SECONDS = float(os.environ.get("RECSYS_ROLLOUT_TICK_SECONDS", "10"))
+ROLLOUT_TICK_SECONDS = float(os.environ.get(OperatorEnv.ROLLOUT_TICK_SECONDS, "10"))
 
 
 @kopf.timer(*RECSYS, interval=ROLLOUT_TICK_SECONDS, initial_delay=ROLLOUT_TICK_SECONDS / 2)

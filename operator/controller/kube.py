@@ -17,7 +17,8 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from recsys_operator.api.base import GROUP, VERSION, quantity_value
+from recsys_contracts.api_base import quantity_value
+from recsys_operator.api.base import GROUP, VERSION
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from recsys_operator.telemetry import (
+from recsys_contracts.metric_names import (
     OPERATOR_RECONCILE_DURATION,
     OPERATOR_RECONCILE_ERRORS,
     OPERATOR_RECONCILES,

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from recsys_operator.api.errors import FieldIssue, InvalidResource, issues_from_validation_error
+from recsys_contracts.field_issues import FieldIssue, InvalidResource, issues_from_validation_error
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.api.status import Condition, ConditionStatus, ConditionType
 from recsys_operator.controller.conditions import condition, merge_conditions, summarize_ready

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from recsys_operator.api.errors import InvalidResource
+from recsys_contracts.field_issues import InvalidResource
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.api.status import ConditionType
 from recsys_operator.controller.conditions import condition, merge_conditions

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from recsys_operator.api.errors import InvalidResource
+from recsys_contracts.field_issues import InvalidResource
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.manifests import load_documents, parse_resource, validate_documents
 

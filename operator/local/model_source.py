@@ -217,7 +217,7 @@ def _trained_model(folder: RunFolder, model: ModelSpec, say: Say) -> Path:
 def _randomize_item_embeddings(model_dir: Path, out: Path) -> None:
     import numpy as np
 
-    from model_handlers.archive_layout import ITEM_EMBEDDINGS
+    from recsys_contracts.archive_layout import ITEM_EMBEDDINGS
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(model_dir, out)

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from recsys_contracts.field_issues import FieldIssue, InvalidResource
 from recsys_operator.api.effective_scaling import EffectiveScaling, resolve_scaling
-from recsys_operator.api.errors import FieldIssue, InvalidResource
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.render.autoscaling import (
     DEFAULT_PROMETHEUS_URL,

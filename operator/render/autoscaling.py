@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from recsys_contracts.metric_names import GATEWAY_LATENCY
 from recsys_operator.api.effective_scaling import EffectiveScaling, WorkloadScaling
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.api.scaling_policy import ScaleRule, ScalingEngine
@@ -26,7 +27,6 @@ from recsys_operator.render.naming import (
     system_id,
     topic_url,
 )
-from recsys_operator.telemetry import GATEWAY_LATENCY
 
 # Where KEDA's Prometheus trigger finds the gateway's latency histogram; platform
 # teams override it with the operator's --prometheus-url.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from recsys_operator.api.base import parse_duration
+from recsys_contracts.api_base import parse_duration
+from recsys_contracts.feature_job_settings import env_name
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.render.naming import (
     CONFIG_HASH_ANNOTATION,
@@ -55,28 +56,29 @@ def feature_job_env(system: RecommenderSystem) -> list[dict[str, Any]]:
     """Configuration of `recsys features run`, as environment variables."""
     spec = system.spec
     features = spec.features
-    values = {
-        "RECSYS_SYSTEM_ID": system_id(system),
-        "RECSYS_PULSAR_SERVICE_URL": spec.events.service_url,
+    settings = {
+        "system_id": system_id(system),
+        "pulsar_service_url": spec.events.service_url,
         # The job reports its subscription's backlog (the lag alert) from the admin API.
-        "RECSYS_PULSAR_ADMIN_URL": spec.events.admin_url,
-        "RECSYS_INTERACTIONS_TOPIC": topic_url(system, TOPIC_NAMES["interactions"]),
-        "RECSYS_DEAD_LETTER_TOPIC": topic_url(system, TOPIC_NAMES["dead_letter"]),
-        "RECSYS_SUBSCRIPTION": FEATURES_SUBSCRIPTION,
-        "RECSYS_SUBSCRIPTION_TYPE": spec.events.subscription_type.value,
-        "RECSYS_REDIS_URL": features.store.url,
-        "RECSYS_STORE_TTL_SECONDS": str(int(parse_duration(features.store.ttl))),
-        "RECSYS_LAST_N": str(features.last_n),
-        "RECSYS_WINDOWS": ",".join(features.windows),
-        "RECSYS_BATCH_SIZE": str(features.batch_size),
-        "RECSYS_ONLINE_UPDATES": str(features.online_updates.enabled).lower(),
-        "RECSYS_LEARNING_RATE": str(features.online_updates.learning_rate),
-        "RECSYS_DECAY": str(features.online_updates.decay),
-        "RECSYS_METRICS_ADDRESS": f"0.0.0.0:{METRICS_PORT}",
+        "pulsar_admin_url": spec.events.admin_url,
+        "interactions_topic": topic_url(system, TOPIC_NAMES["interactions"]),
+        "dead_letter_topic": topic_url(system, TOPIC_NAMES["dead_letter"]),
+        "subscription": FEATURES_SUBSCRIPTION,
+        "subscription_type": spec.events.subscription_type.value,
+        "redis_url": features.store.url,
+        "store_ttl_seconds": str(int(parse_duration(features.store.ttl))),
+        "last_n": str(features.last_n),
+        "windows": ",".join(features.windows),
+        "batch_size": str(features.batch_size),
+        "online_updates": str(features.online_updates.enabled).lower(),
+        "learning_rate": str(features.online_updates.learning_rate),
+        "decay": str(features.online_updates.decay),
+        "metrics_address": f"0.0.0.0:{METRICS_PORT}",
     }
     archives = served_archives(system)
     if archives:
-        values["RECSYS_MODEL_ARCHIVES"] = ",".join(f"{v}={uri}" for v, uri in archives.items())
+        settings["model_archives"] = ",".join(f"{v}={uri}" for v, uri in archives.items())
+    values = {env_name(field): value for field, value in settings.items()}
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values.items()]
     env += pulsar_token_env(system) + redis_password_env(system)
     return env

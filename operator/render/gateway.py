@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from recsys_contracts.env_vars import GatewayEnv
+from recsys_contracts.routing import ROUTING_KEY, Endpoint, Routing
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.render.naming import (
     CONFIG_HASH_ANNOTATION,
@@ -38,17 +40,17 @@ from recsys_operator.render.serving import INFERENCE_PORT
 from recsys_operator.render.traffic import TrafficPlan
 
 GATEWAY_PORT = 8000
-ROUTING_KEY = "routing.json"  # the key gateway.routing_configmap reads
 RBAC_GROUP = "rbac.authorization.k8s.io"
 RBAC_API_VERSION = f"{RBAC_GROUP}/v1"
 
 
 def gateway_routing(system: RecommenderSystem, plan: TrafficPlan) -> dict[str, Any]:
-    """What the gateway needs to route a request: versions, weights, endpoints, topics."""
+    """What the gateway needs to route a request (`recsys_contracts.routing`): versions,
+    weights, endpoints, topics, as the JSON document the ConfigMap holds."""
     namespace = system.metadata.namespace or "default"
     model = system.spec.model
 
-    def endpoint(track: str, version: str) -> dict[str, Any]:
+    def endpoint(track: str, version: str) -> Endpoint:
         host = f"{serving_name(system, track)}.{namespace}.svc"
         # Stable asks for the model without a version: each pod serves the one version it
         # loaded. At a promotion the stable pods roll from the old version to the new one
@@ -56,26 +58,23 @@ def gateway_routing(system: RecommenderSystem, plan: TrafficPlan) -> dict[str, A
         # (and fallbacks) from the pods not yet rolled. The canary track only ever holds
         # its own version, so its URL names it.
         path = f"/predictions/{model.name}" + (f"/{version}" if track == Track.CANARY else "")
-        return {"version": version, "url": f"http://{host}:{INFERENCE_PORT}{path}"}
+        return Endpoint(version=version, url=f"http://{host}:{INFERENCE_PORT}{path}")
 
-    routing: dict[str, Any] = {
-        "system": system_id(system),
-        "stable": endpoint(Track.STABLE, plan.stable_version),
-        "canary": None,
-        "canaryWeight": 0,
+    routing = Routing(
+        system=system_id(system),
+        stable=endpoint(Track.STABLE, plan.stable_version),
+        canary=endpoint(Track.CANARY, plan.canary_version) if plan.canary_version else None,
+        canary_weight=plan.canary_weight if plan.canary_version else 0,
         # A new salt per rollout reshuffles which users land in the canary.
-        "salt": f"{system.metadata.name}:{plan.canary_version or plan.stable_version}",
-        "timeoutMs": system.spec.gateway.timeout_ms,
-        "defaultK": model.top_k,
-        "maxK": model.top_k,
-        "pulsarServiceUrl": system.spec.events.service_url,
-        "interactionsTopic": topic_url(system, TOPIC_NAMES["interactions"]),
-        "impressionsTopic": topic_url(system, TOPIC_NAMES["impressions"]),
-    }
-    if plan.canary_version:
-        routing["canary"] = endpoint(Track.CANARY, plan.canary_version)
-        routing["canaryWeight"] = plan.canary_weight
-    return routing
+        salt=f"{system.metadata.name}:{plan.canary_version or plan.stable_version}",
+        timeout_ms=system.spec.gateway.timeout_ms,
+        default_k=model.top_k,
+        max_k=model.top_k,
+        pulsar_service_url=system.spec.events.service_url,
+        interactions_topic=topic_url(system, TOPIC_NAMES["interactions"]),
+        impressions_topic=topic_url(system, TOPIC_NAMES["impressions"]),
+    )
+    return routing.model_dump(mode="json", by_alias=True)
 
 
 def build_gateway_configmap(system: RecommenderSystem, plan: TrafficPlan) -> dict[str, Any]:
@@ -156,7 +155,7 @@ def build_gateway_deployment(
             str(GATEWAY_PORT),
         ],
         "env": [
-            {"name": "RECSYS_GATEWAY_ADDRESS", "value": f"0.0.0.0:{GATEWAY_PORT}"},
+            {"name": GatewayEnv.ADDRESS, "value": f"0.0.0.0:{GATEWAY_PORT}"},
             *pulsar_token_env(system),
         ],
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],

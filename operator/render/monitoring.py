@@ -7,6 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from recsys_contracts.metric_names import (
+    CLICKS,
+    FEATURES_BACKLOG,
+    FEATURES_EVENTS,
+    GATEWAY_LATENCY,
+    IMPRESSIONS,
+)
 from recsys_operator.api.effective_scaling import EffectiveScaling
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.render.naming import (
@@ -18,13 +25,6 @@ from recsys_operator.render.naming import (
     system_id,
 )
 from recsys_operator.render.pods import METRICS_PORT
-from recsys_operator.telemetry import (
-    CLICKS,
-    FEATURES_BACKLOG,
-    FEATURES_EVENTS,
-    GATEWAY_LATENCY,
-    IMPRESSIONS,
-)
 
 MONITORING_GROUP = "monitoring.coreos.com"
 DEFAULT_BACKLOG_ALERT = 100_000

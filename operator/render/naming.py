@@ -10,10 +10,10 @@ import hashlib
 import json
 from typing import Any
 
+from recsys_contracts import feature_keys
 from recsys_operator import __version__
 from recsys_operator.api.base import GROUP
 from recsys_operator.api.resources import RecommenderSystem
-from stream_jobs import feature_keys
 
 IMAGE_REPOSITORY = "ghcr.io/recsys-operator"
 MANAGED_BY = "recsys-operator"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from recsys_contracts.env_vars import GatewayEnv, ModelServerEnv
 from recsys_operator.api.recommender_system import ResourceRequirements
 from recsys_operator.api.resources import RecommenderSystem
 
@@ -46,9 +47,9 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
 
 def pulsar_token_env(system: RecommenderSystem) -> list[dict[str, Any]]:
     ref = system.spec.events.auth_secret_ref
-    return [_secret_env("RECSYS_PULSAR_TOKEN", ref.name, ref.key)] if ref else []
+    return [_secret_env(GatewayEnv.PULSAR_TOKEN, ref.name, ref.key)] if ref else []
 
 
 def redis_password_env(system: RecommenderSystem) -> list[dict[str, Any]]:
     ref = system.spec.features.store.password_secret_ref
-    return [_secret_env("RECSYS_REDIS_PASSWORD", ref.name, ref.key)] if ref else []
+    return [_secret_env(ModelServerEnv.REDIS_PASSWORD, ref.name, ref.key)] if ref else []

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse
 
-from model_handlers.archive_layout import mar_file_name
+from recsys_contracts.archive_layout import mar_file_name
+from recsys_contracts.env_vars import ModelServerEnv
 from recsys_operator.api.recommender_system import GPU_RESOURCE
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.render.naming import (
@@ -158,20 +159,20 @@ def build_serving_configmap(system: RecommenderSystem, track: str, version: str)
 
 
 def model_server_env(system: RecommenderSystem, version: str) -> list[dict[str, Any]]:
-    """The handler's settings (`model_handlers.handler_settings`) as environment variables;
+    """The handler's settings (`recsys_contracts.env_vars.ModelServerEnv`) as environment variables;
     local mode starts TorchServe with the same ones."""
     return [
         # One thread per worker: scale with batching and workers, not intra-op threads.
         {"name": "OMP_NUM_THREADS", "value": "1"},
         {"name": "MKL_NUM_THREADS", "value": "1"},
+        {"name": ModelServerEnv.SYSTEM_ID, "value": system_id(system)},
+        {"name": ModelServerEnv.REDIS_URL, "value": system.spec.features.store.url},
+        {"name": ModelServerEnv.MODEL_VERSION, "value": version},
+        {"name": ModelServerEnv.MAX_K, "value": str(system.spec.model.top_k)},
         {
-            "name": "RECSYS_SYSTEM_ID",
-            "value": system_id(system),
+            "name": ModelServerEnv.QUANTIZE_TOWER,
+            "value": str(system.spec.model.quantize_tower).lower(),
         },
-        {"name": "RECSYS_REDIS_URL", "value": system.spec.features.store.url},
-        {"name": "RECSYS_MODEL_VERSION", "value": version},
-        {"name": "RECSYS_MAX_K", "value": str(system.spec.model.top_k)},
-        {"name": "RECSYS_QUANTIZE_TOWER", "value": str(system.spec.model.quantize_tower).lower()},
         *redis_password_env(system),
     ]
 

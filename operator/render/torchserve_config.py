@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 
-from model_handlers.archive_layout import mar_file_name
-from model_handlers.handler_metrics import DIMENSIONS, HANDLER_METRICS
-from recsys_operator.api.base import quantity_value
+from recsys_contracts.api_base import quantity_value
+from recsys_contracts.archive_layout import mar_file_name
+from recsys_contracts.handler_metrics import DIMENSIONS, HANDLER_METRICS
 from recsys_operator.api.recommender_system import ModelSpec, ServingSpec
 
 CONFIG_PROPERTIES = "config.properties"

@@ -14,16 +14,16 @@ import logging
 from prometheus_api_client import PrometheusConnect
 from urllib3.util.retry import Retry
 
-from recsys_operator.api.recommender_system import AnalysisSpec
-from recsys_operator.api.status import AnalysisResult, CanaryStatus
-from recsys_operator.rollout.analysis import VariantMetrics, analyse
-from recsys_operator.telemetry import (
+from recsys_contracts.metric_names import (
     CLICKS,
     GATEWAY_FALLBACKS,
     GATEWAY_LATENCY,
     GATEWAY_REQUESTS,
     IMPRESSIONS,
 )
+from recsys_operator.api.recommender_system import AnalysisSpec
+from recsys_operator.api.status import AnalysisResult, CanaryStatus
+from recsys_operator.rollout.analysis import VariantMetrics, analyse
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from recsys_operator.api.base import parse_duration
+from recsys_contracts.api_base import parse_duration
 from recsys_operator.api.recommender_system import RolloutSpec
 from recsys_operator.api.status import (
     AnalysisDecision,

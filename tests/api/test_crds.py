@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
+from recsys_contracts.field_issues import join_path
 from recsys_operator.api import InvalidResource
-from recsys_operator.api.errors import join_path
 from recsys_operator.api.resources import RESOURCE_TYPES, RecommenderSystem
 from recsys_operator.crd import build_crd, render_crd_files, stale_crd_files
 from recsys_operator.manifests import crd_schema_issues, load_documents, parse_resource

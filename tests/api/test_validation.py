@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
+from recsys_contracts.api_base import parse_duration, quantity_value
 from recsys_operator.api import InvalidResource, resolve_scaling
-from recsys_operator.api.base import parse_duration, quantity_value
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.manifests import load_documents, parse_resource, validate_documents
 

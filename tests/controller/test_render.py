@@ -13,7 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.routing_configmap import ROUTING_KEY, ConfigMapRef
+from gateway.routing_configmap import ConfigMapRef
+from recsys_contracts.routing import ROUTING_KEY
 from recsys_operator import __version__
 from recsys_operator.api import InvalidResource
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
@@ -407,7 +408,7 @@ def test_alert_rules_pass_promtool(tmp_path: Path) -> None:
 def test_the_stream_job_keeps_every_served_version_fresh() -> None:
     """During a rollout both versions' online embeddings are updated; after a rollback
     the stable one's still are (not the rolled-back version the spec still names)."""
-    from stream_jobs.settings import FeatureJobSettings
+    from recsys_contracts.feature_job_settings import FeatureJobSettings
 
     def archives(system: RecommenderSystem) -> dict[str, str]:
         deployment = named(render_system(system, KEDA_POLICY), "Deployment", "home-feed-features")
@@ -426,7 +427,7 @@ def test_the_stream_job_keeps_every_served_version_fresh() -> None:
 
 def test_the_stream_job_accepts_the_rendered_configuration() -> None:
     """The Deployment's env is exactly what `recsys features run` reads (one contract)."""
-    from stream_jobs.settings import FeatureJobSettings
+    from recsys_contracts.feature_job_settings import FeatureJobSettings
 
     deployment = named(render_system(production(), KEDA_POLICY), "Deployment", "home-feed-features")
     env = {

@@ -3,7 +3,7 @@
 Run as a script (`python tests/gateway/serving_stub.py PORT`) it serves in the
 foreground, for `benchmarks/gateway.py`.
 
-It follows the contract the real handler follows (`model_handlers.retrieval_request`
+It follows the contract the real handler follows (`recsys_contracts.retrieval_request`
 checks each request, so a bad one gets TorchServe's 400 body), answers
 `POST /predictions/<model>/<version>` with items that depend on the version and the
 user, and can be told to be slow or to fail, per version, for the fallback tests.
@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from model_handlers.retrieval_request import BadRequest, decode_body, parse_request
+from recsys_contracts.retrieval_request import BadRequest, decode_body, parse_request
 
 MAX_K = 50
 CATALOGUE = 500

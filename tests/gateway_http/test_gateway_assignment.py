@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.assignment import Variant, assign_variant, traffic_position
+from recsys_contracts.variant_assignment import Variant, assign_variant, traffic_position
 
 USERS = [f"user-{n}" for n in range(10_000)]
 

@@ -6,15 +6,14 @@ import re
 
 import pytest
 
-from gateway.assignment import Variant
 from gateway.attribution import (
-    FALLBACK_MODEL_VERSION,
-    MODEL_VERSION_PATTERN,
     REQUEST_ID_PATTERN,
     Attribution,
     new_request_id,
     parse_request_id,
 )
+from recsys_contracts.model_version import FALLBACK_MODEL_VERSION, MODEL_VERSION_PATTERN
+from recsys_contracts.variant_assignment import Variant
 from recsys_operator.api import recommender_system
 
 

@@ -16,9 +16,9 @@ import requests
 from gateway_testing import StartGateway, metric_value, routing_document, wait_until
 from serving_stub import ServingStub
 
+from recsys_contracts.events import EventType, now_ms, parse_event
 from recsys_operator.local.process import ManagedProcess, free_port
 from recsys_operator.local.pulsar_broker import service_url
-from stream_jobs.events import EventType, now_ms, parse_event
 
 pytestmark = [pytest.mark.broker, pytest.mark.xdist_group("gateway-pulsar")]
 

@@ -20,9 +20,9 @@ from gateway_testing import (
 from prometheus_client.parser import text_string_to_metric_families
 from serving_stub import ServingStub, stub_items
 
-from gateway.assignment import Variant, assign_variant
 from gateway.attribution import parse_request_id
 from gateway.metrics import LATENCY_BUCKETS_S
+from recsys_contracts.variant_assignment import Variant, assign_variant
 from recsys_operator.local.process import free_port
 
 

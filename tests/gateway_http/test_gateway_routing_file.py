@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.assignment import Variant
 from gateway.routing import ReloadResult, RoutingError, RoutingWatcher, parse_routing
+from recsys_contracts.variant_assignment import Variant
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.render.gateway import gateway_routing
 from recsys_operator.render.traffic import TrafficPlan

@@ -11,8 +11,8 @@ import pytest
 import requests
 from gateway_testing import StartGateway, metric_value
 
-from gateway.assignment import Variant, assign_variant
 from gateway.attribution import parse_request_id
+from recsys_contracts.variant_assignment import Variant, assign_variant
 from recsys_operator.local.torchserve import LocalTorchServe, torchserve_server
 
 pytestmark = [pytest.mark.java, pytest.mark.slow, pytest.mark.xdist_group("gateway-torchserve")]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from model_handlers import archive_layout
 from model_handlers.archive import ArchiveError, ArchiveRequest, BuiltArchive, build_archive
+from recsys_contracts import archive_layout
 from recsys_operator.api.recommender_system import IndexSpec
 
 from .conftest import MODEL_NAME, TOP_K

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from model_handlers import handler_metrics
-from model_handlers.archive_layout import ArchiveManifest
 from model_handlers.handler_settings import ENVIRONMENT_VARIABLES, HandlerSettings, SettingsError
 from model_handlers.model_directory import read_manifest
 from model_handlers.torchserve_handler import RetrievalHandler
+from recsys_contracts import handler_metrics
+from recsys_contracts.archive_layout import ArchiveManifest
 
 from .reference import BruteForce
 

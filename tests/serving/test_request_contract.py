@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_handlers.retrieval_request import (
+from recsys_contracts.retrieval_request import (
     MAX_LIST_LENGTH,
     BadRequest,
     RetrievalRequest,

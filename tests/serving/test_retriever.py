@@ -15,9 +15,9 @@ from model_handlers.model_directory import (
     read_user_ids,
 )
 from model_handlers.online_features import OnlineFeatures
-from model_handlers.retrieval_request import RetrievalRequest
 from model_handlers.retriever import Retriever, Source
 from model_handlers.two_tower import load_user_tower
+from recsys_contracts.retrieval_request import RetrievalRequest
 from recsys_operator.api.recommender_system import IndexSpec
 
 from .reference import BruteForce

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import redis
 
+from recsys_contracts.feature_keys import embedding_key, encode_embedding, recent_items_key
 from recsys_operator.api.recommender_system import ModelSpec, ServingSpec
 from recsys_operator.local.process import ManagedProcess
 from recsys_operator.local.torchserve import LocalTorchServe, torchserve_server
-from stream_jobs.feature_keys import embedding_key, encode_embedding, recent_items_key
 
 from .conftest import MODEL_NAME, TOP_K
 from .reference import BruteForce
@@ -263,8 +263,8 @@ def _sample(metrics: str, name: str, version: str) -> float:
 def test_versions_are_served_side_by_side_with_different_answers(
     server: LocalTorchServe, brute_force: dict[str, BruteForce], unpacked: dict[str, Path]
 ) -> None:
-    from model_handlers.retrieval_request import RetrievalRequest
     from model_handlers.retriever import Retriever
+    from recsys_contracts.retrieval_request import RetrievalRequest
 
     hnsw = Retriever.load(unpacked["2"])  # the same index file TorchServe loaded
     differs, overlap = 0, 0

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import yaml
 
-from model_handlers.handler_metrics import DIMENSIONS, HANDLER_METRICS
+from recsys_contracts.handler_metrics import DIMENSIONS, HANDLER_METRICS
 from recsys_operator.api.recommender_system import ModelSpec, ServingSpec
 from recsys_operator.render.torchserve_config import (
     CONFIG_PROPERTIES,

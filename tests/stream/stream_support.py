@@ -16,11 +16,11 @@ import numpy as np
 import pulsar
 import redis
 
-from stream_jobs import feature_keys as keys
-from stream_jobs.events import Event, EventType
+from recsys_contracts import feature_keys as keys
+from recsys_contracts.events import Event, EventType
+from recsys_contracts.feature_job_settings import FeatureJobSettings
 from stream_jobs.features import FeatureJob
 from stream_jobs.item_embeddings import IDS_FILE, VECTORS_FILE, EmbeddingCatalog
-from stream_jobs.settings import FeatureJobSettings
 from stream_jobs.user_features import (
     FeatureParams,
     UserState,

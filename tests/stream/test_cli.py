@@ -11,8 +11,8 @@ import pytest
 from stream_support import consume
 from typer.testing import CliRunner
 
+from recsys_contracts.events import parse_event
 from recsys_operator.cli import app
-from stream_jobs.events import parse_event
 
 runner = CliRunner()
 

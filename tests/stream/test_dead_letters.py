@@ -6,8 +6,8 @@ import base64
 import json
 from dataclasses import dataclass
 
+from recsys_contracts.events import InvalidEvent
 from stream_jobs.dead_letters import envelope
-from stream_jobs.events import InvalidEvent
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stream_jobs.events import (
+from recsys_contracts.events import (
     Event,
     EventType,
     InvalidEvent,

@@ -25,10 +25,11 @@ from stream_support import (
     wait_until,
 )
 
+from recsys_contracts.events import Event
+from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
 from recsys_operator.local.process import ManagedProcess, free_port, log_tail
-from stream_jobs.events import Event
 from stream_jobs.item_embeddings import EmbeddingCatalog
-from stream_jobs.settings import FeatureJobSettings, duration_ms
+from stream_jobs.user_features import FeatureParams
 
 pytestmark = [pytest.mark.broker, pytest.mark.redis]
 
@@ -61,7 +62,7 @@ def reference(settings: FeatureJobSettings, events: list[Event]) -> StoreContent
     catalog.refresh()
     half_life = duration_ms(settings.popular_half_life)
     return expected_content(
-        settings.system_id, events, settings.feature_params(), catalog, half_life
+        settings.system_id, events, FeatureParams.from_settings(settings), catalog, half_life
     )
 
 

@@ -7,8 +7,8 @@ import pytest
 import redis
 from stream_support import BASE_TS
 
-from stream_jobs import feature_keys as keys
-from stream_jobs.events import Event
+from recsys_contracts import feature_keys as keys
+from recsys_contracts.events import Event
 from stream_jobs.feature_store import FeatureStore, StoreLayout
 from stream_jobs.item_embeddings import ItemEmbeddings
 from stream_jobs.user_features import FeatureParams, decode_state

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from stream_jobs.settings import FeatureJobSettings, SubscriptionType
+from recsys_contracts.feature_job_settings import FeatureJobSettings, SubscriptionType
+from stream_jobs.user_features import FeatureParams
 
 
 def test_environment_variables_fill_the_settings() -> None:
@@ -87,9 +88,9 @@ def test_defaults_match_production_and_derive_the_dead_letter_topic() -> None:
 
 
 def test_feature_params_are_in_milliseconds() -> None:
-    params = FeatureJobSettings(
-        system_id="a.b", windows=["90s", "1h30m"], session_gap="10m"
-    ).feature_params()
+    params = FeatureParams.from_settings(
+        FeatureJobSettings(system_id="a.b", windows=["90s", "1h30m"], session_gap="10m")
+    )
     assert params.windows == (("90s", 90_000), ("1h30m", 5_400_000))
     assert params.session_gap_ms == 600_000
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream_jobs.events import Event, EventType
+from recsys_contracts.events import Event, EventType
 from stream_jobs.item_embeddings import ItemEmbeddings
 from stream_jobs.user_features import (
     EVENT_TYPE_NAMES,

@@ -22,7 +22,8 @@ from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-MODEL_VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+from recsys_contracts.model_version import MODEL_VERSION_PATTERN
+
 # Braces would break the Redis Cluster hash tag `{<user>}` in the feature keys;
 # control characters and whitespace are never meant and make keys unreadable.
 USER_ID_PATTERN = r"^[^{}\s\x00-\x1f\x7f]{1,256}$"

@@ -1,10 +1,11 @@
-"""Configuration of the feature job: one model, filled from env vars and CLI flags.
+"""Configuration of the stream feature job: one model, filled from env vars and CLI flags.
 
 Every field `name` can be set with the environment variable `RECSYS_<NAME>`
 (upper case; lists comma-separated) and with the flag `--<name>` (dashes for
 underscores) of `recsys features run`; a flag wins over the environment. The
 operator renders these variables into the job's pods
-(`recsys_operator.render.features`), so the names are a contract with it.
+(`recsys_operator.render.features`, names from `env_name`), so the model is the
+contract between them and lives here.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from recsys_operator.api.base import Duration, parse_duration
-from stream_jobs.user_features import FeatureParams
+from recsys_contracts.api_base import Duration, parse_duration
+from recsys_contracts.env_vars import PREFIX as ENV_PREFIX
 
-ENV_PREFIX = "RECSYS_"
 _LIST_FIELDS = frozenset({"windows"})  # comma-separated in the environment
 
 
@@ -155,15 +155,12 @@ class FeatureJobSettings(BaseModel):
         host, _, port = self.metrics_address.rpartition(":")
         return host or "0.0.0.0", int(port)
 
-    def feature_params(self) -> FeatureParams:
-        return FeatureParams(
-            last_n=self.last_n,
-            windows=tuple((w, duration_ms(w)) for w in self.windows),
-            session_gap_ms=duration_ms(self.session_gap),
-            dedup_capacity=self.dedup_capacity,
-            learning_rate=self.learning_rate,
-            decay=self.decay,
-        )
+
+def env_name(field: str) -> str:
+    """The environment variable of the setting `field` (`redis_url` -> `RECSYS_REDIS_URL`)."""
+    if field not in FeatureJobSettings.model_fields:
+        raise KeyError(f"the feature job has no setting {field!r}")
+    return ENV_PREFIX + field.upper()
 
 
 def duration_ms(duration: str) -> int:

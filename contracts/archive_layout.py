@@ -17,7 +17,7 @@ unpacks the archive into a folder with the same files, which the handler loads.
 | `manifest.json` | archive | name, version, dimensions, index parameters and recall, metrics |
 
 This module is deliberately light (no torch, no FAISS): the operator imports it to
-name archives.
+name archives, and local mode to find their files.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from recsys_operator.api.recommender_system import IndexSpec
+from recsys_contracts.index_spec import IndexSpec
 
 USER_TOWER_WEIGHTS = "user_tower.pt"
 USER_TOWER_CONFIG = "user_tower.json"

@@ -1,0 +1,51 @@
+"""The environment variables each deployable reads: what the operator renders into pods
+(and local mode sets on processes) must be what the component reads, so both import the
+names from here.
+
+The stream feature job reads one variable per field of its settings model,
+`RECSYS_<FIELD>`; `feature_job_settings.env_name` gives those names.
+"""
+
+PREFIX = "RECSYS_"
+
+
+class ModelServerEnv:
+    """The TorchServe handler (`model_handlers.handler_settings` says what each means)."""
+
+    REDIS_URL = "RECSYS_REDIS_URL"
+    REDIS_PASSWORD = "RECSYS_REDIS_PASSWORD"
+    SYSTEM_ID = "RECSYS_SYSTEM_ID"
+    STORE_TIMEOUT_MS = "RECSYS_STORE_TIMEOUT_MS"
+    MAX_K = "RECSYS_MAX_K"
+    QUANTIZE_TOWER = "RECSYS_QUANTIZE_TOWER"
+    FAISS_DEVICE = "RECSYS_FAISS_DEVICE"
+    MODEL_VERSION = "RECSYS_MODEL_VERSION"
+
+    ALL = (
+        REDIS_URL,
+        REDIS_PASSWORD,
+        SYSTEM_ID,
+        STORE_TIMEOUT_MS,
+        MAX_K,
+        QUANTIZE_TOWER,
+        FAISS_DEVICE,
+        MODEL_VERSION,
+    )
+
+
+class GatewayEnv:
+    """The gateway (`recsys gateway run`)."""
+
+    ADDRESS = "RECSYS_GATEWAY_ADDRESS"
+    """host:port to listen on when no flag gives them."""
+    PULSAR_TOKEN = "RECSYS_PULSAR_TOKEN"
+    """JWT for the broker the gateway sends impressions and clicks to."""
+
+
+class OperatorEnv:
+    """The operator process (`recsys operator run` / the chart's Deployment)."""
+
+    PROMETHEUS_URL = "RECSYS_PROMETHEUS_URL"
+    RESYNC_SECONDS = "RECSYS_RESYNC_SECONDS"
+    ROLLOUT_TICK_SECONDS = "RECSYS_ROLLOUT_TICK_SECONDS"
+    TOOLS_DIR = "RECSYS_TOOLS_DIR"

@@ -1,0 +1,45 @@
+"""Names and labels of the metrics every component exports, in one place.
+
+The gateway and the stream jobs export them; alert and recording rules, KEDA triggers,
+dashboards and the rollout analysis query them. All are `recsys_*`; per-version metrics
+carry `model_version` and `variant` (stable | canary) labels, and every metric a
+`system` label (`<namespace>.<name>`), so one Prometheus can watch many systems.
+Counter names end in `_total` as Prometheus exposes them (prometheus_client strips and
+re-adds the suffix). The model handler's metrics are declared in `handler_metrics`.
+"""
+
+# --- labels ---------------------------------------------------------------------------
+SYSTEM_LABEL = "system"
+MODEL_VERSION_LABEL = "model_version"
+VARIANT_LABEL = "variant"
+VERSION_LABELS = (SYSTEM_LABEL, MODEL_VERSION_LABEL, VARIANT_LABEL)
+"""Labels of every per-version gateway metric, in this order."""
+
+# --- gateway (histogram in seconds; counters) ------------------------------------------
+GATEWAY_LATENCY = "recsys_gateway_request_duration_seconds"
+GATEWAY_REQUESTS = "recsys_gateway_requests_total"  # + code
+IMPRESSIONS = "recsys_impressions_total"
+CLICKS = "recsys_clicks_total"
+GATEWAY_FALLBACKS = "recsys_gateway_fallbacks_total"  # + reason
+GATEWAY_EVENTS_SENT = "recsys_gateway_events_sent_total"  # system, stream
+GATEWAY_EVENTS_DROPPED = "recsys_gateway_events_dropped_total"  # system, reason
+GATEWAY_ROUTING_RELOADS = "recsys_gateway_routing_reloads_total"  # result
+
+# --- stream feature job -----------------------------------------------------------------
+FEATURES_EVENTS = "recsys_feature_events_total"  # type, outcome
+FEATURES_DEAD_LETTERED = "recsys_feature_dead_letters_total"  # reason
+FEATURES_BATCH_SECONDS = "recsys_feature_batch_seconds"
+FEATURES_BATCH_EVENTS = "recsys_feature_batch_events"
+FEATURES_FRESHNESS = "recsys_feature_freshness_seconds"
+FEATURES_STORE_ERRORS = "recsys_feature_store_errors_total"  # error
+FEATURES_UNKNOWN_ITEMS = "recsys_feature_unknown_items_total"  # model_version
+FEATURES_ITEM_EMBEDDINGS = "recsys_feature_item_embeddings"  # model_version
+FEATURES_BACKLOG = "recsys_feature_consumer_backlog"  # topic, subscription
+FEATURES_RESUBSCRIBES = "recsys_feature_resubscribes_total"
+FEATURES_LAST_BATCH = "recsys_feature_last_batch_timestamp_seconds"
+
+# --- operator ---------------------------------------------------------------------------
+OPERATOR_RECONCILES = "recsys_operator_reconciles_total"
+OPERATOR_RECONCILE_ERRORS = "recsys_operator_reconcile_errors_total"
+OPERATOR_RECONCILE_DURATION = "recsys_operator_reconcile_duration_seconds"
+OPERATOR_ROLLOUT_DECISIONS = "recsys_operator_rollout_decisions_total"  # reason
