@@ -110,7 +110,7 @@ async def test_every_reason_a_rollout_tick_emits_is_in_the_enums(branch: str) ->
 def test_every_reason_word_in_the_state_machine_is_in_the_enums() -> None:
     """A new branch of `tick` with a new reason fails here until the enum has it."""
     tree = ast.parse(Path(state_machine.__file__).read_text())
-    known = {"Health": set(ConditionReason), "Event": set(EventReason)}
+    known: dict[str, set[str]] = {"Health": set(ConditionReason), "Event": set(EventReason)}
     for call in ast.walk(tree):
         if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)):
             continue
