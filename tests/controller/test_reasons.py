@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -137,6 +138,19 @@ def test_the_controller_writes_no_reason_as_a_literal() -> None:
                 continue
             reason = call.args[position]
             assert not isinstance(reason, ast.Constant), f"{path.name}:{call.lineno}"
+
+
+def test_the_reasons_the_docs_list_are_the_ones_the_operator_writes() -> None:
+    """docs/concepts.md's table of conditions names only reasons of the enum, and all of them."""
+    text = (ROOT / "docs/concepts.md").read_text()
+    rows = [line for line in text.splitlines() if re.match(r"\| `[A-Za-z]+` \|", line)]
+    documented: set[str] = set()
+    for row in rows:
+        _type, true_when, otherwise = row.strip("|").split("|")[:3]
+        documented |= set(re.findall(r"`([A-Z][A-Za-z]+)`", true_when + otherwise))
+    assert documented <= set(ConditionReason), documented - set(ConditionReason)
+    # Valid is the ScalingPolicy's only reason, in the sentence under the table.
+    assert set(ConditionReason) - documented == {ConditionReason.VALID}
 
 
 # --- errors by type -------------------------------------------------------------------
