@@ -210,8 +210,40 @@ def _register_package_commands() -> None:
 _register_package_commands()
 
 
+# Modules that only some commands need, each from a distribution that only the extras
+# named here install (pyproject.toml's optional-dependencies; tests/test_images.py checks).
+OPTIONAL_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "torch": ("torch", ("serving",)),
+    "faiss": ("faiss-cpu", ("serving",)),
+    "ts": ("torchserve", ("serving",)),
+    "model_archiver": ("torch-model-archiver", ("serving",)),
+    "pulsar": ("pulsar-client", ("stream", "gateway")),
+    "redis": ("redis", ("stream", "serving")),
+    "matplotlib": ("matplotlib", ("demo",)),
+}
+
+
+def missing_extra_message(error: ModuleNotFoundError) -> str | None:
+    """What to install when a command imports an optional module this installation lacks."""
+    module = (error.name or "").partition(".")[0]
+    if module not in OPTIONAL_MODULES:
+        return None
+    distribution, extras = OPTIONAL_MODULES[module]
+    return (
+        f"this command needs {distribution} (module {module}), which is not installed; "
+        f"it comes with the extra {' or '.join(extras)}: pip install 'recsys-operator[{extras[0]}]'"
+    )
+
+
 def main() -> None:
-    app(prog_name="recsys")
+    try:
+        app(prog_name="recsys")
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc)
+        if message is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

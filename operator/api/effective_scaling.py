@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from recsys_contracts.field_issues import FieldIssue, InvalidResource
+from recsys_contracts.field_issues import FieldIssue
+from recsys_operator.api.errors import PolicyViolation
 from recsys_operator.api.recommender_system import RecommenderSystemSpec
 from recsys_operator.api.scaling_policy import ScaleRule, ScalingEngine, ScalingPolicySpec
 
@@ -41,7 +42,7 @@ class EffectiveScaling:
 def resolve_scaling(
     system: RecommenderSystemSpec, policy: ScalingPolicySpec, policy_name: str
 ) -> EffectiveScaling:
-    """The policy narrowed by `system.scaling`; raises InvalidResource naming every field that exceeds it."""
+    """The policy narrowed by `system.scaling`; raises PolicyViolation naming every field that exceeds it."""
     issues: list[FieldIssue] = []
     ov = system.scaling
     pol = policy.serving
@@ -96,7 +97,7 @@ def resolve_scaling(
             )
         )
     if issues:
-        raise InvalidResource(f"spec against {quoted}", issues)
+        raise PolicyViolation(f"spec against {quoted}", issues)
 
     return EffectiveScaling(
         policy_name=policy_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from recsys_operator.api.reasons import ConditionReason
 from recsys_operator.api.status import Condition, ConditionStatus, ConditionType
 
 
@@ -57,7 +58,7 @@ def summarize_ready(parts: list[Condition], generation: int) -> Condition:
         return condition(
             ConditionType.READY,
             True,
-            "AllComponentsReady",
+            ConditionReason.ALL_COMPONENTS_READY,
             "topics, features and serving are ready",
             generation,
         )

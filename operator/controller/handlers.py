@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from recsys_contracts.env_vars import OperatorEnv
 from recsys_contracts.field_issues import issues_from_validation_error
 from recsys_operator.api.base import GROUP, VERSION
+from recsys_operator.api.reasons import ConditionReason, EventReason
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.api.status import ConditionType
 from recsys_operator.controller import metrics
@@ -96,10 +97,9 @@ async def stop(**_: Any) -> None:
 
 def _discover_options(kube: KubeClient) -> RenderOptions:
     """Which optional APIs the cluster serves (KEDA, Prometheus Operator)."""
-    served = set()
+    served: set[str] = set()
     try:
-        groups = kube._call("GET", "/apis") or {}
-        served = {g.get("name") for g in groups.get("groups", [])}
+        served = kube.served_api_groups()
     except Exception as exc:  # discovery is best effort; the defaults are safe
         log.warning("API discovery failed (%s); assuming no KEDA and no Prometheus Operator", exc)
     return RenderOptions(
@@ -162,9 +162,9 @@ async def reconcile_and_record(namespace: str, name: str, trigger: str) -> Outco
         if outcome.status != old:
             await write_status("RecommenderSystem", namespace, name, outcome.status)
         for change in outcome.changes:
-            post_event(body, "Applied", change)
+            post_event(body, EventReason.APPLIED, change)
         for warning in outcome.warnings:
-            post_event(body, "ReconcileFailed", warning, warning=True)
+            post_event(body, EventReason.RECONCILE_FAILED, warning, warning=True)
         return outcome
 
 
@@ -210,7 +210,9 @@ async def delete_system(body: kopf.Body, namespace: str | None, **_: Any) -> Non
     try:
         system = parse_system(dict(body))
     except Exception as exc:  # an invalid spec created no topics under its name
-        post_event(dict(body), "TopicsKept", f"spec invalid ({exc}); nothing to clean up")
+        post_event(
+            dict(body), EventReason.TOPICS_KEPT, f"spec invalid ({exc}); nothing to clean up"
+        )
         return
     plan = topic_plan(system)
     assert namespace is not None
@@ -223,7 +225,7 @@ async def _delete_topics(body: kopf.Body, system: RecommenderSystem, plan: Topic
     if system.spec.events.deletion_policy != "Delete":
         post_event(
             dict(body),
-            "TopicsKept",
+            EventReason.TOPICS_KEPT,
             f"deletionPolicy Keep: topics of {plan.tenant}/{plan.namespace} kept",
         )
         return
@@ -234,7 +236,9 @@ async def _delete_topics(body: kopf.Body, system: RecommenderSystem, plan: Topic
     except (PulsarAdminError, SecretNotFound) as exc:
         raise kopf.TemporaryError(f"could not delete topics: {exc}", delay=30) from exc
     post_event(
-        dict(body), "TopicsDeleted", f"deleted {', '.join(deleted) or 'nothing (already gone)'}"
+        dict(body),
+        EventReason.TOPICS_DELETED,
+        f"deleted {', '.join(deleted) or 'nothing (already gone)'}",
     )
 
 
@@ -292,10 +296,14 @@ async def reconcile_policy(body: kopf.Body, namespace: str | None, name: str, **
         ScalingPolicy.model_validate(
             {"metadata": {"name": name}, "spec": dict(body.get("spec") or {})}
         )
-        ready = condition(ConditionType.READY, True, "Valid", "policy is valid", generation)
+        ready = condition(
+            ConditionType.READY, True, ConditionReason.VALID, "policy is valid", generation
+        )
     except ValidationError as exc:
         summary = "; ".join(str(i) for i in issues_from_validation_error(exc, "spec"))
-        ready = condition(ConditionType.READY, False, "InvalidSpec", summary, generation)
+        ready = condition(
+            ConditionType.READY, False, ConditionReason.INVALID_SPEC, summary, generation
+        )
     old = dict(body.get("status") or {})
     status = {
         "observedGeneration": generation,

@@ -123,6 +123,11 @@ class KubeClient:
             raise ApiException(status=response.status, reason=response.reason, body=data)
         return json.loads(data) if data else None
 
+    def served_api_groups(self) -> set[str]:
+        """The names of the API groups the cluster serves (discovery: GET /apis)."""
+        groups = self._call("GET", "/apis") or {}
+        return {str(g.get("name")) for g in groups.get("groups", [])}
+
     def get(
         self, api_version: str, kind: str, namespace: str | None, name: str
     ) -> dict[str, Any] | None:

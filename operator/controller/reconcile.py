@@ -21,6 +21,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from recsys_contracts.field_issues import FieldIssue, InvalidResource, issues_from_validation_error
+from recsys_operator.api.errors import InvalidPolicy, InvalidSpec, PolicyViolation
+from recsys_operator.api.reasons import ConditionReason
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.api.status import Condition, ConditionStatus, ConditionType
 from recsys_operator.controller.conditions import condition, merge_conditions, summarize_ready
@@ -72,18 +74,12 @@ def parse_system(body: dict[str, Any]) -> RecommenderSystem:
     try:
         return RecommenderSystem.model_validate(clean)
     except ValidationError as exc:
-        raise InvalidResource("spec", issues_from_validation_error(exc)) from None
+        raise InvalidSpec("spec", issues_from_validation_error(exc)) from None
 
 
 def children_selector(system: RecommenderSystem) -> str:
     """The label selector of every object this operator applies for `system`."""
     return f"{INSTANCE_LABEL}={system.metadata.name},app.kubernetes.io/managed-by={MANAGED_BY}"
-
-
-# Reasons for which the reconcile applies nothing (see `blocked` in `reconcile`).
-BLOCKING_REASONS = frozenset(
-    {"InvalidSpec", "ScalingPolicyNotFound", "ScalingPolicyInvalid", "PolicyViolation"}
-)
 
 
 def deployment_readiness(live: dict[str, Any] | None) -> tuple[bool, str]:
@@ -120,7 +116,7 @@ class Reconciler:
     # --- steps --------------------------------------------------------------------
 
     def _policy(self, system: RecommenderSystem) -> ScalingPolicy | None:
-        """The referenced policy (None when absent); raises InvalidResource when it is invalid."""
+        """The referenced policy (None when absent); raises InvalidPolicy when it is invalid."""
         ref = system.spec.scaling_policy_ref
         if ref is None:
             return None
@@ -135,7 +131,7 @@ class Reconciler:
             )
         except ValidationError as exc:
             issues = issues_from_validation_error(exc, "spec")
-            raise InvalidResource(
+            raise InvalidPolicy(
                 f'ScalingPolicy "{ref.name}"',
                 [
                     FieldIssue(
@@ -170,16 +166,21 @@ class Reconciler:
                 changes = await admin.ensure_plan(plan)
         except SecretNotFound as exc:
             return condition(
-                ConditionType.TOPICS_READY, False, "PulsarSecretNotFound", str(exc), generation
+                ConditionType.TOPICS_READY,
+                False,
+                ConditionReason.PULSAR_SECRET_NOT_FOUND,
+                str(exc),
+                generation,
             ), []
         except PulsarAdminError as exc:
-            reason = {401: "PulsarUnauthorized", 403: "PulsarForbidden"}.get(
-                exc.status or 0, "PulsarAdminFailed"
-            )
+            reason = {
+                401: ConditionReason.PULSAR_UNAUTHORIZED,
+                403: ConditionReason.PULSAR_FORBIDDEN,
+            }.get(exc.status or 0, ConditionReason.PULSAR_ADMIN_FAILED)
             return condition(ConditionType.TOPICS_READY, False, reason, str(exc), generation), []
         names = ", ".join(plan.topic_url(t) for t in plan.topics)
         return condition(
-            ConditionType.TOPICS_READY, True, "TopicsReady", names, generation
+            ConditionType.TOPICS_READY, True, ConditionReason.TOPICS_READY, names, generation
         ), changes
 
     def _apply(
@@ -228,7 +229,7 @@ class Reconciler:
             )
             return status
 
-        def blocked(reason: str, message: str) -> Outcome:
+        def blocked(reason: ConditionReason, message: str) -> Outcome:
             parts = [
                 condition(t, False, reason, message, generation)
                 for t in (
@@ -243,31 +244,25 @@ class Reconciler:
         try:
             system = parse_system(body)
         except InvalidResource as exc:
-            return blocked("InvalidSpec", exc.summary)
+            return blocked(ConditionReason.INVALID_SPEC, exc.summary)
 
         # 2. The ScalingPolicy and 3. the desired objects (render checks the policy bounds).
         try:
             policy = await asyncio.to_thread(self._policy, system)
-        except InvalidResource as exc:
-            return blocked("ScalingPolicyInvalid", exc.summary)
+        except InvalidPolicy as exc:
+            return blocked(ConditionReason.SCALING_POLICY_INVALID, exc.summary)
         ref = system.spec.scaling_policy_ref
         if ref is not None and policy is None:
             return blocked(
-                "ScalingPolicyNotFound",
+                ConditionReason.SCALING_POLICY_NOT_FOUND,
                 f'ScalingPolicy "{ref.name}" not found in namespace {system.metadata.namespace}',
             )
         try:
             objects = render_system(system, policy, self.options)
-        except InvalidResource as exc:
-            reason = (
-                "PolicyViolation"
-                if any(
-                    i.path.startswith("spec.scaling") or "ScalingPolicy" in i.message
-                    for i in exc.issues
-                )
-                else "InvalidSpec"
-            )
-            return blocked(reason, exc.summary)
+        except PolicyViolation as exc:
+            return blocked(ConditionReason.POLICY_VIOLATION, exc.summary)
+        except InvalidResource as exc:  # InvalidSpec: e.g. an archive URI a cluster cannot fetch
+            return blocked(ConditionReason.INVALID_SPEC, exc.summary)
 
         # 4. Pulsar topics; a failure is reported but does not hold back the children.
         topics, topic_changes = await self._ensure_topics(system, generation)
@@ -290,7 +285,11 @@ class Reconciler:
         features = condition(
             ConditionType.FEATURES_READY,
             features_ok,
-            "DeploymentAvailable" if features_ok else "DeploymentNotReady",
+            (
+                ConditionReason.DEPLOYMENT_AVAILABLE
+                if features_ok
+                else ConditionReason.DEPLOYMENT_NOT_READY
+            ),
             f"stream job: {features_msg}",
             generation,
         )
@@ -305,7 +304,11 @@ class Reconciler:
         serving = condition(
             ConditionType.SERVING_READY,
             serving_ok,
-            "DeploymentAvailable" if serving_ok else "DeploymentNotReady",
+            (
+                ConditionReason.DEPLOYMENT_AVAILABLE
+                if serving_ok
+                else ConditionReason.DEPLOYMENT_NOT_READY
+            ),
             "; ".join(f"{label}: {msg}" for label, _, msg in states),
             generation,
         )

@@ -11,10 +11,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from recsys_contracts.field_issues import InvalidResource
+from recsys_operator.api.reasons import BLOCKING_REASONS
 from recsys_operator.api.resources import RecommenderSystem
-from recsys_operator.api.status import ConditionType
+from recsys_operator.api.status import ConditionStatus, ConditionType
 from recsys_operator.controller.conditions import condition, merge_conditions
-from recsys_operator.controller.reconcile import BLOCKING_REASONS, parse_system
+from recsys_operator.controller.reconcile import parse_system
 from recsys_operator.render.naming import system_id
 from recsys_operator.rollout.prometheus_source import PrometheusSource
 from recsys_operator.rollout.state_machine import AnalysisSource, RolloutState, Transition, tick
@@ -27,8 +28,8 @@ def blocking_reason(body: dict[str, Any]) -> str | None:
     that moved on would change status while the routing (a child) stays where it was."""
     for cond in (body.get("status") or {}).get("conditions") or []:
         if (
-            cond.get("type") == "ServingReady"
-            and cond.get("status") == "False"
+            cond.get("type") == ConditionType.SERVING_READY
+            and cond.get("status") == ConditionStatus.FALSE
             and cond.get("reason") in BLOCKING_REASONS
         ):
             return str(cond["reason"])

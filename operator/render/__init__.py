@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from recsys_contracts.field_issues import FieldIssue, InvalidResource
+from recsys_contracts.field_issues import FieldIssue
 from recsys_operator.api.effective_scaling import EffectiveScaling, resolve_scaling
+from recsys_operator.api.errors import InvalidSpec, PolicyViolation
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.render.autoscaling import (
     DEFAULT_PROMETHEUS_URL,
@@ -74,7 +75,7 @@ def effective_scaling(
     if ref is None:
         return None
     if policy is None or policy.metadata.name != ref.name:
-        raise InvalidResource(
+        raise PolicyViolation(
             f'ScalingPolicy "{ref.name}"',
             [
                 FieldIssue(
@@ -108,13 +109,13 @@ def render_system(
 ) -> list[dict[str, Any]]:
     """Every Kubernetes object of one RecommenderSystem, in apply order.
 
-    Raises InvalidResource (with field paths) when the spec cannot be rendered:
-    a missing or exceeded ScalingPolicy, an archive URI a cluster cannot fetch.
+    Raises PolicyViolation for a missing or exceeded ScalingPolicy and InvalidSpec for
+    an archive URI a cluster cannot fetch (both InvalidResource, with field paths).
     """
     options = options or RenderOptions()
     scaling = effective_scaling(system, policy)
     if scaling is not None and scaling.engine == "keda" and not options.keda:
-        raise InvalidResource(
+        raise PolicyViolation(
             "autoscaling",
             [
                 FieldIssue(
@@ -148,9 +149,7 @@ def render_system(
                 replicas = _canary_replicas(system, plan.canary_weight)
             deployment = build_serving_deployment(system, track, version, configmap, replicas)
         except UnsupportedArchiveUri as exc:
-            raise InvalidResource(
-                "serving", [FieldIssue("spec.model.archiveUri", str(exc))]
-            ) from None
+            raise InvalidSpec("serving", [FieldIssue("spec.model.archiveUri", str(exc))]) from None
         objects += [configmap, build_serving_service(system, track, version), deployment]
     objects.append(build_gateway_service(system))
     objects.append(

@@ -7,8 +7,8 @@ from typing import Any
 from recsys_contracts.api_base import parse_duration
 from recsys_contracts.feature_job_settings import env_name
 from recsys_operator.api.resources import RecommenderSystem
+from recsys_operator.render.deployment import build_deployment
 from recsys_operator.render.naming import (
-    CONFIG_HASH_ANNOTATION,
     FEATURES_SUBSCRIPTION,
     TOPIC_NAMES,
     Component,
@@ -23,7 +23,6 @@ from recsys_operator.render.naming import (
 from recsys_operator.render.pods import (
     METRICS_PORT,
     container_resources,
-    pod_security_context,
     pulsar_token_env,
     redis_password_env,
     restricted_security_context,
@@ -106,29 +105,11 @@ def build_feature_job_deployment(
         },
         "securityContext": restricted_security_context(),
     }
-    spec: dict[str, Any] = {
-        "selector": {"matchLabels": labels},
-        "strategy": {
-            "type": "RollingUpdate",
-            "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
-        },
-        "template": {
-            "metadata": {
-                "labels": metadata(system, "", Component.FEATURES)["labels"],
-                "annotations": {CONFIG_HASH_ANNOTATION: config_hash(env, container["image"])},
-            },
-            "spec": {
-                "terminationGracePeriodSeconds": FEATURES_GRACE_SECONDS,
-                "containers": [container],
-                "securityContext": pod_security_context(),
-            },
-        },
-    }
-    if replicas is not None:
-        spec["replicas"] = replicas
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(system, child_name(system, "features"), Component.FEATURES),
-        "spec": spec,
-    }
+    return build_deployment(
+        metadata(system, child_name(system, "features"), Component.FEATURES),
+        selector=labels,
+        pod_labels=metadata(system, "", Component.FEATURES)["labels"],
+        config_hash=config_hash(env, container["image"]),
+        pod={"terminationGracePeriodSeconds": FEATURES_GRACE_SECONDS, "containers": [container]},
+        replicas=replicas,
+    )

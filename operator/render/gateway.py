@@ -16,8 +16,8 @@ from typing import Any
 from recsys_contracts.env_vars import GatewayEnv
 from recsys_contracts.routing import ROUTING_KEY, Endpoint, Routing
 from recsys_operator.api.resources import RecommenderSystem
+from recsys_operator.render.deployment import build_deployment
 from recsys_operator.render.naming import (
-    CONFIG_HASH_ANNOTATION,
     TOPIC_NAMES,
     Component,
     Track,
@@ -32,7 +32,6 @@ from recsys_operator.render.naming import (
 )
 from recsys_operator.render.pods import (
     container_resources,
-    pod_security_context,
     pulsar_token_env,
     restricted_security_context,
 )
@@ -168,36 +167,21 @@ def build_gateway_deployment(
         },
         "securityContext": restricted_security_context(),
     }
-    spec: dict[str, Any] = {
-        "selector": {"matchLabels": selector_labels(system, Component.GATEWAY)},
-        "strategy": {
-            "type": "RollingUpdate",
-            "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    return build_deployment(
+        metadata(system, child_name(system, "gateway"), Component.GATEWAY),
+        selector=selector_labels(system, Component.GATEWAY),
+        pod_labels=metadata(system, "", Component.GATEWAY)["labels"],
+        # Routing changes (weights) reach the pods through their watch of the
+        # ConfigMap, without a restart; only the rest of the pod spec rolls them.
+        config_hash=config_hash(container),
+        pod={
+            "serviceAccountName": service_account["metadata"]["name"],
+            # The token is how the gateway watches its routing ConfigMap.
+            "automountServiceAccountToken": True,
+            "containers": [container],
         },
-        "template": {
-            "metadata": {
-                "labels": metadata(system, "", Component.GATEWAY)["labels"],
-                # Routing changes (weights) reach the pods through their watch of the
-                # ConfigMap, without a restart; only the rest of the pod spec rolls them.
-                "annotations": {CONFIG_HASH_ANNOTATION: config_hash(container)},
-            },
-            "spec": {
-                "serviceAccountName": service_account["metadata"]["name"],
-                # The token is how the gateway watches its routing ConfigMap.
-                "automountServiceAccountToken": True,
-                "containers": [container],
-                "securityContext": pod_security_context(),
-            },
-        },
-    }
-    if replicas is not None:
-        spec["replicas"] = replicas
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(system, child_name(system, "gateway"), Component.GATEWAY),
-        "spec": spec,
-    }
+        replicas=replicas,
+    )
 
 
 def build_gateway_service(system: RecommenderSystem) -> dict[str, Any]:

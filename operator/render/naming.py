@@ -100,7 +100,8 @@ def default_image(component: str, *, gpu: bool = False) -> str:
     """The image of this operator's own version for a component.
 
     Serving runs the model-server image (TorchServe + handler); the stream job and
-    the gateway share the stream-jobs image.
+    the gateway share the stream-jobs image. Each is a target of the repository's
+    Dockerfile of the same name (`model-server-gpu` for the gpu tag).
     """
     name = "model-server" if component == Component.SERVING else "stream-jobs"
     tag = f"{__version__}-gpu" if gpu else __version__

@@ -14,8 +14,8 @@ from recsys_contracts.archive_layout import mar_file_name
 from recsys_contracts.env_vars import ModelServerEnv
 from recsys_operator.api.recommender_system import GPU_RESOURCE
 from recsys_operator.api.resources import RecommenderSystem
+from recsys_operator.render.deployment import build_deployment
 from recsys_operator.render.naming import (
-    CONFIG_HASH_ANNOTATION,
     Component,
     Track,
     config_hash,
@@ -27,7 +27,6 @@ from recsys_operator.render.naming import (
 )
 from recsys_operator.render.pods import (
     container_resources,
-    pod_security_context,
     redis_password_env,
     restricted_security_context,
 )
@@ -229,7 +228,7 @@ def build_serving_deployment(
         ],
         "securityContext": restricted_security_context(),
     }
-    pod_spec: dict[str, Any] = {
+    pod = {
         "initContainers": [fetch],
         "containers": [container],
         "volumes": [
@@ -238,37 +237,24 @@ def build_serving_deployment(
             *extra_volumes,
         ],
         "terminationGracePeriodSeconds": 30,
-        "securityContext": pod_security_context(),
     }
+    placement: dict[str, Any] = {}
     if serving.node_selector:
-        pod_spec["nodeSelector"] = dict(serving.node_selector)
+        placement["nodeSelector"] = dict(serving.node_selector)
     tolerations = [t.to_wire() for t in serving.tolerations]
     if gpus > 0 and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
         tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
     if tolerations:
-        pod_spec["tolerations"] = tolerations
-    spec: dict[str, Any] = {
-        "selector": {"matchLabels": selector_labels(system, Component.SERVING, track)},
-        "strategy": {
-            "type": "RollingUpdate",
-            "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
-        },
-        "template": {
-            "metadata": {
-                "labels": _track_meta(system, track, version)["labels"],
-                "annotations": {CONFIG_HASH_ANNOTATION: config_hash(configmap["data"])},
-            },
-            "spec": pod_spec,
-        },
-    }
-    if replicas is not None:
-        spec["replicas"] = replicas
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _track_meta(system, track, version),
-        "spec": spec,
-    }
+        placement["tolerations"] = tolerations
+    return build_deployment(
+        _track_meta(system, track, version),
+        selector=selector_labels(system, Component.SERVING, track),
+        pod_labels=_track_meta(system, track, version)["labels"],
+        config_hash=config_hash(configmap["data"]),
+        pod=pod,
+        replicas=replicas,
+        placement=placement,
+    )
 
 
 def build_serving_service(system: RecommenderSystem, track: str, version: str) -> dict[str, Any]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from lupa.lua51 import LuaRuntime  # Argo CD runs gopher-lua, a Lua 5.1
+
+from recsys_operator.api.reasons import PERMANENT_REASONS, ConditionReason
 
 SCRIPT = (
     Path(__file__).resolve().parents[2]
@@ -126,3 +129,19 @@ def test_health(name: str, obj: dict[str, Any], status: str, phrase: str) -> Non
     got_status, message = health(obj)
     assert got_status == status
     assert phrase in message
+
+
+def test_the_permanent_reasons_are_those_of_the_reason_enum() -> None:
+    """The script's table lists exactly PERMANENT_REASONS, each a reason the operator writes."""
+    table = re.search(r"local permanent = \{(.*?)\}", SCRIPT, re.DOTALL)
+    assert table is not None
+    listed = set(re.findall(r"(\w+) = true", table.group(1)))
+    assert listed <= {r.value for r in ConditionReason}, listed - set(ConditionReason)
+    assert listed == {r.value for r in PERMANENT_REASONS}
+
+
+@pytest.mark.parametrize("reason", list(ConditionReason))
+def test_a_false_ready_is_degraded_exactly_for_permanent_reasons(reason: ConditionReason) -> None:
+    status, message = health(resource([cond("Ready", "False", reason.value, "why")]))
+    assert status == ("Degraded" if reason in PERMANENT_REASONS else "Progressing")
+    assert message == f"{reason.value}: why"

@@ -1,0 +1,83 @@
+"""Every reason the operator writes: condition reasons and Kubernetes Event reasons.
+
+One place, as KEDA keeps its `eventreason` constants, so that dashboards, alerts
+and the Argo CD health script (charts/recsys-operator/argocd/, tested against
+`PERMANENT_REASONS`) can rely on a closed set of CamelCase words.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ConditionReason(StrEnum):
+    """The `reason` of a status condition (`status.conditions[].reason`)."""
+
+    # Ready (a summary: otherwise the first failing part's reason).
+    ALL_COMPONENTS_READY = "AllComponentsReady"
+    # Blocking: nothing is applied (see BLOCKING_REASONS).
+    INVALID_SPEC = "InvalidSpec"
+    SCALING_POLICY_NOT_FOUND = "ScalingPolicyNotFound"
+    SCALING_POLICY_INVALID = "ScalingPolicyInvalid"
+    POLICY_VIOLATION = "PolicyViolation"
+    # TopicsReady.
+    TOPICS_READY = "TopicsReady"
+    PULSAR_SECRET_NOT_FOUND = "PulsarSecretNotFound"
+    PULSAR_UNAUTHORIZED = "PulsarUnauthorized"
+    PULSAR_FORBIDDEN = "PulsarForbidden"
+    PULSAR_ADMIN_FAILED = "PulsarAdminFailed"
+    # FeaturesReady and ServingReady.
+    DEPLOYMENT_AVAILABLE = "DeploymentAvailable"
+    DEPLOYMENT_NOT_READY = "DeploymentNotReady"
+    # A ScalingPolicy's Ready.
+    VALID = "Valid"
+    # RolloutHealthy (the rollout state machine's Health).
+    STABLE = "Stable"
+    PROGRESSING = "Progressing"
+    PAUSED = "Paused"
+    PROMOTED = "Promoted"
+    ABORTED = "Aborted"
+    ROLLED_BACK = "RolledBack"
+    PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
+    ANALYSIS_FAILED = "AnalysisFailed"
+
+
+class EventReason(StrEnum):
+    """The `reason` of a Kubernetes Event the operator posts on a resource."""
+
+    APPLIED = "Applied"
+    RECONCILE_FAILED = "ReconcileFailed"
+    TOPICS_KEPT = "TopicsKept"
+    TOPICS_DELETED = "TopicsDeleted"
+    # Rollout decisions (also the `reason` label of the rollout-decisions metric).
+    ROLLOUT_STARTED = "RolloutStarted"
+    ROLLOUT_ADVANCED = "RolloutAdvanced"
+    ROLLOUT_PROMOTED = "RolloutPromoted"
+    ROLLOUT_ABORTED = "RolloutAborted"
+    ROLLED_BACK = "RolledBack"
+    ANALYSIS_FAILED = "AnalysisFailed"
+    ANALYSIS_INCONCLUSIVE = "AnalysisInconclusive"  # f"Analysis{decision}" in the state machine
+    ANALYSIS_WAIT = "AnalysisWait"
+
+
+# Reasons for which the reconcile applies nothing, so a rollout must not move traffic.
+BLOCKING_REASONS = frozenset(
+    {
+        ConditionReason.INVALID_SPEC,
+        ConditionReason.SCALING_POLICY_NOT_FOUND,
+        ConditionReason.SCALING_POLICY_INVALID,
+        ConditionReason.POLICY_VIOLATION,
+    }
+)
+
+# A False Ready with one of these is a problem that waiting will not fix: Argo CD shows
+# the system Degraded rather than Progressing (the health script lists the same words).
+PERMANENT_REASONS = frozenset(
+    {
+        ConditionReason.INVALID_SPEC,
+        ConditionReason.SCALING_POLICY_NOT_FOUND,
+        ConditionReason.POLICY_VIOLATION,
+        ConditionReason.PULSAR_UNAUTHORIZED,
+        ConditionReason.PULSAR_FORBIDDEN,
+    }
+)
