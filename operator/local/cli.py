@@ -193,7 +193,7 @@ def _start_supervisor(folder: RunFolder, args: list[str]) -> None:
 
 
 def _wait_until_up(folder: RunFolder) -> None:
-    from recsys_operator.local.process import log_tail
+    from recsys_operator.launchers.process import log_tail
 
     deadline = time.monotonic() + UP_TIMEOUT_S
     shown: set[str] = set()

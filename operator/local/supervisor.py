@@ -37,10 +37,10 @@ from recsys_operator.local.desired_state import (
     plain_env,
     read_manifest,
 )
-from recsys_operator.local.process import LOOPBACK, ManagedProcess, ProcessFailed, free_port
-from recsys_operator.local.prometheus import prometheus_process, prometheus_url
-from recsys_operator.local.pulsar_broker import broker_process, service_url
-from recsys_operator.local.redis_server import redis_process, redis_url
+from recsys_operator.launchers.process import LOOPBACK, ManagedProcess, ProcessFailed, free_port
+from recsys_operator.launchers.prometheus import prometheus_process, prometheus_url
+from recsys_operator.launchers.pulsar_broker import broker_process, service_url
+from recsys_operator.launchers.redis_server import redis_process, redis_url
 from recsys_operator.local.run_folder import (
     RunFolder,
     process_start_time,
