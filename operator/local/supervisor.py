@@ -30,6 +30,10 @@ from typing import Any
 
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.api.status import RolloutOutcome
+from recsys_operator.launchers.process import LOOPBACK, ManagedProcess, ProcessFailed, free_port
+from recsys_operator.launchers.prometheus import prometheus_process, prometheus_url
+from recsys_operator.launchers.pulsar_broker import broker_process, service_url
+from recsys_operator.launchers.redis_server import redis_process, redis_url
 from recsys_operator.local.desired_state import (
     ManifestError,
     localize,
@@ -37,10 +41,6 @@ from recsys_operator.local.desired_state import (
     plain_env,
     read_manifest,
 )
-from recsys_operator.launchers.process import LOOPBACK, ManagedProcess, ProcessFailed, free_port
-from recsys_operator.launchers.prometheus import prometheus_process, prometheus_url
-from recsys_operator.launchers.pulsar_broker import broker_process, service_url
-from recsys_operator.launchers.redis_server import redis_process, redis_url
 from recsys_operator.local.run_folder import (
     RunFolder,
     process_start_time,

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from recsys_operator.api.resources import RecommenderSystem
+from recsys_operator.launchers.torchserve import LocalTorchServe, torchserve_server
 from recsys_operator.local.desired_state import plain_env
 from recsys_operator.local.run_folder import RunFolder, write_json_atomic
-from recsys_operator.launchers.torchserve import LocalTorchServe, torchserve_server
 from recsys_operator.render.gateway import gateway_routing
 from recsys_operator.render.serving import model_server_env
 from recsys_operator.render.traffic import TrafficPlan
