@@ -7,7 +7,7 @@ Deployment are rendered from it by the next reconcile, which runs right after.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from recsys_contracts.field_issues import InvalidResource

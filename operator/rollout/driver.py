@@ -12,8 +12,8 @@ metrics provider:
 - a `MetricsSource` gives the analysis of a canary against stable (Prometheus in both).
 
 Each tick: prepare the canary's server if the rollout will need it, decide with the
-state machine (`state_machine.tick`, unchanged), hand the transition to the caller to
-record, then, if the rollout state changed, route traffic by the new plan.
+state machine (`state_machine.tick`), hand the transition to the caller to record,
+then, if the rollout state changed, route traffic by the new plan.
 """
 
 from __future__ import annotations
@@ -126,17 +126,33 @@ class RolloutDriver:
         action: str | None = None,
         now: datetime | None = None,
     ) -> Transition | None:
-        """One tick of `system`'s rollout from `state`, with a person's `action` if any.
+        """One tick: `prepare`, then `decide`. None: the canary could not be prepared,
+        nothing was decided."""
+        if not await self.prepare(system, state):
+            return None
+        return await self.decide(system, state, record=record, action=action, now=now)
+
+    async def prepare(self, system: RecommenderSystem, state: RolloutState) -> bool:
+        """Make the version this tick may give traffic ready to take it."""
+        version = version_to_prepare(system.spec.model.version, state)
+        return version is None or await self.router.prepare(system, version)
+
+    async def decide(
+        self,
+        system: RecommenderSystem,
+        state: RolloutState,
+        *,
+        record: Callable[[Transition], None] | None = None,
+        action: str | None = None,
+        now: datetime | None = None,
+    ) -> Transition:
+        """Decide with the state machine, have the transition recorded, then route.
 
         `record` stores the transition before traffic moves (a router that moves traffic
         by the stored state, as the cluster's does, needs none: its caller stores the
-        result). None: the canary could not be prepared; nothing was decided."""
-        desired = system.spec.model.version
-        version = version_to_prepare(desired, state)
-        if version is not None and not await self.router.prepare(system, version):
-            return None
+        result)."""
         transition = await tick(
-            desired,
+            system.spec.model.version,
             system.spec.rollout,
             state,
             now or datetime.now(UTC),
