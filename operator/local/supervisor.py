@@ -61,12 +61,12 @@ class LocalSystem:
     def __post_init__(self) -> None:
         self.report = Report(self.folder)
         record = self.report.record
+        self.targets = ScrapeTargets(self.folder)
         self.servers = ModelServers(self.folder, on_change=self._servers_changed)
         self.parts = Parts(self.folder, self.servers, record, on_change=self.write_state)
         self.router = LocalRouter(
             self.folder.routing, self.servers, record, on_routed=self.write_state
         )
-        self.targets = ScrapeTargets(self.folder)
 
     def _servers_changed(self) -> None:
         self.targets.write_model_servers(self.servers)
