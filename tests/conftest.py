@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from recsys_operator.local.process import ManagedProcess
-from recsys_operator.local.pulsar_broker import broker_process
-from recsys_operator.local.redis_server import redis_process
+from recsys_operator.launchers.process import ManagedProcess
+from recsys_operator.launchers.pulsar_broker import broker_process
+from recsys_operator.launchers.redis_server import redis_process
 from recsys_operator.tools import ToolNotFound
 
 pytest_plugins = ["kubemock.fixtures"]  # the Kubernetes and Pulsar admin emulators

@@ -1,5 +1,5 @@
-"""Driving rollouts in a cluster: the state machine with Prometheus as its metrics source
-and the resource's status as its memory.
+"""Driving rollouts in a cluster: the rollout driver (`rollout/driver.py`) with
+Prometheus as its metrics source and the resource's status as its memory.
 
 Traffic moves by writing status: the gateway's routing ConfigMap and the canary
 Deployment are rendered from it by the next reconcile, which runs right after.
@@ -7,7 +7,7 @@ Deployment are rendered from it by the next reconcile, which runs right after.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from recsys_contracts.field_issues import InvalidResource
@@ -16,11 +16,29 @@ from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.api.status import ConditionStatus, ConditionType
 from recsys_operator.controller.conditions import condition, merge_conditions
 from recsys_operator.controller.reconcile import parse_system
-from recsys_operator.render.naming import system_id
-from recsys_operator.rollout.prometheus_source import PrometheusSource
-from recsys_operator.rollout.state_machine import AnalysisSource, RolloutState, Transition, tick
+from recsys_operator.render.traffic import TrafficPlan
+from recsys_operator.rollout.driver import (
+    FixedAnalysis,
+    MetricsSource,
+    PrometheusMetrics,
+    RolloutDriver,
+    manual_action,
+)
+from recsys_operator.rollout.state_machine import AnalysisSource, RolloutState, Transition
 
 ACTION_ANNOTATION = "recsys.dev/rollout-action"
+
+
+class RenderedRouting:
+    """The cluster's traffic router. The canary Deployment and the routing ConfigMap are
+    children rendered from status, so both follow the status patch the Kopf timer writes
+    and the reconcile it runs right after: nothing is left to do here."""
+
+    async def prepare(self, system: RecommenderSystem, version: str) -> bool:
+        return True  # the reconcile after the status write renders the canary Deployment
+
+    async def set_routes(self, system: RecommenderSystem, plan: TrafficPlan) -> None:
+        return None
 
 
 def blocking_reason(body: dict[str, Any]) -> str | None:
@@ -87,19 +105,12 @@ async def rollout_tick(
         return None, None  # the reconcile reports invalid specs
     state = rollout_state(system)
     action = (body.get("metadata", {}).get("annotations") or {}).get(ACTION_ANNOTATION)
-    source = source or PrometheusSource(
-        prometheus_url,
-        system_id(system),
-        state.stable_version,
-        system.spec.rollout.analysis,
+    metrics: MetricsSource = (
+        FixedAnalysis(source) if source is not None else PrometheusMetrics(prometheus_url)
     )
-    transition = await tick(
-        system.spec.model.version,
-        system.spec.rollout,
-        state,
-        now or datetime.now(UTC),
-        source,
-        action,
+    transition = await RolloutDriver(RenderedRouting(), metrics).step(
+        system, state, action=manual_action(action), now=now
     )
+    assert transition is not None  # RenderedRouting is always prepared
     patch = status_patch(system, body, transition)
     return (patch if changed(body.get("status") or {}, patch) else None), transition

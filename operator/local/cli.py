@@ -118,17 +118,14 @@ def up(
         write_manifest,
     )
     from recsys_operator.local.model_source import ModelSourceError, prepare_model
+    from recsys_operator.render.naming import system_id
 
     try:
         body = load_system_manifest(filename)
         system = parse_system(body)
     except ManifestError as exc:
         raise fail(f"the manifest cannot run:\n{exc}") from None
-    meta = system.metadata
-    if run_dir is not None:
-        folder = RunFolder(run_dir)
-    else:
-        folder = RunFolder.for_system(f"{meta.namespace}.{meta.name}")
+    folder = RunFolder(run_dir) if run_dir is not None else RunFolder.for_system(system_id(system))
     model = system.spec.model
     try:
         prepared = prepare_model(
@@ -193,7 +190,7 @@ def _start_supervisor(folder: RunFolder, args: list[str]) -> None:
 
 
 def _wait_until_up(folder: RunFolder) -> None:
-    from recsys_operator.local.process import log_tail
+    from recsys_operator.launchers.process import log_tail
 
     deadline = time.monotonic() + UP_TIMEOUT_S
     shown: set[str] = set()

@@ -84,3 +84,49 @@ def plain_env(env: list[dict[str, Any]]) -> dict[str, str]:
     """A rendered container env as a process environment. Entries taken from Secrets
     (`valueFrom`) are left out: locally there are no Secrets (see `localize`)."""
     return {e["name"]: e["value"] for e in env if "value" in e}
+
+
+class DesiredState:
+    """system.yaml as the supervisor last read it, and the system it describes with its
+    broker and store on this machine. Re-read when the file changes; a bad edit is
+    refused and the last good state kept."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.body = read_manifest(path)
+        self.mtime = path.stat().st_mtime
+        self._system: RecommenderSystem | None = None
+
+    @property
+    def system(self) -> RecommenderSystem:
+        assert self._system is not None, "localize() first: the endpoints are not known yet"
+        return self._system
+
+    @property
+    def localized(self) -> RecommenderSystem | None:
+        """The system once its local endpoints are known, else None."""
+        return self._system
+
+    def localize(self, *, pulsar_url: str, redis_url: str) -> RecommenderSystem:
+        self._system = localize(self.body, pulsar_url=pulsar_url, redis_url=redis_url)
+        return self._system
+
+    def reload(self) -> RecommenderSystem | None:
+        """The new system when the file changed since the last read, else None. Raises
+        ManifestError, OSError or ValueError for a change that cannot run (it is not
+        read again until it changes again)."""
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            return None
+        if mtime == self.mtime:
+            return None
+        self.mtime = mtime
+        body = read_manifest(self.path)
+        system = localize(
+            body,
+            pulsar_url=self.system.spec.events.service_url,
+            redis_url=self.system.spec.features.store.url,
+        )
+        self.body, self._system = body, system
+        return system

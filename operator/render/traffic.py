@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recsys_operator.api.resources import RecommenderSystem
+from recsys_operator.api.status import CanaryStatus
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,11 @@ def traffic_plan(system: RecommenderSystem) -> TrafficPlan:
     rollout); a canary exists only while status records a rollout in progress."""
     status = system.status
     stable = (status.stable_version if status else None) or system.spec.model.version
-    canary = status.canary if status else None
-    if canary is None or canary.version == stable:
-        return TrafficPlan(stable)
-    return TrafficPlan(stable, canary.version, canary.weight)
+    return plan_for(stable, status.canary if status else None)
+
+
+def plan_for(stable_version: str, canary: CanaryStatus | None) -> TrafficPlan:
+    """The split of a rollout state: all on stable, or the canary at its weight."""
+    if canary is None or canary.version == stable_version:
+        return TrafficPlan(stable_version)
+    return TrafficPlan(stable_version, canary.version, canary.weight)

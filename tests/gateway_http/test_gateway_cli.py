@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from gateway.cli import gateway_app, register
 from gateway.server import ADDRESS_ENV, listen_address
-from recsys_operator.local.process import ManagedProcess, free_port
+from recsys_operator.launchers.process import ManagedProcess, free_port
 
 
 def test_the_gateway_runs_as_a_process_and_stops_on_sigterm(

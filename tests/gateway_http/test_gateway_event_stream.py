@@ -17,8 +17,8 @@ from gateway_testing import StartGateway, metric_value, routing_document, wait_u
 from serving_stub import ServingStub
 
 from recsys_contracts.events import EventType, now_ms, parse_event
-from recsys_operator.local.process import ManagedProcess, free_port
-from recsys_operator.local.pulsar_broker import service_url
+from recsys_operator.launchers.process import ManagedProcess, free_port
+from recsys_operator.launchers.pulsar_broker import service_url
 
 pytestmark = [pytest.mark.broker, pytest.mark.xdist_group("gateway-pulsar")]
 

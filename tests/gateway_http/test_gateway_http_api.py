@@ -23,7 +23,7 @@ from serving_stub import ServingStub, stub_items
 from gateway.attribution import parse_request_id
 from gateway.metrics import LATENCY_BUCKETS_S
 from recsys_contracts.variant_assignment import Variant, assign_variant
-from recsys_operator.local.process import free_port
+from recsys_operator.launchers.process import free_port
 
 
 def recommend(http: requests.Session, url: str, **body: Any) -> requests.Response:

@@ -29,7 +29,7 @@ from gateway.cli import gateway_app
 from gateway.routing import ReloadResult, RoutingError
 from gateway.routing_configmap import ConfigMapRef, ConfigMapRoutingWatcher, KubeApi
 from gateway.server import ADDRESS_ENV, GatewayThread
-from recsys_operator.local.process import ManagedProcess, free_port
+from recsys_operator.launchers.process import ManagedProcess, free_port
 
 NAMESPACE, NAME = "default", "recs-gateway"
 COLLECTION = f"/api/v1/namespaces/{NAMESPACE}/configmaps"

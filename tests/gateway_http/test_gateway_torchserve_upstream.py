@@ -13,7 +13,7 @@ from gateway_testing import StartGateway, metric_value
 
 from gateway.attribution import parse_request_id
 from recsys_contracts.variant_assignment import Variant, assign_variant
-from recsys_operator.local.torchserve import LocalTorchServe, torchserve_server
+from recsys_operator.launchers.torchserve import LocalTorchServe, torchserve_server
 
 pytestmark = [pytest.mark.java, pytest.mark.slow, pytest.mark.xdist_group("gateway-torchserve")]
 

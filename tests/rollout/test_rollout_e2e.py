@@ -27,8 +27,8 @@ import requests
 
 from recsys_operator.api.recommender_system import AnalysisSpec, RolloutSpec
 from recsys_operator.api.status import RolloutOutcome
-from recsys_operator.local.process import ManagedProcess, free_port
-from recsys_operator.local.prometheus import prometheus_process, prometheus_url
+from recsys_operator.launchers.process import ManagedProcess, free_port
+from recsys_operator.launchers.prometheus import prometheus_process, prometheus_url
 from recsys_operator.rollout.prometheus_source import PrometheusSource
 from recsys_operator.rollout.state_machine import RolloutState, Transition, tick
 
@@ -82,7 +82,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from model_handlers.synthetic import SyntheticConfig, SyntheticWorld
     from model_handlers.training import TrainingConfig, train_two_tower
     from recsys_operator.api.recommender_system import IndexSpec, ModelSpec, ServingSpec
-    from recsys_operator.local.torchserve import torchserve_server
+    from recsys_operator.launchers.torchserve import torchserve_server
 
     root = tmp_path_factory.mktemp("rollout")
     world = SyntheticWorld(SyntheticConfig(users=2000, items=400, sessions_per_user=2, seed=7))

@@ -11,7 +11,7 @@ import redis
 
 from model_handlers.online_features import NO_FEATURES, RedisFeatureReader, connect
 from recsys_contracts.feature_keys import embedding_key, encode_embedding, recent_items_key
-from recsys_operator.local.process import ManagedProcess, free_port
+from recsys_operator.launchers.process import ManagedProcess, free_port
 
 pytestmark = pytest.mark.redis
 

@@ -22,8 +22,8 @@ import redis
 
 from recsys_contracts.feature_keys import embedding_key, encode_embedding, recent_items_key
 from recsys_operator.api.recommender_system import ModelSpec, ServingSpec
-from recsys_operator.local.process import ManagedProcess
-from recsys_operator.local.torchserve import LocalTorchServe, torchserve_server
+from recsys_operator.launchers.process import ManagedProcess
+from recsys_operator.launchers.torchserve import LocalTorchServe, torchserve_server
 
 from .conftest import MODEL_NAME, TOP_K
 from .reference import BruteForce

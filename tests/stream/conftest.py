@@ -13,9 +13,9 @@ import redis
 from stream_support import write_item_embeddings
 
 from recsys_contracts.feature_job_settings import FeatureJobSettings
-from recsys_operator.local.process import ManagedProcess
-from recsys_operator.local.pulsar_broker import service_url
-from recsys_operator.local.redis_server import redis_url
+from recsys_operator.launchers.process import ManagedProcess
+from recsys_operator.launchers.pulsar_broker import service_url
+from recsys_operator.launchers.redis_server import redis_url
 
 
 @pytest.fixture

@@ -35,8 +35,8 @@ from stream_support import (
 from recsys_contracts import feature_keys as keys
 from recsys_contracts.events import Event
 from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
-from recsys_operator.local.process import ManagedProcess, free_port
-from recsys_operator.local.redis_server import redis_process, redis_url
+from recsys_operator.launchers.process import ManagedProcess, free_port
+from recsys_operator.launchers.redis_server import redis_process, redis_url
 from stream_jobs.item_embeddings import EmbeddingCatalog
 from stream_jobs.user_features import FeatureParams
 

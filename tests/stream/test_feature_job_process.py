@@ -27,7 +27,7 @@ from stream_support import (
 
 from recsys_contracts.events import Event
 from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
-from recsys_operator.local.process import ManagedProcess, free_port, log_tail
+from recsys_operator.launchers.process import ManagedProcess, free_port, log_tail
 from stream_jobs.item_embeddings import EmbeddingCatalog
 from stream_jobs.user_features import FeatureParams
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from recsys_operator.local.process import LOOPBACK, ManagedProcess, free_port
+from recsys_operator.launchers.process import LOOPBACK, ManagedProcess, free_port
 from recsys_operator.tools import find_tool
 
 

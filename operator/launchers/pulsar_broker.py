@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recsys_operator.local.process import LOOPBACK, ManagedProcess, free_port
+from recsys_operator.launchers.process import LOOPBACK, ManagedProcess, free_port
 from recsys_operator.tools import find_tool
 
 

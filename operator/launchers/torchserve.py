@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys_operator.api.recommender_system import ModelSpec, ServingSpec
-from recsys_operator.local.process import (
+from recsys_operator.launchers.process import (
     LOOPBACK,
     ManagedProcess,
     ProcessFailed,

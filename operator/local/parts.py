@@ -1,0 +1,161 @@
+"""The processes of a local system: started in order, restarted when they die (as a
+kubelet would, on the same port, so every URL stays valid), stopped in reverse.
+
+The model servers are started by the router (`traffic.ModelServers`), one per served
+version; a dead one is restarted here too, on new ports, and the routing follows.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from recsys_operator.api.resources import RecommenderSystem
+from recsys_operator.launchers.process import LOOPBACK, ManagedProcess, ProcessFailed, free_port
+from recsys_operator.local.desired_state import plain_env
+from recsys_operator.local.run_folder import RunFolder
+from recsys_operator.local.traffic import ModelServers, Say
+from recsys_operator.render.features import feature_job_env
+
+log = logging.getLogger("recsys.local")
+
+START_TIMEOUT_S = 60.0
+# pulsar-lite may stop feeding one partition to a Shared consumer until it resubscribes.
+RESUBSCRIBE_IDLE = "10s"
+MAX_RESTARTS = 5
+
+
+class RestartBudget:
+    """At most MAX_RESTARTS restarts per part, each one an event."""
+
+    def __init__(self, record: Say) -> None:
+        self._record = record
+        self._restarts: dict[str, int] = {}
+        self._given_up: set[str] = set()
+        """Parts past MAX_RESTARTS: reported once, then left stopped."""
+
+    def allow(self, name: str, what: str, log_path: Path) -> bool:
+        """Count one more restart of `name` and say so; past MAX_RESTARTS, say once that
+        it stays stopped and return False."""
+        restarts = self._restarts.get(name, 0)
+        if restarts >= MAX_RESTARTS:
+            if name not in self._given_up:
+                self._given_up.add(name)
+                self._record(
+                    "PartFailed",
+                    f"{what} after {restarts} restarts; left stopped, log {log_path}",
+                    warning=True,
+                )
+            return False
+        self._restarts[name] = restarts + 1
+        self._record(
+            "PartRestarted",
+            f"{what}; restarting ({restarts + 1}/{MAX_RESTARTS}), log {log_path}",
+            warning=True,
+        )
+        return True
+
+
+class Parts:
+    """Every process of the local system, by name (model servers as torchserve-<version>)."""
+
+    def __init__(
+        self,
+        folder: RunFolder,
+        servers: ModelServers,
+        record: Say,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.folder = folder
+        self.servers = servers
+        self.processes: dict[str, ManagedProcess] = {}
+        self._record = record
+        self._on_change = on_change
+        self._budget = RestartBudget(record)
+
+    def all(self) -> dict[str, ManagedProcess]:
+        parts = dict(self.processes)
+        for version, server in self.servers.by_version.items():
+            parts[f"torchserve-{version}"] = server.process
+        return parts
+
+    # -- start -----------------------------------------------------------------
+
+    def start(self, name: str, process: ManagedProcess) -> ManagedProcess:
+        process.name = name
+        self.processes[name] = process
+        self._on_change()
+        log.info("starting %s", name)
+        process.start(ready_timeout=START_TIMEOUT_S)
+        self._on_change()
+        return process
+
+    def start_gateway(self) -> ManagedProcess:
+        port = free_port()
+        argv = [
+            sys.executable, "-m", "gateway", "run",
+            "--routing", str(self.folder.routing),
+            "--host", LOOPBACK, "--port", str(port),
+        ]  # fmt: skip
+        return self.start(
+            "gateway", ManagedProcess("gateway", argv, self.folder.logs / "gateway.log", port)
+        )
+
+    def start_feature_job(self, system: RecommenderSystem) -> ManagedProcess:
+        port = free_port()
+        env = plain_env(feature_job_env(system))
+        env.pop("RECSYS_MODEL_ARCHIVE_URI", None)  # every version's vectors come from embeddings/
+        env.pop("RECSYS_PULSAR_ADMIN_URL", None)  # pulsar-lite serves no admin API
+        env.update(
+            RECSYS_METRICS_ADDRESS=f"{LOOPBACK}:{port}",
+            RECSYS_EMBEDDINGS_PATH=str(self.folder.embeddings.resolve()),
+            RECSYS_EMBEDDINGS_RELOAD="2s",
+            RECSYS_RESUBSCRIBE_IDLE=RESUBSCRIBE_IDLE,
+            RECSYS_SUBSCRIPTION_TYPE="Shared",  # pulsar-lite handles Shared best
+        )
+        env.pop("RECSYS_MODEL_VERSION", None)
+        argv = [sys.executable, "-m", "recsys_operator.cli", "features", "run"]
+        process = ManagedProcess("features", argv, self.folder.logs / "features.log", port, env=env)
+        return self.start("features", process)
+
+    # -- restart ---------------------------------------------------------------
+
+    def restart_exited(self, system: RecommenderSystem, reroute: Callable[[], None]) -> None:
+        """Restart every part that exited, within its budget; `reroute` rewrites the
+        routing after a model server came back on new ports."""
+        for name, process in list(self.processes.items()):
+            code = process.popen.poll() if process.popen is not None else None
+            if code is None or not self._budget.allow(
+                name, f"{name} exited with code {code}", process.log_path
+            ):
+                continue
+            try:
+                process.start(ready_timeout=START_TIMEOUT_S)
+            except ProcessFailed as exc:
+                self._record("RestartFailed", str(exc).splitlines()[0], warning=True)
+        for version, server in list(self.servers.by_version.items()):
+            name = f"torchserve-{version}"
+            if server.process.alive() or not self._budget.allow(
+                name, f"{name} exited", server.process.log_path
+            ):
+                continue
+            server.stop()  # whatever is left of its process group (JVM, workers)
+            try:
+                self.servers.ensure(system, version)
+                reroute()
+            except Exception as exc:
+                self._record("RestartFailed", str(exc).splitlines()[0], warning=True)
+
+    # -- stop ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Everything started, in reverse order of the data: readers before what they read."""
+        for name in ["prometheus", "gateway", "features"]:
+            if name in self.processes:
+                self.processes[name].stop()
+        self.servers.stop_all()
+        for name in ["redis", "pulsar"]:
+            if name in self.processes:
+                self.processes[name].stop()
