@@ -29,5 +29,23 @@ demo: setup  ## set up, then run the system locally: promote a good canary, roll
 	$(VENV)/bin/recsys validate -f examples/demo.yaml
 	$(VENV)/bin/recsys demo -f examples/demo.yaml
 
+# Full runs, one after the other (tens of minutes in all; serving.py alone builds 1M-item
+# indexes). `make bench BENCHMARKS="gateway stream_features"` runs some. Each script's
+# output is kept in build/bench/NAME.txt; the figures worth keeping are recorded by hand
+# in benchmarks/README.md, with the machine and its load (the tests run each `--quick`).
+BENCHMARKS ?= stream_features gateway operator_reconcile serving quality end_to_end
+BENCH_ARGS_operator_reconcile ?= --systems 10
+
+# One recipe line per benchmark, so a failing one stops the run and names itself.
+define run_benchmark
+	set -o pipefail; $(PY) benchmarks/$(1).py $(BENCH_ARGS_$(1)) 2>&1 | tee build/bench/$(1).txt
+
+endef
+
+bench: setup  ## run the benchmarks in full; output in build/bench/, results recorded in benchmarks/README.md
+	@mkdir -p build/bench
+	$(foreach b,$(BENCHMARKS),$(call run_benchmark,$(b)))
+	@echo "outputs in build/bench/; record the figures in benchmarks/README.md, with the machine and its load"
+
 clean:  ## remove build outputs (keeps .venv and .tools)
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,7 @@ The emulated cluster has no Deployment controller; this script plays it, marking
 each Deployment available as a kubelet would report.
 
     .venv/bin/python benchmarks/operator_reconcile.py --systems 200
+    .venv/bin/python benchmarks/operator_reconcile.py --quick    # a smoke run: 2 systems
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import kubernetes  # noqa: E402
 import yaml  # noqa: E402
 
 RESYNC_SECONDS = 20
+QUICK_RESYNC_SECONDS = 5
 os.environ["RECSYS_RESYNC_SECONDS"] = str(RESYNC_SECONDS)
 os.environ["RECSYS_ROLLOUT_TICK_SECONDS"] = "3600"  # no rollouts here
 
@@ -144,7 +146,16 @@ def main() -> None:
     parser.add_argument(
         "--timeout", type=float, default=900, help="give up after this many seconds"
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a smoke run: 2 systems, resync every {QUICK_RESYNC_SECONDS} s",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.systems, args.timeout = 2, 120
+        # Read by the operator process this script starts, so the steady-state wait is short.
+        os.environ["RECSYS_RESYNC_SECONDS"] = str(QUICK_RESYNC_SECONDS)
     n = args.systems
 
     kube = ServerThread(KubeEmulator, name="kube").start()

@@ -22,6 +22,7 @@ has no GPU HNSW) and prints which device it used.
 
     python benchmarks/serving.py                      # 1M items, all three indexes
     python benchmarks/serving.py --items 100000 --indexes HNSW
+    python benchmarks/serving.py --quick              # a smoke run: Flat, 2,000 items
 """
 
 from __future__ import annotations
@@ -540,7 +541,15 @@ def main() -> None:
     )
     parser.add_argument("--skip-no-op", action="store_true", help="skip the no-op handler baseline")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: Flat over 2,000 items, 64 requests, 1 s warm-up, no no-op baseline",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.items, args.hnsw_items, args.indexes = 2_000, None, "Flat"
+        args.requests, args.warmup_s, args.skip_no_op = 64, 1.0, True
 
     info = machine()
     no_op: dict[str, Any] = {}
