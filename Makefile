@@ -13,11 +13,13 @@ help:  ## list the targets
 setup:  ## install system packages, the venv and the tools (idempotent)
 	@bash scripts/setup.sh
 
-lint: setup  ## ruff and mypy
+lint: setup  ## ruff and mypy (packages, tests/ and benchmarks/)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	@rm -rf build/typecheck && mkdir -p build/typecheck && ln -s ../../operator build/typecheck/recsys_operator && ln -s ../../contracts build/typecheck/recsys_contracts
-	cd build/typecheck && MYPYPATH=$(CURDIR) ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p recsys_contracts -p recsys_operator -p stream_jobs -p model_handlers -p gateway
+	MYPY=$(CURDIR)/$(VENV)/bin/mypy bash scripts/typecheck.sh
+
+typecheck: setup  ## mypy only (packages, tests/ and benchmarks/)
+	MYPY=$(CURDIR)/$(VENV)/bin/mypy bash scripts/typecheck.sh
 
 test: setup lint  ## set up, lint, then the whole test suite
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup

@@ -72,6 +72,7 @@ class DeploymentController(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(0.5):
             for d in self.apps.list_namespaced_deployment("default").items:
+                assert d.metadata is not None and d.metadata.name is not None
                 key = (d.metadata.name, d.metadata.generation or 0)
                 if key in self.done:
                     continue
@@ -83,9 +84,7 @@ class DeploymentController(threading.Thread):
                     "readyReplicas": n,
                     "availableReplicas": n,
                 }
-                self.apps.patch_namespaced_deployment_status(
-                    d.metadata.name, "default", {"status": status}
-                )
+                self.apps.patch_namespaced_deployment_status(key[0], "default", {"status": status})
                 self.done.add(key)
 
 
@@ -103,9 +102,10 @@ def operator_counter(url: str, name: str, **labels: str) -> float:
 
 
 def ready_count(custom: kubernetes.client.CustomObjectsApi) -> int:
-    items = custom.list_namespaced_custom_object(GROUP, VERSION, "default", "recommendersystems")[
-        "items"
-    ]
+    listed: dict[str, Any] = custom.list_namespaced_custom_object(  # type: ignore[assignment]
+        GROUP, VERSION, "default", "recommendersystems"
+    )
+    items = listed["items"]
     return sum(
         any(
             c["type"] == "Ready" and c["status"] == "True"
@@ -170,7 +170,9 @@ def main() -> None:
         kubernetes.client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
     core = kubernetes.client.CoreV1Api(api)
     for namespace in ("default", "floor"):
-        core.create_namespace({"metadata": {"name": namespace}})
+        core.create_namespace(
+            kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(name=namespace))
+        )
     custom = kubernetes.client.CustomObjectsApi(api)
 
     print(

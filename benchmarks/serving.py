@@ -108,6 +108,7 @@ def write_model_dir(items: np.ndarray, queries: np.ndarray, directory: Path) -> 
     with torch.no_grad():
         tower.user_embedding.weight[1:] = torch.from_numpy(queries)
         first, second = tower.mlp[0], tower.mlp[2]
+        assert isinstance(first, torch.nn.Linear) and isinstance(second, torch.nn.Linear)
         first.weight.zero_()
         first.bias.zero_()
         first.weight[:dim, :dim] = torch.eye(dim)
@@ -390,7 +391,7 @@ def serve(
     serving = ServingSpec(
         workers=args.workers,
         batching={"maxBatchSize": max_batch_size, "maxBatchDelayMs": args.batch_delay_ms},
-        responseTimeoutS=60,
+        response_timeout_s=60,
         resources={"limits": limits},
     )
     run_dir = work / f"ts-{model.index.type}-{max_batch_size}"
@@ -611,4 +612,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
