@@ -36,7 +36,9 @@ def quick(
     script: str, *args: str, figures: list[str], marks: list[pytest.MarkDecorator], timeout_s: float
 ) -> object:
     run = QuickRun(script, ("--quick", *args), tuple(figures), timeout_s)
-    return pytest.param(run, marks=[pytest.mark.slow, *marks], id=Path(script).stem)
+    # One xdist worker runs them all, one at a time: each loads the machine on its own.
+    group = pytest.mark.xdist_group("benchmarks")
+    return pytest.param(run, marks=[pytest.mark.slow, group, *marks], id=Path(script).stem)
 
 
 BENCHMARKS = [
