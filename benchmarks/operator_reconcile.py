@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the kmock-based emulators live with the tests
@@ -102,10 +102,8 @@ def operator_counter(url: str, name: str, **labels: str) -> float:
 
 
 def ready_count(custom: kubernetes.client.CustomObjectsApi) -> int:
-    listed: dict[str, Any] = custom.list_namespaced_custom_object(  # type: ignore[assignment]
-        GROUP, VERSION, "default", "recommendersystems"
-    )
-    items = listed["items"]
+    listed = custom.list_namespaced_custom_object(GROUP, VERSION, "default", "recommendersystems")
+    items = cast(dict[str, Any], listed)["items"]
     return sum(
         any(
             c["type"] == "Ready" and c["status"] == "True"
