@@ -13,11 +13,13 @@ help:  ## list the targets
 setup:  ## install system packages, the venv and the tools (idempotent)
 	@bash scripts/setup.sh
 
-lint: setup  ## ruff and mypy
+lint: setup  ## ruff and mypy (packages, tests/ and benchmarks/)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	@rm -rf build/typecheck && mkdir -p build/typecheck && ln -s ../../operator build/typecheck/recsys_operator && ln -s ../../contracts build/typecheck/recsys_contracts
-	cd build/typecheck && MYPYPATH=$(CURDIR) ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p recsys_contracts -p recsys_operator -p stream_jobs -p model_handlers -p gateway
+	MYPY=$(CURDIR)/$(VENV)/bin/mypy bash scripts/typecheck.sh
+
+typecheck: setup  ## mypy only (packages, tests/ and benchmarks/)
+	MYPY=$(CURDIR)/$(VENV)/bin/mypy bash scripts/typecheck.sh
 
 test: setup lint  ## set up, lint, then the whole test suite
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
@@ -28,6 +30,24 @@ crds: setup  ## regenerate crds/ from the API models
 demo: setup  ## set up, then run the system locally: promote a good canary, roll back a broken one
 	$(VENV)/bin/recsys validate -f examples/demo.yaml
 	$(VENV)/bin/recsys demo -f examples/demo.yaml
+
+# Full runs, one after the other (tens of minutes in all; serving.py alone builds 1M-item
+# indexes). `make bench BENCHMARKS="gateway stream_features"` runs some. Each script's
+# output is kept in build/bench/NAME.txt; the figures worth keeping are recorded by hand
+# in benchmarks/README.md, with the machine and its load (the tests run each `--quick`).
+BENCHMARKS ?= stream_features gateway operator_reconcile serving quality end_to_end
+BENCH_ARGS_operator_reconcile ?= --systems 10
+
+# One recipe line per benchmark, so a failing one stops the run and names itself.
+define run_benchmark
+	set -o pipefail; $(PY) benchmarks/$(1).py $(BENCH_ARGS_$(1)) 2>&1 | tee build/bench/$(1).txt
+
+endef
+
+bench: setup  ## run the benchmarks in full; output in build/bench/, results recorded in benchmarks/README.md
+	@mkdir -p build/bench
+	$(foreach b,$(BENCHMARKS),$(call run_benchmark,$(b)))
+	@echo "outputs in build/bench/; record the figures in benchmarks/README.md, with the machine and its load"
 
 clean:  ## remove build outputs (keeps .venv and .tools)
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

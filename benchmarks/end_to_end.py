@@ -31,7 +31,7 @@ lowest rate, CTR ON against OFF, and (full run) latency at 200/s with the featur
 against without it.
 
     .venv/bin/python benchmarks/end_to_end.py            # about 7 minutes on 2 cores
-    .venv/bin/python benchmarks/end_to_end.py --quick    # about 3 minutes
+    .venv/bin/python benchmarks/end_to_end.py --quick    # a smoke run, about a minute
     .venv/bin/python benchmarks/end_to_end.py --run-dir /tmp/e2e --json out.json
 """
 
@@ -66,6 +66,7 @@ UP_TIMEOUT_S = 300.0
 DOWN_TIMEOUT_S = 120.0
 SETTLE_S = 4.0  # after a phase: two Prometheus scrapes (every 2 s) see its last events
 Z95 = 1.959964
+QUICK_ITEMS = 500
 
 STARTED = time.monotonic()
 
@@ -77,10 +78,12 @@ def say(message: str) -> None:
 # --- the system --------------------------------------------------------------------
 
 
-def write_manifest(path: Path) -> dict[str, Any]:
+def write_manifest(path: Path, *, num_items: int | None = None) -> dict[str, Any]:
     body: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     body["metadata"]["name"] = SYSTEM_NAME
     body["spec"]["model"].pop("archiveUri", None)  # train on the synthetic world
+    if num_items is not None:  # a smaller catalogue trains in seconds
+        body["spec"]["model"]["numItems"] = num_items
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return body
 
@@ -617,7 +620,8 @@ def report(results: dict[str, Any]) -> None:
                 f"{u['paired_visits']} visits: {100 * u['paired_absolute']:+.2f} points "
                 f"(95% CI {100 * plo:+.2f} to {100 * phi:+.2f})"
             )
-        print(f"  ({next(iter(ctr['uplift'].values()))['method']})")
+        if ctr["uplift"]:
+            print(f"  ({next(iter(ctr['uplift'].values()))['method']})")
     print("\nRatios:")
     for name, value in results["ratios"].items():
         print(f"  {name}: {fmt(value, 2)}")
@@ -669,14 +673,17 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
-        "--quick", action="store_true", help="50 and 200/s for 10 s each, CTR arms 20 s"
+        "--quick",
+        action="store_true",
+        help=f"a smoke run: {QUICK_ITEMS} items, one `up`, 50/s for 5 s, only the CTR arm ON (5 s)",
     )
     parser.add_argument("--run-dir", type=Path, help="keep the run folder (and trained model)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.quick:
-        args.rates, args.seconds, args.warmup = "50,200", 10.0, 3.0
-        args.ctr_seconds, args.off_latency_rate = 20.0, 0.0
+        args.rates, args.seconds, args.warmup = "50", 5.0, 2.0
+        args.ctr_rate, args.ctr_seconds, args.off_latency_rate = 50.0, 5.0, 0.0
+        args.no_recent_items_arm = True
     rates = [float(r) for r in args.rates.split(",")]
     think_s = args.think_ms / 1000
 
@@ -689,7 +696,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     run_dir = work / "run"
     manifest = work / "e2e.yaml"
-    body = write_manifest(manifest)
+    body = write_manifest(manifest, num_items=QUICK_ITEMS if args.quick else None)
     recent_items_manifest = work / "e2e-recent-items.yaml"
     body["spec"]["features"]["onlineUpdates"] = {"enabled": False}
     recent_items_manifest.write_text(yaml.safe_dump(body, sort_keys=False))
@@ -743,8 +750,10 @@ def main() -> None:
             down(run_dir)
 
         # Feature job OFF: the same CTR plan on a fresh system with the same model.
-        state = up(manifest, run_dir, features=False)
-        arm("off", state)
+        # (Not in a quick run: a second `up` would double its time.)
+        if not args.quick:
+            state = up(manifest, run_dir, features=False)
+            arm("off", state)
         if args.off_latency_rate:
             rate = args.off_latency_rate
             say(f"load {rate:.0f}/s, feature job OFF")
@@ -757,7 +766,9 @@ def main() -> None:
 
     ctr = results["ctr"]
     ctr["uplift"] = {
-        f"{arm} - off": uplift(ctr[arm], ctr["off"]) for arm in ("on", "recent_items") if arm in ctr
+        f"{arm} - off": uplift(ctr[arm], ctr["off"])
+        for arm in ("on", "recent_items")
+        if arm in ctr and "off" in ctr
     }
     results["ratios"] = ratios(results)
     report(results)

@@ -14,7 +14,8 @@ FAISS archive (trained and packed here with the project's trainer and archiver)
 when Java is available, else the serving stub of the tests (`--upstream stub`).
 
     .venv/bin/python benchmarks/gateway.py            # about 2 minutes on 2 cores
-    .venv/bin/python benchmarks/gateway.py --quick    # fewer requests, for a smoke run
+    .venv/bin/python benchmarks/gateway.py --quick    # a smoke run: fewer requests, 1 trial
+    .venv/bin/python benchmarks/gateway.py --upstream stub --quick   # seconds, no Java
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from recsys_operator.launchers.pulsar_broker import broker_process, service_url
 from recsys_operator.tools import ToolNotFound, find_tool
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builder lives with the tests
 MODEL = "recs"
 K = 10
 USERS = [f"u{n}" for n in range(1000)]
@@ -51,35 +53,24 @@ USERS = [f"u{n}" for n in range(1000)]
 
 def start_torchserve(work: Path, stack: ExitStack) -> dict[str, str]:
     """A tiny model, packed as versions 1 and 2, served by TorchServe on 127.0.0.1."""
-    from model_handlers.archive import ArchiveRequest, build_archive
-    from model_handlers.model_directory import write_trained_model
-    from model_handlers.synthetic import SyntheticConfig, SyntheticWorld
-    from model_handlers.training import TrainingConfig, train_two_tower
-    from recsys_operator.api.recommender_system import IndexSpec, ModelSpec, ServingSpec
+    from tiny_model import TinyModel, pack
+
+    from model_handlers.synthetic import SyntheticConfig
+    from model_handlers.training import TrainingConfig
+    from recsys_operator.api.recommender_system import ServingSpec
     from recsys_operator.launchers.torchserve import torchserve_server
 
-    world = SyntheticWorld(SyntheticConfig(users=1000, items=2000, sessions_per_user=2))
-    config = TrainingConfig(dim=32, hidden=64, max_epochs=1, max_eval_users=200, threads=1)
-    write_trained_model(train_two_tower(world.interactions(), config), work / "model")
-    store = work / "store"
-    store.mkdir()
-    index = IndexSpec(type="Flat")
-    for version in ("1", "2"):
-        build_archive(ArchiveRequest(work / "model", store, MODEL, version, index=index, top_k=50))
-    model = ModelSpec(
-        name=MODEL,
-        version="2",
-        archive_uri=f"file://{store}/{MODEL}-2.mar",
-        embedding_dim=32,
-        num_items=2000,
-        top_k=50,
-        index=index,
+    tiny = TinyModel(
+        world=SyntheticConfig(users=1000, items=2000, sessions_per_user=2),
+        training=TrainingConfig(dim=32, hidden=64, max_epochs=1, max_eval_users=200, threads=1),
     )
+    model_dir = tiny.write(work / "model")
+    store = pack({"1": model_dir, "2": model_dir}, work / "store", name=MODEL, top_k=50)
     server = torchserve_server(
         work / "torchserve",
-        model=model,
+        model=store.model_spec("2"),
         serving=ServingSpec(),
-        model_store=store,
+        model_store=store.path,
         versions=["1", "2"],
     )
     server.start(timeout=180)
@@ -91,7 +82,7 @@ def start_stub(work: Path, stack: ExitStack) -> dict[str, str]:
     port = free_port()
     stub = ManagedProcess(
         "serving-stub",
-        [sys.executable, str(ROOT / "tests" / "gateway" / "serving_stub.py"), str(port)],
+        [sys.executable, str(ROOT / "tests" / "gateway_http" / "serving_stub.py"), str(port)],
         work / "stub.log",
         port,
     ).start()
@@ -270,11 +261,11 @@ def main() -> None:
     parser.add_argument("--upstream", choices=["auto", "torchserve", "stub"], default="auto")
     parser.add_argument("--requests", type=int, default=1500, help="per path and concurrency")
     parser.add_argument("--trials", type=int, default=5, help="weight changes and rollbacks each")
-    parser.add_argument("--quick", action="store_true", help="300 requests, 2 trials")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 200 requests, 1 trial")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.quick:
-        args.requests, args.trials = 300, 2
+        args.requests, args.trials = 200, 1
     upstream = args.upstream
     if upstream == "auto":
         try:

@@ -11,6 +11,7 @@ The emulated cluster has no Deployment controller; this script plays it, marking
 each Deployment available as a kubelet would report.
 
     .venv/bin/python benchmarks/operator_reconcile.py --systems 200
+    .venv/bin/python benchmarks/operator_reconcile.py --quick    # a smoke run: 2 systems
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the kmock-based emulators live with the tests
@@ -34,6 +35,7 @@ import kubernetes  # noqa: E402
 import yaml  # noqa: E402
 
 RESYNC_SECONDS = 20
+QUICK_RESYNC_SECONDS = 5
 os.environ["RECSYS_RESYNC_SECONDS"] = str(RESYNC_SECONDS)
 os.environ["RECSYS_ROLLOUT_TICK_SECONDS"] = "3600"  # no rollouts here
 
@@ -70,6 +72,7 @@ class DeploymentController(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(0.5):
             for d in self.apps.list_namespaced_deployment("default").items:
+                assert d.metadata is not None and d.metadata.name is not None
                 key = (d.metadata.name, d.metadata.generation or 0)
                 if key in self.done:
                     continue
@@ -81,9 +84,7 @@ class DeploymentController(threading.Thread):
                     "readyReplicas": n,
                     "availableReplicas": n,
                 }
-                self.apps.patch_namespaced_deployment_status(
-                    d.metadata.name, "default", {"status": status}
-                )
+                self.apps.patch_namespaced_deployment_status(key[0], "default", {"status": status})
                 self.done.add(key)
 
 
@@ -101,9 +102,8 @@ def operator_counter(url: str, name: str, **labels: str) -> float:
 
 
 def ready_count(custom: kubernetes.client.CustomObjectsApi) -> int:
-    items = custom.list_namespaced_custom_object(GROUP, VERSION, "default", "recommendersystems")[
-        "items"
-    ]
+    listed = custom.list_namespaced_custom_object(GROUP, VERSION, "default", "recommendersystems")
+    items = cast(dict[str, Any], listed)["items"]
     return sum(
         any(
             c["type"] == "Ready" and c["status"] == "True"
@@ -144,7 +144,16 @@ def main() -> None:
     parser.add_argument(
         "--timeout", type=float, default=900, help="give up after this many seconds"
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a smoke run: 2 systems, resync every {QUICK_RESYNC_SECONDS} s",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.systems, args.timeout = 2, 120
+        # Read by the operator process this script starts, so the steady-state wait is short.
+        os.environ["RECSYS_RESYNC_SECONDS"] = str(QUICK_RESYNC_SECONDS)
     n = args.systems
 
     kube = ServerThread(KubeEmulator, name="kube").start()
@@ -159,7 +168,9 @@ def main() -> None:
         kubernetes.client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
     core = kubernetes.client.CoreV1Api(api)
     for namespace in ("default", "floor"):
-        core.create_namespace({"metadata": {"name": namespace}})
+        core.create_namespace(
+            kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(name=namespace))
+        )
     custom = kubernetes.client.CustomObjectsApi(api)
 
     print(

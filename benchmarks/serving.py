@@ -22,6 +22,7 @@ has no GPU HNSW) and prints which device it used.
 
     python benchmarks/serving.py                      # 1M items, all three indexes
     python benchmarks/serving.py --items 100000 --indexes HNSW
+    python benchmarks/serving.py --quick              # a smoke run: Flat, 2,000 items
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def write_model_dir(items: np.ndarray, queries: np.ndarray, directory: Path) -> 
     with torch.no_grad():
         tower.user_embedding.weight[1:] = torch.from_numpy(queries)
         first, second = tower.mlp[0], tower.mlp[2]
+        assert isinstance(first, torch.nn.Linear) and isinstance(second, torch.nn.Linear)
         first.weight.zero_()
         first.bias.zero_()
         first.weight[:dim, :dim] = torch.eye(dim)
@@ -389,7 +391,7 @@ def serve(
     serving = ServingSpec(
         workers=args.workers,
         batching={"maxBatchSize": max_batch_size, "maxBatchDelayMs": args.batch_delay_ms},
-        responseTimeoutS=60,
+        response_timeout_s=60,
         resources={"limits": limits},
     )
     run_dir = work / f"ts-{model.index.type}-{max_batch_size}"
@@ -540,7 +542,15 @@ def main() -> None:
     )
     parser.add_argument("--skip-no-op", action="store_true", help="skip the no-op handler baseline")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: Flat over 2,000 items, 64 requests, 1 s warm-up, no no-op baseline",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.items, args.hnsw_items, args.indexes = 2_000, None, "Flat"
+        args.requests, args.warmup_s, args.skip_no_op = 64, 1.0, True
 
     info = machine()
     no_op: dict[str, Any] = {}
@@ -602,4 +612,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,6 +1,7 @@
 """Stream feature job: events/s through one job process, and freshness at a fixed rate.
 
     .venv/bin/python benchmarks/stream_features.py [--events 30000] [--rate 1000] [--seconds 15]
+    .venv/bin/python benchmarks/stream_features.py --quick    # a smoke run, seconds
 
 Starts a pulsar-lite broker (topics of one partition) and a redis-server on
 127.0.0.1 (in a temporary folder, stopped at the end) and measures, on the same
@@ -230,7 +231,12 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=30_000, help="events per throughput run")
     parser.add_argument("--rate", type=int, default=1_000, help="events/s of the freshness run")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of the freshness run")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 2,000 events, 200 events/s for 3 s"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.events, args.rate, args.seconds = 2_000, 200, 3.0
 
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
         root = Path(tmp)

@@ -129,7 +129,7 @@ class FeatureJobSettings(BaseModel):
     def from_env(
         cls, environ: Mapping[str, str] | None = None, **overrides: Any
     ) -> FeatureJobSettings:
-        """Settings from `RECSYS_FEATURES_*` variables, then `overrides` (None = not given)."""
+        """Settings from `RECSYS_<FIELD>` variables (`env_name`), then `overrides` (None = not given)."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name in cls.model_fields:

@@ -7,6 +7,7 @@ import copy
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -62,7 +63,10 @@ ROLLED_BACK = RolloutRecord(
     version="2", outcome=RolloutOutcome.ROLLED_BACK, time="2026-01-01T00:00:00Z"
 )
 # (state, now, decision, spec changes, action, desired version): one per branch of `tick`.
-BRANCHES = {
+BRANCHES: dict[
+    str,
+    tuple[RolloutState, datetime, AnalysisDecision | None, dict[str, Any], str | None, str],
+] = {
     "stable": (RolloutState("1"), T0, None, {}, None, "1"),
     "not retried": (RolloutState("1", last_rollout=ROLLED_BACK), T0, None, {}, None, "2"),
     "direct": (RolloutState("1"), T0, None, {"steps": [100]}, None, "2"),

@@ -1,6 +1,6 @@
 """A stand-in for TorchServe's predictions API, on 127.0.0.1 in a thread.
 
-Run as a script (`python tests/gateway/serving_stub.py PORT`) it serves in the
+Run as a script (`python tests/gateway_http/serving_stub.py PORT`) it serves in the
 foreground, for `benchmarks/gateway.py`.
 
 It follows the contract the real handler follows (`recsys_contracts.retrieval_request`

@@ -23,42 +23,19 @@ HANDLER_TOP_K = 20
 
 @pytest.fixture(scope="module")
 def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTorchServe]:
-    from model_handlers.archive import ArchiveRequest, build_archive
-    from model_handlers.model_directory import write_trained_model
-    from model_handlers.synthetic import SyntheticConfig, SyntheticWorld
-    from model_handlers.training import TrainingConfig, train_two_tower
-    from recsys_operator.api.recommender_system import IndexSpec, ModelSpec, ServingSpec
+    from tiny_model import TinyModel, pack
+
+    from recsys_operator.api.recommender_system import ServingSpec
 
     root = tmp_path_factory.mktemp("torchserve")
-    world = SyntheticWorld(SyntheticConfig(users=200, items=300, sessions_per_user=2))
-    config = TrainingConfig(
-        dim=16, hidden=32, max_epochs=1, batch_size=256, max_eval_users=100, threads=1
-    )
-    write_trained_model(train_two_tower(world.interactions(), config), root / "model")
-    store = root / "store"
-    store.mkdir()
-    for version in ("1", "2"):
-        build_archive(
-            ArchiveRequest(
-                model_dir=root / "model",
-                out_dir=store,
-                name=MODEL,
-                version=version,
-                index=IndexSpec(type="Flat"),
-                top_k=HANDLER_TOP_K,
-            )
-        )
-    model = ModelSpec(
-        name=MODEL,
-        version="2",
-        archive_uri=f"file://{store}/{MODEL}-2.mar",
-        embedding_dim=16,
-        num_items=300,
-        top_k=HANDLER_TOP_K,
-        index=IndexSpec(type="Flat"),
-    )
+    model_dir = TinyModel().write(root / "model")  # 300 items, 16-d, Flat
+    store = pack({"1": model_dir, "2": model_dir}, root / "store", name=MODEL, top_k=HANDLER_TOP_K)
     server = torchserve_server(
-        root / "run", model=model, serving=ServingSpec(), model_store=store, versions=["1", "2"]
+        root / "run",
+        model=store.model_spec("2"),
+        serving=ServingSpec(),
+        model_store=store.path,
+        versions=["1", "2"],
     )
     server.start(timeout=180)
     yield server

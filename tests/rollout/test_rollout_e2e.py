@@ -77,23 +77,20 @@ def write_routing(
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    from model_handlers.archive import ArchiveRequest, build_archive
-    from model_handlers.model_directory import write_trained_model
+    from tiny_model import TinyModel, pack
+
     from model_handlers.synthetic import SyntheticConfig, SyntheticWorld
-    from model_handlers.training import TrainingConfig, train_two_tower
-    from recsys_operator.api.recommender_system import IndexSpec, ModelSpec, ServingSpec
+    from model_handlers.training import TrainingConfig
+    from recsys_operator.api.recommender_system import ServingSpec
     from recsys_operator.launchers.torchserve import torchserve_server
 
     root = tmp_path_factory.mktemp("rollout")
-    world = SyntheticWorld(SyntheticConfig(users=2000, items=400, sessions_per_user=2, seed=7))
-    trained = root / "trained"
-    write_trained_model(
-        train_two_tower(
-            world.interactions(),
-            TrainingConfig(dim=16, hidden=32, max_epochs=2, batch_size=256, threads=1),
-        ),
-        trained,
+    tiny = TinyModel(
+        world=SyntheticConfig(users=2000, items=400, sessions_per_user=2, seed=7),
+        training=TrainingConfig(dim=16, hidden=32, max_epochs=2, batch_size=256, threads=1),
     )
+    world = SyntheticWorld(tiny.world)  # the simulated users come from the same world
+    trained = tiny.write(root / "trained")
     # Version 3: the same model with random item embeddings - it ranks items at random.
     broken = root / "broken"
     shutil.copytree(trained, broken)
@@ -102,30 +99,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         broken / "item_embeddings.npy",
         np.random.default_rng(3).normal(size=embeddings.shape).astype(np.float32),
     )
-    store = root / "store"
-    store.mkdir()
-    for version, model_dir in (("1", trained), ("2", trained), ("3", broken)):
-        build_archive(
-            ArchiveRequest(
-                model_dir=model_dir,
-                out_dir=store,
-                name=MODEL,
-                version=version,
-                index=IndexSpec(type="Flat"),
-                top_k=20,
-            )
-        )
-    model = ModelSpec(
-        name=MODEL,
-        version="1",
-        archive_uri=f"file://{store}/{MODEL}-1.mar",
-        embedding_dim=16,
-        num_items=400,
-        top_k=20,
-        index=IndexSpec(type="Flat"),
-    )
+    store = pack({"1": trained, "2": trained, "3": broken}, root / "store", name=MODEL, top_k=20)
     torchserve = torchserve_server(
-        root / "ts", model=model, serving=ServingSpec(), model_store=store, versions=["1", "2", "3"]
+        root / "ts",
+        model=store.model_spec("1"),
+        serving=ServingSpec(),
+        model_store=store.path,
+        versions=["1", "2", "3"],
     )
     torchserve.start(timeout=240)
     write_routing(root, torchserve, "1", None, 0)

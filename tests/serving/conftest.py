@@ -6,16 +6,16 @@ with another seed and has an HNSW index, so the two answer differently.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from tiny_model import TinyModel, pack
 
-from model_handlers.archive import ArchiveRequest, BuiltArchive, build_archive
+from model_handlers.archive import BuiltArchive
 from model_handlers.interactions import Interactions
 from model_handlers.model_directory import write_trained_model
 from model_handlers.synthetic import SyntheticConfig, SyntheticWorld
-from model_handlers.training import TrainedModel, TrainingConfig, train_two_tower
+from model_handlers.training import TrainedModel, TrainingConfig
 from recsys_operator.api.recommender_system import IndexSpec
 
 from .reference import BruteForce, unpack
@@ -26,6 +26,7 @@ TINY_WORLD = SyntheticConfig(users=1000, items=2000, categories=10, latent_dim=1
 TINY_TRAINING = TrainingConfig(
     dim=16, hidden=32, history_length=10, batch_size=256, max_epochs=3, patience=1, threads=1
 )
+TINY = TinyModel(world=TINY_WORLD, training=TINY_TRAINING)
 INDEXES = {
     "1": IndexSpec(type="Flat"),
     "2": IndexSpec.model_validate({"type": "HNSW", "hnsw": {"m": 16, "efSearch": 64}}),
@@ -45,10 +46,7 @@ def tiny_log(tiny_world: SyntheticWorld) -> Interactions:
 @pytest.fixture(scope="session")
 def trained_models(tiny_log: Interactions) -> dict[str, TrainedModel]:
     """Version -> trained model (version 2: another seed)."""
-    return {
-        version: train_two_tower(tiny_log, replace(TINY_TRAINING, seed=seed))
-        for version, seed in (("1", 0), ("2", 1))
-    }
+    return {version: TINY.train(seed=seed, log=tiny_log) for version, seed in (("1", 0), ("2", 1))}
 
 
 @pytest.fixture(scope="session")
@@ -68,19 +66,7 @@ def archives(
     model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, BuiltArchive]:
     store = tmp_path_factory.mktemp("model_store")
-    return {
-        version: build_archive(
-            ArchiveRequest(
-                model_dir=model_dirs[version],
-                out_dir=store,
-                name=MODEL_NAME,
-                version=version,
-                index=INDEXES[version],
-                top_k=TOP_K,
-            )
-        )
-        for version in ("1", "2")
-    }
+    return pack(model_dirs, store, name=MODEL_NAME, top_k=TOP_K, index=INDEXES).archives
 
 
 @pytest.fixture(scope="session")
