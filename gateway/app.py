@@ -41,9 +41,10 @@ from gateway.api_models import (
     RecommendRequest,
     RecommendResponse,
 )
-from gateway.assignment import Variant
+from gateway.assignment import Variant, analysis_bucket
 from gateway.attribution import (
     FALLBACK_MODEL_VERSION,
+    Attribution,
     MODEL_VERSION_PATTERN,
     new_request_id,
     parse_request_id,
@@ -284,7 +285,9 @@ class Gateway:
 
         request_id = new_request_id(variant, model_version)
         if item_ids:
-            self.metrics.impressions.labels(routing.system, model_version, variant.value).inc()
+            self.metrics.impressions.labels(
+                routing.system, model_version, variant.value, analysis_bucket(ask.user_id)
+            ).inc()
             self._publish(
                 routing,
                 "impressions",
@@ -325,10 +328,8 @@ class Gateway:
         for event in events:
             # The pattern was checked in validation, so this cannot fail.
             served_by = parse_request_id(event.request_id) if event.request_id else None
-            if served_by is not None and event.type == "click":
-                self.metrics.clicks.labels(
-                    routing.system, served_by.model_version, served_by.variant.value
-                ).inc()
+            if served_by is not None:
+                self._count_outcome(routing, event, served_by)
             self._publish(
                 routing,
                 "interactions",
@@ -341,6 +342,22 @@ class Gateway:
                 ),
             )
         return json_response(EventsAccepted(accepted=len(events)), 202)
+
+    def _count_outcome(self, routing: Routing, event: ClientEvent, served_by: Attribution) -> None:
+        """Clicks, dwell and purchases, for the version that served the list (and the
+        user's bucket: the bucket of the user who acts, who is the user who was shown it)."""
+        labels = (
+            routing.system,
+            served_by.model_version,
+            served_by.variant.value,
+            analysis_bucket(event.user_id),
+        )
+        if event.type == "click":
+            self.metrics.clicks.labels(*labels).inc()
+        elif event.type == "purchase":
+            self.metrics.purchases.labels(*labels).inc()
+        elif event.type == "dwell" and event.dwell_ms is not None:
+            self.metrics.dwell_seconds.labels(*labels).inc(event.dwell_ms / 1000)
 
     def _publish(
         self, routing: Routing, stream: str, user_id: str, payload: Callable[[], bytes]

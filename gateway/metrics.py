@@ -10,14 +10,25 @@ Label conventions the rollout analysis relies on:
   shows in the canary's own latency and fallback counts;
 - impressions and clicks are labelled with the version that *ranked the items
   shown*: `fallback` when the fallback answered, so popularity answers never count
-  towards a model's CTR.
+  towards a model's CTR; dwell and purchases are attributed like clicks;
+- impressions, clicks, dwell and purchases also carry `bucket`, a hash of the user id
+  into 64 values (`gateway.assignment.analysis_bucket`): the analysis measures from
+  it how much users differ. Totals per version are a `sum by` away.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from recsys_operator.telemetry import CLICKS, GATEWAY_LATENCY, GATEWAY_REQUESTS, IMPRESSIONS
+from recsys_operator.telemetry import (
+    BUCKET_LABEL,
+    CLICKS,
+    DWELL_SECONDS,
+    GATEWAY_LATENCY,
+    GATEWAY_REQUESTS,
+    IMPRESSIONS,
+    PURCHASES,
+)
 
 # Names recsys_operator.telemetry does not list yet (reported to the operator's owner).
 GATEWAY_FALLBACKS = "recsys_gateway_fallbacks_total"
@@ -33,6 +44,7 @@ LATENCY_BUCKETS_S = (
 )  # fmt: skip
 
 VERSION_LABELS = ("system", "model_version", "variant")
+BUCKETED_LABELS = (*VERSION_LABELS, BUCKET_LABEL)
 
 
 class GatewayMetrics:
@@ -55,13 +67,25 @@ class GatewayMetrics:
         self.impressions = Counter(
             IMPRESSIONS,
             "Recommendation lists shown (one per non-empty response).",
-            VERSION_LABELS,
+            BUCKETED_LABELS,
             registry=r,
         )
         self.clicks = Counter(
             CLICKS,
             "Click events attributed, through their request_id, to the version that served them.",
-            VERSION_LABELS,
+            BUCKETED_LABELS,
+            registry=r,
+        )
+        self.dwell_seconds = Counter(
+            DWELL_SECONDS,
+            "Dwell time (dwell events' dwell_ms, in seconds) attributed like clicks.",
+            BUCKETED_LABELS,
+            registry=r,
+        )
+        self.purchases = Counter(
+            PURCHASES,
+            "Purchase events attributed like clicks.",
+            BUCKETED_LABELS,
             registry=r,
         )
         self.fallbacks = Counter(

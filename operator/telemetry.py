@@ -11,6 +11,15 @@ GATEWAY_LATENCY = "recsys_gateway_request_duration_seconds"
 GATEWAY_REQUESTS = "recsys_gateway_requests_total"  # + code label
 IMPRESSIONS = "recsys_impressions_total"
 CLICKS = "recsys_clicks_total"
+# Guardrails of the rollout analysis, attributed like clicks (through the request id).
+DWELL_SECONDS = "recsys_dwell_seconds_total"  # sum of dwell_ms / 1000 of dwell events
+PURCHASES = "recsys_purchases_total"
+# Impressions, clicks, dwell and purchases also carry a `bucket` label: a hash of the
+# user id into ANALYSIS_BUCKETS values, independent of the variant assignment, so the
+# rollout analysis can measure how much users differ (cluster-robust variance).
+# Sum over it (`sum by (model_version, variant)`) for per-version totals.
+BUCKET_LABEL = "bucket"
+ANALYSIS_BUCKETS = 64
 GATEWAY_FALLBACKS = "recsys_gateway_fallbacks_total"  # + model_version, variant, reason
 GATEWAY_EVENTS_SENT = "recsys_gateway_events_sent_total"  # + stream
 GATEWAY_EVENTS_DROPPED = "recsys_gateway_events_dropped_total"  # + reason
