@@ -90,7 +90,7 @@ async def rollout_tick(
         prometheus_url,
         system_id(system),
         state.stable_version,
-        system.spec.rollout.analysis,
+        system.spec.rollout,
     )
     transition = await tick(
         system.spec.model.version,

@@ -223,7 +223,7 @@ class LocalSystem:
             prometheus_url(self.processes["prometheus"]),
             self._system_id(),
             state.stable_version,
-            system.spec.rollout.analysis,
+            system.spec.rollout,
             timeout_s=3,
         )
         transition = asyncio.run(
