@@ -234,6 +234,10 @@ class Gateway:
 
         variant = routing.variant_for(ask.user_id)
         endpoint = routing.endpoint(variant)
+        # Both variants' series exist from the first request after a routing change.
+        for each in (Variant.STABLE, Variant.CANARY):
+            if each is Variant.STABLE or routing.canary is not None:
+                self.metrics.ensure_buckets(routing.system, routing.endpoint(each).version, each.value)
         # Failures count against the version the routing chose; answers against the
         # version that actually served them (see `_served_version`).
         version = endpoint.version
@@ -285,9 +289,9 @@ class Gateway:
 
         request_id = new_request_id(variant, model_version)
         if item_ids:
-            self.metrics.impressions.labels(
+            self.metrics.count_impression(
                 routing.system, model_version, variant.value, analysis_bucket(ask.user_id)
-            ).inc()
+            )
             self._publish(
                 routing,
                 "impressions",

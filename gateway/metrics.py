@@ -21,6 +21,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from recsys_operator.telemetry import (
+    ANALYSIS_BUCKETS,
     BUCKET_LABEL,
     CLICKS,
     DWELL_SECONDS,
@@ -50,6 +51,7 @@ BUCKETED_LABELS = (*VERSION_LABELS, BUCKET_LABEL)
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._bucketed: set[tuple[str, str, str]] = set()
         r = self.registry
         self.request_duration = Histogram(
             GATEWAY_LATENCY,
@@ -112,6 +114,24 @@ class GatewayMetrics:
             ("result",),
             registry=r,
         )
+
+    def count_impression(self, system: str, model_version: str, variant: str, bucket: str) -> None:
+        self.ensure_buckets(system, model_version, variant)
+        self.impressions.labels(system, model_version, variant, bucket).inc()
+
+    def ensure_buckets(self, system: str, model_version: str, variant: str) -> None:
+        """Create every bucket's series of a version at zero, once.
+
+        Prometheus' increase() ignores a series' first sample, so a series born with
+        the first click of its bucket would lose that click; across 64 buckets a new
+        canary would lose dozens of its first clicks. Born at zero, none is lost."""
+        key = (system, model_version, variant)
+        if key in self._bucketed:
+            return
+        self._bucketed.add(key)
+        for bucket in range(ANALYSIS_BUCKETS):
+            for counter in (self.impressions, self.clicks, self.dwell_seconds, self.purchases):
+                counter.labels(system, model_version, variant, str(bucket))
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""
