@@ -59,7 +59,9 @@ DROPS = (0.0, 0.10, 0.20)
 DEMO_LISTS_PER_USER = 30 * 300 / USERS
 
 
-def old_ctr_p_value(c_clicks: float, c_impr: float, s_clicks: float, s_impr: float, r: float) -> float:
+def old_ctr_p_value(
+    c_clicks: float, c_impr: float, s_clicks: float, s_impr: float, r: float
+) -> float:
     """The analysis before issue 17: a two-proportion z-test, impressions independent."""
     p_c, p_s = c_clicks / c_impr, s_clicks / s_impr
     variance = p_c * (1 - p_c) / c_impr + r**2 * p_s * (1 - p_s) / s_impr
@@ -89,7 +91,9 @@ class Window:
 class Population:
     """Users with fixed click propensities, buckets as the gateway computes them."""
 
-    def __init__(self, propensity: Callable[[np.random.Generator], np.ndarray], lists_per_user: float):
+    def __init__(
+        self, propensity: Callable[[np.random.Generator], np.ndarray], lists_per_user: float
+    ):
         self.propensity = propensity
         self.lists_per_user = lists_per_user
         self.bucket = np.array([int(analysis_bucket(f"u{u:04d}")) for u in range(USERS)])
@@ -219,14 +223,18 @@ def main() -> None:
     if not args.quick:
         synthetic = synthetic_users()
         mean = float(synthetic(np.random.default_rng(0)).mean())
-        populations.append((f"synthetic users (list CTR {mean:.2f})", Population(synthetic, LISTS_PER_USER)))
+        populations.append(
+            (f"synthetic users (list CTR {mean:.2f})", Population(synthetic, LISTS_PER_USER))
+        )
         populations.append(
             (
                 f"Beta 2, demo traffic ({DEMO_LISTS_PER_USER:g} lists/user/window)",
                 Population(beta_users(2.0), DEMO_LISTS_PER_USER),
             )
         )
-    print("\n| users | canary | OLD rolled back | NEW rolled back | NEW of which waited out | NEW mean windows |")
+    print(
+        "\n| users | canary | OLD rolled back | NEW rolled back | NEW of which waited out | NEW mean windows |"
+    )
     print("|---|---|---|---|---|---|")
     headline: dict[str, float] = {}
     for p_index, (name, population) in enumerate(populations):
@@ -247,7 +255,9 @@ def main() -> None:
                 headline[f"new {drop}"] = new_rate
     print()
     print("defaults, realistic spread (Beta concentration 2):")
-    print(f"A/A false rollback rate: {headline['new 0.0']:.3f} (old test {headline['old 0.0']:.3f})")
+    print(
+        f"A/A false rollback rate: {headline['new 0.0']:.3f} (old test {headline['old 0.0']:.3f})"
+    )
     print(f"power at 10% worse: {headline['new 0.1']:.3f} (old test {headline['old 0.1']:.3f})")
     print(f"elapsed: {time.monotonic() - started:.0f} s")
 

@@ -44,8 +44,8 @@ from gateway.api_models import (
 from gateway.assignment import Variant, analysis_bucket
 from gateway.attribution import (
     FALLBACK_MODEL_VERSION,
-    Attribution,
     MODEL_VERSION_PATTERN,
+    Attribution,
     new_request_id,
     parse_request_id,
 )
@@ -237,7 +237,9 @@ class Gateway:
         # Both variants' series exist from the first request after a routing change.
         for each in (Variant.STABLE, Variant.CANARY):
             if each is Variant.STABLE or routing.canary is not None:
-                self.metrics.ensure_buckets(routing.system, routing.endpoint(each).version, each.value)
+                self.metrics.ensure_buckets(
+                    routing.system, routing.endpoint(each).version, each.value
+                )
         # Failures count against the version the routing chose; answers against the
         # version that actually served them (see `_served_version`).
         version = endpoint.version

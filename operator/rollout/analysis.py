@@ -158,7 +158,7 @@ def analyse(
     }
 
     def result(decision: AnalysisDecision, reason: str) -> AnalysisResult:
-        return AnalysisResult(time=now_rfc3339(), decision=decision, reason=reason, **numbers)  # type: ignore[arg-type]
+        return AnalysisResult(time=now_rfc3339(), decision=decision, reason=reason, **numbers)
 
     error_rate = canary.error_rate
     if error_rate is not None and error_rate > spec.max_error_rate:

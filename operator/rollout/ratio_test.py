@@ -43,8 +43,10 @@ def normal_quantile(p: float) -> float:
     elif p <= 1 - low:
         q = p - 0.5
         r = q * q
-        x = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q / (
-            ((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1
+        x = (
+            (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5])
+            * q
+            / (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
         )
     else:
         q = math.sqrt(-2 * math.log(1 - p))
@@ -230,8 +232,7 @@ def sample_ratio(
     count = len(seen)
     variance = squares * count / (count - 1) if count > 1 else 0.0
     gap = share - expected_share
-    if variance <= 0:
-        chi_square = 0.0 if gap == 0 else math.inf
-    else:
-        chi_square = gap * gap / variance
+    # Every bucket with the same share (no variance) is exact, or infinitely far off.
+    no_spread = 0.0 if gap == 0 else math.inf
+    chi_square = gap * gap / variance if variance > 0 else no_spread
     return SampleRatio(canary_share=share, expected_share=expected_share, chi_square=chi_square)

@@ -248,7 +248,9 @@ def test_waiting_says_how_many_impressions_a_drop_needs() -> None:
 
 def test_the_needed_impressions_grow_with_the_spread_between_users() -> None:
     spec = AnalysisSpec(min_ctr_ratio=1.0, min_impressions=100)
-    alike = analyse(v(impressions=5000, clicks=1500), v(impressions=5000, clicks=1500, seed=2), spec, LOOK)
+    alike = analyse(
+        v(impressions=5000, clicks=1500), v(impressions=5000, clicks=1500, seed=2), spec, LOOK
+    )
     differ = analyse(clumpy(5000, 0.3, 1, 50), clumpy(5000, 0.3, 2, 50), spec, LOOK)
     assert alike.impressions_needed and differ.impressions_needed
     assert differ.impressions_needed > 1.5 * alike.impressions_needed

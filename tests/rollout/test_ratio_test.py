@@ -159,4 +159,6 @@ def test_impressions_needed_by_hand() -> None:
     c = RatioComparison(0.3, 0.3, 1.0, 0.01, 64, 10_000)
     assert c.impressions_needed(0.10, 0.05, 0.8) == pytest.approx(6869.5, abs=0.5)
     # A drop that does not reach below the threshold can never be detected.
-    assert math.isinf(RatioComparison(0.3, 0.3, 0.9, 0.01, 64, 10_000).impressions_needed(0.1, 0.05, 0.8))
+    assert math.isinf(
+        RatioComparison(0.3, 0.3, 0.9, 0.01, 64, 10_000).impressions_needed(0.1, 0.05, 0.8)
+    )

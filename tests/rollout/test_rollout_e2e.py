@@ -356,7 +356,6 @@ def test_a_canary_whose_serving_fails_is_rolled_back_on_errors(stack: Stack) -> 
     assert record.last_analysis.canary_error_rate > 0.9
 
 
-
 def judged_spec() -> RolloutSpec:
     """One look at 50% with 2,000 impressions a side (a few intervals: waiting gathers
     them), at confidence 0.999 so an identical canary is rolled back once in a thousand."""
@@ -373,7 +372,9 @@ def test_an_identical_canary_is_promoted_with_the_numbers_in_status(stack: Stack
     assert waits and "too few impressions" in waits[0].state.canary.last_analysis.reason
     a = record.last_analysis
     assert a.canary_impressions >= 2000 and a.stable_impressions >= 2000
-    assert a.canary_ctr == pytest.approx(0.7, abs=0.05) and a.stable_ctr == pytest.approx(0.7, abs=0.05)
+    assert a.canary_ctr == pytest.approx(0.7, abs=0.05) and a.stable_ctr == pytest.approx(
+        0.7, abs=0.05
+    )
     assert a.alpha == pytest.approx(0.001) and a.p_value > a.alpha
     assert 0 < a.ctr_std_error < 0.05
     assert a.impressions_needed is not None
