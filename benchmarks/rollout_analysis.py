@@ -253,6 +253,18 @@ def main() -> None:
             if name.startswith("Beta users, concentration 2"):
                 headline[f"old {drop}"] = rate(old)
                 headline[f"new {drop}"] = new_rate
+    if not args.quick:
+        # The old default tolerance with the new statistics: fewer rollbacks of a canary
+        # a little worse, far less power against a 10% drop (half the distance).
+        margin = RolloutSpec(analysis=AnalysisSpec(min_ctr_ratio=0.95))
+        population = Population(beta_users(2.0), LISTS_PER_USER)
+        print("\n| NEW with minCtrRatio 0.95, Beta 2 | canary | rolled back |")
+        print("|---|---|---|")
+        for drop in DROPS:
+            rng = np.random.default_rng([args.seed, 99, int(drop * 100)])
+            outcomes = [new_rollout(population, rng, drop, margin) for _ in range(trials)]
+            canary = "identical" if drop == 0 else f"{drop:.0%} worse CTR"
+            print(f"| | {canary} | {rate([o.rolled_back for o in outcomes]):.1%} |", flush=True)
     print()
     print("defaults, realistic spread (Beta concentration 2):")
     print(

@@ -217,7 +217,7 @@ def clumpy(impressions: int, ctr: float, seed: int, concentration: float = 400) 
 
 
 def test_an_early_look_spends_less_than_the_whole_budget() -> None:
-    # The same numbers (p about 0.022) fail where the whole 0.05 is spent and pass at the
+    # The same numbers (p about 0.026) fail where the whole 0.05 is spent and pass at the
     # first look of the default plan (alpha 0.0085): the first look keeps budget for later.
     stable, like = clumpy(20_000, 0.3, 2), clumpy(20_000, 0.3, 1)
     assert like.clicks is not None
@@ -226,7 +226,7 @@ def test_an_early_look_spends_less_than_the_whole_budget() -> None:
     )
     spec = AnalysisSpec(min_ctr_ratio=1.0, max_p99_latency_ms=50, min_impressions=1000)
     whole = analyse(canary, stable, spec, LOOK)
-    assert whole.p_value == pytest.approx(0.0222, abs=1e-3)
+    assert whole.p_value == pytest.approx(0.0256, abs=1e-3)
     assert whole.decision is AnalysisDecision.FAIL
     first_alpha = Look.at([10, 25, 50, 100], 0, 0.95).alpha
     assert first_alpha == pytest.approx(0.0085308, abs=1e-6)

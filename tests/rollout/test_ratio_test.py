@@ -20,15 +20,17 @@ from recsys_operator.rollout.ratio_test import (
 
 def test_two_buckets_by_hand() -> None:
     # p_c = 3/10 = 0.3, p_s = 4/10 = 0.4, r = 0.8: D = 0.3 - 0.32 = -0.02.
-    # e_a = (2 - 0.3*4)/10 - 0.8 (1 - 0.4*5)/10 = 0.08 + 0.08 = 0.16; e_b = -0.16.
-    # Var = 2/1 * (0.16^2 + 0.16^2) = 0.1024, se = 0.32, t = -0.0625 with 2 - 1 = 1
-    # degree of freedom (Cauchy): p = 1/2 + atan(-0.0625) / pi.
+    # Rates at the threshold: q_s = (3 + 4) / (0.8*10 + 10) = 0.388889, q_c = 0.311111.
+    # e_a = (2 - 0.311111*4)/10 - 0.8 (1 - 0.388889*5)/10 = 0.075556 + 0.075556 = 0.151111
+    # e_b = (1 - 0.311111*6)/10 - 0.8 (3 - 0.388889*5)/10 = -0.086667 - 0.084444 = -0.171111
+    # Var = 2/1 * (0.151111^2 + 0.171111^2) = 0.104227, se = 0.322843; t = D / se with
+    # 2 - 1 = 1 degree of freedom (Cauchy): p = 1/2 + atan(t) / pi.
     c = compare_rates({"a": 2, "b": 1}, {"a": 4, "b": 6}, {"a": 1, "b": 3}, {"a": 5, "b": 5}, 0.8)
     assert c.canary_rate == pytest.approx(0.3) and c.stable_rate == pytest.approx(0.4)
     assert c.difference == pytest.approx(-0.02)
-    assert c.std_error == pytest.approx(0.32)
-    assert c.p_value == pytest.approx(0.5 + math.atan(-0.0625) / math.pi)
-    assert c.p_value == pytest.approx(0.48013, abs=1e-5)
+    assert c.std_error == pytest.approx(0.322843, abs=1e-6)
+    assert c.p_value == pytest.approx(0.5 + math.atan(-0.02 / 0.322843) / math.pi, abs=1e-6)
+    assert c.p_value == pytest.approx(0.48031, abs=1e-5)
     assert c.buckets == 2 and c.impressions == 20
 
 
@@ -52,12 +54,21 @@ def test_a_missing_bucket_counts_zero_and_empty_sides_are_refused() -> None:
         compare_rates({}, {}, {"a": 1}, {"a": 5}, 1.0)
 
 
-def test_no_spread_decides_on_the_sign() -> None:
+def test_the_variance_is_taken_at_the_threshold() -> None:
+    # Buckets alike on each side, canary at half of stable. The observed rates would give
+    # no spread at all (se 0, "certain"); at the threshold (q = 4/40 = 0.1 on both sides)
+    # e_a = e_b = (1 - 1)/20 - (2 - 1)/20 = -0.05: Var = 2 * 0.005 = 0.01, se = 0.1,
+    # t = -0.1 / 0.1 = -1 with 1 degree of freedom: p = 1/4.
     same = {"a": 10.0, "b": 10.0}
     worse = compare_rates({"a": 1, "b": 1}, same, {"a": 2, "b": 2}, same, 1.0)
-    assert worse.std_error == 0 and worse.p_value == 0.0
-    equal = compare_rates({"a": 2, "b": 2}, same, {"a": 2, "b": 2}, same, 1.0)
-    assert equal.p_value == 1.0
+    assert worse.std_error == pytest.approx(0.1)
+    assert worse.p_value == pytest.approx(0.25)
+
+
+def test_no_clicks_anywhere_is_no_evidence() -> None:
+    same = {"a": 10.0, "b": 10.0}
+    nothing = compare_rates({}, same, {}, same, 1.0)
+    assert nothing.std_error == 0 and nothing.p_value == 1.0
 
 
 def simulate(rng: np.random.Generator, users: int, concentration: float, ratio: float) -> tuple:
