@@ -14,12 +14,22 @@ MODEL_VERSION_LABEL = "model_version"
 VARIANT_LABEL = "variant"
 VERSION_LABELS = (SYSTEM_LABEL, MODEL_VERSION_LABEL, VARIANT_LABEL)
 """Labels of every per-version gateway metric, in this order."""
+BUCKET_LABEL = "bucket"
+"""Impressions, clicks, dwell and purchases also carry a `bucket`: a hash of the user id into
+ANALYSIS_BUCKETS values, independent of the variant assignment, so the rollout analysis can
+measure how much users differ (cluster-robust variance). Sum over it
+(`sum by (model_version, variant)`) for per-version totals."""
+ANALYSIS_BUCKETS = 64
+BUCKETED_LABELS = (*VERSION_LABELS, BUCKET_LABEL)
 
 # --- gateway (histogram in seconds; counters) ------------------------------------------
 GATEWAY_LATENCY = "recsys_gateway_request_duration_seconds"
 GATEWAY_REQUESTS = "recsys_gateway_requests_total"  # + code
 IMPRESSIONS = "recsys_impressions_total"
 CLICKS = "recsys_clicks_total"
+# Guardrails of the rollout analysis, attributed like clicks (through the request id).
+DWELL_SECONDS = "recsys_dwell_seconds_total"  # sum of dwell_ms / 1000 of dwell events
+PURCHASES = "recsys_purchases_total"
 GATEWAY_FALLBACKS = "recsys_gateway_fallbacks_total"  # + reason
 GATEWAY_EVENTS_SENT = "recsys_gateway_events_sent_total"  # system, stream
 GATEWAY_EVENTS_DROPPED = "recsys_gateway_events_dropped_total"  # system, reason

@@ -19,6 +19,12 @@ from __future__ import annotations
 import hashlib
 from enum import StrEnum
 
+from recsys_contracts.metric_names import ANALYSIS_BUCKETS
+
+# A fixed salt of its own: buckets must not line up with variants (each bucket holds
+# canary and stable users alike) and must not change between rollouts.
+_BUCKET_SALT = "recsys-analysis-bucket"
+
 # 64 bits of hash give positions far finer than any weight anyone will set.
 _HASH_BYTES = 8
 _HASH_RANGE = float(1 << (8 * _HASH_BYTES))
@@ -47,3 +53,12 @@ def assign_variant(salt: str, user_id: str, canary_weight: float) -> Variant:
     if traffic_position(salt, user_id) < canary_weight:
         return Variant.CANARY
     return Variant.STABLE
+
+
+def analysis_bucket(user_id: str) -> str:
+    """The user's metrics bucket, "0" .. str(ANALYSIS_BUCKETS - 1), the same on every replica.
+
+    Whole users fall into one bucket, so the spread of per-bucket click rates shows how
+    much users differ; the rollout analysis computes its variance from it."""
+    position = traffic_position(_BUCKET_SALT, user_id)  # uniform in [0, 100)
+    return str(min(int(position / 100.0 * ANALYSIS_BUCKETS), ANALYSIS_BUCKETS - 1))

@@ -41,7 +41,7 @@ from gateway.api_models import (
     RecommendRequest,
     RecommendResponse,
 )
-from gateway.attribution import new_request_id, parse_request_id
+from gateway.attribution import Attribution, new_request_id, parse_request_id
 from gateway.event_sink import DEFAULT_CAPACITY, OPERATION_TIMEOUT_S, DropReason, EventSink
 from gateway.events import impression_payload, interaction_payload
 from gateway.fallback import PopularityFallback
@@ -55,7 +55,7 @@ from recsys_contracts import __version__
 from recsys_contracts.events import now_ms
 from recsys_contracts.model_version import FALLBACK_MODEL_VERSION, MODEL_VERSION_PATTERN
 from recsys_contracts.routing import Endpoint, Routing
-from recsys_contracts.variant_assignment import Variant
+from recsys_contracts.variant_assignment import Variant, analysis_bucket
 
 log = rate_limited_logger(__name__)
 
@@ -230,6 +230,12 @@ class Gateway:
 
         variant = routing.variant_for(ask.user_id)
         endpoint = routing.endpoint(variant)
+        # Both variants' series exist from the first request after a routing change.
+        for each in (Variant.STABLE, Variant.CANARY):
+            if each is Variant.STABLE or routing.canary is not None:
+                self.metrics.ensure_buckets(
+                    routing.system, routing.endpoint(each).version, each.value
+                )
         # Failures count against the version the routing chose; answers against the
         # version that actually served them (see `_served_version`).
         version = endpoint.version
@@ -281,7 +287,9 @@ class Gateway:
 
         request_id = new_request_id(variant, model_version)
         if item_ids:
-            self.metrics.impressions.labels(routing.system, model_version, variant.value).inc()
+            self.metrics.count_impression(
+                routing.system, model_version, variant.value, analysis_bucket(ask.user_id)
+            )
             self._publish(
                 routing,
                 "impressions",
@@ -322,10 +330,8 @@ class Gateway:
         for event in events:
             # The pattern was checked in validation, so this cannot fail.
             served_by = parse_request_id(event.request_id) if event.request_id else None
-            if served_by is not None and event.type == "click":
-                self.metrics.clicks.labels(
-                    routing.system, served_by.model_version, served_by.variant.value
-                ).inc()
+            if served_by is not None:
+                self._count_outcome(routing, event, served_by)
             self._publish(
                 routing,
                 "interactions",
@@ -338,6 +344,22 @@ class Gateway:
                 ),
             )
         return json_response(EventsAccepted(accepted=len(events)), 202)
+
+    def _count_outcome(self, routing: Routing, event: ClientEvent, served_by: Attribution) -> None:
+        """Clicks, dwell and purchases, for the version that served the list (and the
+        user's bucket: the bucket of the user who acts, who is the user who was shown it)."""
+        labels = (
+            routing.system,
+            served_by.model_version,
+            served_by.variant.value,
+            analysis_bucket(event.user_id),
+        )
+        if event.type == "click":
+            self.metrics.clicks.labels(*labels).inc()
+        elif event.type == "purchase":
+            self.metrics.purchases.labels(*labels).inc()
+        elif event.type == "dwell" and event.dwell_ms is not None:
+            self.metrics.dwell_seconds.labels(*labels).inc(event.dwell_ms / 1000)
 
     def _publish(
         self, routing: Routing, stream: str, user_id: str, payload: Callable[[], bytes]

@@ -10,7 +10,10 @@ Label conventions the rollout analysis relies on:
   shows in the canary's own latency and fallback counts;
 - impressions and clicks are labelled with the version that *ranked the items
   shown*: `fallback` when the fallback answered, so popularity answers never count
-  towards a model's CTR.
+  towards a model's CTR; dwell and purchases are attributed like clicks;
+- impressions, clicks, dwell and purchases also carry `bucket`, a hash of the user id
+  into 64 values (`recsys_contracts.variant_assignment.analysis_bucket`): the analysis measures from
+  it how much users differ. Totals per version are a `sum by` away.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from recsys_contracts.metric_names import (
+    ANALYSIS_BUCKETS,
+    BUCKETED_LABELS,
     CLICKS,
+    DWELL_SECONDS,
     GATEWAY_EVENTS_DROPPED,
     GATEWAY_EVENTS_SENT,
     GATEWAY_FALLBACKS,
@@ -26,6 +32,7 @@ from recsys_contracts.metric_names import (
     GATEWAY_REQUESTS,
     GATEWAY_ROUTING_RELOADS,
     IMPRESSIONS,
+    PURCHASES,
     VERSION_LABELS,
 )
 
@@ -40,6 +47,7 @@ LATENCY_BUCKETS_S = (
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._bucketed: set[tuple[str, str, str]] = set()
         r = self.registry
         self.request_duration = Histogram(
             GATEWAY_LATENCY,
@@ -57,13 +65,25 @@ class GatewayMetrics:
         self.impressions = Counter(
             IMPRESSIONS,
             "Recommendation lists shown (one per non-empty response).",
-            VERSION_LABELS,
+            BUCKETED_LABELS,
             registry=r,
         )
         self.clicks = Counter(
             CLICKS,
             "Click events attributed, through their request_id, to the version that served them.",
-            VERSION_LABELS,
+            BUCKETED_LABELS,
+            registry=r,
+        )
+        self.dwell_seconds = Counter(
+            DWELL_SECONDS,
+            "Dwell time (dwell events' dwell_ms, in seconds) attributed like clicks.",
+            BUCKETED_LABELS,
+            registry=r,
+        )
+        self.purchases = Counter(
+            PURCHASES,
+            "Purchase events attributed like clicks.",
+            BUCKETED_LABELS,
             registry=r,
         )
         self.fallbacks = Counter(
@@ -90,6 +110,24 @@ class GatewayMetrics:
             ("result",),
             registry=r,
         )
+
+    def count_impression(self, system: str, model_version: str, variant: str, bucket: str) -> None:
+        self.ensure_buckets(system, model_version, variant)
+        self.impressions.labels(system, model_version, variant, bucket).inc()
+
+    def ensure_buckets(self, system: str, model_version: str, variant: str) -> None:
+        """Create every bucket's series of a version at zero, once.
+
+        Prometheus' increase() ignores a series' first sample, so a series born with
+        the first click of its bucket would lose that click; across 64 buckets a new
+        canary would lose dozens of its first clicks. Born at zero, none is lost."""
+        key = (system, model_version, variant)
+        if key in self._bucketed:
+            return
+        self._bucketed.add(key)
+        for bucket in range(ANALYSIS_BUCKETS):
+            for counter in (self.impressions, self.clicks, self.dwell_seconds, self.purchases):
+                counter.labels(system, model_version, variant, str(bucket))
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

@@ -342,18 +342,32 @@ class ScalingOverrides(ApiModel):
 
 
 class AnalysisSpec(ApiModel):
-    """What a canary must show, against the stable version over the same window, to advance."""
+    """What a canary must show, against the stable version over the same window, to advance.
+
+    Rates are compared with a variance that accounts for users who differ, and the
+    false-rollback budget 1 - confidence is spread over the whole rollout's analyses
+    (docs/rollout-analysis.md)."""
 
     max_p99_latency_ms: float = Field(default=100.0, gt=0, le=60_000)
     """Canary p99 request latency must stay at or below this."""
     max_error_rate: float = Field(default=0.01, ge=0.0, le=1.0)
     """Canary share of failed requests must stay at or below this."""
-    min_ctr_ratio: float = Field(default=0.95, gt=0.0, le=10.0)
-    """Canary CTR divided by stable CTR must not be significantly below this."""
+    min_ctr_ratio: float = Field(default=1.0, gt=0.0, le=10.0)
+    """Canary CTR divided by stable CTR must not be significantly below this (1: roll back a canary significantly worse than stable; 0.95 tolerates a 5% drop)."""
     min_impressions: int = Field(default=500, ge=1)
     """Impressions each variant needs in the window before CTR is judged; fewer means wait."""
     confidence: float = Field(default=0.95, ge=0.5, lt=1.0)
-    """Confidence of the one-sided two-proportion test on CTR."""
+    """A canary that meets the thresholds is rolled back on significance with probability at most 1 - confidence over the whole rollout."""
+    min_detectable_drop: float = Field(default=0.10, gt=0.0, lt=1.0)
+    """Relative CTR drop the rollout must catch: the last analysed step waits until it has the impressions to detect it with `power`."""
+    power: float = Field(default=0.8, ge=0.5, lt=1.0)
+    """Probability of rolling back a canary whose CTR is minDetectableDrop below stable's, at the last analysed step."""
+    sample_ratio_p_value: float = Field(default=0.001, gt=0.0, le=0.1)
+    """A canary share of impressions this improbable under its weight is a sample-ratio mismatch: the step holds, never passes."""
+    min_dwell_ratio: float | None = Field(default=None, gt=0.0, le=10.0)
+    """Optional guardrail: canary dwell time per impression divided by stable's must not be significantly below this."""
+    min_purchase_ratio: float | None = Field(default=None, gt=0.0, le=10.0)
+    """Optional guardrail: canary purchases per impression divided by stable's must not be significantly below this."""
 
 
 class RolloutSpec(ApiModel):

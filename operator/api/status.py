@@ -62,6 +62,22 @@ class AnalysisDecision(StrEnum):
     FAIL = "Fail"
     INCONCLUSIVE = "Inconclusive"
     WAIT = "Wait"
+    SAMPLE_RATIO_MISMATCH = "SampleRatioMismatch"
+
+
+class GuardrailResult(ApiModel):
+    """One guardrail rate (per impression) of the canary against stable's."""
+
+    metric: str
+    """dwell (seconds per impression) or purchase (purchases per impression)."""
+    canary_rate: float
+    """Canary rate over the window."""
+    stable_rate: float
+    """Stable rate over the window."""
+    min_ratio: float
+    """The threshold from the spec."""
+    p_value: float
+    """One-sided p-value that the canary rate is below minRatio x stable's."""
 
 
 class AnalysisResult(ApiModel):
@@ -70,7 +86,7 @@ class AnalysisResult(ApiModel):
     time: str
     """When the analysis ran (RFC 3339)."""
     decision: AnalysisDecision
-    """Pass (advance), Fail (roll back), Inconclusive (hold) or Wait (too few impressions)."""
+    """Pass (advance), Fail (roll back), Inconclusive (hold), Wait (too few impressions) or SampleRatioMismatch (hold: the canary's share of traffic is off its weight)."""
     reason: str = ""
     """Why, in a sentence with the numbers."""
     canary_p99_ms: float | None = None
@@ -89,6 +105,18 @@ class AnalysisResult(ApiModel):
     """Stable impressions in the window."""
     p_value: float | None = None
     """p-value of the one-sided test that canary CTR is below minCtrRatio x stable CTR."""
+    alpha: float | None = None
+    """Significance level of this look: its share of the rollout's budget 1 - confidence (a Fail needs pValue below it)."""
+    ctr_std_error: float | None = None
+    """Standard error of canary CTR - minCtrRatio x stable CTR, from the spread between user buckets."""
+    impressions_needed: int | None = None
+    """Impressions (both variants, at this weight) needed to detect a drop of minDetectableDrop with the configured power."""
+    canary_share: float | None = None
+    """Canary share of impressions in the window (the sample-ratio check compares it with the weight)."""
+    sample_ratio_p_value: float | None = None
+    """p-value of the sample-ratio check (chi-square of the canary share against the weight)."""
+    guardrails: list[GuardrailResult] = Field(default_factory=list)
+    """Dwell and purchase comparisons, when the spec sets their thresholds."""
 
 
 class CanaryStatus(ApiModel):

@@ -1,12 +1,20 @@
 """Judging a canary against the stable version over one analysis window. Pure.
 
 The rules, in order:
-1. no answer from the metrics source (empty vector, NaN) -> Inconclusive, never a pass;
-2. canary p99 latency above the threshold -> Fail;
-3. canary error rate above the threshold -> Fail;
-4. fewer impressions than required on either side -> Wait;
-5. canary CTR significantly below minCtrRatio x stable CTR (one-sided
-   two-proportion z-test at the configured confidence) -> Fail; otherwise Pass.
+1. canary error rate above the threshold -> Fail (first: a canary whose requests all
+   fall back has no impressions of its own, and must not wait for them);
+2. no answer from the metrics source (empty vector, NaN) -> Inconclusive, never a pass;
+3. canary p99 latency above the threshold -> Fail;
+4. fewer impressions than required on either side -> Wait (with the impressions a
+   drop of minDetectableDrop would need, when they can be estimated);
+5. the canary's share of impressions off its weight (sample-ratio mismatch) ->
+   SampleRatioMismatch: the numbers cannot be trusted, so the step holds;
+6. canary CTR (or a guardrail rate) significantly below its min ratio x stable's at
+   this look's share of the false-rollback budget -> Fail; otherwise Pass (saying how
+   many more impressions a drop of minDetectableDrop would have needed, if any).
+
+The variance comes from the spread between user buckets (`ratio_test`), the per-look
+significance level from the spending plan over the steps (`spending`).
 """
 
 from __future__ import annotations
@@ -16,19 +24,39 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from recsys_contracts.metric_names import ANALYSIS_BUCKETS
 from recsys_operator.api.recommender_system import AnalysisSpec
-from recsys_operator.api.status import AnalysisDecision, AnalysisResult, now_rfc3339
+from recsys_operator.api.status import (
+    AnalysisDecision,
+    AnalysisResult,
+    GuardrailResult,
+    now_rfc3339,
+)
+from recsys_operator.rollout.ratio_test import (
+    Buckets,
+    RatioComparison,
+    compare_rates,
+    sample_ratio,
+)
+from recsys_operator.rollout.spending import look_alpha
+
+MIN_BUCKETS = 16
+"""User buckets with impressions below which the variance is not trusted (of 64)."""
 
 
 @dataclass(frozen=True)
 class VariantMetrics:
-    """One variant's numbers over the window; None means the source had no answer."""
+    """One variant's numbers over the window; None means the source had no answer.
+
+    Impressions and the outcome counts are per user bucket (bucket label -> count)."""
 
     p99_ms: float | None
     requests: float | None
     errors: float | None
-    impressions: float | None
-    clicks: float | None
+    impressions: Buckets | None
+    clicks: Buckets | None
+    dwell_seconds: Buckets | None = None
+    purchases: Buckets | None = None
 
     @property
     def error_rate(self) -> float | None:
@@ -37,10 +65,33 @@ class VariantMetrics:
         return self.errors / self.requests if self.requests > 0 else 0.0
 
     @property
+    def impression_count(self) -> float | None:
+        return None if self.impressions is None else sum(self.impressions.values())
+
+    @property
     def ctr(self) -> float | None:
-        if self.impressions is None or self.clicks is None or self.impressions <= 0:
+        n = self.impression_count
+        if n is None or self.clicks is None or n <= 0:
             return None
-        return self.clicks / self.impressions
+        return sum(self.clicks.values()) / n
+
+
+@dataclass(frozen=True)
+class Look:
+    """Which analysis of the rollout this is: the step, its weight and its share of the budget."""
+
+    step: int
+    weight: int
+    alpha: float
+    """This look's share of 1 - confidence (spent over all the metrics it tests)."""
+
+    @classmethod
+    def at(cls, steps: Sequence[int], step: int, confidence: float) -> Look:
+        return cls(
+            step=step,
+            weight=steps[step],
+            alpha=look_alpha(steps, step, 1 - confidence),
+        )
 
 
 def clean(value: float | None) -> float | None:
@@ -48,6 +99,13 @@ def clean(value: float | None) -> float | None:
     if value is None or math.isnan(value) or math.isinf(value):
         return None
     return float(value)
+
+
+def clean_buckets(buckets: Buckets | None) -> dict[str, float] | None:
+    if buckets is None:
+        return None
+    kept = {b: v for b, v in buckets.items() if clean(v) is not None}
+    return kept if kept else None
 
 
 def counter_increase(samples: Sequence[float]) -> float | None:
@@ -60,74 +118,48 @@ def counter_increase(samples: Sequence[float]) -> float | None:
     return total
 
 
-def normal_cdf(z: float) -> float:
-    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
-
-
-def ctr_p_value(
-    canary_clicks: float,
-    canary_impr: float,
-    stable_clicks: float,
-    stable_impr: float,
-    min_ratio: float,
-) -> float:
-    """p-value of H1 "canary CTR < min_ratio x stable CTR" (small means the canary is worse).
-
-    z = (p_c - r p_s) / sqrt(p_c (1 - p_c) / n_c + r^2 p_s (1 - p_s) / n_s), p = Phi(z).
-    """
-    p_c = canary_clicks / canary_impr
-    p_s = stable_clicks / stable_impr
-    variance = p_c * (1 - p_c) / canary_impr + min_ratio**2 * p_s * (1 - p_s) / stable_impr
-    diff = p_c - min_ratio * p_s
-    if variance <= 0:  # all-or-nothing click rates: the sign of the difference decides
-        return 0.0 if diff < 0 else 1.0
-    return normal_cdf(diff / math.sqrt(variance))
-
-
-def analyse(canary: VariantMetrics, stable: VariantMetrics, spec: AnalysisSpec) -> AnalysisResult:
-    canary = VariantMetrics(
-        *(
-            clean(v)
-            for v in (
-                canary.p99_ms,
-                canary.requests,
-                canary.errors,
-                canary.impressions,
-                canary.clicks,
-            )
-        )
+def _cleaned(m: VariantMetrics) -> VariantMetrics:
+    return VariantMetrics(
+        clean(m.p99_ms),
+        clean(m.requests),
+        clean(m.errors),
+        clean_buckets(m.impressions),
+        clean_buckets(m.clicks) or ({} if m.clicks is not None else None),
+        clean_buckets(m.dwell_seconds) or ({} if m.dwell_seconds is not None else None),
+        clean_buckets(m.purchases) or ({} if m.purchases is not None else None),
     )
-    stable = VariantMetrics(
-        *(
-            clean(v)
-            for v in (
-                stable.p99_ms,
-                stable.requests,
-                stable.errors,
-                stable.impressions,
-                stable.clicks,
-            )
-        )
+
+
+def _more_impressions_text(needed: float, have: float, look: Look, spec: AnalysisSpec) -> str:
+    drop = f"{spec.min_detectable_drop:.0%} CTR drop"
+    if 1 - spec.min_detectable_drop >= spec.min_ctr_ratio:
+        return f"a {drop} is within minCtrRatio {spec.min_ctr_ratio:g}, so no test would flag it"
+    if math.isinf(needed):
+        return f"no clicks on stable yet to size a test for a {drop}"
+    return (
+        f"about {max(needed - have, 0):,.0f} more impressions (both variants, at {look.weight}%) "
+        f"to detect a {drop} with {spec.power:.0%} power"
     )
-    numbers = {
+
+
+def analyse(
+    canary: VariantMetrics, stable: VariantMetrics, spec: AnalysisSpec, look: Look
+) -> AnalysisResult:
+    canary, stable = _cleaned(canary), _cleaned(stable)
+    n_canary, n_stable = canary.impression_count, stable.impression_count
+    numbers: dict[str, object] = {
         "canary_p99_ms": canary.p99_ms,
         "stable_p99_ms": stable.p99_ms,
         "canary_error_rate": canary.error_rate,
         "canary_ctr": canary.ctr,
         "stable_ctr": stable.ctr,
-        "canary_impressions": int(canary.impressions) if canary.impressions is not None else None,
-        "stable_impressions": int(stable.impressions) if stable.impressions is not None else None,
+        "canary_impressions": int(n_canary) if n_canary is not None else None,
+        "stable_impressions": int(n_stable) if n_stable is not None else None,
     }
 
-    def result(
-        decision: AnalysisDecision, reason: str, p_value: float | None = None
-    ) -> AnalysisResult:
-        return AnalysisResult(
-            time=now_rfc3339(), decision=decision, reason=reason, p_value=p_value, **numbers
-        )
+    def result(decision: AnalysisDecision, reason: str) -> AnalysisResult:
+        return AnalysisResult(time=now_rfc3339(), decision=decision, reason=reason, **numbers)
 
-    # Errors first: a canary whose requests fail (or fall back) has no impressions of
-    # its own, and must fail rather than wait for impressions that never come.
     error_rate = canary.error_rate
     if error_rate is not None and error_rate > spec.max_error_rate:
         return result(
@@ -146,37 +178,121 @@ def analyse(canary: VariantMetrics, stable: VariantMetrics, spec: AnalysisSpec) 
     ]
     if missing:
         return result(AnalysisDecision.INCONCLUSIVE, f"no data for {', '.join(missing)}")
-    assert (
-        canary.p99_ms is not None
-        and canary.impressions is not None
-        and stable.impressions is not None
-    )
+    assert canary.p99_ms is not None and canary.impressions is not None
+    assert stable.impressions is not None and n_canary is not None and n_stable is not None
     if canary.p99_ms > spec.max_p99_latency_ms:
         return result(
             AnalysisDecision.FAIL,
             f"canary p99 latency {canary.p99_ms:.1f} ms exceeds {spec.max_p99_latency_ms:g} ms",
         )
-    if canary.impressions < spec.min_impressions or stable.impressions < spec.min_impressions:
-        return result(
-            AnalysisDecision.WAIT,
-            f"too few impressions: canary {canary.impressions:.0f}, stable {stable.impressions:.0f}, "
-            f"need {spec.min_impressions} each",
-        )
     if canary.clicks is None or stable.clicks is None:
         return result(AnalysisDecision.INCONCLUSIVE, "no data for clicks")
-    p_value = ctr_p_value(
-        canary.clicks, canary.impressions, stable.clicks, stable.impressions, spec.min_ctr_ratio
+    if set(canary.impressions) | set(stable.impressions) <= {""}:
+        return result(
+            AnalysisDecision.INCONCLUSIVE,
+            "impressions carry no user bucket label (a gateway older than the bucketed metrics?)",
+        )
+
+    # Every metric tested at this look gets an equal share of the look's alpha.
+    guardrails = [
+        (name, counts_c, counts_s, ratio)
+        for name, counts_c, counts_s, ratio in (
+            ("dwell", canary.dwell_seconds, stable.dwell_seconds, spec.min_dwell_ratio),
+            ("purchase", canary.purchases, stable.purchases, spec.min_purchase_ratio),
+        )
+        if ratio is not None
+    ]
+    alpha = look.alpha / (1 + len(guardrails))
+    numbers["alpha"] = alpha
+
+    ctr: RatioComparison | None = None
+    if n_canary > 0 and n_stable > 0:
+        ctr = compare_rates(
+            canary.clicks, canary.impressions, stable.clicks, stable.impressions, spec.min_ctr_ratio
+        )
+        numbers["ctr_std_error"] = ctr.std_error
+        if alpha > 0:
+            needed = ctr.impressions_needed(spec.min_detectable_drop, alpha, spec.power)
+            numbers["impressions_needed"] = None if math.isinf(needed) else math.ceil(needed)
+    have = n_canary + n_stable
+
+    if n_canary < spec.min_impressions or n_stable < spec.min_impressions:
+        reason = (
+            f"too few impressions: canary {n_canary:.0f}, stable {n_stable:.0f}, "
+            f"need {spec.min_impressions} each"
+        )
+        if ctr is not None and alpha > 0:
+            reason += "; " + _more_impressions_text(
+                ctr.impressions_needed(spec.min_detectable_drop, alpha, spec.power),
+                have,
+                look,
+                spec,
+            )
+        return result(AnalysisDecision.WAIT, reason)
+    assert ctr is not None
+    if ctr.buckets < MIN_BUCKETS:
+        return result(
+            AnalysisDecision.WAIT,
+            f"impressions from only {ctr.buckets} of {ANALYSIS_BUCKETS} user buckets; "
+            f"the variance needs at least {MIN_BUCKETS}",
+        )
+
+    srm = sample_ratio(canary.impressions, stable.impressions, look.weight / 100)
+    numbers["canary_share"] = srm.canary_share
+    numbers["sample_ratio_p_value"] = srm.p_value
+    if srm.p_value < spec.sample_ratio_p_value:
+        return result(
+            AnalysisDecision.SAMPLE_RATIO_MISMATCH,
+            f"sample-ratio mismatch: the canary has {srm.canary_share:.1%} of impressions at weight "
+            f"{look.weight}% (chi-square {srm.chi_square:.1f}, p={srm.p_value:.2g} < "
+            f"{spec.sample_ratio_p_value:g}); assignment or attribution is off, so the numbers "
+            "are not judged",
+        )
+
+    if alpha <= 0:
+        return result(
+            AnalysisDecision.INCONCLUSIVE,
+            f"step {look.step} is outside the spending plan of the steps; nothing is judged",
+        )
+    ctr_text = (
+        f"canary CTR {ctr.canary_rate:.4f} vs stable {ctr.stable_rate:.4f} "
+        f"(min ratio {spec.min_ctr_ratio:g}, p={ctr.p_value:.4g}, alpha={alpha:.4g})"
     )
-    alpha = 1 - spec.confidence
-    ctr_text = f"canary CTR {canary.ctr:.4f} vs stable {stable.ctr:.4f} (min ratio {spec.min_ctr_ratio:g}, p={p_value:.4g})"
-    if p_value < alpha:
+    needed = ctr.impressions_needed(spec.min_detectable_drop, alpha, spec.power)
+    if have < needed:  # said on a pass, so an underpowered promotion is visible
+        ctr_text += f"; {_more_impressions_text(needed, have, look, spec)} at this look"
+    numbers["p_value"] = ctr.p_value
+    checked: list[GuardrailResult] = []
+    for name, counts_c, counts_s, min_ratio in guardrails:
+        if counts_c is None or counts_s is None:
+            return result(AnalysisDecision.INCONCLUSIVE, f"no data for {name}")
+        assert min_ratio is not None
+        guard = compare_rates(counts_c, canary.impressions, counts_s, stable.impressions, min_ratio)
+        checked.append(
+            GuardrailResult(
+                metric=name,
+                canary_rate=guard.canary_rate,
+                stable_rate=guard.stable_rate,
+                min_ratio=min_ratio,
+                p_value=guard.p_value,
+            )
+        )
+    numbers["guardrails"] = checked
+
+    if ctr.p_value < alpha:
         return result(
             AnalysisDecision.FAIL,
-            f"{ctr_text}: significantly below at {spec.confidence:g} confidence",
-            p_value,
+            f"{ctr_text}: significantly below at {spec.confidence:g} confidence over the rollout",
         )
+    for guard_result in checked:
+        if guard_result.p_value < alpha:
+            return result(
+                AnalysisDecision.FAIL,
+                f"canary {guard_result.metric} per impression {guard_result.canary_rate:.4g} vs "
+                f"stable {guard_result.stable_rate:.4g} (min ratio {guard_result.min_ratio:g}, "
+                f"p={guard_result.p_value:.4g}, alpha={alpha:.4g}): significantly below",
+            )
     return result(
         AnalysisDecision.PASS,
         f"p99 {canary.p99_ms:.1f} ms, error rate {error_rate or 0:.4f}, {ctr_text}",
-        p_value,
     )

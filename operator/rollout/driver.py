@@ -70,7 +70,7 @@ class PrometheusMetrics:
             self.url,
             system_id(system),
             stable_version,
-            system.spec.rollout.analysis,
+            system.spec.rollout,
             timeout_s=self.timeout_s,
         )
 

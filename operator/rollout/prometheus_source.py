@@ -1,9 +1,14 @@
 """Canary and stable metrics from Prometheus, over the gateway's metrics.
 
 Counters are read with `increase()`, which counts through restarts (resets);
-latency is `histogram_quantile` over the gateway's request-duration histogram.
-Any error, empty vector or NaN becomes None, which the analysis treats as
-inconclusive - never as a pass.
+latency is `histogram_quantile` over the gateway's request-duration histogram;
+impressions, clicks, dwell and purchases come per user bucket (`sum by (bucket)`),
+which the analysis needs for its variance. Any error, empty vector or NaN becomes
+None, which the analysis treats as inconclusive - never as a pass (an empty vector of
+clicks, dwell or purchases is zero of them).
+
+The window of a step's analysis covers the whole step so far: after a Wait or a hold
+the next analysis sees the earlier intervals too, so waiting gathers impressions.
 """
 
 from __future__ import annotations
@@ -15,15 +20,18 @@ from prometheus_api_client import PrometheusConnect
 from urllib3.util.retry import Retry
 
 from recsys_contracts.metric_names import (
+    BUCKET_LABEL,
     CLICKS,
+    DWELL_SECONDS,
     GATEWAY_FALLBACKS,
     GATEWAY_LATENCY,
     GATEWAY_REQUESTS,
     IMPRESSIONS,
+    PURCHASES,
 )
-from recsys_operator.api.recommender_system import AnalysisSpec
+from recsys_operator.api.recommender_system import RolloutSpec
 from recsys_operator.api.status import AnalysisResult, CanaryStatus
-from recsys_operator.rollout.analysis import VariantMetrics, analyse
+from recsys_operator.rollout.analysis import Look, VariantMetrics, analyse
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +49,34 @@ def variant_queries(system_id: str, variant: str, version: str, window_s: float)
             f'(sum(increase({GATEWAY_REQUESTS}{{{sel},code=~"5.."}}[{w}])) or vector(0))'
             f" + (sum(increase({GATEWAY_FALLBACKS}{{{sel}}}[{w}])) or vector(0))"
         ),
-        "impressions": f"sum(increase({IMPRESSIONS}{{{sel}}}[{w}]))",
-        "clicks": f"sum(increase({CLICKS}{{{sel}}}[{w}])) or vector(0)",
     }
+
+
+def bucket_queries(
+    system_id: str, variant: str, version: str, window_s: float, guardrails: bool
+) -> dict[str, str]:
+    """PromQL for one variant's per-bucket counts over the last `window_s` seconds."""
+    sel = f'system="{system_id}",variant="{variant}",model_version="{version}"'
+    w = f"{max(int(window_s), 15)}s"
+    counters = {"impressions": IMPRESSIONS, "clicks": CLICKS}
+    if guardrails:
+        counters |= {"dwell_seconds": DWELL_SECONDS, "purchases": PURCHASES}
+    return {
+        name: f"sum by ({BUCKET_LABEL}) (increase({metric}{{{sel}}}[{w}]))"
+        for name, metric in counters.items()
+    }
+
+
+def step_window_s(canary: CanaryStatus, interval_s: float) -> float:
+    """The step so far: every hold (Wait, Inconclusive, mismatch) restarted the interval."""
+    return interval_s * (canary.inconclusive_count + 1)
 
 
 class PrometheusSource:
     """Analyses a canary with numbers queried from one Prometheus server."""
 
     def __init__(
-        self, url: str, system_id: str, stable_version: str, spec: AnalysisSpec, timeout_s: int = 5
+        self, url: str, system_id: str, stable_version: str, spec: RolloutSpec, timeout_s: int = 5
     ):
         # One attempt per query: a Prometheus that is down must turn into "inconclusive" quickly.
         self.prometheus = PrometheusConnect(
@@ -63,12 +89,15 @@ class PrometheusSource:
         self.stable_version = stable_version
         self.spec = spec
 
-    def _scalar(self, query: str) -> float | None:
+    def _query(self, query: str) -> list[dict] | None:
         try:
-            result = self.prometheus.custom_query(query)
+            return self.prometheus.custom_query(query)
         except Exception as exc:  # unreachable, timeout, bad answer: all mean "no data"
             log.warning("Prometheus query failed (%s): %s", exc, query)
             return None
+
+    def _scalar(self, query: str) -> float | None:
+        result = self._query(query)
         if not result:
             return None
         try:
@@ -76,13 +105,41 @@ class PrometheusSource:
         except (KeyError, IndexError, TypeError, ValueError):
             return None
 
-    def _variant(self, variant: str, version: str, window_s: float) -> VariantMetrics:
-        q = variant_queries(self.system_id, variant, version, window_s)
-        return VariantMetrics(**{name: self._scalar(query) for name, query in q.items()})
+    def _buckets(self, query: str) -> dict[str, float] | None:
+        """bucket -> value; {} for an empty vector (no such events); None on failure."""
+        result = self._query(query)
+        if result is None:
+            return None
+        try:
+            return {
+                str(series["metric"].get(BUCKET_LABEL, "")): float(series["value"][1])
+                for series in result
+            }
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
 
-    async def __call__(self, canary: CanaryStatus, window_s: float) -> AnalysisResult:
+    def _variant(self, variant: str, version: str, window_s: float) -> VariantMetrics:
+        analysis = self.spec.analysis
+        guardrails = analysis.min_dwell_ratio is not None or analysis.min_purchase_ratio is not None
+        scalars = {
+            name: self._scalar(query)
+            for name, query in variant_queries(self.system_id, variant, version, window_s).items()
+        }
+        buckets = {
+            name: self._buckets(query)
+            for name, query in bucket_queries(
+                self.system_id, variant, version, window_s, guardrails
+            ).items()
+        }
+        if not buckets["impressions"]:  # no impressions at all is no answer, not zero
+            buckets["impressions"] = None
+        return VariantMetrics(**scalars, **buckets)  # type: ignore[arg-type]
+
+    async def __call__(self, canary: CanaryStatus, interval_s: float) -> AnalysisResult:
+        window_s = step_window_s(canary, interval_s)
         canary_metrics, stable_metrics = await asyncio.gather(
             asyncio.to_thread(self._variant, "canary", canary.version, window_s),
             asyncio.to_thread(self._variant, "stable", self.stable_version, window_s),
         )
-        return analyse(canary_metrics, stable_metrics, self.spec)
+        look = Look.at(self.spec.steps, canary.step, self.spec.analysis.confidence)
+        return analyse(canary_metrics, stable_metrics, self.spec.analysis, look)

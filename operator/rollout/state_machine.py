@@ -268,7 +268,8 @@ async def tick(
             new, Health(False, "RolledBack", message), [Event(True, "RolledBack", message)]
         )
 
-    # Inconclusive or Wait: hold this step and try again after another interval.
+    # Inconclusive, Wait or SampleRatioMismatch: hold this step and try again after
+    # another interval (the analysis source then looks at the whole step so far).
     count = canary.inconclusive_count + 1
     if count > spec.max_inconclusive:
         reason = f"{count} inconclusive analyses in a row (max {spec.max_inconclusive}); last: {analysis.reason}"
@@ -287,7 +288,7 @@ async def tick(
         Health(True, "Progressing", message),
         [
             Event(
-                analysis.decision is AnalysisDecision.INCONCLUSIVE,
+                analysis.decision is not AnalysisDecision.WAIT,
                 f"Analysis{analysis.decision.value}",
                 message,
             )

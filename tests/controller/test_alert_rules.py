@@ -212,3 +212,38 @@ def test_recorded_ctr_per_version(tmp_path: Path) -> None:
         ],
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_recorded_ctr_sums_the_user_buckets(tmp_path: Path) -> None:
+    # The gateway labels impressions and clicks with a user bucket: the recorded CTR per
+    # version must still be one series, over all buckets ((20 + 10) / (100 + 100)).
+    version = f'{SYSTEM},model_version="2",variant="canary"'
+    series = [
+        {"series": f'recsys_impressions_total{{{version},bucket="{b}"}}', "values": "0+100x70"}
+        for b in ("0", "1")
+    ] + [
+        {"series": f'recsys_clicks_total{{{version},bucket="0"}}', "values": "0+20x70"},
+        {"series": f'recsys_clicks_total{{{version},bucket="1"}}', "values": "0+10x70"},
+    ]
+    result = promtool_test(
+        tmp_path,
+        [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": "recsys:ctr:rate1h",
+                        "eval_time": "65m",
+                        "exp_samples": [
+                            {
+                                "labels": 'recsys:ctr:rate1h{model_version="2",system="recsys-prod.home-feed",variant="canary"}',
+                                "value": 0.15,
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

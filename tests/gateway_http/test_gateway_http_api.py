@@ -22,7 +22,8 @@ from serving_stub import ServingStub, stub_items
 
 from gateway.attribution import parse_request_id
 from gateway.metrics import LATENCY_BUCKETS_S
-from recsys_contracts.variant_assignment import Variant, assign_variant
+from recsys_contracts.metric_names import ANALYSIS_BUCKETS
+from recsys_contracts.variant_assignment import Variant, analysis_bucket, assign_variant
 from recsys_operator.launchers.process import free_port
 
 
@@ -314,6 +315,53 @@ def test_clicks_count_for_the_version_that_served_them(
     assert metric_value(metrics, "recsys_clicks_total", model_version="2", variant="canary") == 2
     assert metric_value(metrics, "recsys_clicks_total", model_version="1", variant="stable") == 1
     assert metric_value(metrics, "recsys_clicks_total") == 3
+
+
+def test_outcomes_are_counted_per_user_bucket_for_the_serving_version(
+    serving: ServingStub, start_gateway: StartGateway, http: requests.Session
+) -> None:
+    gateway = start_gateway(routing_document(serving, canary="2", weight=50, salt="s3"))
+    served = {}
+    for n in range(30):
+        body = recommend(http, gateway.url, user_id=f"user-{n}", k=1).json()
+        served[f"user-{n}"] = body
+    canary_user = next(u for u, b in served.items() if b["variant"] == "canary")
+    stable_user = next(u for u, b in served.items() if b["variant"] == "stable")
+    events = [
+        {"type": "click", "user_id": canary_user, "item_id": "i",
+         "request_id": served[canary_user]["request_id"]},
+        {"type": "dwell", "user_id": canary_user, "item_id": "i", "dwell_ms": 2500,
+         "request_id": served[canary_user]["request_id"]},
+        {"type": "purchase", "user_id": stable_user, "item_id": "i",
+         "request_id": served[stable_user]["request_id"]},
+    ]  # fmt: skip
+    assert http.post(f"{gateway.url}/v1/events", json=events, timeout=10).status_code == 202
+
+    metrics = http.get(f"{gateway.url}/metrics", timeout=10).text
+    c_bucket, s_bucket = analysis_bucket(canary_user), analysis_bucket(stable_user)
+    canary = {"model_version": "2", "variant": "canary"}
+    assert metric_value(metrics, "recsys_clicks_total", **canary, bucket=c_bucket) == 1
+    assert metric_value(metrics, "recsys_dwell_seconds_total", **canary, bucket=c_bucket) == 2.5
+    assert (
+        metric_value(
+            metrics, "recsys_purchases_total", model_version="1", variant="stable", bucket=s_bucket
+        )
+        == 1
+    )
+    # Impressions per bucket add up to the per-version totals dashboards sum.
+    canary_buckets = {analysis_bucket(u) for u, b in served.items() if b["variant"] == "canary"}
+    per_bucket = sum(
+        metric_value(metrics, "recsys_impressions_total", **canary, bucket=bucket)
+        for bucket in canary_buckets
+    )
+    assert per_bucket == metric_value(metrics, "recsys_impressions_total", **canary)
+    assert per_bucket == sum(b["variant"] == "canary" for b in served.values())
+    # Every bucket exists (at zero or more) for both versions, bounded at 64 values.
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    labels = [s.labels for s in families["recsys_clicks"].samples if s.name.endswith("_total")]
+    assert {(lab["model_version"], lab["bucket"]) for lab in labels} == {
+        (v, str(b)) for v in ("1", "2") for b in range(ANALYSIS_BUCKETS)
+    }
 
 
 def test_health_and_errors_of_the_http_layer_are_json(

@@ -154,11 +154,23 @@ class Users(threading.Thread):
         seen: dict[str, set[str]],
         recording: threading.Event,
         limit_s: float = 240,
+        canary_click_factor: float = 1.0,
+        list_ctr: float | None = None,
+        seed: int = 11,
     ):
         super().__init__(daemon=True)
+        # Users alike: each list is clicked (its first item) with this probability,
+        # whatever the items. The ground truth's users differ so much that telling a
+        # 10% drop apart would take many minutes of this harness's traffic.
+        self.list_ctr = list_ctr
         self.stack, self.seen, self.recording, self.limit_s = stack, seen, recording, limit_s
+        # Users who like the canary's lists less: a click they would make on a canary
+        # list is kept with this probability, so the canary's true CTR is this x stable's.
+        self.canary_click_factor = canary_click_factor
         self.stopped = threading.Event()
-        self.rng = random.Random(11)
+        # One seed per thread: threads with the same seed would send the same users the
+        # same clicks in lockstep, tripling every visit (the analysis sees the clumps).
+        self.rng = random.Random(seed)
 
     def run(self) -> None:
         session = requests.Session()
@@ -181,8 +193,16 @@ class Users(threading.Thread):
             probabilities = self.stack.world.click_probability(
                 [user] * len(answer["item_ids"]), answer["item_ids"], now
             )
+            if self.list_ctr is not None:
+                probabilities = np.zeros(len(answer["item_ids"]))
+                probabilities[:1] = self.list_ctr
             for item, p in zip(answer["item_ids"], probabilities, strict=True):
                 if self.rng.random() < p:
+                    if (
+                        answer["variant"] == "canary"
+                        and self.rng.random() >= self.canary_click_factor
+                    ):
+                        break
                     session.post(
                         f"{self.stack.gateway_url}/v1/events",
                         json={
@@ -202,17 +222,27 @@ def roll_out(
     spec: RolloutSpec,
     prometheus: str | None = None,
     limit_s: float = 150,
+    canary_click_factor: float = 1.0,
+    list_ctr: float | None = None,
 ) -> tuple[RolloutState, list[Transition], dict[str, set[str]]]:
     """Drive the state machine until the rollout ends, moving traffic as it decides."""
     seen: dict[str, set[str]] = {}  # user -> variant:version answered while a weight held
     recording = threading.Event()
-    users = [Users(stack, seen, recording) for _ in range(3)]
+    users = [
+        Users(
+            stack,
+            seen,
+            recording,
+            canary_click_factor=canary_click_factor,
+            list_ctr=list_ctr,
+            seed=11 + n,
+        )
+        for n in range(3)
+    ]
     for u in users:
         u.start()
     state = RolloutState(stable_version="1")
-    source = PrometheusSource(
-        prometheus or stack.prometheus, SYSTEM, "1", spec.analysis, timeout_s=3
-    )
+    source = PrometheusSource(prometheus or stack.prometheus, SYSTEM, "1", spec, timeout_s=3)
     transitions = []
     deadline = time.monotonic() + limit_s
     try:
@@ -314,3 +344,46 @@ def test_a_canary_whose_serving_fails_is_rolled_back_on_errors(stack: Stack) -> 
     assert record.outcome is RolloutOutcome.ROLLED_BACK, record
     assert "error rate" in record.reason, record.reason
     assert record.last_analysis.canary_error_rate > 0.9
+
+
+def judged_spec() -> RolloutSpec:
+    """One look at 50% with 2,000 impressions a side (a few intervals: waiting gathers
+    them), at confidence 0.999 so an identical canary is rolled back once in a thousand.
+    With users alike at list CTR 0.8, a 10% drop is then about 6 standard errors below:
+    caught with probability above 0.99."""
+    return spec(min_ctr_ratio=1.0, min_impressions=2000, confidence=0.999).model_copy(
+        update={"interval": "20s", "max_inconclusive": 5}
+    )
+
+
+def test_an_identical_canary_is_promoted_with_the_numbers_in_status(stack: Stack) -> None:
+    state, transitions, _ = roll_out(stack, "2", judged_spec(), limit_s=170, list_ctr=0.8)
+    record = state.last_rollout
+    assert record.outcome is RolloutOutcome.PROMOTED, record
+    waits = [t for t in transitions if t.state.canary and t.state.canary.inconclusive_count]
+    assert waits and "too few impressions" in waits[0].state.canary.last_analysis.reason
+    a = record.last_analysis
+    assert a.canary_impressions >= 2000 and a.stable_impressions >= 2000
+    assert a.canary_ctr == pytest.approx(0.8, abs=0.05) and a.stable_ctr == pytest.approx(
+        0.8, abs=0.05
+    )
+    assert a.alpha == pytest.approx(0.001) and a.p_value > a.alpha
+    assert 0 < a.ctr_std_error < 0.05
+    assert a.impressions_needed is not None
+    assert a.canary_share == pytest.approx(0.5, abs=0.1) and a.sample_ratio_p_value >= 0.001
+
+
+def test_a_canary_users_click_ten_percent_less_is_rolled_back_with_the_numbers(
+    stack: Stack,
+) -> None:
+    state, _, _ = roll_out(
+        stack, "2", judged_spec(), limit_s=170, list_ctr=0.8, canary_click_factor=0.9
+    )
+    record = state.last_rollout
+    assert record.outcome is RolloutOutcome.ROLLED_BACK, record
+    assert state.stable_version == "1"
+    assert "significantly below at 0.999 confidence" in record.reason
+    a = record.last_analysis
+    assert a.canary_ctr / a.stable_ctr == pytest.approx(0.9, abs=0.05)
+    assert a.p_value < a.alpha == pytest.approx(0.001)
+    assert a.canary_impressions >= 2000 and a.stable_impressions >= 2000

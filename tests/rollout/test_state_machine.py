@@ -164,3 +164,26 @@ async def test_resuming_from_stored_state_continues_at_the_same_step() -> None:
     restored = RolloutState("1", CanaryStatus.model_validate(stored))
     t = await run(restored, T0 + timedelta(minutes=1, seconds=30), Source())
     assert (t.state.canary.step, t.state.canary.weight) == (1, 50)
+
+
+async def test_a_sample_ratio_mismatch_holds_with_a_warning_and_never_promotes() -> None:
+    mismatch = AnalysisDecision.SAMPLE_RATIO_MISMATCH
+    source = Source(mismatch, mismatch, mismatch)
+    state = (await run(RolloutState("1"), T0, source)).state
+    for minute in (1, 2):
+        t = await run(state, T0 + timedelta(minutes=minute, seconds=1), source)
+        state = t.state
+        assert state.canary is not None and state.canary.weight == 10
+        assert t.events[0].warning and t.events[0].reason == "AnalysisSampleRatioMismatch"
+    t = await run(state, T0 + timedelta(minutes=3, seconds=1), source)
+    assert t.state.last_rollout is not None
+    assert t.state.last_rollout.outcome is RolloutOutcome.ROLLED_BACK
+    assert "scripted SampleRatioMismatch" in t.state.last_rollout.reason
+    assert not t.promoted and t.state.stable_version == "1"
+
+
+async def test_waiting_for_impressions_is_not_a_warning() -> None:
+    source = Source(AnalysisDecision.WAIT)
+    state = (await run(RolloutState("1"), T0, source)).state
+    t = await run(state, T0 + timedelta(minutes=1, seconds=1), source)
+    assert t.events[0].reason == "AnalysisWait" and not t.events[0].warning
