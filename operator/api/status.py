@@ -91,6 +91,32 @@ class AnalysisResult(ApiModel):
     """p-value of the one-sided test that canary CTR is below minCtrRatio x stable CTR."""
 
 
+class CanaryPhase(StrEnum):
+    PRE_ROLLOUT = "PreRollout"
+    PROGRESSING = "Progressing"
+    AWAITING_PROMOTION = "AwaitingPromotion"
+    PROMOTING = "Promoting"
+
+
+class WebhookResult(ApiModel):
+    """The latest call of a rollout webhook."""
+
+    name: str
+    """The webhook's name in spec.rollout.webhooks."""
+    type: str
+    """pre-rollout, rollout or pre-promotion."""
+    time: str
+    """When it was called (RFC 3339)."""
+    passed: bool
+    """True for a 2xx answer."""
+    status_code: int | None = None
+    """The HTTP status, none when no answer came (timeout, refused connection)."""
+    message: str = ""
+    """What the webhook said (its body, shortened), or why the call failed."""
+    failures: int = Field(default=0, ge=0)
+    """Failed calls in a row of this webhook at this gate."""
+
+
 class CanaryStatus(ApiModel):
     """The rollout in progress, if any."""
 
@@ -108,6 +134,14 @@ class CanaryStatus(ApiModel):
     """Inconclusive analyses in a row at this step."""
     last_analysis: AnalysisResult | None = None
     """The latest analysis."""
+    phase: CanaryPhase = CanaryPhase.PROGRESSING
+    """PreRollout (pre-rollout webhooks, no traffic yet), Progressing (the steps), AwaitingPromotion (a person must confirm), Promoting (pre-promotion webhooks, then the stable scales up)."""
+    gate_failures: int = Field(default=0, ge=0)
+    """Failed webhook calls in a row at the current gate."""
+    last_webhook: WebhookResult | None = None
+    """The latest webhook call."""
+    stable_replicas_target: int | None = Field(default=None, ge=1)
+    """While Promoting: the replicas the stable must have ready before it takes all traffic."""
 
 
 class RolloutOutcome(StrEnum):
