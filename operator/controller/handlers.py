@@ -22,14 +22,18 @@ from kubernetes import config as kube_config
 from pydantic import ValidationError
 
 from recsys_operator.api.base import GROUP, VERSION
-from recsys_operator.api.errors import issues_from_validation_error
+from recsys_operator.api.errors import InvalidResource, issues_from_validation_error
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.api.status import ConditionType
 from recsys_operator.controller import metrics
 from recsys_operator.controller.conditions import condition, merge_conditions
 from recsys_operator.controller.kube import KubeClient
 from recsys_operator.controller.reconcile import Outcome, Reconciler, SecretNotFound, parse_system
-from recsys_operator.controller.rollout_driver import ACTION_ANNOTATION, rollout_tick
+from recsys_operator.controller.rollout_driver import (
+    ACTION_ANNOTATION,
+    cluster_replicas,
+    rollout_tick,
+)
 from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
 from recsys_operator.render import RenderOptions, TopicPlan, topic_plan
 from recsys_operator.render.naming import INSTANCE_LABEL, MANAGED_BY
@@ -254,8 +258,12 @@ async def drive_rollout(namespace: str | None, name: str, **_: Any) -> None:
         if body is None or body["metadata"].get("deletionTimestamp") or not body.get("status"):
             return  # not reconciled yet: the first reconcile records the stable version
         source = STATE.analysis_source(body) if STATE.analysis_source else None
+        try:
+            replicas = cluster_replicas(STATE.kube, parse_system(body))
+        except InvalidResource:
+            replicas = None  # rollout_tick leaves invalid specs to the reconcile
         patch, transition = await rollout_tick(
-            body, STATE.reconciler.options.prometheus_url, source=source
+            body, STATE.reconciler.options.prometheus_url, source=source, replicas=replicas
         )
         if transition is None:
             return

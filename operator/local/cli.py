@@ -408,7 +408,8 @@ def rollout_abort(run_dir: RunDirOption = None) -> None:
 
 @rollout_app.command("promote")
 def rollout_promote(run_dir: RunDirOption = None) -> None:
-    """Make the canary stable now, skipping the remaining steps."""
+    """Make the canary stable now, skipping the remaining steps; also confirms a canary
+    awaiting promotion (rollout.confirmPromotion). Pre-promotion webhooks still run."""
     _action(run_dir, "promote")
 
 

@@ -50,7 +50,8 @@ from recsys_operator.local.traffic import ModelServers, local_routing, write_rou
 from recsys_operator.render.features import feature_job_env
 from recsys_operator.render.traffic import TrafficPlan
 from recsys_operator.rollout.prometheus_source import PrometheusSource
-from recsys_operator.rollout.state_machine import Action, RolloutState, Transition, tick
+from recsys_operator.rollout.state_machine import Action, Gates, RolloutState, Transition, tick
+from recsys_operator.rollout.webhooks import HttpWebhooks
 
 log = logging.getLogger("recsys.local")
 
@@ -226,8 +227,19 @@ class LocalSystem:
             system.spec.rollout.analysis,
             timeout_s=3,
         )
+        # Webhooks are called as in a cluster; nobody counts replicas here (one model
+        # server per version), so there is no scale-up before promotion.
+        webhooks = HttpWebhooks(system.metadata.name, system.metadata.namespace or "default")
         transition = asyncio.run(
-            tick(desired, system.spec.rollout, state, datetime.now(UTC), source, action)
+            tick(
+                desired,
+                system.spec.rollout,
+                state,
+                datetime.now(UTC),
+                source,
+                action,
+                Gates(webhooks),
+            )
         )
         self.apply(transition)
 
