@@ -140,6 +140,8 @@ class CanaryStatus(ApiModel):
     """Failed webhook calls in a row at the current gate."""
     last_webhook: WebhookResult | None = None
     """The latest webhook call."""
+    promotion_reason: str | None = None
+    """While Promoting: why the canary is being promoted (its analysis, or a person)."""
     stable_replicas_target: int | None = Field(default=None, ge=1)
     """While Promoting: the replicas the stable must have ready before it takes all traffic."""
 

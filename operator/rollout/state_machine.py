@@ -246,9 +246,8 @@ async def tick(
         )
         return Transition(state, Health(True, "AwaitingPromotion", message))
     if canary.phase is CanaryPhase.PROMOTING:
-        last = canary.last_analysis
-        reason = "promotion gates passed" + (f"; last analysis: {last.reason}" if last else "")
-        return await _promote(state, canary, spec, now, gates, reason, last)
+        reason = canary.promotion_reason or "promotion gates passed"
+        return await _promote(state, canary, spec, now, gates, reason, canary.last_analysis)
 
     step_started = _parse(canary.step_started_at, now)
     interval = parse_duration(spec.interval)
@@ -445,7 +444,9 @@ async def _promote(
 ) -> Transition:
     """Promotion through its gates: pre-promotion webhooks, then a stable big enough
     for all the traffic. Each gate that cannot pass yet holds in phase Promoting."""
-    promoting = canary.model_copy(update={"phase": CanaryPhase.PROMOTING})
+    promoting = canary.model_copy(
+        update={"phase": CanaryPhase.PROMOTING, "promotion_reason": reason}
+    )
     state = replace(state, canary=promoting)
     if promoting.stable_replicas_target is None:  # the webhooks have not all passed yet
         hooks = spec.webhooks_of(WebhookType.PRE_PROMOTION)
