@@ -1,7 +1,8 @@
 """The gateway's HTTP API (aiohttp): what happens to each request.
 
-    POST /v1/recommend   assign the user's variant, call its model, answer (or fall
-                         back to popular items), record an impression
+    POST /v1/recommend   assign the user's variant (or the one a QA header or cookie
+                         pins), call its model, answer (or fall back to popular
+                         items), record an impression
     POST /v1/events      attribute clicks, forward interactions to Pulsar
     GET  /healthz        the routing applied now
     GET  /metrics        Prometheus
@@ -54,6 +55,7 @@ from gateway.fallback import PopularityFallback
 from gateway.log_rate_limit import rate_limited_logger
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import build_openapi
+from gateway.pinning import BadPin, pinned_variant
 from gateway.routing import POLL_INTERVAL_S, Endpoint, ReloadResult, Routing, RoutingWatcher
 from gateway.routing_configmap import ConfigMapRef, ConfigMapRoutingWatcher, KubeApi
 from gateway.upstream import ServingClient, ServingRejected, ServingUnavailable
@@ -231,13 +233,24 @@ class Gateway:
             self.metrics.requests.labels(routing.system, "", "", str(exc.status)).inc()
             return exc.response()
 
-        variant = routing.variant_for(ask.user_id)
+        try:
+            pin = pinned_variant(request.headers, request.cookies)
+        except BadPin as exc:
+            self.metrics.requests.labels(routing.system, "", "", "400").inc()
+            return BadInput(400, str(exc)).response()
+        if pin is Variant.CANARY and routing.canary is None:
+            self.metrics.pinned_requests.labels(routing.system, "", "canary", "409").inc()
+            return json_response(
+                ErrorResponse(error="pinned to canary, but no canary is being rolled out now"), 409
+            )
+        pinned = pin is not None
+        variant = pin or routing.variant_for(ask.user_id)
         endpoint = routing.endpoint(variant)
         # Failures count against the version the routing chose; answers against the
         # version that actually served them (see `_served_version`).
         version = endpoint.version
         try:
-            recommendation = await self._recommendation(routing, endpoint, variant, ask, k)
+            recommendation = await self._recommendation(routing, endpoint, variant, ask, k, pinned)
             if not recommendation.fallback:
                 version = recommendation.model_version
             answer = json_response(recommendation)
@@ -252,12 +265,21 @@ class Gateway:
             )
             answer.headers["Retry-After"] = "1"
         labels = (routing.system, version, variant.value)
+        if pinned:  # QA traffic: kept out of what the rollout analysis reads
+            self.metrics.pinned_requests.labels(*labels, str(answer.status)).inc()
+            return answer
         self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
         self.metrics.requests.labels(*labels, str(answer.status)).inc()
         return answer
 
     async def _recommendation(
-        self, routing: Routing, endpoint: Endpoint, variant: Variant, ask: RecommendRequest, k: int
+        self,
+        routing: Routing,
+        endpoint: Endpoint,
+        variant: Variant,
+        ask: RecommendRequest,
+        k: int,
+        pinned: bool = False,
     ) -> RecommendResponse:
         serving_request = {
             "user_id": ask.user_id,
@@ -273,18 +295,20 @@ class Gateway:
             item_ids, scores = served.item_ids[:k], served.scores[:k]
             self.fallback.learn(item_ids)
         except ServingUnavailable as exc:
-            self.metrics.fallbacks.labels(
-                routing.system, endpoint.version, variant.value, exc.reason.value
-            ).inc()
+            if not pinned:
+                self.metrics.fallbacks.labels(
+                    routing.system, endpoint.version, variant.value, exc.reason.value
+                ).inc()
             log.warning("serving %s failed, answering from the fallback: %s", endpoint.url, exc)
             if not self.fallback.known:
                 raise NoFallback from exc
             model_version, fallback = FALLBACK_MODEL_VERSION, True
             item_ids, scores = self.fallback.top(k, ask.exclude_item_ids)
 
-        request_id = new_request_id(variant, model_version)
+        request_id = new_request_id(variant, model_version, pinned)
         if item_ids:
-            self.metrics.impressions.labels(routing.system, model_version, variant.value).inc()
+            if not pinned:
+                self.metrics.impressions.labels(routing.system, model_version, variant.value).inc()
             self._publish(
                 routing,
                 "impressions",
@@ -304,6 +328,7 @@ class Gateway:
             item_ids=item_ids,
             scores=scores,
             fallback=fallback,
+            pinned=pinned,
         )
 
     # --- POST /v1/events ---------------------------------------------------------
@@ -326,7 +351,8 @@ class Gateway:
             # The pattern was checked in validation, so this cannot fail.
             served_by = parse_request_id(event.request_id) if event.request_id else None
             if served_by is not None and event.type == "click":
-                self.metrics.clicks.labels(
+                clicks = self.metrics.pinned_clicks if served_by.pinned else self.metrics.clicks
+                clicks.labels(
                     routing.system, served_by.model_version, served_by.variant.value
                 ).inc()
             self._publish(

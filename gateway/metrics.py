@@ -24,6 +24,10 @@ GATEWAY_FALLBACKS = "recsys_gateway_fallbacks_total"
 GATEWAY_EVENTS_SENT = "recsys_gateway_events_sent_total"
 GATEWAY_EVENTS_DROPPED = "recsys_gateway_events_dropped_total"
 GATEWAY_ROUTING_RELOADS = "recsys_gateway_routing_reloads_total"
+# Requests pinned to a variant by a QA header or cookie, and their clicks: counted here
+# instead of in the metrics the rollout analysis reads (`gateway.pinning`).
+GATEWAY_PINNED_REQUESTS = "recsys_gateway_pinned_requests_total"
+GATEWAY_PINNED_CLICKS = "recsys_gateway_pinned_clicks_total"
 
 # 1 ms .. 2 s: the gateway adds about a millisecond, serving takes a few to tens, and
 # the routing's timeout (250 ms by default) caps a call before the fallback answers.
@@ -80,6 +84,18 @@ class GatewayMetrics:
             GATEWAY_EVENTS_DROPPED,
             "Events that never reached the broker, by reason.",
             ("system", "reason"),
+            registry=r,
+        )
+        self.pinned_requests = Counter(
+            GATEWAY_PINNED_REQUESTS,
+            "Answers to POST /v1/recommend pinned to a variant (X-Recsys-Variant or the recsys_variant cookie); not in the analysis.",
+            (*VERSION_LABELS, "code"),
+            registry=r,
+        )
+        self.pinned_clicks = Counter(
+            GATEWAY_PINNED_CLICKS,
+            "Clicks on pinned answers; not in the analysis.",
+            VERSION_LABELS,
             registry=r,
         )
         self.routing_reloads = Counter(
