@@ -58,6 +58,7 @@ from gateway.openapi import build_openapi
 from gateway.pinning import BadPin, pinned_variant
 from gateway.routing import POLL_INTERVAL_S, Endpoint, ReloadResult, Routing, RoutingWatcher
 from gateway.routing_configmap import ConfigMapRef, ConfigMapRoutingWatcher, KubeApi
+from gateway.shadow import Shadow
 from gateway.upstream import ServingClient, ServingRejected, ServingUnavailable
 from recsys_operator import __version__
 from stream_jobs.events import now_ms
@@ -198,6 +199,7 @@ class Gateway:
             else PopularityFallback()
         )
         self.serving = ServingClient()
+        self.shadow = Shadow(self.metrics, self.serving)
         self.events = EventSink(
             self.metrics,
             capacity=settings.event_buffer_capacity,
@@ -215,6 +217,7 @@ class Gateway:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        await self.shadow.close()
         await self.serving.close()
         await asyncio.to_thread(self.events.close)
 
@@ -294,6 +297,9 @@ class Gateway:
             model_version, fallback = _served_version(served.model_version, endpoint), False
             item_ids, scores = served.item_ids[:k], served.scores[:k]
             self.fallback.learn(item_ids)
+            if variant is Variant.STABLE and not pinned:
+                self.shadow.items.shown(item_ids)
+                self.shadow.mirror(routing, serving_request, item_ids)
         except ServingUnavailable as exc:
             if not pinned:
                 self.metrics.fallbacks.labels(
@@ -355,6 +361,8 @@ class Gateway:
                 clicks.labels(
                     routing.system, served_by.model_version, served_by.variant.value
                 ).inc()
+                if served_by.variant is Variant.STABLE and not served_by.pinned:
+                    self.shadow.items.clicked(event.item_id)
             self._publish(
                 routing,
                 "interactions",

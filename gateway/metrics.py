@@ -15,7 +15,7 @@ Label conventions the rollout analysis relies on:
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
 
 from recsys_operator.telemetry import CLICKS, GATEWAY_LATENCY, GATEWAY_REQUESTS, IMPRESSIONS
 
@@ -28,6 +28,11 @@ GATEWAY_ROUTING_RELOADS = "recsys_gateway_routing_reloads_total"
 # instead of in the metrics the rollout analysis reads (`gateway.pinning`).
 GATEWAY_PINNED_REQUESTS = "recsys_gateway_pinned_requests_total"
 GATEWAY_PINNED_CLICKS = "recsys_gateway_pinned_clicks_total"
+# Shadow traffic (`gateway.shadow`): mirrored requests by outcome, and summaries of the
+# per-request comparisons (`_sum / _count` is the mean).
+GATEWAY_SHADOW_REQUESTS = "recsys_gateway_shadow_requests_total"
+GATEWAY_SHADOW_OVERLAP = "recsys_gateway_shadow_overlap"
+GATEWAY_SHADOW_PREDICTED_CTR = "recsys_gateway_shadow_predicted_ctr"
 
 # 1 ms .. 2 s: the gateway adds about a millisecond, serving takes a few to tens, and
 # the routing's timeout (250 ms by default) caps a call before the fallback answers.
@@ -96,6 +101,24 @@ class GatewayMetrics:
             GATEWAY_PINNED_CLICKS,
             "Clicks on pinned answers; not in the analysis.",
             VERSION_LABELS,
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            GATEWAY_SHADOW_REQUESTS,
+            "Requests mirrored to the canary in a shadow phase, by outcome (compared | failed | skipped).",
+            ("system", "model_version", "outcome"),
+            registry=r,
+        )
+        self.shadow_overlap = Summary(
+            GATEWAY_SHADOW_OVERLAP,
+            "Per compared shadow request: the share of the stable's items the canary also recommends.",
+            ("system", "model_version"),
+            registry=r,
+        )
+        self.shadow_predicted_ctr = Summary(
+            GATEWAY_SHADOW_PREDICTED_CTR,
+            "Per compared shadow request: the predicted CTR of each list (variant stable | canary).",
+            ("system", "model_version", "variant"),
             registry=r,
         )
         self.routing_reloads = Counter(
