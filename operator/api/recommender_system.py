@@ -462,6 +462,23 @@ class RolloutWebhook(ApiModel):
         return value
 
 
+class ShadowSpec(ApiModel):
+    """A phase before any traffic: the canary answers mirrored requests that users never see, and its lists are compared with the stable's."""
+
+    duration: Duration = "10m"
+    """How long requests are mirrored before the comparison is judged (again after each Wait)."""
+    percent: int = Field(default=100, ge=1, le=100)
+    """Share of the stable's answered requests mirrored to the canary."""
+    min_requests: int = Field(default=200, ge=1)
+    """Compared requests needed in the window before judging; fewer means wait."""
+    min_overlap: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Mean share of the stable's items the canary also recommends must be at least this (0: not checked)."""
+    min_predicted_ctr_ratio: float = Field(default=0.9, ge=0.0, le=10.0)
+    """Predicted CTR of the canary's lists divided by the stable's must be at least this (0: not checked)."""
+    max_error_rate: float = Field(default=0.01, ge=0.0, le=1.0)
+    """Share of mirrored requests the canary failed to answer must stay at or below this."""
+
+
 class CanaryReplicas(StrEnum):
     """Where the canary's serving replicas come from."""
 
@@ -486,6 +503,8 @@ class RolloutSpec(ApiModel):
     """Roll back on a failed analysis; off means pause and wait for a person."""
     paused: bool = False
     """Hold the rollout at its current step."""
+    shadow: ShadowSpec | None = None
+    """A shadow phase before the first step (after the pre-rollout webhooks): mirrored traffic only, compared on overlap and predicted CTR."""
     confirm_promotion: bool = False
     """Hold a canary that passed its last analysis until a person confirms (`recsys.dev/rollout-action=promote`, or `recsys rollout promote` locally)."""
     webhooks: list[RolloutWebhook] = Field(default_factory=list, max_length=20)

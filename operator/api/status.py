@@ -93,9 +93,31 @@ class AnalysisResult(ApiModel):
 
 class CanaryPhase(StrEnum):
     PRE_ROLLOUT = "PreRollout"
+    SHADOW = "Shadow"
     PROGRESSING = "Progressing"
     AWAITING_PROMOTION = "AwaitingPromotion"
     PROMOTING = "Promoting"
+
+
+class ShadowResult(ApiModel):
+    """The numbers behind one judgement of the shadow phase."""
+
+    time: str
+    """When it was judged (RFC 3339)."""
+    decision: AnalysisDecision
+    """Pass (the canary gets its first step), Fail (roll back), Inconclusive or Wait (mirror for another duration)."""
+    reason: str = ""
+    """Why, in a sentence with the numbers."""
+    compared: int | None = None
+    """Mirrored requests answered by the canary and compared, in the window."""
+    failed: int | None = None
+    """Mirrored requests the canary failed to answer, in the window."""
+    mean_overlap: float | None = None
+    """Mean share of the stable's items the canary also recommended."""
+    canary_predicted_ctr: float | None = None
+    """Mean predicted CTR of the canary's lists."""
+    stable_predicted_ctr: float | None = None
+    """Mean predicted CTR of the stable's lists for the same requests."""
 
 
 class WebhookResult(ApiModel):
@@ -135,11 +157,13 @@ class CanaryStatus(ApiModel):
     last_analysis: AnalysisResult | None = None
     """The latest analysis."""
     phase: CanaryPhase = CanaryPhase.PROGRESSING
-    """PreRollout (pre-rollout webhooks, no traffic yet), Progressing (the steps), AwaitingPromotion (a person must confirm), Promoting (pre-promotion webhooks, then the stable scales up)."""
+    """PreRollout (pre-rollout webhooks, no traffic yet), Shadow (mirrored traffic only), Progressing (the steps), AwaitingPromotion (a person must confirm), Promoting (pre-promotion webhooks, then the stable scales up)."""
     gate_failures: int = Field(default=0, ge=0)
     """Failed webhook calls in a row at the current gate."""
     last_webhook: WebhookResult | None = None
     """The latest webhook call."""
+    last_shadow: ShadowResult | None = None
+    """The latest judgement of the shadow phase."""
     promotion_reason: str | None = None
     """While Promoting: why the canary is being promoted (its analysis, or a person)."""
     stable_replicas_target: int | None = Field(default=None, ge=1)

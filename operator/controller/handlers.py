@@ -37,7 +37,7 @@ from recsys_operator.controller.rollout_driver import (
 from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
 from recsys_operator.render import RenderOptions, TopicPlan, topic_plan
 from recsys_operator.render.naming import INSTANCE_LABEL, MANAGED_BY
-from recsys_operator.rollout.state_machine import AnalysisSource
+from recsys_operator.rollout.state_machine import AnalysisSource, ShadowSource
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class State:
     # Where rollout analyses come from; None: Prometheus at the configured URL.
     # (Tests of the Kubernetes side, where no gateway runs, plug in their own.)
     analysis_source: Callable[[dict[str, Any]], AnalysisSource] | None = None
+    shadow_source: Callable[[dict[str, Any]], ShadowSource] | None = None
 
 
 STATE = State()
@@ -262,8 +263,13 @@ async def drive_rollout(namespace: str | None, name: str, **_: Any) -> None:
             replicas = cluster_replicas(STATE.kube, parse_system(body))
         except InvalidResource:
             replicas = None  # rollout_tick leaves invalid specs to the reconcile
+        shadow = STATE.shadow_source(body) if STATE.shadow_source else None
         patch, transition = await rollout_tick(
-            body, STATE.reconciler.options.prometheus_url, source=source, replicas=replicas
+            body,
+            STATE.reconciler.options.prometheus_url,
+            source=source,
+            replicas=replicas,
+            shadow=shadow,
         )
         if transition is None:
             return

@@ -20,12 +20,14 @@ from recsys_operator.controller.kube import KubeClient
 from recsys_operator.controller.reconcile import BLOCKING_REASONS, parse_system
 from recsys_operator.render.naming import Track, serving_name, system_id
 from recsys_operator.rollout.prometheus_source import PrometheusSource
+from recsys_operator.rollout.shadow_analysis import PrometheusShadowSource
 from recsys_operator.rollout.state_machine import (
     AnalysisSource,
     Gates,
     ReplicaSource,
     RolloutState,
     ServingReplicas,
+    ShadowSource,
     Transition,
     tick,
 )
@@ -136,6 +138,7 @@ async def rollout_tick(
     source: AnalysisSource | None = None,
     webhooks: WebhookCaller | None = None,
     replicas: ReplicaSource | None = None,
+    shadow: ShadowSource | None = None,
 ) -> tuple[dict[str, Any] | None, Transition | None]:
     """(status patch or None when nothing changed, the transition) for one system."""
     if blocking_reason(body):
@@ -152,6 +155,9 @@ async def rollout_tick(
         state.stable_version,
         system.spec.rollout.analysis,
     )
+    shadow_spec = system.spec.rollout.shadow
+    if shadow is None and shadow_spec is not None:
+        shadow = PrometheusShadowSource(prometheus_url, system_id(system), shadow_spec)
     transition = await tick(
         system.spec.model.version,
         system.spec.rollout,
@@ -162,6 +168,7 @@ async def rollout_tick(
         Gates(
             webhooks or HttpWebhooks(system.metadata.name, system.metadata.namespace or "default"),
             replicas,
+            shadow,
         ),
     )
     patch = status_patch(system, body, transition)

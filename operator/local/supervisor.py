@@ -48,8 +48,9 @@ from recsys_operator.local.run_folder import (
 )
 from recsys_operator.local.traffic import ModelServers, local_routing, write_routing
 from recsys_operator.render.features import feature_job_env
-from recsys_operator.render.traffic import TrafficPlan
+from recsys_operator.render.traffic import TrafficPlan, shadow_percent
 from recsys_operator.rollout.prometheus_source import PrometheusSource
+from recsys_operator.rollout.shadow_analysis import PrometheusShadowSource
 from recsys_operator.rollout.state_machine import Action, Gates, RolloutState, Transition, tick
 from recsys_operator.rollout.webhooks import HttpWebhooks
 
@@ -230,6 +231,16 @@ class LocalSystem:
         # Webhooks are called as in a cluster; nobody counts replicas here (one model
         # server per version), so there is no scale-up before promotion.
         webhooks = HttpWebhooks(system.metadata.name, system.metadata.namespace or "default")
+        shadow = (
+            PrometheusShadowSource(
+                prometheus_url(self.processes["prometheus"]),
+                self._system_id(),
+                system.spec.rollout.shadow,
+                timeout_s=3,
+            )
+            if system.spec.rollout.shadow is not None
+            else None
+        )
         transition = asyncio.run(
             tick(
                 desired,
@@ -238,7 +249,7 @@ class LocalSystem:
                 datetime.now(UTC),
                 source,
                 action,
-                Gates(webhooks),
+                Gates(webhooks, shadow=shadow),
             )
         )
         self.apply(transition)
@@ -280,6 +291,7 @@ class LocalSystem:
             self.rollout.stable_version,
             canary.version if canary else None,
             canary.weight if canary else 0,
+            shadow_percent(self.system, canary) if canary else 0,
         )
         write_routing(self.folder.routing, local_routing(self.system, plan, self.servers))
 

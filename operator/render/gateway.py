@@ -75,6 +75,8 @@ def gateway_routing(system: RecommenderSystem, plan: TrafficPlan) -> dict[str, A
     if plan.canary_version:
         routing["canary"] = endpoint(Track.CANARY, plan.canary_version)
         routing["canaryWeight"] = plan.canary_weight
+        if plan.shadow_percent:
+            routing["shadowPercent"] = plan.shadow_percent
     return routing
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recsys_operator.api.resources import RecommenderSystem
+from recsys_operator.api.status import CanaryPhase, CanaryStatus
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class TrafficPlan:
     stable_version: str
     canary_version: str | None = None
     canary_weight: int = 0
+    shadow_percent: int = 0  # share of stable answers mirrored to the canary (shadow phase)
 
     @property
     def versions(self) -> list[str]:
@@ -30,4 +32,9 @@ def traffic_plan(system: RecommenderSystem) -> TrafficPlan:
     canary = status.canary if status else None
     if canary is None or canary.version == stable:
         return TrafficPlan(stable)
-    return TrafficPlan(stable, canary.version, canary.weight)
+    return TrafficPlan(stable, canary.version, canary.weight, shadow_percent(system, canary))
+
+
+def shadow_percent(system: RecommenderSystem, canary: CanaryStatus) -> int:
+    shadow = system.spec.rollout.shadow
+    return shadow.percent if shadow is not None and canary.phase is CanaryPhase.SHADOW else 0

@@ -2,7 +2,7 @@
 
 A rollout is a linear pipeline of idempotent steps driven by ticks:
 
-  start -> [pre-rollout webhooks] -> canary at steps[0]
+  start -> [pre-rollout webhooks] -> [shadow: mirrored traffic only] -> canary at steps[0]
         -> [wait interval -> rollout webhooks -> analyse -> advance | hold | roll back]*
         -> [a person confirms] -> [pre-promotion webhooks] -> [stable scaled up] -> promote
 
@@ -29,12 +29,16 @@ from recsys_operator.api.status import (
     CanaryStatus,
     RolloutOutcome,
     RolloutRecord,
+    ShadowResult,
     WebhookResult,
 )
 from recsys_operator.rollout.webhooks import WebhookCaller, no_webhooks
 
 AnalysisSource = Callable[[CanaryStatus, float], Awaitable[AnalysisResult]]
 """Analyse the canary over the last `window` seconds."""
+
+ShadowSource = Callable[[CanaryStatus, float], Awaitable[ShadowResult]]
+"""Judge the canary's shadow answers over the last `window` seconds."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class Gates:
 
     webhooks: WebhookCaller = no_webhooks
     replicas: ReplicaSource | None = None
+    shadow: ShadowSource | None = None
 
 
 def _iso(moment: datetime) -> str:
@@ -168,6 +173,10 @@ async def tick(
                 Health(True, "PreRollout", message),
                 [Event(False, "RolloutStarted", message)],
             )
+        if spec.shadow is not None:
+            return _enter_shadow(
+                state, CanaryStatus(version=desired_version, started_at=_iso(now)), spec, now
+            )
         if spec.steps == [100] and not _has_promotion_gates(spec):
             # No canary steps asked for: switch at once (a blue/green without analysis).
             canary_state = replace(
@@ -237,6 +246,8 @@ async def tick(
 
     if canary.phase is CanaryPhase.PRE_ROLLOUT:
         return await _pre_rollout(state, canary, spec, now, gates)
+    if canary.phase is CanaryPhase.SHADOW:
+        return await _shadow(state, canary, spec, now, gates)
     if canary.phase is CanaryPhase.AWAITING_PROMOTION:
         since = canary.step_started_at or "?"
         message = (
@@ -426,11 +437,98 @@ async def _pre_rollout(
     )
     if not gate.passed:
         return gate.transition
-    moved = _first_step(state, gate.canary, spec, now)
+    moved = (
+        _enter_shadow(state, gate.canary, spec, now)
+        if spec.shadow is not None
+        else _first_step(state, gate.canary, spec, now)
+    )
     moved.events[0] = Event(
         False, "RolloutAdvanced", f"pre-rollout webhooks passed; {moved.events[0].message}"
     )
     return moved
+
+
+def _enter_shadow(
+    state: RolloutState, canary: CanaryStatus, spec: RolloutSpec, now: datetime
+) -> Transition:
+    assert spec.shadow is not None
+    shadowing = canary.model_copy(
+        update={"phase": CanaryPhase.SHADOW, "weight": 0, "step_started_at": _iso(now)}
+    )
+    message = (
+        f"rollout of {canary.version}: shadow phase, {spec.shadow.percent}% of requests "
+        f"mirrored to the canary for {spec.shadow.duration}, no user traffic (stable {state.stable_version})"
+    )
+    return Transition(
+        replace(state, canary=shadowing),
+        Health(True, "Shadow", message),
+        [Event(False, "RolloutStarted", message)],
+    )
+
+
+async def _shadow(
+    state: RolloutState, canary: CanaryStatus, spec: RolloutSpec, now: datetime, gates: Gates
+) -> Transition:
+    """Mirror for `shadow.duration`, then judge: pass to the first step, fail to roll back,
+    or mirror for another duration (bounded by maxInconclusive, as the analysis is)."""
+    assert spec.shadow is not None
+    window = parse_duration(spec.shadow.duration)
+    started = _parse(canary.step_started_at, now)
+    if (now - started).total_seconds() < window:
+        due = _iso(started + timedelta(seconds=window))
+        return Transition(
+            state,
+            Health(
+                True,
+                "Shadow",
+                f"canary {canary.version} answers {spec.shadow.percent}% of requests mirrored, unseen; compared at {due}",
+            ),
+        )
+    if gates.shadow is not None:
+        result = await gates.shadow(canary, window)
+    else:
+        result = ShadowResult(
+            time=_iso(now),
+            decision=AnalysisDecision.INCONCLUSIVE,
+            reason="this rollout driver cannot judge a shadow phase",
+        )
+    judged = canary.model_copy(update={"last_shadow": result})
+    summary = f"shadow: {result.decision.value}: {result.reason}"
+    if result.decision is AnalysisDecision.PASS:
+        moved = _first_step(state, judged.model_copy(update={"inconclusive_count": 0}), spec, now)
+        moved.events[0] = Event(False, "ShadowPassed", f"{summary}; {moved.events[0].message}")
+        return moved
+    if result.decision is AnalysisDecision.FAIL:
+        reason = f"shadow phase failed: {result.reason}"
+        new = _finish(replace(state, canary=judged), RolloutOutcome.ROLLED_BACK, reason, now, None)
+        message = f"version {canary.version} rolled back before any traffic: {reason}"
+        return Transition(
+            new, Health(False, "ShadowFailed", message), [Event(True, "RolledBack", message)]
+        )
+    count = canary.inconclusive_count + 1
+    if count > spec.max_inconclusive:
+        reason = f"{count} shadow judgements without a decision in a row (max {spec.max_inconclusive}); last: {result.reason}"
+        new = _finish(replace(state, canary=judged), RolloutOutcome.ROLLED_BACK, reason, now, None)
+        return Transition(
+            new,
+            Health(False, "RolledBack", f"version {canary.version} rolled back: {reason}"),
+            [Event(True, "RolledBack", reason)],
+        )
+    held = judged.model_copy(update={"inconclusive_count": count, "step_started_at": _iso(now)})
+    message = (
+        f"{summary}; mirroring for another {spec.shadow.duration} ({count}/{spec.max_inconclusive})"
+    )
+    return Transition(
+        replace(state, canary=held),
+        Health(True, "Shadow", message),
+        [
+            Event(
+                result.decision is AnalysisDecision.INCONCLUSIVE,
+                f"Shadow{result.decision.value}",
+                message,
+            )
+        ],
+    )
 
 
 async def _promote(

@@ -107,6 +107,7 @@ def cluster(kube: KubeHandle) -> Cluster:
 @pytest.fixture
 def operator(run_operator: Callable[..., Any], kube: KubeHandle) -> Iterator[Any]:
     handlers.STATE.analysis_source = None
+    handlers.STATE.shadow_source = None
     yield run_operator(HANDLERS)
     handlers.STATE.analysis_source = None
 
@@ -671,3 +672,63 @@ def test_confirmed_promotion_waits_for_a_person_then_scales_the_stable_up(
         assert any(
             e.reason == "ScalingUpStable" and "1 of 2 replicas ready" in e.message for e in events
         )
+
+
+def test_a_shadow_phase_mirrors_before_the_canary_gets_users(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, run_operator: Callable[..., Any]
+) -> None:
+    import threading
+
+    from recsys_operator.api.status import ShadowResult
+
+    seen_by_gateway = threading.Event()  # the judge waits until the test saw the mirroring
+
+    def shadow_source(body: dict[str, Any]) -> Any:
+        async def judge(canary: CanaryStatus, window: float) -> ShadowResult:
+            decision = AnalysisDecision.PASS if seen_by_gateway.is_set() else AnalysisDecision.WAIT
+            return ShadowResult(
+                time="2026-01-01T00:00:00Z",
+                decision=decision,
+                reason=f"scripted shadow {decision.value}",
+                compared=250,
+            )
+
+        return judge
+
+    handlers.STATE.analysis_source = scripted_source()
+    handlers.STATE.shadow_source = shadow_source
+    with contextlib.ExitStack() as stack:
+        stack.callback(setattr, handlers.STATE, "analysis_source", None)
+        stack.callback(setattr, handlers.STATE, "shadow_source", None)
+        run_operator(HANDLERS)
+        cluster.create("scalingpolicies", policy())
+        cluster.create(
+            "recommendersystems",
+            quickstart(
+                pulsar_admin,
+                rollout__shadow={"duration": "1s", "percent": 40},
+                rollout__maxInconclusive=100,
+            ),
+        )
+        ready(cluster)
+        gateway = stack.enter_context(gateway_watching(cluster))
+        start_version_2(cluster)
+
+        wait_for(lambda: gateway.gateway.routing.current.shadow_percent == 40, timeout=30)
+        current = gateway.gateway.routing.current
+        assert current.canary is not None and current.canary.version == "2"
+        assert current.effective_canary_weight == 0  # mirrored only: no user on the canary
+        canary = cluster.system()["status"]["canary"]
+        assert (canary["phase"], canary["weight"]) == ("Shadow", 0)
+        seen_by_gateway.set()
+
+        wait_for(
+            lambda: (cluster.system()["status"].get("canary") or {}).get("weight") == 20,
+            timeout=30,
+        )
+        wait_for(lambda: gateway.gateway.routing.current.shadow_percent == 0, timeout=30)
+        assert gateway.gateway.routing.current.canary_weight == 20
+        last = cluster.system()["status"]["canary"]["lastShadow"]
+        assert (last["decision"], last["compared"]) == ("Pass", 250)
+        events = cluster.core.list_namespaced_event("default").items
+        assert any(e.reason == "ShadowPassed" for e in events)

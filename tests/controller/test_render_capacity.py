@@ -1,5 +1,6 @@
-"""Serving replicas while a rollout runs: a canary on the stable's budget (FromStable),
-and the stable brought up to full strength before it takes all traffic."""
+"""Serving replicas and routing while a rollout runs: a canary on the stable's budget (FromStable),
+the stable brought up to full strength before it takes all traffic, and a shadow phase's
+mirroring."""
 
 from __future__ import annotations
 
@@ -112,3 +113,21 @@ def test_rendered_capacity_objects_are_valid_kubernetes() -> None:
     )
     for obj in fixed:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_a_shadow_phase_mirrors_in_the_routing_and_routes_no_user() -> None:
+    import json
+
+    shadowing = {"weight": 0, "step": 0, "phase": "Shadow"}
+    doc = production(shadowing, shadow={"duration": "10m", "percent": 30})
+    objects = render_system(doc, KEDA_POLICY)
+    routing = json.loads(named(objects, "ConfigMap", "home-feed-gateway")["data"]["routing.json"])
+    assert (routing["canaryWeight"], routing["shadowPercent"]) == (0, 30)
+    assert routing["canary"]["version"] == "2"
+    assert replicas(objects) == (None, 1)  # the canary's one pod answers the mirrored requests
+    # Past the shadow phase nothing is mirrored any more.
+    progressing = render_system(production(AT_50, shadow={"percent": 30}), KEDA_POLICY)
+    routing = json.loads(
+        named(progressing, "ConfigMap", "home-feed-gateway")["data"]["routing.json"]
+    )
+    assert "shadowPercent" not in routing and routing["canaryWeight"] == 50

@@ -1,6 +1,6 @@
 """The rollout's gates in the state machine: confirmation by a person, webhooks before the
-rollout / at each analysis / before promotion, and the stable's scale-up before it takes
-all traffic. Webhook answers and replica counts are scripted, as the analysis is."""
+rollout / at each analysis / before promotion, a shadow phase, and the stable's scale-up
+before it takes all traffic. Webhook answers and replica counts are scripted, as the analysis is."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from recsys_operator.api.status import (
     CanaryPhase,
     CanaryStatus,
     RolloutOutcome,
+    ShadowResult,
 )
 from recsys_operator.rollout.state_machine import (
     Action,
@@ -194,3 +195,50 @@ async def test_a_stable_that_never_scales_up_is_rolled_back_at_the_deadline() ->
     t = await tick("2", spec(), ts[2].state, late, passing, None, Gates(replicas=Replicas(None)))
     assert t.health.reason == "ProgressDeadlineExceeded"
     assert "scaling up to 5 replicas" in t.state.last_rollout.reason
+
+
+class ShadowJudge:
+    def __init__(self, *decisions: AnalysisDecision) -> None:
+        self.decisions = list(decisions)
+        self.calls: list[tuple[str, int, float]] = []
+
+    async def __call__(self, canary: CanaryStatus, window: float) -> ShadowResult:
+        self.calls.append((canary.phase.value, canary.weight, window))
+        decision = self.decisions.pop(0)
+        return ShadowResult(
+            time="2026-01-01T00:00:00Z", decision=decision, reason=f"scripted {decision.value}"
+        )
+
+
+SHADOW = {"duration": "1m", "percent": 50}
+
+
+async def test_a_shadow_phase_mirrors_before_any_traffic_then_passes_to_the_first_step() -> None:
+    judge = ShadowJudge(AnalysisDecision.WAIT, AnalysisDecision.PASS)
+    ts = await walk(spec(shadow=SHADOW), Gates(shadow=judge), 3)
+    assert ts[0].state.canary.phase is CanaryPhase.SHADOW and ts[0].state.canary.weight == 0
+    assert "50% of requests mirrored" in ts[0].events[0].message
+    assert ts[1].health.reason == "Shadow" and ts[1].state.canary.inconclusive_count == 1
+    assert ts[1].state.canary.last_shadow.reason == "scripted Wait"
+    assert ts[2].state.canary.phase is CanaryPhase.PROGRESSING and ts[2].state.canary.weight == 10
+    assert ts[2].events[0].reason == "ShadowPassed"
+    assert ts[2].state.canary.inconclusive_count == 0
+    assert judge.calls == [("Shadow", 0, 60.0)] * 2
+
+
+async def test_a_failed_shadow_rolls_back_before_any_user_saw_the_canary() -> None:
+    ts = await walk(spec(shadow=SHADOW), Gates(shadow=ShadowJudge(AnalysisDecision.FAIL)), 2)
+    assert ts[1].state.canary is None and ts[1].state.stable_version == "1"
+    assert ts[1].health.reason == "ShadowFailed" and "before any traffic" in ts[1].health.message
+    assert ts[1].state.last_rollout.reason == "shadow phase failed: scripted Fail"
+
+
+async def test_shadow_comes_after_the_pre_rollout_webhooks() -> None:
+    hooks = Hooks(smoke=[OK])
+    rollout = spec(shadow=SHADOW, webhooks=[hook("smoke", "pre-rollout")])
+    ts = await walk(rollout, Gates(hooks, shadow=ShadowJudge(AnalysisDecision.PASS)), 3)
+    assert [t.state.canary.phase for t in ts] == [
+        CanaryPhase.PRE_ROLLOUT,
+        CanaryPhase.SHADOW,
+        CanaryPhase.PROGRESSING,
+    ]
