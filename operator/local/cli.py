@@ -281,7 +281,8 @@ def render_status(state: dict[str, Any], supervisor_alive: bool) -> str:
     lines.append(
         f"stable  {rollout.get('stableVersion')}   desired {desired}   "
         + (
-            f"canary {canary['version']} at {canary['weight']}% (step {canary.get('step', 0) + 1})"
+            f"canary {canary['version']} at {canary['weight']}% (step {canary.get('step', 0) + 1}, "
+            f"{canary.get('phase', 'Progressing')})"
             if canary
             else "no canary"
         )
