@@ -142,60 +142,8 @@ async def tick(
     gates = gates or Gates()
     canary = state.canary
 
-    # No rollout in progress.
     if canary is None:
-        if desired_version == state.stable_version:
-            return Transition(
-                state, Health(True, "Stable", f"serving version {state.stable_version}")
-            )
-        last = state.last_rollout
-        if last and last.version == desired_version and last.outcome is not RolloutOutcome.PROMOTED:
-            # Do not retry a version that failed; a new version (or a spec revert) moves on.
-            return Transition(
-                state,
-                Health(
-                    False, "RolledBack", f"version {desired_version} was rolled back: {last.reason}"
-                ),
-            )
-        if spec.webhooks_of(WebhookType.PRE_ROLLOUT):
-            # The canary's pods start, without traffic, for the smoke tests.
-            started = CanaryStatus(
-                version=desired_version,
-                weight=0,
-                step=0,
-                started_at=_iso(now),
-                step_started_at=_iso(now),
-                phase=CanaryPhase.PRE_ROLLOUT,
-            )
-            message = f"rollout of {desired_version} started: pre-rollout webhooks before any traffic (stable {state.stable_version})"
-            return Transition(
-                replace(state, canary=started),
-                Health(True, "PreRollout", message),
-                [Event(False, "RolloutStarted", message)],
-            )
-        if spec.shadow is not None:
-            return _enter_shadow(
-                state, CanaryStatus(version=desired_version, started_at=_iso(now)), spec, now
-            )
-        if spec.steps == [100] and not _has_promotion_gates(spec):
-            # No canary steps asked for: switch at once (a blue/green without analysis).
-            canary_state = replace(
-                state,
-                canary=CanaryStatus(version=desired_version, weight=100, started_at=_iso(now)),
-            )
-            new = _finish(
-                canary_state, RolloutOutcome.PROMOTED, "steps is [100]: no canary phase", now, None
-            )
-            message = f"version {desired_version} promoted directly (rollout.steps is [100])"
-            return Transition(
-                new,
-                Health(True, "Promoted", message),
-                [Event(False, "RolloutPromoted", message)],
-                promoted=True,
-            )
-        return _first_step(
-            state, CanaryStatus(version=desired_version, started_at=_iso(now)), spec, now
-        )
+        return _start(desired_version, spec, state, now)
 
     # The spec moved on while a rollout ran: stop this one; the next tick starts the new one.
     if desired_version != canary.version:
@@ -375,6 +323,62 @@ async def tick(
                 message,
             )
         ],
+    )
+
+
+def _start(
+    desired_version: str, spec: RolloutSpec, state: RolloutState, now: datetime
+) -> Transition:
+    """No rollout in progress: stay, or start one at its first phase."""
+    if desired_version == state.stable_version:
+        return Transition(state, Health(True, "Stable", f"serving version {state.stable_version}"))
+    last = state.last_rollout
+    if last and last.version == desired_version and last.outcome is not RolloutOutcome.PROMOTED:
+        # Do not retry a version that failed; a new version (or a spec revert) moves on.
+        return Transition(
+            state,
+            Health(
+                False, "RolledBack", f"version {desired_version} was rolled back: {last.reason}"
+            ),
+        )
+    if spec.webhooks_of(WebhookType.PRE_ROLLOUT):
+        # The canary's pods start, without traffic, for the smoke tests.
+        started = CanaryStatus(
+            version=desired_version,
+            weight=0,
+            step=0,
+            started_at=_iso(now),
+            step_started_at=_iso(now),
+            phase=CanaryPhase.PRE_ROLLOUT,
+        )
+        message = f"rollout of {desired_version} started: pre-rollout webhooks before any traffic (stable {state.stable_version})"
+        return Transition(
+            replace(state, canary=started),
+            Health(True, "PreRollout", message),
+            [Event(False, "RolloutStarted", message)],
+        )
+    if spec.shadow is not None:
+        return _enter_shadow(
+            state, CanaryStatus(version=desired_version, started_at=_iso(now)), spec, now
+        )
+    if spec.steps == [100] and not _has_promotion_gates(spec):
+        # No canary steps asked for: switch at once (a blue/green without analysis).
+        canary_state = replace(
+            state,
+            canary=CanaryStatus(version=desired_version, weight=100, started_at=_iso(now)),
+        )
+        new = _finish(
+            canary_state, RolloutOutcome.PROMOTED, "steps is [100]: no canary phase", now, None
+        )
+        message = f"version {desired_version} promoted directly (rollout.steps is [100])"
+        return Transition(
+            new,
+            Health(True, "Promoted", message),
+            [Event(False, "RolloutPromoted", message)],
+            promoted=True,
+        )
+    return _first_step(
+        state, CanaryStatus(version=desired_version, started_at=_iso(now)), spec, now
     )
 
 
