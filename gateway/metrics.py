@@ -17,22 +17,23 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
 
-from recsys_operator.telemetry import CLICKS, GATEWAY_LATENCY, GATEWAY_REQUESTS, IMPRESSIONS
+from recsys_operator.telemetry import (
+    CLICKS,
+    GATEWAY_LATENCY,
+    GATEWAY_PINNED_CLICKS,
+    GATEWAY_PINNED_REQUESTS,
+    GATEWAY_REQUESTS,
+    GATEWAY_SHADOW_OVERLAP,
+    GATEWAY_SHADOW_PREDICTED_CTR,
+    GATEWAY_SHADOW_REQUESTS,
+    IMPRESSIONS,
+)
 
 # Names recsys_operator.telemetry does not list yet (reported to the operator's owner).
 GATEWAY_FALLBACKS = "recsys_gateway_fallbacks_total"
 GATEWAY_EVENTS_SENT = "recsys_gateway_events_sent_total"
 GATEWAY_EVENTS_DROPPED = "recsys_gateway_events_dropped_total"
 GATEWAY_ROUTING_RELOADS = "recsys_gateway_routing_reloads_total"
-# Requests pinned to a variant by a QA header or cookie, and their clicks: counted here
-# instead of in the metrics the rollout analysis reads (`gateway.pinning`).
-GATEWAY_PINNED_REQUESTS = "recsys_gateway_pinned_requests_total"
-GATEWAY_PINNED_CLICKS = "recsys_gateway_pinned_clicks_total"
-# Shadow traffic (`gateway.shadow`): mirrored requests by outcome, and summaries of the
-# per-request comparisons (`_sum / _count` is the mean).
-GATEWAY_SHADOW_REQUESTS = "recsys_gateway_shadow_requests_total"
-GATEWAY_SHADOW_OVERLAP = "recsys_gateway_shadow_overlap"
-GATEWAY_SHADOW_PREDICTED_CTR = "recsys_gateway_shadow_predicted_ctr"
 
 # 1 ms .. 2 s: the gateway adds about a millisecond, serving takes a few to tens, and
 # the routing's timeout (250 ms by default) caps a call before the fallback answers.

@@ -22,13 +22,13 @@ from datetime import UTC, datetime
 from prometheus_api_client import PrometheusConnect
 from urllib3.util.retry import Retry
 
-from gateway.metrics import (
+from recsys_operator.api.recommender_system import ShadowSpec
+from recsys_operator.api.status import AnalysisDecision, CanaryStatus, ShadowResult
+from recsys_operator.telemetry import (
     GATEWAY_SHADOW_OVERLAP,
     GATEWAY_SHADOW_PREDICTED_CTR,
     GATEWAY_SHADOW_REQUESTS,
 )
-from recsys_operator.api.recommender_system import ShadowSpec
-from recsys_operator.api.status import AnalysisDecision, CanaryStatus, ShadowResult
 
 log = logging.getLogger(__name__)
 
