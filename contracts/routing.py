@@ -7,7 +7,7 @@ polls. Its JSON shape (camelCase, as the ConfigMap key `routing.json` holds it):
     {"system": "ns.name",
      "stable": {"version": "1", "url": "http://.../predictions/NAME"},
      "canary": null | {"version": "2", "url": "http://.../predictions/NAME/2"},
-     "canaryWeight": 0..100, "salt": "...", "timeoutMs": 250,
+     "canaryWeight": 0..100, "shadowPercent": 0..100, "salt": "...", "timeoutMs": 250,
      "defaultK": 50, "maxK": 50,
      "pulsarServiceUrl": "pulsar://...",
      "interactionsTopic": "persistent://...", "impressionsTopic": "persistent://..."}
@@ -58,6 +58,8 @@ class Routing(BaseModel):
     stable: Endpoint
     canary: Endpoint | None = None
     canary_weight: int = Field(default=0, ge=0, le=100, alias="canaryWeight")
+    # Share of stable answers mirrored to the canary in a shadow phase (`gateway.shadow`).
+    shadow_percent: int = Field(default=0, ge=0, le=100, alias="shadowPercent")
     salt: str = ""
     timeout_ms: int = Field(default=250, ge=1, le=60_000, alias="timeoutMs")
     default_k: int = Field(default=50, ge=1, alias="defaultK")

@@ -38,7 +38,7 @@ MAX_TS_MS = 10**14  # the event contract's bound
 PATTERN_MEANINGS = {
     USER_ID_PATTERN: "1 to 256 characters without whitespace, braces or control characters",
     ID_PATTERN: "1 to 256 characters without whitespace or control characters",
-    REQUEST_ID_PATTERN: "a request_id this gateway issued (<32 hex digits>.<stable|canary>.<model_version>)",
+    REQUEST_ID_PATTERN: "a request_id this gateway issued (<32 hex digits>.<stable|canary|pinned-stable|pinned-canary>.<model_version>)",
 }
 
 # Events: at most this many in one POST /v1/events.
@@ -85,6 +85,8 @@ class RecommendResponse(_Response):
     """One score per item, same order."""
     fallback: bool = False
     """True when serving failed and the items are the popularity fallback."""
+    pinned: bool = False
+    """True when the variant was chosen by the `X-Recsys-Variant` header or `recsys_variant` cookie (QA); such answers are not counted in the rollout analysis."""
 
 
 class ClientEvent(_Request):

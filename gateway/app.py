@@ -1,7 +1,8 @@
 """The gateway's HTTP API (aiohttp): what happens to each request.
 
-    POST /v1/recommend   assign the user's variant, call its model, answer (or fall
-                         back to popular items), record an impression
+    POST /v1/recommend   assign the user's variant (or the one a QA header or cookie
+                         pins), call its model, answer (or fall back to popular
+                         items), record an impression
     POST /v1/events      attribute clicks, forward interactions to Pulsar
     GET  /healthz        the routing applied now
     GET  /metrics        Prometheus
@@ -48,8 +49,10 @@ from gateway.fallback import PopularityFallback
 from gateway.log_rate_limit import rate_limited_logger
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import build_openapi
+from gateway.pinning import BadPin, pinned_variant
 from gateway.routing import POLL_INTERVAL_S, ReloadResult, RoutingWatcher
 from gateway.routing_configmap import ConfigMapRef, ConfigMapRoutingWatcher, KubeApi
+from gateway.shadow import Shadow
 from gateway.upstream import ServingClient, ServingRejected, ServingUnavailable
 from recsys_contracts import __version__
 from recsys_contracts.events import now_ms
@@ -193,6 +196,7 @@ class Gateway:
             else PopularityFallback()
         )
         self.serving = ServingClient()
+        self.shadow = Shadow(self.metrics, self.serving)
         self.events = EventSink(
             self.metrics,
             capacity=settings.event_buffer_capacity,
@@ -210,6 +214,7 @@ class Gateway:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        await self.shadow.close()
         await self.serving.close()
         await asyncio.to_thread(self.events.close)
 
@@ -228,7 +233,18 @@ class Gateway:
             self.metrics.requests.labels(routing.system, "", "", str(exc.status)).inc()
             return exc.response()
 
-        variant = routing.variant_for(ask.user_id)
+        try:
+            pin = pinned_variant(request.headers, request.cookies)
+        except BadPin as exc:
+            self.metrics.requests.labels(routing.system, "", "", "400").inc()
+            return BadInput(400, str(exc)).response()
+        if pin is Variant.CANARY and routing.canary is None:
+            self.metrics.pinned_requests.labels(routing.system, "", "canary", "409").inc()
+            return json_response(
+                ErrorResponse(error="pinned to canary, but no canary is being rolled out now"), 409
+            )
+        pinned = pin is not None
+        variant = pin or routing.variant_for(ask.user_id)
         endpoint = routing.endpoint(variant)
         # Both variants' series exist from the first request after a routing change.
         for each in (Variant.STABLE, Variant.CANARY):
@@ -240,7 +256,7 @@ class Gateway:
         # version that actually served them (see `_served_version`).
         version = endpoint.version
         try:
-            recommendation = await self._recommendation(routing, endpoint, variant, ask, k)
+            recommendation = await self._recommendation(routing, endpoint, variant, ask, k, pinned)
             if not recommendation.fallback:
                 version = recommendation.model_version
             answer = json_response(recommendation)
@@ -255,12 +271,21 @@ class Gateway:
             )
             answer.headers["Retry-After"] = "1"
         labels = (routing.system, version, variant.value)
+        if pinned:  # QA traffic: kept out of what the rollout analysis reads
+            self.metrics.pinned_requests.labels(*labels, str(answer.status)).inc()
+            return answer
         self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
         self.metrics.requests.labels(*labels, str(answer.status)).inc()
         return answer
 
     async def _recommendation(
-        self, routing: Routing, endpoint: Endpoint, variant: Variant, ask: RecommendRequest, k: int
+        self,
+        routing: Routing,
+        endpoint: Endpoint,
+        variant: Variant,
+        ask: RecommendRequest,
+        k: int,
+        pinned: bool = False,
     ) -> RecommendResponse:
         serving_request = {
             "user_id": ask.user_id,
@@ -275,21 +300,26 @@ class Gateway:
             model_version, fallback = _served_version(served.model_version, endpoint), False
             item_ids, scores = served.item_ids[:k], served.scores[:k]
             self.fallback.learn(item_ids)
+            if variant is Variant.STABLE and not pinned:
+                self.shadow.items.shown(item_ids)
+                self.shadow.mirror(routing, serving_request, item_ids)
         except ServingUnavailable as exc:
-            self.metrics.fallbacks.labels(
-                routing.system, endpoint.version, variant.value, exc.reason.value
-            ).inc()
+            if not pinned:
+                self.metrics.fallbacks.labels(
+                    routing.system, endpoint.version, variant.value, exc.reason.value
+                ).inc()
             log.warning("serving %s failed, answering from the fallback: %s", endpoint.url, exc)
             if not self.fallback.known:
                 raise NoFallback from exc
             model_version, fallback = FALLBACK_MODEL_VERSION, True
             item_ids, scores = self.fallback.top(k, ask.exclude_item_ids)
 
-        request_id = new_request_id(variant, model_version)
+        request_id = new_request_id(variant, model_version, pinned)
         if item_ids:
-            self.metrics.count_impression(
-                routing.system, model_version, variant.value, analysis_bucket(ask.user_id)
-            )
+            if not pinned:  # QA traffic stays out of the analysis
+                self.metrics.count_impression(
+                    routing.system, model_version, variant.value, analysis_bucket(ask.user_id)
+                )
             self._publish(
                 routing,
                 "impressions",
@@ -309,6 +339,7 @@ class Gateway:
             item_ids=item_ids,
             scores=scores,
             fallback=fallback,
+            pinned=pinned,
         )
 
     # --- POST /v1/events ---------------------------------------------------------
@@ -348,6 +379,12 @@ class Gateway:
     def _count_outcome(self, routing: Routing, event: ClientEvent, served_by: Attribution) -> None:
         """Clicks, dwell and purchases, for the version that served the list (and the
         user's bucket: the bucket of the user who acts, who is the user who was shown it)."""
+        if served_by.pinned:  # QA traffic: its clicks are counted apart, never analysed
+            if event.type == "click":
+                self.metrics.pinned_clicks.labels(
+                    routing.system, served_by.model_version, served_by.variant.value
+                ).inc()
+            return
         labels = (
             routing.system,
             served_by.model_version,
@@ -356,6 +393,8 @@ class Gateway:
         )
         if event.type == "click":
             self.metrics.clicks.labels(*labels).inc()
+            if served_by.variant is Variant.STABLE:
+                self.shadow.items.clicked(event.item_id)  # the shadow's predicted CTR learns
         elif event.type == "purchase":
             self.metrics.purchases.labels(*labels).inc()
         elif event.type == "dwell" and event.dwell_ms is not None:

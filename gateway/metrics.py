@@ -18,7 +18,7 @@ Label conventions the rollout analysis relies on:
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
 
 from recsys_contracts.metric_names import (
     ANALYSIS_BUCKETS,
@@ -29,8 +29,13 @@ from recsys_contracts.metric_names import (
     GATEWAY_EVENTS_SENT,
     GATEWAY_FALLBACKS,
     GATEWAY_LATENCY,
+    GATEWAY_PINNED_CLICKS,
+    GATEWAY_PINNED_REQUESTS,
     GATEWAY_REQUESTS,
     GATEWAY_ROUTING_RELOADS,
+    GATEWAY_SHADOW_OVERLAP,
+    GATEWAY_SHADOW_PREDICTED_CTR,
+    GATEWAY_SHADOW_REQUESTS,
     IMPRESSIONS,
     PURCHASES,
     VERSION_LABELS,
@@ -102,6 +107,36 @@ class GatewayMetrics:
             GATEWAY_EVENTS_DROPPED,
             "Events that never reached the broker, by reason.",
             ("system", "reason"),
+            registry=r,
+        )
+        self.pinned_requests = Counter(
+            GATEWAY_PINNED_REQUESTS,
+            "Answers to POST /v1/recommend pinned to a variant (X-Recsys-Variant or the recsys_variant cookie); not in the analysis.",
+            (*VERSION_LABELS, "code"),
+            registry=r,
+        )
+        self.pinned_clicks = Counter(
+            GATEWAY_PINNED_CLICKS,
+            "Clicks on pinned answers; not in the analysis.",
+            VERSION_LABELS,
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            GATEWAY_SHADOW_REQUESTS,
+            "Requests mirrored to the canary in a shadow phase, by outcome (compared | failed | skipped).",
+            ("system", "model_version", "outcome"),
+            registry=r,
+        )
+        self.shadow_overlap = Summary(
+            GATEWAY_SHADOW_OVERLAP,
+            "Per compared shadow request: the share of the stable's items the canary also recommends.",
+            ("system", "model_version"),
+            registry=r,
+        )
+        self.shadow_predicted_ctr = Summary(
+            GATEWAY_SHADOW_PREDICTED_CTR,
+            "Per compared shadow request: the predicted CTR of each list (variant stable | canary).",
+            ("system", "model_version", "variant"),
             registry=r,
         )
         self.routing_reloads = Counter(

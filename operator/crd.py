@@ -180,6 +180,13 @@ def _printer_columns(model: type[CustomResource]) -> list[dict[str, Any]]:
                 "description": "Percent of traffic on the canary",
             },
             {
+                "name": "Phase",
+                "type": "string",
+                "priority": 1,
+                "jsonPath": ".status.canary.phase",
+                "description": "Where the rollout stands: PreRollout, Shadow, Progressing, AwaitingPromotion, Promoting",
+            },
+            {
                 "name": "Reason",
                 "type": "string",
                 "priority": 1,

@@ -40,6 +40,15 @@ class ConditionReason(StrEnum):
     ROLLED_BACK = "RolledBack"
     PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
     ANALYSIS_FAILED = "AnalysisFailed"
+    # Rollout gates (docs/concepts.md "Gates").
+    PRE_ROLLOUT = "PreRollout"
+    SHADOW = "Shadow"
+    SHADOW_FAILED = "ShadowFailed"
+    WEBHOOK_RETRYING = "WebhookRetrying"
+    WEBHOOK_FAILED = "WebhookFailed"
+    AWAITING_PROMOTION = "AwaitingPromotion"
+    PROMOTING = "Promoting"
+    SCALING_UP_STABLE = "ScalingUpStable"
 
 
 class EventReason(StrEnum):
@@ -58,6 +67,12 @@ class EventReason(StrEnum):
     ANALYSIS_FAILED = "AnalysisFailed"
     ANALYSIS_INCONCLUSIVE = "AnalysisInconclusive"  # f"Analysis{decision}" in the state machine
     ANALYSIS_WAIT = "AnalysisWait"
+    ANALYSIS_SAMPLE_RATIO_MISMATCH = "AnalysisSampleRatioMismatch"
+    # Rollout gates.
+    WEBHOOK_FAILED = "WebhookFailed"
+    SHADOW_PASSED = "ShadowPassed"
+    AWAITING_PROMOTION = "AwaitingPromotion"
+    SCALING_UP_STABLE = "ScalingUpStable"
 
 
 # Reasons for which the reconcile applies nothing, so a rollout must not move traffic.

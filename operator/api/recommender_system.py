@@ -19,6 +19,7 @@ from recsys_contracts.api_base import (
     Duration,
     Quantity,
     field_error,
+    parse_duration,
     quantity_value,
 )
 from recsys_contracts.feature_job_settings import SubscriptionType
@@ -370,6 +371,65 @@ class AnalysisSpec(ApiModel):
     """Optional guardrail: canary purchases per impression divided by stable's must not be significantly below this."""
 
 
+class WebhookType(StrEnum):
+    """When a rollout webhook is called (Flagger's names where the meaning is the same)."""
+
+    PRE_ROLLOUT = "pre-rollout"
+    ROLLOUT = "rollout"
+    PRE_PROMOTION = "pre-promotion"
+
+
+MAX_WEBHOOK_TIMEOUT_S = 300.0
+
+
+class RolloutWebhook(ApiModel):
+    """An HTTP check a rollout must pass: a 2xx answer passes, anything else (or no answer in time) fails."""
+
+    name: DnsLabel
+    """Names the webhook in status, Events and the rollback reason."""
+    type: WebhookType
+    """pre-rollout: once, before the canary gets traffic (smoke test); rollout: before every analysis (load test); pre-promotion: right before the canary becomes stable."""
+    url: str = Field(pattern=r"^https?://\S+$")
+    """Where the POST goes; its JSON body is described in docs/concepts.md (name, namespace, type, phase, versions, weight, metadata)."""
+    timeout: Duration = "10s"
+    """How long one call may take; past it the call has failed (at most 5m)."""
+    retries: int = Field(default=2, ge=0, le=10)
+    """Failed calls tolerated in a row before the rollout is rolled back; each retry is one rollout tick later."""
+    metadata: dict[str, str] = Field(default_factory=dict)
+    """Passed through to the webhook as `metadata` (e.g. a test suite name, a load-test command)."""
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_bounded(cls, value: str) -> str:
+        if parse_duration(value) > MAX_WEBHOOK_TIMEOUT_S:
+            raise ValueError(f"timeout {value} exceeds 5m: a rollout tick must not wait longer")
+        return value
+
+
+class ShadowSpec(ApiModel):
+    """A phase before any traffic: the canary answers mirrored requests that users never see, and its lists are compared with the stable's."""
+
+    duration: Duration = "10m"
+    """How long requests are mirrored before the comparison is judged (again after each Wait)."""
+    percent: int = Field(default=100, ge=1, le=100)
+    """Share of the stable's answered requests mirrored to the canary."""
+    min_requests: int = Field(default=200, ge=1)
+    """Compared requests needed in the window before judging; fewer means wait."""
+    min_overlap: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Mean share of the stable's items the canary also recommends must be at least this (0: not checked)."""
+    min_predicted_ctr_ratio: float = Field(default=0.9, ge=0.0, le=10.0)
+    """Predicted CTR of the canary's lists divided by the stable's must be at least this (0: not checked)."""
+    max_error_rate: float = Field(default=0.01, ge=0.0, le=1.0)
+    """Share of mirrored requests the canary failed to answer must stay at or below this."""
+
+
+class CanaryReplicas(StrEnum):
+    """Where the canary's serving replicas come from."""
+
+    SURGE = "Surge"
+    FROM_STABLE = "FromStable"
+
+
 class RolloutSpec(ApiModel):
     """How a new model version is introduced: canary weights, pauses and analysis."""
 
@@ -387,6 +447,14 @@ class RolloutSpec(ApiModel):
     """Roll back on a failed analysis; off means pause and wait for a person."""
     paused: bool = False
     """Hold the rollout at its current step."""
+    shadow: ShadowSpec | None = None
+    """A shadow phase before the first step (after the pre-rollout webhooks): mirrored traffic only, compared on overlap and predicted CTR."""
+    confirm_promotion: bool = False
+    """Hold a canary that passed its last analysis until a person confirms (`recsys.dev/rollout-action=promote`, or `recsys rollout promote` locally)."""
+    webhooks: list[RolloutWebhook] = Field(default_factory=list, max_length=20)
+    """HTTP checks before the rollout, before every analysis and before promotion; a failure past its retries rolls back with the webhook's message."""
+    canary_replicas: CanaryReplicas = CanaryReplicas.SURGE
+    """Surge: the canary's pods come on top of the stable's; FromStable: the stable gives up as many as the canary takes (a fixed GPU budget)."""
 
     @field_validator("steps")
     @classmethod
@@ -399,6 +467,18 @@ class RolloutSpec(ApiModel):
         if steps[-1] != 100:
             raise ValueError(f"the last weight must be 100 (full promotion), got {steps[-1]}")
         return steps
+
+    @field_validator("webhooks")
+    @classmethod
+    def _webhook_names_distinct(cls, hooks: list[RolloutWebhook]) -> list[RolloutWebhook]:
+        names = [hook.name for hook in hooks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"webhook names must be distinct, repeated: {', '.join(duplicates)}")
+        return hooks
+
+    def webhooks_of(self, type_: WebhookType) -> list[RolloutWebhook]:
+        return [hook for hook in self.webhooks if hook.type is type_]
 
 
 class RecommenderSystemSpec(ApiModel):

@@ -119,6 +119,54 @@ class AnalysisResult(ApiModel):
     """Dwell and purchase comparisons, when the spec sets their thresholds."""
 
 
+class CanaryPhase(StrEnum):
+    PRE_ROLLOUT = "PreRollout"
+    SHADOW = "Shadow"
+    PROGRESSING = "Progressing"
+    AWAITING_PROMOTION = "AwaitingPromotion"
+    PROMOTING = "Promoting"
+
+
+class ShadowResult(ApiModel):
+    """The numbers behind one judgement of the shadow phase."""
+
+    time: str
+    """When it was judged (RFC 3339)."""
+    decision: AnalysisDecision
+    """Pass (the canary gets its first step), Fail (roll back), Inconclusive or Wait (mirror for another duration)."""
+    reason: str = ""
+    """Why, in a sentence with the numbers."""
+    compared: int | None = None
+    """Mirrored requests answered by the canary and compared, in the window."""
+    failed: int | None = None
+    """Mirrored requests the canary failed to answer, in the window."""
+    mean_overlap: float | None = None
+    """Mean share of the stable's items the canary also recommended."""
+    canary_predicted_ctr: float | None = None
+    """Mean predicted CTR of the canary's lists."""
+    stable_predicted_ctr: float | None = None
+    """Mean predicted CTR of the stable's lists for the same requests."""
+
+
+class WebhookResult(ApiModel):
+    """The latest call of a rollout webhook."""
+
+    name: str
+    """The webhook's name in spec.rollout.webhooks."""
+    type: str
+    """pre-rollout, rollout or pre-promotion."""
+    time: str
+    """When it was called (RFC 3339)."""
+    passed: bool
+    """True for a 2xx answer."""
+    status_code: int | None = None
+    """The HTTP status, none when no answer came (timeout, refused connection)."""
+    message: str = ""
+    """What the webhook said (its body, shortened), or why the call failed."""
+    failures: int = Field(default=0, ge=0)
+    """Failed calls in a row of this webhook at this gate."""
+
+
 class CanaryStatus(ApiModel):
     """The rollout in progress, if any."""
 
@@ -136,6 +184,18 @@ class CanaryStatus(ApiModel):
     """Inconclusive analyses in a row at this step."""
     last_analysis: AnalysisResult | None = None
     """The latest analysis."""
+    phase: CanaryPhase = CanaryPhase.PROGRESSING
+    """PreRollout (pre-rollout webhooks, no traffic yet), Shadow (mirrored traffic only), Progressing (the steps), AwaitingPromotion (a person must confirm), Promoting (pre-promotion webhooks, then the stable scales up)."""
+    gate_failures: int = Field(default=0, ge=0)
+    """Failed webhook calls in a row at the current gate."""
+    last_webhook: WebhookResult | None = None
+    """The latest webhook call."""
+    last_shadow: ShadowResult | None = None
+    """The latest judgement of the shadow phase."""
+    promotion_reason: str | None = None
+    """While Promoting: why the canary is being promoted (its analysis, or a person)."""
+    stable_replicas_target: int | None = Field(default=None, ge=1)
+    """While Promoting: the replicas the stable must have ready before it takes all traffic."""
 
 
 class RolloutOutcome(StrEnum):

@@ -22,7 +22,7 @@ from kubernetes import config as kube_config
 from pydantic import ValidationError
 
 from recsys_contracts.env_vars import OperatorEnv
-from recsys_contracts.field_issues import issues_from_validation_error
+from recsys_contracts.field_issues import InvalidResource, issues_from_validation_error
 from recsys_operator.api.base import GROUP, VERSION
 from recsys_operator.api.reasons import ConditionReason, EventReason
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
@@ -31,11 +31,15 @@ from recsys_operator.controller import metrics
 from recsys_operator.controller.conditions import condition, merge_conditions
 from recsys_operator.controller.kube import KubeClient
 from recsys_operator.controller.reconcile import Outcome, Reconciler, SecretNotFound, parse_system
-from recsys_operator.controller.rollout_driver import ACTION_ANNOTATION, rollout_tick
+from recsys_operator.controller.rollout_driver import (
+    ACTION_ANNOTATION,
+    cluster_replicas,
+    rollout_tick,
+)
 from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
 from recsys_operator.render import RenderOptions, TopicPlan, topic_plan
 from recsys_operator.render.naming import INSTANCE_LABEL, MANAGED_BY
-from recsys_operator.rollout.state_machine import AnalysisSource
+from recsys_operator.rollout.state_machine import AnalysisSource, ShadowSource
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class State:
     # Where rollout analyses come from; None: Prometheus at the configured URL.
     # (Tests of the Kubernetes side, where no gateway runs, plug in their own.)
     analysis_source: Callable[[dict[str, Any]], AnalysisSource] | None = None
+    shadow_source: Callable[[dict[str, Any]], ShadowSource] | None = None
 
 
 STATE = State()
@@ -259,8 +264,17 @@ async def drive_rollout(namespace: str | None, name: str, **_: Any) -> None:
         if body is None or body["metadata"].get("deletionTimestamp") or not body.get("status"):
             return  # not reconciled yet: the first reconcile records the stable version
         source = STATE.analysis_source(body) if STATE.analysis_source else None
+        try:
+            replicas = cluster_replicas(STATE.kube, parse_system(body))
+        except InvalidResource:
+            replicas = None  # rollout_tick leaves invalid specs to the reconcile
+        shadow = STATE.shadow_source(body) if STATE.shadow_source else None
         patch, transition = await rollout_tick(
-            body, STATE.reconciler.options.prometheus_url, source=source
+            body,
+            STATE.reconciler.options.prometheus_url,
+            source=source,
+            replicas=replicas,
+            shadow=shadow,
         )
         if transition is None:
             return

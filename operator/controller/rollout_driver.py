@@ -7,15 +7,19 @@ Deployment are rendered from it by the next reconcile, which runs right after.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Any
 
 from recsys_contracts.field_issues import InvalidResource
 from recsys_operator.api.reasons import BLOCKING_REASONS
+from recsys_operator.api.recommender_system import CanaryReplicas
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.api.status import ConditionStatus, ConditionType
 from recsys_operator.controller.conditions import condition, merge_conditions
+from recsys_operator.controller.kube import KubeClient
 from recsys_operator.controller.reconcile import parse_system
+from recsys_operator.render.naming import Track, serving_name, system_id
 from recsys_operator.render.traffic import TrafficPlan
 from recsys_operator.rollout.driver import (
     FixedAnalysis,
@@ -24,7 +28,17 @@ from recsys_operator.rollout.driver import (
     RolloutDriver,
     manual_action,
 )
-from recsys_operator.rollout.state_machine import AnalysisSource, RolloutState, Transition
+from recsys_operator.rollout.shadow_analysis import PrometheusShadowSource
+from recsys_operator.rollout.state_machine import (
+    AnalysisSource,
+    Gates,
+    ReplicaSource,
+    RolloutState,
+    ServingReplicas,
+    ShadowSource,
+    Transition,
+)
+from recsys_operator.rollout.webhooks import HttpWebhooks, WebhookCaller
 
 ACTION_ANNOTATION = "recsys.dev/rollout-action"
 
@@ -86,6 +100,52 @@ def status_patch(
     return patch
 
 
+def cluster_replicas(kube: KubeClient, system: RecommenderSystem) -> ReplicaSource:
+    """Ready serving pods per track from the Deployments' status, and what the stable
+    needs to carry all traffic: with an autoscaler, the pods serving now (stable plus
+    canary) within the autoscaler's ceiling; without one, the full fixed count when
+    the canary took its pods from the stable (else nothing: the stable never shrank)."""
+    namespace = system.metadata.namespace or "default"
+    stable_name = serving_name(system, Track.STABLE)
+
+    def ready(track: str) -> int:
+        deployment = kube.get("apps/v1", "Deployment", namespace, serving_name(system, track))
+        return int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
+
+    def ceiling() -> int | None:
+        for api_version, kind, field in (
+            ("keda.sh/v1alpha1", "ScaledObject", "maxReplicaCount"),
+            ("autoscaling/v2", "HorizontalPodAutoscaler", "maxReplicas"),
+        ):
+            try:
+                scaler = kube.get(api_version, kind, namespace, stable_name)
+            except Exception:  # a kind this cluster does not serve
+                continue
+            if scaler is not None and isinstance(scaler.get("spec", {}).get(field), int):
+                return int(scaler["spec"][field])
+        return None
+
+    def count() -> ServingReplicas:
+        stable, canary = ready(Track.STABLE), ready(Track.CANARY)
+        spec = system.spec
+        from_stable = spec.rollout.canary_replicas is CanaryReplicas.FROM_STABLE
+        needed: int | None = None
+        if spec.scaling_policy_ref is not None:
+            needed = stable + canary
+            top = ceiling()
+            if top is not None:
+                # FromStable lowered the ceiling by the canary's pods; promotion gives them back.
+                needed = min(needed, top + (canary if from_stable else 0))
+        elif from_stable:
+            needed = spec.serving.replicas
+        return ServingReplicas(stable, canary, needed)
+
+    async def source() -> ServingReplicas | None:
+        return await asyncio.to_thread(count)
+
+    return source
+
+
 def changed(old_status: dict[str, Any], patch: dict[str, Any]) -> bool:
     return any(old_status.get(k) != v for k, v in patch.items())
 
@@ -95,6 +155,9 @@ async def rollout_tick(
     prometheus_url: str,
     now: datetime | None = None,
     source: AnalysisSource | None = None,
+    webhooks: WebhookCaller | None = None,
+    replicas: ReplicaSource | None = None,
+    shadow: ShadowSource | None = None,
 ) -> tuple[dict[str, Any] | None, Transition | None]:
     """(status patch or None when nothing changed, the transition) for one system."""
     if blocking_reason(body):
@@ -108,7 +171,15 @@ async def rollout_tick(
     metrics: MetricsSource = (
         FixedAnalysis(source) if source is not None else PrometheusMetrics(prometheus_url)
     )
-    transition = await RolloutDriver(RenderedRouting(), metrics).step(
+    shadow_spec = system.spec.rollout.shadow
+    if shadow is None and shadow_spec is not None:
+        shadow = PrometheusShadowSource(prometheus_url, system_id(system), shadow_spec)
+    gates = Gates(
+        webhooks or HttpWebhooks(system.metadata.name, system.metadata.namespace or "default"),
+        replicas,
+        shadow,
+    )
+    transition = await RolloutDriver(RenderedRouting(), metrics, gates=lambda _: gates).step(
         system, state, action=manual_action(action), now=now
     )
     assert transition is not None  # RenderedRouting is always prepared

@@ -278,7 +278,8 @@ def render_status(state: dict[str, Any], supervisor_alive: bool) -> str:
     lines.append(
         f"stable  {rollout.get('stableVersion')}   desired {desired}   "
         + (
-            f"canary {canary['version']} at {canary['weight']}% (step {canary.get('step', 0) + 1})"
+            f"canary {canary['version']} at {canary['weight']}% (step {canary.get('step', 0) + 1}, "
+            f"{canary.get('phase', 'Progressing')})"
             if canary
             else "no canary"
         )
@@ -405,7 +406,8 @@ def rollout_abort(run_dir: RunDirOption = None) -> None:
 
 @rollout_app.command("promote")
 def rollout_promote(run_dir: RunDirOption = None) -> None:
-    """Make the canary stable now, skipping the remaining steps."""
+    """Make the canary stable now, skipping the remaining steps; also confirms a canary
+    awaiting promotion (rollout.confirmPromotion). Pre-promotion webhooks still run."""
     _action(run_dir, "promote")
 
 

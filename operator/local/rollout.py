@@ -14,6 +14,7 @@ from typing import Any
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.local.run_folder import RunFolder
 from recsys_operator.local.traffic import LocalRouter, Say
+from recsys_operator.render.naming import system_id
 from recsys_operator.render.traffic import TrafficPlan
 from recsys_operator.rollout.driver import (
     PrometheusMetrics,
@@ -21,7 +22,9 @@ from recsys_operator.rollout.driver import (
     manual_action,
     traffic_plan,
 )
-from recsys_operator.rollout.state_machine import RolloutState, Transition
+from recsys_operator.rollout.shadow_analysis import PrometheusShadowSource
+from recsys_operator.rollout.state_machine import Gates, RolloutState, Transition
+from recsys_operator.rollout.webhooks import HttpWebhooks
 
 PROMETHEUS_TIMEOUT_S = 3
 """Per query: a tick (one a second) must not wait long for a Prometheus that is down."""
@@ -39,10 +42,25 @@ class LocalRollout:
         self._driver: RolloutDriver | None = None
 
     def use_prometheus(self, url: str) -> None:
-        self._driver = RolloutDriver(self.router, PrometheusMetrics(url, PROMETHEUS_TIMEOUT_S))
+        def gates(system: RecommenderSystem) -> Gates:
+            # Webhooks are called as in a cluster; nobody counts replicas here (one model
+            # server per version), so there is no scale-up before promotion.
+            shadow = system.spec.rollout.shadow
+            return Gates(
+                HttpWebhooks(system.metadata.name, system.metadata.namespace or "default"),
+                shadow=PrometheusShadowSource(
+                    url, system_id(system), shadow, timeout_s=PROMETHEUS_TIMEOUT_S
+                )
+                if shadow is not None
+                else None,
+            )
 
-    def plan(self) -> TrafficPlan:
-        return traffic_plan(self.state)
+        self._driver = RolloutDriver(
+            self.router, PrometheusMetrics(url, PROMETHEUS_TIMEOUT_S), gates=gates
+        )
+
+    def plan(self, system: RecommenderSystem) -> TrafficPlan:
+        return traffic_plan(system, self.state)
 
     def step(self, system: RecommenderSystem) -> None:
         asyncio.run(self._step(system))

@@ -86,7 +86,7 @@ class LocalSystem:
         version = system.spec.model.version
         self.rollout = LocalRollout(self.folder, self.router, version, self.report.record)
         self.servers.ensure(system, version)
-        self.router.write(system, self.rollout.plan())
+        self.router.write(system, self.rollout.plan(system))
         targets = [f"{LOOPBACK}:{self.parts.start_gateway().port}"]
         if self.options.features:
             targets.append(f"{LOOPBACK}:{self.parts.start_feature_job(system).port}")
@@ -112,7 +112,8 @@ class LocalSystem:
         assert self.desired is not None and self.rollout is not None
         desired, rollout = self.desired, self.rollout
         self.parts.restart_exited(
-            desired.system, reroute=lambda: self.router.write(desired.system, rollout.plan())
+            desired.system,
+            reroute=lambda: self.router.write(desired.system, rollout.plan(desired.system)),
         )
         self._reload_desired_state(desired)
         rollout.step(desired.system)

@@ -7,7 +7,6 @@ handlers read, call these, and apply the result; `recsys render` prints it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ from recsys_operator.render.autoscaling import (
     build_disruption_budgets,
     build_pulsar_trigger_authentication,
 )
+from recsys_operator.render.capacity import serving_capacity
 from recsys_operator.render.features import build_feature_job_deployment
 from recsys_operator.render.gateway import (
     build_gateway_configmap,
@@ -98,10 +98,6 @@ def _owner_reference(system: RecommenderSystem) -> dict[str, Any]:
     }
 
 
-def _canary_replicas(system: RecommenderSystem, weight: int) -> int:
-    return max(1, math.ceil(system.spec.serving.replicas * weight / 100))
-
-
 def render_system(
     system: RecommenderSystem,
     policy: ScalingPolicy | None = None,
@@ -127,6 +123,7 @@ def render_system(
         )
     plan = traffic_plan(system)
     autoscaled = scaling is not None
+    capacity = serving_capacity(system, plan, scaling)
 
     objects: list[dict[str, Any]] = []
     gateway_config = build_gateway_configmap(system, plan)
@@ -143,10 +140,7 @@ def render_system(
     for track, version in serving_tracks(plan.stable_version, plan.canary_version):
         try:
             configmap = build_serving_configmap(system, track, version)
-            if track == "stable":
-                replicas = None if autoscaled else system.spec.serving.replicas
-            else:
-                replicas = _canary_replicas(system, plan.canary_weight)
+            replicas = capacity.stable_replicas if track == "stable" else capacity.canary_replicas
             deployment = build_serving_deployment(system, track, version, configmap, replicas)
         except UnsupportedArchiveUri as exc:
             raise InvalidSpec("serving", [FieldIssue("spec.model.archiveUri", str(exc))]) from None
@@ -166,7 +160,8 @@ def render_system(
     if scaling is not None:
         auth = build_pulsar_trigger_authentication(system) if scaling.engine == "keda" else None
         objects += [auth] if auth else []
-        objects += build_autoscalers(system, scaling, options.prometheus_url)
+        assert capacity.scaling is not None
+        objects += build_autoscalers(system, capacity.scaling, options.prometheus_url)
         objects += build_disruption_budgets(system, scaling.min_available_percent)
     if options.monitoring:
         objects += [

@@ -64,6 +64,7 @@ def gateway_routing(system: RecommenderSystem, plan: TrafficPlan) -> dict[str, A
         stable=endpoint(Track.STABLE, plan.stable_version),
         canary=endpoint(Track.CANARY, plan.canary_version) if plan.canary_version else None,
         canary_weight=plan.canary_weight if plan.canary_version else 0,
+        shadow_percent=plan.shadow_percent if plan.canary_version else 0,
         # A new salt per rollout reshuffles which users land in the canary.
         salt=f"{system.metadata.name}:{plan.canary_version or plan.stable_version}",
         timeout_ms=system.spec.gateway.timeout_ms,
@@ -73,7 +74,10 @@ def gateway_routing(system: RecommenderSystem, plan: TrafficPlan) -> dict[str, A
         interactions_topic=topic_url(system, TOPIC_NAMES["interactions"]),
         impressions_topic=topic_url(system, TOPIC_NAMES["impressions"]),
     )
-    return routing.model_dump(mode="json", by_alias=True)
+    document = routing.model_dump(mode="json", by_alias=True)
+    if not routing.shadow_percent:
+        del document["shadowPercent"]  # only during a shadow phase (older gateways ignore it)
+    return document
 
 
 def build_gateway_configmap(system: RecommenderSystem, plan: TrafficPlan) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recsys_operator.api.resources import RecommenderSystem
-from recsys_operator.api.status import CanaryStatus
+from recsys_operator.api.status import CanaryPhase, CanaryStatus
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class TrafficPlan:
     stable_version: str
     canary_version: str | None = None
     canary_weight: int = 0
+    shadow_percent: int = 0  # share of stable answers mirrored to the canary (shadow phase)
 
     @property
     def versions(self) -> list[str]:
@@ -28,11 +29,21 @@ def traffic_plan(system: RecommenderSystem) -> TrafficPlan:
     rollout); a canary exists only while status records a rollout in progress."""
     status = system.status
     stable = (status.stable_version if status else None) or system.spec.model.version
-    return plan_for(stable, status.canary if status else None)
+    return plan_for(system, stable, status.canary if status else None)
 
 
-def plan_for(stable_version: str, canary: CanaryStatus | None) -> TrafficPlan:
-    """The split of a rollout state: all on stable, or the canary at its weight."""
+def plan_for(
+    system: RecommenderSystem, stable_version: str, canary: CanaryStatus | None
+) -> TrafficPlan:
+    """The split of a rollout state: all on stable, or the canary at its weight (and, in a
+    shadow phase, the share of stable answers mirrored to it)."""
     if canary is None or canary.version == stable_version:
         return TrafficPlan(stable_version)
-    return TrafficPlan(stable_version, canary.version, canary.weight)
+    return TrafficPlan(
+        stable_version, canary.version, canary.weight, shadow_percent(system, canary)
+    )
+
+
+def shadow_percent(system: RecommenderSystem, canary: CanaryStatus) -> int:
+    shadow = system.spec.rollout.shadow
+    return shadow.percent if shadow is not None and canary.phase is CanaryPhase.SHADOW else 0

@@ -31,6 +31,7 @@ from recsys_operator.rollout.prometheus_source import PrometheusSource
 from recsys_operator.rollout.state_machine import (
     Action,
     AnalysisSource,
+    Gates,
     RolloutState,
     Transition,
     tick,
@@ -108,14 +109,21 @@ def version_to_prepare(desired_version: str, state: RolloutState) -> str | None:
     return None if retried else desired_version
 
 
-def traffic_plan(state: RolloutState) -> TrafficPlan:
-    return plan_for(state.stable_version, state.canary)
+def traffic_plan(system: RecommenderSystem, state: RolloutState) -> TrafficPlan:
+    return plan_for(system, state.stable_version, state.canary)
+
+
+def no_gates(system: RecommenderSystem) -> Gates | None:
+    return None
 
 
 @dataclass(frozen=True)
 class RolloutDriver:
     router: TrafficRouter
     metrics: MetricsSource
+    gates: Callable[[RecommenderSystem], Gates | None] = no_gates
+    """The webhooks, replica counts and shadow analysis of `system`'s gates (none: a
+    rollout without webhooks, scale-up check or shadow phase)."""
 
     async def step(
         self,
@@ -158,9 +166,10 @@ class RolloutDriver:
             now or datetime.now(UTC),
             self.metrics.analysis_for(system, state.stable_version),
             action,
+            self.gates(system),
         )
         if record is not None:
             record(transition)
         if transition.state != state:
-            await self.router.set_routes(system, traffic_plan(transition.state))
+            await self.router.set_routes(system, traffic_plan(system, transition.state))
         return transition

@@ -2,12 +2,16 @@
 
 A rollout is a linear pipeline of idempotent steps driven by ticks:
 
-  start (canary at steps[0]) -> [wait interval -> analyse -> advance | hold | roll back]* -> promote
+  start -> [pre-rollout webhooks] -> [shadow: mirrored traffic only] -> canary at steps[0]
+        -> [wait interval -> rollout webhooks -> analyse -> advance | hold | roll back]*
+        -> [a person confirms] -> [pre-promotion webhooks] -> [stable scaled up] -> promote
 
-All state lives in `RolloutState` (stored in the resource's status), so a
+(the bracketed gates only when spec.rollout asks for them; `status.canary.phase` says
+where a rollout is). All state lives in `RolloutState` (stored in the resource's status), so a
 restarted operator resumes at the same step with the same weight. `tick` only
 decides; the caller stores the new state, routes traffic and records events.
-The metrics source is injected, so local mode and the operator share this code.
+The metrics source, the webhook caller and the serving replica counts are injected,
+so local mode and the operator share this code and tests script them.
 """
 
 from __future__ import annotations
@@ -17,17 +21,38 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from recsys_contracts.api_base import parse_duration
-from recsys_operator.api.recommender_system import RolloutSpec
+from recsys_operator.api.recommender_system import RolloutSpec, RolloutWebhook, WebhookType
 from recsys_operator.api.status import (
     AnalysisDecision,
     AnalysisResult,
+    CanaryPhase,
     CanaryStatus,
     RolloutOutcome,
     RolloutRecord,
+    ShadowResult,
+    WebhookResult,
 )
+from recsys_operator.rollout.webhooks import WebhookCaller, no_webhooks
 
 AnalysisSource = Callable[[CanaryStatus, float], Awaitable[AnalysisResult]]
 """Analyse the canary over the last `window` seconds."""
+
+ShadowSource = Callable[[CanaryStatus, float], Awaitable[ShadowResult]]
+"""Judge the canary's shadow answers over the last `window` seconds."""
+
+
+@dataclass(frozen=True)
+class ServingReplicas:
+    """Ready serving pods per track, and what the stable needs before it takes all traffic."""
+
+    stable_ready: int
+    canary_ready: int
+    stable_needed: int | None
+    """None: the stable's replicas are fixed and already carry everything (nothing to scale)."""
+
+
+ReplicaSource = Callable[[], Awaitable[ServingReplicas | None]]
+"""The serving replicas now; None where nobody counts them (local mode)."""
 
 
 class Action:
@@ -66,6 +91,15 @@ class Transition:
     promoted: bool = False  # the canary became stable in this tick
 
 
+@dataclass(frozen=True)
+class Gates:
+    """The rollout's I/O besides the analysis: webhooks and replica counts."""
+
+    webhooks: WebhookCaller = no_webhooks
+    replicas: ReplicaSource | None = None
+    shadow: ShadowSource | None = None
+
+
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
@@ -102,54 +136,14 @@ async def tick(
     now: datetime,
     analysis_source: AnalysisSource,
     action: str | None = None,
+    gates: Gates | None = None,
 ) -> Transition:
     """One step of the rollout of `desired_version` (the spec's model version)."""
+    gates = gates or Gates()
     canary = state.canary
 
-    # No rollout in progress.
     if canary is None:
-        if desired_version == state.stable_version:
-            return Transition(
-                state, Health(True, "Stable", f"serving version {state.stable_version}")
-            )
-        last = state.last_rollout
-        if last and last.version == desired_version and last.outcome is not RolloutOutcome.PROMOTED:
-            # Do not retry a version that failed; a new version (or a spec revert) moves on.
-            return Transition(
-                state,
-                Health(
-                    False, "RolledBack", f"version {desired_version} was rolled back: {last.reason}"
-                ),
-            )
-        if spec.steps == [100]:
-            # No canary steps asked for: switch at once (a blue/green without analysis).
-            canary_state = replace(
-                state,
-                canary=CanaryStatus(version=desired_version, weight=100, started_at=_iso(now)),
-            )
-            new = _finish(
-                canary_state, RolloutOutcome.PROMOTED, "steps is [100]: no canary phase", now, None
-            )
-            message = f"version {desired_version} promoted directly (rollout.steps is [100])"
-            return Transition(
-                new,
-                Health(True, "Promoted", message),
-                [Event(False, "RolloutPromoted", message)],
-                promoted=True,
-            )
-        started = CanaryStatus(
-            version=desired_version,
-            weight=spec.steps[0],
-            step=0,
-            started_at=_iso(now),
-            step_started_at=_iso(now),
-        )
-        message = f"rollout of {desired_version} started at {spec.steps[0]}% (stable {state.stable_version})"
-        return Transition(
-            replace(state, canary=started),
-            Health(True, "Progressing", message),
-            [Event(False, "RolloutStarted", message)],
-        )
+        return _start(desired_version, spec, state, now)
 
     # The spec moved on while a rollout ran: stop this one; the next tick starts the new one.
     if desired_version != canary.version:
@@ -170,20 +164,22 @@ async def tick(
             new, Health(False, "Aborted", message), [Event(True, "RolloutAborted", message)]
         )
     if action == Action.PROMOTE:
-        new = _finish(
-            state, RolloutOutcome.PROMOTED, "promoted by a person", now, canary.last_analysis
+        # A person's promotion skips the remaining steps and analyses (or confirms a
+        # canary awaiting promotion), not the pre-promotion webhooks or the scale-up.
+        confirmed = (
+            "confirmed by a person"
+            if canary.phase is CanaryPhase.AWAITING_PROMOTION
+            else "promoted by a person"
         )
-        message = f"version {canary.version} promoted by a person"
-        return Transition(
-            new,
-            Health(True, "Promoted", message),
-            [Event(False, "RolloutPromoted", message)],
-            promoted=True,
-        )
+        return await _promote(state, canary, spec, now, gates, confirmed, canary.last_analysis)
 
     started_at = _parse(canary.started_at, now)
-    if (now - started_at).total_seconds() > parse_duration(spec.progress_deadline):
-        reason = f"not finished within progressDeadline {spec.progress_deadline} (at step {canary.step}, {canary.weight}%)"
+    if canary.phase is not CanaryPhase.AWAITING_PROMOTION and (
+        now - started_at
+    ).total_seconds() > parse_duration(spec.progress_deadline):
+        reason = f"not finished within progressDeadline {spec.progress_deadline} (at step {canary.step}, {canary.weight}%, phase {canary.phase.value})"
+        if canary.stable_replicas_target is not None:
+            reason += f"; the stable was scaling up to {canary.stable_replicas_target} replicas"
         new = _finish(state, RolloutOutcome.ROLLED_BACK, reason, now, canary.last_analysis)
         return Transition(
             new,
@@ -195,6 +191,22 @@ async def tick(
         return Transition(
             state, Health(True, "Paused", f"paused at step {canary.step} ({canary.weight}%)")
         )
+
+    if canary.phase is CanaryPhase.PRE_ROLLOUT:
+        return await _pre_rollout(state, canary, spec, now, gates)
+    if canary.phase is CanaryPhase.SHADOW:
+        return await _shadow(state, canary, spec, now, gates)
+    if canary.phase is CanaryPhase.AWAITING_PROMOTION:
+        since = canary.step_started_at or "?"
+        message = (
+            f"version {canary.version} passed its analyses and holds at {canary.weight}% "
+            f"since {since}, waiting for a person to confirm the promotion "
+            "(recsys.dev/rollout-action=promote, or abort)"
+        )
+        return Transition(state, Health(True, "AwaitingPromotion", message))
+    if canary.phase is CanaryPhase.PROMOTING:
+        reason = canary.promotion_reason or "promotion gates passed"
+        return await _promote(state, canary, spec, now, gates, reason, canary.last_analysis)
 
     step_started = _parse(canary.step_started_at, now)
     interval = parse_duration(spec.interval)
@@ -208,6 +220,13 @@ async def tick(
             ),
         )
 
+    hooks = spec.webhooks_of(WebhookType.ROLLOUT)
+    if hooks:
+        gate = await _run_gate(hooks, state, canary, now, gates.webhooks)
+        if not gate.passed:
+            return gate.transition
+        canary = gate.canary
+
     analysis = await analysis_source(canary, interval)
     analysed = canary.model_copy(update={"last_analysis": analysis})
     summary = (
@@ -217,19 +236,31 @@ async def tick(
     if analysis.decision is AnalysisDecision.PASS:
         # Passing the step before 100% promotes: at 100% no stable traffic is left to compare with.
         if canary.step + 1 >= len(spec.steps) or spec.steps[canary.step + 1] == 100:
-            new = _finish(
+            if spec.confirm_promotion:
+                held = analysed.model_copy(
+                    update={
+                        "phase": CanaryPhase.AWAITING_PROMOTION,
+                        "step_started_at": _iso(now),
+                        "inconclusive_count": 0,
+                    }
+                )
+                message = (
+                    f"{summary}; holding at {canary.weight}% until a person confirms the "
+                    "promotion (recsys.dev/rollout-action=promote)"
+                )
+                return Transition(
+                    replace(state, canary=held),
+                    Health(True, "AwaitingPromotion", message),
+                    [Event(False, "AwaitingPromotion", message)],
+                )
+            return await _promote(
                 replace(state, canary=analysed),
-                RolloutOutcome.PROMOTED,
-                analysis.reason,
+                analysed,
+                spec,
                 now,
+                gates,
+                analysis.reason,
                 analysis,
-            )
-            message = f"version {canary.version} promoted: {analysis.reason}"
-            return Transition(
-                new,
-                Health(True, "Promoted", message),
-                [Event(False, "RolloutPromoted", message)],
-                promoted=True,
             )
         weight = spec.steps[canary.step + 1]
         advanced = analysed.model_copy(
@@ -294,3 +325,331 @@ async def tick(
             )
         ],
     )
+
+
+def _start(
+    desired_version: str, spec: RolloutSpec, state: RolloutState, now: datetime
+) -> Transition:
+    """No rollout in progress: stay, or start one at its first phase."""
+    if desired_version == state.stable_version:
+        return Transition(state, Health(True, "Stable", f"serving version {state.stable_version}"))
+    last = state.last_rollout
+    if last and last.version == desired_version and last.outcome is not RolloutOutcome.PROMOTED:
+        # Do not retry a version that failed; a new version (or a spec revert) moves on.
+        return Transition(
+            state,
+            Health(
+                False, "RolledBack", f"version {desired_version} was rolled back: {last.reason}"
+            ),
+        )
+    if spec.webhooks_of(WebhookType.PRE_ROLLOUT):
+        # The canary's pods start, without traffic, for the smoke tests.
+        started = CanaryStatus(
+            version=desired_version,
+            weight=0,
+            step=0,
+            started_at=_iso(now),
+            step_started_at=_iso(now),
+            phase=CanaryPhase.PRE_ROLLOUT,
+        )
+        message = f"rollout of {desired_version} started: pre-rollout webhooks before any traffic (stable {state.stable_version})"
+        return Transition(
+            replace(state, canary=started),
+            Health(True, "PreRollout", message),
+            [Event(False, "RolloutStarted", message)],
+        )
+    if spec.shadow is not None:
+        return _enter_shadow(
+            state, CanaryStatus(version=desired_version, started_at=_iso(now)), spec, now
+        )
+    if spec.steps == [100] and not _has_promotion_gates(spec):
+        # No canary steps asked for: switch at once (a blue/green without analysis).
+        canary_state = replace(
+            state,
+            canary=CanaryStatus(version=desired_version, weight=100, started_at=_iso(now)),
+        )
+        new = _finish(
+            canary_state, RolloutOutcome.PROMOTED, "steps is [100]: no canary phase", now, None
+        )
+        message = f"version {desired_version} promoted directly (rollout.steps is [100])"
+        return Transition(
+            new,
+            Health(True, "Promoted", message),
+            [Event(False, "RolloutPromoted", message)],
+            promoted=True,
+        )
+    return _first_step(
+        state, CanaryStatus(version=desired_version, started_at=_iso(now)), spec, now
+    )
+
+
+# --- gates ------------------------------------------------------------------------
+
+
+def _has_promotion_gates(spec: RolloutSpec) -> bool:
+    return spec.confirm_promotion or bool(spec.webhooks_of(WebhookType.PRE_PROMOTION))
+
+
+def _first_step(
+    state: RolloutState, canary: CanaryStatus, spec: RolloutSpec, now: datetime
+) -> Transition:
+    """The canary gets its first share of traffic (or, for steps [100], goes to promotion)."""
+    if spec.steps == [100]:
+        # Only reached with promotion gates: they run on the next tick.
+        promoting = canary.model_copy(
+            update={"phase": CanaryPhase.PROMOTING, "weight": 0, "step_started_at": _iso(now)}
+        )
+        message = f"rollout of {canary.version}: steps is [100], promotion gates next"
+        return Transition(
+            replace(state, canary=promoting),
+            Health(True, "Promoting", message),
+            [Event(False, "RolloutStarted", message)],
+        )
+    started = canary.model_copy(
+        update={
+            "phase": CanaryPhase.PROGRESSING,
+            "weight": spec.steps[0],
+            "step": 0,
+            "step_started_at": _iso(now),
+        }
+    )
+    message = (
+        f"rollout of {canary.version} started at {spec.steps[0]}% (stable {state.stable_version})"
+    )
+    return Transition(
+        replace(state, canary=started),
+        Health(True, "Progressing", message),
+        [Event(False, "RolloutStarted", message)],
+    )
+
+
+async def _pre_rollout(
+    state: RolloutState, canary: CanaryStatus, spec: RolloutSpec, now: datetime, gates: Gates
+) -> Transition:
+    if gates.replicas is not None:
+        replicas = await gates.replicas()
+        if replicas is not None and replicas.canary_ready == 0:
+            return Transition(
+                state,
+                Health(
+                    True,
+                    "PreRollout",
+                    f"waiting for a ready canary pod of {canary.version} before the pre-rollout webhooks",
+                ),
+            )
+    gate = await _run_gate(
+        spec.webhooks_of(WebhookType.PRE_ROLLOUT), state, canary, now, gates.webhooks
+    )
+    if not gate.passed:
+        return gate.transition
+    moved = (
+        _enter_shadow(state, gate.canary, spec, now)
+        if spec.shadow is not None
+        else _first_step(state, gate.canary, spec, now)
+    )
+    moved.events[0] = Event(
+        False, "RolloutAdvanced", f"pre-rollout webhooks passed; {moved.events[0].message}"
+    )
+    return moved
+
+
+def _enter_shadow(
+    state: RolloutState, canary: CanaryStatus, spec: RolloutSpec, now: datetime
+) -> Transition:
+    assert spec.shadow is not None
+    shadowing = canary.model_copy(
+        update={"phase": CanaryPhase.SHADOW, "weight": 0, "step_started_at": _iso(now)}
+    )
+    message = (
+        f"rollout of {canary.version}: shadow phase, {spec.shadow.percent}% of requests "
+        f"mirrored to the canary for {spec.shadow.duration}, no user traffic (stable {state.stable_version})"
+    )
+    return Transition(
+        replace(state, canary=shadowing),
+        Health(True, "Shadow", message),
+        [Event(False, "RolloutStarted", message)],
+    )
+
+
+async def _shadow(
+    state: RolloutState, canary: CanaryStatus, spec: RolloutSpec, now: datetime, gates: Gates
+) -> Transition:
+    """Mirror for `shadow.duration`, then judge: pass to the first step, fail to roll back,
+    or mirror for another duration (bounded by maxInconclusive, as the analysis is)."""
+    assert spec.shadow is not None
+    window = parse_duration(spec.shadow.duration)
+    started = _parse(canary.step_started_at, now)
+    if (now - started).total_seconds() < window:
+        due = _iso(started + timedelta(seconds=window))
+        return Transition(
+            state,
+            Health(
+                True,
+                "Shadow",
+                f"canary {canary.version} answers {spec.shadow.percent}% of requests mirrored, unseen; compared at {due}",
+            ),
+        )
+    if gates.shadow is not None:
+        result = await gates.shadow(canary, window)
+    else:
+        result = ShadowResult(
+            time=_iso(now),
+            decision=AnalysisDecision.INCONCLUSIVE,
+            reason="this rollout driver cannot judge a shadow phase",
+        )
+    judged = canary.model_copy(update={"last_shadow": result})
+    summary = f"shadow: {result.decision.value}: {result.reason}"
+    if result.decision is AnalysisDecision.PASS:
+        moved = _first_step(state, judged.model_copy(update={"inconclusive_count": 0}), spec, now)
+        moved.events[0] = Event(False, "ShadowPassed", f"{summary}; {moved.events[0].message}")
+        return moved
+    if result.decision is AnalysisDecision.FAIL:
+        reason = f"shadow phase failed: {result.reason}"
+        new = _finish(replace(state, canary=judged), RolloutOutcome.ROLLED_BACK, reason, now, None)
+        message = f"version {canary.version} rolled back before any traffic: {reason}"
+        return Transition(
+            new, Health(False, "ShadowFailed", message), [Event(True, "RolledBack", message)]
+        )
+    count = canary.inconclusive_count + 1
+    if count > spec.max_inconclusive:
+        reason = f"{count} shadow judgements without a decision in a row (max {spec.max_inconclusive}); last: {result.reason}"
+        new = _finish(replace(state, canary=judged), RolloutOutcome.ROLLED_BACK, reason, now, None)
+        return Transition(
+            new,
+            Health(False, "RolledBack", f"version {canary.version} rolled back: {reason}"),
+            [Event(True, "RolledBack", reason)],
+        )
+    held = judged.model_copy(update={"inconclusive_count": count, "step_started_at": _iso(now)})
+    message = (
+        f"{summary}; mirroring for another {spec.shadow.duration} ({count}/{spec.max_inconclusive})"
+    )
+    return Transition(
+        replace(state, canary=held),
+        Health(True, "Shadow", message),
+        [
+            Event(
+                result.decision is AnalysisDecision.INCONCLUSIVE,
+                f"Shadow{result.decision.value}",
+                message,
+            )
+        ],
+    )
+
+
+async def _promote(
+    state: RolloutState,
+    canary: CanaryStatus,
+    spec: RolloutSpec,
+    now: datetime,
+    gates: Gates,
+    reason: str,
+    analysis: AnalysisResult | None,
+) -> Transition:
+    """Promotion through its gates: pre-promotion webhooks, then a stable big enough
+    for all the traffic. Each gate that cannot pass yet holds in phase Promoting."""
+    promoting = canary.model_copy(
+        update={"phase": CanaryPhase.PROMOTING, "promotion_reason": reason}
+    )
+    state = replace(state, canary=promoting)
+    if promoting.stable_replicas_target is None:  # the webhooks have not all passed yet
+        hooks = spec.webhooks_of(WebhookType.PRE_PROMOTION)
+        if hooks:
+            gate = await _run_gate(hooks, state, promoting, now, gates.webhooks)
+            if not gate.passed:
+                return gate.transition
+            promoting = gate.canary
+            state = replace(state, canary=promoting)
+    replicas = await gates.replicas() if gates.replicas is not None else None
+    if replicas is not None and replicas.stable_needed is not None:
+        target = promoting.stable_replicas_target or max(1, replicas.stable_needed)
+        if replicas.stable_ready < target:
+            scaling = promoting.model_copy(update={"stable_replicas_target": target})
+            message = (
+                f"version {canary.version} is being promoted: the stable has "
+                f"{replicas.stable_ready} of {target} replicas ready; it takes all traffic "
+                "once they are"
+            )
+            events = (
+                [Event(False, "ScalingUpStable", message)]
+                if promoting.stable_replicas_target is None
+                else []
+            )
+            return Transition(
+                replace(state, canary=scaling), Health(True, "ScalingUpStable", message), events
+            )
+    new = _finish(state, RolloutOutcome.PROMOTED, reason, now, analysis)
+    message = f"version {canary.version} promoted: {reason}"
+    return Transition(
+        new,
+        Health(True, "Promoted", message),
+        [Event(False, "RolloutPromoted", message)],
+        promoted=True,
+    )
+
+
+@dataclass
+class _Gate:
+    passed: bool
+    canary: CanaryStatus  # with the webhook results recorded
+    transition: Transition  # what to return when the gate did not pass
+
+
+async def _run_gate(
+    hooks: list[RolloutWebhook],
+    state: RolloutState,
+    canary: CanaryStatus,
+    now: datetime,
+    call: WebhookCaller,
+) -> _Gate:
+    """Call the gate's webhooks in order; the first failure stops the gate.
+
+    A failure within the webhook's `retries` holds (the next tick calls again);
+    one past them rolls the rollout back with the webhook's message."""
+    for hook in hooks:
+        answer = await call(hook, canary, state.stable_version)
+        failures = 0 if answer.passed else canary.gate_failures + 1
+        result = WebhookResult(
+            name=hook.name,
+            type=hook.type.value,
+            time=_iso(now),
+            passed=answer.passed,
+            status_code=answer.status_code,
+            message=answer.message,
+            failures=failures,
+        )
+        canary = canary.model_copy(update={"last_webhook": result, "gate_failures": failures})
+        if answer.passed:
+            continue
+        what = f"{hook.type.value} webhook {hook.name} failed ({failures} of {hook.retries + 1} tries): {answer.message}"
+        if failures > hook.retries:
+            reason = f"{hook.type.value} webhook {hook.name} failed {failures} time(s) in a row: {answer.message}"
+            new = _finish(
+                replace(state, canary=canary),
+                RolloutOutcome.ROLLED_BACK,
+                reason,
+                now,
+                canary.last_analysis,
+            )
+            message = f"version {canary.version} rolled back: {reason}"
+            return _Gate(
+                False,
+                canary,
+                Transition(
+                    new,
+                    Health(False, "WebhookFailed", message),
+                    [Event(True, "WebhookFailed", what), Event(True, "RolledBack", message)],
+                ),
+            )
+        held = replace(state, canary=canary)
+        return _Gate(
+            False,
+            canary,
+            Transition(
+                held,
+                Health(True, "WebhookRetrying", f"{what}; calling again at the next tick"),
+                [Event(True, "WebhookFailed", what)],
+            ),
+        )
+    # A passed gate's transition is never returned; the caller goes on with `canary`.
+    passed = Health(True, "Progressing", "webhooks passed")
+    return _Gate(True, canary, Transition(replace(state, canary=canary), passed))

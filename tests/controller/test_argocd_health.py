@@ -108,6 +108,15 @@ CASES = [
         "Canary 2 at 25%",
     ),
     (
+        "canary awaiting a person",
+        resource(
+            [cond("Ready", "True"), cond("RolloutHealthy", "True", "AwaitingPromotion")],
+            canary={"version": "2", "weight": 50, "phase": "AwaitingPromotion"},
+        ),
+        "Suspended",
+        "Canary 2 at 50% awaits promotion",
+    ),
+    (
         "rolled back",
         resource(
             [cond("Ready", "True"), cond("RolloutHealthy", "False", "RolledBack", "CTR fell")]

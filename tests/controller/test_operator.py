@@ -107,6 +107,7 @@ def cluster(kube: KubeHandle) -> Cluster:
 @pytest.fixture
 def operator(run_operator: Callable[..., Any], kube: KubeHandle) -> Iterator[Any]:
     handlers.STATE.analysis_source = None
+    handlers.STATE.shadow_source = None
     yield run_operator(HANDLERS)
     handlers.STATE.analysis_source = None
 
@@ -503,3 +504,231 @@ def test_a_failed_analysis_rolls_back_and_says_why(
         assert "shop-serving-canary" not in [
             c.metadata.name for c in cluster.core.list_namespaced_config_map("default").items
         ]
+
+
+class WebhookReceiver:
+    """A webhook endpoint on 127.0.0.1 (in a thread): answers each path with a fixed status
+    and message, and records every payload."""
+
+    def __init__(self, answers: dict[str, tuple[int, str]]):
+        import http.server
+        import json
+        import threading
+
+        received: list[tuple[str, dict[str, Any]]] = []
+        self.received = received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                received.append((self.path, json.loads(self.rfile.read(length))))
+                status, message = answers[self.path]
+                body = json.dumps({"message": message}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start_version_2(cluster: Cluster) -> None:
+    cluster.patch_system(
+        {"spec": {"model": {"version": "2", "archiveUri": "http://models.default/retrieval-2.mar"}}}
+    )
+
+
+def test_a_failing_pre_rollout_webhook_rolls_back_with_its_message(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, run_operator: Callable[..., Any]
+) -> None:
+    receiver = WebhookReceiver({"/smoke": (500, "3 of 20 smoke queries returned no items")})
+    handlers.STATE.analysis_source = scripted_source(AnalysisDecision.PASS)
+    with contextlib.ExitStack() as stack:
+        stack.callback(receiver.close)
+        stack.callback(setattr, handlers.STATE, "analysis_source", None)
+        run_operator(HANDLERS)
+        cluster.create("scalingpolicies", policy())
+        hooks = [
+            {"name": "smoke", "type": "pre-rollout", "url": f"{receiver.url}/smoke", "retries": 1}
+        ]
+        cluster.create("recommendersystems", quickstart(pulsar_admin, rollout__webhooks=hooks))
+        ready(cluster)
+        start_version_2(cluster)
+
+        def rolled_back() -> dict[str, Any] | None:
+            cluster.mark_deployments_available()  # the canary's pod gets ready
+            cond = cluster.condition("RolloutHealthy")
+            return cond if cond and cond["reason"] == "WebhookFailed" else None
+
+        cond = wait_for(rolled_back, timeout=60)
+        assert cond["status"] == "False" and "3 of 20 smoke queries" in cond["message"]
+        status = cluster.system()["status"]
+        assert status["stableVersion"] == "1" and "canary" not in status
+        assert "pre-rollout webhook smoke failed 2 time(s)" in status["lastRollout"]["reason"]
+        # Called twice (retries: 1), before any traffic, with the documented payload.
+        assert [path for path, _ in receiver.received] == ["/smoke", "/smoke"]
+        payload = receiver.received[0][1]
+        assert (payload["name"], payload["namespace"], payload["type"]) == (
+            "shop",
+            "default",
+            "pre-rollout",
+        )
+        assert (payload["canaryVersion"], payload["canaryWeight"], payload["phase"]) == (
+            "2",
+            0,
+            "PreRollout",
+        )
+        events = cluster.core.list_namespaced_event("default").items
+        failures = [e for e in events if e.reason == "WebhookFailed"]
+        assert failures and all(e.type == "Warning" for e in failures)
+        assert any("1 of 2 tries" in e.message for e in failures)
+        assert any(e.reason == "RolledBack" and "smoke" in e.message for e in events)
+
+
+def test_confirmed_promotion_waits_for_a_person_then_scales_the_stable_up(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, run_operator: Callable[..., Any]
+) -> None:
+    receiver = WebhookReceiver({"/check": (200, "feature store migrated")})
+    handlers.STATE.analysis_source = scripted_source(AnalysisDecision.PASS, AnalysisDecision.PASS)
+    with contextlib.ExitStack() as stack:
+        stack.callback(receiver.close)
+        stack.callback(setattr, handlers.STATE, "analysis_source", None)
+        run_operator(HANDLERS)
+        cluster.create("scalingpolicies", policy())
+        hooks = [{"name": "check", "type": "pre-promotion", "url": f"{receiver.url}/check"}]
+        cluster.create(
+            "recommendersystems",
+            quickstart(pulsar_admin, rollout__webhooks=hooks, rollout__confirmPromotion=True),
+        )
+        ready(cluster)
+        start_version_2(cluster)
+
+        cond = wait_for(
+            lambda: (
+                (c := cluster.condition("RolloutHealthy"))
+                and c["reason"] == "AwaitingPromotion"
+                and c
+            ),
+            timeout=60,
+        )
+        assert (
+            "waiting for a person" in cond["message"]
+            or "until a person confirms" in cond["message"]
+        )
+        canary = cluster.system()["status"]["canary"]
+        assert (canary["phase"], canary["weight"]) == ("AwaitingPromotion", 50)
+        assert receiver.received == []  # the pre-promotion check waits for the person too
+        cluster.mark_deployments_available()  # stable 1 ready (the HPA had it at 1), canary 1
+
+        cluster.patch_system(
+            {"metadata": {"annotations": {"recsys.dev/rollout-action": "promote"}}}
+        )
+        # The stable must carry the canary's share too: 2 replicas before the switch.
+        scaling = wait_for(
+            lambda: (
+                (c := cluster.system()["status"].get("canary"))
+                and c.get("stableReplicasTarget")
+                and c
+            ),
+            timeout=60,
+        )
+        assert scaling["phase"] == "Promoting" and scaling["stableReplicasTarget"] == 2
+        autoscaling = kubernetes.client.AutoscalingV2Api(cluster.kube.api_client)
+        wait_for(
+            lambda: (
+                autoscaling.read_namespaced_horizontal_pod_autoscaler(
+                    "shop-serving", "default"
+                ).spec.min_replicas
+                == 2
+            ),
+            timeout=30,
+        )
+        assert cluster.system()["status"]["stableVersion"] == "1"  # not before the pods are ready
+        assert [path for path, _ in receiver.received] == ["/check"]
+        assert receiver.received[0][1]["phase"] == "Promoting"
+
+        # The HPA's work, as its controller would do it: the stable gets its second pod.
+        cluster.apps.patch_namespaced_deployment_status(
+            "shop-serving",
+            "default",
+            {"status": {"replicas": 2, "readyReplicas": 2, "availableReplicas": 2}},
+        )
+        wait_for(lambda: cluster.system()["status"]["stableVersion"] == "2", timeout=60)
+        status = cluster.system()["status"]
+        assert status["lastRollout"]["reason"] == "confirmed by a person"
+        wait_for(lambda: routing(cluster)["canary"] is None, timeout=30)
+        events = cluster.core.list_namespaced_event("default").items
+        assert any(
+            e.reason == "ScalingUpStable" and "1 of 2 replicas ready" in e.message for e in events
+        )
+
+
+def test_a_shadow_phase_mirrors_before_the_canary_gets_users(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, run_operator: Callable[..., Any]
+) -> None:
+    import threading
+
+    from recsys_operator.api.status import ShadowResult
+
+    seen_by_gateway = threading.Event()  # the judge waits until the test saw the mirroring
+
+    def shadow_source(body: dict[str, Any]) -> Any:
+        async def judge(canary: CanaryStatus, window: float) -> ShadowResult:
+            decision = AnalysisDecision.PASS if seen_by_gateway.is_set() else AnalysisDecision.WAIT
+            return ShadowResult(
+                time="2026-01-01T00:00:00Z",
+                decision=decision,
+                reason=f"scripted shadow {decision.value}",
+                compared=250,
+            )
+
+        return judge
+
+    handlers.STATE.analysis_source = scripted_source()
+    handlers.STATE.shadow_source = shadow_source
+    with contextlib.ExitStack() as stack:
+        stack.callback(setattr, handlers.STATE, "analysis_source", None)
+        stack.callback(setattr, handlers.STATE, "shadow_source", None)
+        run_operator(HANDLERS)
+        cluster.create("scalingpolicies", policy())
+        cluster.create(
+            "recommendersystems",
+            quickstart(
+                pulsar_admin,
+                rollout__shadow={"duration": "1s", "percent": 40},
+                rollout__maxInconclusive=100,
+            ),
+        )
+        ready(cluster)
+        gateway = stack.enter_context(gateway_watching(cluster))
+        start_version_2(cluster)
+
+        wait_for(lambda: gateway.gateway.routing.current.shadow_percent == 40, timeout=30)
+        current = gateway.gateway.routing.current
+        assert current.canary is not None and current.canary.version == "2"
+        assert current.effective_canary_weight == 0  # mirrored only: no user on the canary
+        canary = cluster.system()["status"]["canary"]
+        assert (canary["phase"], canary["weight"]) == ("Shadow", 0)
+        seen_by_gateway.set()
+
+        wait_for(
+            lambda: (cluster.system()["status"].get("canary") or {}).get("weight") == 20,
+            timeout=30,
+        )
+        wait_for(lambda: gateway.gateway.routing.current.shadow_percent == 0, timeout=30)
+        assert gateway.gateway.routing.current.canary_weight == 20
+        last = cluster.system()["status"]["canary"]["lastShadow"]
+        assert (last["decision"], last["compared"]) == ("Pass", 250)
+        events = cluster.core.list_namespaced_event("default").items
+        assert any(e.reason == "ShadowPassed" for e in events)

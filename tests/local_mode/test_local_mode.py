@@ -234,6 +234,66 @@ def test_up_with_a_new_version_starts_a_rollout_and_abort_ends_it(system: RunFol
     assert json.loads(system.routing.read_text())["canary"] is None
 
 
+def test_a_failing_pre_rollout_webhook_rolls_back_before_any_traffic(system: RunFolder) -> None:
+    """Local mode calls webhooks with the operator's code: the smoke test sees the canary's
+    server up and routed nothing, and its refusal rolls the rollout back in its words."""
+    import http.server
+
+    received: list[dict[str, Any]] = []
+
+    class Smoke(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = b'{"message": "canary answered 0 of 5 smoke users"}'
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Smoke)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rollout = {
+            **MANIFEST["spec"]["rollout"],
+            "webhooks": [
+                {
+                    "name": "smoke",
+                    "type": "pre-rollout",
+                    "url": f"http://127.0.0.1:{server.server_address[1]}/smoke",
+                    "retries": 0,
+                }
+            ],
+        }
+        manifest = write_manifest(system.root.parent / "smoke-v4.yaml", rollout=rollout)
+        body = yaml.safe_load(manifest.read_text())
+        body["spec"]["model"]["version"] = "4"
+        manifest.write_text(yaml.safe_dump(body))
+        started = recsys(
+            "up", "-f", str(manifest), "--run-dir", str(system.root), cwd=system.root.parent
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        state = wait_for_state(
+            system,
+            lambda s: (s["rollout"]["lastRollout"] or {}).get("version") == "4",
+            180,
+            "the rollback of version 4",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    last = state["rollout"]["lastRollout"]
+    assert last["outcome"] == "RolledBack"
+    assert "pre-rollout webhook smoke failed" in last["reason"]
+    assert "canary answered 0 of 5 smoke users" in last["reason"]
+    assert [(r["canaryVersion"], r["canaryWeight"], r["phase"]) for r in received] == [
+        ("4", 0, "PreRollout")
+    ]
+    assert json.loads(system.routing.read_text())["canary"] is None
+
+
 def test_down_stops_every_process_it_started(system: RunFolder) -> None:
     state = system.read_state()
     assert state is not None

@@ -2,6 +2,7 @@
 -- Install under argocd-cm: resource.customizations.health.recsys.dev_RecommenderSystem
 -- Healthy: Ready=True for the current generation and no rollout in progress.
 -- Progressing: not reconciled yet, pods starting, or a canary rollout running.
+-- Suspended: a canary that passed its analyses waits for a person (confirmPromotion).
 -- Degraded: a spec/policy/credentials problem that waiting will not fix, or a rolled-back rollout.
 local hs = {}
 local permanent = {
@@ -47,6 +48,12 @@ end
 
 if ready.status == "True" then
   if status.canary ~= nil and status.canary.version ~= nil then
+    if status.canary.phase == "AwaitingPromotion" then
+      -- As Argo Rollouts shows a paused rollout: it waits for a person, not for time.
+      hs.status = "Suspended"
+      hs.message = "Canary " .. status.canary.version .. " at " .. tostring(status.canary.weight or 0) .. "% awaits promotion by a person"
+      return hs
+    end
     hs.status = "Progressing"
     hs.message = "Canary " .. status.canary.version .. " at " .. tostring(status.canary.weight or 0) .. "%"
     return hs
