@@ -194,6 +194,28 @@ def _printer_columns(model: type[CustomResource]) -> list[dict[str, Any]]:
     ]
 
 
+# kubectl expands a category before it looks up short names, so a category must never be
+# a word that also names one resource: `kubectl get recsys NAME` would then mean "every
+# kind in the category, one named NAME", which kubectl refuses.
+CATEGORY = "recsys-all"
+
+
+def _names(model: type[CustomResource]) -> dict[str, Any]:
+    names = {
+        "kind": model.kind_name,
+        "listKind": f"{model.kind_name}List",
+        "plural": model.plural,
+        "singular": model.kind_name.lower(),
+        "shortNames": list(model.short_names),
+        "categories": [CATEGORY],
+    }
+    for other in RESOURCE_TYPES.values():
+        words = {other.plural, other.kind_name.lower(), *other.short_names}
+        if CATEGORY in words:
+            raise ValueError(f"category {CATEGORY!r} collides with a name of {other.kind_name}")
+    return names
+
+
 def build_crd(model: type[CustomResource]) -> dict[str, Any]:
     """The whole apiextensions.k8s.io/v1 CRD object for one resource type."""
     return {
@@ -205,14 +227,7 @@ def build_crd(model: type[CustomResource]) -> dict[str, Any]:
         },
         "spec": {
             "group": GROUP,
-            "names": {
-                "kind": model.kind_name,
-                "listKind": f"{model.kind_name}List",
-                "plural": model.plural,
-                "singular": model.kind_name.lower(),
-                "shortNames": list(model.short_names),
-                "categories": ["recsys"],
-            },
+            "names": _names(model),
             "scope": "Namespaced" if model.namespaced else "Cluster",
             "versions": [
                 {
