@@ -45,6 +45,7 @@ from recsys_operator.render.topics import TopicPlan, topic_plan
 from recsys_operator.render.traffic import TrafficPlan, traffic_plan
 
 __all__ = [
+    "CHILD_KINDS",
     "RenderOptions",
     "TopicPlan",
     "TrafficPlan",
@@ -52,6 +53,24 @@ __all__ = [
     "render_system",
     "topic_plan",
 ]
+
+
+# Every (apiVersion, kind) `render_system` can produce: what the operator prunes (deletes
+# when no longer desired) and what its RBAC must let it manage.
+CHILD_KINDS: tuple[tuple[str, str], ...] = (
+    ("v1", "ConfigMap"),
+    ("v1", "Service"),
+    ("v1", "ServiceAccount"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("apps/v1", "Deployment"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("policy/v1", "PodDisruptionBudget"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+)
 
 
 @dataclass(frozen=True)
