@@ -66,6 +66,20 @@ class StreamJobScaling(ReplicaBounds):
 
     backlog_per_replica: int = Field(default=1000, ge=1)
     """Pulsar subscription backlog one replica should carry (keda pulsar trigger)."""
+    fallback_replicas: int | None = Field(default=None, ge=0, le=1000)
+    """keda: replicas held while the backlog cannot be read (3 failed polls); unset: maxReplicas.
+    KEDA falls back only on AverageValue triggers, so serving and gateway have none."""
+
+    @model_validator(mode="after")
+    def _fallback_within_bounds(self) -> Self:
+        fallback = self.fallback_replicas
+        if fallback is not None and not self.min_replicas <= fallback <= self.max_replicas:
+            raise field_error(
+                "fallbackReplicas",
+                f"fallbackReplicas {fallback} is outside minReplicas..maxReplicas "
+                f"({self.min_replicas}..{self.max_replicas})",
+            )
+        return self
 
 
 class GatewayScaling(ReplicaBounds):
