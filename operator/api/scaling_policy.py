@@ -9,9 +9,10 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Self
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from recsys_contracts.api_base import ApiModel, field_error
+from recsys_operator.api import cel
 
 
 class ScalingEngine(StrEnum):
@@ -32,8 +33,15 @@ class ScaleRule(ApiModel):
     """Length of a period."""
 
 
+ORDERED = cel.rule(
+    "self.minReplicas <= self.maxReplicas", "minReplicas exceeds maxReplicas", ".minReplicas"
+)
+
+
 class ReplicaBounds(ApiModel):
     """Minimum and maximum replicas of one workload."""
+
+    model_config = ConfigDict(json_schema_extra=cel.rules(ORDERED))  # subclasses inherit it
 
     min_replicas: int = Field(default=1, ge=0, le=1000)
     """Fewest replicas (0 allowed only with the keda engine)."""
@@ -64,6 +72,18 @@ class ServingScaling(ReplicaBounds):
 class StreamJobScaling(ReplicaBounds):
     """Autoscaling of the stream feature jobs."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel.rules(
+            ORDERED,
+            cel.rule(
+                "!has(self.fallbackReplicas) || (self.minReplicas <= self.fallbackReplicas && "
+                "self.fallbackReplicas <= self.maxReplicas)",
+                "fallbackReplicas is outside minReplicas..maxReplicas",
+                ".fallbackReplicas",
+            ),
+        )
+    )
+
     backlog_per_replica: int = Field(default=1000, ge=1)
     """Pulsar subscription backlog one replica should carry (keda pulsar trigger)."""
     fallback_replicas: int | None = Field(default=None, ge=0, le=1000)
@@ -93,6 +113,25 @@ class GatewayScaling(ReplicaBounds):
 
 class ScalingPolicySpec(ApiModel):
     """Autoscaling bounds and targets for every RecommenderSystem that references this policy."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel.rules(
+            *(
+                cel.rule(
+                    f"self.engine != 'hpa' || !has(self.{name}) || self.{name}.minReplicas >= 1",
+                    "minReplicas 0 (scale to zero) needs engine keda; the HPA needs at least 1",
+                    f".{name}.minReplicas",
+                )
+                for name in ("serving", "streamJobs", "gateway")
+            ),
+            cel.rule(
+                "self.engine != 'hpa' || !has(self.serving) || "
+                "!has(self.serving.targetGpuUtilization)",
+                "GPU utilisation targets need engine keda (the HPA has no GPU metric)",
+                ".serving.targetGpuUtilization",
+            ),
+        )
+    )
 
     engine: ScalingEngine = ScalingEngine.HPA
     """hpa (autoscaling/v2 HorizontalPodAutoscaler, CPU) or keda (ScaledObject: latency, GPU, Pulsar backlog)."""
