@@ -95,15 +95,25 @@ def docs(
 
 
 @app.command()
-def validate(filename: FilesOption) -> None:
-    """Check manifests against the CRD schemas and the operator's own rules.
+def validate(
+    filename: FilesOption,
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local",
+            help="Check for local mode (`recsys up`), which trains a model when archiveUri is absent.",
+        ),
+    ] = False,
+) -> None:
+    """Check manifests against the CRD schemas and every rule the operator applies.
 
     Exits 0 when every recsys.dev document is valid, 1 otherwise; each problem
-    is printed with the path of the field it is about.
+    is printed with the path of the field it is about. Without --local, also what the
+    operator finds only when it renders the children (e.g. a missing archiveUri).
     """
     from recsys_operator.manifests import load_documents, validate_documents
 
-    report = validate_documents(load_documents(filename))
+    report = validate_documents(load_documents(filename), for_cluster=not local)
     for line in report.lines():
         typer.echo(line)
     if not report.ok:
@@ -125,7 +135,9 @@ def render(
     from recsys_operator.manifests import dump_yaml_documents, load_documents, validate_documents
     from recsys_operator.render import render_system
 
-    report = validate_documents(load_documents(filename), default_namespace=namespace)
+    report = validate_documents(
+        load_documents(filename), default_namespace=namespace, for_cluster=True
+    )
     if not report.ok:
         for line in report.lines():
             typer.echo(line, err=True)

@@ -294,7 +294,7 @@ async def reconcile_policy(body: kopf.Body, namespace: str | None, name: str, **
         )
         ready = condition(ConditionType.READY, True, "Valid", "policy is valid", generation)
     except ValidationError as exc:
-        summary = "; ".join(str(i) for i in issues_from_validation_error(exc, "spec"))
+        summary = "; ".join(str(i) for i in issues_from_validation_error(exc))
         ready = condition(ConditionType.READY, False, "InvalidSpec", summary, generation)
     old = dict(body.get("status") or {})
     status = {

@@ -133,7 +133,7 @@ class Reconciler:
                 {"metadata": {"name": ref.name}, "spec": body.get("spec") or {}}
             )
         except ValidationError as exc:
-            issues = issues_from_validation_error(exc, "spec")
+            issues = issues_from_validation_error(exc)
             raise InvalidResource(
                 f'ScalingPolicy "{ref.name}"',
                 [

@@ -174,3 +174,22 @@ def test_child_kinds_list_every_kind_rendered(world: World) -> None:
         objects = render_system(system, policy, RenderOptions(monitoring=True))
         rendered |= {(obj["apiVersion"], obj["kind"]) for obj in objects}
     assert rendered == set(CHILD_KINDS)
+
+
+def test_an_invalid_policy_blocks_with_every_problem_named_once(world: World) -> None:
+    bad = {
+        "spec": {
+            "engine": "hpa",
+            "streamJobs": {"minReplicas": 0},
+            "serving": {"targetGpuUtilization": 50},
+            "gateway": {"minReplicas": 9, "maxReplicas": 3},
+        }
+    }
+    world.patch("ScalingPolicy", "default", bad)
+    outcome = world.reconcile()
+    ready = next(c for c in outcome.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ScalingPolicyInvalid"
+    for path in ("spec.streamJobs.minReplicas", "spec.gateway.minReplicas"):
+        assert path in ready["message"], ready["message"]
+    assert "spec.serving.targetGpuUtilization" in ready["message"]
+    assert "spec.spec." not in ready["message"]
