@@ -71,6 +71,26 @@ def crds(
 
 
 @app.command()
+def rbac(
+    check: Annotated[
+        bool, typer.Option("--check", help="Only report whether the file is up to date.")
+    ] = False,
+) -> None:
+    """Generate the chart's RBAC rules (templates/_rbac_rules.tpl) from operator/rbac.py."""
+    from recsys_operator.rbac import CHART_RULES_FILE, chart_rules_template
+
+    text = chart_rules_template()
+    if check:
+        if not CHART_RULES_FILE.is_file() or CHART_RULES_FILE.read_text() != text:
+            typer.echo(f"out of date: {CHART_RULES_FILE} (run `recsys rbac`)", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"up to date: {CHART_RULES_FILE}")
+        return
+    CHART_RULES_FILE.write_text(text)
+    typer.echo(f"wrote {CHART_RULES_FILE}")
+
+
+@app.command()
 def docs(
     out: Annotated[Path, typer.Option(help="Where to write the API reference.")] = Path(
         "docs/api-reference.md"

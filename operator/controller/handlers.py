@@ -28,11 +28,11 @@ from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.api.status import ConditionType
 from recsys_operator.controller import metrics
 from recsys_operator.controller.conditions import condition, merge_conditions
-from recsys_operator.controller.kube import KubeClient
+from recsys_operator.controller.kube import KNOWN_KINDS, KubeClient
 from recsys_operator.controller.reconcile import Outcome, Reconciler, SecretNotFound, parse_system
 from recsys_operator.controller.rollout_driver import ACTION_ANNOTATION, rollout_tick
 from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
-from recsys_operator.render import RenderOptions, TopicPlan, topic_plan
+from recsys_operator.render import CHILD_KINDS, RenderOptions, TopicPlan, topic_plan
 from recsys_operator.render.naming import INSTANCE_LABEL, MANAGED_BY
 from recsys_operator.rollout.state_machine import AnalysisSource
 
@@ -193,11 +193,11 @@ async def _on_child_event(
         await reconcile_and_record(namespace, owner, trigger="child")
 
 
-for _group, _version, _plural in (
-    ("apps", "v1", "deployments"),
-    ("", "v1", "services"),
-    ("", "v1", "configmaps"),
-):
+# Every kind the operator owns, so a hand edit of a PDB or a ScaledObject is put back at
+# once, not at the next resync. Kinds a cluster does not serve (no KEDA) are not watched.
+for _api_version, _kind in CHILD_KINDS:
+    _group, _, _version = _api_version.rpartition("/")
+    _plural = KNOWN_KINDS[(_api_version, _kind)][0]
     kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"child-{_plural}")(_on_child_event)
 
 

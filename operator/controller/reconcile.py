@@ -26,7 +26,7 @@ from recsys_operator.api.status import Condition, ConditionStatus, ConditionType
 from recsys_operator.controller.conditions import condition, merge_conditions, summarize_ready
 from recsys_operator.controller.kube import ApplyResult, KubeClient
 from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
-from recsys_operator.render import CHILD_KINDS, RenderOptions, render_system, topic_plan
+from recsys_operator.render import PRUNED_KINDS, RenderOptions, render_system, topic_plan
 from recsys_operator.render.naming import (
     INSTANCE_LABEL,
     MANAGED_BY,
@@ -190,7 +190,7 @@ class Reconciler:
             objects,
             children_selector(system),
             namespace=system.metadata.namespace,
-            prune_kinds=CHILD_KINDS,
+            prune_kinds=PRUNED_KINDS,
             owner_uid=system.metadata.uid or None,
         )
         return {(r.kind, r.name): r for r in synced.applied}, synced.deleted

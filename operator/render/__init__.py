@@ -45,7 +45,9 @@ from recsys_operator.render.topics import TopicPlan, topic_plan
 from recsys_operator.render.traffic import TrafficPlan, traffic_plan
 
 __all__ = [
+    "ALWAYS_RENDERED_KINDS",
     "CHILD_KINDS",
+    "PRUNED_KINDS",
     "RenderOptions",
     "TopicPlan",
     "TrafficPlan",
@@ -71,6 +73,16 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
 )
+# Kinds every system has whatever its spec (the gateway's identity and routing rights):
+# never pruned, so the operator needs no right to delete them.
+ALWAYS_RENDERED_KINDS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("v1", "ServiceAccount"),
+        ("rbac.authorization.k8s.io/v1", "Role"),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    }
+)
+PRUNED_KINDS = tuple(kind for kind in CHILD_KINDS if kind not in ALWAYS_RENDERED_KINDS)
 
 
 @dataclass(frozen=True)
