@@ -134,3 +134,30 @@ def test_validate_reports_an_invalid_policy_as_invalid_with_every_problem(tmp_pa
     ):
         assert problem in out, out
     assert "spec.spec." not in out
+
+
+def test_operator_run_help_lists_every_setting_and_its_environment_variable() -> None:
+    from recsys_contracts.env_vars import OperatorEnv
+
+    result = recsys("operator", "run", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # help wraps lines
+    for option, variable in (
+        ("--prometheus-url", OperatorEnv.PROMETHEUS_URL),
+        ("--resync-seconds", OperatorEnv.RESYNC_SECONDS),
+        ("--rollout-tick-seconds", OperatorEnv.ROLLOUT_TICK_SECONDS),
+    ):
+        assert option in text and variable in text, (option, text)
+    assert "KUBECONFIG" in text
+
+
+def test_kopf_timer_runs_are_kept_for_debug_only() -> None:
+    import logging
+
+    from recsys_operator.cli import _timer_runs_only_at_debug
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("kopf.objects", logging.INFO, "", 0, message, None, None)
+
+    assert not _timer_runs_only_at_debug(record("Timer 'resync_system' succeeded."))
+    assert _timer_runs_only_at_debug(record("Handler 'reconcile_system' succeeded."))

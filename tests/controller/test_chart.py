@@ -137,15 +137,35 @@ def test_image_references_agree_with_the_project_version() -> None:
     assert default_image("features").endswith(f"stream-jobs:{project}")
 
 
+def refused(*args: str) -> str:
+    """stderr of a `helm template` that must fail."""
+    command = [find_tool("helm"), "template", "demo", str(CHART), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, result.stdout
+    return result.stderr
+
+
 def test_watch_namespace_patterns_are_refused_with_a_clear_message() -> None:
-    result = subprocess.run(
-        [find_tool("helm"), "template", "demo", str(CHART), "--set", "watchNamespaces={team-*}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode != 0
-    assert '"team-*" is a pattern; RBAC needs each namespace by name' in result.stderr
+    assert "'team-*' does not match pattern" in refused("--set", "watchNamespaces={team-*}")
+    # Past the schema (--skip-schema-validation), the template refuses it too.
+    message = refused("--skip-schema-validation", "--set", "watchNamespaces={team-*}")
+    assert '"team-*" is a pattern; RBAC needs each namespace by name' in message
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("logLevel=verbose", "value must be one of 'debug', 'info', 'warning'"),
+        ("replicaCount=2", "at '/replicaCount': value must be 1"),
+        ("resyncSeconds=0", "at '/resyncSeconds'"),
+        ("prometheusUrl=prometheus:9090", "at '/prometheusUrl'"),
+        ("replicas=3", "additional properties 'replicas' not allowed"),
+    ],
+)
+def test_the_values_schema_refuses_values_the_operator_cannot_run_with(
+    value: str, message: str
+) -> None:
+    assert message in refused("--set", value)
 
 
 def test_chart_rbac_rules_are_generated_from_the_code() -> None:
