@@ -69,7 +69,9 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
         field="status.kopf.lastHandled"
     )
-    settings.posting.level = logging.INFO
+    # Kopf's own per-handler Events ("Handler ... succeeded", every timer run) only for
+    # problems: the operator posts its own, one per change, and none at steady state.
+    settings.posting.level = logging.WARNING
     settings.execution.max_workers = 8
     # A deleted system waits for its timers to finish their current tick: check every
     # second rather than Kopf's default minute, so deletion is not held up.
@@ -159,13 +161,28 @@ async def reconcile_and_record(namespace: str, name: str, trigger: str) -> Outco
         finally:
             metrics.RECONCILE_DURATION.observe(time.perf_counter() - started)
         old = _without_kopf(body.get("status") or {})
-        if outcome.status != old:
+        changed = outcome.status != old
+        if changed:
             await write_status("RecommenderSystem", namespace, name, outcome.status)
-        for change in outcome.changes:
-            post_event(body, "Applied", change)
-        for warning in outcome.warnings:
-            post_event(body, "ReconcileFailed", warning, warning=True)
+        if outcome.changes:  # one Event per reconcile that changed something, not per child
+            post_event(body, "Applied", summarize_changes(outcome.changes))
+        if changed:
+            # A system blocked for the same reason stores the same status at every resync:
+            # warn when it becomes blocked (or the reason changes), not once a minute.
+            for warning in outcome.warnings:
+                post_event(body, "ReconcileFailed", warning, warning=True)
         return outcome
+
+
+EVENT_MESSAGE_LIMIT = 1024  # the API server truncates longer Event messages
+
+
+def summarize_changes(changes: list[str]) -> str:
+    """`created Deployment/x, ...` in one Event message, cut to what an Event holds."""
+    text = f"{len(changes)} change(s): " + "; ".join(changes)
+    if len(text) <= EVENT_MESSAGE_LIMIT:
+        return text
+    return text[: EVENT_MESSAGE_LIMIT - 4] + " ..."
 
 
 @kopf.on.resume(*RECSYS)
