@@ -4,8 +4,10 @@ Against the Kubernetes API emulated by kmock over real HTTP (and kmock answering
 as Pulsar's admin API), it creates N systems and reports:
 - the time until all are Ready, and the floor: creating the same child objects
   directly through the API, with no operator (the ratio says what the operator adds);
-- API requests per reconcile;
-- write requests during a full resync of every unchanged system (must be 0).
+- API requests per reconcile, and writes per system created (Events included; goal <= 25);
+- write requests during a full resync of every unchanged system (must be 0), and Events
+  per system per hour at steady state, for healthy and for blocked systems (goal 0; a
+  blocked system references a ScalingPolicy that does not exist).
 
 The emulated cluster has no Deployment controller; this script plays it, marking
 each Deployment available as a kubelet would report.
@@ -101,6 +103,13 @@ def operator_counter(url: str, name: str, **labels: str) -> float:
     return total
 
 
+def benchmark_write(method: str, path: str) -> bool:
+    """Writes this script makes itself: the systems and policy, the Deployment controller's."""
+    return (method == "POST" and path.endswith(("/recommendersystems", "/scalingpolicies"))) or (
+        "/deployments/" in path and path.endswith("/status")
+    )
+
+
 def ready_count(custom: kubernetes.client.CustomObjectsApi) -> int:
     listed = custom.list_namespaced_custom_object(GROUP, VERSION, "default", "recommendersystems")
     items = cast(dict[str, Any], listed)["items"]
@@ -142,6 +151,9 @@ def main() -> None:
         "--systems", type=int, default=200, help="how many RecommenderSystems (default 200)"
     )
     parser.add_argument(
+        "--blocked", type=int, default=10, help="systems blocked on a missing policy (default 10)"
+    )
+    parser.add_argument(
         "--timeout", type=float, default=900, help="give up after this many seconds"
     )
     parser.add_argument(
@@ -151,10 +163,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.systems, args.timeout = 2, 120
+        args.systems, args.blocked, args.timeout = 2, 1, 120
         # Read by the operator process this script starts, so the steady-state wait is short.
         os.environ["RECSYS_RESYNC_SECONDS"] = str(QUICK_RESYNC_SECONDS)
-    n = args.systems
+    n, blocked = args.systems, args.blocked
 
     kube = ServerThread(KubeEmulator, name="kube").start()
     pulsar = ServerThread(PulsarAdminEmulator, name="pulsar-admin").start()
@@ -223,6 +235,12 @@ def main() -> None:
                 "recommendersystems",
                 system_doc(f"sys-{i:04d}", pulsar.url),
             )
+        for i in range(blocked):
+            doc = system_doc(f"blocked-{i:04d}", pulsar.url)
+            doc["spec"]["scalingPolicyRef"] = {"name": "missing"}
+            custom.create_namespaced_custom_object(
+                GROUP, VERSION, "default", "recommendersystems", doc
+            )
         created = time.perf_counter() - started
         last_report = 0.0
         while (ready := ready_count(custom)) < n:
@@ -243,6 +261,16 @@ def main() -> None:
         print(
             f"API requests: {requests} for {reconciles:.0f} reconciles = {requests / reconciles:.1f} per reconcile"
         )
+        operator_writes = [
+            r
+            for r in kube.handler.writes_since(mark)
+            if not benchmark_write(r.method.value, r.url.path)
+        ]
+        events = [r for r in operator_writes if r.url.path.endswith("/events")]
+        print(
+            f"operator writes per system created: {len(operator_writes) / (n + blocked):.1f} "
+            f"(Events {len(events) / (n + blocked):.1f}; goal <= 25)"
+        )
 
         # Steady state: wait for every system to be resynced once more, counting writes.
         def resyncs() -> float:
@@ -250,13 +278,22 @@ def main() -> None:
 
         time.sleep(2)
         steady_mark, before = kube.handler.mark(), resyncs()
-        while (done := resyncs()) < before + n:
+        steady_started = time.perf_counter()
+        while (done := resyncs()) < before + 2 * (n + blocked):  # every system twice
             time.sleep(0.5)
+        window = time.perf_counter() - steady_started
         writes = kube.handler.writes_since(steady_mark, exclude=("events",))
+        steady_events = kube.handler.writes_since(steady_mark, resource="events")
         steady_requests = len(kube.handler.requests_since(steady_mark))
         print(
-            f"steady state: {done - before:.0f} resync reconciles, "
-            f"{steady_requests} requests, {len(writes)} writes (must be 0)"
+            f"steady state: {done - before:.0f} resync reconciles in {window:.0f} s, "
+            f"{steady_requests} requests ({steady_requests / (done - before):.1f} per resync), "
+            f"{len(writes)} writes (must be 0)"
+        )
+        per_hour = len(steady_events) / (n + blocked) / (window / 3600)
+        print(
+            f"steady state Events: {len(steady_events)} = {per_hour:.1f} per system per hour "
+            f"({n} healthy, {blocked} blocked; goal 0)"
         )
         if writes:
             raise SystemExit("an unchanged system was written to")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from recsys_contracts.env_vars import OperatorEnv
 from recsys_operator import __version__
+from recsys_operator.render.autoscaling import DEFAULT_PROMETHEUS_URL
 
 app = typer.Typer(
     name="recsys",
@@ -71,6 +73,26 @@ def crds(
 
 
 @app.command()
+def rbac(
+    check: Annotated[
+        bool, typer.Option("--check", help="Only report whether the file is up to date.")
+    ] = False,
+) -> None:
+    """Generate the chart's RBAC rules (templates/_rbac_rules.tpl) from operator/rbac.py."""
+    from recsys_operator.rbac import CHART_RULES_FILE, chart_rules_template
+
+    text = chart_rules_template()
+    if check:
+        if not CHART_RULES_FILE.is_file() or CHART_RULES_FILE.read_text() != text:
+            typer.echo(f"out of date: {CHART_RULES_FILE} (run `recsys rbac`)", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"up to date: {CHART_RULES_FILE}")
+        return
+    CHART_RULES_FILE.write_text(text)
+    typer.echo(f"wrote {CHART_RULES_FILE}")
+
+
+@app.command()
 def docs(
     out: Annotated[Path, typer.Option(help="Where to write the API reference.")] = Path(
         "docs/api-reference.md"
@@ -95,15 +117,25 @@ def docs(
 
 
 @app.command()
-def validate(filename: FilesOption) -> None:
-    """Check manifests against the CRD schemas and the operator's own rules.
+def validate(
+    filename: FilesOption,
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local",
+            help="Check for local mode (`recsys up`), which trains a model when archiveUri is absent.",
+        ),
+    ] = False,
+) -> None:
+    """Check manifests against the CRD schemas and every rule the operator applies.
 
     Exits 0 when every recsys.dev document is valid, 1 otherwise; each problem
-    is printed with the path of the field it is about.
+    is printed with the path of the field it is about. Without --local, also what the
+    operator finds only when it renders the children (e.g. a missing archiveUri).
     """
     from recsys_operator.manifests import load_documents, validate_documents
 
-    report = validate_documents(load_documents(filename))
+    report = validate_documents(load_documents(filename), for_cluster=not local)
     for line in report.lines():
         typer.echo(line)
     if not report.ok:
@@ -125,7 +157,9 @@ def render(
     from recsys_operator.manifests import dump_yaml_documents, load_documents, validate_documents
     from recsys_operator.render import render_system
 
-    report = validate_documents(load_documents(filename), default_namespace=namespace)
+    report = validate_documents(
+        load_documents(filename), default_namespace=namespace, for_cluster=True
+    )
     if not report.ok:
         for line in report.lines():
             typer.echo(line, err=True)
@@ -167,12 +201,50 @@ def operator_run(
         str | None, typer.Option(help="Liveness endpoint, e.g. http://0.0.0.0:8081/healthz.")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info or warning.")] = "info",
+    prometheus_url: Annotated[
+        str,
+        typer.Option(
+            envvar=OperatorEnv.PROMETHEUS_URL,
+            show_envvar=True,
+            help="Prometheus that rollout analysis and KEDA's latency/GPU triggers query.",
+        ),
+    ] = DEFAULT_PROMETHEUS_URL,
+    resync_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar=OperatorEnv.RESYNC_SECONDS,
+            show_envvar=True,
+            min=1,
+            help="Seconds between periodic reconciles of every system.",
+        ),
+    ] = 60.0,
+    rollout_tick_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar=OperatorEnv.ROLLOUT_TICK_SECONDS,
+            show_envvar=True,
+            min=0.1,
+            help="Seconds between rollout steps' checks (analysis, promotion, rollback).",
+        ),
+    ] = 10.0,
 ) -> None:
-    """Reconcile RecommenderSystems and ScalingPolicies (uses the in-cluster config or KUBECONFIG)."""
+    """Reconcile RecommenderSystems and ScalingPolicies.
+
+    Connects with the in-cluster service account, else $KUBECONFIG (or ~/.kube/config)
+    and its current context: it runs as well outside the cluster (docs/operations.md,
+    "Running the operator outside the cluster"). Every option can also be set by the
+    environment variable shown beside it.
+    """
     import logging
+    import os
 
     import kopf
     from prometheus_client import start_http_server
+
+    # The handlers module reads these at import.
+    os.environ[OperatorEnv.PROMETHEUS_URL] = prometheus_url
+    os.environ[OperatorEnv.RESYNC_SECONDS] = str(resync_seconds)
+    os.environ[OperatorEnv.ROLLOUT_TICK_SECONDS] = str(rollout_tick_seconds)
 
     if bool(namespace) == all_namespaces:
         raise typer.BadParameter("give either --namespace (one or more) or --all-namespaces")
@@ -185,6 +257,9 @@ def operator_run(
         raise typer.BadParameter("must be debug, info or warning", param_hint="--log-level")
     kopf.configure(verbose=level <= logging.INFO, debug=level <= logging.DEBUG)
     logging.getLogger().setLevel(level)
+    if level > logging.DEBUG:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_timer_runs_only_at_debug)
     import recsys_operator.controller.handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(
@@ -193,6 +268,13 @@ def operator_run(
         standalone=True,  # one replica; no peering objects to install
         liveness_endpoint=liveness,
     )
+
+
+def _timer_runs_only_at_debug(record: Any) -> bool:
+    """Kopf logs every timer run at info ("Timer 'resync_system' succeeded."): at a resync a
+    minute per system that is most of the log. Keep them for --log-level debug."""
+    message = record.getMessage()
+    return not (message.startswith("Timer '") and message.endswith("succeeded."))
 
 
 def _register_package_commands() -> None:

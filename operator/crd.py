@@ -15,8 +15,15 @@ from typing import Any
 
 import yaml
 
+from recsys_contracts.api_base import DNS_LABEL_PATTERN
+from recsys_operator.api import cel
 from recsys_operator.api.base import GROUP, VERSION
-from recsys_operator.api.resources import RESOURCE_TYPES, CustomResource, RecommenderSystem
+from recsys_operator.api.resources import (
+    MAX_NAME_LENGTH,
+    RESOURCE_TYPES,
+    CustomResource,
+    RecommenderSystem,
+)
 
 # JSON Schema keywords a structural schema may carry (others are dropped).
 _ALLOWED_KEYS = {
@@ -46,6 +53,7 @@ _ALLOWED_KEYS = {
     "multipleOf",
     "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
+    "x-kubernetes-validations",
 }
 
 
@@ -121,7 +129,9 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
 def _ordered(node: dict[str, Any]) -> dict[str, Any]:
     """Type and description first, nested schemas last: the CRD reads top-down."""
     head = [k for k in ("type", "description") if k in node]
-    tail = [k for k in ("required", "properties", "additionalProperties", "items") if k in node]
+    tail = [
+        k for k in ("required", "properties", "additionalProperties", "items", cel.KEY) if k in node
+    ]
     middle = sorted(k for k in node if k not in head and k not in tail)
     return {k: node[k] for k in head + middle + tail}
 
@@ -148,6 +158,19 @@ def openapi_schema(model: type[CustomResource]) -> dict[str, Any]:
     }
     if "spec" in resolved.get("required", []):
         schema["required"] = ["spec"]
+    # ObjectMeta is the API server's own: its name rules are checked at the root.
+    schema[cel.KEY] = [
+        cel.rule(
+            f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+            f"metadata.name must be at most {MAX_NAME_LENGTH} characters (child names add suffixes)",
+            ".metadata.name",
+        ),
+        cel.rule(
+            f"self.metadata.name.matches('{DNS_LABEL_PATTERN}')",
+            "metadata.name must be a DNS label (lower case letters, digits, '-')",
+            ".metadata.name",
+        ),
+    ]
     return schema
 
 
@@ -201,6 +224,28 @@ def _printer_columns(model: type[CustomResource]) -> list[dict[str, Any]]:
     ]
 
 
+# kubectl expands a category before it looks up short names, so a category must never be
+# a word that also names one resource: `kubectl get recsys NAME` would then mean "every
+# kind in the category, one named NAME", which kubectl refuses.
+CATEGORY = "recsys-all"
+
+
+def _names(model: type[CustomResource]) -> dict[str, Any]:
+    names = {
+        "kind": model.kind_name,
+        "listKind": f"{model.kind_name}List",
+        "plural": model.plural,
+        "singular": model.kind_name.lower(),
+        "shortNames": list(model.short_names),
+        "categories": [CATEGORY],
+    }
+    for other in RESOURCE_TYPES.values():
+        words = {other.plural, other.kind_name.lower(), *other.short_names}
+        if CATEGORY in words:
+            raise ValueError(f"category {CATEGORY!r} collides with a name of {other.kind_name}")
+    return names
+
+
 def build_crd(model: type[CustomResource]) -> dict[str, Any]:
     """The whole apiextensions.k8s.io/v1 CRD object for one resource type."""
     return {
@@ -212,14 +257,7 @@ def build_crd(model: type[CustomResource]) -> dict[str, Any]:
         },
         "spec": {
             "group": GROUP,
-            "names": {
-                "kind": model.kind_name,
-                "listKind": f"{model.kind_name}List",
-                "plural": model.plural,
-                "singular": model.kind_name.lower(),
-                "shortNames": list(model.short_names),
-                "categories": ["recsys"],
-            },
+            "names": _names(model),
             "scope": "Namespaced" if model.namespaced else "Cluster",
             "versions": [
                 {

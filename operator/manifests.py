@@ -178,9 +178,16 @@ class ValidationReport:
 
 
 def validate_documents(
-    documents: list[Document], default_namespace: str = "default"
+    documents: list[Document], default_namespace: str = "default", *, for_cluster: bool = False
 ) -> ValidationReport:
+    """Validate documents together: each alone, then each system against its policy.
+
+    `for_cluster=True` also runs what the operator checks only when it renders (an
+    archive a cluster can fetch, a policy the cluster can run), so that `recsys
+    validate` refuses whatever the operator would refuse; local mode runs without it.
+    """
     report = ValidationReport()
+    invalid_policies: set[tuple[str, str]] = set()
     parsed: list[tuple[Document, CustomResource]] = []
     for doc in documents:
         if isinstance(doc.body, yaml.YAMLError):
@@ -194,6 +201,10 @@ def validate_documents(
             parsed.append((doc, parse_resource(doc.body, default_namespace)))
         except InvalidResource as exc:
             report.errors.append((doc.title, exc.issues))
+            if isinstance(doc.body, dict) and doc.body.get("kind") == "ScalingPolicy":
+                meta = doc.body.get("metadata") or {}
+                namespace = meta.get("namespace") or default_namespace
+                invalid_policies.add((namespace, str(meta.get("name", ""))))
 
     for _, resource in parsed:
         if isinstance(resource, ScalingPolicy):
@@ -210,14 +221,44 @@ def validate_documents(
                 except InvalidResource as exc:
                     report.errors.append((doc.title, exc.issues))
                     continue
+            elif ref is not None and (
+                (resource.metadata.namespace or default_namespace, ref.name) in invalid_policies
+            ):
+                issue = FieldIssue(
+                    "spec.scalingPolicyRef.name",
+                    f'ScalingPolicy "{ref.name}" is invalid (its problems are listed above)',
+                )
+                report.errors.append((doc.title, [issue]))
+                continue
             elif ref is not None:
                 report.notes.append(
                     f"{doc.title}: ScalingPolicy {ref.name!r} not among the given files; "
                     "the operator checks it at reconcile"
                 )
+            if for_cluster:
+                problems = _render_problems(resource, policy)
+                if problems:
+                    report.errors.append((doc.title, problems))
+                    continue
             report.systems.append(resource)
         report.ok_lines.append(doc.title)
     return report
+
+
+def _render_problems(system: RecommenderSystem, policy: ScalingPolicy | None) -> list[FieldIssue]:
+    """What rendering the system's children would refuse, as the operator does at reconcile."""
+    from recsys_operator.render import render_system  # render imports this module's models
+
+    if policy is None and system.spec.scaling_policy_ref is not None:
+        # The policy is not among the files: check everything else without it.
+        system = system.model_copy(
+            update={"spec": system.spec.model_copy(update={"scaling_policy_ref": None})}
+        )
+    try:
+        render_system(system, policy)
+    except InvalidResource as exc:
+        return exc.issues
+    return []
 
 
 class _BlockStyleDumper(yaml.SafeDumper):

@@ -34,6 +34,7 @@ class EffectiveScaling:
     target_gpu_utilization: int | None
     gateway_target_cpu_utilization: int
     backlog_per_replica: int
+    stream_jobs_fallback_replicas: int  # keda: held while the backlog cannot be read
     scale_up: ScaleRule
     scale_down: ScaleRule
     min_available_percent: int
@@ -119,6 +120,11 @@ def resolve_scaling(
             ov.backlog_per_replica
             if ov.backlog_per_replica is not None
             else policy.stream_jobs.backlog_per_replica
+        ),
+        stream_jobs_fallback_replicas=(
+            policy.stream_jobs.fallback_replicas
+            if policy.stream_jobs.fallback_replicas is not None
+            else policy.stream_jobs.max_replicas
         ),
         scale_up=policy.scale_up,
         scale_down=policy.scale_down,

@@ -11,7 +11,7 @@ import itertools
 from enum import StrEnum
 from typing import Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from recsys_contracts.api_base import (
     ApiModel,
@@ -25,6 +25,7 @@ from recsys_contracts.api_base import (
 from recsys_contracts.feature_job_settings import SubscriptionType
 from recsys_contracts.index_spec import IndexSpec, index_fit_problems
 from recsys_contracts.model_version import MODEL_VERSION_PATTERN
+from recsys_operator.api import cel
 
 GPU_RESOURCE = "nvidia.com/gpu"
 PULSAR_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -50,6 +51,21 @@ class SecretKeyRef(ApiModel):
 
 class TopicSpec(ApiModel):
     """One Pulsar topic the operator creates and owns."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel.rules(
+            cel.rule(
+                "(self.retentionMinutes == 0) == (self.retentionSizeMb == 0)",
+                "retentionMinutes and retentionSizeMb are both 0 (no retention) or both non-zero",
+                ".retentionMinutes",
+            ),
+            cel.rule(
+                "self.retentionSizeMb <= 0 || self.backlogQuotaMb < self.retentionSizeMb",
+                "backlogQuotaMb must be below retentionSizeMb",
+                ".backlogQuotaMb",
+            ),
+        )
+    )
 
     partitions: int = Field(default=4, ge=1, le=1024)
     """Number of partitions; events are keyed by user id, so one user's events stay in order."""
@@ -138,6 +154,29 @@ class OnlineUpdatesSpec(ApiModel):
 class ResourceRequirements(ApiModel):
     """Compute resources of a container, as in Kubernetes (`requests` and `limits`)."""
 
+    # Quantities compare by value only with Kubernetes' quantity() library, which cel-python
+    # lacks: requests <= limits stays an operator-side check; GPUs are whole numbers.
+    model_config = ConfigDict(
+        json_schema_extra=cel.rules(
+            cel.rule(
+                f"!has(self.requests) || !('{GPU_RESOURCE}' in self.requests) || "
+                f"(has(self.limits) && '{GPU_RESOURCE}' in self.limits && "
+                f"string(self.limits['{GPU_RESOURCE}']) == string(self.requests['{GPU_RESOURCE}']))",
+                f"limits['{GPU_RESOURCE}'] must equal requests['{GPU_RESOURCE}']",
+                ".limits",
+            ),
+            *(
+                cel.rule(
+                    f"!has(self.{side}) || !('{GPU_RESOURCE}' in self.{side}) || "
+                    f"string(self.{side}['{GPU_RESOURCE}']).matches('^[0-9]+$')",
+                    f"{GPU_RESOURCE} must be a whole number of GPUs",
+                    f".{side}",
+                )
+                for side in ("requests", "limits")
+            ),
+        )
+    )
+
     requests: dict[str, Quantity] = Field(default_factory=dict)
     """Minimum resources, e.g. `cpu: 500m`, `memory: 1Gi`."""
     limits: dict[str, Quantity] = Field(default_factory=dict)
@@ -180,7 +219,12 @@ class FeaturesSpec(ApiModel):
     last_n: int = Field(default=50, ge=1, le=1000)
     """How many recent items are kept per user."""
     windows: list[Duration] = Field(
-        default_factory=lambda: ["1h", "24h"], min_length=1, max_length=8
+        default_factory=lambda: ["1h", "24h"],
+        min_length=1,
+        max_length=8,
+        json_schema_extra=cel.rules(
+            cel.rule("self.all(w, self.exists_one(x, x == w))", "windows must be distinct")
+        ),
     )
     """Sliding windows for the per-type event counts."""
     batch_size: int = Field(default=500, ge=1, le=10_000)
@@ -209,6 +253,41 @@ class FeaturesSpec(ApiModel):
 
 class ModelSpec(ApiModel):
     """The retrieval model: a two-tower network plus a FAISS index, packed as a TorchServe archive."""
+
+    # index_fit_problems in CEL. `index` has no scalar default of its own: guard it.
+    model_config = ConfigDict(
+        json_schema_extra=cel.rules(
+            cel.rule(
+                "!has(self.numItems) || self.topK <= self.numItems",
+                "topK exceeds the catalogue size numItems",
+                ".topK",
+            ),
+            cel.rule(
+                "!has(self.index) || self.index.type != 'HNSW' || !has(self.index.hnsw) || "
+                "self.index.hnsw.efSearch >= self.topK",
+                "efSearch is below topK; HNSW cannot return more than efSearch results",
+                ".index.hnsw.efSearch",
+            ),
+            cel.rule(
+                "!has(self.index) || self.index.type != 'IVF-PQ' || !has(self.index.ivfpq) || "
+                "self.embeddingDim % self.index.ivfpq.m == 0",
+                "index.ivfpq.m must divide embeddingDim",
+                ".index.ivfpq.m",
+            ),
+            cel.rule(
+                "!has(self.index) || self.index.type != 'IVF-PQ' || !has(self.index.ivfpq) || "
+                "self.index.ivfpq.nprobe <= self.index.ivfpq.nlist",
+                "nprobe exceeds nlist",
+                ".index.ivfpq.nprobe",
+            ),
+            cel.rule(
+                "!has(self.numItems) || !has(self.index) || self.index.type != 'IVF-PQ' || "
+                "!has(self.index.ivfpq) || self.index.ivfpq.nlist <= self.numItems",
+                "nlist exceeds the catalogue size numItems",
+                ".index.ivfpq.nlist",
+            ),
+        )
+    )
 
     name: DnsLabel = "retrieval"
     """Model name in TorchServe (`/predictions/NAME/VERSION`)."""
@@ -283,7 +362,7 @@ class ServingSpec(ApiModel):
     """Resources of each serving pod; GPUs via `limits: {nvidia.com/gpu: 1}`."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Node labels the serving pods must run on (e.g. a GPU node pool)."""
-    tolerations: list[Toleration] = Field(default_factory=list)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     """Taints the serving pods tolerate (e.g. `nvidia.com/gpu`)."""
     response_timeout_s: int = Field(default=10, ge=1, le=600)
     """TorchServe's per-request timeout for the handler."""
@@ -318,6 +397,17 @@ class PolicyRef(ApiModel):
 
 class ScalingOverrides(ApiModel):
     """Per-system tightening of the referenced ScalingPolicy. Each value must lie within the policy's."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel.rules(
+            cel.rule(
+                "!has(self.minReplicas) || !has(self.maxReplicas) || "
+                "self.minReplicas <= self.maxReplicas",
+                "minReplicas exceeds maxReplicas",
+                ".minReplicas",
+            )
+        )
+    )
 
     min_replicas: int | None = Field(default=None, ge=0)
     """Serving minimum replicas; at least the policy's minReplicas."""
@@ -430,10 +520,22 @@ class CanaryReplicas(StrEnum):
     FROM_STABLE = "FromStable"
 
 
+MAX_STEPS = 20
+
+
 class RolloutSpec(ApiModel):
     """How a new model version is introduced: canary weights, pauses and analysis."""
 
-    steps: list[int] = Field(default_factory=lambda: [10, 25, 50, 100], min_length=1, max_length=20)
+    steps: list[int] = Field(
+        default_factory=lambda: [10, 25, 50, 100],
+        min_length=1,
+        max_length=MAX_STEPS,
+        json_schema_extra=cel.rules(
+            cel.rule("self.all(w, w >= 1 && w <= 100)", "weights are percentages in 1..100"),
+            cel.rule(cel.strictly_increasing(MAX_STEPS), "weights must be strictly increasing"),
+            cel.rule("self[size(self) - 1] == 100", "the last weight must be 100"),
+        ),
+    )
     """Canary traffic weights in percent: strictly increasing, each in 1..100, ending at 100."""
     interval: Duration = "5m"
     """How long each step runs before it is analysed."""
@@ -483,6 +585,26 @@ class RolloutSpec(ApiModel):
 
 class RecommenderSystemSpec(ApiModel):
     """A real-time recommender system: events, features, a retrieval model, serving, a gateway, scaling and rollouts."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel.rules(
+            cel.rule(
+                "has(self.scalingPolicyRef) || !has(self.scaling) || !("
+                + " || ".join(
+                    f"has(self.scaling.{name})"
+                    for name in (
+                        "minReplicas",
+                        "maxReplicas",
+                        "targetP99LatencyMs",
+                        "backlogPerReplica",
+                    )
+                )
+                + ")",
+                "scaling overrides need a scalingPolicyRef to tighten",
+                ".scaling",
+            )
+        )
+    )
 
     events: EventsSpec = Field(default_factory=EventsSpec)
     """Pulsar cluster and topics."""

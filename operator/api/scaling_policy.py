@@ -9,9 +9,11 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Self
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from recsys_contracts.api_base import ApiModel, field_error
+from recsys_operator.api import cel
 
 
 class ScalingEngine(StrEnum):
@@ -32,22 +34,20 @@ class ScaleRule(ApiModel):
     """Length of a period."""
 
 
+ORDERED = cel.rule(
+    "self.minReplicas <= self.maxReplicas", "minReplicas exceeds maxReplicas", ".minReplicas"
+)
+
+
 class ReplicaBounds(ApiModel):
-    """Minimum and maximum replicas of one workload."""
+    """Minimum and maximum replicas of one workload (checked by ScalingPolicySpec)."""
+
+    model_config = ConfigDict(json_schema_extra=cel.rules(ORDERED))  # subclasses inherit it
 
     min_replicas: int = Field(default=1, ge=0, le=1000)
     """Fewest replicas (0 allowed only with the keda engine)."""
     max_replicas: int = Field(default=10, ge=1, le=1000)
     """Most replicas."""
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Self:
-        if self.min_replicas > self.max_replicas:
-            raise field_error(
-                "minReplicas",
-                f"minReplicas {self.min_replicas} exceeds maxReplicas {self.max_replicas}",
-            )
-        return self
 
 
 class ServingScaling(ReplicaBounds):
@@ -64,8 +64,23 @@ class ServingScaling(ReplicaBounds):
 class StreamJobScaling(ReplicaBounds):
     """Autoscaling of the stream feature jobs."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel.rules(
+            ORDERED,
+            cel.rule(
+                "!has(self.fallbackReplicas) || (self.minReplicas <= self.fallbackReplicas && "
+                "self.fallbackReplicas <= self.maxReplicas)",
+                "fallbackReplicas is outside minReplicas..maxReplicas",
+                ".fallbackReplicas",
+            ),
+        )
+    )
+
     backlog_per_replica: int = Field(default=1000, ge=1)
     """Pulsar subscription backlog one replica should carry (keda pulsar trigger)."""
+    fallback_replicas: int | None = Field(default=None, ge=0, le=1000)
+    """keda: replicas held while the backlog cannot be read (3 failed polls); unset: maxReplicas.
+    KEDA falls back only on AverageValue triggers, so serving and gateway have none."""
 
 
 class GatewayScaling(ReplicaBounds):
@@ -79,6 +94,25 @@ class GatewayScaling(ReplicaBounds):
 
 class ScalingPolicySpec(ApiModel):
     """Autoscaling bounds and targets for every RecommenderSystem that references this policy."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel.rules(
+            *(
+                cel.rule(
+                    f"self.engine != 'hpa' || !has(self.{name}) || self.{name}.minReplicas >= 1",
+                    "minReplicas 0 (scale to zero) needs engine keda; the HPA needs at least 1",
+                    f".{name}.minReplicas",
+                )
+                for name in ("serving", "streamJobs", "gateway")
+            ),
+            cel.rule(
+                "self.engine != 'hpa' || !has(self.serving) || "
+                "!has(self.serving.targetGpuUtilization)",
+                "GPU utilisation targets need engine keda (the HPA has no GPU metric)",
+                ".serving.targetGpuUtilization",
+            ),
+        )
+    )
 
     engine: ScalingEngine = ScalingEngine.HPA
     """hpa (autoscaling/v2 HorizontalPodAutoscaler, CPU) or keda (ScaledObject: latency, GPU, Pulsar backlog)."""
@@ -104,21 +138,48 @@ class ScalingPolicySpec(ApiModel):
     """PodDisruptionBudget: share of replicas kept through voluntary disruptions."""
 
     @model_validator(mode="after")
-    def _scale_to_zero_needs_keda(self) -> Self:
-        if self.engine is ScalingEngine.HPA:
-            for name, bounds in (
-                ("serving", self.serving),
-                ("streamJobs", self.stream_jobs),
-                ("gateway", self.gateway),
-            ):
-                if bounds.min_replicas == 0:
-                    raise field_error(
+    def _consistent(self) -> Self:
+        """Every cross-field problem at once (one validator per check would stop at the first)."""
+        problems: list[PydanticCustomError] = []
+        hpa = self.engine is ScalingEngine.HPA
+        for name, bounds in (
+            ("serving", self.serving),
+            ("streamJobs", self.stream_jobs),
+            ("gateway", self.gateway),
+        ):
+            if bounds.min_replicas > bounds.max_replicas:
+                problems.append(
+                    field_error(
+                        f"{name}.minReplicas",
+                        f"minReplicas {bounds.min_replicas} exceeds maxReplicas {bounds.max_replicas}",
+                    )
+                )
+            if hpa and bounds.min_replicas == 0:
+                problems.append(
+                    field_error(
                         f"{name}.minReplicas",
                         "minReplicas 0 (scale to zero) needs engine keda; the HPA needs at least 1",
                     )
-        if self.engine is ScalingEngine.HPA and self.serving.target_gpu_utilization is not None:
-            raise field_error(
-                "serving.targetGpuUtilization",
-                "GPU utilisation targets need engine keda (the HPA has no GPU metric)",
+                )
+        fallback, jobs = self.stream_jobs.fallback_replicas, self.stream_jobs
+        if fallback is not None and not jobs.min_replicas <= fallback <= jobs.max_replicas:
+            problems.append(
+                field_error(
+                    "streamJobs.fallbackReplicas",
+                    f"fallbackReplicas {fallback} is outside minReplicas..maxReplicas "
+                    f"({jobs.min_replicas}..{jobs.max_replicas})",
+                )
+            )
+        if hpa and self.serving.target_gpu_utilization is not None:
+            problems.append(
+                field_error(
+                    "serving.targetGpuUtilization",
+                    "GPU utilisation targets need engine keda (the HPA has no GPU metric)",
+                )
+            )
+        if problems:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [InitErrorDetails(type=problem, loc=(), input=None) for problem in problems],
             )
         return self

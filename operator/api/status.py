@@ -233,7 +233,9 @@ class RecommenderSystemStatus(ApiModel):
 
     observed_generation: int | None = Field(default=None, ge=0)
     """The metadata.generation last reconciled."""
-    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_LIST_MAP)
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, json_schema_extra=CONDITIONS_LIST_MAP
+    )
     """Ready, TopicsReady, FeaturesReady, ServingReady, RolloutHealthy."""
     stable_version: str | None = None
     """Model version serving the stable share of traffic."""
@@ -254,7 +256,9 @@ class ScalingPolicyStatus(ApiModel):
 
     observed_generation: int | None = Field(default=None, ge=0)
     """The metadata.generation last reconciled."""
-    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_LIST_MAP)
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, json_schema_extra=CONDITIONS_LIST_MAP
+    )
     """Ready (the policy is valid)."""
     kopf: dict[str, Any] | None = None
     """Handler progress of the operator framework (Kopf); internal."""

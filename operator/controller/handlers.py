@@ -29,7 +29,7 @@ from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.api.status import ConditionType
 from recsys_operator.controller import metrics
 from recsys_operator.controller.conditions import condition, merge_conditions
-from recsys_operator.controller.kube import KubeClient
+from recsys_operator.controller.kube import KNOWN_KINDS, KubeClient
 from recsys_operator.controller.reconcile import Outcome, Reconciler, SecretNotFound, parse_system
 from recsys_operator.controller.rollout_driver import (
     ACTION_ANNOTATION,
@@ -37,7 +37,7 @@ from recsys_operator.controller.rollout_driver import (
     rollout_tick,
 )
 from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
-from recsys_operator.render import RenderOptions, TopicPlan, topic_plan
+from recsys_operator.render import CHILD_KINDS, RenderOptions, TopicPlan, topic_plan
 from recsys_operator.render.naming import INSTANCE_LABEL, MANAGED_BY
 from recsys_operator.rollout.state_machine import AnalysisSource, ShadowSource
 
@@ -75,7 +75,9 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
         field="status.kopf.lastHandled"
     )
-    settings.posting.level = logging.INFO
+    # Kopf's own per-handler Events ("Handler ... succeeded", every timer run) only for
+    # problems: the operator posts its own, one per change, and none at steady state.
+    settings.posting.level = logging.WARNING
     settings.execution.max_workers = 8
     # A deleted system waits for its timers to finish their current tick: check every
     # second rather than Kopf's default minute, so deletion is not held up.
@@ -164,13 +166,28 @@ async def reconcile_and_record(namespace: str, name: str, trigger: str) -> Outco
         finally:
             metrics.RECONCILE_DURATION.observe(time.perf_counter() - started)
         old = _without_kopf(body.get("status") or {})
-        if outcome.status != old:
+        changed = outcome.status != old
+        if changed:
             await write_status("RecommenderSystem", namespace, name, outcome.status)
-        for change in outcome.changes:
-            post_event(body, EventReason.APPLIED, change)
-        for warning in outcome.warnings:
-            post_event(body, EventReason.RECONCILE_FAILED, warning, warning=True)
+        if outcome.changes:  # one Event per reconcile that changed something, not per child
+            post_event(body, EventReason.APPLIED, summarize_changes(outcome.changes))
+        if changed:
+            # A system blocked for the same reason stores the same status at every resync:
+            # warn when it becomes blocked (or the reason changes), not once a minute.
+            for warning in outcome.warnings:
+                post_event(body, EventReason.RECONCILE_FAILED, warning, warning=True)
         return outcome
+
+
+EVENT_MESSAGE_LIMIT = 1024  # the API server truncates longer Event messages
+
+
+def summarize_changes(changes: list[str]) -> str:
+    """`created Deployment/x, ...` in one Event message, cut to what an Event holds."""
+    text = f"{len(changes)} change(s): " + "; ".join(changes)
+    if len(text) <= EVENT_MESSAGE_LIMIT:
+        return text
+    return text[: EVENT_MESSAGE_LIMIT - 4] + " ..."
 
 
 @kopf.on.resume(*RECSYS)
@@ -198,11 +215,11 @@ async def _on_child_event(
         await reconcile_and_record(namespace, owner, trigger="child")
 
 
-for _group, _version, _plural in (
-    ("apps", "v1", "deployments"),
-    ("", "v1", "services"),
-    ("", "v1", "configmaps"),
-):
+# Every kind the operator owns, so a hand edit of a PDB or a ScaledObject is put back at
+# once, not at the next resync. Kinds a cluster does not serve (no KEDA) are not watched.
+for _api_version, _kind in CHILD_KINDS:
+    _group, _, _version = _api_version.rpartition("/")
+    _plural = KNOWN_KINDS[(_api_version, _kind)][0]
     kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"child-{_plural}")(_on_child_event)
 
 
@@ -314,7 +331,7 @@ async def reconcile_policy(body: kopf.Body, namespace: str | None, name: str, **
             ConditionType.READY, True, ConditionReason.VALID, "policy is valid", generation
         )
     except ValidationError as exc:
-        summary = "; ".join(str(i) for i in issues_from_validation_error(exc, "spec"))
+        summary = "; ".join(str(i) for i in issues_from_validation_error(exc))
         ready = condition(
             ConditionType.READY, False, ConditionReason.INVALID_SPEC, summary, generation
         )

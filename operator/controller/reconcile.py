@@ -28,11 +28,10 @@ from recsys_operator.api.status import Condition, ConditionStatus, ConditionType
 from recsys_operator.controller.conditions import condition, merge_conditions, summarize_ready
 from recsys_operator.controller.kube import ApplyResult, KubeClient
 from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
-from recsys_operator.render import RenderOptions, render_system, topic_plan
+from recsys_operator.render import PRUNED_KINDS, RenderOptions, render_system, topic_plan
 from recsys_operator.render.naming import (
     INSTANCE_LABEL,
     MANAGED_BY,
-    TRACK_LABEL,
     Component,
     Track,
     child_name,
@@ -130,7 +129,7 @@ class Reconciler:
                 {"metadata": {"name": ref.name}, "spec": body.get("spec") or {}}
             )
         except ValidationError as exc:
-            issues = issues_from_validation_error(exc, "spec")
+            issues = issues_from_validation_error(exc)
             raise InvalidPolicy(
                 f'ScalingPolicy "{ref.name}"',
                 [
@@ -183,35 +182,19 @@ class Reconciler:
             ConditionType.TOPICS_READY, True, ConditionReason.TOPICS_READY, names, generation
         ), changes
 
-    def _apply(
+    def _sync(
         self, system: RecommenderSystem, objects: list[dict[str, Any]]
-    ) -> dict[tuple[str, str], ApplyResult]:
-        selector = children_selector(system)
-        return {(r.kind, r.name): r for r in self.kube.apply_all(objects, selector)}
-
-    def _remove_finished_canary(
-        self, system: RecommenderSystem, results: dict[tuple[str, str], ApplyResult]
-    ) -> list[str]:
-        """Delete the canary track once no rollout needs it (promoted, rolled back, aborted).
-
-        Applying only adds and patches, so a finished canary would keep its pods. One
-        LIST of canary Deployments per reconcile; its ConfigMap and Service go with it."""
-        name = serving_name(system, Track.CANARY)
-        if ("Deployment", name) in results:
-            return []  # a rollout is in progress
-        namespace = system.metadata.namespace
-        selector = f"{children_selector(system)},{TRACK_LABEL}={Track.CANARY}"
-        if not self.kube.list_objects("apps/v1", "Deployment", namespace, selector):
-            return []
-        return [
-            f"{kind}/{name} deleted"
-            for api_version, kind in (
-                ("apps/v1", "Deployment"),
-                ("v1", "Service"),
-                ("v1", "ConfigMap"),
-            )
-            if self.kube.delete(api_version, kind, namespace, name)
-        ]
+    ) -> tuple[dict[tuple[str, str], ApplyResult], list[str]]:
+        """Apply the desired children and delete the owned ones no longer desired
+        (a finished canary, an autoscaler of the other engine, a removed policy's PDBs)."""
+        synced = self.kube.sync(
+            objects,
+            children_selector(system),
+            namespace=system.metadata.namespace,
+            prune_kinds=PRUNED_KINDS,
+            owner_uid=system.metadata.uid or None,
+        )
+        return {(r.kind, r.name): r for r in synced.applied}, synced.deleted
 
     # --- the pipeline ---------------------------------------------------------------
 
@@ -268,8 +251,7 @@ class Reconciler:
         topics, topic_changes = await self._ensure_topics(system, generation)
 
         # 5. Children.
-        results = await asyncio.to_thread(self._apply, system, objects)
-        removed = await asyncio.to_thread(self._remove_finished_canary, system, results)
+        results, removed = await asyncio.to_thread(self._sync, system, objects)
         changes = (
             [f"Pulsar {c}" for c in topic_changes]
             + [str(r) for r in results.values() if r.action != "unchanged"]

@@ -46,6 +46,9 @@ from recsys_operator.render.topics import TopicPlan, topic_plan
 from recsys_operator.render.traffic import TrafficPlan, traffic_plan
 
 __all__ = [
+    "ALWAYS_RENDERED_KINDS",
+    "CHILD_KINDS",
+    "PRUNED_KINDS",
     "RenderOptions",
     "TopicPlan",
     "TrafficPlan",
@@ -53,6 +56,34 @@ __all__ = [
     "render_system",
     "topic_plan",
 ]
+
+
+# Every (apiVersion, kind) `render_system` can produce: what the operator prunes (deletes
+# when no longer desired) and what its RBAC must let it manage.
+CHILD_KINDS: tuple[tuple[str, str], ...] = (
+    ("v1", "ConfigMap"),
+    ("v1", "Service"),
+    ("v1", "ServiceAccount"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("apps/v1", "Deployment"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("policy/v1", "PodDisruptionBudget"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+)
+# Kinds every system has whatever its spec (the gateway's identity and routing rights):
+# never pruned, so the operator needs no right to delete them.
+ALWAYS_RENDERED_KINDS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("v1", "ServiceAccount"),
+        ("rbac.authorization.k8s.io/v1", "Role"),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    }
+)
+PRUNED_KINDS = tuple(kind for kind in CHILD_KINDS if kind not in ALWAYS_RENDERED_KINDS)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,14 @@ and stream jobs (the HPA has no latency, GPU or backlog metric of its own).
 engine `keda`: KEDA ScaledObjects: serving on p99 latency from Prometheus (and
 GPU utilisation when targeted) plus CPU, stream jobs on Pulsar backlog, gateway
 on CPU. Both carry the policy's scale-up/scale-down behaviour.
+
+KEDA hands each trigger to the HPA as an External metric whose target type is the
+trigger's `metricType`. `AverageValue` (KEDA's default) divides the value by the
+replica count, right for a backlog that replicas share (desired = backlog /
+per-replica target); a p99 latency or a GPU utilisation is already per pod, so those
+triggers are `Value` (desired = current x value / target), else the Deployment is
+sized to value/target whatever the load per pod. KEDA's `fallback` applies only to
+AverageValue triggers: the stream jobs get it (the policy's fallbackReplicas).
 """
 
 from __future__ import annotations
@@ -94,6 +102,9 @@ def _hpa(
     }
 
 
+FALLBACK_FAILURE_THRESHOLD = 3  # failed polls of a trigger before KEDA falls back
+
+
 def _scaled_object(
     system: RecommenderSystem,
     name: str,
@@ -101,8 +112,9 @@ def _scaled_object(
     bounds: WorkloadScaling,
     triggers: list[dict[str, Any]],
     scaling: EffectiveScaling,
+    fallback_replicas: int | None = None,
 ) -> dict[str, Any]:
-    return {
+    scaled: dict[str, Any] = {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
         "metadata": metadata(system, name, component),
@@ -116,6 +128,12 @@ def _scaled_object(
             "triggers": triggers,
         },
     }
+    if fallback_replicas is not None:
+        scaled["spec"]["fallback"] = {
+            "failureThreshold": FALLBACK_FAILURE_THRESHOLD,
+            "replicas": fallback_replicas,
+        }
+    return scaled
 
 
 def _keda_cpu_trigger(target: int) -> dict[str, Any]:
@@ -181,6 +199,7 @@ def build_autoscalers(
         {
             "type": "prometheus",
             "name": "p99-latency",
+            "metricType": "Value",  # a per-pod figure: not divided by the replica count
             "metadata": {
                 "serverAddress": prometheus_url,
                 "query": serving_latency_query(system),
@@ -195,6 +214,7 @@ def build_autoscalers(
             {
                 "type": "prometheus",
                 "name": "gpu-utilization",
+                "metricType": "Value",  # already an average over the pods
                 "metadata": {
                     "serverAddress": prometheus_url,
                     # DCGM exporter metric, averaged over the stable Deployment's pods
@@ -206,6 +226,7 @@ def build_autoscalers(
         )
     pulsar_trigger: dict[str, Any] = {
         "type": "pulsar",
+        "metricType": "AverageValue",  # the backlog is shared: per-replica share vs target
         "metadata": {
             "adminURL": system.spec.events.admin_url,
             "topic": topic_url(system, TOPIC_NAMES["interactions"]),
@@ -230,7 +251,13 @@ def build_autoscalers(
             scaling,
         ),
         _scaled_object(
-            system, features, Component.FEATURES, scaling.stream_jobs, [pulsar_trigger], scaling
+            system,
+            features,
+            Component.FEATURES,
+            scaling.stream_jobs,
+            [pulsar_trigger],
+            scaling,
+            fallback_replicas=scaling.stream_jobs_fallback_replicas,
         ),
     ]
 

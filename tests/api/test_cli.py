@@ -36,9 +36,19 @@ def test_every_command_has_help(command: str) -> None:
 
 
 def test_validate_accepts_the_examples() -> None:
-    result = recsys("validate", "-f", "examples")
+    result = recsys("validate", "-f", "examples", "--local")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok    examples/quickstart.yaml: RecommenderSystem/quickstart" in result.stdout
+    # For a cluster, every example but the local-mode demo (no archive: `recsys up` trains one).
+    cluster = [
+        arg
+        for path in sorted((ROOT / "examples").glob("*.yaml"))
+        if path.name != "demo.yaml"
+        for arg in ("-f", str(path))
+    ]
+    assert recsys("validate", *cluster).returncode == 0
+    demo = recsys("validate", "-f", "examples/demo.yaml")
+    assert demo.returncode == 1 and "spec.model.archiveUri" in demo.stdout
 
 
 def test_validate_rejects_with_field_paths_and_exit_1(tmp_path: Path) -> None:
@@ -84,3 +94,70 @@ def test_crds_check_fails_on_drift(tmp_path: Path) -> None:
     result = recsys("crds", "--check", "--out", str(tmp_path))
     assert result.returncode == 1
     assert target.name in result.stderr
+
+
+BAD_POLICY = {
+    "apiVersion": "recsys.dev/v1alpha1",
+    "kind": "ScalingPolicy",
+    "metadata": {"name": "default", "namespace": "default"},
+    "spec": {
+        "engine": "hpa",
+        "streamJobs": {"minReplicas": 0},
+        "serving": {"targetGpuUtilization": 50},
+        "gateway": {"minReplicas": 9, "maxReplicas": 3},
+    },
+}
+
+
+def test_validate_refuses_what_only_rendering_finds(tmp_path: Path) -> None:
+    # The operator refuses a cluster system without an archive when it renders it.
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    del doc["spec"]["model"]["archiveUri"]
+    (tmp_path / "rs.yaml").write_text(yaml.safe_dump(doc))
+    result = recsys("validate", "-f", str(tmp_path / "rs.yaml"))
+    assert result.returncode == 1, result.stdout
+    assert "spec.model.archiveUri: no archive known" in result.stdout
+
+
+def test_validate_reports_an_invalid_policy_as_invalid_with_every_problem(tmp_path: Path) -> None:
+    system = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump_all([system, BAD_POLICY]))
+    result = recsys("validate", "-f", str(tmp_path / "all.yaml"))
+    assert result.returncode == 1
+    out = result.stdout
+    assert 'spec.scalingPolicyRef.name: ScalingPolicy "default" is invalid' in out
+    assert "not among the given files" not in out
+    for problem in (
+        "spec.streamJobs.minReplicas: minReplicas 0 (scale to zero) needs engine keda",
+        "spec.gateway.minReplicas: minReplicas 9 exceeds maxReplicas 3",
+        "spec.serving.targetGpuUtilization: GPU utilisation targets need engine keda",
+    ):
+        assert problem in out, out
+    assert "spec.spec." not in out
+
+
+def test_operator_run_help_lists_every_setting_and_its_environment_variable() -> None:
+    from recsys_contracts.env_vars import OperatorEnv
+
+    result = recsys("operator", "run", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # help wraps lines
+    for option, variable in (
+        ("--prometheus-url", OperatorEnv.PROMETHEUS_URL),
+        ("--resync-seconds", OperatorEnv.RESYNC_SECONDS),
+        ("--rollout-tick-seconds", OperatorEnv.ROLLOUT_TICK_SECONDS),
+    ):
+        assert option in text and variable in text, (option, text)
+    assert "KUBECONFIG" in text
+
+
+def test_kopf_timer_runs_are_kept_for_debug_only() -> None:
+    import logging
+
+    from recsys_operator.cli import _timer_runs_only_at_debug
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("kopf.objects", logging.INFO, "", 0, message, None, None)
+
+    assert not _timer_runs_only_at_debug(record("Timer 'resync_system' succeeded."))
+    assert _timer_runs_only_at_debug(record("Handler 'reconcile_system' succeeded."))

@@ -14,7 +14,7 @@ import yaml
 from recsys_operator import __version__
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.controller.kube import KNOWN_KINDS
-from recsys_operator.render import RenderOptions, render_system
+from recsys_operator.render import PRUNED_KINDS, RenderOptions, render_system
 from recsys_operator.render.naming import default_image
 from recsys_operator.tools import find_tool
 
@@ -57,7 +57,11 @@ def test_cluster_wide_install_uses_a_cluster_role_namespaced_uses_roles() -> Non
     assert "ClusterRole" in kinds and "Role" not in kinds
     namespaced = template("watchNamespaces={team-a,team-b}")
     roles = [o["metadata"]["namespace"] for o in namespaced if o["kind"] == "Role"]
-    assert roles == ["team-a", "team-b"] and "ClusterRole" not in [o["kind"] for o in namespaced]
+    assert roles == ["team-a", "team-b"]
+    # Namespaced mode still needs a ClusterRole: Kopf lists CRDs and namespaces.
+    cluster_role = next(o for o in namespaced if o["kind"] == "ClusterRole")
+    resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    assert resources == {"customresourcedefinitions", "namespaces"}
     deployment = next(o for o in namespaced if o["kind"] == "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert (
@@ -89,7 +93,8 @@ def allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str) ->
     "sets", [(), ("watchNamespaces={team-a}",)], ids=["cluster-wide", "namespaced"]
 )
 def test_the_operator_may_apply_every_child_and_grant_what_it_grants(sets: tuple[str, ...]) -> None:
-    role = next(o for o in template(*sets) if o["kind"] in ("ClusterRole", "Role"))
+    kind = "Role" if sets else "ClusterRole"
+    role = next(o for o in template(*sets) if o["kind"] == kind)
     system = next(yaml.safe_load_all((ROOT / "examples" / "production-gpu.yaml").read_text()))
     policy = list(yaml.safe_load_all((ROOT / "examples" / "scaling-policy.yaml").read_text()))[1]
     children = render_system(
@@ -100,13 +105,15 @@ def test_the_operator_may_apply_every_child_and_grant_what_it_grants(sets: tuple
     for child in children:
         group = child["apiVersion"].rpartition("/")[0]
         plural, _ = KNOWN_KINDS[(child["apiVersion"], child["kind"])]
+        pruned = (child["apiVersion"], child["kind"]) in PRUNED_KINDS
         for verb in ("get", "list", "watch", "create", "patch", "delete"):
-            assert allows(role["rules"], group, plural, verb), (child["kind"], verb)
+            granted = allows(role["rules"], group, plural, verb)
+            assert granted == (verb != "delete" or pruned), (child["kind"], verb)
     # RBAC escalation prevention: the operator may create a Role (and bind it) only when
     # it holds every permission in it itself.
-    granted = [rule for child in children if child["kind"] == "Role" for rule in child["rules"]]
-    assert granted
-    for rule in granted:
+    role_rules = [rule for child in children if child["kind"] == "Role" for rule in child["rules"]]
+    assert role_rules
+    for rule in role_rules:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 for verb in rule["verbs"]:
@@ -128,3 +135,40 @@ def test_image_references_agree_with_the_project_version() -> None:
     assert default_image("serving").endswith(f"model-server:{project}")
     assert default_image("serving", gpu=True).endswith(f"model-server:{project}-gpu")
     assert default_image("features").endswith(f"stream-jobs:{project}")
+
+
+def refused(*args: str) -> str:
+    """stderr of a `helm template` that must fail."""
+    command = [find_tool("helm"), "template", "demo", str(CHART), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, result.stdout
+    return result.stderr
+
+
+def test_watch_namespace_patterns_are_refused_with_a_clear_message() -> None:
+    assert "'team-*' does not match pattern" in refused("--set", "watchNamespaces={team-*}")
+    # Past the schema (--skip-schema-validation), the template refuses it too.
+    message = refused("--skip-schema-validation", "--set", "watchNamespaces={team-*}")
+    assert '"team-*" is a pattern; RBAC needs each namespace by name' in message
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("logLevel=verbose", "value must be one of 'debug', 'info', 'warning'"),
+        ("replicaCount=2", "at '/replicaCount': value must be 1"),
+        ("resyncSeconds=0", "at '/resyncSeconds'"),
+        ("prometheusUrl=prometheus:9090", "at '/prometheusUrl'"),
+        ("replicas=3", "additional properties 'replicas' not allowed"),
+    ],
+)
+def test_the_values_schema_refuses_values_the_operator_cannot_run_with(
+    value: str, message: str
+) -> None:
+    assert message in refused("--set", value)
+
+
+def test_chart_rbac_rules_are_generated_from_the_code() -> None:
+    from recsys_operator.rbac import CHART_RULES_FILE, chart_rules_template
+
+    assert (ROOT / CHART_RULES_FILE).read_text() == chart_rules_template(), "run `recsys rbac`"

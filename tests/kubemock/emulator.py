@@ -24,15 +24,25 @@ real API server does, where Kopf, kubectl and the kubernetes client rely on it:
   (with a DELETED event) when its last finalizer is removed;
 - lists carry `apiVersion`, `kind: <Kind>List` and `metadata.resourceVersion`, sorted
   by namespace and name; lists and watches honour equality label selectors and the
-  `metadata.name`/`metadata.namespace` field selectors (others answer 400);
+  `metadata.name`/`metadata.namespace` field selectors, and for events those below
+  (others answer 400, as the real server does);
 - `open_watches` counts the watch streams receiving events now (a watch request is
   logged a moment before its stream is);
 - a watch first replays the objects newer than its `resourceVersion` as ADDED (all of
   them and a closing bookmark for `sendInitialEvents=true`, as kubectl 1.35 asks), then
   streams events in order (nothing written in between is lost) until its
   `timeoutSeconds`; watch responses are `application/json`, which client-go needs;
-- discovery serves the core, apps, autoscaling/v2, policy, rbac and apiextensions groups, and
-  every CustomResourceDefinition created through the API (marked Established).
+- discovery serves the core (`v1`), apps, autoscaling/v2, policy, rbac and apiextensions
+  groups, and every CustomResourceDefinition created through the API (marked Established);
+  stored objects carry their `apiVersion` and `kind` whether the client sent them or not;
+- Table responses (`Accept: ...;as=Table`, as `kubectl get` asks, also for watches): the
+  name and a CRD's additionalPrinterColumns (see tables.py); built-in kinds get name and age;
+- events select by the API server's event fields (`involvedObject.name`, `reason`, `type`,
+  ...), as `kubectl describe` and `kubectl get events --field-selector` ask;
+- the `scale` subresource of kinds that have one (Deployments): GET and PATCH an
+  autoscaling/v1 Scale, which reads and writes `spec.replicas` (`kubectl scale`);
+- each request is answered in time independent of how many came before
+  (accounting.RequestLog._dispatch); the log itself is kept whole, for `mark()`.
 
 What it does NOT do (never test these behaviours against it):
 
@@ -44,8 +54,8 @@ What it does NOT do (never test these behaviours against it):
   or schema validation: CRD schemas are not checked (validate manifests with
   kubernetes-validate / jsonschema), namespaces need not exist; no OpenAPI documents
   either, so kubectl needs `--validate=false`;
-- no Table responses: `kubectl get` prints NAME and AGE only, never a CRD's
-  additionalPrinterColumns;
+- no per-kind printers of built-in kinds (`kubectl get deploy` shows NAME and AGE only);
+  printer-column JSONPath is the subset CRDs use (`.a.b`, `[n]`, `[?(@.k=="v")]`);
 - server-side apply (`application/apply-patch+yaml`) is a merge patch that creates a
   missing object: no managedFields, no field ownership, no conflicts;
 - strategic merge patch replaces lists instead of merging them by key;
@@ -80,6 +90,7 @@ import kmock
 import yaml
 from kmock._internal import parsing as kmock_parsing
 
+from . import tables
 from .accounting import RequestLog, request_header
 
 # Only the API groups an operator of this project reads or writes, to keep discovery small.
@@ -153,6 +164,9 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
     _write_results: dict[kmock.Request, Body] = attrs.field(factory=dict, init=False)
     # Watch streams that receive events now (a test waits for a client's watch to be live).
     open_watches: int = attrs.field(default=0, init=False)
+    # The additionalPrinterColumns of each custom resource, for Table responses.
+    _printer_columns: dict[kmock.resource, list[Body]] = attrs.field(factory=dict, init=False)
+    injected_faults: list[Any] = attrs.field(factory=list, init=False)  # by fail_next()
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -174,7 +188,7 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if request.resource is None or request.action not in WRITE_ACTIONS:
-            return await super()._handle(request)  # reads: kmock routes them to _serve_*
+            return await self._dispatch(request)  # reads: kmock's reactions, then _serve_*
         async with self._lock:
             result, event = self._write(request)
             self._write_results[request] = result
@@ -184,7 +198,7 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
             # Answer through kmock's reactions: a test's injected faults first, else the
             # _serve_* fallbacks below. KubernetesEmulator._handle is skipped on purpose:
             # its own bookkeeping of writes is what _write replaces.
-            return await kmock.RawHandler._handle(self, request)
+            return await self._dispatch(request)
         finally:
             del self._write_results[request]
 
@@ -231,6 +245,9 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
         if namespace is not None:
             meta["namespace"] = namespace
         new = {field: value for field, value in body.items() if field != "metadata"}
+        # The API server stores every object with its apiVersion and kind, sent or not.
+        new["apiVersion"] = _group_version(request.resource)
+        new["kind"] = self.resources[request.resource].kind
         new["metadata"] = meta
         if self._has_status_subresource(request.resource):
             new.pop("status", None)
@@ -252,20 +269,30 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
             expected = (patch.get("metadata") or {}).get("resourceVersion")
             if expected not in (None, current_meta.get("resourceVersion")):
                 raise _error(409, "Conflict", "the object has been modified; reload and retry")
-        patched = _apply_patch(current, patch, _content_type(request))
+        subresource = request.subresource
+        if subresource == "scale":  # a Scale in, the object's spec.replicas changed
+            scale = _apply_patch(_scale_of(current), patch, _content_type(request))
+            replicas = (scale.get("spec") or {}).get("replicas")
+            if not isinstance(replicas, int) or replicas < 0:
+                raise _error(422, "Invalid", "spec.replicas of a Scale must be an integer >= 0")
+            patched = _merge_patch(current, {"spec": {"replicas": replicas}})
+        else:
+            patched = _apply_patch(current, patch, _content_type(request))
 
-        if request.subresource == "status":
+        if subresource == "status":
             new = {field: value for field, value in current.items() if field != "status"}
             if "status" in patched:
                 new["status"] = patched["status"]
-        elif request.subresource is None:
+        elif subresource in (None, "scale"):
+            if subresource == "scale" and not self._has_subresource(request.resource, "scale"):
+                raise _error(404, "NotFound", "the resource has no scale subresource")
             new = dict(patched)
             if self._has_status_subresource(request.resource):
                 new.pop("status", None)
                 if "status" in current:
                     new["status"] = current["status"]
         else:
-            raise _error(404, "NotFound", f"the emulator has no {request.subresource} subresource")
+            raise _error(404, "NotFound", f"the emulator has no {subresource} subresource")
 
         meta = dict(new.get("metadata") or {})
         for field in SERVER_METADATA:
@@ -273,8 +300,9 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
             if field in current_meta:
                 meta[field] = current_meta[field]
         new["metadata"] = meta
+        answer = _scale_of if subresource == "scale" else (lambda body: body)
         if new == current:
-            return current, None  # a no-op patch: no new version, no watch event
+            return answer(current), None  # a no-op patch: no new version, no watch event
 
         if _without_metadata_and_status(new) != _without_metadata_and_status(current):
             meta["generation"] = current_meta.get("generation", 0) + 1
@@ -285,7 +313,7 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):
             obj.delete()  # the last finalizer is gone: the deletion completes
             return new, {"type": "DELETED", "object": new}
-        return new, {"type": "MODIFIED", "object": new}
+        return answer(new), {"type": "MODIFIED", "object": new}
 
     def _delete(self, obj: kmock.Object) -> tuple[Body, Event | None]:
         current = obj.raw
@@ -326,7 +354,10 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
         return str(self._resource_version)
 
     def _has_status_subresource(self, resource: kmock.resource) -> bool:
-        return resource in self.resources and "status" in self.resources[resource].subresources
+        return self._has_subresource(resource, "status")
+
+    def _has_subresource(self, resource: kmock.resource, subresource: str) -> bool:
+        return resource in self.resources and subresource in self.resources[resource].subresources
 
     def _register_crd(self, crd: Body) -> Body:
         """Serve the CRD's resources from now on; returns the status the API server gives it."""
@@ -343,6 +374,10 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
                     categories=names.get("categories", []),
                     verbs=CRD_VERBS,
                     subresources=list(version.get("subresources") or {}),
+                )
+                self._printer_columns[resource] = list(
+                    version.get("additionalPrinterColumns")
+                    or [tables.AGE_COLUMN | {"jsonPath": ".metadata.creationTimestamp"}]
                 )
         conditions = [
             {"type": kind, "status": "True", "reason": kind, "lastTransitionTime": _now()}
@@ -385,19 +420,43 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
 
     async def _serve_version(self, request: kmock.Request) -> Body:
         listing = cast(Body, await super()._serve_version(request))
+        assert request.resource is not None
+        # kmock says `/v1` for the core group; kubectl then finds no core kind at all.
+        listing["groupVersion"] = _group_version(request.resource)
         for entry in listing["resources"]:
             if "/" in entry["name"]:
                 # kmock copies the parent's short names and categories to its subresources:
                 # kubectl then expands a category to `x/status` and fails to list it.
                 entry.update(shortNames=[], categories=[], singularName="")
                 entry["verbs"] = ["get", "patch", "update"]
+                if entry["name"].endswith("/scale"):  # `kubectl scale` reads the Scale's kind
+                    entry.update(kind="Scale", group="autoscaling", version="v1")
         return listing
 
     async def _serve_fetch(self, request: kmock.Request) -> Any:
-        try:
-            return await super()._serve_fetch(request)
-        except kmock.KubernetesObjectNotFoundError:
-            raise _not_found(request) from None
+        resource = self._served_resource(request)
+        async with self._lock:
+            key: Any = (resource, request.namespace, request.name)
+            body = None
+            if key in self.objects and not self.objects[key].deleted:
+                body = self.objects[key].raw
+            version = str(self._resource_version)
+        if body is None:
+            raise _not_found(request)
+        if request.subresource == "scale":
+            if not self._has_subresource(resource, "scale"):
+                raise _error(404, "NotFound", "the resource has no scale subresource")
+            return _scale_of(body)
+        if tables.wants_table(request):
+            return self._table(request, resource, [body], version)
+        return body
+
+    def _table(
+        self, request: kmock.Request, resource: kmock.resource, items: list[Body], version: str
+    ) -> Body:
+        include = request.params.get("includeObject", "Metadata")
+        columns = self._printer_columns.get(resource)
+        return tables.table(items, columns, include=include, version=version)
 
     async def _serve_list(self, request: kmock.Request) -> Body:
         resource = self._served_resource(request)
@@ -405,6 +464,10 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
         async with self._lock:  # the items and the version of one moment
             items = self._stored_objects(resource)
             version = str(self._resource_version)
+        if tables.wants_table(request):
+            return self._table(
+                request, resource, sorted(filter(selects, items), key=_namespace_and_name), version
+            )
         kind = self.resources[resource].kind or str(resource.plural)
         return {
             "apiVersion": _group_version(resource),
@@ -424,6 +487,15 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
         watch_list = request.params.get("sendInitialEvents") == "true"
         timeout = request.params.get("timeoutSeconds")
         bus = self._buses[resource]
+
+        def as_table(event: Event) -> Event:
+            """`kubectl get -w` watches Tables: one row per event."""
+            if not tables.wants_table(request):
+                return event
+            body = event["object"]
+            row = self._table(request, resource, [body], body["metadata"]["resourceVersion"])
+            return {"type": event["type"], "object": row}
+
         async with self._lock:  # no write can slip between the replay and the stream
             position = await bus.mark()
             replay = self._stored_objects(resource)
@@ -434,14 +506,14 @@ class KubeEmulator(RequestLog, kmock.KubernetesEmulator):
                 for body in sorted(replay, key=_namespace_and_name):
                     newer = int(body["metadata"]["resourceVersion"]) > since_version
                     if (watch_list or newer) and selects(body):
-                        yield {"type": "ADDED", "object": body}
+                        yield as_table({"type": "ADDED", "object": body})
                 if watch_list:
                     yield self._end_of_initial_events(resource, version)
                 async for event in bus.stream(since=position):
                     if event is _END_OF_WATCH:
                         return
                     if selects(event["object"]):
-                        yield event
+                        yield as_table(event)
         except TimeoutError:
             return  # the server ends a watch after its timeoutSeconds, as the real one does
         finally:
@@ -500,6 +572,23 @@ def _merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
+def _scale_of(body: Body) -> Body:
+    """The autoscaling/v1 Scale of an object with spec.replicas (a Deployment)."""
+    meta = body.get("metadata", {})
+    kept = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+    match_labels = (body.get("spec", {}).get("selector") or {}).get("matchLabels") or {}
+    return {
+        "apiVersion": "autoscaling/v1",
+        "kind": "Scale",
+        "metadata": {key: meta[key] for key in kept if key in meta},
+        "spec": {"replicas": body.get("spec", {}).get("replicas", 1)},
+        "status": {
+            "replicas": body.get("status", {}).get("replicas", 0),
+            "selector": ",".join(f"{key}={value}" for key, value in sorted(match_labels.items())),
+        },
+    }
+
+
 def _namespace_and_name(body: Body) -> tuple[str, str]:
     return body["metadata"].get("namespace") or "", body["metadata"]["name"]
 
@@ -512,22 +601,39 @@ def _without_metadata_and_status(body: Body) -> Body:
 
 # One equality-based requirement: `key`, `!key`, `key=value`, `key==value`, `key!=value`.
 _REQUIREMENT = re.compile(r"(?P<absent>!)?(?P<key>[\w./-]+)(?:(?P<op>==|=|!=)(?P<value>[\w.-]*))?")
-_SELECTABLE_FIELDS = ("metadata.name", "metadata.namespace")
+# The fields each kind can be selected by (besides metadata.name and metadata.namespace),
+# with the path of the value where it is not the field itself, as the API server has them.
+_SELECTABLE_FIELDS: dict[str, dict[str, str]] = {
+    "events": {
+        **{
+            f"involvedObject.{field}": f"involvedObject.{field}"
+            for field in ("kind", "namespace", "name", "uid", "apiVersion", "resourceVersion")
+        },
+        "involvedObject.fieldPath": "involvedObject.fieldPath",
+        "reason": "reason",
+        "reportingComponent": "reportingComponent",
+        "source": "source.component",
+        "type": "type",
+    },
+}
+_METADATA_FIELDS = {"metadata.name": "metadata.name", "metadata.namespace": "metadata.namespace"}
 
 
 def _selector(request: kmock.Request) -> Callable[[Body], bool]:
     """Whether an object is in the request's namespace (or name) and matches its selectors."""
     labels = _requirements(request.params.get("labelSelector", ""))
     fields = _requirements(request.params.get("fieldSelector", ""))
+    plural = str(request.resource.plural) if request.resource is not None else ""
+    selectable = _METADATA_FIELDS | _SELECTABLE_FIELDS.get(plural, {})
     for key, _, _ in fields:
-        if key not in _SELECTABLE_FIELDS:
-            raise _error(400, "BadRequest", f"the emulator cannot select by field {key!r}")
+        if key not in selectable:
+            raise _error(400, "BadRequest", f"field label not supported: {key}")
 
     def selects(body: Body) -> bool:
         meta = body.get("metadata", {})
+        fields_of_object = {field: _dotted(body, path) for field, path in selectable.items()}
         fields_of_object = {
-            "metadata.name": meta.get("name"),
-            "metadata.namespace": meta.get("namespace"),
+            field: value for field, value in fields_of_object.items() if value is not None
         }
         return (
             request.namespace in (None, meta.get("namespace"))
@@ -537,6 +643,12 @@ def _selector(request: kmock.Request) -> Callable[[Body], bool]:
         )
 
     return selects
+
+
+def _dotted(body: Any, path: str) -> Any:
+    for part in path.split("."):
+        body = body.get(part) if isinstance(body, dict) else None
+    return body
 
 
 def _requirements(selector: str) -> list[tuple[str, str, str | None]]:

@@ -92,6 +92,7 @@ class PulsarAdminEmulator(RequestLog, kmock.RawHandler):
     )
     namespaces: set[str] = attrs.field(factory=lambda: {"public/default"})
     topics: dict[str, Topic] = attrs.field(factory=dict)  # by "persistent://t/ns/topic"
+    injected_faults: list[Any] = attrs.field(factory=list, init=False)  # by fail_next()
 
     def __attrs_post_init__(self) -> None:
         # The API answers as a fallback, so that faults a test injects come first.

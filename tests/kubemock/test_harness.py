@@ -286,6 +286,34 @@ def test_discovery_serves_builtin_groups_and_installed_crds(kube: KubeHandle) ->
     assert resources[f"{PLURAL}/status"]["shortNames"] == []
 
 
+def test_core_discovery_and_stored_objects_name_their_api_version(kube: KubeHandle) -> None:
+    assert kube.get("/api/v1")["groupVersion"] == "v1"  # not "/v1": kubectl needs it exact
+    namespace = kube.get("/api/v1/namespaces/default")
+    assert (namespace["apiVersion"], namespace["kind"]) == ("v1", "Namespace")
+    scale = {r["name"]: r for r in kube.get("/apis/apps/v1")["resources"]}["deployments/scale"]
+    assert (scale["group"], scale["version"], scale["kind"]) == ("autoscaling", "v1", "Scale")
+
+
+def test_answering_a_request_never_rereads_the_request_log(
+    kube: KubeHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # kmock's own dispatch filtered the whole log for each request (seconds per GET after
+    # a few thousand requests); the emulator judges each request by itself.
+    from kmock._internal import dsl
+
+    def scan(self: Any) -> Any:
+        raise AssertionError("the request log was scanned")
+
+    kube.emulator.fail_next(1, method="GET", path="/api/v1/namespaces/default/configmaps")
+    monkeypatch.setattr(dsl.Root, "__iter__", scan)
+    for _ in range(3):
+        assert kube.get("/api/v1/namespaces/default")["metadata"]["name"] == "default"
+    with pytest.raises(urllib.error.HTTPError) as injected:
+        kube.get("/api/v1/namespaces/default/configmaps")
+    assert injected.value.code == 500
+    assert kube.get("/api/v1/namespaces/default/configmaps")["items"] == []
+
+
 def test_generate_name_gives_each_object_its_own_name(kube: KubeHandle) -> None:
     event = {"kind": "Event", "metadata": {"generateName": "kopf-event-"}, "reason": "Test"}
     first = kube.post("/api/v1/namespaces/default/events", event)
