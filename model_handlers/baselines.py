@@ -130,7 +130,13 @@ class AlsBaseline:
             random_state=seed,
             use_gpu=False,
         )
-        model.fit(matrix, show_progress=False)
+        try:  # implicit asks for a single-threaded BLAS under its own threads
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(1, "blas"):
+                model.fit(matrix, show_progress=False)
+        except ImportError:
+            model.fit(matrix, show_progress=False)
         self.user_factors = np.asarray(model.user_factors)
         self.item_factors = np.asarray(model.item_factors)
 

@@ -1,4 +1,4 @@
-"""`recsys` commands of the model side: `data synth`, `train`, `evaluate`, `archive`.
+"""`recsys` commands of the model side: `data synth`, `train`, `evaluate`, `tune`, `archive`.
 
 Each command parses its options, calls the pure module that does the work, and shows
 progress and results with rich; errors are one line on stderr and exit code 1.
@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from model_handlers.interactions import Interactions
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -126,7 +129,7 @@ def _read_log(
     time_col: str,
     weight_col: str | None,
     min_rating: float,
-):  # type: ignore[no-untyped-def]
+) -> Interactions:
     from model_handlers.interaction_files import Columns, load_interactions
 
     return load_interactions(
@@ -185,6 +188,12 @@ def train(
         int | None, typer.Option(min=1, help="CPU threads for torch and numpy.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="Settings written by `recsys tune` (replace the model options)."
+        ),
+    ] = None,
 ) -> None:
     """Train a retrieval model and compare it with popularity and item-kNN on a
     validation holdout (each user's last 20% of the training data).
@@ -248,6 +257,11 @@ def train(
             seed=seed,
             threads=threads,
         )
+        if config_file is not None:
+            from model_handlers.tuning import read_config
+
+            config = replace(read_config(config_file), seed=seed, threads=threads)
+            model = config.model
         with Progress(
             TextColumn("epoch {task.fields[epoch]}"),
             BarColumn(),
@@ -357,6 +371,81 @@ def evaluate(
         half = ci.get(name)  # type: ignore[attr-defined]
         table.add_row(name, f"{value:.4f}", f"± {half:.4f}" if half is not None else "")
     Console().print(table)
+
+
+def tune(
+    data: Annotated[
+        Path, typer.Option(help="Training interactions (ratings file, CSV/Parquet, or .npz).")
+    ],
+    out: Annotated[Path, typer.Option(help="Where to write the best settings (JSON).")] = Path(
+        "artifacts/tuned.json"
+    ),
+    model: Annotated[str, typer.Option(help="ease or two_tower.")] = "ease",
+    trials: Annotated[int, typer.Option(min=1, help="Most trials.")] = 50,
+    timeout: Annotated[
+        float | None, typer.Option(min=1, help="Stop starting trials after this many seconds.")
+    ] = None,
+    min_rating: Annotated[float, typer.Option(help="Ratings below this are ignored.")] = 0.0,
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "timestamp",
+    weight_col: WeightCol = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the search.")] = 0,
+) -> None:
+    """Search the trainer's hyperparameters with Optuna, scored on the validation
+    holdout of --data only (each user's last 20%), and write the best settings for
+    `recsys train --config`."""
+    from model_handlers.interactions import Interactions
+    from model_handlers.training import MODELS, TrainingConfig
+
+    if model not in MODELS:
+        console.print(f"[red]error:[/red] --model must be one of {', '.join(MODELS)}")
+        raise typer.Exit(1)
+    try:
+        from model_handlers.tuning import tune as run_tune
+        from model_handlers.tuning import write_config
+    except ImportError:
+        console.print(
+            "[red]error:[/red] recsys tune needs Optuna: pip install 'recsys-operator[tune]'"
+        )
+        raise typer.Exit(1) from None
+    _limit_threads(threads)
+    with _clear_errors():
+        if data.suffix == ".npz" or data.is_dir():
+            log = Interactions.load(data / "interactions.npz" if data.is_dir() else data)
+        else:
+            log = _read_log(data, user_col, item_col, time_col, weight_col, min_rating)
+        console.print(
+            f"tuning {model} on {data}: {len(log)} interactions; up to {trials} trials"
+            + (f" or {timeout:.0f}s" if timeout else ""),
+            highlight=False,
+        )
+
+        def on_trial(number: int, value: float, best: float, params: dict[str, object]) -> None:
+            shown = ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items()
+            )
+            console.print(
+                f"trial {number}: validation ndcg@10 {value:.4f} (best {best:.4f}) - {shown}",
+                highlight=False,
+            )
+
+        result = run_tune(
+            log,
+            TrainingConfig(model=model, seed=seed, threads=threads),
+            trials=trials,
+            timeout_s=timeout,
+            on_trial=on_trial,
+        )
+        write_config(
+            result.config, out, validation_ndcg_at_10=result.best_value, trials=result.trials
+        )
+    console.print(
+        f"best validation ndcg@10 {result.best_value:.4f} after {result.trials} trials "
+        f"({result.seconds:.0f}s); wrote {out} (use: recsys train --config {out})",
+        highlight=False,
+    )
 
 
 def _limit_threads(threads: int | None) -> None:
@@ -469,4 +558,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
     app.command("train")(train)
     app.command("evaluate")(evaluate)
+    app.command("tune")(tune)
     app.command("archive")(archive)
