@@ -163,8 +163,13 @@ def train(
     time_col: TimeCol = "timestamp",
     weight_col: WeightCol = None,
     dim: Annotated[
-        int, typer.Option(min=2, help="two_tower: embedding dimension; ease: components kept.")
-    ] = 64,
+        int | None,
+        typer.Option(
+            min=2,
+            help="Served embedding dimension (spec.model.embeddingDim); default 64 for "
+            "two_tower, 256 EASE components for ease.",
+        ),
+    ] = None,
     history: Annotated[
         int, typer.Option(min=1, help="two_tower: recent items the user tower pools.")
     ] = 20,
@@ -246,8 +251,8 @@ def train(
         )
         config = TrainingConfig(
             model=model,
-            ease=replace(EaseConfig(), rank=max(dim, EaseConfig().rank)),
-            dim=dim,
+            ease=replace(EaseConfig(), rank=dim or EaseConfig().rank),
+            dim=dim or TrainingConfig().dim,
             history_length=history,
             max_epochs=epochs,
             min_epochs=min(min_epochs, epochs),

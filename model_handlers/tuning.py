@@ -154,7 +154,8 @@ def read_config(path: Path) -> TrainingConfig:
     ease_known = {f.name for f in fields(ease.EaseConfig)}
     if set(ease_data) - ease_known:
         raise ValueError(f"{path}: unknown ease settings {sorted(set(ease_data) - ease_known)}")
-    ease_config = ease.EaseConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in ease_data.items()}
-    )
+    ease_settings: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in ease_data.items()
+    }
+    ease_config = ease.EaseConfig(**ease_settings)
     return TrainingConfig(**data, ease=ease_config)
