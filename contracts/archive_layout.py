@@ -71,7 +71,7 @@ class IndexReport(BaseModel):
     """Share of the exact top 10 (flat inner-product search) the index returns."""
     queries: int
     """Held-out queries the recall was measured on."""
-    query_source: Literal["validation_users", "perturbed_items"]
+    query_source: Literal["validation_users", "user_histories", "perturbed_items"]
     build_seconds: float
     device: str = "cpu"
 

@@ -132,7 +132,7 @@ def build_archive(request: ArchiveRequest, *, on_progress: Progress | None = Non
     index = ItemIndex(build_index(embeddings, request.index), request.index)
     build_seconds = time.monotonic() - started
     queries = read_query_sample(model_dir)
-    source = "validation_users"
+    source = "user_histories"
     if queries is None or len(queries) == 0:
         queries, source = perturbed_item_queries(embeddings, RECALL_QUERIES), "perturbed_items"
     recall = measure_recall(index, embeddings, queries[:RECALL_QUERIES], k=min(10, num_items))

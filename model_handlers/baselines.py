@@ -82,3 +82,69 @@ class ItemKnnBaseline:
                     self.neighbour_sims[history].ravel(),
                 )
         return scores
+
+
+class EaseBaseline:
+    """EASE (Steck 2019): B = inv(XᵀX + λI), divided column-wise by −diag, diagonal zeroed;
+    a user's scores are their binary history row times B."""
+
+    def __init__(self, train: Interactions, *, l2: float = 200.0) -> None:
+        x = _binary_matrix(train)
+        gram = (x.T @ x).astype(np.float64)
+        gram[np.diag_indices_from(gram)] += l2
+        p = np.linalg.inv(gram)
+        self.b = (p / -np.diag(p)).astype(np.float32)
+        np.fill_diagonal(self.b, 0.0)
+
+    def __call__(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        x = np.zeros((len(users), len(self.b)), dtype=np.float32)
+        for row, history in enumerate(histories):
+            x[row, history] = 1.0
+        return x @ self.b
+
+
+class AlsBaseline:
+    """Implicit-feedback ALS from the `implicit` package (a peer in benchmarks only)."""
+
+    def __init__(
+        self,
+        train: Interactions,
+        *,
+        factors: int = 64,
+        regularization: float = 0.05,
+        iterations: int = 10,
+        seed: int = 0,
+    ) -> None:
+        from implicit.als import AlternatingLeastSquares
+        from scipy.sparse import csr_matrix
+
+        pairs = np.unique(np.stack([train.user, train.item], axis=1).astype(np.int64), axis=0)
+        matrix = csr_matrix(
+            (np.ones(len(pairs), dtype=np.float32), (pairs[:, 0], pairs[:, 1])),
+            shape=(train.num_users, train.num_items),
+        )
+        model = AlternatingLeastSquares(
+            factors=factors,
+            regularization=regularization,
+            iterations=iterations,
+            random_state=seed,
+            use_gpu=False,
+        )
+        try:  # implicit asks for a single-threaded BLAS under its own threads
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(1, "blas"):
+                model.fit(matrix, show_progress=False)
+        except ImportError:
+            model.fit(matrix, show_progress=False)
+        self.user_factors = np.asarray(model.user_factors)
+        self.item_factors = np.asarray(model.item_factors)
+
+    def __call__(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        return self.user_factors[users] @ self.item_factors.T
+
+
+def _binary_matrix(train: Interactions) -> np.ndarray:
+    x = np.zeros((train.num_users, train.num_items), dtype=np.float32)
+    x[train.user, train.item] = 1.0
+    return x

@@ -1,4 +1,4 @@
-"""`recsys` commands of the model side: `data synth`, `train`, `archive`.
+"""`recsys` commands of the model side: `data synth`, `train`, `evaluate`, `tune`, `archive`.
 
 Each command parses its options, calls the pure module that does the work, and shows
 progress and results with rich; errors are one line on stderr and exit code 1.
@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from model_handlers.interactions import Interactions
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -28,6 +31,7 @@ data_app = typer.Typer(
 def _clear_errors() -> Iterator[None]:
     """Known failures become one line on stderr and exit code 1, not a traceback."""
     from model_handlers.archive import ArchiveError
+    from model_handlers.interaction_files import InteractionFileError
     from model_handlers.item_index import IndexBuildError
     from model_handlers.movielens import MovieLensFormatError
 
@@ -36,6 +40,7 @@ def _clear_errors() -> Iterator[None]:
     except (
         ArchiveError,
         IndexBuildError,
+        InteractionFileError,
         MovieLensFormatError,
         FileNotFoundError,
         ValueError,
@@ -106,83 +111,162 @@ def synth(
     )
 
 
+UserCol = Annotated[str, typer.Option(help="CSV/Parquet: the user id column.")]
+ItemCol = Annotated[str, typer.Option(help="CSV/Parquet: the item id column.")]
+TimeCol = Annotated[
+    str, typer.Option(help="CSV/Parquet: the time column (seconds, ms or timestamps).")
+]
+WeightCol = Annotated[
+    str | None,
+    typer.Option(help="CSV/Parquet: a weight/rating column (rows below --min-rating are dropped)."),
+]
+
+
+def _read_log(
+    path: Path,
+    user_col: str,
+    item_col: str,
+    time_col: str,
+    weight_col: str | None,
+    min_rating: float,
+) -> Interactions:
+    from model_handlers.interaction_files import Columns, load_interactions
+
+    return load_interactions(
+        path,
+        Columns(user=user_col, item=item_col, time=time_col, weight=weight_col),
+        min_weight=min_rating,
+    )
+
+
 def train(
     out: Annotated[Path, typer.Option(help="Model directory to write.")] = Path("artifacts/model"),
     data: Annotated[
         Path | None,
-        typer.Option(help="Folder written by `recsys data synth` (or its interactions.npz)."),
+        typer.Option(
+            help="Interactions: a `recsys data synth` folder (or its interactions.npz), a MovieLens "
+            "ratings file (u.data, ratings.dat, ratings.csv), or a CSV/Parquet file with named columns."
+        ),
     ] = None,
     movielens: Annotated[
         Path | None,
-        typer.Option(help="A MovieLens ratings file (u.data, ratings.dat or ratings.csv)."),
+        typer.Option(help="A MovieLens ratings file (same as --data FILE)."),
     ] = None,
+    model: Annotated[
+        str, typer.Option(help="ease (recency-weighted EASE, the default) or two_tower.")
+    ] = "ease",
     min_rating: Annotated[
-        float, typer.Option(help="MovieLens: ratings below this are ignored.")
+        float, typer.Option(help="Ratings (or --weight-col values) below this are ignored.")
     ] = 0.0,
-    dim: Annotated[int, typer.Option(min=2, help="Embedding dimension.")] = 64,
-    history: Annotated[int, typer.Option(min=1, help="Recent items the user tower pools.")] = 20,
-    epochs: Annotated[
-        int, typer.Option(min=1, help="Most epochs (early stopping usually ends sooner).")
-    ] = 15,
-    patience: Annotated[
-        int, typer.Option(min=1, help="Epochs without improvement before stopping.")
-    ] = 2,
-    batch_size: Annotated[
-        int, typer.Option(min=2, help="Examples per batch (in-batch negatives).")
-    ] = 512,
-    learning_rate: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 0.005,
-    validation_fraction: Annotated[
-        float,
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "timestamp",
+    weight_col: WeightCol = None,
+    dim: Annotated[
+        int | None,
         typer.Option(
-            min=0.01, max=0.9, help="Last share of the time span held out for validation."
+            min=2,
+            help="Served embedding dimension (spec.model.embeddingDim); default 64 for "
+            "two_tower, 256 EASE components for ease.",
         ),
-    ] = 0.1,
+    ] = None,
+    history: Annotated[
+        int, typer.Option(min=1, help="two_tower: recent items the user tower pools.")
+    ] = 20,
+    epochs: Annotated[
+        int,
+        typer.Option(min=1, help="two_tower: most epochs (early stopping usually ends sooner)."),
+    ] = 15,
+    min_epochs: Annotated[
+        int, typer.Option(min=1, help="two_tower: epochs before early stopping may stop.")
+    ] = 3,
+    patience: Annotated[
+        int, typer.Option(min=1, help="two_tower: epochs without improvement before stopping.")
+    ] = 3,
+    batch_size: Annotated[
+        int, typer.Option(min=2, help="two_tower: examples per batch (in-batch negatives).")
+    ] = 512,
+    learning_rate: Annotated[
+        float, typer.Option(min=0.0, help="two_tower: Adam learning rate.")
+    ] = 0.005,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads for torch and numpy.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="Settings written by `recsys tune` (replace the model options)."
+        ),
+    ] = None,
 ) -> None:
-    """Train the two-tower retrieval model and evaluate it against popularity and item-kNN.
+    """Train a retrieval model and compare it with popularity and item-kNN on a
+    validation holdout (each user's last 20% of the training data).
 
-    Without --data or --movielens, trains on a default synthetic dataset. Writes the
-    user tower, item ids and embeddings, popularity and metrics.json to --out.
+    The default model is EASE with recency weighting: its regularisation and recency
+    half-life are chosen on the holdout, then it is refitted on all the data. Without
+    --data or --movielens, trains on a default synthetic dataset. Writes the user tower,
+    item ids and embeddings, popularity and metrics.json to --out.
     """
+    from dataclasses import replace
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from model_handlers.ease import EaseConfig
     from model_handlers.interactions import Interactions
     from model_handlers.model_directory import write_trained_model
-    from model_handlers.movielens import load_movielens
     from model_handlers.synthetic import INTERACTIONS_FILE, SyntheticConfig, SyntheticWorld
-    from model_handlers.training import EpochReport, TrainingConfig, train_two_tower
+    from model_handlers.training import MODELS, EpochReport, TrainingConfig, train_model
 
     if data is not None and movielens is not None:
         console.print("[red]error:[/red] give --data or --movielens, not both")
         raise typer.Exit(1)
+    if model not in MODELS:
+        console.print(f"[red]error:[/red] --model must be one of {', '.join(MODELS)}")
+        raise typer.Exit(1)
+    _limit_threads(threads)
     with _clear_errors():
-        if movielens is not None:
-            log = load_movielens(movielens, min_rating=min_rating)
-            source = str(movielens)
-        elif data is not None:
-            path = data / INTERACTIONS_FILE if data.is_dir() else data
+        source_path = movielens or data
+        if source_path is not None and (source_path.is_dir() or source_path.suffix == ".npz"):
+            path = source_path / INTERACTIONS_FILE if source_path.is_dir() else source_path
             if not path.is_file():
                 raise FileNotFoundError(f"no interactions at {path}; run `recsys data synth` first")
             log = Interactions.load(path)
             source = str(path)
+        elif source_path is not None:
+            if not source_path.exists():
+                raise FileNotFoundError(
+                    f"no interactions at {source_path}; run `recsys data synth` first, or give "
+                    "a ratings, CSV or Parquet file"
+                )
+            log = _read_log(source_path, user_col, item_col, time_col, weight_col, min_rating)
+            source = str(source_path)
         else:
             with console.status("generating the default synthetic dataset"):
                 log = SyntheticWorld(SyntheticConfig(seed=seed)).interactions()
             source = "synthetic (defaults)"
         console.print(
-            f"training on {source}: {len(log)} interactions, {log.num_users} users, {log.num_items} items",
+            f"training {model} on {source}: {len(log)} interactions, {log.num_users} users, {log.num_items} items",
             highlight=False,
         )
         config = TrainingConfig(
-            dim=dim,
+            model=model,
+            ease=replace(EaseConfig(), rank=dim or EaseConfig().rank),
+            dim=dim or TrainingConfig().dim,
             history_length=history,
             max_epochs=epochs,
+            min_epochs=min(min_epochs, epochs),
             patience=patience,
             batch_size=batch_size,
             learning_rate=learning_rate,
-            validation_fraction=validation_fraction,
             seed=seed,
+            threads=threads,
         )
+        if config_file is not None:
+            from model_handlers.tuning import read_config
+
+            config = replace(read_config(config_file), seed=seed, threads=threads)
+            model = config.model
         with Progress(
             TextColumn("epoch {task.fields[epoch]}"),
             BarColumn(),
@@ -190,6 +274,7 @@ def train(
             TextColumn("loss {task.fields[loss]:.3f}"),
             TimeElapsedColumn(),
             console=console,
+            transient=True,
         ) as progress:
             task = progress.add_task("train", total=None, epoch=1, loss=float("nan"))
 
@@ -197,31 +282,189 @@ def train(
                 progress.update(task, completed=step, total=steps, epoch=epoch, loss=loss)
 
             def on_epoch(report: EpochReport) -> None:
-                v = report.validation
-                progress.console.print(
-                    f"epoch {report.epoch}: loss {report.loss:.3f}, validation recall@10 "
-                    f"{v['recall@10']:.4f} recall@50 {v['recall@50']:.4f} ndcg@10 {v['ndcg@10']:.4f} "
-                    f"({report.seconds:.1f}s)",
-                    highlight=False,
-                )
+                if report.refit:
+                    line = f"refit on all data, epoch {report.epoch}: loss {report.loss:.3f}"
+                else:
+                    v = report.validation
+                    line = (
+                        f"epoch {report.epoch}: loss {report.loss:.3f}, validation recall@10 "
+                        f"{v['recall@10']:.4f} recall@50 {v['recall@50']:.4f} ndcg@10 {v['ndcg@10']:.4f}"
+                    )
+                progress.console.print(f"{line} ({report.seconds:.1f}s)", highlight=False)
 
-            trained = train_two_tower(log, config, on_step=on_step, on_epoch=on_epoch)
+            def on_message(message: str) -> None:
+                progress.console.print(message, highlight=False)
+
+            trained = train_model(
+                log, config, on_step=on_step, on_epoch=on_epoch, on_message=on_message
+            )
         write_trained_model(trained, out)
+    metrics = trained.metrics
     table = Table(
-        title=f"offline evaluation ({trained.metrics['protocol']['users_evaluated']} users)"
+        title=f"validation holdout ({metrics['protocol']['users_evaluated']} users, "
+        "each user's last 20% of the training data)"
     )
-    for column in ("model", "recall@10", "recall@50", "ndcg@10"):
+    for column in ("model", "recall@10", "recall@50", "ndcg@10", "mrr@10", "coverage@10"):
         table.add_column(column)
-    for model in ("two_tower", "item_knn", "popularity"):
-        m = trained.metrics[model]
+    for name in (model, "item_knn", "popularity"):
+        m = metrics[name]
         table.add_row(
-            model, f"{m['recall@10']:.4f}", f"{m['recall@50']:.4f}", f"{m['ndcg@10']:.4f}"
+            name,
+            *(
+                f"{m[c]:.4f}"
+                for c in ("recall@10", "recall@50", "ndcg@10", "mrr@10", "coverage@10")
+            ),
         )
     console.print(table)
+    training = metrics["training"]
+    chosen = (
+        f"selected {training['selected']}"
+        if model == "ease"
+        else f"best epoch {training['best_epoch']} (refitted on all data)"
+    )
+    console.print(f"{chosen}; wrote {out}/ (metrics in metrics.json)", highlight=False)
+
+
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Model directory written by `recsys train`.")],
+    train: Annotated[
+        Path,
+        typer.Option(help="Interactions the model may use as history (excluded from rankings)."),
+    ],
+    test: Annotated[Path, typer.Option(help="Held-out interactions: the targets.")],
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="table or json (on stdout).")
+    ] = "table",
+    min_rating: Annotated[
+        float, typer.Option(help="Ratings (or --weight-col values) below this are ignored.")
+    ] = 0.0,
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "timestamp",
+    weight_col: WeightCol = None,
+) -> None:
+    """Score a trained model on a held-out file with the project's protocol.
+
+    Every test user with history in --train counts; their --train items are never
+    recommended; Recall@10 = hits / min(10, |test items|), NDCG@10 with binary relevance,
+    MRR@10, catalogue coverage@10; means over users with 95% intervals.
+    """
+    import json
+
+    from model_handlers.model_evaluation import evaluate_model_directory, report
+
+    if output not in ("table", "json"):
+        console.print("[red]error:[/red] --output must be table or json")
+        raise typer.Exit(1)
+    with _clear_errors():
+        if not (model / "user_tower.json").is_file():
+            raise FileNotFoundError(
+                f"{model} is not a model directory (no user_tower.json); run `recsys train`"
+            )
+        train_log = _read_log(train, user_col, item_col, time_col, weight_col, min_rating)
+        test_log = _read_log(test, user_col, item_col, time_col, weight_col, min_rating)
+        result = report(evaluate_model_directory(model, train_log, test_log))
+    if output == "json":
+        typer.echo(json.dumps(result))
+        return
+    table = Table(title=f"{model}: {result['users']} users")
+    table.add_column("metric")
+    table.add_column("mean")
+    table.add_column("95% interval")
+    ci = result["ci95"]
+    for name, value in result["metrics"].items():  # type: ignore[attr-defined]
+        half = ci.get(name)  # type: ignore[attr-defined]
+        table.add_row(name, f"{value:.4f}", f"± {half:.4f}" if half is not None else "")
+    Console().print(table)
+
+
+def tune(
+    data: Annotated[
+        Path, typer.Option(help="Training interactions (ratings file, CSV/Parquet, or .npz).")
+    ],
+    out: Annotated[Path, typer.Option(help="Where to write the best settings (JSON).")] = Path(
+        "artifacts/tuned.json"
+    ),
+    model: Annotated[str, typer.Option(help="ease or two_tower.")] = "ease",
+    trials: Annotated[int, typer.Option(min=1, help="Most trials.")] = 50,
+    timeout: Annotated[
+        float | None, typer.Option(min=1, help="Stop starting trials after this many seconds.")
+    ] = None,
+    min_rating: Annotated[float, typer.Option(help="Ratings below this are ignored.")] = 0.0,
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "timestamp",
+    weight_col: WeightCol = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the search.")] = 0,
+) -> None:
+    """Search the trainer's hyperparameters with Optuna, scored on the validation
+    holdout of --data only (each user's last 20%), and write the best settings for
+    `recsys train --config`."""
+    from model_handlers.interactions import Interactions
+    from model_handlers.training import MODELS, TrainingConfig
+
+    if model not in MODELS:
+        console.print(f"[red]error:[/red] --model must be one of {', '.join(MODELS)}")
+        raise typer.Exit(1)
+    try:
+        from model_handlers.tuning import tune as run_tune
+        from model_handlers.tuning import write_config
+    except ImportError:
+        console.print(
+            "[red]error:[/red] recsys tune needs Optuna: pip install 'recsys-operator[tune]'"
+        )
+        raise typer.Exit(1) from None
+    _limit_threads(threads)
+    with _clear_errors():
+        if data.suffix == ".npz" or data.is_dir():
+            log = Interactions.load(data / "interactions.npz" if data.is_dir() else data)
+        else:
+            log = _read_log(data, user_col, item_col, time_col, weight_col, min_rating)
+        console.print(
+            f"tuning {model} on {data}: {len(log)} interactions; up to {trials} trials"
+            + (f" or {timeout:.0f}s" if timeout else ""),
+            highlight=False,
+        )
+
+        def on_trial(number: int, value: float, best: float, params: dict[str, object]) -> None:
+            shown = ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items()
+            )
+            console.print(
+                f"trial {number}: validation ndcg@10 {value:.4f} (best {best:.4f}) - {shown}",
+                highlight=False,
+            )
+
+        result = run_tune(
+            log,
+            TrainingConfig(model=model, seed=seed, threads=threads),
+            trials=trials,
+            timeout_s=timeout,
+            on_trial=on_trial,
+        )
+        write_config(
+            result.config, out, validation_ndcg_at_10=result.best_value, trials=result.trials
+        )
     console.print(
-        f"best epoch {trained.metrics['training']['best_epoch']}; wrote {out}/ (metrics in metrics.json)",
+        f"best validation ndcg@10 {result.best_value:.4f} after {result.trials} trials "
+        f"({result.seconds:.0f}s); wrote {out} (use: recsys train --config {out})",
         highlight=False,
     )
+
+
+def _limit_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)
+    except ImportError:  # numpy then uses its own default
+        pass
 
 
 def archive(
@@ -319,4 +562,6 @@ def register(app: typer.Typer) -> None:
     """Add this package's commands to the `recsys` CLI."""
     app.add_typer(data_app, name="data")
     app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("tune")(tune)
     app.command("archive")(archive)

@@ -22,7 +22,7 @@ POPULARITY_KEPT = 10_000
 def write_trained_model(trained: TrainedModel, directory: Path) -> None:
     """Everything `recsys archive` needs, from a trained model."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_user_tower(trained.model.user_tower, directory)
+    save_user_tower(trained.user_tower, directory)
     log = trained.interactions
     _write_json(directory / files.USER_IDS, log.user_ids)
     _write_json(directory / files.ITEM_IDS, log.item_ids)

@@ -135,7 +135,7 @@ class Retriever:
         manifest = read_manifest(directory)
         tower: nn.Module = load_user_tower(directory)
         if quantize_tower:
-            tower = quantize_user_tower(tower)  # type: ignore[arg-type]
+            tower = quantize_user_tower(tower)
         index = ItemIndex.load(
             directory / files.ITEM_INDEX, manifest.index, use_gpu=use_gpu, gpu_device=gpu_device
         )

@@ -37,6 +37,12 @@ class TowerConfig:
     hidden: int = 128
     history_length: int = 20
     """How many recent items the user tower pools."""
+    kind: str = "two_tower"
+    """`two_tower` (this module's towers) or `ease` (`ease.EaseUserTower`)."""
+    recency_half_life: float = float("inf")
+    """ease: history positions at which an item's weight halves."""
+    recency_floor: float = 0.0
+    """ease: the weight an old item keeps."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -128,22 +134,34 @@ USER_TOWER_WEIGHTS = "user_tower.pt"
 USER_TOWER_CONFIG = "user_tower.json"
 
 
-def save_user_tower(tower: UserTower, directory: Path) -> None:
+def save_user_tower(tower: nn.Module, directory: Path) -> None:
     """The tower as a plain state dict plus its config (no pickled code)."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(tower.state_dict(), directory / USER_TOWER_WEIGHTS)
-    (directory / USER_TOWER_CONFIG).write_text(tower.config.to_json() + "\n")
+    config: TowerConfig = tower.config  # type: ignore[assignment]
+    (directory / USER_TOWER_CONFIG).write_text(config.to_json() + "\n")
 
 
-def load_user_tower(directory: Path) -> UserTower:
+def make_user_tower(config: TowerConfig) -> nn.Module:
+    """An untrained user tower of the config's kind."""
+    if config.kind == "ease":
+        from model_handlers.ease import EaseUserTower
+
+        return EaseUserTower(config)
+    if config.kind != "two_tower":
+        raise ValueError(f"unknown user tower kind {config.kind!r} in {USER_TOWER_CONFIG}")
+    return UserTower(config)
+
+
+def load_user_tower(directory: Path) -> nn.Module:
     config = TowerConfig.from_json((directory / USER_TOWER_CONFIG).read_text())
-    tower = UserTower(config)
+    tower = make_user_tower(config)
     state = torch.load(directory / USER_TOWER_WEIGHTS, map_location="cpu", weights_only=True)
     tower.load_state_dict(state)
     return tower.eval()
 
 
-def quantize_user_tower(tower: UserTower) -> nn.Module:
+def quantize_user_tower(tower: nn.Module) -> nn.Module:
     """int8 dynamic quantization of the tower's linear layers (CPU inference)."""
     import warnings
 

@@ -43,6 +43,12 @@ def quick(
 
 BENCHMARKS = [
     quick(
+        "benchmarks/rollout_analysis.py",
+        figures=[rf"A/A false rollback rate: {NUMBER}", rf"power at 10% worse: {NUMBER}"],
+        marks=[],
+        timeout_s=120,
+    ),
+    quick(
         "benchmarks/gateway.py",
         "--upstream",
         "stub",
@@ -72,7 +78,9 @@ BENCHMARKS = [
             rf"floor: {NUMBER} child objects created directly in {NUMBER} s",
             rf"all Ready after {NUMBER} s \({NUMBER}x the floor\)",
             rf"API requests: {NUMBER} for {NUMBER} reconciles = {NUMBER} per reconcile",
-            rf"steady state: {NUMBER} resync reconciles, {NUMBER} requests, 0 writes",
+            rf"operator writes per system created: {NUMBER} \(Events {NUMBER}; goal <= 25\)",
+            rf"steady state: {NUMBER} resync reconciles in {NUMBER} s, {NUMBER} requests .* 0 writes",
+            rf"steady state Events: {NUMBER} = {NUMBER} per system per hour",
         ],
         marks=[],
         timeout_s=120,

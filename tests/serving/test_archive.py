@@ -42,7 +42,8 @@ def test_the_archive_holds_the_handler_model_index_and_manifest(
     assert manifest["index"]["type"] == "HNSW" and manifest["index"]["hnsw"]["m"] == 16
     assert manifest["index"]["hnsw"]["efSearch"] == 64
     assert 0.8 <= manifest["index_report"]["recall_at_10"] <= 1.0
-    assert manifest["index_report"]["query_source"] == "validation_users"
+    assert manifest["index_report"]["query_source"] == "user_histories"
+    assert manifest["index_report"]["queries"] >= 1000  # recall is measured on many queries
     assert (
         manifest["training_metrics"]
         == metrics

@@ -16,7 +16,7 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-@pytest.mark.parametrize("command", [["data", "synth"], ["train"], ["archive"]])
+@pytest.mark.parametrize("command", [["data", "synth"], ["train"], ["evaluate"], ["archive"]])
 def test_every_command_has_help(runner: CliRunner, command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage:" in result.output
@@ -35,6 +35,8 @@ def test_synth_train_archive(runner: CliRunner, tmp_path: Path) -> None:
         app,
         [
             "train",
+            "--model",
+            "two_tower",
             "--data",
             str(data),
             "--out",
