@@ -127,15 +127,38 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def check_event_time(event: Event, now_ms: int, max_future_ms: int) -> None:
-    """Raise InvalidEvent for an event from the future (a client clock far ahead).
+# The bounds on an event's time relative to the receiver's clock: the gateway refuses
+# (4xx) what the feature job would dead-letter, with these same defaults.
+MAX_FUTURE_MS = 5 * 60_000
+MAX_PAST_MS = 7 * 86_400_000
 
-    Such an event would move the user's clock forward, empty every window and make
-    all later real events look late, so it is dead-lettered instead of applied.
+
+def check_event_time(
+    event: Event, now_ms: int, max_future_ms: int = MAX_FUTURE_MS, max_past_ms: int = MAX_PAST_MS
+) -> None:
+    """Raise InvalidEvent for an event from the future or the far past.
+
+    One from the future (a client clock far ahead) would move the user's clock
+    forward, empty every window and make all later real events look late; one from
+    the far past (a wrong clock, seconds for milliseconds) would start a session in
+    1973 and add decades to the freshness histogram. Both are refused instead.
     """
-    if event.ts > now_ms + max_future_ms:
-        ahead = (event.ts - now_ms) / 1000
+    check_event_ts(event.ts, now_ms, max_future_ms, max_past_ms)
+
+
+def check_event_ts(
+    ts: int, now_ms: int, max_future_ms: int = MAX_FUTURE_MS, max_past_ms: int = MAX_PAST_MS
+) -> None:
+    """`check_event_time` for a bare `ts` (the gateway checks before it builds the event)."""
+    if ts > now_ms + max_future_ms:
+        ahead = (ts - now_ms) / 1000
         raise InvalidEvent("future_ts", f"ts: {ahead:.0f}s in the future (client clock ahead?)")
+    if ts < now_ms - max_past_ms:
+        behind = (now_ms - ts) / 86_400_000
+        raise InvalidEvent(
+            "past_ts",
+            f"ts: {behind:.1f} days in the past (older than {max_past_ms // 86_400_000}d)",
+        )
 
 
 def now_ms() -> int:

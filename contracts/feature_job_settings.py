@@ -66,7 +66,15 @@ class FeatureJobSettings(BaseModel):
     dedup_capacity: int = Field(default=64, ge=1, le=100_000)
     """Event ids remembered per user for idempotence."""
     max_future: Duration = "5m"
-    """Events further ahead of the job's clock than this are dead-lettered."""
+    """Events further ahead of the job's clock than this are dead-lettered (the gateway
+    refuses them with the same default, `recsys_contracts.events.MAX_FUTURE_MS`)."""
+    max_past: Duration = "7d"
+    """Events further behind the job's clock than this are dead-lettered
+    (`recsys_contracts.events.MAX_PAST_MS` at the gateway)."""
+    allowed_lateness: Duration = "10m"
+    """An event up to this far behind its user's newest event is applied in its place
+    (windows, recent items and sessions as for the sorted stream); a later one is
+    dead-lettered with reason `late`."""
 
     online_updates: bool = True
     learning_rate: float = Field(default=0.1, gt=0.0, le=1.0)

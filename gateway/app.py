@@ -52,7 +52,7 @@ from gateway.routing import POLL_INTERVAL_S, ReloadResult, RoutingWatcher
 from gateway.routing_configmap import ConfigMapRef, ConfigMapRoutingWatcher, KubeApi
 from gateway.upstream import ServingClient, ServingRejected, ServingUnavailable
 from recsys_contracts import __version__
-from recsys_contracts.events import now_ms
+from recsys_contracts.events import InvalidEvent, check_event_ts, now_ms
 from recsys_contracts.model_version import FALLBACK_MODEL_VERSION, MODEL_VERSION_PATTERN
 from recsys_contracts.routing import Endpoint, Routing
 from recsys_contracts.variant_assignment import Variant
@@ -153,6 +153,19 @@ def parse_body(raw: bytes, adapter: TypeAdapter[Body]) -> Body:
             pattern = str(first.get("ctx", {}).get("pattern"))
             message = f"must be {PATTERN_MEANINGS.get(pattern, f'a string matching {pattern}')}"
         raise BadInput(422, f"{field or 'body'}: {message}", field) from None
+
+
+def check_event_times(events: list[ClientEvent], now: int) -> None:
+    """BadInput (422) for an event the feature job would dead-letter for its time: the
+    bounds are the event contract's (`check_event_ts`), so a 202 means it is applied."""
+    for i, event in enumerate(events):
+        if event.ts is None:
+            continue
+        try:
+            check_event_ts(event.ts, now)
+        except InvalidEvent as problem:
+            where = "ts" if len(events) == 1 else f"[{i}].ts"
+            raise BadInput(422, f"{where}: {problem.reason.removeprefix('ts: ')}", where) from None
 
 
 def field_path(loc: tuple[int | str, ...]) -> str | None:
@@ -316,9 +329,10 @@ class Gateway:
                 if raw.lstrip().startswith(b"[")
                 else [parse_body(raw, _ONE_EVENT)]
             )
+            received_at_ms = now_ms()
+            check_event_times(events, received_at_ms)
         except BadInput as exc:
             return exc.response()
-        received_at_ms = now_ms()
         for event in events:
             # The pattern was checked in validation, so this cannot fail.
             served_by = parse_request_id(event.request_id) if event.request_id else None

@@ -184,6 +184,10 @@ class FeaturesSpec(ApiModel):
     """Sliding windows for the per-type event counts."""
     batch_size: int = Field(default=500, ge=1, le=10_000)
     """Events handled (and written to the store) per batch."""
+    allowed_lateness: Duration = "10m"
+    """An event up to this far behind its user's newest event is applied in its place
+    (counts, recent items and sessions as if events had arrived in order); a later one
+    goes to the dead-letter topic with reason `late`."""
     store: StoreSpec = Field(default_factory=StoreSpec)
     """The online feature store."""
     online_updates: OnlineUpdatesSpec = Field(default_factory=OnlineUpdatesSpec)

@@ -106,7 +106,7 @@ def test_impressions_and_client_events_arrive_keyed_by_user(
     client_events = [
         {"type": "click", "user_id": clicked["user_id"], "item_id": clicked["item_ids"][1], "request_id": clicked["request_id"]},
         {"type": "view", "user_id": "erin", "item_id": "item-9"},
-        {"type": "dwell", "user_id": "erin", "item_id": "item-9", "dwell_ms": 5300, "ts": 1767225600000, "event_id": "erin-dwell-1"},
+        {"type": "dwell", "user_id": "erin", "item_id": "item-9", "dwell_ms": 5300, "ts": started_ms - 3_600_000, "event_id": "erin-dwell-1"},
     ]  # fmt: skip
     answer = http.post(f"{gateway.url}/v1/events", json=client_events, timeout=10)
     assert answer.status_code == 202
@@ -122,7 +122,11 @@ def test_impressions_and_client_events_arrive_keyed_by_user(
     assert view.model_version is None and view.request_id is None
     assert started_ms - 1000 <= view.ts <= now_ms() + 1000  # the gateway's receive time
     _, dwell = received[EventType.DWELL]
-    assert (dwell.event_id, dwell.ts, dwell.dwell_ms) == ("erin-dwell-1", 1767225600000, 5300)
+    assert (dwell.event_id, dwell.ts, dwell.dwell_ms) == (
+        "erin-dwell-1",
+        started_ms - 3_600_000,
+        5300,
+    )
 
     metrics_url = f"{gateway.url}/metrics"
     wait_until(

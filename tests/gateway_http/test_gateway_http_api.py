@@ -112,6 +112,9 @@ def test_each_user_stays_on_one_variant(
         ("/v1/events", b'[{"type": "view", "user_id": "u", "item_id": "i"}, {"type": "dwell", "user_id": "u", "item_id": "i"}]', 422, "[1].dwell_ms"),
         ("/v1/events", b'{"type": "click", "user_id": "u", "item_id": "i", "request_id": "r-1"}', 422, "request_id"),
         ("/v1/events", b'{"type": "view", "user_id": "u", "item_id": "i", "ts": 1767225600}', 422, "ts"),
+        ("/v1/events", b'{"type": "view", "user_id": "u", "item_id": "i", "ts": 126230400000}', 422, "ts"),
+        ("/v1/events", b'{"type": "view", "user_id": "u", "item_id": "i", "ts": 99999999999999}', 422, "ts"),
+        ("/v1/events", b'[{"type": "view", "user_id": "u", "item_id": "i"}, {"type": "view", "user_id": "u", "item_id": "i", "ts": 126230400000}]', 422, "[1].ts"),
         ("/v1/events", b'{"type": "view", "user_id": "u", "item_id": "i", "model_version": "2"}', 422, "model_version"),
     ],
 )  # fmt: skip

@@ -73,6 +73,7 @@ def job_settings(
         batch_size=100,
         batch_wait="10ms",
         max_future="3650d",  # the tests' events carry fixed past and future times
+        max_past="3650d",
         metrics_address=None,
         drain_timeout="5s",
     )

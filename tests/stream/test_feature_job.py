@@ -318,3 +318,40 @@ def test_an_idle_job_reopens_its_subscription_and_misses_nothing(
         )
         assert outcome_total(job.metrics.registry, "applied") == len(events)
         assert outcome_total(job.metrics.registry, "duplicate") == 0
+
+
+# --- event time ---------------------------------------------------------------------
+
+
+def test_events_within_the_lateness_apply_in_place_and_later_ones_are_dead_lettered(
+    job_settings: FeatureJobSettings, store: redis.Redis, pulsar_url: str, topic: str
+) -> None:
+    settings = job_settings.model_copy(update={"allowed_lateness": "10m", "max_past": "400d"})
+    minute = 60_000
+
+    def click(n: int, ts: int) -> Event:
+        return Event(event_id=f"t{n}", user_id="late-user", item_id=f"i{n}", type="click", ts=ts)
+
+    newest = click(1, BASE_TS + 60 * minute)
+    in_time = click(2, BASE_TS + 51 * minute)  # 9 minutes behind: applied in its place
+    too_late = click(3, BASE_TS + 45 * minute)  # 15 minutes behind
+    ancient = click(4, BASE_TS - 401 * 1440 * minute)  # past max_past
+    produce_events(pulsar_url, topic, [newest, in_time, too_late, ancient])
+    expected = reference(settings, [newest, in_time])
+    with running_job(settings) as job:
+        wait_until(lambda: matches(store, settings, expected), 30, "the events in time")
+        letters = [dead_letter(m) for m in _consume_dead_letters(pulsar_url, settings, 2)]
+        registry = job.metrics.registry
+        dead = {
+            code: sample(registry, "recsys_feature_dead_letters_total", {"reason": code})
+            for code in ("late", "past_ts")
+        }
+        late_outcomes = outcome_total(registry, "late")
+    assert dead == {"late": 1, "past_ts": 1} and late_outcomes == 1
+    by_code = {letter["code"]: json.loads(letter["payload"]) for letter in letters}
+    assert by_code["late"]["event_id"] == "t3" and by_code["past_ts"]["event_id"] == "t4"
+    recent = [
+        i.decode()
+        for i in store.lrange(keys.recent_items_key(settings.system_id, "late-user"), 0, -1)
+    ]
+    assert recent == ["i1", "i2"]
