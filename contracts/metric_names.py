@@ -24,6 +24,7 @@ GATEWAY_FALLBACKS = "recsys_gateway_fallbacks_total"  # + reason
 GATEWAY_EVENTS_SENT = "recsys_gateway_events_sent_total"  # system, stream
 GATEWAY_EVENTS_DROPPED = "recsys_gateway_events_dropped_total"  # system, reason
 GATEWAY_ROUTING_RELOADS = "recsys_gateway_routing_reloads_total"  # result
+GATEWAY_UNVERIFIED_REQUEST_IDS = "recsys_gateway_unverified_request_ids_total"  # system
 
 # --- stream feature job -----------------------------------------------------------------
 FEATURES_EVENTS = "recsys_feature_events_total"  # type, outcome

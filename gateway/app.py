@@ -41,7 +41,7 @@ from gateway.api_models import (
     RecommendRequest,
     RecommendResponse,
 )
-from gateway.attribution import new_request_id, parse_request_id
+from gateway.attribution import Attribution, RequestIds, UnverifiedRequestId
 from gateway.event_sink import DEFAULT_CAPACITY, OPERATION_TIMEOUT_S, DropReason, EventSink
 from gateway.events import impression_payload, interaction_payload
 from gateway.fallback import PopularityFallback
@@ -80,6 +80,8 @@ class GatewaySettings:
     # How long the Pulsar client tries (to connect, to look a topic up) before an
     # outage turns into counted drops.
     pulsar_timeout_s: int = OPERATION_TIMEOUT_S
+    # Request-id signing keys, current first; default: from the environment (`RequestIds`).
+    request_id_keys: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.routing_path is None) == (self.routing_configmap is None):
@@ -213,6 +215,11 @@ class Gateway:
             operation_timeout_s=settings.pulsar_timeout_s,
         )
         self.openapi = build_openapi(__version__)
+        self.request_ids = (
+            RequestIds.with_keys(settings.request_id_keys)
+            if settings.request_id_keys
+            else RequestIds.from_env()
+        )
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: open on startup, close on shutdown."""
@@ -292,7 +299,7 @@ class Gateway:
             model_version, fallback = FALLBACK_MODEL_VERSION, True
             item_ids, scores = self.fallback.top(k, ask.exclude_item_ids)
 
-        request_id = new_request_id(variant, model_version)
+        request_id = self.request_ids.issue(variant, model_version)
         if item_ids:
             self.metrics.impressions.labels(routing.system, model_version, variant.value).inc()
             self._publish(
@@ -331,11 +338,12 @@ class Gateway:
             )
             received_at_ms = now_ms()
             check_event_times(events, received_at_ms)
+            attributions = [
+                self._verified(event, i, len(events), routing) for i, event in enumerate(events)
+            ]
         except BadInput as exc:
             return exc.response()
-        for event in events:
-            # The pattern was checked in validation, so this cannot fail.
-            served_by = parse_request_id(event.request_id) if event.request_id else None
+        for event, served_by in zip(events, attributions, strict=True):
             if served_by is not None and event.type == "click":
                 self.metrics.clicks.labels(
                     routing.system, served_by.model_version, served_by.variant.value
@@ -352,6 +360,22 @@ class Gateway:
                 ),
             )
         return json_response(EventsAccepted(accepted=len(events)), 202)
+
+    def _verified(
+        self, event: ClientEvent, index: int, count: int, routing: Routing
+    ) -> Attribution | None:
+        """Who served the answer `event` refers to; BadInput (422, counted) when its
+        request id was not signed by this gateway's keys (a forged click)."""
+        if event.request_id is None:
+            return None
+        try:
+            return self.request_ids.verify(event.request_id)
+        except UnverifiedRequestId as exc:
+            self.metrics.unverified_request_ids.labels(routing.system).inc()
+            where = "request_id" if count == 1 else f"[{index}].request_id"
+            raise BadInput(
+                422, f"{where}: {str(exc).removeprefix('request_id: ')}", where
+            ) from None
 
     def _publish(
         self, routing: Routing, stream: str, user_id: str, payload: Callable[[], bytes]

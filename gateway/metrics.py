@@ -25,6 +25,7 @@ from recsys_contracts.metric_names import (
     GATEWAY_LATENCY,
     GATEWAY_REQUESTS,
     GATEWAY_ROUTING_RELOADS,
+    GATEWAY_UNVERIFIED_REQUEST_IDS,
     IMPRESSIONS,
     VERSION_LABELS,
 )
@@ -88,6 +89,13 @@ class GatewayMetrics:
             GATEWAY_ROUTING_RELOADS,
             "Changes of the routing seen: applied (ok) or rejected (invalid, unreadable).",
             ("result",),
+            registry=r,
+        )
+
+        self.unverified_request_ids = Counter(
+            GATEWAY_UNVERIFIED_REQUEST_IDS,
+            "Events refused (422) because their request_id was not signed by an accepted key.",
+            ("system",),
             registry=r,
         )
 

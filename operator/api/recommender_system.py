@@ -292,6 +292,22 @@ class ServingSpec(ApiModel):
     """TorchServe's per-request timeout for the handler."""
 
 
+class RequestIdKeysSpec(ApiModel):
+    """The Secret holding the keys the gateway signs request ids with (HMAC-SHA256).
+
+    Clicks are attributed to a model version through the request id of the answer they
+    follow, and only ids that verify count, so every replica must share the keys. Rotate
+    by moving the current value to `previousKey` and writing a new `currentKey`: ids
+    signed with either verify."""
+
+    secret_name: DnsLabel
+    """Name of the Secret (in the resource's namespace)."""
+    current_key: str = Field(default="current", min_length=1)
+    """Key of the signing key (at least 16 bytes)."""
+    previous_key: str = Field(default="previous", min_length=1)
+    """Key of the key before the last rotation (optional in the Secret)."""
+
+
 class GatewaySpec(ApiModel):
     """The gateway: the only endpoint clients call."""
 
@@ -301,6 +317,10 @@ class GatewaySpec(ApiModel):
     """Initial replicas."""
     timeout_ms: int = Field(default=250, ge=1, le=60_000)
     """Serving call timeout; past it the gateway answers from the popularity fallback."""
+    request_id_keys: RequestIdKeysSpec | None = None
+    """Where the request-id signing keys are. Without it each gateway pod signs with a
+    random key of its own, so a click reaching another replica (or the same one after a
+    restart) than the answer it follows is refused: set it with more than one replica."""
     resources: ResourceRequirements = Field(
         default_factory=lambda: ResourceRequirements(
             requests={"cpu": "250m", "memory": "256Mi"}, limits={"memory": "512Mi"}

@@ -319,6 +319,42 @@ def test_clicks_count_for_the_version_that_served_them(
     assert metric_value(metrics, "recsys_clicks_total") == 3
 
 
+def test_a_forged_click_is_refused_counted_and_never_reaches_ctr(
+    serving: ServingStub, start_gateway: StartGateway, http: requests.Session
+) -> None:
+    gateway = start_gateway(routing_document(serving, canary="999", weight=50, salt="s3"))
+    genuine = recommend(http, gateway.url, user_id="u", k=1).json()["request_id"]
+    forged = "0" * 64 + ".canary.999"
+    click = {"type": "click", "user_id": "u", "item_id": "i"}
+    one = http.post(f"{gateway.url}/v1/events", json={**click, "request_id": forged}, timeout=10)
+    assert one.status_code == 422 and one.json()["field"] == "request_id"
+    batch = [{**click, "request_id": genuine}, {**click, "request_id": forged}]
+    refused = http.post(f"{gateway.url}/v1/events", json=batch, timeout=10)
+    assert refused.status_code == 422 and refused.json()["field"] == "[1].request_id"
+    metrics = http.get(f"{gateway.url}/metrics", timeout=10).text
+    assert metric_value(metrics, "recsys_gateway_unverified_request_ids_total") == 2
+    assert metric_value(metrics, "recsys_clicks_total") == 0  # the batch was refused whole
+    accepted = http.post(
+        f"{gateway.url}/v1/events", json={**click, "request_id": genuine}, timeout=10
+    )
+    assert accepted.status_code == 202
+    metrics = http.get(f"{gateway.url}/metrics", timeout=10).text
+    assert metric_value(metrics, "recsys_clicks_total") == 1
+
+
+def test_replicas_sharing_keys_verify_each_others_ids_across_a_rotation(
+    serving: ServingStub, start_gateway: StartGateway, http: requests.Session
+) -> None:
+    old, new = b"o" * 32, b"n" * 32
+    before = start_gateway(routing_document(serving), request_id_keys=(old,))
+    after = start_gateway(routing_document(serving), request_id_keys=(new, old))
+    request_id = recommend(http, before.url, user_id="u", k=1).json()["request_id"]
+    click = {"type": "click", "user_id": "u", "item_id": "i", "request_id": request_id}
+    assert http.post(f"{after.url}/v1/events", json=click, timeout=10).status_code == 202
+    stranger = start_gateway(routing_document(serving), request_id_keys=(new,))
+    assert http.post(f"{stranger.url}/v1/events", json=click, timeout=10).status_code == 422
+
+
 def test_health_and_errors_of_the_http_layer_are_json(
     serving: ServingStub, start_gateway: StartGateway, http: requests.Session
 ) -> None:
