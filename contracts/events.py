@@ -25,9 +25,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, m
 from recsys_contracts.model_version import MODEL_VERSION_PATTERN
 
 # Braces would break the Redis Cluster hash tag `{<user>}` in the feature keys;
-# control characters and whitespace are never meant and make keys unreadable.
-USER_ID_PATTERN = r"^[^{}\s\x00-\x1f\x7f]{1,256}$"
-ID_PATTERN = r"^[^\s\x00-\x1f\x7f]{1,256}$"
+# control characters and whitespace are never meant and make keys unreadable; invisible
+# and bidirectional-formatting characters (soft hyphen, zero-width, LRM/RLM, embeddings,
+# overrides, isolates, BOM) make two ids that look the same differ, or one look like
+# another (Trojan Source), so they are refused too.
+_NOT_IN_IDS = (
+    r"\s\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e"
+    r"\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+)
+USER_ID_PATTERN = rf"^[^{{}}{_NOT_IN_IDS}]{{1,256}}$"
+ID_PATTERN = rf"^[^{_NOT_IN_IDS}]{{1,256}}$"
 # Below this an epoch-millisecond value is before 1973: almost surely seconds sent by mistake.
 MIN_TS_MS = 100_000_000_000
 
@@ -116,7 +123,10 @@ def _describe(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in error["loc"])
         message = error["msg"]
         if error["type"] == "string_pattern_mismatch":
-            message = "contains characters not allowed here (braces, spaces or control characters)"
+            message = (
+                "contains characters not allowed here "
+                "(braces, spaces, control, invisible or bidi characters)"
+            )
             if where == "model_version":
                 message = "must match " + MODEL_VERSION_PATTERN
         if error["type"] == "greater_than_equal" and where == "ts":

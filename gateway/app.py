@@ -48,6 +48,12 @@ from gateway.fallback import PopularityFallback
 from gateway.log_rate_limit import rate_limited_logger
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import build_openapi
+from gateway.request_body import (
+    BODY_READ_TIMEOUT_S,
+    BodyRefused,
+    duplicate_key,
+    read_json_body,
+)
 from gateway.routing import POLL_INTERVAL_S, ReloadResult, RoutingWatcher
 from gateway.routing_configmap import ConfigMapRef, ConfigMapRoutingWatcher, KubeApi
 from gateway.upstream import ServingClient, ServingRejected, ServingUnavailable
@@ -82,6 +88,8 @@ class GatewaySettings:
     pulsar_timeout_s: int = OPERATION_TIMEOUT_S
     # Request-id signing keys, current first; default: from the environment (`RequestIds`).
     request_id_keys: tuple[bytes, ...] = ()
+    # A request body that has not fully arrived after this long is a 408.
+    body_read_timeout_s: float = BODY_READ_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if (self.routing_path is None) == (self.routing_configmap is None):
@@ -110,14 +118,20 @@ def routing_source(
 class BadInput(Exception):
     """A client mistake, answered with `status` and a message naming the field."""
 
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, field: str | None = None, *, close: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
+        self.close = close  # the connection cannot carry another request
 
     def response(self) -> web.Response:
-        return json_response(ErrorResponse(error=self.message, field=self.field), self.status)
+        response = json_response(ErrorResponse(error=self.message, field=self.field), self.status)
+        if self.close:
+            response.force_close()
+        return response
 
 
 class NoFallback(Exception):
@@ -136,13 +150,21 @@ _EVENT_LIST: TypeAdapter[list[ClientEvent]] = TypeAdapter(ClientEvents)
 _RECOMMEND: TypeAdapter[RecommendRequest] = TypeAdapter(RecommendRequest)
 
 
+async def read_body(request: web.Request, timeout_s: float) -> bytes:
+    """The body as `read_json_body` reads it; BadInput when the client got it wrong."""
+    try:
+        return await read_json_body(request, timeout_s)
+    except BodyRefused as exc:
+        raise BadInput(exc.status, exc.message, close=exc.close_connection) from None
+
+
 def parse_body(raw: bytes, adapter: TypeAdapter[Body]) -> Body:
     """The validated body, or `BadInput`: 400 when it is not JSON, 422 when it is JSON
     but not a valid request (with the first problem's field)."""
     if not raw.strip():
         raise BadInput(400, "the request has no body; send a JSON object")
     try:
-        return adapter.validate_json(raw)
+        body = adapter.validate_json(raw)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         if first["type"] == "json_invalid":
@@ -155,6 +177,9 @@ def parse_body(raw: bytes, adapter: TypeAdapter[Body]) -> Body:
             pattern = str(first.get("ctx", {}).get("pattern"))
             message = f"must be {PATTERN_MEANINGS.get(pattern, f'a string matching {pattern}')}"
         raise BadInput(422, f"{field or 'body'}: {message}", field) from None
+    if (twice := duplicate_key(raw)) is not None:
+        raise BadInput(400, f"the body names the key {twice!r} twice", twice)
+    return body
 
 
 def check_event_times(events: list[ClientEvent], now: int) -> None:
@@ -215,6 +240,7 @@ class Gateway:
             operation_timeout_s=settings.pulsar_timeout_s,
         )
         self.openapi = build_openapi(__version__)
+        self.body_read_timeout_s = settings.body_read_timeout_s
         self.request_ids = (
             RequestIds.with_keys(settings.request_id_keys)
             if settings.request_id_keys
@@ -240,7 +266,7 @@ class Gateway:
         # One routing for the whole request, even if it changes meanwhile.
         routing = self.routing.current
         try:
-            ask = parse_body(await request.read(), _RECOMMEND)
+            ask = parse_body(await read_body(request, self.body_read_timeout_s), _RECOMMEND)
             k = ask.k if ask.k is not None else routing.default_k
             if k > routing.max_k:
                 raise BadInput(422, f"k: must be at most {routing.max_k}, got {k}", "k")
@@ -327,8 +353,8 @@ class Gateway:
 
     async def post_events(self, request: web.Request) -> web.Response:
         routing = self.routing.current
-        raw = await request.read()
         try:
+            raw = await read_body(request, self.body_read_timeout_s)
             # One event or a list of them; peeking keeps the error messages about the
             # shape the client meant instead of about both alternatives.
             events = (
