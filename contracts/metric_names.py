@@ -23,6 +23,9 @@ CLICKS = "recsys_clicks_total"
 GATEWAY_FALLBACKS = "recsys_gateway_fallbacks_total"  # + reason
 GATEWAY_EVENTS_SENT = "recsys_gateway_events_sent_total"  # system, stream
 GATEWAY_EVENTS_DROPPED = "recsys_gateway_events_dropped_total"  # system, reason
+GATEWAY_EVENTS_BUFFERED = "recsys_gateway_events_buffered"  # gauge: buffer depth
+GATEWAY_EVENTS_SPILLED = "recsys_gateway_events_spilled_total"  # system
+GATEWAY_EVENTS_RESTORED = "recsys_gateway_events_restored_total"  # system
 GATEWAY_ROUTING_RELOADS = "recsys_gateway_routing_reloads_total"  # result
 GATEWAY_UNVERIFIED_REQUEST_IDS = "recsys_gateway_unverified_request_ids_total"  # system
 

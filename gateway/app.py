@@ -81,6 +81,9 @@ class GatewaySettings:
     kubeconfig: Path | None = None
     fallback_items_path: Path | None = None
     event_buffer_capacity: int = DEFAULT_CAPACITY
+    # Where unsent events go at shutdown and come back from at start (None: counted as
+    # dropped instead).
+    event_spill_path: Path | None = None
     routing_poll_interval_s: float = POLL_INTERVAL_S
     pulsar_token: str | None = None  # default: $RECSYS_PULSAR_TOKEN
     # How long the Pulsar client tries (to connect, to look a topic up) before an
@@ -238,6 +241,7 @@ class Gateway:
             capacity=settings.event_buffer_capacity,
             token=settings.pulsar_token,
             operation_timeout_s=settings.pulsar_timeout_s,
+            spill_path=settings.event_spill_path,
         )
         self.openapi = build_openapi(__version__)
         self.body_read_timeout_s = settings.body_read_timeout_s
