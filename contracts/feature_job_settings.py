@@ -99,6 +99,9 @@ class FeatureJobSettings(BaseModel):
     """After this long without a message, close and reopen the subscription: pulsar-lite
     sometimes stops dispatching one partition of a partitioned topic to a consumer
     (batched messages, Shared) until it resubscribes. Off by default; local mode sets it."""
+    rebuild_when_empty: bool = True
+    """At start, when the store holds no key of this system (Redis lost its data, or a
+    new store), rebuild it from the topic's retention first (`stream_jobs.rebuild`)."""
     drain_timeout: Duration = "20s"
     """On SIGTERM, how long in-flight work may take before the job exits without acking it."""
 

@@ -37,6 +37,7 @@ from stream_jobs.dead_letters import DeadLetter, DeadLetterPublisher
 from stream_jobs.feature_store import BatchWrite, FeatureStore, StoreLayout, TooManyConflicts
 from stream_jobs.item_embeddings import EmbeddingCatalog, EmbeddingsError
 from stream_jobs.metrics import FeatureJobMetrics
+from stream_jobs.rebuild import rebuild, store_is_empty
 from stream_jobs.user_features import FeatureParams, Outcome
 
 log = logging.getLogger("stream_jobs.features")
@@ -121,6 +122,7 @@ class FeatureJob:
                 client.create_producer(s.dead_letters, batching_enabled=False), s.subscription
             )
             self._refresh_embeddings()
+            self._rebuild_if_empty(client, stop)
             log.info(
                 "consuming %s as %s (%s)", s.interactions_topic, s.subscription, s.subscription_type
             )
@@ -149,6 +151,24 @@ class FeatureJob:
             client.close()
             if server is not None:
                 server.shutdown()
+
+    def _rebuild_if_empty(self, client: pulsar.Client, stop: threading.Event) -> None:
+        if not self.settings.rebuild_when_empty:
+            return
+        delay = BACKOFF_FIRST_S
+        while not stop.is_set():
+            try:
+                if not store_is_empty(self.store.client, self.settings.system_id):
+                    return
+                log.warning("the feature store is empty: rebuilding it from the topic")
+                items = self.catalog.versions if self.settings.online_updates else {}
+                report = rebuild(self.settings, client, self.store, items)
+                log.warning("rebuilt the feature store: %s", report.summary())
+                return
+            except STORE_ERRORS as exc:
+                log.warning("feature store unavailable for the rebuild check (%s)", exc)
+                stop.wait(delay)
+                delay = min(2 * delay, BACKOFF_MAX_S)
 
     def _subscribe(self, client: pulsar.Client) -> pulsar.Consumer:
         """Subscribe, retrying timeouts: a broker still releasing a killed consumer of this

@@ -48,6 +48,7 @@ from recsys_operator.local.run_folder import (
 )
 from recsys_operator.local.traffic import ModelServers, local_routing, write_routing
 from recsys_operator.render.features import feature_job_env
+from recsys_operator.render.naming import TOPIC_NAMES, topic_url
 from recsys_operator.render.traffic import TrafficPlan
 from recsys_operator.rollout.prometheus_source import PrometheusSource
 from recsys_operator.rollout.state_machine import Action, RolloutState, Transition, tick
@@ -426,6 +427,10 @@ class LocalSystem:
             "supervisor": {"pid": os.getpid(), "startTime": process_start_time(os.getpid())},
             "parts": parts,
             "urls": urls,
+            # `recsys events send` targets the running system with these by default.
+            "topics": {k: topic_url(self.system, v) for k, v in TOPIC_NAMES.items()}
+            if self.system
+            else {},
             "desiredVersion": self.system.spec.model.version if self.system else None,
             "rollout": None
             if rollout is None
