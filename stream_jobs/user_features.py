@@ -183,9 +183,7 @@ def apply_event(state: UserState, event: Event, params: FeatureParams) -> tuple[
     ready = 0
     while ready < len(pending) and (pending[ready][0] < mark or len(pending) - ready > MAX_PENDING):
         ready += 1
-    settled = state
-    for done in pending[:ready]:
-        settled = _fold(settled, done, params)
+    settled = _fold(state, pending[:ready], params)
     seen = _remember(settled.seen, event.event_id, event.ts, settled.last_ts, params.dedup_capacity)
     return replace(settled, seen=seen, pending=pending[ready:], clock_ts=clock), Outcome.APPLIED
 
@@ -194,29 +192,52 @@ def view(state: UserState, params: FeatureParams) -> UserState:
     """What readers see: the settled part with the pending events folded on in order."""
     if not state.pending:
         return state
-    folded = state
-    for fact in state.pending:
-        folded = _fold(folded, fact, params)
-    return replace(folded, pending=())
+    return replace(_fold(state, state.pending, params), pending=())
 
 
-def _fold(state: UserState, fact: PendingEvent, params: FeatureParams) -> UserState:
-    """`state` with one more event folded in, which is not older than any folded so far."""
-    ts, event_id, event_type, item_id, dwell_ms = fact
-    last_ts = ts if state.last_ts is None else max(state.last_ts, ts)
-    session_id, session_start, session_events = _session(state, ts, event_id, params)
+def _fold(state: UserState, facts: Sequence[PendingEvent], params: FeatureParams) -> UserState:
+    """`state` with `facts` folded in, in order; none is older than any folded so far.
+
+    One pass: counts are added first and trimmed once to the windows of the final
+    clock, which is what trimming after each event gives (the clock only grows)."""
+    if not facts:
+        return state
+    last_ts, gap = state.last_ts, state.previous_gap_ms
+    session_id, session_start, session_events = (
+        state.session_id,
+        state.session_start_ts,
+        state.session_events,
+    )
+    dwell_total, dwell_events = state.dwell_total_ms, state.dwell_events
+    recent = list(state.recent)
+    added: list[tuple[int, str]] = []
+    for ts, event_id, event_type, item_id, dwell_ms in facts:
+        if last_ts is None or session_id is None or ts - last_ts > params.session_gap_ms:
+            session_id, session_start, session_events = event_id, ts, 1
+        else:
+            session_start = ts if session_start is None else min(session_start, ts)
+            session_events += 1
+        gap = None if last_ts is None else ts - last_ts
+        last_ts = ts if last_ts is None else max(last_ts, ts)
+        if dwell_ms is not None:
+            dwell_total += dwell_ms
+            dwell_events += 1
+        if event_type != EventType.IMPRESSION:
+            recent.append((ts, item_id))
+        added.append((ts, event_type))
+    assert last_ts is not None
     return replace(
         state,
         last_ts=last_ts,
-        previous_gap_ms=_previous_gap(state, ts),
-        recent=_add_recent(state.recent, ts, event_type, item_id, params.last_n),
-        counts=_add_count(state.counts, ts, event_type, last_ts, params),
-        dwell_total_ms=state.dwell_total_ms + (dwell_ms or 0),
-        dwell_events=state.dwell_events + (dwell_ms is not None),
+        previous_gap_ms=gap,
+        recent=tuple(sorted(recent, reverse=True)[: params.last_n]),
+        counts=_add_counts(state.counts, added, last_ts, params),
+        dwell_total_ms=dwell_total,
+        dwell_events=dwell_events,
         session_id=session_id,
         session_start_ts=session_start,
         session_events=session_events,
-        events_applied=state.events_applied + 1,
+        events_applied=state.events_applied + len(facts),
     )
 
 
@@ -246,53 +267,24 @@ def _remember(
     return updated
 
 
-def _previous_gap(state: UserState, ts: int) -> int | None:
-    return None if state.last_ts is None else ts - state.last_ts
-
-
-def _add_recent(
-    recent: tuple[RecentItem, ...], ts: int, event_type: str, item_id: str, last_n: int
-) -> tuple[RecentItem, ...]:
-    if event_type == EventType.IMPRESSION:
-        return recent
-    item = (ts, item_id)
-    if not recent or item >= recent[0]:  # folding in order: newer than everything so far
-        return (item, *recent[: last_n - 1])
-    return tuple(sorted((*recent, item), reverse=True)[:last_n])  # same ts, smaller item id
-
-
-def _add_count(
-    counts: Counts, ts: int, event_type: str, last_ts: int, params: FeatureParams
+def _add_counts(
+    counts: Counts, added: Sequence[tuple[int, str]], last_ts: int, params: FeatureParams
 ) -> Counts:
-    index = TYPE_INDEX[event_type]
+    """`counts` plus one per (ts, type) in `added`, trimmed to the windows ending at the
+    bucket of `last_ts`."""
     updated: dict[str, Mapping[int, tuple[int, ...]]] = {}
     for name, width in params.window_buckets:
         oldest = last_ts // width - params.buckets_per_window + 1
-        buckets = {b: c for b, c in counts.get(name, {}).items() if b >= oldest}
-        bucket = ts // width
-        if bucket >= oldest:
-            per_type = list(buckets.get(bucket, _NO_COUNTS))
-            per_type[index] += 1
-            buckets[bucket] = tuple(per_type)
-        updated[name] = buckets
+        buckets = {b: list(c) for b, c in counts.get(name, {}).items() if b >= oldest}
+        for ts, event_type in added:
+            bucket = ts // width
+            if bucket >= oldest:
+                buckets.setdefault(bucket, list(_NO_COUNTS))[TYPE_INDEX[event_type]] += 1
+        updated[name] = {b: tuple(c) for b, c in buckets.items()}
     return updated
 
 
 _NO_COUNTS = (0,) * len(EVENT_TYPE_NAMES)
-
-
-def _session(
-    state: UserState, ts: int, event_id: str, params: FeatureParams
-) -> tuple[str, int, int]:
-    """(id, start ts, events) of the user's session after an event at `ts`."""
-    if (
-        state.last_ts is None
-        or state.session_id is None
-        or ts - state.last_ts > params.session_gap_ms
-    ):
-        return event_id, ts, 1
-    start = ts if state.session_start_ts is None else min(state.session_start_ts, ts)
-    return state.session_id, start, state.session_events + 1
 
 
 # --- what readers see ------------------------------------------------------------
