@@ -40,6 +40,10 @@ class GatewayEnv:
     """host:port to listen on when no flag gives them."""
     PULSAR_TOKEN = "RECSYS_PULSAR_TOKEN"
     """JWT for the broker the gateway sends impressions and clicks to."""
+    REQUEST_ID_KEY = "RECSYS_GATEWAY_REQUEST_ID_KEY"
+    """HMAC key the gateway signs request ids with (at least 16 bytes; from a Secret)."""
+    REQUEST_ID_PREVIOUS_KEY = "RECSYS_GATEWAY_REQUEST_ID_PREVIOUS_KEY"
+    """The key before the last rotation: ids it signed still verify."""
 
 
 class OperatorEnv:

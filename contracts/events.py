@@ -25,9 +25,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, m
 from recsys_contracts.model_version import MODEL_VERSION_PATTERN
 
 # Braces would break the Redis Cluster hash tag `{<user>}` in the feature keys;
-# control characters and whitespace are never meant and make keys unreadable.
-USER_ID_PATTERN = r"^[^{}\s\x00-\x1f\x7f]{1,256}$"
-ID_PATTERN = r"^[^\s\x00-\x1f\x7f]{1,256}$"
+# control characters and whitespace are never meant and make keys unreadable; invisible
+# and bidirectional-formatting characters (soft hyphen, zero-width, LRM/RLM, embeddings,
+# overrides, isolates, BOM) make two ids that look the same differ, or one look like
+# another (Trojan Source), so they are refused too.
+_NOT_IN_IDS = (
+    r"\s\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e"
+    r"\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+)
+USER_ID_PATTERN = rf"^[^{{}}{_NOT_IN_IDS}]{{1,256}}$"
+ID_PATTERN = rf"^[^{_NOT_IN_IDS}]{{1,256}}$"
 # Below this an epoch-millisecond value is before 1973: almost surely seconds sent by mistake.
 MIN_TS_MS = 100_000_000_000
 
@@ -116,7 +123,10 @@ def _describe(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in error["loc"])
         message = error["msg"]
         if error["type"] == "string_pattern_mismatch":
-            message = "contains characters not allowed here (braces, spaces or control characters)"
+            message = (
+                "contains characters not allowed here "
+                "(braces, spaces, control, invisible or bidi characters)"
+            )
             if where == "model_version":
                 message = "must match " + MODEL_VERSION_PATTERN
         if error["type"] == "greater_than_equal" and where == "ts":
@@ -127,15 +137,38 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def check_event_time(event: Event, now_ms: int, max_future_ms: int) -> None:
-    """Raise InvalidEvent for an event from the future (a client clock far ahead).
+# The bounds on an event's time relative to the receiver's clock: the gateway refuses
+# (4xx) what the feature job would dead-letter, with these same defaults.
+MAX_FUTURE_MS = 5 * 60_000
+MAX_PAST_MS = 7 * 86_400_000
 
-    Such an event would move the user's clock forward, empty every window and make
-    all later real events look late, so it is dead-lettered instead of applied.
+
+def check_event_time(
+    event: Event, now_ms: int, max_future_ms: int = MAX_FUTURE_MS, max_past_ms: int = MAX_PAST_MS
+) -> None:
+    """Raise InvalidEvent for an event from the future or the far past.
+
+    One from the future (a client clock far ahead) would move the user's clock
+    forward, empty every window and make all later real events look late; one from
+    the far past (a wrong clock, seconds for milliseconds) would start a session in
+    1973 and add decades to the freshness histogram. Both are refused instead.
     """
-    if event.ts > now_ms + max_future_ms:
-        ahead = (event.ts - now_ms) / 1000
+    check_event_ts(event.ts, now_ms, max_future_ms, max_past_ms)
+
+
+def check_event_ts(
+    ts: int, now_ms: int, max_future_ms: int = MAX_FUTURE_MS, max_past_ms: int = MAX_PAST_MS
+) -> None:
+    """`check_event_time` for a bare `ts` (the gateway checks before it builds the event)."""
+    if ts > now_ms + max_future_ms:
+        ahead = (ts - now_ms) / 1000
         raise InvalidEvent("future_ts", f"ts: {ahead:.0f}s in the future (client clock ahead?)")
+    if ts < now_ms - max_past_ms:
+        behind = (now_ms - ts) / 86_400_000
+        raise InvalidEvent(
+            "past_ts",
+            f"ts: {behind:.1f} days in the past (older than {max_past_ms // 86_400_000}d)",
+        )
 
 
 def now_ms() -> int:

@@ -66,7 +66,15 @@ class FeatureJobSettings(BaseModel):
     dedup_capacity: int = Field(default=64, ge=1, le=100_000)
     """Event ids remembered per user for idempotence."""
     max_future: Duration = "5m"
-    """Events further ahead of the job's clock than this are dead-lettered."""
+    """Events further ahead of the job's clock than this are dead-lettered (the gateway
+    refuses them with the same default, `recsys_contracts.events.MAX_FUTURE_MS`)."""
+    max_past: Duration = "7d"
+    """Events further behind the job's clock than this are dead-lettered
+    (`recsys_contracts.events.MAX_PAST_MS` at the gateway)."""
+    allowed_lateness: Duration = "10m"
+    """An event up to this far behind its user's newest event is applied in its place
+    (windows, recent items and sessions as for the sorted stream); a later one is
+    dead-lettered with reason `late`."""
 
     online_updates: bool = True
     learning_rate: float = Field(default=0.1, gt=0.0, le=1.0)
@@ -91,6 +99,9 @@ class FeatureJobSettings(BaseModel):
     """After this long without a message, close and reopen the subscription: pulsar-lite
     sometimes stops dispatching one partition of a partitioned topic to a consumer
     (batched messages, Shared) until it resubscribes. Off by default; local mode sets it."""
+    rebuild_when_empty: bool = True
+    """At start, when the store holds no key of this system (Redis lost its data, or a
+    new store), rebuild it from the topic's retention first (`stream_jobs.rebuild`)."""
     drain_timeout: Duration = "20s"
     """On SIGTERM, how long in-flight work may take before the job exits without acking it."""
 

@@ -56,6 +56,11 @@ def _user(system: str, user_id: str) -> str:
     return f"recsys:{LAYOUT_VERSION}:{system}:u:{{{user_id}}}"
 
 
+def user_keys_pattern(system: str) -> str:
+    """A Redis SCAN/KEYS pattern of every per-user key of `system`."""
+    return f"recsys:{LAYOUT_VERSION}:{system}:u:*"
+
+
 def recent_items_key(system: str, user_id: str) -> str:
     return f"{_user(system, user_id)}:recent"
 

@@ -33,6 +33,9 @@ PURCHASES = "recsys_purchases_total"
 GATEWAY_FALLBACKS = "recsys_gateway_fallbacks_total"  # + reason
 GATEWAY_EVENTS_SENT = "recsys_gateway_events_sent_total"  # system, stream
 GATEWAY_EVENTS_DROPPED = "recsys_gateway_events_dropped_total"  # system, reason
+GATEWAY_EVENTS_BUFFERED = "recsys_gateway_events_buffered"  # gauge: buffer depth
+GATEWAY_EVENTS_SPILLED = "recsys_gateway_events_spilled_total"  # system
+GATEWAY_EVENTS_RESTORED = "recsys_gateway_events_restored_total"  # system
 GATEWAY_ROUTING_RELOADS = "recsys_gateway_routing_reloads_total"  # result
 # QA-pinned requests (X-Recsys-Variant) and their clicks, kept out of the analysis.
 GATEWAY_PINNED_REQUESTS = "recsys_gateway_pinned_requests_total"  # + model_version, variant, code
@@ -41,6 +44,7 @@ GATEWAY_PINNED_CLICKS = "recsys_gateway_pinned_clicks_total"  # + model_version,
 GATEWAY_SHADOW_REQUESTS = "recsys_gateway_shadow_requests_total"
 GATEWAY_SHADOW_OVERLAP = "recsys_gateway_shadow_overlap"  # summary; + model_version
 GATEWAY_SHADOW_PREDICTED_CTR = "recsys_gateway_shadow_predicted_ctr"  # summary; + variant
+GATEWAY_UNVERIFIED_REQUEST_IDS = "recsys_gateway_unverified_request_ids_total"  # system
 
 # --- stream feature job -----------------------------------------------------------------
 FEATURES_EVENTS = "recsys_feature_events_total"  # type, outcome

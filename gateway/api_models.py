@@ -36,9 +36,9 @@ MAX_TS_MS = 10**14  # the event contract's bound
 
 # What a pattern means, for error messages (pydantic would quote the regex).
 PATTERN_MEANINGS = {
-    USER_ID_PATTERN: "1 to 256 characters without whitespace, braces or control characters",
-    ID_PATTERN: "1 to 256 characters without whitespace or control characters",
-    REQUEST_ID_PATTERN: "a request_id this gateway issued (<32 hex digits>.<stable|canary|pinned-stable|pinned-canary>.<model_version>)",
+    USER_ID_PATTERN: "1 to 256 characters without whitespace, braces, control, invisible or bidi characters",
+    ID_PATTERN: "1 to 256 characters without whitespace, control, invisible or bidi characters",
+    REQUEST_ID_PATTERN: "a request_id this gateway issued (<64 hex digits>.<stable|canary|pinned-stable|pinned-canary>.<model_version>)",
 }
 
 # Events: at most this many in one POST /v1/events.

@@ -42,7 +42,7 @@ from gateway.api_models import (
     RecommendRequest,
     RecommendResponse,
 )
-from gateway.attribution import Attribution, new_request_id, parse_request_id
+from gateway.attribution import Attribution, RequestIds, UnverifiedRequestId
 from gateway.event_sink import DEFAULT_CAPACITY, OPERATION_TIMEOUT_S, DropReason, EventSink
 from gateway.events import impression_payload, interaction_payload
 from gateway.fallback import PopularityFallback
@@ -50,12 +50,18 @@ from gateway.log_rate_limit import rate_limited_logger
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import build_openapi
 from gateway.pinning import BadPin, pinned_variant
+from gateway.request_body import (
+    BODY_READ_TIMEOUT_S,
+    BodyRefused,
+    duplicate_key,
+    read_json_body,
+)
 from gateway.routing import POLL_INTERVAL_S, ReloadResult, RoutingWatcher
 from gateway.routing_configmap import ConfigMapRef, ConfigMapRoutingWatcher, KubeApi
 from gateway.shadow import Shadow
 from gateway.upstream import ServingClient, ServingRejected, ServingUnavailable
 from recsys_contracts import __version__
-from recsys_contracts.events import now_ms
+from recsys_contracts.events import InvalidEvent, check_event_ts, now_ms
 from recsys_contracts.model_version import FALLBACK_MODEL_VERSION, MODEL_VERSION_PATTERN
 from recsys_contracts.routing import Endpoint, Routing
 from recsys_contracts.variant_assignment import Variant, analysis_bucket
@@ -78,11 +84,18 @@ class GatewaySettings:
     kubeconfig: Path | None = None
     fallback_items_path: Path | None = None
     event_buffer_capacity: int = DEFAULT_CAPACITY
+    # Where unsent events go at shutdown and come back from at start (None: counted as
+    # dropped instead).
+    event_spill_path: Path | None = None
     routing_poll_interval_s: float = POLL_INTERVAL_S
     pulsar_token: str | None = None  # default: $RECSYS_PULSAR_TOKEN
     # How long the Pulsar client tries (to connect, to look a topic up) before an
     # outage turns into counted drops.
     pulsar_timeout_s: int = OPERATION_TIMEOUT_S
+    # Request-id signing keys, current first; default: from the environment (`RequestIds`).
+    request_id_keys: tuple[bytes, ...] = ()
+    # A request body that has not fully arrived after this long is a 408.
+    body_read_timeout_s: float = BODY_READ_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if (self.routing_path is None) == (self.routing_configmap is None):
@@ -111,14 +124,20 @@ def routing_source(
 class BadInput(Exception):
     """A client mistake, answered with `status` and a message naming the field."""
 
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, field: str | None = None, *, close: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
+        self.close = close  # the connection cannot carry another request
 
     def response(self) -> web.Response:
-        return json_response(ErrorResponse(error=self.message, field=self.field), self.status)
+        response = json_response(ErrorResponse(error=self.message, field=self.field), self.status)
+        if self.close:
+            response.force_close()
+        return response
 
 
 class NoFallback(Exception):
@@ -137,13 +156,21 @@ _EVENT_LIST: TypeAdapter[list[ClientEvent]] = TypeAdapter(ClientEvents)
 _RECOMMEND: TypeAdapter[RecommendRequest] = TypeAdapter(RecommendRequest)
 
 
+async def read_body(request: web.Request, timeout_s: float) -> bytes:
+    """The body as `read_json_body` reads it; BadInput when the client got it wrong."""
+    try:
+        return await read_json_body(request, timeout_s)
+    except BodyRefused as exc:
+        raise BadInput(exc.status, exc.message, close=exc.close_connection) from None
+
+
 def parse_body(raw: bytes, adapter: TypeAdapter[Body]) -> Body:
     """The validated body, or `BadInput`: 400 when it is not JSON, 422 when it is JSON
     but not a valid request (with the first problem's field)."""
     if not raw.strip():
         raise BadInput(400, "the request has no body; send a JSON object")
     try:
-        return adapter.validate_json(raw)
+        body = adapter.validate_json(raw)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         if first["type"] == "json_invalid":
@@ -156,6 +183,22 @@ def parse_body(raw: bytes, adapter: TypeAdapter[Body]) -> Body:
             pattern = str(first.get("ctx", {}).get("pattern"))
             message = f"must be {PATTERN_MEANINGS.get(pattern, f'a string matching {pattern}')}"
         raise BadInput(422, f"{field or 'body'}: {message}", field) from None
+    if (twice := duplicate_key(raw)) is not None:
+        raise BadInput(400, f"the body names the key {twice!r} twice", twice)
+    return body
+
+
+def check_event_times(events: list[ClientEvent], now: int) -> None:
+    """BadInput (422) for an event the feature job would dead-letter for its time: the
+    bounds are the event contract's (`check_event_ts`), so a 202 means it is applied."""
+    for i, event in enumerate(events):
+        if event.ts is None:
+            continue
+        try:
+            check_event_ts(event.ts, now)
+        except InvalidEvent as problem:
+            where = "ts" if len(events) == 1 else f"[{i}].ts"
+            raise BadInput(422, f"{where}: {problem.reason.removeprefix('ts: ')}", where) from None
 
 
 def field_path(loc: tuple[int | str, ...]) -> str | None:
@@ -202,8 +245,15 @@ class Gateway:
             capacity=settings.event_buffer_capacity,
             token=settings.pulsar_token,
             operation_timeout_s=settings.pulsar_timeout_s,
+            spill_path=settings.event_spill_path,
         )
         self.openapi = build_openapi(__version__)
+        self.body_read_timeout_s = settings.body_read_timeout_s
+        self.request_ids = (
+            RequestIds.with_keys(settings.request_id_keys)
+            if settings.request_id_keys
+            else RequestIds.from_env()
+        )
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: open on startup, close on shutdown."""
@@ -225,7 +275,7 @@ class Gateway:
         # One routing for the whole request, even if it changes meanwhile.
         routing = self.routing.current
         try:
-            ask = parse_body(await request.read(), _RECOMMEND)
+            ask = parse_body(await read_body(request, self.body_read_timeout_s), _RECOMMEND)
             k = ask.k if ask.k is not None else routing.default_k
             if k > routing.max_k:
                 raise BadInput(422, f"k: must be at most {routing.max_k}, got {k}", "k")
@@ -314,7 +364,7 @@ class Gateway:
             model_version, fallback = FALLBACK_MODEL_VERSION, True
             item_ids, scores = self.fallback.top(k, ask.exclude_item_ids)
 
-        request_id = new_request_id(variant, model_version, pinned)
+        request_id = self.request_ids.issue(variant, model_version, pinned)
         if item_ids:
             if not pinned:  # QA traffic stays out of the analysis
                 self.metrics.count_impression(
@@ -346,8 +396,8 @@ class Gateway:
 
     async def post_events(self, request: web.Request) -> web.Response:
         routing = self.routing.current
-        raw = await request.read()
         try:
+            raw = await read_body(request, self.body_read_timeout_s)
             # One event or a list of them; peeking keeps the error messages about the
             # shape the client meant instead of about both alternatives.
             events = (
@@ -355,12 +405,14 @@ class Gateway:
                 if raw.lstrip().startswith(b"[")
                 else [parse_body(raw, _ONE_EVENT)]
             )
+            received_at_ms = now_ms()
+            check_event_times(events, received_at_ms)
+            attributions = [
+                self._verified(event, i, len(events), routing) for i, event in enumerate(events)
+            ]
         except BadInput as exc:
             return exc.response()
-        received_at_ms = now_ms()
-        for event in events:
-            # The pattern was checked in validation, so this cannot fail.
-            served_by = parse_request_id(event.request_id) if event.request_id else None
+        for event, served_by in zip(events, attributions, strict=True):
             if served_by is not None:
                 self._count_outcome(routing, event, served_by)
             self._publish(
@@ -399,6 +451,22 @@ class Gateway:
             self.metrics.purchases.labels(*labels).inc()
         elif event.type == "dwell" and event.dwell_ms is not None:
             self.metrics.dwell_seconds.labels(*labels).inc(event.dwell_ms / 1000)
+
+    def _verified(
+        self, event: ClientEvent, index: int, count: int, routing: Routing
+    ) -> Attribution | None:
+        """Who served the answer `event` refers to; BadInput (422, counted) when its
+        request id was not signed by this gateway's keys (a forged click)."""
+        if event.request_id is None:
+            return None
+        try:
+            return self.request_ids.verify(event.request_id)
+        except UnverifiedRequestId as exc:
+            self.metrics.unverified_request_ids.labels(routing.system).inc()
+            where = "request_id" if count == 1 else f"[{index}].request_id"
+            raise BadInput(
+                422, f"{where}: {str(exc).removeprefix('request_id: ')}", where
+            ) from None
 
     def _publish(
         self, routing: Routing, stream: str, user_id: str, payload: Callable[[], bytes]

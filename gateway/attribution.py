@@ -1,35 +1,53 @@
-"""Request ids that say which variant and model version served a response.
+"""Request ids that say which variant and model version served a response, signed.
 
 Any gateway replica may receive the click that follows a recommendation served by
 another replica, and replicas share no state. So the request id carries what the
-click needs to be attributed:
+click needs to be attributed, and a signature that proves a gateway issued it:
 
-    <32 lowercase hex digits>.<variant>.<model_version>
-    e.g. 5f0c6d1e2a7b4c3d9e8f00112233aabb.canary.2
+    <32 hex nonce><32 hex signature>.<variant>.<model_version>
+    e.g. 5f0c6d1e2a7b4c3d9e8f00112233aabb7c1d...e2.canary.2
 
-The hex part is random (uniqueness); the variant is `stable` or `canary`, prefixed
-`pinned-` when a QA header or cookie chose it (`gateway.pinning`: such clicks are kept
-out of the analysis); the model
-version follows the API's version pattern, may itself contain dots (it is the rest
-of the id), and is `fallback` when the response came from the popularity fallback
-(so the fallback's clicks never count for a model's CTR). Clients treat the id as
-opaque and send it back with their events.
+The nonce is random (uniqueness); the signature is the first 16 bytes of
+HMAC-SHA256(key, "<nonce>.<variant>.<model_version>"). The variant is `stable` or
+`canary`, prefixed `pinned-` when a QA header or cookie chose it (`gateway.pinning`: such
+clicks are kept out of the analysis); the model version follows the API's version
+pattern, may itself contain dots (it is the rest of the id), and is `fallback` when the
+response came from the popularity fallback (so the fallback's clicks never count for a
+model's CTR). Clients treat the id as opaque and send it back with their events; a click
+whose id does not verify (forged, or signed with a key no longer accepted) is refused, so
+only verified clicks reach CTR.
+
+Keys rotate without refusing live ids: the gateway signs with the current key and
+verifies with the current and the previous one (`GatewayEnv.REQUEST_ID_KEY`,
+`GatewayEnv.REQUEST_ID_PREVIOUS_KEY`; in a cluster from the Secret named in
+`spec.gateway.requestIdKeys`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
+import os
 import re
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from recsys_contracts.env_vars import GatewayEnv
 from recsys_contracts.model_version import MODEL_VERSION_PATTERN
 from recsys_contracts.variant_assignment import Variant
 
+log = logging.getLogger("gateway.attribution")
+
 REQUEST_ID_PATTERN = (
-    r"^[0-9a-f]{32}\.(pinned-)?(stable|canary)\." + MODEL_VERSION_PATTERN.removeprefix("^")
+    r"^[0-9a-f]{64}\.(pinned-)?(stable|canary)\." + MODEL_VERSION_PATTERN.removeprefix("^")
 )
 PINNED_PREFIX = "pinned-"
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+NONCE_HEX = 32
+SIGNATURE_BYTES = 16
+MIN_KEY_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -41,18 +59,69 @@ class Attribution:
     pinned: bool = False  # the variant was chosen by a QA header or cookie
 
 
-def new_request_id(variant: Variant, model_version: str, pinned: bool = False) -> str:
-    prefix = PINNED_PREFIX if pinned else ""
-    return f"{secrets.token_hex(16)}.{prefix}{variant.value}.{model_version}"
+class UnverifiedRequestId(ValueError):
+    """A well-formed request id whose signature no accepted key made."""
 
 
 def parse_request_id(request_id: str) -> Attribution:
-    """The variant and model version inside a request id; ValueError if it is not one."""
+    """The variant and model version inside a request id (its signature unchecked:
+    `RequestIds.verify` checks it); ValueError if it is not one."""
     if not _REQUEST_ID.fullmatch(request_id):
         raise ValueError(
             "request_id must be an id this gateway issued: "
-            "<32 hex digits>.<stable|canary>.<model_version>"
+            "<64 hex digits>.<stable|canary|pinned-stable|pinned-canary>.<model_version>"
         )
     _, variant, model_version = request_id.split(".", 2)
     pinned = variant.startswith(PINNED_PREFIX)
     return Attribution(Variant(variant.removeprefix(PINNED_PREFIX)), model_version, pinned)
+
+
+class RequestIds:
+    """Issues and verifies the signed request ids with one current and one previous key."""
+
+    def __init__(self, current_key: bytes, previous_key: bytes | None = None) -> None:
+        for key in filter(None, (current_key, previous_key)):
+            if len(key) < MIN_KEY_BYTES:
+                raise ValueError(f"a request-id key needs at least {MIN_KEY_BYTES} bytes")
+        self._keys = [k for k in (current_key, previous_key) if k]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RequestIds:
+        """Keys from the environment; without one, a random key of this process alone
+        (ids then verify only at this instance, until it restarts)."""
+        environ = os.environ if environ is None else environ
+        current = environ.get(GatewayEnv.REQUEST_ID_KEY, "").encode()
+        previous = environ.get(GatewayEnv.REQUEST_ID_PREVIOUS_KEY, "").encode()
+        if not current:
+            log.warning(
+                "%s is not set: request ids are signed with a random key of this process, "
+                "so clicks on answers of other replicas, or of before a restart, are refused",
+                GatewayEnv.REQUEST_ID_KEY,
+            )
+            current = secrets.token_bytes(32)
+        return cls(current, previous or None)
+
+    @classmethod
+    def with_keys(cls, keys: Sequence[bytes]) -> RequestIds:
+        return cls(keys[0], keys[1] if len(keys) > 1 else None)
+
+    def issue(self, variant: Variant, model_version: str, pinned: bool = False) -> str:
+        nonce = secrets.token_hex(NONCE_HEX // 2)
+        body = f"{PINNED_PREFIX if pinned else ''}{variant.value}.{model_version}"
+        return f"{nonce}{self._sign(self._keys[0], nonce, body)}.{body}"
+
+    def verify(self, request_id: str) -> Attribution:
+        """The attribution of an id this gateway (or a replica sharing its keys) issued;
+        ValueError when it is not a request id, UnverifiedRequestId when it is forged."""
+        attribution = parse_request_id(request_id)
+        head, body = request_id.split(".", 1)
+        nonce, signature = head[:NONCE_HEX], head[NONCE_HEX:]
+        for key in self._keys:
+            if hmac.compare_digest(self._sign(key, nonce, body), signature):
+                return attribution
+        raise UnverifiedRequestId("request_id: not issued by this gateway (signature mismatch)")
+
+    @staticmethod
+    def _sign(key: bytes, nonce: str, body: str) -> str:
+        digest = hmac.new(key, f"{nonce}.{body}".encode(), hashlib.sha256).digest()
+        return digest[:SIGNATURE_BYTES].hex()

@@ -54,6 +54,14 @@ def run(
             "Default: learn them from what the models serve."
         ),
     ] = None,
+    event_spill: Annotated[
+        Path | None,
+        typer.Option(
+            help="File that events not yet acknowledged by the broker are written to at "
+            "shutdown, and sent again from at the next start. Default: none (counted as "
+            "dropped)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Serve POST /v1/recommend and POST /v1/events until SIGTERM."""
@@ -76,6 +84,7 @@ def run(
             routing_path=routing,
             routing_configmap=ConfigMapRef.parse(routing_configmap) if routing_configmap else None,
             fallback_items_path=fallback_items,
+            event_spill_path=event_spill,
         )
         listen_host, listen_port = listen_address(host, port)
         run_gateway(settings, host=listen_host, port=listen_port)

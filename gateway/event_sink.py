@@ -6,38 +6,57 @@ buffer and hands them to the Pulsar client's asynchronous, batching producer; th
 client's own threads report each send's outcome. The event loop never waits for
 Pulsar, so a slow or absent broker costs events, never latency or availability.
 
-Losing events is allowed; losing them silently is not. Every event that does not
-reach the broker is counted in `recsys_gateway_events_dropped_total{reason}`:
+Every accepted event is accounted for: it is sent (`recsys_gateway_events_sent_total`),
+counted as dropped, exactly one count per event
+(`recsys_gateway_events_dropped_total{reason}`), or spilled to a file at shutdown and
+sent again by the next gateway that starts with the same file
+(`recsys_gateway_events_spilled_total`, `..._restored_total`).
+`recsys_gateway_events_buffered` is the depth of the buffer: growing, it says the
+broker is not taking events.
 
 - `buffer_full`        the buffer is full (the broker is down or slower than traffic);
-- `broker_unavailable` no producer could be created after `max_attempts` tries;
-- `send_failed`        the broker did not acknowledge after `max_attempts` sends;
+- `send_failed`        the broker refused a send `max_attempts` times (not a timeout);
 - `not_configured`     the routing names no Pulsar service URL or topic;
 - `invalid_event`      the event contract refuses it (e.g. a model returned an item id
                        with spaces);
-- `shutdown`           still buffered when the gateway stopped (after a bounded drain).
+- `shutdown`           still buffered or unacknowledged when the gateway stopped (after
+                       a bounded drain), and there is no spill file to keep it in.
 
-A failed send is retried by putting the event back into the buffer, so retries never
-block the sender thread. Pulsar is at-least-once anyway: consumers dedupe by
-`event_id`, which a retry keeps.
+While the broker is unreachable (no producer, or sends time out after
+`SEND_TIMEOUT_MS`) the event in hand is retried without limit and the buffer absorbs
+the rest, so an outage shorter than the buffer loses nothing. A failed send is retried
+by putting the event back into the buffer, so retries never block the sender thread.
+Pulsar is at-least-once anyway: consumers dedupe by `event_id`, which a retry and a
+spill keep (an event unacknowledged at shutdown is spilled even if the broker did
+store it: a duplicate, never a loss).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import logging
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import pulsar
+from prometheus_client import Counter, Gauge
 
 from gateway.log_rate_limit import rate_limited_logger
 from gateway.metrics import GatewayMetrics
 from recsys_contracts.env_vars import GatewayEnv
+from recsys_contracts.metric_names import (
+    GATEWAY_EVENTS_BUFFERED,
+    GATEWAY_EVENTS_RESTORED,
+    GATEWAY_EVENTS_SPILLED,
+)
 
 log = rate_limited_logger(__name__)
 # The Pulsar client reports each reconnect attempt; keep them, but rate-limited.
@@ -58,7 +77,6 @@ TOKEN_ENV = GatewayEnv.PULSAR_TOKEN
 
 class DropReason(StrEnum):
     BUFFER_FULL = "buffer_full"
-    BROKER_UNAVAILABLE = "broker_unavailable"
     SEND_FAILED = "send_failed"
     NOT_CONFIGURED = "not_configured"
     INVALID_EVENT = "invalid_event"
@@ -75,6 +93,24 @@ class OutgoingEvent:
     payload: bytes
     attempts: int = 0
 
+    def to_line(self) -> str:
+        record = asdict(self)
+        record["payload"] = base64.b64encode(self.payload).decode("ascii")
+        return json.dumps(record, separators=(",", ":")) + "\n"
+
+    @classmethod
+    def from_line(cls, line: str) -> OutgoingEvent:
+        record = json.loads(line)
+        record["payload"] = base64.b64decode(record["payload"])
+        record["attempts"] = 0
+        return cls(**record)
+
+
+# Send results that mean "the broker is not reachable now", not "it refused this event".
+_UNREACHABLE = frozenset(
+    {pulsar.Result.Timeout, pulsar.Result.ConnectError, pulsar.Result.AlreadyClosed}
+)
+
 
 class EventSink:
     """The buffer, the sender thread and the Pulsar client of one gateway."""
@@ -87,8 +123,10 @@ class EventSink:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         token: str | None = None,
         operation_timeout_s: int = OPERATION_TIMEOUT_S,
+        spill_path: Path | None = None,
     ) -> None:
         self.metrics = metrics
+        self.spill_path = spill_path
         self.max_attempts = max_attempts
         self.operation_timeout_s = operation_timeout_s
         self._token = token if token is not None else os.environ.get(TOKEN_ENV)
@@ -100,11 +138,48 @@ class EventSink:
         self._client: pulsar.Client | None = None
         self._client_url: str | None = None
         self._producers: dict[str, pulsar.Producer] = {}
+        # Events handed to the sender or to the Pulsar client and not yet resolved (sent,
+        # dropped or re-buffered): what `close` spills if the sender does not finish.
+        self._unresolved: dict[int, OutgoingEvent] = {}
+        self._lock = threading.Lock()
+        self._spill_lock = threading.Lock()
+        self._abandoned = False  # after close: late outcomes are no longer counted
+        r = metrics.registry
+        Gauge(
+            GATEWAY_EVENTS_BUFFERED,
+            "Events waiting in the gateway's buffer for the broker.",
+            registry=r,
+        ).set_function(self._buffer.qsize)
+        self._spilled = Counter(
+            GATEWAY_EVENTS_SPILLED,
+            "Events written to the spill file at shutdown, to be sent by the next start.",
+            ("system",),
+            registry=r,
+        )
+        self._restored = Counter(
+            GATEWAY_EVENTS_RESTORED,
+            "Events read back from the spill file at start and buffered again.",
+            ("system",),
+            registry=r,
+        )
 
     # --- the request side: never blocks ------------------------------------------
 
     def start(self) -> None:
+        self._restore()
         self._thread.start()
+
+    def _restore(self) -> None:
+        """Buffer again what the previous gateway spilled (then the file is gone)."""
+        if self.spill_path is None or not self.spill_path.exists():
+            return
+        lines = self.spill_path.read_text().splitlines()
+        self.spill_path.unlink()
+        for line in filter(None, lines):
+            event = OutgoingEvent.from_line(line)
+            if self._enqueue(event):
+                self._restored.labels(system=event.system).inc()
+        log.warning("restored %d events spilled by the previous gateway", len(lines))
 
     def publish(
         self,
@@ -127,12 +202,47 @@ class EventSink:
         return self._enqueue(OutgoingEvent(system, stream, service_url, topic, key, payload))
 
     def close(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
-        """Send what is buffered for up to `timeout_s`, then stop. Blocking: call it
-        from a worker thread when on an event loop."""
+        """Send what is buffered for up to `timeout_s`, then stop, spilling (or counting
+        as dropped) every event not acknowledged by then. Takes at most about
+        `timeout_s` + 2 s, whatever the broker does. Blocking: call it from a worker
+        thread when on an event loop."""
         self._drain_deadline = time.monotonic() + timeout_s
         self._closing.set()
         if self._thread.is_alive():
-            self._thread.join(timeout_s + self.operation_timeout_s + 5)
+            self._thread.join(timeout_s + 2)
+        with self._lock:
+            self._abandoned = True
+            left = list(self._unresolved.values())
+            self._unresolved.clear()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                left.append(self._buffer.get_nowait())
+        self._keep_or_drop(left)
+
+    def _keep_or_drop(self, events: list[OutgoingEvent]) -> None:
+        """Spill `events` to the file (counted), or count them as dropped."""
+        if not events:
+            return
+        with self._spill_lock:
+            self._spill_or_drop(events)
+
+    def _spill_or_drop(self, events: list[OutgoingEvent]) -> None:
+        if self.spill_path is not None:
+            try:
+                self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+                with self.spill_path.open("a") as spill:
+                    spill.writelines(event.to_line() for event in events)
+                    spill.flush()
+                    os.fsync(spill.fileno())
+            except OSError as exc:
+                log.error("cannot spill %d events to %s: %s", len(events), self.spill_path, exc)
+            else:
+                for event in events:
+                    self._spilled.labels(system=event.system).inc()
+                log.warning("spilled %d unsent events to %s", len(events), self.spill_path)
+                return
+        for event in events:
+            self.drop(event.system, DropReason.SHUTDOWN, "not acknowledged at shutdown")
 
     def _enqueue(self, event: OutgoingEvent) -> bool:
         try:
@@ -161,30 +271,31 @@ class EventSink:
                 if self._closing.is_set():
                     break
                 continue
+            with self._lock:
+                if self._abandoned:
+                    return  # close has taken over what is left
+                self._unresolved[id(event)] = event
             if self._closing.is_set() and time.monotonic() > self._drain_deadline:
-                self.drop(event.system, DropReason.SHUTDOWN, "still buffered at shutdown")
-                continue
+                break  # close spills (or counts) it with the rest
             self._send(event)
         self._disconnect()
 
     def _send(self, event: OutgoingEvent) -> None:
+        failures = 0
         while True:
             try:
                 producer = self._producer(event.service_url, event.topic)
                 break
             except Exception as exc:  # the Pulsar client raises its own exception family
-                event.attempts += 1
+                failures += 1
                 if self._closing.is_set():
-                    # Each further try would wait for Pulsar's timeout again: give up
-                    # on everything still buffered.
+                    # Each further try would wait for Pulsar's timeout again: leave the
+                    # event (unresolved) and the buffer to close, which spills them.
                     self._drain_deadline = 0.0
-                    self.drop(event.system, DropReason.SHUTDOWN, f"{event.topic}: {exc}")
                     return
-                if event.attempts >= self.max_attempts:
-                    self.drop(event.system, DropReason.BROKER_UNAVAILABLE, f"{event.topic}: {exc}")
-                    return
+                log.warning("no producer for %s (%s); retrying", event.topic, exc)
                 # Back off; the buffer absorbs new events meanwhile (or drops, counted).
-                self._closing.wait(min(2.0, 0.2 * 2**event.attempts))
+                self._closing.wait(min(2.0, 0.2 * 2**failures))
         try:
             producer.send_async(
                 event.payload,
@@ -196,11 +307,17 @@ class EventSink:
 
     def _on_sent(self, event: OutgoingEvent, result: Any) -> None:
         """Runs on a Pulsar client thread (or the sender's, for synchronous errors)."""
+        with self._lock:
+            if self._abandoned or self._unresolved.pop(id(event), None) is None:
+                return  # close already spilled or counted it
         if result == pulsar.Result.Ok:
             self.metrics.events_sent.labels(system=event.system, stream=event.stream).inc()
             return
-        event.attempts += 1
-        if event.attempts < self.max_attempts and not self._closing.is_set():
+        if result not in _UNREACHABLE:
+            event.attempts += 1  # the broker refused this event: only so many tries
+        if self._closing.is_set():
+            self._keep_or_drop([event])
+        elif event.attempts < self.max_attempts:
             self._enqueue(event)
         else:
             self.drop(event.system, DropReason.SEND_FAILED, f"{event.topic}: {result}")

@@ -36,6 +36,7 @@ from recsys_contracts.metric_names import (
     GATEWAY_SHADOW_OVERLAP,
     GATEWAY_SHADOW_PREDICTED_CTR,
     GATEWAY_SHADOW_REQUESTS,
+    GATEWAY_UNVERIFIED_REQUEST_IDS,
     IMPRESSIONS,
     PURCHASES,
     VERSION_LABELS,
@@ -143,6 +144,12 @@ class GatewayMetrics:
             GATEWAY_ROUTING_RELOADS,
             "Changes of the routing seen: applied (ok) or rejected (invalid, unreadable).",
             ("result",),
+            registry=r,
+        )
+        self.unverified_request_ids = Counter(
+            GATEWAY_UNVERIFIED_REQUEST_IDS,
+            "Events refused (422) because their request_id was not signed by an accepted key.",
+            ("system",),
             registry=r,
         )
 

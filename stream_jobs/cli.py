@@ -30,11 +30,29 @@ def send_events(
         str, typer.Argument(help="File of JSON events, one per line; '-' reads stdin.")
     ] = "-",
     service_url: Annotated[
-        str, typer.Option(envvar="RECSYS_EVENTS_SERVICE_URL", help="Pulsar service URL.")
-    ] = "pulsar://127.0.0.1:6650",
+        str | None,
+        typer.Option(
+            envvar="RECSYS_EVENTS_SERVICE_URL",
+            help="Pulsar service URL. Default: the broker of the local system running "
+            "(`recsys up`), from its .runs/<system>/state.json.",
+            show_default=False,
+        ),
+    ] = None,
     topic: Annotated[
-        str, typer.Option(envvar="RECSYS_EVENTS_TOPIC", help="The interactions topic.")
-    ] = "persistent://public/default/interactions",
+        str | None,
+        typer.Option(
+            envvar="RECSYS_EVENTS_TOPIC",
+            help="The interactions topic. Default: the running local system's.",
+            show_default=False,
+        ),
+    ] = None,
+    system: Annotated[
+        str | None,
+        typer.Option(help="Which running local system (NS.NAME), when there are several."),
+    ] = None,
+    timeout: Annotated[
+        int, typer.Option(help="Seconds to connect, find the topic and have each send stored.")
+    ] = 10,
     token: Annotated[
         str | None,
         typer.Option(envvar="RECSYS_PULSAR_TOKEN", help="Pulsar JWT, if the cluster wants one."),
@@ -56,19 +74,36 @@ def send_events(
 ) -> None:
     """Send events (JSON lines, keyed by user_id) and report invalid lines.
 
-    Exits 1 when any line was not a valid event (the valid ones are still sent).
+    Exits 1 when any line was not a valid event (the valid ones are still sent), 2 when
+    the broker or topic cannot be reached. A send that timed out may still have been
+    stored: sending the same lines again is safe when they carry their `event_id` (the
+    feature job counts an id once); with --fill-missing each run makes new ids.
     """
+    import pulsar
     from rich.console import Console
     from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
-    from stream_jobs.producer import EventProducer, send_lines
+    from stream_jobs.local_target import LocalTargetError, running_local_target
+    from stream_jobs.producer import EventProducer, SendFailed, send_lines
 
     err = Console(stderr=True)
+    if service_url is None or topic is None:
+        try:
+            target = running_local_target(system)
+        except LocalTargetError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        service_url = service_url or target.service_url
+        topic = topic or target.interactions_topic
     stream = sys.stdin if source == "-" else Path(source).open(encoding="utf-8")  # noqa: SIM115
     try:
         with (
             EventProducer(
-                service_url, topic, token=token, key_based_batching=key_based_batching
+                service_url,
+                topic,
+                token=token,
+                key_based_batching=key_based_batching,
+                timeout_s=timeout,
             ) as producer,
             Progress(
                 TextColumn("{task.description}"),
@@ -83,6 +118,14 @@ def send_events(
                 progress.update(task, description=f"{sent} sent, {invalid} invalid")
 
             report = send_lines(producer, stream, fill=fill_missing, on_progress=show)
+    except (pulsar.PulsarException, SendFailed) as exc:
+        typer.echo(
+            f"error: could not send to {topic} at {service_url} within {timeout}s: "
+            f"{type(exc).__name__}: {exc}. Events sent before this may still have been "
+            "stored; resending lines that carry an event_id is safe.",
+            err=True,
+        )
+        raise typer.Exit(2) from None
     finally:
         if stream is not sys.stdin:
             stream.close()
@@ -174,6 +217,56 @@ def run_features(
             typer.echo(f"{where}: {error['msg']}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(main(settings))
+
+
+@features_app.command("rebuild")
+def rebuild_features(
+    system_id: Annotated[str | None, _opt("Id in the feature keys: <namespace>.<name>.")] = None,
+    pulsar_service_url: Annotated[str | None, _opt("Pulsar service URL.")] = None,
+    interactions_topic: Annotated[str | None, _opt("The topic to replay.")] = None,
+    redis_url: Annotated[str | None, _opt("The feature store.")] = None,
+    embeddings_path: Annotated[
+        Path | None, _opt("Item embeddings: one model's directory or archive, or one per version.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Python log level.")] = "WARNING",
+) -> None:
+    """Recompute the feature store from the events the interactions topic still holds.
+
+    Reads every partition from its earliest retained message (no subscription is
+    touched) and applies the events as the job does, idempotently by event_id: run it
+    on an emptied store, or again on a partial one. The other settings (windows, last_n,
+    model archives...) come from RECSYS_* as for `recsys features run`: use the job's.
+    """
+    given = {name: value for name, value in locals().items() if name != "log_level"}
+    from pydantic import ValidationError
+
+    from recsys_contracts.feature_job_settings import FeatureJobSettings
+    from stream_jobs.features import FeatureJob, pulsar_client
+    from stream_jobs.rebuild import rebuild
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = FeatureJobSettings.from_env(**given)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            typer.echo(f"{where}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
+    job = FeatureJob(settings)
+    client = pulsar_client(settings)
+    try:
+        if settings.online_updates and job.catalog.has_sources:
+            job.catalog.refresh()
+        items = job.catalog.versions if settings.online_updates else {}
+        report = rebuild(settings, client, job.store, items)
+    except Exception as exc:  # the Pulsar and Redis clients raise their own families
+        typer.echo(f"rebuild failed: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        client.close()
+    typer.echo(report.summary())
 
 
 def features_main() -> None:

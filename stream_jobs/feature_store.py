@@ -45,6 +45,7 @@ from stream_jobs.user_features import (
     popular_weight,
     recent_item_ids,
     update_user,
+    view,
 )
 
 MAX_CONFLICT_RETRIES = 20
@@ -214,13 +215,14 @@ class FeatureStore:
             for version, vector in update.embeddings.items():
                 user_keys.append(keys.embedding_key(system, user, version))
                 values.append(put(keys.encode_embedding(vector)))
-            fields = feature_fields(update.state, self.params)
+            seen_by_readers = view(update.state, self.params)
+            fields = feature_fields(seen_by_readers, self.params)
             plan_users.append(
                 {
                     "keys": user_keys,
                     "read": hashlib.sha1(read).hexdigest() if read else _NOTHING_SHA1,
                     "values": values,
-                    "recent": recent_item_ids(update.state),
+                    "recent": recent_item_ids(seen_by_readers, self.params),
                     "features": [x for pair in fields.items() for x in pair],
                 }
             )

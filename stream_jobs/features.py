@@ -37,6 +37,7 @@ from stream_jobs.dead_letters import DeadLetter, DeadLetterPublisher
 from stream_jobs.feature_store import BatchWrite, FeatureStore, StoreLayout, TooManyConflicts
 from stream_jobs.item_embeddings import EmbeddingCatalog, EmbeddingsError
 from stream_jobs.metrics import FeatureJobMetrics
+from stream_jobs.rebuild import rebuild, store_is_empty
 from stream_jobs.user_features import FeatureParams, Outcome
 
 log = logging.getLogger("stream_jobs.features")
@@ -97,6 +98,7 @@ class FeatureJob:
             settings.model_archives,
         )
         self._max_future_ms = duration_ms(settings.max_future)
+        self._max_past_ms = duration_ms(settings.max_past)
         self._drain_s = duration_ms(settings.drain_timeout) / 1000
         self._reload_s = duration_ms(settings.embeddings_reload) / 1000
         idle = settings.resubscribe_idle
@@ -120,6 +122,7 @@ class FeatureJob:
                 client.create_producer(s.dead_letters, batching_enabled=False), s.subscription
             )
             self._refresh_embeddings()
+            self._rebuild_if_empty(client, stop)
             log.info(
                 "consuming %s as %s (%s)", s.interactions_topic, s.subscription, s.subscription_type
             )
@@ -148,6 +151,24 @@ class FeatureJob:
             client.close()
             if server is not None:
                 server.shutdown()
+
+    def _rebuild_if_empty(self, client: pulsar.Client, stop: threading.Event) -> None:
+        if not self.settings.rebuild_when_empty:
+            return
+        delay = BACKOFF_FIRST_S
+        while not stop.is_set():
+            try:
+                if not store_is_empty(self.store.client, self.settings.system_id):
+                    return
+                log.warning("the feature store is empty: rebuilding it from the topic")
+                items = self.catalog.versions if self.settings.online_updates else {}
+                report = rebuild(self.settings, client, self.store, items)
+                log.warning("rebuilt the feature store: %s", report.summary())
+                return
+            except STORE_ERRORS as exc:
+                log.warning("feature store unavailable for the rebuild check (%s)", exc)
+                stop.wait(delay)
+                delay = min(2 * delay, BACKOFF_MAX_S)
 
     def _subscribe(self, client: pulsar.Client) -> pulsar.Consumer:
         """Subscribe, retrying timeouts: a broker still releasing a killed consumer of this
@@ -213,8 +234,11 @@ class FeatureJob:
             if written is None:
                 return False
             self._record(written)
-            for message, _ in valid:
-                consumer.acknowledge(message)
+            for message, outcome in self._outcomes(valid, written):
+                if outcome is Outcome.LATE:
+                    invalid.append(DeadLetter(message, _too_late(self.settings.allowed_lateness)))
+                else:
+                    consumer.acknowledge(message)
         if invalid:
             accepted = dead_letters.publish(invalid, now_ms())
             for letter, ok in zip(invalid, accepted, strict=True):
@@ -228,13 +252,24 @@ class FeatureJob:
         self.metrics.last_batch.set_to_current_time()
         return True
 
+    @staticmethod
+    def _outcomes(valid: list[tuple[Any, Event]], written: BatchWrite) -> list[tuple[Any, Outcome]]:
+        """Each valid message with what its event did (per user, in arrival order)."""
+        position: Counter[str] = Counter()
+        result = []
+        for message, event in valid:
+            update = written.updates[event.user_id]
+            result.append((message, update.outcomes[position[event.user_id]]))
+            position[event.user_id] += 1
+        return result
+
     def _parse(self, messages: Sequence[Any]) -> tuple[list[tuple[Any, Event]], list[DeadLetter]]:
         valid, invalid = [], []
         now = now_ms()
         for message in messages:
             try:
                 event = parse_event(message.data())
-                check_event_time(event, now, self._max_future_ms)
+                check_event_time(event, now, self._max_future_ms, self._max_past_ms)
             except InvalidEvent as problem:
                 invalid.append(DeadLetter(message, problem))
             else:
@@ -299,6 +334,13 @@ class FeatureJob:
             self.metrics.events.labels(type=event_type, outcome=result).inc(n)
         for version, n in unknown.items():
             self.metrics.unknown_items.labels(model_version=version).inc(n)
+
+
+def _too_late(allowed_lateness: str) -> InvalidEvent:
+    return InvalidEvent(
+        "late",
+        f"ts: more than {allowed_lateness} (allowed_lateness) behind the user's newest event",
+    )
 
 
 def main(settings: FeatureJobSettings) -> int:

@@ -48,15 +48,22 @@ class EventProducer:
         token: str | None = None,
         key_based_batching: bool = False,
         client: pulsar.Client | None = None,
+        timeout_s: int = 30,
     ) -> None:
+        """`timeout_s` bounds connecting, looking the topic up and each send: past it
+        they fail (a send that timed out may still have been stored: resend it with the
+        same `event_id`, the job counts it once)."""
         self._own_client = client is None
         self._client = client or pulsar.Client(
             service_url,
             authentication=pulsar.AuthenticationToken(token) if token else None,
-            logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
+            operation_timeout_seconds=timeout_s,
+            connection_timeout_ms=timeout_s * 1000,
+            logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error),
         )
         self._producer = self._client.create_producer(
             topic,
+            send_timeout_millis=timeout_s * 1000,
             batching_enabled=True,
             batching_max_publish_delay_ms=5,
             batching_type=pulsar.BatchingType.KeyBased

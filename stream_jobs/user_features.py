@@ -7,20 +7,26 @@ not depend on when the job happens to run or restart.
 
 Rules (see docs/stream-features.md for the reader's view):
 
+- **Event time within an allowed lateness.** The user's *watermark* is their
+  clock minus `allowed_lateness_ms`. An event at or after the watermark is applied
+  as if it had arrived in order: the state keeps a *settled* part (every event
+  before the watermark, folded in (ts, event_id) order) and the *pending* events
+  (at or after it, raw); what readers see (`view`) is the settled part with the
+  pending events folded on in order. So windows, last-N, recency and sessions equal
+  those of the sorted stream, whatever the arrival order within the lateness.
+  An event before the watermark (or not after the newest settled one) is LATE: it
+  changes nothing, and the job dead-letters it (reason `late`), never silently.
+  At most `MAX_PENDING` events wait per user; past that the oldest settle early.
 - **Idempotence.** An event whose `event_id` is in the user's seen set changes
-  nothing. The set keeps the `dedup_capacity` newest ids; evicting an id moves the
-  user's *horizon* to its `ts`, and any unseen event at or before the horizon is
-  ignored as too late, because it could be a duplicate of an evicted id. So a
-  replay never counts twice, however large it is.
+  nothing. The set keeps every pending id and the newest `dedup_capacity` settled
+  ones, so a redelivered recent event is a DUPLICATE; an older unseen one is
+  before the watermark, hence LATE, so a replay never counts twice.
 - **Windows.** Counts per type over each window are kept in `buckets_per_window`
   time buckets (a 1h window in 1-minute buckets), so the state is bounded however
   active the user is. A window covers the buckets that end at the bucket of the
   user's newest event; its resolution is window / buckets_per_window.
-- **Out-of-order events** land in the bucket of their own `ts` (if still inside the
-  window) and at their place in the recent items, ordered by (ts, item_id).
 - **Sessions** are runs of events less than `session_gap_ms` apart; an event more
-  than the gap after the newest one starts a new session, named by its event id.
-  A late event joins the current session.
+  than the gap after the previous one starts a new session, named by its event id.
 - **Online embedding.** `u <- decay * u + learning_rate * item`, per interaction,
   in arrival order (impressions do not move it).
 """
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
 from typing import Any
@@ -41,7 +47,10 @@ from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_m
 from recsys_contracts.feature_keys import count_field
 from stream_jobs.item_embeddings import ItemEmbeddings
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+"""2 added the pending events; a format-1 state reads as settled with none pending."""
+MAX_PENDING = 500
+"""Events waiting per user (bounds the state of a very active user)."""
 # Made once: json.dumps/loads with options build a new coder per call, which costs
 # as much as the coding itself for states this small.
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -62,6 +71,9 @@ class FeatureParams:
     dedup_capacity: int = 64
     learning_rate: float = 0.1
     decay: float = 0.98
+    allowed_lateness_ms: int = 10 * 60_000
+    """How far behind the user's newest event an event may arrive and still be applied
+    in its place (see the module docstring)."""
 
     @classmethod
     def from_settings(cls, settings: FeatureJobSettings) -> FeatureParams:
@@ -72,6 +84,7 @@ class FeatureParams:
             dedup_capacity=settings.dedup_capacity,
             learning_rate=settings.learning_rate,
             decay=settings.decay,
+            allowed_lateness_ms=duration_ms(settings.allowed_lateness),
         )
 
     def bucket_ms(self, window_ms: int) -> int:
@@ -90,6 +103,9 @@ class FeatureParams:
         )
 
 
+PendingEvent = tuple[int, str, str, str, int | None]
+"""(ts, event id, type, item id, dwell ms) of an event after the watermark, not folded yet."""
+
 RecentItem = tuple[int, str]
 """(ts, item id) of one interaction."""
 
@@ -99,10 +115,14 @@ Counts = Mapping[str, Mapping[int, tuple[int, ...]]]
 
 @dataclass(frozen=True)
 class UserState:
-    """Everything the job remembers about one user (stored as JSON under `state`)."""
+    """Everything the job remembers about one user (stored as JSON under `state`).
+
+    The fields up to `events_applied` are the *settled* part: the fold of the events
+    before the watermark. `pending` holds the rest; `view` folds them on.
+    """
 
     last_ts: int | None = None
-    """The user's clock: the newest event time seen."""
+    """The newest event time folded in (in a view: the user's newest event time)."""
     previous_gap_ms: int | None = None
     """Time between the two newest events."""
     recent: tuple[RecentItem, ...] = ()
@@ -115,9 +135,11 @@ class UserState:
     session_events: int = 0
     seen: Mapping[str, int] = field(default_factory=dict)
     """event_id -> ts of the newest dedup_capacity events applied."""
-    horizon_ts: int = -1
-    """Unseen events at or before this time are ignored (see the module docstring)."""
     events_applied: int = 0
+    pending: tuple[PendingEvent, ...] = ()
+    """Events at or after the watermark, sorted by (ts, event id)."""
+    clock_ts: int | None = None
+    """The user's clock: the newest event time seen (settled or pending)."""
 
 
 class Outcome(StrEnum):
@@ -126,39 +148,97 @@ class Outcome(StrEnum):
     LATE = "late"
 
 
-def classify(state: UserState, event: Event) -> Outcome:
-    """Whether `event` is new to `state`, a duplicate, or too late to tell."""
+def watermark(state: UserState, params: FeatureParams) -> int | None:
+    """Events before this time are too late to be applied in their place."""
+    if state.clock_ts is None:
+        return None
+    return state.clock_ts - params.allowed_lateness_ms
+
+
+def classify(state: UserState, event: Event, params: FeatureParams) -> Outcome:
+    """Whether `event` is new to `state`, a duplicate, or too late to apply in its place."""
     if event.event_id in state.seen:
         return Outcome.DUPLICATE
-    if event.ts <= state.horizon_ts:
+    mark = watermark(state, params)
+    if mark is not None and event.ts < mark:
         return Outcome.LATE
+    if state.last_ts is not None and event.ts <= state.last_ts:
+        return Outcome.LATE  # before an event that settled early (MAX_PENDING)
     return Outcome.APPLIED
 
 
 def apply_event(state: UserState, event: Event, params: FeatureParams) -> tuple[UserState, Outcome]:
     """The state after `event`, and what happened to it (only APPLIED changes the state)."""
-    outcome = classify(state, event)
+    outcome = classify(state, event, params)
     if outcome is not Outcome.APPLIED:
         return state, outcome
-    last_ts = event.ts if state.last_ts is None else max(state.last_ts, event.ts)
-    seen, horizon = _remember(state.seen, state.horizon_ts, event, params.dedup_capacity)
-    session_id, session_start, session_events = _session(state, event, params.session_gap_ms)
-    has_dwell = event.dwell_ms is not None
-    new = UserState(
+    fact: PendingEvent = (event.ts, event.event_id, event.type.value, event.item_id, event.dwell_ms)
+    pending = state.pending
+    if not pending or fact >= pending[-1]:  # the common case: in order
+        pending = (*pending, fact)
+    else:
+        pending = tuple(sorted((*pending, fact)))
+    clock = event.ts if state.clock_ts is None else max(state.clock_ts, event.ts)
+    mark = clock - params.allowed_lateness_ms
+    ready = 0
+    while ready < len(pending) and (pending[ready][0] < mark or len(pending) - ready > MAX_PENDING):
+        ready += 1
+    settled = _fold(state, pending[:ready], params)
+    seen = _remember(settled.seen, event.event_id, event.ts, settled.last_ts, params.dedup_capacity)
+    return replace(settled, seen=seen, pending=pending[ready:], clock_ts=clock), Outcome.APPLIED
+
+
+def view(state: UserState, params: FeatureParams) -> UserState:
+    """What readers see: the settled part with the pending events folded on in order."""
+    if not state.pending:
+        return state
+    return replace(_fold(state, state.pending, params), pending=())
+
+
+def _fold(state: UserState, facts: Sequence[PendingEvent], params: FeatureParams) -> UserState:
+    """`state` with `facts` folded in, in order; none is older than any folded so far.
+
+    One pass: counts are added first and trimmed once to the windows of the final
+    clock, which is what trimming after each event gives (the clock only grows)."""
+    if not facts:
+        return state
+    last_ts, gap = state.last_ts, state.previous_gap_ms
+    session_id, session_start, session_events = (
+        state.session_id,
+        state.session_start_ts,
+        state.session_events,
+    )
+    dwell_total, dwell_events = state.dwell_total_ms, state.dwell_events
+    recent = list(state.recent)
+    added: list[tuple[int, str]] = []
+    for ts, event_id, event_type, item_id, dwell_ms in facts:
+        if last_ts is None or session_id is None or ts - last_ts > params.session_gap_ms:
+            session_id, session_start, session_events = event_id, ts, 1
+        else:
+            session_start = ts if session_start is None else min(session_start, ts)
+            session_events += 1
+        gap = None if last_ts is None else ts - last_ts
+        last_ts = ts if last_ts is None else max(last_ts, ts)
+        if dwell_ms is not None:
+            dwell_total += dwell_ms
+            dwell_events += 1
+        if event_type != EventType.IMPRESSION:
+            recent.append((ts, item_id))
+        added.append((ts, event_type))
+    assert last_ts is not None
+    return replace(
+        state,
         last_ts=last_ts,
-        previous_gap_ms=_previous_gap(state, event),
-        recent=_add_recent(state.recent, event, params.last_n),
-        counts=_add_count(state.counts, event, last_ts, params),
-        dwell_total_ms=state.dwell_total_ms + (event.dwell_ms or 0),
-        dwell_events=state.dwell_events + has_dwell,
+        previous_gap_ms=gap,
+        recent=tuple(sorted(recent, reverse=True)[: params.last_n]),
+        counts=_add_counts(state.counts, added, last_ts, params),
+        dwell_total_ms=dwell_total,
+        dwell_events=dwell_events,
         session_id=session_id,
         session_start_ts=session_start,
         session_events=session_events,
-        seen=seen,
-        horizon_ts=horizon,
-        events_applied=state.events_applied + 1,
+        events_applied=state.events_applied + len(facts),
     )
-    return new, Outcome.APPLIED
 
 
 def fold_events(
@@ -173,62 +253,38 @@ def fold_events(
 
 
 def _remember(
-    seen: Mapping[str, int], horizon: int, event: Event, capacity: int
-) -> tuple[dict[str, int], int]:
+    seen: Mapping[str, int], event_id: str, ts: int, settled_ts: int | None, capacity: int
+) -> dict[str, int]:
+    """`seen` with `event_id`, less the oldest settled ids past `capacity` (pending ids,
+    newer than every settled one, stay: a redelivered pending event is a duplicate)."""
     updated = dict(seen)
-    updated[event.event_id] = event.ts
-    if len(updated) > capacity:
-        # Evict the oldest (ties by id, so the result does not depend on arrival order).
-        oldest = sorted(updated.items(), key=lambda kv: (kv[1], kv[0]))[: len(updated) - capacity]
-        for event_id, ts in oldest:
-            del updated[event_id]
-            horizon = max(horizon, ts)
-    return updated, horizon
+    updated[event_id] = ts
+    if len(updated) > capacity and settled_ts is not None:
+        # Oldest first, ties by id, so the result does not depend on arrival order.
+        settled = sorted((t, i) for i, t in updated.items() if t <= settled_ts)
+        for _, old_id in settled[: len(settled) - capacity]:
+            del updated[old_id]
+    return updated
 
 
-def _previous_gap(state: UserState, event: Event) -> int | None:
-    if state.last_ts is None:
-        return None
-    if event.ts >= state.last_ts:
-        return event.ts - state.last_ts
-    return state.previous_gap_ms  # a late event does not change which two events are newest
-
-
-def _add_recent(
-    recent: tuple[RecentItem, ...], event: Event, last_n: int
-) -> tuple[RecentItem, ...]:
-    if not event.is_interaction:
-        return recent
-    item = (event.ts, event.item_id)
-    if not recent or item >= recent[0]:  # the common case: newer than everything so far
-        return (item, *recent[: last_n - 1])
-    return tuple(sorted((*recent, item), reverse=True)[:last_n])
-
-
-def _add_count(counts: Counts, event: Event, last_ts: int, params: FeatureParams) -> Counts:
-    index = TYPE_INDEX[event.type]
+def _add_counts(
+    counts: Counts, added: Sequence[tuple[int, str]], last_ts: int, params: FeatureParams
+) -> Counts:
+    """`counts` plus one per (ts, type) in `added`, trimmed to the windows ending at the
+    bucket of `last_ts`."""
     updated: dict[str, Mapping[int, tuple[int, ...]]] = {}
     for name, width in params.window_buckets:
         oldest = last_ts // width - params.buckets_per_window + 1
-        buckets = {b: c for b, c in counts.get(name, {}).items() if b >= oldest}
-        bucket = event.ts // width
-        if bucket >= oldest:
-            per_type = list(buckets.get(bucket, _NO_COUNTS))
-            per_type[index] += 1
-            buckets[bucket] = tuple(per_type)
-        updated[name] = buckets
+        buckets = {b: list(c) for b, c in counts.get(name, {}).items() if b >= oldest}
+        for ts, event_type in added:
+            bucket = ts // width
+            if bucket >= oldest:
+                buckets.setdefault(bucket, list(_NO_COUNTS))[TYPE_INDEX[event_type]] += 1
+        updated[name] = {b: tuple(c) for b, c in buckets.items()}
     return updated
 
 
 _NO_COUNTS = (0,) * len(EVENT_TYPE_NAMES)
-
-
-def _session(state: UserState, event: Event, gap_ms: int) -> tuple[str, int, int]:
-    """(id, start ts, events) of the user's session after `event`."""
-    if state.last_ts is None or state.session_id is None or event.ts - state.last_ts > gap_ms:
-        return event.event_id, event.ts, 1
-    start = event.ts if state.session_start_ts is None else min(state.session_start_ts, event.ts)
-    return state.session_id, start, state.session_events + 1
 
 
 # --- what readers see ------------------------------------------------------------
@@ -236,6 +292,7 @@ def _session(state: UserState, event: Event, gap_ms: int) -> tuple[str, int, int
 
 def window_totals(state: UserState, params: FeatureParams) -> list[list[int]]:
     """Per window (in params order), the events per type (in EVENT_TYPE_NAMES order)."""
+    state = view(state, params)
     result = []
     for name, width in params.window_buckets:
         totals = [0] * len(EVENT_TYPE_NAMES)
@@ -260,6 +317,7 @@ def window_counts(state: UserState, params: FeatureParams) -> dict[tuple[str, st
 
 def feature_fields(state: UserState, params: FeatureParams) -> dict[str, str]:
     """The `features` hash of a user: field -> value (all values as strings)."""
+    state = view(state, params)
     fields = {
         field_name: str(n)
         for names, totals in zip(params.count_fields, window_totals(state, params), strict=True)
@@ -282,8 +340,9 @@ def _text(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
-def recent_item_ids(state: UserState) -> list[str]:
+def recent_item_ids(state: UserState, params: FeatureParams) -> list[str]:
     """The `recent` list of a user, newest first."""
+    state = view(state, params)
     return [item_id for _, item_id in state.recent]
 
 
@@ -374,8 +433,9 @@ def encode_state(state: UserState) -> bytes:
         "dwell": [state.dwell_total_ms, state.dwell_events],
         "session": [state.session_id, state.session_start_ts, state.session_events],
         "seen": state.seen,
-        "horizon_ts": state.horizon_ts,
         "events": state.events_applied,
+        "pending": state.pending,
+        "clock": state.clock_ts,
     }
     return _ENCODER.encode(document).encode()
 
@@ -389,7 +449,7 @@ def decode_state(data: bytes | str | None, params: FeatureParams | None = None) 
     if not data:
         return UserState()
     document = _DECODER.decode(data.decode() if isinstance(data, bytes) else data)
-    if document.get("format") != STATE_FORMAT:
+    if document.get("format") not in (1, STATE_FORMAT):
         return UserState()
     names = None if params is None else {name for name, _ in params.windows}
     session_id, session_start, session_events = document["session"]
@@ -408,6 +468,7 @@ def decode_state(data: bytes | str | None, params: FeatureParams | None = None) 
         session_start_ts=session_start,
         session_events=session_events,
         seen=document["seen"],
-        horizon_ts=document["horizon_ts"],
         events_applied=document["events"],
+        pending=tuple(map(tuple, document.get("pending", ()))),
+        clock_ts=document.get("clock", document["last_ts"]),
     )

@@ -229,6 +229,10 @@ class FeaturesSpec(ApiModel):
     """Sliding windows for the per-type event counts."""
     batch_size: int = Field(default=500, ge=1, le=10_000)
     """Events handled (and written to the store) per batch."""
+    allowed_lateness: Duration = "10m"
+    """An event up to this far behind its user's newest event is applied in its place
+    (counts, recent items and sessions as if events had arrived in order); a later one
+    goes to the dead-letter topic with reason `late`."""
     store: StoreSpec = Field(default_factory=StoreSpec)
     """The online feature store."""
     online_updates: OnlineUpdatesSpec = Field(default_factory=OnlineUpdatesSpec)
@@ -368,6 +372,22 @@ class ServingSpec(ApiModel):
     """TorchServe's per-request timeout for the handler."""
 
 
+class RequestIdKeysSpec(ApiModel):
+    """The Secret holding the keys the gateway signs request ids with (HMAC-SHA256).
+
+    Clicks are attributed to a model version through the request id of the answer they
+    follow, and only ids that verify count, so every replica must share the keys. Rotate
+    by moving the current value to `previousKey` and writing a new `currentKey`: ids
+    signed with either verify."""
+
+    secret_name: DnsLabel
+    """Name of the Secret (in the resource's namespace)."""
+    current_key: str = Field(default="current", min_length=1)
+    """Key of the signing key (at least 16 bytes)."""
+    previous_key: str = Field(default="previous", min_length=1)
+    """Key of the key before the last rotation (optional in the Secret)."""
+
+
 class GatewaySpec(ApiModel):
     """The gateway: the only endpoint clients call."""
 
@@ -377,6 +397,10 @@ class GatewaySpec(ApiModel):
     """Initial replicas."""
     timeout_ms: int = Field(default=250, ge=1, le=60_000)
     """Serving call timeout; past it the gateway answers from the popularity fallback."""
+    request_id_keys: RequestIdKeysSpec | None = None
+    """Where the request-id signing keys are. Without it each gateway pod signs with a
+    random key of its own, so a click reaching another replica (or the same one after a
+    restart) than the answer it follows is refused: set it with more than one replica."""
     resources: ResourceRequirements = Field(
         default_factory=lambda: ResourceRequirements(
             requests={"cpu": "250m", "memory": "256Mi"}, limits={"memory": "512Mi"}

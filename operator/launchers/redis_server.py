@@ -1,4 +1,4 @@
-"""A real redis-server on loopback, persistence off, for local mode and tests."""
+"""A real redis-server on loopback, append-only persistence, for local mode and tests."""
 
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ def redis_process(run_dir: Path, port: int | None = None) -> ManagedProcess:
         str(data),
         "--save",
         "",
-        "--appendonly",
-        "no",
+        *("--appendonly", "yes", "--appendfsync", "everysec"),  # survives kill -9
         "--protected-mode",
         "yes",
         "--daemonize",

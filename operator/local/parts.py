@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from recsys_contracts.env_vars import GatewayEnv
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.launchers.process import LOOPBACK, ManagedProcess, ProcessFailed, free_port
 from recsys_operator.local.desired_state import plain_env
@@ -98,9 +99,15 @@ class Parts:
             sys.executable, "-m", "gateway", "run",
             "--routing", str(self.folder.routing),
             "--host", LOOPBACK, "--port", str(port),
+            # Events not yet acknowledged at a stop are resent by the restarted gateway.
+            "--event-spill", str(self.folder.root / "gateway-events.spill"),
         ]  # fmt: skip
+        # One signing key per run folder: clicks on answers from before a gateway restart
+        # still verify (in a cluster the key comes from a Secret).
+        env = {GatewayEnv.REQUEST_ID_KEY: self.folder.request_id_key()}
         return self.start(
-            "gateway", ManagedProcess("gateway", argv, self.folder.logs / "gateway.log", port)
+            "gateway",
+            ManagedProcess("gateway", argv, self.folder.logs / "gateway.log", port, env=env),
         )
 
     def start_feature_job(self, system: RecommenderSystem) -> ManagedProcess:

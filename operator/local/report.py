@@ -79,6 +79,7 @@ class Report:
         desired_version: str | None,
         parts: dict[str, ManagedProcess],
         urls: dict[str, str],
+        topics: dict[str, str],
         rollout: dict[str, Any] | None,
     ) -> dict[str, Any]:
         return {
@@ -89,6 +90,8 @@ class Report:
             "supervisor": {"pid": os.getpid(), "startTime": process_start_time(os.getpid())},
             "parts": {name: part_entry(process) for name, process in parts.items()},
             "urls": urls,
+            # `recsys events send` targets the running system with these by default.
+            "topics": topics,
             "desiredVersion": desired_version,
             "rollout": rollout,
             "events": [vars(e) for e in self.events],

@@ -5,6 +5,8 @@
       state.json        what the supervisor reports: parts, PIDs, URLs, the rollout
       rollout-action    a one-shot manual action (abort, promote), like the annotation
       routing.json      the gateway's routing, rewritten on every traffic change
+      request-id.key    the gateway's request-id signing key (made once, mode 0600)
+      gateway-events.spill  events a stopped gateway had not sent yet (resent at start)
       model-store/      <name>-<version>.mar archives TorchServe loads
       embeddings/       <version>.mar links: the feature job keeps every served version fresh
       trained/          models trained on synthetic data (reused across runs)
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +91,17 @@ class RunFolder:
     @property
     def routing(self) -> Path:
         return self.root / "routing.json"
+
+    def request_id_key(self) -> str:
+        """The local gateway's signing key, made on first use and kept for the folder's
+        life, so a restarted gateway still verifies the ids it issued before."""
+        path = self.root / "request-id.key"
+        if not path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as out:
+                out.write(secrets.token_hex(32))
+        return path.read_text().strip()
 
     @property
     def model_store(self) -> Path:

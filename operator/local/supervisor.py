@@ -38,7 +38,7 @@ from recsys_operator.local.rollout import LocalRollout
 from recsys_operator.local.run_folder import RunFolder
 from recsys_operator.local.scrape_targets import ScrapeTargets
 from recsys_operator.local.traffic import LocalRouter, ModelServers
-from recsys_operator.render.naming import system_id
+from recsys_operator.render.naming import TOPIC_NAMES, system_id, topic_url
 
 log = logging.getLogger("recsys.local")
 
@@ -158,6 +158,7 @@ class LocalSystem:
             desired_version=system.spec.model.version if system else None,
             parts=self.parts.all(),
             urls=self._urls(),
+            topics={k: topic_url(system, v) for k, v in TOPIC_NAMES.items()} if system else {},
             rollout=self.rollout.describe() if self.rollout else None,
         )
 

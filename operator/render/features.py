@@ -69,6 +69,7 @@ def feature_job_env(system: RecommenderSystem) -> list[dict[str, Any]]:
         "last_n": str(features.last_n),
         "windows": ",".join(features.windows),
         "batch_size": str(features.batch_size),
+        "allowed_lateness": features.allowed_lateness,
         "online_updates": str(features.online_updates.enabled).lower(),
         "learning_rate": str(features.online_updates.learning_rate),
         "decay": str(features.online_updates.decay),

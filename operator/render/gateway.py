@@ -43,6 +43,21 @@ RBAC_GROUP = "rbac.authorization.k8s.io"
 RBAC_API_VERSION = f"{RBAC_GROUP}/v1"
 
 
+def request_id_key_env(system: RecommenderSystem) -> list[dict[str, Any]]:
+    """The request-id signing keys from their Secret (the previous one may be absent)."""
+    keys = system.spec.gateway.request_id_keys
+    if keys is None:
+        return []
+
+    def ref(key: str, optional: bool) -> dict[str, Any]:
+        return {"secretKeyRef": {"name": keys.secret_name, "key": key, "optional": optional}}
+
+    return [
+        {"name": GatewayEnv.REQUEST_ID_KEY, "valueFrom": ref(keys.current_key, False)},
+        {"name": GatewayEnv.REQUEST_ID_PREVIOUS_KEY, "valueFrom": ref(keys.previous_key, True)},
+    ]
+
+
 def gateway_routing(system: RecommenderSystem, plan: TrafficPlan) -> dict[str, Any]:
     """What the gateway needs to route a request (`recsys_contracts.routing`): versions,
     weights, endpoints, topics, as the JSON document the ConfigMap holds."""
@@ -160,6 +175,7 @@ def build_gateway_deployment(
         "env": [
             {"name": GatewayEnv.ADDRESS, "value": f"0.0.0.0:{GATEWAY_PORT}"},
             *pulsar_token_env(system),
+            *request_id_key_env(system),
         ],
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
         "resources": container_resources(gateway.resources),

@@ -463,3 +463,26 @@ def test_serving_pods_tell_the_handler_its_limits() -> None:
         env["RECSYS_SYSTEM_ID"] == "recsys-prod.home-feed"
         and env["RECSYS_MODEL_VERSION"] == "2026-11-20"
     )
+
+
+def test_the_gateway_reads_its_request_id_keys_from_the_named_secret() -> None:
+    doc = load("quickstart.yaml")[0]
+    doc["spec"].setdefault("gateway", {})["requestIdKeys"] = {"secretName": "gateway-keys"}
+    env = gateway_env(render_system(RecommenderSystem.model_validate(doc), HPA_POLICY))
+    assert env["RECSYS_GATEWAY_REQUEST_ID_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "gateway-keys", "key": "current", "optional": False}
+    }
+    assert env["RECSYS_GATEWAY_REQUEST_ID_PREVIOUS_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "gateway-keys", "key": "previous", "optional": True}
+    }
+    without = gateway_env(render_system(quickstart(), HPA_POLICY))
+    assert "RECSYS_GATEWAY_REQUEST_ID_KEY" not in without
+
+
+def gateway_env(resources: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    deployment = next(
+        r
+        for r in resources
+        if r["kind"] == "Deployment" and r["metadata"]["name"].endswith("-gateway")
+    )
+    return {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}

@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pulsar
@@ -18,7 +19,7 @@ from serving_stub import ServingStub
 
 from recsys_contracts.events import EventType, now_ms, parse_event
 from recsys_operator.launchers.process import ManagedProcess, free_port
-from recsys_operator.launchers.pulsar_broker import service_url
+from recsys_operator.launchers.pulsar_broker import broker_process, service_url
 
 pytestmark = [pytest.mark.broker, pytest.mark.xdist_group("gateway-pulsar")]
 
@@ -106,7 +107,7 @@ def test_impressions_and_client_events_arrive_keyed_by_user(
     client_events = [
         {"type": "click", "user_id": clicked["user_id"], "item_id": clicked["item_ids"][1], "request_id": clicked["request_id"]},
         {"type": "view", "user_id": "erin", "item_id": "item-9"},
-        {"type": "dwell", "user_id": "erin", "item_id": "item-9", "dwell_ms": 5300, "ts": 1767225600000, "event_id": "erin-dwell-1"},
+        {"type": "dwell", "user_id": "erin", "item_id": "item-9", "dwell_ms": 5300, "ts": started_ms - 3_600_000, "event_id": "erin-dwell-1"},
     ]  # fmt: skip
     answer = http.post(f"{gateway.url}/v1/events", json=client_events, timeout=10)
     assert answer.status_code == 202
@@ -122,7 +123,11 @@ def test_impressions_and_client_events_arrive_keyed_by_user(
     assert view.model_version is None and view.request_id is None
     assert started_ms - 1000 <= view.ts <= now_ms() + 1000  # the gateway's receive time
     _, dwell = received[EventType.DWELL]
-    assert (dwell.event_id, dwell.ts, dwell.dwell_ms) == ("erin-dwell-1", 1767225600000, 5300)
+    assert (dwell.event_id, dwell.ts, dwell.dwell_ms) == (
+        "erin-dwell-1",
+        started_ms - 3_600_000,
+        5300,
+    )
 
     metrics_url = f"{gateway.url}/metrics"
     wait_until(
@@ -175,3 +180,67 @@ def test_with_the_broker_down_requests_succeed_and_losses_are_counted(
     # Logged, rate-limited: a handful of lines for 60 losses.
     drop_lines = [r for r in caplog.records if "event dropped" in r.getMessage()]
     assert 1 <= len(drop_lines) <= 6
+
+
+def test_with_the_broker_down_for_good_every_accepted_event_is_spilled_then_delivered(
+    serving: ServingStub,
+    start_gateway: StartGateway,
+    http: requests.Session,
+    tmp_path: Path,
+    topics: tuple[str, str],
+) -> None:
+    """Broker down for the gateway's whole life: nothing is lost at shutdown. The next
+    gateway, once the broker is up, sends every spilled event exactly once."""
+    port = free_port()
+    routing = routing_document(serving, pulsar=f"pulsar://127.0.0.1:{port}", topics=topics)
+    spill = tmp_path / "events.spill"
+    first = start_gateway(routing, event_spill_path=spill, pulsar_timeout_s=1)
+    sent_ids = set()
+    for n in range(20):
+        answer = http.post(
+            f"{first.url}/v1/recommend", json={"user_id": f"u{n}", "k": 2}, timeout=10
+        )
+        assert answer.status_code == 200
+        event = {"type": "view", "user_id": f"u{n}", "item_id": "item-1", "event_id": f"view-{n}"}
+        assert http.post(f"{first.url}/v1/events", json=event, timeout=10).status_code == 202
+        sent_ids.add(f"view-{n}")
+    buffered = metric_value(
+        http.get(f"{first.url}/metrics", timeout=10).text, "recsys_gateway_events_buffered"
+    )
+    assert 38 <= buffered <= 40  # one or two may be in the sender's hands
+    registry = first.gateway.metrics
+    started = time.monotonic()
+    first.stop()
+    assert time.monotonic() - started < 15  # a bounded drain, whatever the broker does
+    text = registry.exposition().decode()
+    assert metric_value(text, "recsys_gateway_events_spilled_total") == 40
+    assert metric_value(text, "recsys_gateway_events_dropped_total") == 0
+    assert len(spill.read_text().splitlines()) == 40
+
+    broker = broker_process(tmp_path / "broker", port=port).start()
+    try:
+        second = start_gateway(routing, event_spill_path=spill)
+        assert not spill.exists()
+        client = pulsar.Client(
+            f"pulsar://127.0.0.1:{port}", logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn)
+        )
+        try:
+            interactions = receive(subscribe(client, topics[0]), 20, timeout_s=30)
+            impressions = receive(subscribe(client, topics[1]), 20, timeout_s=30)
+        finally:
+            client.close()
+        assert {parse_event(m.data()).event_id for m in interactions} == sent_ids
+        assert len({parse_event(m.data()).event_id for m in impressions}) == 20
+        text = http.get(f"{second.url}/metrics", timeout=10).text
+        assert metric_value(text, "recsys_gateway_events_restored_total") == 40
+        wait_until(
+            lambda: (
+                metric_value(
+                    http.get(f"{second.url}/metrics", timeout=10).text,
+                    "recsys_gateway_events_sent_total",
+                )
+                == 40
+            )
+        )
+    finally:
+        broker.stop()

@@ -113,6 +113,9 @@ def test_each_user_stays_on_one_variant(
         ("/v1/events", b'[{"type": "view", "user_id": "u", "item_id": "i"}, {"type": "dwell", "user_id": "u", "item_id": "i"}]', 422, "[1].dwell_ms"),
         ("/v1/events", b'{"type": "click", "user_id": "u", "item_id": "i", "request_id": "r-1"}', 422, "request_id"),
         ("/v1/events", b'{"type": "view", "user_id": "u", "item_id": "i", "ts": 1767225600}', 422, "ts"),
+        ("/v1/events", b'{"type": "view", "user_id": "u", "item_id": "i", "ts": 126230400000}', 422, "ts"),
+        ("/v1/events", b'{"type": "view", "user_id": "u", "item_id": "i", "ts": 99999999999999}', 422, "ts"),
+        ("/v1/events", b'[{"type": "view", "user_id": "u", "item_id": "i"}, {"type": "view", "user_id": "u", "item_id": "i", "ts": 126230400000}]', 422, "[1].ts"),
         ("/v1/events", b'{"type": "view", "user_id": "u", "item_id": "i", "model_version": "2"}', 422, "model_version"),
     ],
 )  # fmt: skip
@@ -362,6 +365,42 @@ def test_outcomes_are_counted_per_user_bucket_for_the_serving_version(
     assert {(lab["model_version"], lab["bucket"]) for lab in labels} == {
         (v, str(b)) for v in ("1", "2") for b in range(ANALYSIS_BUCKETS)
     }
+
+
+def test_a_forged_click_is_refused_counted_and_never_reaches_ctr(
+    serving: ServingStub, start_gateway: StartGateway, http: requests.Session
+) -> None:
+    gateway = start_gateway(routing_document(serving, canary="999", weight=50, salt="s3"))
+    genuine = recommend(http, gateway.url, user_id="u", k=1).json()["request_id"]
+    forged = "0" * 64 + ".canary.999"
+    click = {"type": "click", "user_id": "u", "item_id": "i"}
+    one = http.post(f"{gateway.url}/v1/events", json={**click, "request_id": forged}, timeout=10)
+    assert one.status_code == 422 and one.json()["field"] == "request_id"
+    batch = [{**click, "request_id": genuine}, {**click, "request_id": forged}]
+    refused = http.post(f"{gateway.url}/v1/events", json=batch, timeout=10)
+    assert refused.status_code == 422 and refused.json()["field"] == "[1].request_id"
+    metrics = http.get(f"{gateway.url}/metrics", timeout=10).text
+    assert metric_value(metrics, "recsys_gateway_unverified_request_ids_total") == 2
+    assert metric_value(metrics, "recsys_clicks_total") == 0  # the batch was refused whole
+    accepted = http.post(
+        f"{gateway.url}/v1/events", json={**click, "request_id": genuine}, timeout=10
+    )
+    assert accepted.status_code == 202
+    metrics = http.get(f"{gateway.url}/metrics", timeout=10).text
+    assert metric_value(metrics, "recsys_clicks_total") == 1
+
+
+def test_replicas_sharing_keys_verify_each_others_ids_across_a_rotation(
+    serving: ServingStub, start_gateway: StartGateway, http: requests.Session
+) -> None:
+    old, new = b"o" * 32, b"n" * 32
+    before = start_gateway(routing_document(serving), request_id_keys=(old,))
+    after = start_gateway(routing_document(serving), request_id_keys=(new, old))
+    request_id = recommend(http, before.url, user_id="u", k=1).json()["request_id"]
+    click = {"type": "click", "user_id": "u", "item_id": "i", "request_id": request_id}
+    assert http.post(f"{after.url}/v1/events", json=click, timeout=10).status_code == 202
+    stranger = start_gateway(routing_document(serving), request_id_keys=(new,))
+    assert http.post(f"{stranger.url}/v1/events", json=click, timeout=10).status_code == 422
 
 
 def test_health_and_errors_of_the_http_layer_are_json(

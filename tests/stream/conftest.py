@@ -73,6 +73,8 @@ def job_settings(
         batch_size=100,
         batch_wait="10ms",
         max_future="3650d",  # the tests' events carry fixed past and future times
+        max_past="3650d",
+        rebuild_when_empty=False,  # tests that rebuild turn it on
         metrics_address=None,
         drain_timeout="5s",
     )

@@ -228,7 +228,7 @@ def expected_content(
         )
         users[user] = {
             "state": encode_state(update.state),
-            "recent": [i.encode() for i in recent_item_ids(update.state)],
+            "recent": [i.encode() for i in recent_item_ids(update.state, params)],
             "features": {
                 k.encode(): v.encode() for k, v in feature_fields(update.state, params).items()
             },

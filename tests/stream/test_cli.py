@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import redis
 from stream_support import consume
 from typer.testing import CliRunner
 
+from recsys_contracts import feature_keys as keys
 from recsys_contracts.events import parse_event
 from recsys_operator.cli import app
+from recsys_operator.launchers.process import free_port
 
 runner = CliRunner()
 
@@ -116,3 +121,74 @@ def test_the_cli_lists_the_commands() -> None:
         "--learning-rate",
     ):
         assert flag in options
+
+
+@pytest.mark.broker
+@pytest.mark.redis
+def test_features_rebuild_replays_the_topic_into_the_store_and_reports_what_it_did(
+    tmp_path: Path, pulsar_url: str, topic: str, store_url: str, system: str
+) -> None:
+    source = tmp_path / "events.jsonl"
+    source.write_text("\n".join(LINES) + "\n")
+    runner.invoke(
+        app, ["events", "send", str(source), "--service-url", pulsar_url, "--topic", topic]
+    )
+    args = ["features", "rebuild", "--system-id", system, "--pulsar-service-url", pulsar_url]
+    args += ["--interactions-topic", topic, "--redis-url", store_url]
+    env = {"RECSYS_MAX_PAST": "3650d", "RECSYS_ONLINE_UPDATES": "false"}
+    first = runner.invoke(app, args, env=env)
+    assert first.exit_code == 0, first.output
+    assert "read 3 events" in first.stdout and "3 applied" in first.stdout
+    again = runner.invoke(app, args, env=env)
+    assert "3 duplicate" in again.stdout and "applied" not in again.stdout
+    store = redis.Redis.from_url(store_url)
+    assert store.lrange(keys.recent_items_key(system, "u1"), 0, -1) == [b"i1"]
+
+
+def test_events_send_without_a_target_says_what_it_could_not_find(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RECSYS_EVENTS_SERVICE_URL", raising=False)
+    monkeypatch.delenv("RECSYS_EVENTS_TOPIC", raising=False)
+    result = runner.invoke(app, ["events", "send"], input=LINES[0] + "\n")
+    assert result.exit_code == 2
+    assert "no running local system found" in result.stderr and "recsys up" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_events_send_to_an_unreachable_broker_fails_fast_and_clearly(tmp_path: Path) -> None:
+    nowhere = ["--service-url", f"pulsar://127.0.0.1:{free_port()}"]
+    nowhere += ["--topic", "persistent://public/default/nowhere", "--timeout", "2"]
+    started = time.monotonic()
+    result = runner.invoke(app, ["events", "send", *nowhere], input=LINES[0] + "\n")
+    assert result.exit_code == 2, result.output
+    assert time.monotonic() - started < 15
+    assert "could not send to persistent://public/default/nowhere" in result.stderr
+    assert "may still have been stored" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.broker
+def test_events_send_targets_the_running_local_system_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pulsar_url: str, topic: str
+) -> None:
+    run = tmp_path / ".runs" / "default.quickstart"
+    run.mkdir(parents=True)
+    state = {
+        "system": "default.quickstart",
+        "supervisor": {"pid": os.getpid()},  # a live process: the system is running
+        "urls": {"pulsar": pulsar_url},
+        "topics": {"interactions": topic},
+    }
+    (run / "state.json").write_text(json.dumps(state))
+    stopped = tmp_path / ".runs" / "default.stopped"
+    stopped.mkdir()
+    (stopped / "state.json").write_text(json.dumps({**state, "supervisor": {"pid": 2**22 + 7}}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RECSYS_EVENTS_SERVICE_URL", raising=False)
+    monkeypatch.delenv("RECSYS_EVENTS_TOPIC", raising=False)
+    result = runner.invoke(app, ["events", "send"], input=LINES[0] + "\n")
+    assert result.exit_code == 0, result.output
+    assert f"sent 1 events to {topic}" in result.stdout
+    assert parse_event(consume(pulsar_url, topic, 1, timeout=20)[0].data()).event_id == "a1"

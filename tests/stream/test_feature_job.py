@@ -8,11 +8,13 @@ batching, grouping, writes, acks, dead letters and failures.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pulsar
 import pytest
 import redis
 from stream_support import (
@@ -37,7 +39,9 @@ from recsys_contracts.events import Event
 from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
 from recsys_operator.launchers.process import ManagedProcess, free_port
 from recsys_operator.launchers.redis_server import redis_process, redis_url
+from stream_jobs.features import FeatureJob
 from stream_jobs.item_embeddings import EmbeddingCatalog
+from stream_jobs.rebuild import rebuild, store_is_empty
 from stream_jobs.user_features import FeatureParams
 
 pytestmark = [pytest.mark.broker, pytest.mark.redis]
@@ -318,3 +322,103 @@ def test_an_idle_job_reopens_its_subscription_and_misses_nothing(
         )
         assert outcome_total(job.metrics.registry, "applied") == len(events)
         assert outcome_total(job.metrics.registry, "duplicate") == 0
+
+
+# --- event time ---------------------------------------------------------------------
+
+
+def test_events_within_the_lateness_apply_in_place_and_later_ones_are_dead_lettered(
+    job_settings: FeatureJobSettings, store: redis.Redis, pulsar_url: str, topic: str
+) -> None:
+    settings = job_settings.model_copy(update={"allowed_lateness": "10m", "max_past": "400d"})
+    minute = 60_000
+
+    def click(n: int, ts: int) -> Event:
+        return Event(event_id=f"t{n}", user_id="late-user", item_id=f"i{n}", type="click", ts=ts)
+
+    newest = click(1, BASE_TS + 60 * minute)
+    in_time = click(2, BASE_TS + 51 * minute)  # 9 minutes behind: applied in its place
+    too_late = click(3, BASE_TS + 45 * minute)  # 15 minutes behind
+    ancient = click(4, BASE_TS - 401 * 1440 * minute)  # past max_past
+    produce_events(pulsar_url, topic, [newest, in_time, too_late, ancient])
+    expected = reference(settings, [newest, in_time])
+    with running_job(settings) as job:
+        wait_until(lambda: matches(store, settings, expected), 30, "the events in time")
+        letters = [dead_letter(m) for m in _consume_dead_letters(pulsar_url, settings, 2)]
+        registry = job.metrics.registry
+        dead = {
+            code: sample(registry, "recsys_feature_dead_letters_total", {"reason": code})
+            for code in ("late", "past_ts")
+        }
+        late_outcomes = outcome_total(registry, "late")
+    assert dead == {"late": 1, "past_ts": 1} and late_outcomes == 1
+    by_code = {letter["code"]: json.loads(letter["payload"]) for letter in letters}
+    assert by_code["late"]["event_id"] == "t3" and by_code["past_ts"]["event_id"] == "t4"
+    recent = [
+        i.decode()
+        for i in store.lrange(keys.recent_items_key(settings.system_id, "late-user"), 0, -1)
+    ]
+    assert recent == ["i1", "i2"]
+
+
+# --- state that survives and can be rebuilt ------------------------------------------
+
+
+def test_redis_killed_mid_stream_comes_back_with_every_users_state(
+    job_settings: FeatureJobSettings, own_redis: RestartableRedis, pulsar_url: str, topic: str
+) -> None:
+    """kill -9 of redis-server (append-only file, fsync every second): after the restart
+    the store holds everything acked before the kill and what arrived meanwhile."""
+    settings = job_settings.model_copy(update={"redis_url": own_redis.url})
+    stream = interleave_users(known_stream(users=4, per_user=20, seed=11))
+    before, during = stream[:50], stream[50:]
+    client = redis.Redis.from_url(own_redis.url)
+    with running_job(settings):
+        produce_events(pulsar_url, topic, before)
+        expected_before = reference(settings, before)
+        wait_until(lambda: matches(client, settings, expected_before), 30, "the first events")
+        popen = own_redis.process.popen if own_redis.process else None
+        assert popen is not None
+        popen.kill()  # SIGKILL: no SAVE, no shutdown hook
+        popen.wait(10)
+        produce_events(pulsar_url, topic, during)
+        time.sleep(0.5)
+        own_redis.start()
+        expected = reference(settings, stream)
+        wait_until(lambda: matches(client, settings, expected), 40, "every event after the restart")
+
+
+def test_a_wiped_store_is_rebuilt_from_the_topic_equal_to_an_uninterrupted_run(
+    job_settings: FeatureJobSettings, store: redis.Redis, pulsar_url: str, topic: str
+) -> None:
+    stream = interleave_users(known_stream(users=5, per_user=20, seed=3))
+    produce_events(pulsar_url, topic, stream)
+    expected = reference(job_settings, stream)
+    with running_job(job_settings):
+        wait_until(lambda: matches(store, job_settings, expected), 30, "the uninterrupted run")
+    uninterrupted = content(store, job_settings, expected)
+
+    def wipe() -> None:
+        for key in store.scan_iter(match=f"recsys:v1:{job_settings.system_id}:*"):
+            store.delete(key)
+
+    wipe()
+    assert store_is_empty(store, job_settings.system_id)
+    job = FeatureJob(job_settings, store_client=store)
+    job.catalog.refresh()
+    client = pulsar.Client(pulsar_url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn))
+    try:
+        report = rebuild(job_settings, client, job.store, job.catalog.versions)
+        assert report.read == len(stream) and report.outcomes["applied"] == len(stream)
+        assert content(store, job_settings, expected) == uninterrupted
+        again = rebuild(job_settings, client, job.store, job.catalog.versions)  # idempotent
+        assert again.outcomes["applied"] == 0
+        assert content(store, job_settings, expected) == uninterrupted
+    finally:
+        client.close()
+
+    # The job does it by itself when it starts on an empty store.
+    wipe()
+    with running_job(job_settings.model_copy(update={"rebuild_when_empty": True})):
+        wait_until(lambda: matches(store, job_settings, expected), 30, "the rebuild at start")
+    assert content(store, job_settings, expected) == uninterrupted

@@ -43,6 +43,7 @@ def job_process(settings: FeatureJobSettings, log: Path) -> ManagedProcess:
         "RECSYS_REDIS_URL": settings.redis_url,
         "RECSYS_WINDOWS": ",".join(settings.windows),
         "RECSYS_MAX_FUTURE": settings.max_future,
+        "RECSYS_MAX_PAST": settings.max_past,
     }
     argv = [
         sys.executable, "-m", "stream_jobs.features",

@@ -11,7 +11,7 @@ from recsys_contracts import feature_keys as keys
 from recsys_contracts.events import Event
 from stream_jobs.feature_store import FeatureStore, StoreLayout
 from stream_jobs.item_embeddings import ItemEmbeddings
-from stream_jobs.user_features import FeatureParams, decode_state
+from stream_jobs.user_features import FeatureParams, decode_state, view
 
 pytestmark = pytest.mark.redis
 
@@ -36,7 +36,7 @@ def test_a_batch_writes_every_key_of_its_users(store: redis.Redis, system: str) 
     assert store.hget(keys.features_key(system, "w"), "count:click:1h") == b"1"
     vector = keys.decode_embedding(store.get(keys.embedding_key(system, "u", "v1")) or b"", 2)
     assert vector is not None and np.allclose(vector, [0.098, 0.1])
-    assert decode_state(store.get(keys.state_key(system, "u"))).events_applied == 2
+    assert view(decode_state(store.get(keys.state_key(system, "u"))), PARAMS).events_applied == 2
     assert {m for m, _ in store.zrange(keys.popular_items_key(system), 0, -1, withscores=True)} == {
         b"i1",
         b"i2",
@@ -76,7 +76,7 @@ def test_a_concurrent_writer_makes_the_batch_retry_instead_of_losing_its_update(
 
     first._compute = compute_while_another_writes  # type: ignore[method-assign]
     first.apply({"u": [click(1)]}, ITEMS)
-    state = decode_state(store.get(keys.state_key(system, "u")))
+    state = view(decode_state(store.get(keys.state_key(system, "u"))), PARAMS)
     assert set(state.seen) == {"e1", "e7"} and state.events_applied == 2
 
 

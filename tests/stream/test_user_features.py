@@ -13,6 +13,7 @@ from recsys_contracts.events import Event, EventType
 from stream_jobs.item_embeddings import ItemEmbeddings
 from stream_jobs.user_features import (
     EVENT_TYPE_NAMES,
+    MAX_PENDING,
     FeatureParams,
     Outcome,
     UserState,
@@ -25,13 +26,16 @@ from stream_jobs.user_features import (
     recent_item_ids,
     update_embedding,
     update_user,
+    view,
     window_counts,
 )
 
 T0 = 1_767_225_600_000
 MIN = 60_000
 HOUR = 60 * MIN
-PARAMS = FeatureParams(last_n=3, session_gap_ms=30 * MIN)
+PARAMS = FeatureParams(last_n=3, session_gap_ms=30 * MIN, allowed_lateness_ms=HOUR)
+# Every event of a property stream (about two days) is within this lateness.
+ANY_ORDER = 100 * HOUR
 
 
 def ev(n: int, ts: int, kind: str = "click", item: str | None = None, **extra: object) -> Event:
@@ -46,7 +50,8 @@ def ev(n: int, ts: int, kind: str = "click", item: str | None = None, **extra: o
 
 
 def fold(events: list[Event], params: FeatureParams = PARAMS) -> UserState:
-    return fold_events(UserState(), events, params)[0]
+    """What readers see after `events` arrived in this order."""
+    return view(fold_events(UserState(), events, params)[0], params)
 
 
 # --- examples ----------------------------------------------------------------------
@@ -82,17 +87,39 @@ def test_recent_items_are_newest_first_trimmed_and_exclude_impressions() -> None
         ev(4, T0 + 3000),
         ev(5, T0 + 4000),
     ]
-    assert recent_item_ids(fold(events)) == ["i5", "i4", "i2"]
+    assert recent_item_ids(fold(events), PARAMS) == ["i5", "i4", "i2"]
 
 
 def test_a_late_event_takes_its_place_by_time_in_recent_items_and_windows() -> None:
     state = fold([ev(1, T0), ev(2, T0 + 10_000), ev(3, T0 + 5_000)])
-    assert recent_item_ids(state) == ["i2", "i3", "i1"]
+    assert recent_item_ids(state, PARAMS) == ["i2", "i3", "i1"]
     assert state.last_ts == T0 + 10_000
-    assert state.previous_gap_ms == 10_000  # a late event does not change the newest two
-    too_late_for_1h = fold([ev(1, T0 + 2 * HOUR), ev(2, T0)])
-    assert window_counts(too_late_for_1h, PARAMS)[("1h", "click")] == 1
-    assert window_counts(too_late_for_1h, PARAMS)[("24h", "click")] == 2
+    assert state.previous_gap_ms == 5_000  # as sorted: the newest two are e3 and e2
+    lenient = FeatureParams(allowed_lateness_ms=3 * HOUR)
+    too_late_for_1h = fold([ev(1, T0 + 2 * HOUR), ev(2, T0)], lenient)
+    assert window_counts(too_late_for_1h, lenient)[("1h", "click")] == 1
+    assert window_counts(too_late_for_1h, lenient)[("24h", "click")] == 2
+
+
+def test_an_event_behind_the_allowed_lateness_is_late_and_changes_nothing() -> None:
+    params = FeatureParams(allowed_lateness_ms=10 * MIN)
+    state, _ = fold_events(UserState(), [ev(1, T0), ev(2, T0 + HOUR)], params)
+    after, outcome = apply_event(state, ev(3, T0 + HOUR - 11 * MIN), params)
+    assert outcome is Outcome.LATE and after is state
+    just_in_time, outcome = apply_event(state, ev(4, T0 + HOUR - 10 * MIN), params)
+    assert outcome is Outcome.APPLIED
+    assert recent_item_ids(just_in_time, params) == ["i2", "i4", "i1"]
+
+
+def test_a_very_active_user_settles_the_oldest_events_early_and_stays_bounded() -> None:
+    params = FeatureParams(allowed_lateness_ms=HOUR, dedup_capacity=10)
+    events = [ev(n, T0 + n) for n in range(MAX_PENDING + 50)]
+    state, outcomes = fold_events(UserState(), events, params)
+    assert set(outcomes) == {Outcome.APPLIED}
+    assert len(state.pending) == MAX_PENDING and len(state.seen) <= MAX_PENDING + 10
+    assert view(state, params).events_applied == len(events)
+    _, outcome = apply_event(state, ev(9999, T0 + 49), params)  # before a settled event
+    assert outcome is Outcome.LATE
 
 
 def test_sessions_split_on_gaps_and_late_events_join_the_current_one() -> None:
@@ -139,14 +166,16 @@ def test_a_seen_event_id_changes_nothing() -> None:
     assert outcome is Outcome.DUPLICATE and again is state
 
 
-def test_ids_evicted_from_the_seen_set_move_the_horizon_so_replays_stay_harmless() -> None:
-    params = FeatureParams(dedup_capacity=2)
-    state = fold([ev(1, T0), ev(2, T0 + 1000), ev(3, T0 + 2000)], params)
-    assert set(state.seen) == {"e2", "e3"} and state.horizon_ts == T0
-    replayed, outcome = apply_event(state, ev(1, T0), params)
-    assert outcome is Outcome.LATE and replayed is state
-    late_but_new, outcome = apply_event(state, ev(9, T0 + 500), params)
-    assert outcome is Outcome.APPLIED and late_but_new.events_applied == 4
+def test_pending_ids_are_kept_and_settled_ones_evicted_so_replays_stay_harmless() -> None:
+    params = FeatureParams(dedup_capacity=1, allowed_lateness_ms=1000)
+    events = [ev(1, T0), ev(2, T0 + 1000), ev(3, T0 + 2000), ev(4, T0 + 2500)]
+    state, _ = fold_events(UserState(), events, params)
+    assert set(state.seen) == {"e2", "e3", "e4"}  # e2 settled (newest 1), e3, e4 pending
+    for replay in events:
+        again, outcome = apply_event(state, replay, params)
+        assert outcome in (Outcome.DUPLICATE, Outcome.LATE) and again is state
+    late_but_new, outcome = apply_event(state, ev(9, T0 + 1600), params)
+    assert outcome is Outcome.APPLIED and view(late_but_new, params).events_applied == 5
 
 
 def test_state_survives_its_wire_form() -> None:
@@ -154,6 +183,10 @@ def test_state_survives_its_wire_form() -> None:
         [ev(1, T0, "dwell", dwell_ms=5), ev(2, T0 + 3 * HOUR), ev(3, T0 + 1000, "impression")]
     )
     assert decode_state(encode_state(state), PARAMS) == state
+    raw, _ = fold_events(
+        UserState(), [ev(1, T0), ev(2, T0 + 2 * HOUR), ev(3, T0 + 90 * MIN)], PARAMS
+    )
+    assert raw.pending and decode_state(encode_state(raw), PARAMS) == raw
     assert decode_state(None) == UserState()
     assert decode_state(b'{"format": 999}') == UserState()
 
@@ -243,7 +276,7 @@ PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 def test_counts_are_never_negative_and_the_bigger_window_holds_the_smaller(
     events: list[Event],
 ) -> None:
-    params = FeatureParams(dedup_capacity=1000)
+    params = FeatureParams(dedup_capacity=1000, allowed_lateness_ms=ANY_ORDER)
     counts = window_counts(fold(events, params), params)
     assert all(n >= 0 for n in counts.values())
     assert sum(counts[("24h", t)] for t in EVENT_TYPE_NAMES) <= len(events)
@@ -254,7 +287,7 @@ def test_counts_are_never_negative_and_the_bigger_window_holds_the_smaller(
 @PROPERTY
 @given(streams())
 def test_window_counts_equal_a_brute_force_count_over_the_buckets(events: list[Event]) -> None:
-    params = FeatureParams(dedup_capacity=1000)
+    params = FeatureParams(dedup_capacity=1000, allowed_lateness_ms=ANY_ORDER)
     counts = window_counts(fold(events, params), params)
     newest = max((e.ts for e in events), default=0)
     for name, window_ms in params.windows:
@@ -276,12 +309,12 @@ def test_window_counts_equal_a_brute_force_count_over_the_buckets(events: list[E
 def test_counts_and_recent_items_do_not_depend_on_arrival_order(
     events: list[Event], rnd: random.Random
 ) -> None:
-    params = FeatureParams(dedup_capacity=1000)
+    params = FeatureParams(dedup_capacity=1000, allowed_lateness_ms=ANY_ORDER)
     shuffled = events[:]
     rnd.shuffle(shuffled)
     a, b = fold(events, params), fold(shuffled, params)
     assert window_counts(a, params) == window_counts(b, params)
-    assert recent_item_ids(a) == recent_item_ids(b)
+    assert recent_item_ids(a, params) == recent_item_ids(b, params)
     assert (a.last_ts, a.events_applied, a.dwell_total_ms) == (
         b.last_ts,
         b.events_applied,
@@ -294,7 +327,7 @@ def test_counts_and_recent_items_do_not_depend_on_arrival_order(
 def test_replay_and_shuffled_duplicates_change_nothing(
     events: list[Event], rnd: random.Random, capacity: int
 ) -> None:
-    params = FeatureParams(dedup_capacity=capacity)
+    params = FeatureParams(dedup_capacity=capacity, allowed_lateness_ms=ANY_ORDER)
     once = fold(events, params)
     assert fold(events + events, params) == once  # a whole replay
     # duplicates of any events, each inserted anywhere after its original
@@ -310,3 +343,46 @@ def test_replay_and_shuffled_duplicates_change_nothing(
 def test_the_state_round_trips_through_json_after_any_stream(events: list[Event]) -> None:
     state = fold(events, PARAMS)
     assert decode_state(encode_state(state), PARAMS) == state
+
+
+@PROPERTY
+@given(
+    streams(),
+    st.lists(st.integers(0, 10 * MIN), min_size=40, max_size=40),
+    st.sampled_from([0, MIN, 10 * MIN]),
+    st.sampled_from([1, 64]),
+)
+def test_any_arrival_within_the_allowed_lateness_gives_the_sorted_streams_features(
+    events: list[Event], delays: list[int], lateness: int, capacity: int
+) -> None:
+    """Each event arrives up to `lateness` after its time (a delay), so every event is at
+    most `lateness` behind the newest one before it: features as for the sorted stream."""
+    params = FeatureParams(last_n=5, allowed_lateness_ms=lateness, dedup_capacity=capacity)
+    in_order = sorted(events, key=lambda e: (e.ts, e.event_id))
+    arrival = sorted(
+        events, key=lambda e: (e.ts + delays[int(e.event_id[1:])] * lateness // (10 * MIN), e.ts)
+    )
+    state, outcomes = fold_events(UserState(), arrival, params)
+    assert set(outcomes) <= {Outcome.APPLIED}
+    expected, _ = fold_events(UserState(), in_order, params)
+    assert feature_fields(state, params) == feature_fields(expected, params)
+    assert recent_item_ids(state, params) == recent_item_ids(expected, params)
+
+
+@PROPERTY
+@given(streams(), st.randoms(use_true_random=False))
+def test_a_shuffled_stream_applies_or_reports_late_every_event(
+    events: list[Event], rnd: random.Random
+) -> None:
+    """Nothing is silent: each event is applied or LATE, and the applied ones alone, sorted,
+    give the same features."""
+    params = FeatureParams(allowed_lateness_ms=30 * MIN)
+    shuffled = events[:]
+    rnd.shuffle(shuffled)
+    state, outcomes = fold_events(UserState(), shuffled, params)
+    assert set(outcomes) <= {Outcome.APPLIED, Outcome.LATE}
+    applied = [e for e, o in zip(shuffled, outcomes, strict=True) if o is Outcome.APPLIED]
+    expected, _ = fold_events(
+        UserState(), sorted(applied, key=lambda e: (e.ts, e.event_id)), params
+    )
+    assert feature_fields(state, params) == feature_fields(expected, params)

@@ -1,0 +1,80 @@
+"""Reading a request body the client may have got wrong, as a clear 4xx instead of a 500.
+
+- `Content-Type` must be JSON (`application/json` or `application/<x>+json`); a request
+  without one is read as JSON (curl and scripts often omit it). Anything else is a 415.
+- `Content-Encoding` may be identity, gzip or deflate; another one is a 415, and a body
+  that does not decode as the encoding it claims (a plain body sent as gzip) a 400.
+- The body must arrive within `BODY_READ_TIMEOUT_S`: a client that opens a request and
+  never finishes it would otherwise hold a connection and a task forever (408).
+- A JSON object must not name a key twice: parsers disagree on which one wins, so the
+  gateway would read a different request than a proxy or log that looked at it (400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+
+BODY_READ_TIMEOUT_S = 10.0
+DECODABLE_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+
+
+class BodyRefused(Exception):
+    """The body cannot be read as the client says it is: answer `status`."""
+
+    def __init__(self, status: int, message: str, *, close_connection: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close_connection = close_connection
+        """The rest of the body is unread: answer with `Connection: close`."""
+
+
+async def read_json_body(request: web.Request, timeout_s: float = BODY_READ_TIMEOUT_S) -> bytes:
+    """The decoded body bytes of a JSON request, or BodyRefused."""
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None and not _is_json(request.content_type):
+        raise BodyRefused(415, f"Content-Type must be application/json, got {content_type!r}")
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in DECODABLE_ENCODINGS:
+        raise BodyRefused(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
+    try:
+        return await asyncio.wait_for(request.read(), timeout_s)
+    except TimeoutError:
+        raise BodyRefused(
+            408, f"the body did not arrive within {timeout_s:.0f}s", close_connection=True
+        ) from None
+    except web.RequestPayloadError as exc:  # undecodable, or cut short
+        reason = " ".join(str(exc).split())
+        raise BodyRefused(
+            400, f"the body could not be read ({reason})", close_connection=True
+        ) from None
+
+
+def _is_json(media_type: str) -> bool:
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+def duplicate_key(raw: bytes) -> str | None:
+    """The first key some object in the JSON `raw` names twice; None when there is none
+    (or `raw` is not JSON: the validation reports that)."""
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen = set()
+        for key, _ in items:
+            if key in seen and not found:
+                found.append(key)
+            seen.add(key)
+        return dict(items)
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs)
+    except ValueError:
+        return None
+    return found[0] if found else None

@@ -1,0 +1,116 @@
+"""Rebuilding the feature store from what the interactions topic still holds.
+
+    recsys features rebuild --system-id NS.NAME --interactions-topic ... --redis-url ...
+
+The store is derived data: every key is a fold of the user's events, so it can be
+computed again from the events. A Reader reads the topic from its earliest
+retained message (it takes no subscription, so the job's position is not
+touched) until it has been quiet for `IDLE_MS`, and the events go through
+the same `FeatureStore.apply` as the live job's batches. A user's events are on one
+partition in the order the job read them, so the result equals an uninterrupted run;
+and since the state remembers event ids, a rebuild over a store that already holds
+some of the events applies only the others (idempotent, re-runnable). Events the job
+would dead-letter (malformed, out of the time bounds, late) are counted, not
+dead-lettered again.
+
+The feature job rebuilds by itself at start when the store holds no key of its system
+(`rebuild_when_empty`): after Redis lost its data, or for a new store. How far back it
+reaches is the topic's retention (`spec.events.topics.*.retention`); anything older
+comes back only from the offline event log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import pulsar
+import redis
+
+from recsys_contracts import feature_keys as keys
+from recsys_contracts.events import Event, InvalidEvent, check_event_time, now_ms, parse_event
+from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
+from stream_jobs.feature_store import FeatureStore
+from stream_jobs.item_embeddings import ItemEmbeddings
+
+log = logging.getLogger("stream_jobs.rebuild")
+
+IDLE_MS = 1000
+"""A partition that yields nothing for this long has been read to its end."""
+
+
+@dataclass
+class RebuildReport:
+    read: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    """applied | duplicate | late | <dead-letter code> -> events."""
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{n} {what}" for what, n in sorted(self.outcomes.items()))
+        return f"read {self.read} events in {self.seconds:.1f}s: {parts or 'nothing'}"
+
+
+def store_is_empty(client: redis.Redis, system: str) -> bool:
+    """True when the store holds no per-user key and no popular items of `system`."""
+    if client.exists(keys.popular_items_key(system)):
+        return False
+    return (
+        next(iter(client.scan_iter(match=keys.user_keys_pattern(system), count=1000)), None) is None
+    )
+
+
+def retained_messages(client: pulsar.Client, topic: str, idle_ms: int = IDLE_MS) -> Iterator[bytes]:
+    """Every message `topic` still holds, oldest first per partition. One Reader on the
+    topic itself: readers of the single partitions read nothing on pulsar-lite."""
+    reader = client.create_reader(topic, pulsar.MessageId.earliest)
+    try:
+        while True:
+            try:
+                message = reader.read_next(timeout_millis=idle_ms)
+            except pulsar.Timeout:
+                return
+            yield message.data()
+    finally:
+        reader.close()
+
+
+def rebuild(
+    settings: FeatureJobSettings,
+    client: pulsar.Client,
+    store: FeatureStore,
+    items: Mapping[str, ItemEmbeddings],
+) -> RebuildReport:
+    """Replay the topic's retention into `store` (see the module docstring)."""
+    started = time.monotonic()
+    report = RebuildReport()
+    max_future, max_past = duration_ms(settings.max_future), duration_ms(settings.max_past)
+    batch: list[Event] = []
+
+    def flush() -> None:
+        by_user: dict[str, list[Event]] = {}
+        for event in batch:
+            by_user.setdefault(event.user_id, []).append(event)
+        written = store.apply(by_user, items)
+        for update in written.updates.values():
+            report.outcomes.update(outcome.value for outcome in update.outcomes)
+        batch.clear()
+
+    for payload in retained_messages(client, settings.interactions_topic):
+        report.read += 1
+        try:
+            event = parse_event(payload)
+            check_event_time(event, now_ms(), max_future, max_past)
+        except InvalidEvent as problem:
+            report.outcomes[problem.code] += 1
+            continue
+        batch.append(event)
+        if len(batch) >= settings.batch_size:
+            flush()
+    if batch:
+        flush()
+    report.seconds = time.monotonic() - started
+    return report
