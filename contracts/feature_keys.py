@@ -12,6 +12,7 @@ one user's keys live in one slot and a pipeline per user never crosses nodes.
 | `recsys:v1:<system>:u:{<user>}:features` | hash | stream job | counts per type and window, last event ts, mean dwell, session |
 | `recsys:v1:<system>:u:{<user>}:emb:<model_version>` | string | stream job | online user embedding, little-endian float32 x embeddingDim |
 | `recsys:v1:<system>:u:{<user>}:state` | string | stream job | the job's private per-user state (JSON), for idempotence and windows |
+| `recsys:v1:<system>:u:{<user>}:seen` | set | stream job | every item the user interacted with (not only the last N): serving never recommends them |
 | `recsys:v1:<system>:popular` | zset | stream job | item id -> decayed interaction count (cold-start fallback) |
 
 All per-user keys carry the store TTL (`spec.features.store.ttl`).
@@ -71,6 +72,10 @@ def features_key(system: str, user_id: str) -> str:
 
 def embedding_key(system: str, user_id: str, model_version: str) -> str:
     return f"{_user(system, user_id)}:emb:{model_version}"
+
+
+def seen_items_key(system: str, user_id: str) -> str:
+    return f"{_user(system, user_id)}:seen"
 
 
 def state_key(system: str, user_id: str) -> str:

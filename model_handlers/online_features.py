@@ -2,8 +2,8 @@
 trip per batch.
 
 The key layout is the contract in `recsys_contracts.feature_keys`: the user's recent items
-(a list, newest first) and their online embedding for this model version
-(little-endian float32 bytes). A store that is down or slow never fails a request: the
+(a list, newest first), every item they interacted with (a set) and their online
+embedding for this model version (little-endian float32 bytes). A store that is down or slow never fails a request: the
 batch goes on without online features and the error is reported for the metrics.
 """
 
@@ -17,7 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from recsys_contracts.feature_keys import decode_embedding, embedding_key, recent_items_key
+from recsys_contracts.feature_keys import (
+    decode_embedding,
+    embedding_key,
+    recent_items_key,
+    seen_items_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,9 @@ class OnlineFeatures:
     recent_item_ids: tuple[str, ...] = ()
     """Newest first."""
     embedding: np.ndarray | None = None
+    seen_item_ids: frozenset[str] = frozenset()
+    """Every item the user interacted with (the last N are `recent_item_ids`): a heavy
+    user's whole history, which serving must not recommend again."""
 
     @property
     def empty(self) -> bool:
@@ -52,7 +60,7 @@ class OnlineRead:
 
 
 class RedisFeatureReader:
-    """Reads recent items and online embeddings of a batch of users in one pipeline."""
+    """Reads recent and seen items and online embeddings of a batch of users in one pipeline."""
 
     def __init__(
         self,
@@ -78,6 +86,7 @@ class RedisFeatureReader:
         for user in users:
             pipe.lrange(recent_items_key(self.system, user), 0, self.history_length - 1)
             pipe.get(embedding_key(self.system, user, self.model_version))
+            pipe.smembers(seen_items_key(self.system, user))
         try:
             replies = pipe.execute()
         except Exception as exc:  # the store must never fail a request
@@ -93,10 +102,11 @@ class RedisFeatureReader:
         by_user: dict[str, OnlineFeatures] = {}
         misses = 0
         for n, user in enumerate(users):
-            recent, raw_embedding = replies[2 * n], replies[2 * n + 1]
+            recent, raw_embedding, seen = replies[3 * n : 3 * n + 3]
             features = OnlineFeatures(
                 recent_item_ids=tuple(_text(item) for item in recent or ()),
                 embedding=decode_embedding(raw_embedding, self.dim) if raw_embedding else None,
+                seen_item_ids=frozenset(_text(item) for item in seen or ()),
             )
             misses += features.empty
             by_user[user] = features

@@ -205,7 +205,12 @@ class Retriever:
     # --- the steps --------------------------------------------------------------------
 
     def _plan(self, request: RetrievalRequest, features: OnlineFeatures) -> _Plan:
-        seen = (*request.exclude_item_ids, *request.recent_item_ids, *features.recent_item_ids)
+        seen = (
+            *request.exclude_item_ids,
+            *request.recent_item_ids,
+            *features.recent_item_ids,
+            *features.seen_item_ids,  # a heavy user's whole history, beyond the last N
+        )
         blocked = {p for p in map(self.item_position.get, seen) if p is not None}
         recent = features.recent_item_ids or request.recent_item_ids  # newest first
         history = tuple(p for p in map(self.item_position.get, recent) if p is not None)[

@@ -63,9 +63,10 @@ return values
 """
 
 # ARGV[1]: TTL in ms. ARGV[2]: the JSON plan: per user its keys (state, recent,
-# features, then one per moved embedding), `read` (SHA-1 of the state as read),
+# features, then one per moved embedding, then seen), `read` (SHA-1 of the state as read),
 # `values` ({offset, length} in ARGV[3] of the new state, then of each
-# embedding), `recent` and `features` (field, value, ...); then `popular` (item,
+# embedding), `recent`, `features` (field, value, ...) and `seen` (items the batch's
+# interactions touched); then `popular` (item,
 # weight, ...) and its key. ARGV[3]: the binary values back to back, outside the
 # JSON so that they are neither escaped nor decoded.
 # Returns 0, writing nothing, when a state changed since it was read; else 1.
@@ -95,6 +96,10 @@ for _, user in ipairs(plan.users) do
   for i = 2, #user.values do
     redis.call('SET', k[2 + i], value(user.values[i]), 'PX', ttl)
   end
+  if #user.seen > 0 then
+    redis.call('SADD', k[#k], unpack(user.seen))
+  end
+  redis.call('PEXPIRE', k[#k], ttl)
 end
 for i = 1, #plan.popular, 2 do
   redis.call('ZINCRBY', plan.popular_key, plan.popular[i + 1], plan.popular[i])
@@ -215,6 +220,7 @@ class FeatureStore:
             for version, vector in update.embeddings.items():
                 user_keys.append(keys.embedding_key(system, user, version))
                 values.append(put(keys.encode_embedding(vector)))
+            user_keys.append(keys.seen_items_key(system, user))  # last: the script finds it there
             seen_by_readers = view(update.state, self.params)
             fields = feature_fields(seen_by_readers, self.params)
             plan_users.append(
@@ -224,6 +230,7 @@ class FeatureStore:
                     "values": values,
                     "recent": recent_item_ids(seen_by_readers, self.params),
                     "features": [x for pair in fields.items() for x in pair],
+                    "seen": sorted({item_id for item_id, _ in update.touched_items}),
                 }
             )
             for item_id, ts in update.touched_items:

@@ -10,7 +10,12 @@ import pytest
 import redis
 
 from model_handlers.online_features import NO_FEATURES, RedisFeatureReader, connect
-from recsys_contracts.feature_keys import embedding_key, encode_embedding, recent_items_key
+from recsys_contracts.feature_keys import (
+    embedding_key,
+    encode_embedding,
+    recent_items_key,
+    seen_items_key,
+)
 from recsys_operator.launchers.process import ManagedProcess, free_port
 
 pytestmark = pytest.mark.redis
@@ -62,6 +67,15 @@ def test_a_batch_is_read_in_one_round_trip(client: redis.Redis) -> None:
     assert bob.recent_item_ids == ("i9",) and bob.embedding is None
     assert nobody is NO_FEATURES and carol.empty and alice_again == alice
     assert read.misses == 1 and read.error is None
+
+
+def test_every_item_the_user_touched_is_read_with_the_recent_ones(client: redis.Redis) -> None:
+    client.rpush(recent_items_key(SYSTEM, "heavy"), "i99")
+    client.sadd(seen_items_key(SYSTEM, "heavy"), *[f"i{n}" for n in range(100)])
+    reader = RedisFeatureReader(client, system=SYSTEM, model_version="7", dim=8, history_length=2)
+    (heavy,) = reader.read(["heavy"]).features
+    assert heavy.recent_item_ids == ("i99",)
+    assert heavy.seen_item_ids == {f"i{n}" for n in range(100)}
 
 
 def test_another_model_version_reads_its_own_embedding(client: redis.Redis) -> None:

@@ -106,6 +106,19 @@ def test_sources_in_order_of_preference(
     assert got[4].item_ids == got[5].item_ids == truth.popular[:10]
 
 
+def test_a_heavy_users_whole_history_from_the_store_is_never_recommended(
+    exact: Retriever, brute_force: dict[str, BruteForce]
+) -> None:
+    truth = brute_force["1"]
+    user = sorted(truth.users)[5]
+    before = exact.recommend([request(user, k=20)]).recommendations[0].item_ids
+    seen = frozenset(before[:15])  # beyond any recent list: only the store's seen set has them
+    after = exact.recommend([request(user, k=20)], [OnlineFeatures(seen_item_ids=seen)])
+    got = after.recommendations[0].item_ids
+    assert len(got) == 20 and not seen & set(got)
+    assert got[:5] == before[15:]  # the rest keep their order
+
+
 def test_hnsw_version_finds_nearly_the_exact_answer(
     unpacked: dict[str, Path], brute_force: dict[str, BruteForce]
 ) -> None:

@@ -233,6 +233,7 @@ def expected_content(
                 k.encode(): v.encode() for k, v in feature_fields(update.state, params).items()
             },
             "embeddings": {v: keys.encode_embedding(vec) for v, vec in update.embeddings.items()},
+            "seen": {item.encode() for item, _ in update.touched_items},
         }
         for item, ts in update.touched_items:
             popular[item.encode()] = popular.get(item.encode(), 0.0) + popular_weight(
@@ -257,6 +258,7 @@ def store_content(
             "recent": client.lrange(keys.recent_items_key(system, user), 0, -1),
             "features": client.hgetall(keys.features_key(system, user)),
             "embeddings": embeddings,
+            "seen": client.smembers(keys.seen_items_key(system, user)),
         }
     popular = dict(client.zrange(keys.popular_items_key(system), 0, -1, withscores=True))
     return StoreContent(content, popular)

@@ -44,6 +44,20 @@ def test_a_batch_writes_every_key_of_its_users(store: redis.Redis, system: str) 
     assert 0 < store.pttl(keys.popular_items_key(system)) <= 60_000
 
 
+def test_every_item_a_user_touched_stays_seen_beyond_the_last_n(
+    store: redis.Redis, system: str
+) -> None:
+    """Serving excludes a heavy user's whole history, not only the recent list."""
+    writer = feature_store(store, system)
+    last_n = writer.params.last_n
+    for n in range(last_n + 5):
+        writer.apply({"heavy": [click(10 + n, item=f"i{n}")]}, ITEMS)
+    assert store.llen(keys.recent_items_key(system, "heavy")) == last_n
+    seen = store.smembers(keys.seen_items_key(system, "heavy"))
+    assert seen == {f"i{n}".encode() for n in range(last_n + 5)}
+    assert store.pttl(keys.seen_items_key(system, "heavy")) > 0
+
+
 def test_a_batch_of_only_duplicates_writes_nothing(store: redis.Redis, system: str) -> None:
     fs = feature_store(store, system)
     fs.apply({"u": [click(1)]}, ITEMS)
