@@ -129,6 +129,25 @@ def _finish(
     return RolloutState(stable_version=stable, canary=None, last_rollout=record)
 
 
+def _end(
+    state: RolloutState,
+    outcome: RolloutOutcome,
+    reason: str,
+    now: datetime,
+    analysis: AnalysisResult | None,
+    health: Health,
+    *events: Event,
+) -> Transition:
+    """The transition that finishes the rollout in `state`: recorded in `last_rollout`
+    with `reason`, reported as `health`, announced by `events`."""
+    return Transition(
+        _finish(state, outcome, reason, now, analysis),
+        health,
+        list(events),
+        promoted=outcome is RolloutOutcome.PROMOTED,
+    )
+
+
 async def tick(
     desired_version: str,
     spec: RolloutSpec,
@@ -148,20 +167,27 @@ async def tick(
     # The spec moved on while a rollout ran: stop this one; the next tick starts the new one.
     if desired_version != canary.version:
         reason = f"spec now asks for version {desired_version}"
-        new = _finish(state, RolloutOutcome.ABORTED, reason, now, canary.last_analysis)
-        return Transition(
-            new,
-            Health(True, "Aborted", f"rollout of {canary.version} aborted: {reason}"),
-            [Event(False, "RolloutAborted", f"rollout of {canary.version} aborted: {reason}")],
+        message = f"rollout of {canary.version} aborted: {reason}"
+        return _end(
+            state,
+            RolloutOutcome.ABORTED,
+            reason,
+            now,
+            canary.last_analysis,
+            Health(True, "Aborted", message),
+            Event(False, "RolloutAborted", message),
         )
 
     if action == Action.ABORT:
-        new = _finish(
-            state, RolloutOutcome.ABORTED, "aborted by a person", now, canary.last_analysis
-        )
         message = f"rollout of {canary.version} aborted by a person; all traffic on {state.stable_version}"
-        return Transition(
-            new, Health(False, "Aborted", message), [Event(True, "RolloutAborted", message)]
+        return _end(
+            state,
+            RolloutOutcome.ABORTED,
+            "aborted by a person",
+            now,
+            canary.last_analysis,
+            Health(False, "Aborted", message),
+            Event(True, "RolloutAborted", message),
         )
     if action == Action.PROMOTE:
         # A person's promotion skips the remaining steps and analyses (or confirms a
@@ -180,11 +206,14 @@ async def tick(
         reason = f"not finished within progressDeadline {spec.progress_deadline} (at step {canary.step}, {canary.weight}%, phase {canary.phase.value})"
         if canary.stable_replicas_target is not None:
             reason += f"; the stable was scaling up to {canary.stable_replicas_target} replicas"
-        new = _finish(state, RolloutOutcome.ROLLED_BACK, reason, now, canary.last_analysis)
-        return Transition(
-            new,
+        return _end(
+            state,
+            RolloutOutcome.ROLLED_BACK,
+            reason,
+            now,
+            canary.last_analysis,
             Health(False, "ProgressDeadlineExceeded", reason),
-            [Event(True, "RolledBack", reason)],
+            Event(True, "RolledBack", reason),
         )
 
     if spec.paused:
@@ -287,16 +316,15 @@ async def tick(
                 Health(False, "AnalysisFailed", message),
                 [Event(True, "AnalysisFailed", message)],
             )
-        new = _finish(
+        message = f"version {canary.version} rolled back: {analysis.reason}"
+        return _end(
             replace(state, canary=analysed),
             RolloutOutcome.ROLLED_BACK,
             analysis.reason,
             now,
             analysis,
-        )
-        message = f"version {canary.version} rolled back: {analysis.reason}"
-        return Transition(
-            new, Health(False, "RolledBack", message), [Event(True, "RolledBack", message)]
+            Health(False, "RolledBack", message),
+            Event(True, "RolledBack", message),
         )
 
     # Inconclusive, Wait or SampleRatioMismatch: hold this step and try again after
@@ -304,13 +332,14 @@ async def tick(
     count = canary.inconclusive_count + 1
     if count > spec.max_inconclusive:
         reason = f"{count} inconclusive analyses in a row (max {spec.max_inconclusive}); last: {analysis.reason}"
-        new = _finish(
-            replace(state, canary=analysed), RolloutOutcome.ROLLED_BACK, reason, now, analysis
-        )
-        return Transition(
-            new,
+        return _end(
+            replace(state, canary=analysed),
+            RolloutOutcome.ROLLED_BACK,
+            reason,
+            now,
+            analysis,
             Health(False, "RolledBack", f"version {canary.version} rolled back: {reason}"),
-            [Event(True, "RolledBack", reason)],
+            Event(True, "RolledBack", reason),
         )
     held = analysed.model_copy(update={"inconclusive_count": count, "step_started_at": _iso(now)})
     message = f"{summary}; holding at {canary.weight}% ({count}/{spec.max_inconclusive})"
@@ -368,15 +397,15 @@ def _start(
             state,
             canary=CanaryStatus(version=desired_version, weight=100, started_at=_iso(now)),
         )
-        new = _finish(
-            canary_state, RolloutOutcome.PROMOTED, "steps is [100]: no canary phase", now, None
-        )
         message = f"version {desired_version} promoted directly (rollout.steps is [100])"
-        return Transition(
-            new,
+        return _end(
+            canary_state,
+            RolloutOutcome.PROMOTED,
+            "steps is [100]: no canary phase",
+            now,
+            None,
             Health(True, "Promoted", message),
-            [Event(False, "RolloutPromoted", message)],
-            promoted=True,
+            Event(False, "RolloutPromoted", message),
         )
     return _first_step(
         state, CanaryStatus(version=desired_version, started_at=_iso(now)), spec, now
@@ -505,19 +534,27 @@ async def _shadow(
         return moved
     if result.decision is AnalysisDecision.FAIL:
         reason = f"shadow phase failed: {result.reason}"
-        new = _finish(replace(state, canary=judged), RolloutOutcome.ROLLED_BACK, reason, now, None)
         message = f"version {canary.version} rolled back before any traffic: {reason}"
-        return Transition(
-            new, Health(False, "ShadowFailed", message), [Event(True, "RolledBack", message)]
+        return _end(
+            replace(state, canary=judged),
+            RolloutOutcome.ROLLED_BACK,
+            reason,
+            now,
+            None,
+            Health(False, "ShadowFailed", message),
+            Event(True, "RolledBack", message),
         )
     count = canary.inconclusive_count + 1
     if count > spec.max_inconclusive:
         reason = f"{count} shadow judgements without a decision in a row (max {spec.max_inconclusive}); last: {result.reason}"
-        new = _finish(replace(state, canary=judged), RolloutOutcome.ROLLED_BACK, reason, now, None)
-        return Transition(
-            new,
+        return _end(
+            replace(state, canary=judged),
+            RolloutOutcome.ROLLED_BACK,
+            reason,
+            now,
+            None,
             Health(False, "RolledBack", f"version {canary.version} rolled back: {reason}"),
-            [Event(True, "RolledBack", reason)],
+            Event(True, "RolledBack", reason),
         )
     held = judged.model_copy(update={"inconclusive_count": count, "step_started_at": _iso(now)})
     message = (
@@ -577,13 +614,15 @@ async def _promote(
             return Transition(
                 replace(state, canary=scaling), Health(True, "ScalingUpStable", message), events
             )
-    new = _finish(state, RolloutOutcome.PROMOTED, reason, now, analysis)
     message = f"version {canary.version} promoted: {reason}"
-    return Transition(
-        new,
+    return _end(
+        state,
+        RolloutOutcome.PROMOTED,
+        reason,
+        now,
+        analysis,
         Health(True, "Promoted", message),
-        [Event(False, "RolloutPromoted", message)],
-        promoted=True,
+        Event(False, "RolloutPromoted", message),
     )
 
 
@@ -623,23 +662,18 @@ async def _run_gate(
         what = f"{hook.type.value} webhook {hook.name} failed ({failures} of {hook.retries + 1} tries): {answer.message}"
         if failures > hook.retries:
             reason = f"{hook.type.value} webhook {hook.name} failed {failures} time(s) in a row: {answer.message}"
-            new = _finish(
+            message = f"version {canary.version} rolled back: {reason}"
+            ended = _end(
                 replace(state, canary=canary),
                 RolloutOutcome.ROLLED_BACK,
                 reason,
                 now,
                 canary.last_analysis,
+                Health(False, "WebhookFailed", message),
+                Event(True, "WebhookFailed", what),
+                Event(True, "RolledBack", message),
             )
-            message = f"version {canary.version} rolled back: {reason}"
-            return _Gate(
-                False,
-                canary,
-                Transition(
-                    new,
-                    Health(False, "WebhookFailed", message),
-                    [Event(True, "WebhookFailed", what), Event(True, "RolledBack", message)],
-                ),
-            )
+            return _Gate(False, canary, ended)
         held = replace(state, canary=canary)
         return _Gate(
             False,
