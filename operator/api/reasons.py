@@ -26,6 +26,7 @@ class ConditionReason(StrEnum):
     PULSAR_UNAUTHORIZED = "PulsarUnauthorized"
     PULSAR_FORBIDDEN = "PulsarForbidden"
     PULSAR_ADMIN_FAILED = "PulsarAdminFailed"
+    TOPIC_PARTITIONS_DECREASED = "TopicPartitionsDecreased"
     # FeaturesReady and ServingReady.
     DEPLOYMENT_AVAILABLE = "DeploymentAvailable"
     DEPLOYMENT_NOT_READY = "DeploymentNotReady"
@@ -91,8 +92,10 @@ PERMANENT_REASONS = frozenset(
     {
         ConditionReason.INVALID_SPEC,
         ConditionReason.SCALING_POLICY_NOT_FOUND,
+        ConditionReason.SCALING_POLICY_INVALID,
         ConditionReason.POLICY_VIOLATION,
         ConditionReason.PULSAR_UNAUTHORIZED,
         ConditionReason.PULSAR_FORBIDDEN,
+        ConditionReason.TOPIC_PARTITIONS_DECREASED,
     }
 )
