@@ -74,6 +74,10 @@ class EventReason(StrEnum):
     SHADOW_PASSED = "ShadowPassed"
     AWAITING_PROMOTION = "AwaitingPromotion"
     SCALING_UP_STABLE = "ScalingUpStable"
+    # A person's recsys.dev/rollout-action, acknowledged (status.lastAction says the same).
+    ROLLOUT_ACTION_APPLIED = "RolloutActionApplied"
+    ROLLOUT_ACTION_IGNORED = "RolloutActionIgnored"
+    ROLLOUT_ACTION_REFUSED = "RolloutActionRefused"
 
 
 # Reasons for which the reconcile applies nothing, so a rollout must not move traffic.

@@ -297,7 +297,11 @@ async def drive_rollout(namespace: str | None, name: str, **_: Any) -> None:
             return
         if patch is not None:
             await write_status("RecommenderSystem", namespace, name, patch)
-        if (body["metadata"].get("annotations") or {}).get(ACTION_ANNOTATION):
+        for event in transition.events:
+            post_event(body, event.reason, event.message, warning=event.warning)
+            metrics.ROLLOUT_DECISIONS.labels(reason=event.reason).inc()
+        if transition.action is not None:
+            # Only now that status.lastAction and the Event say what came of it.
             await asyncio.to_thread(
                 STATE.kube.merge_patch,
                 API_VERSION,
@@ -306,9 +310,6 @@ async def drive_rollout(namespace: str | None, name: str, **_: Any) -> None:
                 name,
                 {"metadata": {"annotations": {ACTION_ANNOTATION: None}}},
             )
-        for event in transition.events:
-            post_event(body, event.reason, event.message, warning=event.warning)
-            metrics.ROLLOUT_DECISIONS.labels(reason=event.reason).inc()
     if patch is not None:
         await reconcile_and_record(namespace, name, trigger="rollout")
 

@@ -732,3 +732,76 @@ def test_a_shadow_phase_mirrors_before_the_canary_gets_users(
         assert (last["decision"], last["compared"]) == ("Pass", 250)
         events = cluster.core.list_namespaced_event("default").items
         assert any(e.reason == "ShadowPassed" for e in events)
+
+
+def action_annotation(cluster: Cluster) -> str | None:
+    return (cluster.system()["metadata"].get("annotations") or {}).get("recsys.dev/rollout-action")
+
+
+def last_action(cluster: Cluster, action: str) -> dict[str, Any]:
+    """Wait until the operator recorded `action` in status.lastAction, then return it."""
+    return wait_for(
+        lambda: (a := cluster.system()["status"].get("lastAction")) and a["action"] == action and a,
+        timeout=30,
+    )
+
+
+def test_rollout_actions_are_validated_acted_on_and_acknowledged(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """Each value of recsys.dev/rollout-action is acknowledged by an Event and
+    status.lastAction before the annotation goes; an unknown one is refused."""
+    handlers.STATE.analysis_source = scripted_source()  # every analysis waits
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+    ready(cluster)
+
+    def annotate(value: str, **spec: Any) -> None:
+        patch: dict[str, Any] = {"metadata": {"annotations": {"recsys.dev/rollout-action": value}}}
+        if spec:
+            patch["spec"] = spec
+        cluster.patch_system(patch)
+
+    def events(reason: str) -> list[Any]:
+        return [
+            e for e in cluster.core.list_namespaced_event("default").items if e.reason == reason
+        ]
+
+    # Unknown: refused with a Warning, visible in status, then the annotation goes.
+    annotate("rollback")
+    refused = last_action(cluster, "rollback")
+    assert refused["result"] == "Refused" and "abort, promote, pause, resume" in refused["message"]
+    wait_for(lambda: [e.type for e in events("RolloutActionRefused")] == ["Warning"], timeout=10)
+    wait_for(lambda: action_annotation(cluster) is None, timeout=10)
+
+    # Abort set together with a version change: version 2 never starts.
+    annotate("abort", model={"version": "2", "archiveUri": "http://models.default/retrieval-2.mar"})
+    aborted = last_action(cluster, "abort")
+    assert aborted["result"] == "Applied" and "before it started" in aborted["message"]
+    status = cluster.system()["status"]
+    assert status.get("canary") is None and status["stableVersion"] == "1"
+    assert (status["lastRollout"]["version"], status["lastRollout"]["outcome"]) == ("2", "Aborted")
+    wait_for(lambda: events("RolloutActionApplied"), timeout=10)
+    assert not events("RolloutStarted")
+    wait_for(lambda: action_annotation(cluster) is None, timeout=10)
+    assert "shop-serving-canary" not in cluster.deployments()
+
+    # Pause before a rollout: version 3 waits until resume.
+    annotate("pause")
+    assert last_action(cluster, "pause")["result"] == "Applied"
+    wait_for(lambda: action_annotation(cluster) is None, timeout=10)
+    cluster.patch_system(
+        {"spec": {"model": {"version": "3", "archiveUri": "http://models.default/retrieval-3.mar"}}}
+    )
+    wait_for(
+        lambda: "version 3 waits" in (cluster.condition("RolloutHealthy") or {}).get("message", "")
+    )
+    assert cluster.condition("RolloutHealthy")["reason"] == "Paused"
+    assert cluster.system()["status"].get("canary") is None
+    annotate("resume")
+    assert last_action(cluster, "resume")["result"] == "Applied"
+    wait_for(
+        lambda: (cluster.system()["status"].get("canary") or {}).get("version") == "3",
+        timeout=30,
+    )
+    wait_for(lambda: action_annotation(cluster) is None, timeout=10)

@@ -26,7 +26,6 @@ from recsys_operator.render.traffic import TrafficPlan
 from recsys_operator.rollout.driver import (
     PrometheusMetrics,
     RolloutDriver,
-    manual_action,
     version_to_prepare,
 )
 from recsys_operator.rollout.prometheus_source import PrometheusSource
@@ -171,18 +170,22 @@ async def test_a_rolled_back_version_is_neither_prepared_nor_retried() -> None:
     assert version_to_prepare("3", state) == "3"
 
 
-async def test_a_manual_abort_is_applied_and_an_unknown_action_ignored() -> None:
-    assert manual_action("abort") == "abort" and manual_action("promote") == "promote"
-    assert manual_action("rollback") is None and manual_action(None) is None
+async def test_a_manual_abort_is_applied_and_an_unknown_action_refused() -> None:
     rollout, calls = driver()
     state = RolloutState("1", canary=canary_at(20, 0, T0))
     transition = await rollout.step(
-        system("2"), state, action=manual_action("abort"), now=T0 + timedelta(seconds=5)
+        system("2"), state, action="abort", now=T0 + timedelta(seconds=5)
     )
     assert transition is not None and transition.state.canary is None
     assert transition.state.last_rollout is not None
     assert transition.state.last_rollout.outcome is RolloutOutcome.ABORTED
+    assert transition.action is not None and transition.action.result == "Applied"
     assert calls[-1] == ("set_routes", TrafficPlan("1"))
+
+    refused = await rollout.step(system("2"), state, action="rollback", now=T0)
+    assert refused is not None and refused.state.canary == state.canary  # went on as before
+    assert refused.action is not None and refused.action.result == "Refused"
+    assert [e.reason for e in refused.events if e.warning] == ["RolloutActionRefused"]
 
 
 def test_prometheus_metrics_query_the_system_by_its_id() -> None:
