@@ -190,14 +190,32 @@ def summarize_changes(changes: list[str]) -> str:
     return text[: EVENT_MESSAGE_LIMIT - 4] + " ..."
 
 
+RETRY_FIRST_DELAY_S = 10.0
+RETRY_MAX_DELAY_S = 300.0
+"""A system waiting for a dependency (a missing Secret, Pulsar down) is retried after
+10 s, 20 s, 40 s ... up to 5 min: each Kopf retry writes its progress to status, so a
+fixed 10 s cost 12 writes a minute for as long as the Secret was missing. The resync
+timer (RESYNC_SECONDS) still reconciles in between and clears the condition as soon
+as the dependency is there; our own status is written only when it changes."""
+
+
+def retry_delay(retries: int) -> float:
+    """Seconds before retry number `retries` + 1 (Kopf's `retry`: 0 on the first run)."""
+    return min(RETRY_FIRST_DELAY_S * 2 ** min(retries, 32), RETRY_MAX_DELAY_S)
+
+
 @kopf.on.resume(*RECSYS)
 @kopf.on.create(*RECSYS)
 @kopf.on.update(*RECSYS, field="spec")
-async def reconcile_system(namespace: str | None, name: str, reason: str, **_: Any) -> None:
+async def reconcile_system(
+    namespace: str | None, name: str, reason: str, retry: int, **_: Any
+) -> None:
     assert namespace is not None  # RecommenderSystems are namespaced
     outcome = await reconcile_and_record(namespace, name, trigger=str(reason))
     if outcome is not None and outcome.retry:
-        raise kopf.TemporaryError("a dependency is not ready yet; retrying", delay=10)
+        raise kopf.TemporaryError(
+            "a dependency is not ready yet; retrying", delay=retry_delay(retry)
+        )
 
 
 @kopf.timer(*RECSYS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import itertools
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -805,3 +807,49 @@ def test_rollout_actions_are_validated_acted_on_and_acknowledged(
         timeout=30,
     )
     wait_for(lambda: action_annotation(cluster) is None, timeout=10)
+
+
+def test_a_retried_failure_backs_off_and_writes_no_unchanged_status(
+    cluster: Cluster,
+    pulsar_admin: PulsarAdminHandle,
+    operator: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A missing Secret: the operator's own status is written once, not per retry, and
+    Kopf's retries (each writes its progress to status) come further and further apart."""
+    monkeypatch.setattr(handlers, "RETRY_FIRST_DELAY_S", 0.5)
+    monkeypatch.setattr(handlers, "RETRY_MAX_DELAY_S", 4.0)
+    cluster.create("scalingpolicies", policy())
+    doc = quickstart(pulsar_admin, events__authSecretRef={"name": "pulsar-token", "key": "token"})
+    mark = cluster.kube.emulator.mark()
+    cluster.create("recommendersystems", doc)
+    wait_for(
+        lambda: (cluster.condition("TopicsReady") or {}).get("reason") == "PulsarSecretNotFound"
+    )
+
+    def status_patches() -> list[dict[str, Any]]:
+        return [
+            r.data["status"]
+            for r in cluster.kube.emulator.writes_since(mark, resource="recommendersystems")
+            if r.method.value == "PATCH" and isinstance(r.data, dict) and "status" in r.data
+        ]
+
+    def retry_times() -> list[float]:
+        times = []
+        for status in status_patches():
+            progress = ((status.get("kopf") or {}).get("progress") or {}).get("reconcile_system")
+            if progress and progress.get("delayed"):
+                times.append(datetime.fromisoformat(progress["delayed"]).timestamp())
+        return times
+
+    wait_for(lambda: len(retry_times()) >= 5, timeout=30)
+    times = retry_times()
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # 1 s, 2 s, 4 s (the cap), 4 s between retries, not 0.5 s each.
+    assert gaps[0] > 0.7 and gaps[1] > 1.5 and gaps[2] > 3.0, gaps
+    # After the first retry (by then the reconcile and the rollout timer have each written
+    # theirs), every later retry found the same status and wrote none of it again.
+    patches = status_patches()
+    retries = [i for i, p in enumerate(patches) if "progress" in (p.get("kopf") or {})]
+    ours_later = [p for p in patches[retries[1] :] if set(p) - {"kopf"}]
+    assert ours_later == [], ours_later
