@@ -853,3 +853,24 @@ def test_a_retried_failure_backs_off_and_writes_no_unchanged_status(
     retries = [i for i, p in enumerate(patches) if "progress" in (p.get("kopf") or {})]
     ours_later = [p for p in patches[retries[1] :] if set(p) - {"kopf"}]
     assert ours_later == [], ours_later
+
+
+def test_a_partition_decrease_is_refused_with_its_own_permanent_reason(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+    ready(cluster)
+    cluster.patch_system({"spec": {"events": {"topics": {"interactions": {"partitions": 1}}}}})
+    cond = wait_for(
+        lambda: (
+            (c := cluster.condition("TopicsReady"))
+            and c["reason"] == "TopicPartitionsDecreased"
+            and c
+        ),
+        timeout=30,
+    )
+    assert cond["status"] == "False" and "cannot reduce" in cond["message"]
+    assert cluster.condition("Ready")["reason"] == "TopicPartitionsDecreased"
+    topic = next(t for n, t in pulsar_admin.emulator.topics.items() if n.endswith("interactions"))
+    assert topic.partitions == 2  # nothing was changed
