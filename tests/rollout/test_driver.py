@@ -193,3 +193,39 @@ def test_prometheus_metrics_query_the_system_by_its_id() -> None:
     assert isinstance(source, PrometheusSource)
     # The gateway labels its series with `<namespace>.<name>`; stable is what status says.
     assert (source.system_id, source.stable_version) == ("default.quickstart", "1")
+
+
+def test_local_mode_acts_on_the_action_file_and_acknowledges_it(tmp_path: Path) -> None:
+    """The run folder's rollout-action file is local mode's annotation: read once,
+    acted on by the state machine, acknowledged in the events and `lastAction`."""
+    from recsys_operator.local.rollout import LocalRollout
+    from recsys_operator.local.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path)
+    recorded: list[tuple[str, bool]] = []
+    calls: list[tuple[str, Any]] = []
+    rollout = LocalRollout(
+        folder,
+        Router(calls),  # type: ignore[arg-type]
+        "1",
+        lambda reason, message, warning=False: recorded.append((reason, warning)),
+    )
+    rollout._driver = RolloutDriver(Router(calls), Metrics(calls, AnalysisDecision.PASS))
+
+    folder.action_file.write_text("pause\n")
+    rollout.step(system("2"))  # paused before the rollout: version 2 does not start
+    assert not folder.action_file.exists()
+    assert rollout.state.canary is None and rollout.state.paused
+    assert rollout.describe()["lastAction"]["result"] == "Applied"
+    assert ("RolloutActionApplied", False) in recorded
+
+    folder.action_file.write_text("rollback")
+    rollout.step(system("2"))
+    assert rollout.describe()["lastAction"]["action"] == "rollback"
+    assert rollout.describe()["lastAction"]["result"] == "Refused"
+    assert recorded[-1] == ("RolloutActionRefused", True)
+    assert rollout.state.canary is None  # still paused
+
+    folder.action_file.write_text("resume")
+    rollout.step(system("2"))
+    assert rollout.state.canary is not None and rollout.state.canary.version == "2"
