@@ -115,7 +115,7 @@ class AnalysisResult(ApiModel):
     """Canary share of impressions in the window (the sample-ratio check compares it with the weight)."""
     sample_ratio_p_value: float | None = None
     """p-value of the sample-ratio check (chi-square of the canary share against the weight)."""
-    guardrails: list[GuardrailResult] = Field(default_factory=list)
+    guardrails: list[GuardrailResult] = Field(default_factory=list, max_length=8)
     """Dwell and purchase comparisons, when the spec sets their thresholds."""
 
 
