@@ -37,6 +37,11 @@ class PulsarAdminError(RuntimeError):
         super().__init__(f"Pulsar admin {method} {path}: {where}: {reason}{hint}")
 
 
+class PartitionsDecreased(PulsarAdminError):
+    """The spec asks for fewer partitions than a topic has: Pulsar cannot remove
+    partitions, so no retry will succeed until the spec (or the topic) changes."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 5
@@ -181,7 +186,7 @@ class PulsarAdmin:
             changes.append(f"partitions {current} -> {topic.partitions}")
         elif current > topic.partitions:
             # Pulsar cannot remove partitions; say so rather than pretend.
-            raise PulsarAdminError(
+            raise PartitionsDecreased(
                 "POST",
                 path + "/partitions",
                 None,

@@ -26,6 +26,7 @@ class ConditionReason(StrEnum):
     PULSAR_UNAUTHORIZED = "PulsarUnauthorized"
     PULSAR_FORBIDDEN = "PulsarForbidden"
     PULSAR_ADMIN_FAILED = "PulsarAdminFailed"
+    TOPIC_PARTITIONS_DECREASED = "TopicPartitionsDecreased"
     # FeaturesReady and ServingReady.
     DEPLOYMENT_AVAILABLE = "DeploymentAvailable"
     DEPLOYMENT_NOT_READY = "DeploymentNotReady"
@@ -73,6 +74,10 @@ class EventReason(StrEnum):
     SHADOW_PASSED = "ShadowPassed"
     AWAITING_PROMOTION = "AwaitingPromotion"
     SCALING_UP_STABLE = "ScalingUpStable"
+    # A person's recsys.dev/rollout-action, acknowledged (status.lastAction says the same).
+    ROLLOUT_ACTION_APPLIED = "RolloutActionApplied"
+    ROLLOUT_ACTION_IGNORED = "RolloutActionIgnored"
+    ROLLOUT_ACTION_REFUSED = "RolloutActionRefused"
 
 
 # Reasons for which the reconcile applies nothing, so a rollout must not move traffic.
@@ -91,8 +96,10 @@ PERMANENT_REASONS = frozenset(
     {
         ConditionReason.INVALID_SPEC,
         ConditionReason.SCALING_POLICY_NOT_FOUND,
+        ConditionReason.SCALING_POLICY_INVALID,
         ConditionReason.POLICY_VIOLATION,
         ConditionReason.PULSAR_UNAUTHORIZED,
         ConditionReason.PULSAR_FORBIDDEN,
+        ConditionReason.TOPIC_PARTITIONS_DECREASED,
     }
 )

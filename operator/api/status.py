@@ -219,6 +219,26 @@ class RolloutRecord(ApiModel):
     """The analysis that decided it, if any."""
 
 
+class RolloutActionResult(StrEnum):
+    APPLIED = "Applied"
+    IGNORED = "Ignored"
+    REFUSED = "Refused"
+
+
+class RolloutActionRecord(ApiModel):
+    """The last `recsys.dev/rollout-action` the operator acted on (the annotation is
+    removed once this is recorded)."""
+
+    action: str = Field(max_length=63)
+    """The value asked for: abort, promote, pause or resume (anything else is Refused)."""
+    result: RolloutActionResult
+    """Applied; Ignored (nothing it applies to, e.g. promote with no rollout); Refused (unknown value)."""
+    message: str = ""
+    """What the operator did about it."""
+    time: str
+    """When it was acted on (RFC 3339)."""
+
+
 class Endpoints(ApiModel):
     """Where to reach the system inside the cluster."""
 
@@ -245,6 +265,8 @@ class RecommenderSystemStatus(ApiModel):
     """The rollout in progress, if any."""
     last_rollout: RolloutRecord | None = None
     """How the previous rollout ended; a rolled-back version is not retried until the spec names another."""
+    last_action: RolloutActionRecord | None = None
+    """The last rollout action a person asked for and what came of it; an applied `pause` holds rollouts until `resume`."""
     endpoints: Endpoints | None = None
     """Service URLs."""
     kopf: dict[str, Any] | None = None

@@ -190,14 +190,32 @@ def summarize_changes(changes: list[str]) -> str:
     return text[: EVENT_MESSAGE_LIMIT - 4] + " ..."
 
 
+RETRY_FIRST_DELAY_S = 10.0
+RETRY_MAX_DELAY_S = 300.0
+"""A system waiting for a dependency (a missing Secret, Pulsar down) is retried after
+10 s, 20 s, 40 s ... up to 5 min: each Kopf retry writes its progress to status, so a
+fixed 10 s cost 12 writes a minute for as long as the Secret was missing. The resync
+timer (RESYNC_SECONDS) still reconciles in between and clears the condition as soon
+as the dependency is there; our own status is written only when it changes."""
+
+
+def retry_delay(retries: int) -> float:
+    """Seconds before retry number `retries` + 1 (Kopf's `retry`: 0 on the first run)."""
+    return min(RETRY_FIRST_DELAY_S * 2 ** min(retries, 32), RETRY_MAX_DELAY_S)
+
+
 @kopf.on.resume(*RECSYS)
 @kopf.on.create(*RECSYS)
 @kopf.on.update(*RECSYS, field="spec")
-async def reconcile_system(namespace: str | None, name: str, reason: str, **_: Any) -> None:
+async def reconcile_system(
+    namespace: str | None, name: str, reason: str, retry: int, **_: Any
+) -> None:
     assert namespace is not None  # RecommenderSystems are namespaced
     outcome = await reconcile_and_record(namespace, name, trigger=str(reason))
     if outcome is not None and outcome.retry:
-        raise kopf.TemporaryError("a dependency is not ready yet; retrying", delay=10)
+        raise kopf.TemporaryError(
+            "a dependency is not ready yet; retrying", delay=retry_delay(retry)
+        )
 
 
 @kopf.timer(*RECSYS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
@@ -297,7 +315,11 @@ async def drive_rollout(namespace: str | None, name: str, **_: Any) -> None:
             return
         if patch is not None:
             await write_status("RecommenderSystem", namespace, name, patch)
-        if (body["metadata"].get("annotations") or {}).get(ACTION_ANNOTATION):
+        for event in transition.events:
+            post_event(body, event.reason, event.message, warning=event.warning)
+            metrics.ROLLOUT_DECISIONS.labels(reason=event.reason).inc()
+        if transition.action is not None:
+            # Only now that status.lastAction and the Event say what came of it.
             await asyncio.to_thread(
                 STATE.kube.merge_patch,
                 API_VERSION,
@@ -306,9 +328,6 @@ async def drive_rollout(namespace: str | None, name: str, **_: Any) -> None:
                 name,
                 {"metadata": {"annotations": {ACTION_ANNOTATION: None}}},
             )
-        for event in transition.events:
-            post_event(body, event.reason, event.message, warning=event.warning)
-            metrics.ROLLOUT_DECISIONS.labels(reason=event.reason).inc()
     if patch is not None:
         await reconcile_and_record(namespace, name, trigger="rollout")
 

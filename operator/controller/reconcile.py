@@ -27,7 +27,7 @@ from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.api.status import Condition, ConditionStatus, ConditionType
 from recsys_operator.controller.conditions import condition, merge_conditions, summarize_ready
 from recsys_operator.controller.kube import ApplyResult, KubeClient
-from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
+from recsys_operator.pulsar_admin import PartitionsDecreased, PulsarAdmin, PulsarAdminError
 from recsys_operator.render import PRUNED_KINDS, RenderOptions, render_system, topic_plan
 from recsys_operator.render.naming import (
     INSTANCE_LABEL,
@@ -171,6 +171,9 @@ class Reconciler:
                 str(exc),
                 generation,
             ), []
+        except PartitionsDecreased as exc:
+            reason = ConditionReason.TOPIC_PARTITIONS_DECREASED
+            return condition(ConditionType.TOPICS_READY, False, reason, str(exc), generation), []
         except PulsarAdminError as exc:
             reason = {
                 401: ConditionReason.PULSAR_UNAUTHORIZED,

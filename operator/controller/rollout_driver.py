@@ -15,7 +15,11 @@ from recsys_contracts.field_issues import InvalidResource
 from recsys_operator.api.reasons import BLOCKING_REASONS
 from recsys_operator.api.recommender_system import CanaryReplicas
 from recsys_operator.api.resources import RecommenderSystem
-from recsys_operator.api.status import ConditionStatus, ConditionType
+from recsys_operator.api.status import (
+    ConditionStatus,
+    ConditionType,
+    RolloutActionResult,
+)
 from recsys_operator.controller.conditions import condition, merge_conditions
 from recsys_operator.controller.kube import KubeClient
 from recsys_operator.controller.reconcile import parse_system
@@ -26,10 +30,10 @@ from recsys_operator.rollout.driver import (
     MetricsSource,
     PrometheusMetrics,
     RolloutDriver,
-    manual_action,
 )
 from recsys_operator.rollout.shadow_analysis import PrometheusShadowSource
 from recsys_operator.rollout.state_machine import (
+    Action,
     AnalysisSource,
     Gates,
     ReplicaSource,
@@ -71,10 +75,15 @@ def blocking_reason(body: dict[str, Any]) -> str | None:
 def rollout_state(system: RecommenderSystem) -> RolloutState:
     status = system.status
     stable = (status.stable_version if status else None) or system.spec.model.version
+    last_action = status.last_action if status else None
     return RolloutState(
         stable_version=stable,
         canary=status.canary if status else None,
         last_rollout=status.last_rollout if status else None,
+        # A pause lasts until the next action (resume, abort or promote) replaces it.
+        paused=last_action is not None
+        and last_action.action == Action.PAUSE
+        and last_action.result is RolloutActionResult.APPLIED,
     )
 
 
@@ -97,6 +106,8 @@ def status_patch(
     }
     if transition.promoted:
         patch["stableArchiveUri"] = system.spec.model.archive_uri
+    if transition.action is not None:
+        patch["lastAction"] = transition.action.to_wire()
     return patch
 
 
@@ -180,7 +191,7 @@ async def rollout_tick(
         shadow,
     )
     transition = await RolloutDriver(RenderedRouting(), metrics, gates=lambda _: gates).step(
-        system, state, action=manual_action(action), now=now
+        system, state, action=action, now=now
     )
     assert transition is not None  # RenderedRouting is always prepared
     patch = status_patch(system, body, transition)

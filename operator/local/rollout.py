@@ -2,8 +2,9 @@
 traffic router (`traffic.LocalRouter`) and the local Prometheus, its state kept in
 memory and reported in state.json.
 
-A person's abort or promote arrives as the run folder's rollout-action file (what the
-annotation is in a cluster); it is consumed by the tick that reads it.
+A person's abort, promote, pause or resume arrives as the run folder's rollout-action
+file (what the annotation is in a cluster); the tick that reads it acts on it and
+acknowledges it (an event and `lastAction` in state.json), an unknown value is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from recsys_operator.render.traffic import TrafficPlan
 from recsys_operator.rollout.driver import (
     PrometheusMetrics,
     RolloutDriver,
-    manual_action,
     traffic_plan,
 )
 from recsys_operator.rollout.shadow_analysis import PrometheusShadowSource
@@ -38,6 +38,7 @@ class LocalRollout:
         self.router = router
         self.state = RolloutState(stable_version=stable_version)
         self.health: dict[str, Any] = {}
+        self.last_action: dict[str, Any] | None = None
         self._record = record
         self._driver: RolloutDriver | None = None
 
@@ -80,6 +81,8 @@ class LocalRollout:
         }
         for event in transition.events:
             self._record(event.reason, event.message, warning=event.warning)
+        if transition.action is not None:
+            self.last_action = transition.action.to_wire()
         self.state = transition.state
 
     def _take_action(self) -> str | None:
@@ -88,12 +91,7 @@ class LocalRollout:
         except OSError:
             return None
         self.folder.action_file.unlink(missing_ok=True)
-        action = manual_action(requested)
-        if action is None:
-            self._record("UnknownAction", f"ignored rollout action {requested!r}", warning=True)
-            return None
-        self._record("ManualAction", f"{action} requested")
-        return action
+        return requested  # the state machine validates and acknowledges it
 
     def describe(self) -> dict[str, Any]:
         state = self.state
@@ -102,4 +100,5 @@ class LocalRollout:
             "canary": state.canary.to_wire() if state.canary else None,
             "lastRollout": state.last_rollout.to_wire() if state.last_rollout else None,
             "health": self.health,
+            "lastAction": self.last_action,
         }

@@ -29,17 +29,12 @@ from recsys_operator.render.naming import system_id
 from recsys_operator.render.traffic import TrafficPlan, plan_for
 from recsys_operator.rollout.prometheus_source import PrometheusSource
 from recsys_operator.rollout.state_machine import (
-    Action,
     AnalysisSource,
     Gates,
     RolloutState,
     Transition,
     tick,
 )
-
-MANUAL_ACTIONS = (Action.ABORT, Action.PROMOTE)
-"""One-shot requests a person makes (the annotation in a cluster, a file locally);
-each is consumed by the tick that sees it."""
 
 
 class TrafficRouter(Protocol):
@@ -85,11 +80,6 @@ class FixedAnalysis:
 
     def analysis_for(self, system: RecommenderSystem, stable_version: str) -> AnalysisSource:
         return self.source
-
-
-def manual_action(requested: str | None) -> str | None:
-    """The action a person asked for, or None when none (or an unknown one) was asked."""
-    return requested if requested in MANUAL_ACTIONS else None
 
 
 def version_to_prepare(desired_version: str, state: RolloutState) -> str | None:
@@ -155,6 +145,9 @@ class RolloutDriver:
         now: datetime | None = None,
     ) -> Transition:
         """Decide with the state machine, have the transition recorded, then route.
+
+        `action`: what a person asked for (the annotation's or the file's text, as
+        given: the state machine validates it and acknowledges it in the transition).
 
         `record` stores the transition before traffic moves (a router that moves traffic
         by the stored state, as the cluster's does, needs none: its caller stores the

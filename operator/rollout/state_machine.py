@@ -19,14 +19,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 
 from recsys_contracts.api_base import parse_duration
+from recsys_operator.api.reasons import EventReason
 from recsys_operator.api.recommender_system import RolloutSpec, RolloutWebhook, WebhookType
 from recsys_operator.api.status import (
     AnalysisDecision,
     AnalysisResult,
     CanaryPhase,
     CanaryStatus,
+    RolloutActionRecord,
+    RolloutActionResult,
     RolloutOutcome,
     RolloutRecord,
     ShadowResult,
@@ -55,11 +59,19 @@ ReplicaSource = Callable[[], Awaitable[ServingReplicas | None]]
 """The serving replicas now; None where nobody counts them (local mode)."""
 
 
-class Action:
-    """Manual controls (annotation `recsys.dev/rollout-action`)."""
+class Action(StrEnum):
+    """Manual controls (annotation `recsys.dev/rollout-action`, locally the run
+    folder's rollout-action file). Each is acted on by the one tick that sees it, in
+    any phase, and acknowledged in `Transition.action` and an Event."""
 
     ABORT = "abort"
+    """End the running rollout, or keep the version the spec names from starting."""
     PROMOTE = "promote"
+    """Skip the remaining steps and analyses (not the pre-promotion gates)."""
+    PAUSE = "pause"
+    """Hold the running rollout where it is, and start no new one, until resume."""
+    RESUME = "resume"
+    """Lift a pause."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,8 @@ class RolloutState:
     stable_version: str
     canary: CanaryStatus | None = None
     last_rollout: RolloutRecord | None = None
+    paused: bool = False
+    """Paused by a person's action (in a cluster: `status.lastAction` is an applied pause)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,7 @@ class Transition:
     health: Health
     events: list[Event] = field(default_factory=list)
     promoted: bool = False  # the canary became stable in this tick
+    action: RolloutActionRecord | None = None  # the person's action this tick acted on
 
 
 @dataclass(frozen=True)
@@ -157,11 +172,43 @@ async def tick(
     action: str | None = None,
     gates: Gates | None = None,
 ) -> Transition:
-    """One step of the rollout of `desired_version` (the spec's model version)."""
+    """One step of the rollout of `desired_version` (the spec's model version), acting
+    first on `action`, a person's request, if one was made (any string: an unknown one
+    is refused, and the tick goes on as without it)."""
     gates = gates or Gates()
+    if action is None:
+        return await _tick(desired_version, spec, state, now, analysis_source, gates)
+    if action not in set(Action):
+        transition = await _tick(desired_version, spec, state, now, analysis_source, gates)
+        message = (
+            f"unknown rollout action {action!r} refused: use one of "
+            f"{', '.join(a.value for a in Action)}"
+        )
+        return _acknowledged(transition, action, RolloutActionResult.REFUSED, message, now)
+    return await _act(Action(action), desired_version, spec, state, now, analysis_source, gates)
+
+
+async def _tick(
+    desired_version: str,
+    spec: RolloutSpec,
+    state: RolloutState,
+    now: datetime,
+    analysis_source: AnalysisSource,
+    gates: Gates,
+) -> Transition:
     canary = state.canary
 
     if canary is None:
+        if state.paused and _startable(desired_version, state):
+            return Transition(
+                state,
+                Health(
+                    True,
+                    "Paused",
+                    f"version {desired_version} waits: rollouts paused by a person "
+                    "(recsys.dev/rollout-action=resume)",
+                ),
+            )
         return _start(desired_version, spec, state, now)
 
     # The spec moved on while a rollout ran: stop this one; the next tick starts the new one.
@@ -177,27 +224,6 @@ async def tick(
             Health(True, "Aborted", message),
             Event(False, "RolloutAborted", message),
         )
-
-    if action == Action.ABORT:
-        message = f"rollout of {canary.version} aborted by a person; all traffic on {state.stable_version}"
-        return _end(
-            state,
-            RolloutOutcome.ABORTED,
-            "aborted by a person",
-            now,
-            canary.last_analysis,
-            Health(False, "Aborted", message),
-            Event(True, "RolloutAborted", message),
-        )
-    if action == Action.PROMOTE:
-        # A person's promotion skips the remaining steps and analyses (or confirms a
-        # canary awaiting promotion), not the pre-promotion webhooks or the scale-up.
-        confirmed = (
-            "confirmed by a person"
-            if canary.phase is CanaryPhase.AWAITING_PROMOTION
-            else "promoted by a person"
-        )
-        return await _promote(state, canary, spec, now, gates, confirmed, canary.last_analysis)
 
     started_at = _parse(canary.started_at, now)
     if canary.phase is not CanaryPhase.AWAITING_PROMOTION and (
@@ -216,9 +242,11 @@ async def tick(
             Event(True, "RolledBack", reason),
         )
 
-    if spec.paused:
+    if spec.paused or state.paused:
+        by = "by a person (recsys.dev/rollout-action=resume)" if state.paused else "by the spec"
         return Transition(
-            state, Health(True, "Paused", f"paused at step {canary.step} ({canary.weight}%)")
+            state,
+            Health(True, "Paused", f"paused {by} at step {canary.step} ({canary.weight}%)"),
         )
 
     if canary.phase is CanaryPhase.PRE_ROLLOUT:
@@ -353,6 +381,141 @@ async def tick(
                 message,
             )
         ],
+    )
+
+
+# --- a person's actions --------------------------------------------------------------
+
+
+def _startable(desired_version: str, state: RolloutState) -> bool:
+    """A rollout of `desired_version` would start now (with no canary running): a new
+    version, not one that was aborted or rolled back (see `_start`)."""
+    last = state.last_rollout
+    retried = (
+        last is not None
+        and last.version == desired_version
+        and last.outcome is not RolloutOutcome.PROMOTED
+    )
+    return desired_version != state.stable_version and not retried
+
+
+def _acknowledged(
+    transition: Transition,
+    action: str,
+    result: RolloutActionResult,
+    message: str,
+    now: datetime,
+) -> Transition:
+    """`transition` with the action's record and the Event that acknowledges it."""
+    reason = {
+        RolloutActionResult.APPLIED: EventReason.ROLLOUT_ACTION_APPLIED,
+        RolloutActionResult.IGNORED: EventReason.ROLLOUT_ACTION_IGNORED,
+        RolloutActionResult.REFUSED: EventReason.ROLLOUT_ACTION_REFUSED,
+    }[result]
+    warning = result is RolloutActionResult.REFUSED
+    transition.events.append(Event(warning, reason, message))
+    transition.action = RolloutActionRecord(
+        action=action[:63], result=result, message=message, time=_iso(now)
+    )
+    return transition
+
+
+async def _act(
+    action: Action,
+    desired_version: str,
+    spec: RolloutSpec,
+    state: RolloutState,
+    now: datetime,
+    analysis_source: AnalysisSource,
+    gates: Gates,
+) -> Transition:
+    """Act on a person's request in whatever phase the rollout is, or before one."""
+    applied, ignored = RolloutActionResult.APPLIED, RolloutActionResult.IGNORED
+    canary = state.canary
+    pending = canary is None and _startable(desired_version, state)
+
+    if action is Action.PAUSE:
+        paused = replace(state, paused=True)
+        transition = await _tick(desired_version, spec, paused, now, analysis_source, gates)
+        where = (
+            f"at step {canary.step} ({canary.weight}%) of version {canary.version}"
+            if canary is not None
+            else "before any rollout: no new rollout starts"
+        )
+        return _acknowledged(transition, action, applied, f"rollouts paused {where}", now)
+
+    if action is Action.RESUME:
+        if not state.paused:
+            transition = await _tick(desired_version, spec, state, now, analysis_source, gates)
+            return _acknowledged(transition, action, ignored, "nothing to resume: not paused", now)
+        resumed = replace(state, paused=False)
+        transition = await _tick(desired_version, spec, resumed, now, analysis_source, gates)
+        return _acknowledged(transition, action, applied, "rollouts resumed", now)
+
+    if action is Action.ABORT:
+        if canary is None and not pending:
+            transition = await _tick(desired_version, spec, state, now, analysis_source, gates)
+            return _acknowledged(transition, action, ignored, "no rollout to abort", now)
+        # The rollout that runs (if one does) ends; if the spec names a version that has
+        # not started, that version is recorded as aborted, so it never starts.
+        stopped = f"rollout of {canary.version} aborted by a person" if canary else ""
+        if desired_version != state.stable_version and (
+            canary is None or canary.version != desired_version
+        ):
+            before = f"version {desired_version} aborted by a person before it started"
+            record = RolloutRecord(
+                version=desired_version,
+                outcome=RolloutOutcome.ABORTED,
+                time=_iso(now),
+                reason="aborted by a person before it started",
+            )
+            new = RolloutState(state.stable_version, canary=None, last_rollout=record)
+            message = "; ".join(m for m in (stopped, before) if m)
+        else:
+            assert canary is not None
+            new = _finish(
+                state, RolloutOutcome.ABORTED, "aborted by a person", now, canary.last_analysis
+            )
+            message = stopped
+        message += f"; all traffic on {state.stable_version}"
+        transition = Transition(
+            new, Health(False, "Aborted", message), [Event(True, "RolloutAborted", message)]
+        )
+        return _acknowledged(transition, action, applied, message, now)
+
+    # Promote: a person's promotion skips the remaining steps and analyses (or confirms
+    # a canary awaiting promotion), not the pre-promotion webhooks or the scale-up.
+    unpaused = replace(state, paused=False)
+    if canary is not None and canary.version == desired_version:
+        confirmed = (
+            "confirmed by a person"
+            if canary.phase is CanaryPhase.AWAITING_PROMOTION
+            else "promoted by a person"
+        )
+        transition = await _promote(
+            unpaused, canary, spec, now, gates, confirmed, canary.last_analysis
+        )
+        return _acknowledged(transition, action, applied, f"{canary.version} {confirmed}", now)
+    if pending:
+        # No canary yet: start the rollout and promote it in the same tick.
+        started = _start(desired_version, spec, unpaused, now)
+        if started.state.canary is None:  # steps [100]: promoted already
+            return _acknowledged(started, action, applied, f"{desired_version} promoted", now)
+        promoted = await _promote(
+            started.state,
+            started.state.canary,
+            spec,
+            now,
+            gates,
+            "promoted by a person before its canary steps",
+            None,
+        )
+        promoted.events[:0] = started.events
+        message = f"{desired_version} promoted by a person before its canary steps"
+        return _acknowledged(promoted, action, applied, message, now)
+    transition = await _tick(desired_version, spec, state, now, analysis_source, gates)
+    return _acknowledged(
+        transition, action, ignored, "no rollout of the spec's version to promote", now
     )
 
 

@@ -93,6 +93,18 @@ CASES = [
         "ScalingPolicyNotFound",
     ),
     (
+        "invalid policy",
+        resource([cond("Ready", "False", "ScalingPolicyInvalid", "x")]),
+        "Degraded",
+        "ScalingPolicyInvalid",
+    ),
+    (
+        "partition decrease refused",
+        resource([cond("Ready", "False", "TopicPartitionsDecreased", "x")]),
+        "Degraded",
+        "TopicPartitionsDecreased",
+    ),
+    (
         "pulsar down: transient",
         resource([cond("Ready", "False", "PulsarAdminFailed", "x")]),
         "Progressing",

@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import itertools
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -732,3 +734,143 @@ def test_a_shadow_phase_mirrors_before_the_canary_gets_users(
         assert (last["decision"], last["compared"]) == ("Pass", 250)
         events = cluster.core.list_namespaced_event("default").items
         assert any(e.reason == "ShadowPassed" for e in events)
+
+
+def action_annotation(cluster: Cluster) -> str | None:
+    return (cluster.system()["metadata"].get("annotations") or {}).get("recsys.dev/rollout-action")
+
+
+def last_action(cluster: Cluster, action: str) -> dict[str, Any]:
+    """Wait until the operator recorded `action` in status.lastAction, then return it."""
+    return wait_for(
+        lambda: (a := cluster.system()["status"].get("lastAction")) and a["action"] == action and a,
+        timeout=30,
+    )
+
+
+def test_rollout_actions_are_validated_acted_on_and_acknowledged(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """Each value of recsys.dev/rollout-action is acknowledged by an Event and
+    status.lastAction before the annotation goes; an unknown one is refused."""
+    handlers.STATE.analysis_source = scripted_source()  # every analysis waits
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+    ready(cluster)
+
+    def annotate(value: str, **spec: Any) -> None:
+        patch: dict[str, Any] = {"metadata": {"annotations": {"recsys.dev/rollout-action": value}}}
+        if spec:
+            patch["spec"] = spec
+        cluster.patch_system(patch)
+
+    def events(reason: str) -> list[Any]:
+        return [
+            e for e in cluster.core.list_namespaced_event("default").items if e.reason == reason
+        ]
+
+    # Unknown: refused with a Warning, visible in status, then the annotation goes.
+    annotate("rollback")
+    refused = last_action(cluster, "rollback")
+    assert refused["result"] == "Refused" and "abort, promote, pause, resume" in refused["message"]
+    wait_for(lambda: [e.type for e in events("RolloutActionRefused")] == ["Warning"], timeout=10)
+    wait_for(lambda: action_annotation(cluster) is None, timeout=10)
+
+    # Abort set together with a version change: version 2 never starts.
+    annotate("abort", model={"version": "2", "archiveUri": "http://models.default/retrieval-2.mar"})
+    aborted = last_action(cluster, "abort")
+    assert aborted["result"] == "Applied" and "before it started" in aborted["message"]
+    status = cluster.system()["status"]
+    assert status.get("canary") is None and status["stableVersion"] == "1"
+    assert (status["lastRollout"]["version"], status["lastRollout"]["outcome"]) == ("2", "Aborted")
+    wait_for(lambda: events("RolloutActionApplied"), timeout=10)
+    assert not events("RolloutStarted")
+    wait_for(lambda: action_annotation(cluster) is None, timeout=10)
+    assert "shop-serving-canary" not in cluster.deployments()
+
+    # Pause before a rollout: version 3 waits until resume.
+    annotate("pause")
+    assert last_action(cluster, "pause")["result"] == "Applied"
+    wait_for(lambda: action_annotation(cluster) is None, timeout=10)
+    cluster.patch_system(
+        {"spec": {"model": {"version": "3", "archiveUri": "http://models.default/retrieval-3.mar"}}}
+    )
+    wait_for(
+        lambda: "version 3 waits" in (cluster.condition("RolloutHealthy") or {}).get("message", "")
+    )
+    assert cluster.condition("RolloutHealthy")["reason"] == "Paused"
+    assert cluster.system()["status"].get("canary") is None
+    annotate("resume")
+    assert last_action(cluster, "resume")["result"] == "Applied"
+    wait_for(
+        lambda: (cluster.system()["status"].get("canary") or {}).get("version") == "3",
+        timeout=30,
+    )
+    wait_for(lambda: action_annotation(cluster) is None, timeout=10)
+
+
+def test_a_retried_failure_backs_off_and_writes_no_unchanged_status(
+    cluster: Cluster,
+    pulsar_admin: PulsarAdminHandle,
+    operator: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A missing Secret: the operator's own status is written once, not per retry, and
+    Kopf's retries (each writes its progress to status) come further and further apart."""
+    monkeypatch.setattr(handlers, "RETRY_FIRST_DELAY_S", 0.5)
+    monkeypatch.setattr(handlers, "RETRY_MAX_DELAY_S", 4.0)
+    cluster.create("scalingpolicies", policy())
+    doc = quickstart(pulsar_admin, events__authSecretRef={"name": "pulsar-token", "key": "token"})
+    mark = cluster.kube.emulator.mark()
+    cluster.create("recommendersystems", doc)
+    wait_for(
+        lambda: (cluster.condition("TopicsReady") or {}).get("reason") == "PulsarSecretNotFound"
+    )
+
+    def status_patches() -> list[dict[str, Any]]:
+        return [
+            r.data["status"]
+            for r in cluster.kube.emulator.writes_since(mark, resource="recommendersystems")
+            if r.method.value == "PATCH" and isinstance(r.data, dict) and "status" in r.data
+        ]
+
+    def retry_times() -> list[float]:
+        times = []
+        for status in status_patches():
+            progress = ((status.get("kopf") or {}).get("progress") or {}).get("reconcile_system")
+            if progress and progress.get("delayed"):
+                times.append(datetime.fromisoformat(progress["delayed"]).timestamp())
+        return times
+
+    wait_for(lambda: len(retry_times()) >= 5, timeout=30)
+    times = retry_times()
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # 1 s, 2 s, 4 s (the cap), 4 s between retries, not 0.5 s each.
+    assert gaps[0] > 0.7 and gaps[1] > 1.5 and gaps[2] > 3.0, gaps
+    # After the first retry (by then the reconcile and the rollout timer have each written
+    # theirs), every later retry found the same status and wrote none of it again.
+    patches = status_patches()
+    retries = [i for i, p in enumerate(patches) if "progress" in (p.get("kopf") or {})]
+    ours_later = [p for p in patches[retries[1] :] if set(p) - {"kopf"}]
+    assert ours_later == [], ours_later
+
+
+def test_a_partition_decrease_is_refused_with_its_own_permanent_reason(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+    ready(cluster)
+    cluster.patch_system({"spec": {"events": {"topics": {"interactions": {"partitions": 1}}}}})
+    cond = wait_for(
+        lambda: (
+            (c := cluster.condition("TopicsReady"))
+            and c["reason"] == "TopicPartitionsDecreased"
+            and c
+        ),
+        timeout=30,
+    )
+    assert cond["status"] == "False" and "cannot reduce" in cond["message"]
+    assert cluster.condition("Ready")["reason"] == "TopicPartitionsDecreased"
+    topic = next(t for n, t in pulsar_admin.emulator.topics.items() if n.endswith("interactions"))
+    assert topic.partitions == 2  # nothing was changed

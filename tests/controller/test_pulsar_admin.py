@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 from kubemock.fixtures import PulsarAdminHandle
 
-from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError, RetryPolicy
+from recsys_operator.pulsar_admin import (
+    PartitionsDecreased,
+    PulsarAdmin,
+    PulsarAdminError,
+    RetryPolicy,
+)
 from recsys_operator.render.topics import TopicPlan, TopicPolicy
 
 FAST = RetryPolicy(attempts=3, first_delay=0.01, max_delay=0.05, timeout=5)
@@ -39,7 +44,7 @@ async def test_partitions_grow_but_never_shrink(pulsar_admin: PulsarAdminHandle)
         bigger = TopicPlan("acme", "feed", (TopicPolicy("interactions", 8, 60, 100, 50),))
         assert await admin.ensure_plan(bigger) == ["interactions: partitions 4 -> 8"]
         smaller = TopicPlan("acme", "feed", (TopicPolicy("interactions", 2, 60, 100, 50),))
-        with pytest.raises(PulsarAdminError, match="cannot reduce"):
+        with pytest.raises(PartitionsDecreased, match="cannot reduce"):
             await admin.ensure_plan(smaller)
 
 

@@ -26,7 +26,6 @@ from recsys_operator.render.traffic import TrafficPlan
 from recsys_operator.rollout.driver import (
     PrometheusMetrics,
     RolloutDriver,
-    manual_action,
     version_to_prepare,
 )
 from recsys_operator.rollout.prometheus_source import PrometheusSource
@@ -171,18 +170,22 @@ async def test_a_rolled_back_version_is_neither_prepared_nor_retried() -> None:
     assert version_to_prepare("3", state) == "3"
 
 
-async def test_a_manual_abort_is_applied_and_an_unknown_action_ignored() -> None:
-    assert manual_action("abort") == "abort" and manual_action("promote") == "promote"
-    assert manual_action("rollback") is None and manual_action(None) is None
+async def test_a_manual_abort_is_applied_and_an_unknown_action_refused() -> None:
     rollout, calls = driver()
     state = RolloutState("1", canary=canary_at(20, 0, T0))
     transition = await rollout.step(
-        system("2"), state, action=manual_action("abort"), now=T0 + timedelta(seconds=5)
+        system("2"), state, action="abort", now=T0 + timedelta(seconds=5)
     )
     assert transition is not None and transition.state.canary is None
     assert transition.state.last_rollout is not None
     assert transition.state.last_rollout.outcome is RolloutOutcome.ABORTED
+    assert transition.action is not None and transition.action.result == "Applied"
     assert calls[-1] == ("set_routes", TrafficPlan("1"))
+
+    refused = await rollout.step(system("2"), state, action="rollback", now=T0)
+    assert refused is not None and refused.state.canary == state.canary  # went on as before
+    assert refused.action is not None and refused.action.result == "Refused"
+    assert [e.reason for e in refused.events if e.warning] == ["RolloutActionRefused"]
 
 
 def test_prometheus_metrics_query_the_system_by_its_id() -> None:
@@ -190,3 +193,39 @@ def test_prometheus_metrics_query_the_system_by_its_id() -> None:
     assert isinstance(source, PrometheusSource)
     # The gateway labels its series with `<namespace>.<name>`; stable is what status says.
     assert (source.system_id, source.stable_version) == ("default.quickstart", "1")
+
+
+def test_local_mode_acts_on_the_action_file_and_acknowledges_it(tmp_path: Path) -> None:
+    """The run folder's rollout-action file is local mode's annotation: read once,
+    acted on by the state machine, acknowledged in the events and `lastAction`."""
+    from recsys_operator.local.rollout import LocalRollout
+    from recsys_operator.local.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path)
+    recorded: list[tuple[str, bool]] = []
+    calls: list[tuple[str, Any]] = []
+    rollout = LocalRollout(
+        folder,
+        Router(calls),  # type: ignore[arg-type]
+        "1",
+        lambda reason, message, warning=False: recorded.append((reason, warning)),
+    )
+    rollout._driver = RolloutDriver(Router(calls), Metrics(calls, AnalysisDecision.PASS))
+
+    folder.action_file.write_text("pause\n")
+    rollout.step(system("2"))  # paused before the rollout: version 2 does not start
+    assert not folder.action_file.exists()
+    assert rollout.state.canary is None and rollout.state.paused
+    assert rollout.describe()["lastAction"]["result"] == "Applied"
+    assert ("RolloutActionApplied", False) in recorded
+
+    folder.action_file.write_text("rollback")
+    rollout.step(system("2"))
+    assert rollout.describe()["lastAction"]["action"] == "rollback"
+    assert rollout.describe()["lastAction"]["result"] == "Refused"
+    assert recorded[-1] == ("RolloutActionRefused", True)
+    assert rollout.state.canary is None  # still paused
+
+    folder.action_file.write_text("resume")
+    rollout.step(system("2"))
+    assert rollout.state.canary is not None and rollout.state.canary.version == "2"

@@ -147,6 +147,72 @@ async def test_manual_abort_and_promote(action: str, stable: str, outcome: Rollo
     assert t.state.last_rollout.outcome is outcome
 
 
+async def test_an_abort_before_the_canary_exists_keeps_the_rollout_from_starting() -> None:
+    t = await run(RolloutState("1"), T0, Source(), action=Action.ABORT)
+    assert t.state.canary is None and t.state.stable_version == "1"
+    assert t.state.last_rollout.version == "2"
+    assert t.state.last_rollout.outcome is RolloutOutcome.ABORTED
+    assert t.action.action == "abort" and t.action.result == "Applied"
+    assert {e.reason for e in t.events} == {"RolloutAborted", "RolloutActionApplied"}
+    # Later ticks, without the action, still do not start version 2.
+    later = await run(t.state, T0 + timedelta(minutes=1), Source())
+    assert later.state.canary is None and later.action is None
+
+
+async def test_an_abort_with_a_version_change_stops_both_versions() -> None:
+    """abort set together with a new version mid-rollout: the running canary ends and
+    the new version does not start."""
+    state = (await run(RolloutState("1"), T0, Source())).state
+    t = await run(state, T0 + timedelta(seconds=5), Source(), version="3", action=Action.ABORT)
+    assert t.state.canary is None and t.state.stable_version == "1"
+    assert (t.state.last_rollout.version, t.state.last_rollout.outcome) == (
+        "3",
+        RolloutOutcome.ABORTED,
+    )
+    assert "rollout of 2 aborted" in t.action.message and "3 aborted" in t.action.message
+    later = await run(t.state, T0 + timedelta(minutes=1), Source(), version="3")
+    assert later.state.canary is None
+
+
+async def test_pause_holds_the_canary_and_new_rollouts_until_resume() -> None:
+    state = (await run(RolloutState("1"), T0, Source())).state
+    paused = await run(state, T0 + timedelta(seconds=5), Source(), action=Action.PAUSE)
+    assert paused.state.paused and paused.state.canary == state.canary
+    assert paused.action.result == "Applied" and paused.health.reason == "Paused"
+    assert [e.reason for e in paused.events] == ["RolloutActionApplied"]
+    source = Source()
+    held = await run(paused.state, T0 + timedelta(minutes=5), source)
+    assert held.state == paused.state and source.calls == [] and held.health.reason == "Paused"
+
+    resumed = await run(
+        held.state, T0 + timedelta(minutes=5), Source(AnalysisDecision.PASS), action="resume"
+    )
+    assert not resumed.state.paused and resumed.state.canary.weight == 50
+    assert resumed.action.result == "Applied"
+
+    # Paused before a rollout: the new version waits.
+    idle = await run(RolloutState("1"), T0, Source(), version="1", action=Action.PAUSE)
+    waiting = await run(idle.state, T0 + timedelta(seconds=5), Source())
+    assert waiting.state.canary is None and waiting.health.reason == "Paused"
+
+
+async def test_actions_with_nothing_to_act_on_are_ignored_and_unknown_ones_refused() -> None:
+    for action in ("abort", "promote", "resume"):
+        t = await run(RolloutState("1"), T0, Source(), version="1", action=action)
+        assert t.state == RolloutState("1") and t.action.result == "Ignored", action
+        assert [e.reason for e in t.events] == ["RolloutActionIgnored"]
+    state = (await run(RolloutState("1"), T0, Source())).state
+    t = await run(state, T0 + timedelta(seconds=5), Source(), action="rollback")
+    assert t.state == state and t.action.action == "rollback" and t.action.result == "Refused"
+    assert [(e.warning, e.reason) for e in t.events] == [(True, "RolloutActionRefused")]
+
+
+async def test_promote_before_the_canary_exists_promotes_the_new_version() -> None:
+    t = await run(RolloutState("1"), T0, Source(), action=Action.PROMOTE)
+    assert t.state.canary is None and t.state.stable_version == "2" and t.promoted
+    assert t.action.result == "Applied"
+
+
 async def test_a_new_version_mid_rollout_aborts_the_old_one_then_starts() -> None:
     state = (await run(RolloutState("1"), T0, Source())).state
     t = await run(state, T0 + timedelta(seconds=5), Source(), version="3")

@@ -6,8 +6,9 @@
 -- Degraded: a spec/policy/credentials problem that waiting will not fix, or a rolled-back rollout.
 local hs = {}
 local permanent = {
-  InvalidSpec = true, ScalingPolicyNotFound = true, PolicyViolation = true,
-  PulsarUnauthorized = true, PulsarForbidden = true,
+  InvalidSpec = true, ScalingPolicyNotFound = true, ScalingPolicyInvalid = true,
+  PolicyViolation = true, PulsarUnauthorized = true, PulsarForbidden = true,
+  TopicPartitionsDecreased = true,
 }
 
 local function find(conditions, wanted)
