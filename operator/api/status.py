@@ -117,6 +117,8 @@ class AnalysisResult(ApiModel):
     """p-value of the sample-ratio check (chi-square of the canary share against the weight)."""
     guardrails: list[GuardrailResult] = Field(default_factory=list)
     """Dwell and purchase comparisons, when the spec sets their thresholds."""
+    steps_combined: int | None = None
+    """Steps whose windows this look combined (stratified by step); unset: this step's window only."""
 
 
 class CanaryStatus(ApiModel):
@@ -134,6 +136,8 @@ class CanaryStatus(ApiModel):
     """When the rollout began (RFC 3339)."""
     inconclusive_count: int = Field(default=0, ge=0)
     """Inconclusive analyses in a row at this step."""
+    step_starts: list[str] = Field(default_factory=list)
+    """When each step so far began (RFC 3339), in order: step i's window runs to step i+1's start, and the analysis combines them all."""
     last_analysis: AnalysisResult | None = None
     """The latest analysis."""
 

@@ -143,6 +143,7 @@ async def tick(
             step=0,
             started_at=_iso(now),
             step_started_at=_iso(now),
+            step_starts=[_iso(now)],
         )
         message = f"rollout of {desired_version} started at {spec.steps[0]}% (stable {state.stable_version})"
         return Transition(
@@ -238,6 +239,7 @@ async def tick(
                 "weight": weight,
                 "step_started_at": _iso(now),
                 "inconclusive_count": 0,
+                "step_starts": [*canary.step_starts, _iso(now)],
             }
         )
         message = f"{summary}; advancing to {weight}%"
