@@ -5,9 +5,12 @@ analyses before promotion, up to maxInconclusive 3 holds per step), judged by
 
 - OLD: the test before issue 17 (every impression independent, each look at
   1 - confidence, minCtrRatio 0.95): its formula is copied below;
-- NEW: the project's `analyse` (bucket-clustered variance, the spending plan over
-  the steps, the sample-ratio check, the wait for power at the last step) with the
-  new defaults (minCtrRatio 1.0, minDetectableDrop 0.10, power 0.8).
+- PER-STEP: the project's `analyse` on each step's own window (bucket-clustered
+  variance, alpha spent over the steps in proportion to information and bounded by
+  the union bound, the sample-ratio check): the test before cumulative looks;
+- NEW: the project's `analyse` as the operator runs it: every look combines all steps
+  so far (stratified by step) at the group-sequential levels of the spending plan,
+  with the defaults (minCtrRatio 1.0, minDetectableDrop 0.10, power 0.8).
 
 Users: 2,000 of them; per analysis window each user is shown Poisson(7) lists (the
 issue's traffic); a user clicks a list with a propensity drawn once per rollout from
@@ -48,6 +51,7 @@ from recsys_contracts.variant_assignment import analysis_bucket  # noqa: E402
 from recsys_operator.api.recommender_system import AnalysisSpec, RolloutSpec  # noqa: E402
 from recsys_operator.api.status import AnalysisDecision  # noqa: E402
 from recsys_operator.rollout.analysis import Look, StepMetrics, VariantMetrics, analyse  # noqa: E402
+from recsys_operator.rollout.spending import look_alphas  # noqa: E402
 
 USERS = 2000
 LISTS_PER_USER = 7.0
@@ -181,7 +185,11 @@ def new_rollout(
     for step, weight in enumerate(spec.steps):
         if weight == 100:
             return Outcome(False, windows=windows)
-        look = Look.at(spec.steps, step, spec.analysis.confidence, cumulative=cumulative)
+        if cumulative:
+            look = Look.at(spec.steps, step, spec.analysis.confidence)
+        else:  # the per-step test as it was: union-bound shares in proportion to information
+            alpha = look_alphas(spec.steps, 1 - spec.analysis.confidence, rho=1.0)[step]
+            look = Look(step=step, weight=weight, alpha=alpha)
         on_canary = position < weight
         canary, stable = population.window(rng, propensity, on_canary, drop)
         windows += 1

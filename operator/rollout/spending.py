@@ -28,8 +28,9 @@ import numpy as np
 
 from recsys_operator.rollout.ratio_test import normal_quantile
 
-SPENDING_EXPONENT = 1.0
-"""rho of the power family: 1 spends in proportion to information."""
+SPENDING_EXPONENT = 2.0
+"""rho of the power family: 1 spends in proportion to information, larger values save
+the budget for the later looks, which combine the most data (docs/rollout-analysis.md)."""
 
 
 def analysed_weights(steps: Sequence[int]) -> list[int]:
