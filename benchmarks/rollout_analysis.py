@@ -186,7 +186,12 @@ def new_rollout(
         if weight == 100:
             return Outcome(False, windows=windows)
         if cumulative:
-            look = Look.at(spec.steps, step, spec.analysis.confidence)
+            look = Look.at(
+                spec.steps,
+                step,
+                spec.analysis.confidence,
+                sample_ratio_p_value=spec.analysis.sample_ratio_p_value,
+            )
         else:  # the per-step test as it was: union-bound shares in proportion to information
             alpha = look_alphas(spec.steps, 1 - spec.analysis.confidence, rho=1.0)[step]
             look = Look(step=step, weight=weight, alpha=alpha)

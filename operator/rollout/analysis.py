@@ -39,7 +39,7 @@ from recsys_operator.rollout.ratio_test import (
     compare_strata,
     sample_ratio,
 )
-from recsys_operator.rollout.spending import cumulative_level, look_alpha
+from recsys_operator.rollout.spending import analysed_weights, cumulative_level, look_alpha
 
 MIN_BUCKETS = 16
 """User buckets with impressions below which the variance is not trusted (of 64)."""
@@ -102,10 +102,22 @@ class Look:
         return self.alpha / metrics
 
     @classmethod
-    def at(cls, steps: Sequence[int], step: int, confidence: float, cumulative: bool = True) -> Look:
+    def at(
+        cls,
+        steps: Sequence[int],
+        step: int,
+        confidence: float,
+        cumulative: bool = True,
+        sample_ratio_p_value: float = 0.0,
+    ) -> Look:
+        """The look at index `step`. With `sample_ratio_p_value`, the rate tests leave
+        K x sampleRatioPValue of the budget (K analysed steps) to the sample-ratio check,
+        whose false alarms can end a rollout too: every cause of a rollback of a good
+        canary then fits in 1 - confidence together (union bound)."""
         levels = cumulative_level if cumulative else look_alpha
+        budget = 1 - confidence - len(analysed_weights(steps)) * sample_ratio_p_value
         # Each metric gets 1/m of the budget and its own boundaries (union bound over metrics).
-        alphas = tuple(levels(steps, step, (1 - confidence) / m) for m in (1, 2, 3))
+        alphas = tuple(levels(steps, step, budget / m) for m in (1, 2, 3))
         return cls(
             step=step,
             weight=steps[step],

@@ -19,6 +19,7 @@ union-bound level that stays valid without the history.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from datetime import datetime
 
@@ -89,7 +90,7 @@ def earlier_windows(canary: CanaryStatus) -> list[tuple[float, float]] | None:
     if len(starts) != canary.step + 1:
         return None
     times = [_timestamp(t) for t in starts]
-    return [(end - start, end) for start, end in zip(times, times[1:], strict=False)]
+    return [(end - start, end) for start, end in itertools.pairwise(times)]
 
 
 class PrometheusSource:
@@ -165,7 +166,7 @@ class PrometheusSource:
     def _earlier_step(self, version: str, window_s: float, end: float) -> StepMetrics:
         """An earlier step's counts over [end - window_s, end]."""
         sides = [
-            VariantMetrics(None, None, None, **self._bucket_counts(variant, v, window_s, end))  # type: ignore[arg-type]
+            VariantMetrics(None, None, None, **self._bucket_counts(variant, v, window_s, end))
             for variant, v in (("canary", version), ("stable", self.stable_version))
         ]
         return StepMetrics(*sides)
@@ -173,18 +174,21 @@ class PrometheusSource:
     async def __call__(self, canary: CanaryStatus, interval_s: float) -> AnalysisResult:
         window_s = step_window_s(canary, interval_s)
         windows = earlier_windows(canary)
-        canary_metrics, stable_metrics, *earlier = await asyncio.gather(
+        canary_metrics, stable_metrics = await asyncio.gather(
             asyncio.to_thread(self._variant, "canary", canary.version, window_s),
             asyncio.to_thread(self._variant, "stable", self.stable_version, window_s),
+        )
+        earlier = await asyncio.gather(
             *(
                 asyncio.to_thread(self._earlier_step, canary.version, seconds, end)
                 for seconds, end in windows or []
-            ),
+            )
         )
         look = Look.at(
             self.spec.steps,
             canary.step,
             self.spec.analysis.confidence,
             cumulative=windows is not None,
+            sample_ratio_p_value=self.spec.analysis.sample_ratio_p_value,
         )
         return analyse(canary_metrics, stable_metrics, self.spec.analysis, look, earlier)

@@ -116,6 +116,13 @@ def _simpson_weights(points: int, spacing: float) -> np.ndarray:
     return weights * spacing / 3.0
 
 
+def _crossing(level: float, t: float, sd: float, grid: np.ndarray, weights: np.ndarray) -> float:
+    """P(continued to look k - 1, then Z_k below the level): the density of S_(k-1) on
+    `grid` (times its quadrature `weights`) carried over an increment N(0, sd^2)."""
+    edge = normal_quantile(level) * math.sqrt(t)
+    return float(weights @ _normal_cdf((edge - grid) / sd))
+
+
 def cumulative_levels(
     steps: Sequence[int], alpha: float, rho: float = SPENDING_EXPONENT
 ) -> list[float]:
@@ -143,15 +150,11 @@ def cumulative_levels(
         sd = math.sqrt(t - t_prev)
         target = spend[k] - spend[k - 1]
 
-        def crossing(level: float, sd: float = sd, t: float = t, weights=weights) -> float:
-            edge = normal_quantile(level) * math.sqrt(t)
-            return float(weights @ _normal_cdf((edge - grid) / sd))
-
         # The level at which look k alone spends the increment: bisect on the level's log.
         lo, hi = math.log(max(target, 1e-12)), math.log(0.5)
         for _ in range(60):
             mid = 0.5 * (lo + hi)
-            if crossing(math.exp(mid)) < target:
+            if _crossing(math.exp(mid), t, sd, grid, weights) < target:
                 lo = mid
             else:
                 hi = mid

@@ -351,8 +351,13 @@ def test_a_look_without_the_history_gets_the_union_bound_level() -> None:
     assert alone.alpha == pytest.approx(0.0361627, abs=1e-6)
     assert cumulative.alpha > alone.alpha
     # Three metrics: each gets its own boundaries at a third of the budget.
-    assert cumulative.alpha_for(3) == pytest.approx(cumulative_level([10, 25, 50, 100], 2, 0.05 / 3))
+    assert cumulative.alpha_for(3) == pytest.approx(
+        cumulative_level([10, 25, 50, 100], 2, 0.05 / 3)
+    )
     assert Look(step=1, weight=50, alpha=0.05).alpha_for(3) == pytest.approx(0.05 / 3)
+    # The sample-ratio check's 3 x 0.001 is left out of the rate tests' budget.
+    reserved = Look.at([10, 25, 50, 100], 2, 0.95, sample_ratio_p_value=0.001)
+    assert reserved.alpha == pytest.approx(cumulative_level([10, 25, 50, 100], 2, 0.047))
 
 
 def simulated_rollout(rng: np.random.Generator, drop: float) -> bool:
@@ -383,7 +388,8 @@ def simulated_rollout(rng: np.random.Generator, drop: float) -> bool:
                     {str(b): float(c) for b, c in enumerate(y)},
                 )
             )
-        result = analyse(sides[0], sides[1], spec, Look.at(steps, step, 0.95), earlier)
+        look = Look.at(steps, step, 0.95, sample_ratio_p_value=spec.sample_ratio_p_value)
+        result = analyse(sides[0], sides[1], spec, look, earlier)
         if result.decision is AnalysisDecision.FAIL:
             return True
         earlier.append(StepMetrics(sides[0], sides[1]))

@@ -55,8 +55,10 @@ def _second_look_crossing(first: float, second: float, t1: float) -> float:
     for i in range(points + 1):
         z = c1 + i * h
         density = math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
-        total += (0.5 if i in (0, points) else 1.0) * density * normal_cdf(
-            (c2 - r * z) / math.sqrt(1 - r * r)
+        total += (
+            (0.5 if i in (0, points) else 1.0)
+            * density
+            * normal_cdf((c2 - r * z) / math.sqrt(1 - r * r))
         )
     return total * h
 
