@@ -11,6 +11,7 @@ import pytest
 
 from recsys_operator.api.recommender_system import AnalysisSpec
 from recsys_operator.api.status import AnalysisDecision
+from recsys_operator.rollout import analysis
 from recsys_operator.rollout.analysis import (
     Look,
     StepMetrics,
@@ -18,7 +19,7 @@ from recsys_operator.rollout.analysis import (
     analyse,
     counter_increase,
 )
-from recsys_operator.rollout.spending import cumulative_level
+from recsys_operator.rollout.spending import cumulative_level, look_alpha
 
 SPEC = AnalysisSpec(
     max_p99_latency_ms=50,
@@ -331,7 +332,7 @@ def test_a_cumulative_look_combines_the_earlier_steps() -> None:
     assert combined.steps_combined == 3 and "over steps 0-2, stratified" in combined.reason
     assert combined.p_value is not None and alone.p_value is not None
     assert combined.p_value < alone.p_value
-    assert combined.alpha == pytest.approx(cumulative_level([10, 25, 50, 100], 2, 0.05))
+    assert combined.alpha == pytest.approx(look_alpha([10, 25, 50, 100], 2, 0.05))
     # The step's own numbers are still the window's (dashboards compare them with Grafana).
     assert combined.canary_ctr == alone.canary_ctr
 
@@ -345,19 +346,26 @@ def test_an_earlier_step_without_data_is_inconclusive() -> None:
     assert "earlier step" in result.reason
 
 
-def test_a_look_without_the_history_gets_the_union_bound_level() -> None:
+def test_a_look_gets_the_union_bound_level_unless_group_sequential_levels_are_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     cumulative = Look.at([10, 25, 50, 100], 2, 0.95)
     alone = Look.at([10, 25, 50, 100], 2, 0.95, cumulative=False)
-    assert alone.alpha == pytest.approx(0.0361627, abs=1e-6)
-    assert cumulative.alpha > alone.alpha
+    assert alone.alpha == cumulative.alpha == pytest.approx(0.0361627, abs=1e-6)
+    monkeypatch.setattr(analysis, "GROUP_SEQUENTIAL_LEVELS", True)
+    sequential = Look.at([10, 25, 50, 100], 2, 0.95)
+    assert sequential.alpha > alone.alpha
     # Three metrics: each gets its own boundaries at a third of the budget.
-    assert cumulative.alpha_for(3) == pytest.approx(
+    assert sequential.alpha_for(3) == pytest.approx(
         cumulative_level([10, 25, 50, 100], 2, 0.05 / 3)
     )
     assert Look(step=1, weight=50, alpha=0.05).alpha_for(3) == pytest.approx(0.05 / 3)
     # The sample-ratio check's 3 x 0.001 is left out of the rate tests' budget.
     reserved = Look.at([10, 25, 50, 100], 2, 0.95, sample_ratio_p_value=0.001)
     assert reserved.alpha == pytest.approx(cumulative_level([10, 25, 50, 100], 2, 0.047))
+    # ... but never more than half of it.
+    strict = Look.at([50, 100], 0, 0.999, sample_ratio_p_value=0.001)
+    assert strict.alpha == pytest.approx(0.0005)
 
 
 def simulated_rollout(rng: np.random.Generator, drop: float) -> bool:
