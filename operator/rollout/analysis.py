@@ -13,8 +13,10 @@ The rules, in order:
    this look's share of the false-rollback budget -> Fail; otherwise Pass (saying how
    many more impressions a drop of minDetectableDrop would have needed, if any).
 
-The variance comes from the spread between user buckets (`ratio_test`), the per-look
-significance level from the spending plan over the steps (`spending`).
+The rates are compared over every step since the canary started, each step's own
+canary-versus-stable difference combined with inverse-variance weights (stratified by
+step); the variance comes from the spread between user buckets (`ratio_test`), the
+per-look significance level from the spending plan over the steps (`spending`).
 """
 
 from __future__ import annotations
