@@ -5,9 +5,12 @@ analyses before promotion, up to maxInconclusive 3 holds per step), judged by
 
 - OLD: the test before issue 17 (every impression independent, each look at
   1 - confidence, minCtrRatio 0.95): its formula is copied below;
-- NEW: the project's `analyse` (bucket-clustered variance, the spending plan over
-  the steps, the sample-ratio check, the wait for power at the last step) with the
-  new defaults (minCtrRatio 1.0, minDetectableDrop 0.10, power 0.8).
+- PER-STEP: the project's `analyse` on each step's own window (bucket-clustered
+  variance, alpha spent over the steps in proportion to information and bounded by
+  the union bound, the sample-ratio check): the test before cumulative looks;
+- NEW: the project's `analyse` as the operator runs it: every look combines all steps
+  so far (stratified by step) at the group-sequential levels of the spending plan,
+  with the defaults (minCtrRatio 1.0, minDetectableDrop 0.10, power 0.8).
 
 Users: 2,000 of them; per analysis window each user is shown Poisson(7) lists (the
 issue's traffic); a user clicks a list with a propensity drawn once per rollout from
@@ -47,7 +50,8 @@ from recsys_contracts.metric_names import ANALYSIS_BUCKETS  # noqa: E402
 from recsys_contracts.variant_assignment import analysis_bucket  # noqa: E402
 from recsys_operator.api.recommender_system import AnalysisSpec, RolloutSpec  # noqa: E402
 from recsys_operator.api.status import AnalysisDecision  # noqa: E402
-from recsys_operator.rollout.analysis import Look, VariantMetrics, analyse  # noqa: E402
+from recsys_operator.rollout.analysis import Look, StepMetrics, VariantMetrics, analyse  # noqa: E402
+from recsys_operator.rollout.spending import look_alphas  # noqa: E402
 
 USERS = 2000
 LISTS_PER_USER = 7.0
@@ -158,33 +162,49 @@ class Outcome:
     windows: int = 0
 
 
+def metrics(window: Window) -> VariantMetrics:
+    impressions, clicks = window.as_buckets()
+    return VariantMetrics(10.0, float(window.impressions.sum()), 0.0, impressions, clicks)
+
+
 def new_rollout(
-    population: Population, rng: np.random.Generator, drop: float, spec: RolloutSpec
+    population: Population,
+    rng: np.random.Generator,
+    drop: float,
+    spec: RolloutSpec,
+    cumulative: bool = True,
 ) -> Outcome:
-    """Drive the project's analysis through the steps as the state machine does."""
+    """Drive the project's analysis through the steps as the state machine does.
+
+    cumulative: every look combines all steps so far (the operator's analysis);
+    otherwise each look judges its own step's window (the test before it)."""
     propensity = population.propensity(rng)
     position = rng.random(USERS) * 100
     windows = 0
+    earlier: list[StepMetrics] = []
     for step, weight in enumerate(spec.steps):
         if weight == 100:
             return Outcome(False, windows=windows)
-        look = Look.at(spec.steps, step, spec.analysis.confidence)
+        if cumulative:
+            look = Look.at(
+                spec.steps,
+                step,
+                spec.analysis.confidence,
+                sample_ratio_p_value=spec.analysis.sample_ratio_p_value,
+            )
+        else:  # the per-step test as it was: union-bound shares in proportion to information
+            alpha = look_alphas(spec.steps, 1 - spec.analysis.confidence, rho=1.0)[step]
+            look = Look(step=step, weight=weight, alpha=alpha)
         on_canary = position < weight
         canary, stable = population.window(rng, propensity, on_canary, drop)
         windows += 1
         for holds in range(spec.max_inconclusive + 1):
-            c_n, c_y = canary.as_buckets()
-            s_n, s_y = stable.as_buckets()
-            total_c, total_s = float(canary.impressions.sum()), float(stable.impressions.sum())
-            result = analyse(
-                VariantMetrics(10.0, total_c, 0.0, c_n, c_y),
-                VariantMetrics(10.0, total_s, 0.0, s_n, s_y),
-                spec.analysis,
-                look,
-            )
+            result = analyse(metrics(canary), metrics(stable), spec.analysis, look, earlier)
             if result.decision is AnalysisDecision.FAIL:
                 return Outcome(True, windows=windows)
             if result.decision is AnalysisDecision.PASS:
+                if cumulative:
+                    earlier.append(StepMetrics(metrics(canary), metrics(stable)))
                 break
             if holds == spec.max_inconclusive:
                 return Outcome(True, waited_out=True, windows=windows)
@@ -233,26 +253,34 @@ def main() -> None:
             )
         )
     print(
-        "\n| users | canary | OLD rolled back | NEW rolled back | NEW of which waited out | NEW mean windows |"
+        "\n| users | canary | OLD rolled back | PER-STEP rolled back | NEW rolled back "
+        "| NEW of which waited out | NEW mean windows |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     headline: dict[str, float] = {}
     for p_index, (name, population) in enumerate(populations):
         for drop in DROPS:
             rng_old = np.random.default_rng([args.seed, p_index, int(drop * 100), 0])
-            rng_new = np.random.default_rng([args.seed, p_index, int(drop * 100), 1])
+            rng_step = np.random.default_rng([args.seed, p_index, int(drop * 100), 1])
+            rng_new = np.random.default_rng([args.seed, p_index, int(drop * 100), 2])
             old = [old_rollout(population, rng_old, drop) for _ in range(trials)]
+            per_step = [
+                new_rollout(population, rng_step, drop, spec, cumulative=False).rolled_back
+                for _ in range(trials)
+            ]
             new = [new_rollout(population, rng_new, drop, spec) for _ in range(trials)]
             canary = "identical" if drop == 0 else f"{drop:.0%} worse CTR"
             new_rate = rate([o.rolled_back for o in new])
             print(
-                f"| {name} | {canary} | {rate(old):.1%} | {new_rate:.1%} | "
+                f"| {name} | {canary} | {rate(old):.1%} | {rate(per_step):.1%} | {new_rate:.1%} | "
                 f"{rate([o.waited_out for o in new]):.1%} | {np.mean([o.windows for o in new]):.2f} |",
                 flush=True,
             )
-            if name.startswith("Beta users, concentration 2"):
-                headline[f"old {drop}"] = rate(old)
-                headline[f"new {drop}"] = new_rate
+            for prefix, row in (("Beta users, concentration 2", ""), ("Beta 2, demo", "demo ")):
+                if name.startswith(prefix):
+                    headline[f"{row}old {drop}"] = rate(old)
+                    headline[f"{row}per-step {drop}"] = rate(per_step)
+                    headline[f"{row}new {drop}"] = new_rate
     if not args.quick:
         # The old default tolerance with the new statistics: fewer rollbacks of a canary
         # a little worse, far less power against a 10% drop (half the distance).
@@ -266,11 +294,15 @@ def main() -> None:
             canary = "identical" if drop == 0 else f"{drop:.0%} worse CTR"
             print(f"| | {canary} | {rate([o.rolled_back for o in outcomes]):.1%} |", flush=True)
     print()
-    print("defaults, realistic spread (Beta concentration 2):")
-    print(
-        f"A/A false rollback rate: {headline['new 0.0']:.3f} (old test {headline['old 0.0']:.3f})"
-    )
-    print(f"power at 10% worse: {headline['new 0.1']:.3f} (old test {headline['old 0.1']:.3f})")
+    for row, label in (("", "defaults, realistic spread"), ("demo ", "demo traffic")):
+        if f"{row}new 0.0" not in headline:
+            continue
+        print(f"{label}:")
+        for drop, what in ((0.0, "A/A false rollback rate"), (0.1, "power at 10% worse")):
+            print(
+                f"{what}: {headline[f'{row}new {drop}']:.3f} (per-step test "
+                f"{headline[f'{row}per-step {drop}']:.3f}, old test {headline[f'{row}old {drop}']:.3f})"
+            )
     print(f"elapsed: {time.monotonic() - started:.0f} s")
 
 

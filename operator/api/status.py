@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from recsys_contracts.api_base import ApiModel
+from recsys_operator.api.recommender_system import MAX_STEPS
 
 # Conditions are a map keyed by type, so server-side apply merges them per type.
 CONDITIONS_LIST_MAP: dict[str, Any] = {
@@ -117,6 +118,8 @@ class AnalysisResult(ApiModel):
     """p-value of the sample-ratio check (chi-square of the canary share against the weight)."""
     guardrails: list[GuardrailResult] = Field(default_factory=list, max_length=8)
     """Dwell and purchase comparisons, when the spec sets their thresholds."""
+    steps_combined: int | None = None
+    """Steps whose windows this look combined (stratified by step); unset: this step's window only."""
 
 
 class CanaryPhase(StrEnum):
@@ -182,6 +185,8 @@ class CanaryStatus(ApiModel):
     """When the rollout began (RFC 3339)."""
     inconclusive_count: int = Field(default=0, ge=0)
     """Inconclusive analyses in a row at this step."""
+    step_starts: list[str] = Field(default_factory=list, max_length=MAX_STEPS)
+    """When each step so far began (RFC 3339), in order: step i's window runs to step i+1's start, and the analysis combines them all."""
     last_analysis: AnalysisResult | None = None
     """The latest analysis."""
     phase: CanaryPhase = CanaryPhase.PROGRESSING

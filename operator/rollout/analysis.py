@@ -13,8 +13,10 @@ The rules, in order:
    this look's share of the false-rollback budget -> Fail; otherwise Pass (saying how
    many more impressions a drop of minDetectableDrop would have needed, if any).
 
-The variance comes from the spread between user buckets (`ratio_test`), the per-look
-significance level from the spending plan over the steps (`spending`).
+The rates are compared over every step since the canary started, each step's own
+canary-versus-stable difference combined with inverse-variance weights (stratified by
+step); the variance comes from the spread between user buckets (`ratio_test`), the
+per-look significance level from the spending plan over the steps (`spending`).
 """
 
 from __future__ import annotations
@@ -35,10 +37,19 @@ from recsys_operator.api.status import (
 from recsys_operator.rollout.ratio_test import (
     Buckets,
     RatioComparison,
-    compare_rates,
+    Stratum,
+    compare_strata,
     sample_ratio,
 )
-from recsys_operator.rollout.spending import look_alpha
+from recsys_operator.rollout.spending import analysed_weights, cumulative_level, look_alpha
+
+GROUP_SEQUENTIAL_LEVELS = False
+"""Whether cumulative looks use the group-sequential levels (`spending.cumulative_levels`)
+instead of the union-bound shares. Off: measured over 4,000 simulated A/A rollouts at
+realistic spread, the group-sequential levels rolled back 5.7% (standard error 0.35)
+against the 5% budget; they assume independent increments between looks, which users
+who stay on one side across steps break (docs/rollout-analysis.md, Limits). The union
+bound holds for any dependence."""
 
 MIN_BUCKETS = 16
 """User buckets with impressions below which the variance is not trusted (of 64)."""
@@ -78,20 +89,64 @@ class VariantMetrics:
 
 @dataclass(frozen=True)
 class Look:
-    """Which analysis of the rollout this is: the step, its weight and its share of the budget."""
+    """Which analysis of the rollout this is: the step, its weight and its level.
+
+    A cumulative look tests every step since the canary started, combined; its levels
+    are the group-sequential ones (`spending.cumulative_levels`). A look on its own
+    step's window only gets the union-bound share (`spending.look_alphas`), valid for
+    any dependence between looks; both spend the same alpha t^rho, so a rollout whose
+    step history is incomplete may mix them."""
 
     step: int
     weight: int
     alpha: float
-    """This look's share of 1 - confidence (spent over all the metrics it tests)."""
+    """This look's level when only CTR is tested."""
+    metric_alphas: tuple[float, ...] = ()
+    """The level of each metric when 1, 2 or 3 metrics are tested (CTR, dwell, purchase);
+    empty: alpha split equally (the union bound over metrics, right for a single look)."""
+    cumulative: bool = False
+
+    def alpha_for(self, metrics: int) -> float:
+        if len(self.metric_alphas) >= metrics:
+            return self.metric_alphas[metrics - 1]
+        return self.alpha / metrics
 
     @classmethod
-    def at(cls, steps: Sequence[int], step: int, confidence: float) -> Look:
+    def at(
+        cls,
+        steps: Sequence[int],
+        step: int,
+        confidence: float,
+        cumulative: bool = True,
+        sample_ratio_p_value: float = 0.0,
+    ) -> Look:
+        """The look at index `step`. With `sample_ratio_p_value`, the rate tests leave
+        K x sampleRatioPValue of the budget (K analysed steps) to the sample-ratio check,
+        whose false alarms can end a rollout too: every cause of a rollback of a good
+        canary then fits in 1 - confidence together (union bound). The rate tests keep at
+        least half the budget (a check at a level that is not small against the budget,
+        e.g. 0.001 at confidence 0.999, is then outside the bound: docs/rollout-analysis.md)."""
+        levels = cumulative_level if cumulative and GROUP_SEQUENTIAL_LEVELS else look_alpha
+        alpha = 1 - confidence
+        reserved = min(len(analysed_weights(steps)) * sample_ratio_p_value, alpha / 2)
+        budget = alpha - reserved
+        # Each metric gets 1/m of the budget and its own boundaries (union bound over metrics).
+        alphas = tuple(levels(steps, step, budget / m) for m in (1, 2, 3))
         return cls(
             step=step,
             weight=steps[step],
-            alpha=look_alpha(steps, step, 1 - confidence),
+            alpha=alphas[0],
+            metric_alphas=alphas,
+            cumulative=cumulative,
         )
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """An earlier step's counts per user bucket, over its whole window, both variants."""
+
+    canary: VariantMetrics
+    stable: VariantMetrics
 
 
 def clean(value: float | None) -> float | None:
@@ -142,10 +197,31 @@ def _more_impressions_text(needed: float, have: float, look: Look, spec: Analysi
     )
 
 
+def _strata(earlier: Sequence[StepMetrics], metric: str) -> list[Stratum] | None:
+    """The earlier steps' counts of `metric` (clicks, dwell_seconds, purchases), in order;
+    None when a step lacks them on either side (never judged on part of the data)."""
+    strata = []
+    for c, s in [(step.canary, step.stable) for step in earlier]:
+        y_c, y_s = getattr(c, metric), getattr(s, metric)
+        if c.impressions is None or s.impressions is None or y_c is None or y_s is None:
+            return None
+        if sum(c.impressions.values()) <= 0 or sum(s.impressions.values()) <= 0:
+            return None
+        strata.append(Stratum(y_c, c.impressions, y_s, s.impressions))
+    return strata
+
+
 def analyse(
-    canary: VariantMetrics, stable: VariantMetrics, spec: AnalysisSpec, look: Look
+    canary: VariantMetrics,
+    stable: VariantMetrics,
+    spec: AnalysisSpec,
+    look: Look,
+    earlier: Sequence[StepMetrics] = (),
 ) -> AnalysisResult:
+    """Judge this step's window; `earlier` (the previous steps' windows, in order) are
+    combined into the rate comparisons, stratified by step, for a cumulative look."""
     canary, stable = _cleaned(canary), _cleaned(stable)
+    earlier = [StepMetrics(_cleaned(step.canary), _cleaned(step.stable)) for step in earlier]
     n_canary, n_stable = canary.impression_count, stable.impression_count
     numbers: dict[str, object] = {
         "canary_p99_ms": canary.p99_ms,
@@ -202,19 +278,28 @@ def analyse(
         )
         if ratio is not None
     ]
-    alpha = look.alpha / (1 + len(guardrails))
+    alpha = look.alpha_for(1 + len(guardrails))
     numbers["alpha"] = alpha
+    if earlier:
+        numbers["steps_combined"] = len(earlier) + 1
 
     ctr: RatioComparison | None = None
-    if n_canary > 0 and n_stable > 0:
-        ctr = compare_rates(
-            canary.clicks, canary.impressions, stable.clicks, stable.impressions, spec.min_ctr_ratio
+    ctr_strata = _strata(earlier, "clicks")
+    if ctr_strata is None:
+        return result(
+            AnalysisDecision.INCONCLUSIVE,
+            "no impressions or clicks for an earlier step's window, which this look combines",
         )
+    if n_canary > 0 and n_stable > 0:
+        ctr_strata.append(
+            Stratum(canary.clicks, canary.impressions, stable.clicks, stable.impressions)
+        )
+        ctr = compare_strata(ctr_strata, spec.min_ctr_ratio)
         numbers["ctr_std_error"] = ctr.std_error
         if alpha > 0:
             needed = ctr.impressions_needed(spec.min_detectable_drop, alpha, spec.power)
             numbers["impressions_needed"] = None if math.isinf(needed) else math.ceil(needed)
-    have = n_canary + n_stable
+    have = ctr.impressions if ctr is not None else n_canary + n_stable
 
     if n_canary < spec.min_impressions or n_stable < spec.min_impressions:
         reason = (
@@ -254,8 +339,9 @@ def analyse(
             AnalysisDecision.INCONCLUSIVE,
             f"step {look.step} is outside the spending plan of the steps; nothing is judged",
         )
+    over = f" over steps 0-{look.step}, stratified" if earlier else ""
     ctr_text = (
-        f"canary CTR {ctr.canary_rate:.4f} vs stable {ctr.stable_rate:.4f} "
+        f"canary CTR {ctr.canary_rate:.4f} vs stable {ctr.stable_rate:.4f}{over} "
         f"(min ratio {spec.min_ctr_ratio:g}, p={ctr.p_value:.4g}, alpha={alpha:.4g})"
     )
     needed = ctr.impressions_needed(spec.min_detectable_drop, alpha, spec.power)
@@ -264,10 +350,13 @@ def analyse(
     numbers["p_value"] = ctr.p_value
     checked: list[GuardrailResult] = []
     for name, counts_c, counts_s, min_ratio in guardrails:
-        if counts_c is None or counts_s is None:
+        metric = {"dwell": "dwell_seconds", "purchase": "purchases"}[name]
+        guard_strata = _strata(earlier, metric)
+        if counts_c is None or counts_s is None or guard_strata is None:
             return result(AnalysisDecision.INCONCLUSIVE, f"no data for {name}")
         assert min_ratio is not None
-        guard = compare_rates(counts_c, canary.impressions, counts_s, stable.impressions, min_ratio)
+        guard_strata.append(Stratum(counts_c, canary.impressions, counts_s, stable.impressions))
+        guard = compare_strata(guard_strata, min_ratio)
         checked.append(
             GuardrailResult(
                 metric=name,

@@ -9,12 +9,19 @@ clicks, dwell or purchases is zero of them).
 
 The window of a step's analysis covers the whole step so far: after a Wait or a hold
 the next analysis sees the earlier intervals too, so waiting gathers impressions.
+Each analysis also reads every earlier step's window (from its start to the next
+step's, in `status.canary.stepStarts`, evaluated at the window's end), which the
+analysis combines stratified by step. A rollout whose history is incomplete (started
+by an operator without `stepStarts`) judges its own step's window only, at the
+union-bound level that stays valid without the history.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+from datetime import datetime
 
 from prometheus_api_client import PrometheusConnect
 from urllib3.util.retry import Retry
@@ -31,7 +38,7 @@ from recsys_contracts.metric_names import (
 )
 from recsys_operator.api.recommender_system import RolloutSpec
 from recsys_operator.api.status import AnalysisResult, CanaryStatus
-from recsys_operator.rollout.analysis import Look, VariantMetrics, analyse
+from recsys_operator.rollout.analysis import Look, StepMetrics, VariantMetrics, analyse
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,20 @@ def step_window_s(canary: CanaryStatus, interval_s: float) -> float:
     return interval_s * (canary.inconclusive_count + 1)
 
 
+def _timestamp(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def earlier_windows(canary: CanaryStatus) -> list[tuple[float, float]] | None:
+    """(window seconds, end as a Unix time) of each step before the current one;
+    None when the status does not have every step's start."""
+    starts = canary.step_starts
+    if len(starts) != canary.step + 1:
+        return None
+    times = [_timestamp(t) for t in starts]
+    return [(end - start, end) for start, end in itertools.pairwise(times)]
+
+
 class PrometheusSource:
     """Analyses a canary with numbers queried from one Prometheus server."""
 
@@ -89,9 +110,10 @@ class PrometheusSource:
         self.stable_version = stable_version
         self.spec = spec
 
-    def _query(self, query: str) -> list[dict] | None:
+    def _query(self, query: str, at: float | None = None) -> list[dict] | None:
         try:
-            return self.prometheus.custom_query(query)
+            params = None if at is None else {"time": f"{at:.3f}"}
+            return self.prometheus.custom_query(query, params=params)
         except Exception as exc:  # unreachable, timeout, bad answer: all mean "no data"
             log.warning("Prometheus query failed (%s): %s", exc, query)
             return None
@@ -105,9 +127,9 @@ class PrometheusSource:
         except (KeyError, IndexError, TypeError, ValueError):
             return None
 
-    def _buckets(self, query: str) -> dict[str, float] | None:
+    def _buckets(self, query: str, at: float | None = None) -> dict[str, float] | None:
         """bucket -> value; {} for an empty vector (no such events); None on failure."""
-        result = self._query(query)
+        result = self._query(query, at)
         if result is None:
             return None
         try:
@@ -118,28 +140,55 @@ class PrometheusSource:
         except (KeyError, IndexError, TypeError, ValueError):
             return None
 
-    def _variant(self, variant: str, version: str, window_s: float) -> VariantMetrics:
+    def _bucket_counts(
+        self, variant: str, version: str, window_s: float, at: float | None
+    ) -> dict[str, dict[str, float] | None]:
         analysis = self.spec.analysis
         guardrails = analysis.min_dwell_ratio is not None or analysis.min_purchase_ratio is not None
-        scalars = {
-            name: self._scalar(query)
-            for name, query in variant_queries(self.system_id, variant, version, window_s).items()
-        }
         buckets = {
-            name: self._buckets(query)
+            name: self._buckets(query, at)
             for name, query in bucket_queries(
                 self.system_id, variant, version, window_s, guardrails
             ).items()
         }
         if not buckets["impressions"]:  # no impressions at all is no answer, not zero
             buckets["impressions"] = None
+        return buckets
+
+    def _variant(self, variant: str, version: str, window_s: float) -> VariantMetrics:
+        scalars = {
+            name: self._scalar(query)
+            for name, query in variant_queries(self.system_id, variant, version, window_s).items()
+        }
+        buckets = self._bucket_counts(variant, version, window_s, None)
         return VariantMetrics(**scalars, **buckets)  # type: ignore[arg-type]
+
+    def _earlier_step(self, version: str, window_s: float, end: float) -> StepMetrics:
+        """An earlier step's counts over [end - window_s, end]."""
+        sides = [
+            VariantMetrics(None, None, None, **self._bucket_counts(variant, v, window_s, end))
+            for variant, v in (("canary", version), ("stable", self.stable_version))
+        ]
+        return StepMetrics(*sides)
 
     async def __call__(self, canary: CanaryStatus, interval_s: float) -> AnalysisResult:
         window_s = step_window_s(canary, interval_s)
+        windows = earlier_windows(canary)
         canary_metrics, stable_metrics = await asyncio.gather(
             asyncio.to_thread(self._variant, "canary", canary.version, window_s),
             asyncio.to_thread(self._variant, "stable", self.stable_version, window_s),
         )
-        look = Look.at(self.spec.steps, canary.step, self.spec.analysis.confidence)
-        return analyse(canary_metrics, stable_metrics, self.spec.analysis, look)
+        earlier = await asyncio.gather(
+            *(
+                asyncio.to_thread(self._earlier_step, canary.version, seconds, end)
+                for seconds, end in windows or []
+            )
+        )
+        look = Look.at(
+            self.spec.steps,
+            canary.step,
+            self.spec.analysis.confidence,
+            cumulative=windows is not None,
+            sample_ratio_p_value=self.spec.analysis.sample_ratio_p_value,
+        )
+        return analyse(canary_metrics, stable_metrics, self.spec.analysis, look, earlier)

@@ -326,6 +326,7 @@ async def _tick(
                 "weight": weight,
                 "step_started_at": _iso(now),
                 "inconclusive_count": 0,
+                "step_starts": [*canary.step_starts, _iso(now)],
             }
         )
         message = f"{summary}; advancing to {weight}%"
@@ -603,6 +604,8 @@ def _first_step(
             "weight": spec.steps[0],
             "step": 0,
             "step_started_at": _iso(now),
+            # Where each step's window begins: later looks combine every step so far.
+            "step_starts": [_iso(now)],
         }
     )
     message = (

@@ -10,7 +10,9 @@ import pytest
 
 from recsys_operator.rollout.ratio_test import (
     RatioComparison,
+    Stratum,
     compare_rates,
+    compare_strata,
     normal_cdf,
     normal_quantile,
     sample_ratio,
@@ -112,11 +114,13 @@ def test_the_bucket_variance_matches_the_spread_across_repeated_windows() -> Non
 
 def test_sample_ratio_by_hand() -> None:
     # share = 40/200 = 0.2; e_a = (30 - 0.2*100)/200 = 0.05, e_b = -0.05:
-    # Var = 2 * 0.005 = 0.01; chi-square = (0.2 - 0.25)^2 / 0.01 = 0.25; p = 2 (1 - Phi(0.5)).
+    # Var = 2 * 0.005 = 0.01; chi-square = (0.2 - 0.25)^2 / 0.01 = 0.25; with Student's t
+    # on 2 - 1 = 1 degree of freedom (Cauchy), p = 2 P(T <= -0.5) = 1 - 2 atan(0.5) / pi.
     s = sample_ratio({"a": 30, "b": 10}, {"a": 70, "b": 90}, 0.25)
     assert s.canary_share == pytest.approx(0.2)
     assert s.chi_square == pytest.approx(0.25)
-    assert s.p_value == pytest.approx(0.61708, abs=1e-5)
+    assert s.p_value == pytest.approx(1 - 2 * math.atan(0.5) / math.pi, abs=1e-12)
+    assert s.p_value == pytest.approx(0.70483, abs=1e-5)
 
 
 def test_sample_ratio_flags_a_real_mismatch_and_not_clumpy_users() -> None:
@@ -131,7 +135,7 @@ def test_sample_ratio_flags_a_real_mismatch_and_not_clumpy_users() -> None:
     _, n_c, _, n_s = simulate(rng, 2000, 2.0, 1.0)
     moved = {b: n_c[b] * 0.9 for b in n_c}
     stable = {b: n_s[b] + n_c[b] * 0.1 for b in n_s}
-    assert sample_ratio(moved, stable, 0.5).p_value < 1e-6
+    assert sample_ratio(moved, stable, 0.5).p_value < 1e-4
 
 
 @pytest.mark.parametrize(
@@ -173,3 +177,56 @@ def test_impressions_needed_by_hand() -> None:
     assert math.isinf(
         RatioComparison(0.3, 0.3, 0.9, 0.01, 64, 10_000).impressions_needed(0.1, 0.05, 0.8)
     )
+
+
+def test_two_steps_combined_by_hand() -> None:
+    # r = 1. Step A: canary a 5/10, b 3/10; stable a 4/10, b 4/10. q = 16/40 = 0.4,
+    #   e_a = (5 - 4)/20 - 0 = 0.05, e_b = -0.05, V_A = 2 (0.05^2 + 0.05^2) = 0.01, D_A = 0.
+    # Step B: canary a 2/10, b 2/10; stable a 9/30, b 15/30. q = 28/80 = 0.35,
+    #   e_a = (2 - 3.5)/20 - (9 - 10.5)/60 = -0.05, e_b = -0.075 - 0.075 = -0.15,
+    #   V_B = 2 (0.05^2 + 0.15^2) = 0.05, D_B = 0.2 - 0.4 = -0.2.
+    # Weights 1/V: 100 and 20 -> 5/6, 1/6. D = -0.2/6 = -0.033333.
+    # Combined e_a = (5 0.05 - 0.05)/6 = 0.033333, e_b = (-5 0.05 - 0.15)/6 = -0.066667,
+    # Var = 2 (0.033333^2 + 0.066667^2) = 0.011111: more than 1 / (100 + 20) = 0.008333,
+    # because bucket b is below at both steps (the same users), which independence ignores.
+    step_a = Stratum({"a": 5, "b": 3}, {"a": 10, "b": 10}, {"a": 4, "b": 4}, {"a": 10, "b": 10})
+    step_b = Stratum({"a": 2, "b": 2}, {"a": 10, "b": 10}, {"a": 9, "b": 15}, {"a": 30, "b": 30})
+    c = compare_strata([step_a, step_b], 1.0)
+    assert c.difference == pytest.approx(-0.033333, abs=1e-6)
+    assert c.canary_rate == pytest.approx(0.366667, abs=1e-6)
+    assert c.stable_rate == pytest.approx(0.4)
+    assert c.std_error == pytest.approx(math.sqrt(0.011111), abs=1e-6)
+    assert c.buckets == 2 and c.impressions == 120
+    # One step is the plain comparison.
+    single = compare_strata([step_b], 1.0)
+    plain = compare_rates(*(getattr(step_b, f) for f in step_b.__dataclass_fields__), 1.0)
+    assert single == plain
+    with pytest.raises(ValueError):
+        compare_strata([], 1.0)
+
+
+def test_steps_are_compared_within_themselves_so_a_drift_is_no_effect() -> None:
+    # CTR falls from 0.5 to 0.2 between steps while the canary's weight rises from 10%
+    # to 50%: pooled over both steps the canary looks far worse (most of its impressions
+    # come from the later, lower step: Simpson's paradox). Within each step the canary
+    # equals stable, and so does the stratified comparison.
+    def step(canary_n: int, stable_n: int, ctr: float) -> Stratum:
+        y_c, n_c, y_s, n_s = {}, {}, {}, {}
+        for b in range(32):
+            bucket_ctr = ctr + (0.1 if b % 2 else -0.1)  # users differ by bucket
+            n_c[str(b)], n_s[str(b)] = canary_n, stable_n
+            y_c[str(b)], y_s[str(b)] = bucket_ctr * canary_n, bucket_ctr * stable_n
+        return Stratum(y_c, n_c, y_s, n_s)
+
+    early, late = step(10, 90, 0.5), step(50, 50, 0.2)
+    stratified = compare_strata([early, late], 1.0)
+    assert stratified.difference == pytest.approx(0.0, abs=1e-12)
+    assert stratified.p_value >= 0.5  # no evidence of a drop at all
+
+    def pooled(field: str) -> dict[str, float]:
+        return {
+            b: getattr(early, field)[b] + getattr(late, field)[b] for b in early.canary_impressions
+        }
+
+    naive = compare_rates(*(pooled(f) for f in early.__dataclass_fields__), 1.0)
+    assert naive.canary_rate < 0.8 * naive.stable_rate and naive.p_value < 1e-4

@@ -253,3 +253,17 @@ async def test_waiting_for_impressions_is_not_a_warning() -> None:
     state = (await run(RolloutState("1"), T0, source)).state
     t = await run(state, T0 + timedelta(minutes=1, seconds=1), source)
     assert t.events[0].reason == "AnalysisWait" and not t.events[0].warning
+
+
+async def test_each_step_start_is_kept_through_holds_and_a_restart() -> None:
+    """The cumulative analysis reads step i's window from stepStarts[i] to stepStarts[i+1]:
+    a hold restarts the interval but not the step; an advance appends its time."""
+    state = (await run(RolloutState("1"), T0, Source())).state
+    assert state.canary is not None and state.canary.step_starts == ["2026-01-01T12:00:00Z"]
+    held = (await run(state, T0 + timedelta(minutes=1), Source(AnalysisDecision.WAIT))).state
+    assert held.canary is not None and held.canary.step_starts == ["2026-01-01T12:00:00Z"]
+    advanced = (await run(held, T0 + timedelta(minutes=2), Source(AnalysisDecision.PASS))).state
+    assert advanced.canary is not None
+    assert advanced.canary.step_starts == ["2026-01-01T12:00:00Z", "2026-01-01T12:02:00Z"]
+    restored = CanaryStatus.model_validate(advanced.canary.to_wire())
+    assert restored.step_starts == advanced.canary.step_starts
