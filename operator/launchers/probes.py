@@ -25,11 +25,14 @@ class Probe(Protocol):
 
 @dataclass(frozen=True)
 class HttpProbe:
-    """GET `path`; any 2xx answer within the timeout is alive. `port` overrides the
-    process's own port (the broker answers HTTP on its metrics port only)."""
+    """GET `path`; a 2xx answer within the timeout is alive (any answer with
+    `any_status`: the process is alive when it answers at all, and whatever it reports
+    about its own health is its business). `port` overrides the process's own port (the
+    broker answers HTTP on its metrics port only)."""
 
     path: str
     port: int | None = None
+    any_status: bool = False
 
     def __call__(self, port: int, timeout: float = PROBE_TIMEOUT_S) -> str | None:
         url = f"http://{LOOPBACK}:{self.port or port}{self.path}"
@@ -38,7 +41,7 @@ class HttpProbe:
                 response.read(1)
                 return None  # urlopen raises HTTPError for non-2xx answers
         except urllib.error.HTTPError as exc:
-            return f"GET {self.path} answered {exc.code}"
+            return None if self.any_status else f"GET {self.path} answered {exc.code}"
         except (OSError, ValueError) as exc:  # URLError, timeouts, resets
             return f"GET {self.path}: {getattr(exc, 'reason', exc)}"
 

@@ -64,7 +64,8 @@ def prometheus_process(
         argv,
         run_dir / "logs" / "prometheus.log",
         port,
-        probe=HttpProbe("/-/ready"),
+        # Liveness, not readiness: /-/ready answers 503 while a restart replays the WAL.
+        probe=HttpProbe("/-/healthy"),
     )
 
 

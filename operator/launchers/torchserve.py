@@ -240,6 +240,8 @@ def torchserve_server(
         ports.inference,
         cwd=run_dir,
         env={**(env or {}), "TMPDIR": str(tmp_dir), "TEMP": str(tmp_dir)},
-        probe=HttpProbe("/ping"),  # the inference port; 500 once its workers are unhealthy
+        # /ping answers 500 while TorchServe restarts a crashed worker itself; only a
+        # server that does not answer at all (a frozen JVM) is restarted whole.
+        probe=HttpProbe("/ping", any_status=True),
     )
     return LocalTorchServe(process, ports, model.name, versions, config_dir, tmp_dir)
