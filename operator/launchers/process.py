@@ -3,6 +3,7 @@ port answers, and is stopped by its own PID only (SIGTERM, then SIGKILL)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,6 +12,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from recsys_operator.launchers.probes import Probe
 
 LOOPBACK = "127.0.0.1"
 
@@ -54,6 +59,8 @@ class ManagedProcess:
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     ready: bool = False
     """Set once the port answered (and the caller's own readiness checks passed)."""
+    probe: Probe | None = None
+    """How the supervisor checks, while it runs, that it still answers (None: exit only)."""
 
     @property
     def pid(self) -> int | None:
@@ -109,3 +116,13 @@ class ManagedProcess:
             self.popen.wait(timeout=5)
         except ProcessLookupError:
             pass
+
+    def kill(self, wait: float = 5.0) -> None:
+        """SIGKILL our whole process group at once: for a process that is hung (it would
+        not act on SIGTERM) or whose leader is gone while its children live on."""
+        if self.popen is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=wait)

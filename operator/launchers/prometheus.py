@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from recsys_operator.launchers.probes import HttpProbe
 from recsys_operator.launchers.process import LOOPBACK, ManagedProcess, free_port
 from recsys_operator.tools import find_tool
 
@@ -58,7 +59,14 @@ def prometheus_process(
         "--storage.tsdb.retention.time=1d",
         "--log.level=warn",
     ]
-    return ManagedProcess("prometheus", argv, run_dir / "logs" / "prometheus.log", port)
+    return ManagedProcess(
+        "prometheus",
+        argv,
+        run_dir / "logs" / "prometheus.log",
+        port,
+        # Liveness, not readiness: /-/ready answers 503 while a restart replays the WAL.
+        probe=HttpProbe("/-/healthy"),
+    )
 
 
 def prometheus_url(process: ManagedProcess) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from recsys_operator.launchers.probes import HttpProbe
 from recsys_operator.launchers.process import LOOPBACK, ManagedProcess, free_port
 from recsys_operator.tools import find_tool
 
@@ -42,6 +43,8 @@ def broker_process(
         "pulsar-lite", argv, run_dir / "logs" / "pulsar-lite.log", port, cwd=data
     )
     process.env = {"RUST_LOG": "warn"}
+    # Its metrics listener answers HTTP: unlike a bare connect it tells a frozen broker.
+    process.probe = HttpProbe("/metrics", port=metrics_port)
     return process
 
 

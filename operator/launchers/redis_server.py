@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from recsys_operator.launchers.probes import RedisPing
 from recsys_operator.launchers.process import LOOPBACK, ManagedProcess, free_port
 from recsys_operator.tools import find_tool
 
@@ -28,7 +29,9 @@ def redis_process(run_dir: Path, port: int | None = None) -> ManagedProcess:
         "--daemonize",
         "no",
     ]
-    return ManagedProcess("redis-server", argv, run_dir / "logs" / "redis.log", port)
+    return ManagedProcess(
+        "redis-server", argv, run_dir / "logs" / "redis.log", port, probe=RedisPing()
+    )
 
 
 def redis_url(process: ManagedProcess, db: int = 0) -> str:

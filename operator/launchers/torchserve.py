@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys_operator.api.recommender_system import ModelSpec, ServingSpec
+from recsys_operator.launchers.probes import HttpProbe
 from recsys_operator.launchers.process import (
     LOOPBACK,
     ManagedProcess,
@@ -133,6 +134,21 @@ class LocalTorchServe:
         except ProcessLookupError:
             pass
 
+    def kill(self) -> None:
+        """SIGKILL the whole group at once, for a server that is hung or whose launcher
+        died (the JVM would outlive it, and `stop` would wait `grace` for nothing)."""
+        group = self.process.pid
+        self.process.kill()
+        if group is None:
+            return
+        deadline = time.monotonic() + 5.0
+        try:
+            while time.monotonic() < deadline:
+                os.killpg(group, 0)  # raises once no process of the group is left
+                time.sleep(0.05)
+        except ProcessLookupError:
+            pass
+
     def describe(self, version: str) -> dict[str, Any]:
         """The management API's description of one model version."""
         url = f"{self.management_url}/models/{self.model_name}/{version}"
@@ -224,5 +240,8 @@ def torchserve_server(
         ports.inference,
         cwd=run_dir,
         env={**(env or {}), "TMPDIR": str(tmp_dir), "TEMP": str(tmp_dir)},
+        # /ping answers 500 while TorchServe restarts a crashed worker itself; only a
+        # server that does not answer at all (a frozen JVM) is restarted whole.
+        probe=HttpProbe("/ping", any_status=True),
     )
     return LocalTorchServe(process, ports, model.name, versions, config_dir, tmp_dir)

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
+from recsys_operator.local.report import DEGRADED_EXIT_CODE
 from recsys_operator.local.run_folder import (
     RUNS_ROOT,
     SUPERVISOR_MODULE,
@@ -240,7 +241,10 @@ def status(
     run_dir: RunDirOption = None,
     output: Annotated[str, typer.Option("--output", "-o", help="text or json.")] = "text",
 ) -> None:
-    """Show every part of the local system and the rollout."""
+    """Show every part of the local system and the rollout.
+
+    Exits 0 when every part runs, 3 when the supervisor is not running, 4 when the system
+    is degraded: a part was given up after its restarts or fails its health probes."""
     folder = resolve_folder(run_dir)
     state = folder.read_state()
     if state is None:
@@ -248,17 +252,23 @@ def status(
     alive = folder.supervisor_running()
     if output == "json":
         typer.echo(json.dumps({**state, "supervisorAlive": alive}, indent=2))
-        return
-    typer.echo(render_status(state, alive))
-    if not alive:
-        raise typer.Exit(3)
+    else:
+        typer.echo(render_status(state, alive))
+        if not alive:
+            raise typer.Exit(3)
+    if alive and state.get("degraded"):
+        raise typer.Exit(DEGRADED_EXIT_CODE)
 
 
 def render_status(state: dict[str, Any], supervisor_alive: bool) -> str:
     phase = (
         state.get("phase") if supervisor_alive else f"{state.get('phase')} (supervisor not running)"
     )
+    if supervisor_alive and state.get("degraded"):
+        phase = f"{phase}, DEGRADED"
     lines = [f"system  {state.get('system')}   phase {phase}"]
+    for name, why in (state.get("failedParts") or {}).items():
+        lines.append(f"failed  {name}: {why}")
     if state.get("error"):
         lines.append(f"error   {state['error'].splitlines()[0]}")
     lines.append("")

@@ -23,6 +23,10 @@ log = logging.getLogger("recsys.local")
 MAX_EVENTS = 50
 
 
+DEGRADED_EXIT_CODE = 4
+"""`recsys status` exits with this while the system runs degraded (3: supervisor gone)."""
+
+
 class Phase:
     STARTING = "starting"
     RUNNING = "running"
@@ -41,18 +45,26 @@ class Record:
     warning: bool = False
 
 
-def part_entry(process: ManagedProcess) -> dict[str, Any]:
+def part_entry(process: ManagedProcess, problem: tuple[str, str] | None = None) -> dict[str, Any]:
+    """One part; `problem` is (status, why) when it was given up or fails its probes."""
     pid = process.pid
     code = process.popen.poll() if process.popen else None
-    return {
+    if problem is not None:
+        status = problem[0]
+    elif code is not None:
+        status = f"exited ({code})"
+    else:
+        status = "running" if process.ready else "starting"
+    entry = {
         "pid": pid,
         "startTime": process_start_time(pid) if pid else None,
         "port": process.port,
         "log": str(process.log_path),
-        "status": f"exited ({code})"
-        if code is not None
-        else ("running" if process.ready else "starting"),
+        "status": status,
     }
+    if problem is not None:
+        entry["problem"] = problem[1]
+    return entry
 
 
 @dataclass
@@ -78,17 +90,28 @@ class Report:
         system: str | None,
         desired_version: str | None,
         parts: dict[str, ManagedProcess],
+        given_up: dict[str, str] | None = None,
+        unhealthy: dict[str, str] | None = None,
         urls: dict[str, str],
         topics: dict[str, str],
         rollout: dict[str, Any] | None,
     ) -> dict[str, Any]:
+        """`given_up`: parts left stopped past their restart budget; `unhealthy`: parts
+        failing their probes now (restarted once they fail enough in a row). Either makes
+        the system `degraded`, which `recsys status` turns into a non-zero exit."""
+        problems = {name: ("unhealthy", why) for name, why in (unhealthy or {}).items()}
+        problems.update({name: ("failed", why) for name, why in (given_up or {}).items()})
         return {
             "system": system,
             "phase": self.phase,
             "error": self.error,
             "startedAt": self.started_at,
             "supervisor": {"pid": os.getpid(), "startTime": process_start_time(os.getpid())},
-            "parts": {name: part_entry(process) for name, process in parts.items()},
+            "degraded": bool(problems) and self.phase == Phase.RUNNING,
+            "failedParts": {name: why for name, (_, why) in problems.items()},
+            "parts": {
+                name: part_entry(process, problems.get(name)) for name, process in parts.items()
+            },
             "urls": urls,
             # `recsys events send` targets the running system with these by default.
             "topics": topics,

@@ -7,7 +7,8 @@ broker and store, the stable model server, then the feature job and the gateway 
 depend on them, then Prometheus scraping them. A part that fails to start is reported
 with its log tail and everything already started is stopped.
 
-Afterwards, every tick it restarts parts that died, re-reads the desired state
+Afterwards, every tick it probes every part and restarts those that died or hung
+(`liveness`), re-reads the desired state
 (system.yaml), drives the rollout one step with the operator's own driver
 (`recsys_operator.rollout.driver`) against the local Prometheus and the local traffic
 router (model servers, routing file), and writes state.json.
@@ -111,7 +112,7 @@ class LocalSystem:
     def step(self) -> None:
         assert self.desired is not None and self.rollout is not None
         desired, rollout = self.desired, self.rollout
-        self.parts.restart_exited(
+        self.parts.restart_failed(
             desired.system,
             reroute=lambda: self.router.write(desired.system, rollout.plan(desired.system)),
         )
@@ -157,6 +158,8 @@ class LocalSystem:
             system=system_id(system) if system else None,
             desired_version=system.spec.model.version if system else None,
             parts=self.parts.all(),
+            given_up=self.parts.given_up,
+            unhealthy=self.parts.liveness.unhealthy(),
             urls=self._urls(),
             topics={k: topic_url(system, v) for k, v in TOPIC_NAMES.items()} if system else {},
             rollout=self.rollout.describe() if self.rollout else None,

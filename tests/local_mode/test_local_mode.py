@@ -10,6 +10,7 @@ process behind. Bounded: each command has a timeout and the simulation a duratio
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,7 +24,14 @@ import pytest
 import requests
 import yaml
 
-from recsys_operator.local.run_folder import RunFolder, same_process, signal_group
+from recsys_operator.local.parts import MAX_RESTARTS
+from recsys_operator.local.report import DEGRADED_EXIT_CODE
+from recsys_operator.local.run_folder import (
+    RunFolder,
+    process_start_time,
+    same_process,
+    signal_group,
+)
 
 pytestmark = [
     pytest.mark.java,
@@ -292,6 +300,116 @@ def test_a_failing_pre_rollout_webhook_rolls_back_before_any_traffic(system: Run
         ("4", 0, "PreRollout")
     ]
     assert json.loads(system.routing.read_text())["canary"] is None
+
+
+def test_a_hung_gateway_is_restarted_by_its_probes(system: RunFolder) -> None:
+    """A frozen process keeps its PID and its port: only the probes see it."""
+    before = system.read_state()
+    assert before is not None
+    frozen = before["parts"]["gateway"]
+    # The gateway this module's supervisor started, by its recorded PID.
+    assert same_process(frozen["pid"], frozen["startTime"])
+    os.kill(frozen["pid"], signal.SIGSTOP)
+    try:
+        state = wait_for_state(
+            system,
+            lambda s: (
+                s["parts"]["gateway"]["pid"] != frozen["pid"]
+                and s["parts"]["gateway"]["status"] == "running"
+            ),
+            60,
+            "the frozen gateway restarted",
+        )
+    finally:
+        if same_process(frozen["pid"], frozen["startTime"]):
+            os.kill(frozen["pid"], signal.SIGCONT)
+    assert not same_process(frozen["pid"], frozen["startTime"]), "the hung gateway was not killed"
+    hung = [
+        e["message"] for e in state["events"]
+        if e["reason"] == "PartRestarted" and e["message"].startswith("gateway failed")
+    ]  # fmt: skip
+    assert hung and "probes in a row" in hung[-1], state["events"]
+    assert state["parts"]["gateway"]["port"] == frozen["port"]
+    answer = requests.post(
+        f"{state['urls']['gateway']}/v1/recommend", json={"user_id": "u0001"}, timeout=10
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def still_running(pid: int, start_time: int) -> bool:
+    """`pid` is the process we saw and not a zombie waiting for its reaper."""
+    if not same_process(pid, start_time):
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_dead_torchserve_launcher_has_its_jvm_killed_at_once(system: RunFolder) -> None:
+    """The `torchserve` launcher dies, its JVM lives on: the supervisor kills the group
+    at once rather than waiting for the JVM to leave."""
+    before = system.read_state()
+    assert before is not None
+    launcher = before["parts"]["torchserve-1"]
+    pid_file = system.root / "torchserve" / "1" / "tmp" / ".model_server.pid"
+    jvm = int(pid_file.read_text().strip())
+    jvm_start = process_start_time(jvm)
+    assert jvm_start is not None and jvm != launcher["pid"]
+    assert same_process(launcher["pid"], launcher["startTime"])
+    os.kill(launcher["pid"], signal.SIGKILL)  # the launcher only, not its group
+    killed_at = time.monotonic()
+    while still_running(jvm, jvm_start) and time.monotonic() - killed_at < 30:
+        time.sleep(0.2)
+    gone_after = time.monotonic() - killed_at
+    assert not still_running(jvm, jvm_start), "the JVM outlived its launcher by 30 s"
+    # One tick to notice, then SIGKILL: not the ~20 s a graceful stop waited for it.
+    assert gone_after < 8, f"the JVM was killed {gone_after:.1f}s after its launcher died"
+    wait_for_state(
+        system,
+        lambda s: (
+            s["parts"].get("torchserve-1", {}).get("status") == "running"
+            and s["parts"]["torchserve-1"]["pid"] != launcher["pid"]
+        ),
+        180,
+        "TorchServe restarted",
+    )
+
+
+def test_a_part_given_up_makes_status_say_degraded_and_fail(system: RunFolder) -> None:
+    """Kill the gateway until its restart budget is spent: `recsys status` must not say
+    all is well (it exits 4 and names the part)."""
+    for _ in range(MAX_RESTARTS + 1):
+        state = system.read_state()
+        assert state is not None
+        gateway = state["parts"]["gateway"]
+        if gateway["status"] == "failed":
+            break
+        # The gateway this module's supervisor started, by its recorded PID.
+        assert signal_group(gateway["pid"], gateway["startTime"], signal.SIGKILL)
+        wait_for_state(
+            system,
+            lambda s, old=gateway["pid"]: (
+                s["parts"]["gateway"]["status"] == "failed"
+                or (
+                    s["parts"]["gateway"]["pid"] != old
+                    and s["parts"]["gateway"]["status"] == "running"
+                )
+            ),
+            60,
+            "the gateway restarted or given up",
+        )
+    state = wait_for_state(
+        system, lambda s: s["parts"]["gateway"]["status"] == "failed", 10, "gateway given up"
+    )
+    assert state["degraded"] is True and "gateway" in state["failedParts"]
+    assert any(e["reason"] == "PartFailed" for e in state["events"])
+    status = recsys("status", "--run-dir", str(system.root), cwd=system.root.parent)
+    assert status.returncode == DEGRADED_EXIT_CODE, status.stdout + status.stderr
+    assert "DEGRADED" in status.stdout and "failed  gateway" in status.stdout
+    as_json = recsys("status", "-o", "json", "--run-dir", str(system.root), cwd=system.root.parent)
+    assert as_json.returncode == DEGRADED_EXIT_CODE
+    assert json.loads(as_json.stdout)["degraded"] is True
 
 
 def test_down_stops_every_process_it_started(system: RunFolder) -> None:
