@@ -10,6 +10,7 @@ from gateway_testing import SYSTEM, StartGateway, metric_value, routing_document
 from serving_stub import ServingStub
 
 from gateway.attribution import parse_request_id
+from recsys_contracts.events import now_ms
 from recsys_contracts.variant_assignment import Variant, assign_variant
 
 ANALYSED = (
@@ -50,7 +51,8 @@ def test_a_pinned_request_is_served_by_its_variant_and_kept_out_of_the_analysis(
     assert serving.requests[-1][0] == "2"  # the canary's model answered
     served = parse_request_id(body["request_id"])
     assert served.pinned and served.variant is Variant.CANARY
-    click = {"user_id": user, "item_id": body["item_ids"][0], "type": "click", "ts": 1767225600000}
+    # Now: the gateway refuses events more than MAX_PAST_MS old (recsys_contracts.events).
+    click = {"user_id": user, "item_id": body["item_ids"][0], "type": "click", "ts": now_ms()}
     sent = http.post(f"{gateway.url}/v1/events", json={**click, "request_id": body["request_id"]})
     assert sent.status_code == 202
 
