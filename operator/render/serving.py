@@ -42,6 +42,7 @@ INFERENCE_PORT = PORTS.inference
 TS_METRICS_PORT = PORTS.metrics
 CONFIG_DIR = DEFAULT_CONFIG_DIR
 MODEL_STORE = DEFAULT_MODEL_STORE
+MANAGEMENT_BIND_ADDRESS = "127.0.0.1"
 
 FETCH_IMAGES = {
     "http": "curlimages/curl:8.11.1",
@@ -145,7 +146,11 @@ def build_serving_configmap(system: RecommenderSystem, track: str, version: str)
         system.spec.serving,
         versions=[version],
         ports=PORTS,
+        # Inference for the gateway; metrics for Prometheus's scrape (both reachable only as
+        # the NetworkPolicy allows). Management stays on loopback: with token auth off,
+        # anything that reaches it could unload the model or scale its workers to 0.
         bind_address="0.0.0.0",
+        management_bind_address=MANAGEMENT_BIND_ADDRESS,
         model_store=MODEL_STORE,
         config_dir=CONFIG_DIR,
     )
@@ -206,7 +211,6 @@ def build_serving_deployment(
         "env": env,
         "ports": [
             {"name": "inference", "containerPort": INFERENCE_PORT, "protocol": "TCP"},
-            {"name": "management", "containerPort": PORTS.management, "protocol": "TCP"},
             {"name": "metrics", "containerPort": TS_METRICS_PORT, "protocol": "TCP"},
         ],
         "resources": container_resources(serving.resources),

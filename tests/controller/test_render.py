@@ -164,6 +164,29 @@ def test_torchserve_config_follows_the_spec() -> None:
     assert (models["batchSize"], models["maxBatchDelay"], models["minWorkers"]) == (64, 4, 2)
 
 
+def serving_properties(objects: list[dict[str, Any]], name: str) -> dict[str, str]:
+    config = named(objects, "ConfigMap", name)["data"]["config.properties"]
+    return dict(
+        line.split("=", 1)
+        for line in config.splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+
+
+def test_torchserve_management_listens_only_on_loopback_in_pods() -> None:
+    """Token auth is off, so the management API (unload, scale workers) must be out of
+    other pods' reach; inference (the gateway) and metrics (Prometheus) stay reachable."""
+    objects = render_system(production(**CANARY), KEDA_POLICY)
+    for name in ("home-feed-serving", "home-feed-serving-canary"):
+        props = serving_properties(objects, name)
+        assert props["management_address"] == "http://127.0.0.1:8081"
+        assert props["grpc_management_address"] == "127.0.0.1"
+        assert props["inference_address"] == "http://0.0.0.0:8080"
+        assert props["metrics_address"] == "http://0.0.0.0:8082"
+        (container,) = named(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+        assert {p["name"] for p in container["ports"]} == {"inference", "metrics"}
+
+
 def test_gpu_serving_gets_gpus_node_selector_tolerations_and_the_gpu_image() -> None:
     deployment = named(render_system(production(), KEDA_POLICY), "Deployment", "home-feed-serving")
     pod = deployment["spec"]["template"]["spec"]
