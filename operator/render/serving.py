@@ -43,6 +43,7 @@ TS_METRICS_PORT = PORTS.metrics
 CONFIG_DIR = DEFAULT_CONFIG_DIR
 MODEL_STORE = DEFAULT_MODEL_STORE
 MANAGEMENT_BIND_ADDRESS = "127.0.0.1"
+TORCHSERVE_LOG_DIR = "/home/model-server/logs"
 
 FETCH_IMAGES = {
     "http": "curlimages/curl:8.11.1",
@@ -229,6 +230,9 @@ def build_serving_deployment(
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "model-store", "mountPath": MODEL_STORE},
+            # TorchServe's frontend writes its log folder under its working directory
+            # (the image's WORKDIR); archives unpack into /tmp (`writable_tmp`).
+            {"name": "logs", "mountPath": TORCHSERVE_LOG_DIR},
         ],
         "securityContext": restricted_security_context(),
     }
@@ -238,6 +242,7 @@ def build_serving_deployment(
         "volumes": [
             {"name": "config", "configMap": {"name": configmap["metadata"]["name"]}},
             {"name": "model-store", "emptyDir": {}},
+            {"name": "logs", "emptyDir": {}},
             *extra_volumes,
         ],
         "terminationGracePeriodSeconds": 30,

@@ -289,7 +289,8 @@ def test_the_gateway_watches_its_routing_configmap_and_may_read_nothing_else() -
     args = pod["containers"][0]["args"]
     where = args[args.index("--routing-configmap") + 1]
     assert ConfigMapRef.parse(where) == ConfigMapRef("recsys-prod", "home-feed-gateway")
-    assert "--routing" not in args and "volumes" not in pod  # no mounted copy to go stale
+    assert "--routing" not in args  # no mounted copy to go stale:
+    assert not [v for v in pod.get("volumes", []) if "configMap" in v]
     assert pod["serviceAccountName"] == "home-feed-gateway"
     assert pod["automountServiceAccountToken"] is True
 
@@ -509,3 +510,66 @@ def gateway_env(resources: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if r["kind"] == "Deployment" and r["metadata"]["name"].endswith("-gateway")
     )
     return {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def pod_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        o["metadata"]["name"]: o["spec"]["template"]["spec"]
+        for o in objects
+        if o["kind"] == "Deployment"
+    }
+
+
+def test_only_the_gateway_pods_get_a_service_account_token() -> None:
+    """Serving and the feature job never call the Kubernetes API: no token to steal."""
+    pods = pod_specs(render_system(production(**CANARY), KEDA_POLICY))
+    assert set(pods) == {
+        "home-feed-serving",
+        "home-feed-serving-canary",
+        "home-feed-gateway",
+        "home-feed-features",
+    }
+    for name, pod in pods.items():
+        assert pod["automountServiceAccountToken"] is (name == "home-feed-gateway"), name
+    assert pods["home-feed-gateway"]["serviceAccountName"] == "home-feed-gateway"
+
+
+@pytest.mark.parametrize("uri", ["s3://m/a.mar", "https://m/a.mar", "pvc://claim/a.mar"])
+def test_every_container_has_a_read_only_root_and_explicit_writable_mounts(uri: str) -> None:
+    doc = copy.deepcopy(load("production-gpu.yaml")[0])
+    doc["spec"]["model"]["archiveUri"] = uri
+    pods = pod_specs(render_system(RecommenderSystem.model_validate(doc), KEDA_POLICY))
+    writable: dict[str, set[str]] = {}
+    for name, pod in pods.items():
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}}
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            mounts = container["volumeMounts"]
+            assert {"name": "tmp", "mountPath": "/tmp"} in mounts
+            for mount in mounts:
+                assert mount["name"] in volumes  # every mount has its volume
+                if not mount.get("readOnly"):
+                    writable.setdefault(f"{name}/{container['name']}", set()).add(
+                        mount["mountPath"]
+                    )
+    # TorchServe writes its model store, its log folder (under the image's WORKDIR) and
+    # /tmp (unpacked archives, worker sockets); the fetcher writes the model store
+    # (and the AWS CLI its cache under HOME=/tmp); the others only /tmp.
+    assert writable["home-feed-serving/torchserve"] == {
+        "/tmp",
+        "/home/model-server/model-store",
+        "/home/model-server/logs",
+    }
+    assert writable["home-feed-serving/fetch-archive"] == {
+        "/tmp",
+        "/home/model-server/model-store",
+    }
+    assert writable["home-feed-gateway/gateway"] == {"/tmp"}
+    assert writable["home-feed-features/features"] == {"/tmp"}
+    serving = pods["home-feed-serving"]
+    props = serving_properties(
+        render_system(RecommenderSystem.model_validate(doc), KEDA_POLICY), "home-feed-serving"
+    )
+    assert props["model_store"] == "/home/model-server/model-store"
+    assert {v["name"]: v for v in serving["volumes"]}["config"]["configMap"]
