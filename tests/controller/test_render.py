@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import kubernetes_validate
 import pytest
@@ -107,6 +108,10 @@ def test_quickstart_renders_the_expected_children() -> None:
         ("ServiceAccount", "quickstart-gateway"),
         ("Role", "quickstart-gateway"),
         ("RoleBinding", "quickstart-gateway"),
+        ("NetworkPolicy", "quickstart-serving"),
+        ("NetworkPolicy", "quickstart-features"),
+        ("NetworkPolicy", "quickstart-gateway"),
+        ("NetworkPolicy", "quickstart-default-deny"),
         ("ConfigMap", "quickstart-serving"),
         ("Service", "quickstart-serving"),
         ("Deployment", "quickstart-serving"),
@@ -573,3 +578,86 @@ def test_every_container_has_a_read_only_root_and_explicit_writable_mounts(uri: 
     )
     assert props["model_store"] == "/home/model-server/model-store"
     assert {v["name"]: v for v in serving["volumes"]}["config"]["configMap"]
+
+
+def policies(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
+
+
+def selects(selector: dict[str, Any], pod: dict[str, Any]) -> bool:
+    labels = pod["metadata"]["labels"]
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def test_network_policies_let_only_the_gateway_reach_serving_and_prometheus_the_metrics() -> None:
+    objects = render_system(production(**CANARY), KEDA_POLICY)
+    pods = {
+        o["metadata"]["name"]: o["spec"]["template"] for o in objects if o["kind"] == "Deployment"
+    }
+    spec = policies(objects)
+    # Every pod of the system is under the default-deny of ingress.
+    deny = spec["home-feed-default-deny"]
+    assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    assert all(selects(deny["podSelector"], pod) for pod in pods.values())
+
+    serving = spec["home-feed-serving"]
+    assert {n for n, p in pods.items() if selects(serving["podSelector"], p)} == {
+        "home-feed-serving",
+        "home-feed-serving-canary",
+    }
+    inference, metrics = serving["ingress"]
+    assert inference["ports"] == [{"protocol": "TCP", "port": 8080}]
+    (peer,) = inference["from"]
+    assert {n for n, p in pods.items() if selects(peer["podSelector"], p)} == {"home-feed-gateway"}
+    assert "namespaceSelector" not in peer  # this namespace's gateway only
+    assert metrics == {"ports": [{"protocol": "TCP", "port": "metrics"}]}  # any scraper
+    # No rule opens the management port (it listens on loopback anyway).
+    assert all(p["port"] != 8081 for rule in serving["ingress"] for p in rule["ports"])
+
+    features = spec["home-feed-features"]
+    assert features["ingress"] == [{"ports": [{"protocol": "TCP", "port": 9090}]}]
+    assert {n for n, p in pods.items() if selects(features["podSelector"], p)} == {
+        "home-feed-features"
+    }
+
+
+def test_the_gateway_may_not_reach_redis_and_serves_its_port_to_anyone() -> None:
+    """Of the system's pods only serving and the feature job reach Redis: the gateway's
+    egress is limited to DNS, serving, the broker and the API server."""
+    system = production(**CANARY)
+    gateway = policies(render_system(system, KEDA_POLICY))["home-feed-gateway"]
+    assert gateway["policyTypes"] == ["Ingress", "Egress"]
+    assert gateway["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000}]}]
+    allowed = {(p["protocol"], p["port"]) for rule in gateway["egress"] for p in rule["ports"]}
+    broker = urlparse(system.spec.events.service_url).port or 6650
+    assert allowed == {
+        ("UDP", 53),
+        ("TCP", 53),
+        ("TCP", 8080),
+        ("TCP", broker),
+        ("TCP", 443),
+        ("TCP", 6443),
+    }
+    redis_port = urlparse(system.spec.features.store.url).port or 6379
+    assert ("TCP", redis_port) not in allowed
+    (to_serving,) = [r for r in gateway["egress"] if "to" in r]
+    assert to_serving["ports"] == [{"protocol": "TCP", "port": 8080}]
+
+
+def test_prometheus_namespace_narrows_who_may_scrape() -> None:
+    options = RenderOptions(prometheus_namespace="monitoring")
+    spec = policies(render_system(quickstart(), HPA_POLICY, options))
+    peer = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert spec["quickstart-serving"]["ingress"][1]["from"] == peer
+    assert spec["quickstart-features"]["ingress"][0]["from"] == peer
+    for policy in spec.values():
+        kubernetes_validate.validate(
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {"name": "x"},
+                "spec": policy,
+            },
+            K8S_VERSION,
+            strict=True,
+        )
