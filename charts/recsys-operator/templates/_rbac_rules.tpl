@@ -27,12 +27,6 @@
 - apiGroups:
   - ''
   resources:
-  - secrets
-  verbs:
-  - get
-- apiGroups:
-  - ''
-  resources:
   - events
   verbs:
   - create
@@ -194,12 +188,6 @@
 - apiGroups:
   - ''
   resources:
-  - secrets
-  verbs:
-  - get
-- apiGroups:
-  - ''
-  resources:
   - events
   verbs:
   - create
@@ -309,4 +297,18 @@
   - create
   - patch
   - delete
+- apiGroups:
+  - ''
+  resources:
+  - secrets
+  verbs:
+  - get
+{{- end -}}
+{{- define "recsys-operator.secretRules" -}}
+- apiGroups:
+  - ''
+  resources:
+  - secrets
+  verbs:
+  - get
 {{- end -}}
