@@ -50,6 +50,7 @@ class OperatorEnv:
     """The operator process (`recsys operator run` / the chart's Deployment)."""
 
     PROMETHEUS_URL = "RECSYS_PROMETHEUS_URL"
+    PROMETHEUS_NAMESPACE = "RECSYS_PROMETHEUS_NAMESPACE"
     RESYNC_SECONDS = "RECSYS_RESYNC_SECONDS"
     ROLLOUT_TICK_SECONDS = "RECSYS_ROLLOUT_TICK_SECONDS"
     TOOLS_DIR = "RECSYS_TOOLS_DIR"

@@ -209,6 +209,15 @@ def operator_run(
             help="Prometheus that rollout analysis and KEDA's latency/GPU triggers query.",
         ),
     ] = DEFAULT_PROMETHEUS_URL,
+    prometheus_namespace: Annotated[
+        str | None,
+        typer.Option(
+            envvar=OperatorEnv.PROMETHEUS_NAMESPACE,
+            show_envvar=True,
+            help="Namespace of the Prometheus that scrapes the systems: the rendered "
+            "NetworkPolicies let only its pods reach the metrics ports (default: any source).",
+        ),
+    ] = None,
     resync_seconds: Annotated[
         float,
         typer.Option(
@@ -243,6 +252,8 @@ def operator_run(
 
     # The handlers module reads these at import.
     os.environ[OperatorEnv.PROMETHEUS_URL] = prometheus_url
+    if prometheus_namespace:
+        os.environ[OperatorEnv.PROMETHEUS_NAMESPACE] = prometheus_namespace
     os.environ[OperatorEnv.RESYNC_SECONDS] = str(resync_seconds)
     os.environ[OperatorEnv.ROLLOUT_TICK_SECONDS] = str(rollout_tick_seconds)
 

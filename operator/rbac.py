@@ -2,9 +2,12 @@
 
 Two modes, as `recsys operator run` has them:
 
-- cluster-wide (`--all-namespaces`): one ClusterRole with everything;
+- cluster-wide (`--all-namespaces`): one ClusterRole with everything but Secrets, and a
+  Role granting `get` on Secrets in each namespace the install names (the chart's
+  `secretNamespaces`): a ClusterRole's `get secrets` would let the operator read every
+  Secret in the cluster, where it only ever reads `spec.events.authSecretRef`;
 - namespaced (`--namespace=NS`, repeatable): a Role in each namespace with what it does
-  there, plus a ClusterRole for what Kopf reads cluster-wide.
+  there (its Secrets included), plus a ClusterRole for what Kopf reads cluster-wide.
 
 Kopf 1.45 watches CustomResourceDefinitions in both modes (to notice resources appear)
 and lists/watches Namespaces only when it serves specific namespaces. Children are
@@ -53,12 +56,14 @@ def _child_rules() -> list[Rule]:
     return [Rule(group, tuple(plurals), verbs) for (group, verbs), plurals in grouped.items()]
 
 
-# In every namespace the operator serves (a Role each, or the ClusterRole).
+# Only the Pulsar token of spec.events.authSecretRef, read by name (never listed or watched).
+SECRET_RULE = Rule("", ("secrets",), ("get",))
+
+# In every namespace the operator serves (a Role each, or the ClusterRole; Secrets aside).
 NAMESPACE_RULES: tuple[Rule, ...] = (
     Rule(GROUP, ("recommendersystems",), ("get", "list", "watch", "patch")),  # + finalizer
     Rule(GROUP, ("scalingpolicies",), ("get", "list", "watch")),
     Rule(GROUP, ("recommendersystems/status", "scalingpolicies/status"), ("patch",)),
-    Rule("", ("secrets",), ("get",)),  # only the Pulsar token of spec.events.authSecretRef
     Rule("", ("events",), ("create",)),
     # Children carry ownerReferences with blockOwnerDeletion: where the API server runs the
     # OwnerReferencesPermissionEnforcement admission plugin, that needs update here.
@@ -72,15 +77,17 @@ NAMESPACES_RULE = Rule("", ("namespaces",), ("list", "watch"))
 
 
 def cluster_rules(*, cluster_wide: bool) -> tuple[Rule, ...]:
-    """The ClusterRole: everything when cluster-wide, else what Kopf reads cluster-wide."""
+    """The ClusterRole: everything but Secrets when cluster-wide, else what Kopf reads
+    cluster-wide. Never Secrets: those are granted namespace by namespace."""
     if cluster_wide:
         return (*NAMESPACE_RULES, CRD_RULE)
     return (CRD_RULE, NAMESPACES_RULE)
 
 
 def namespace_rules(*, cluster_wide: bool) -> tuple[Rule, ...]:
-    """Each watched namespace's Role (none when cluster-wide)."""
-    return () if cluster_wide else NAMESPACE_RULES
+    """Each namespace's Role: when cluster-wide, only Secrets, in the namespaces named for
+    them; else everything, in each watched namespace."""
+    return (SECRET_RULE,) if cluster_wide else (*NAMESPACE_RULES, SECRET_RULE)
 
 
 # --- the chart ------------------------------------------------------------------------
@@ -99,6 +106,7 @@ def chart_rules_template() -> str:
         ("recsys-operator.clusterWideRules", cluster_rules(cluster_wide=True)),
         ("recsys-operator.kopfClusterRules", cluster_rules(cluster_wide=False)),
         ("recsys-operator.namespaceRules", namespace_rules(cluster_wide=False)),
+        ("recsys-operator.secretRules", namespace_rules(cluster_wide=True)),
     ):
         parts.append(f'{{{{- define "{name}" -}}}}\n{_rules_yaml(rules)}{{{{- end -}}}}')
     return "\n".join(parts) + "\n"

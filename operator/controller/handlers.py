@@ -113,6 +113,7 @@ def _discover_options(kube: KubeClient) -> RenderOptions:
         monitoring="monitoring.coreos.com" in served,
         keda="keda.sh" in served,
         prometheus_url=os.environ.get(OperatorEnv.PROMETHEUS_URL, RenderOptions.prometheus_url),
+        prometheus_namespace=os.environ.get(OperatorEnv.PROMETHEUS_NAMESPACE) or None,
     )
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from recsys_contracts.field_issues import FieldIssue, InvalidResource, issues_from_validation_error
@@ -145,7 +146,17 @@ class Reconciler:
         ref = system.spec.events.auth_secret_ref
         if ref is None:
             return None
-        secret = self.kube.get("v1", "Secret", system.metadata.namespace, ref.name)
+        try:
+            secret = self.kube.get("v1", "Secret", system.metadata.namespace, ref.name)
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            # A cluster-wide install reads Secrets only in the namespaces its chart names.
+            raise SecretNotFound(
+                f'Secret "{ref.name}" (spec.events.authSecretRef): the operator may not read '
+                f'Secrets in namespace "{system.metadata.namespace}" (forbidden); add it to '
+                "the chart's secretNamespaces"
+            ) from None
         if secret is None:
             raise SecretNotFound(f'Secret "{ref.name}" (spec.events.authSecretRef) not found')
         data = secret.get("data") or {}

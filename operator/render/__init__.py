@@ -23,6 +23,7 @@ from recsys_operator.render.autoscaling import (
 from recsys_operator.render.capacity import serving_capacity
 from recsys_operator.render.features import build_feature_job_deployment
 from recsys_operator.render.gateway import (
+    GATEWAY_PORT,
     build_gateway_configmap,
     build_gateway_deployment,
     build_gateway_role,
@@ -35,7 +36,9 @@ from recsys_operator.render.monitoring import (
     build_prometheus_rule,
     build_service_monitor,
 )
+from recsys_operator.render.network import build_network_policies
 from recsys_operator.render.serving import (
+    INFERENCE_PORT,
     UnsupportedArchiveUri,
     build_serving_configmap,
     build_serving_deployment,
@@ -66,6 +69,7 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("v1", "ServiceAccount"),
     ("rbac.authorization.k8s.io/v1", "Role"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
     ("apps/v1", "Deployment"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("policy/v1", "PodDisruptionBudget"),
@@ -74,10 +78,11 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
 )
-# Kinds every system has whatever its spec (the gateway's identity and routing rights):
-# never pruned, so the operator needs no right to delete them.
+# Kinds every system has whatever its spec (the gateway's identity and routing rights,
+# the same four NetworkPolicies): never pruned, so the operator needs no right to delete them.
 ALWAYS_RENDERED_KINDS: frozenset[tuple[str, str]] = frozenset(
     {
+        ("networking.k8s.io/v1", "NetworkPolicy"),
         ("v1", "ServiceAccount"),
         ("rbac.authorization.k8s.io/v1", "Role"),
         ("rbac.authorization.k8s.io/v1", "RoleBinding"),
@@ -96,6 +101,8 @@ class RenderOptions:
     """The cluster serves keda.sh; without it a keda policy is an error."""
     prometheus_url: str = DEFAULT_PROMETHEUS_URL
     """Prometheus that KEDA's latency trigger queries."""
+    prometheus_namespace: str | None = None
+    """Namespace whose pods may scrape the metrics ports; None: any source may."""
 
 
 def effective_scaling(
@@ -168,6 +175,13 @@ def render_system(
         gateway_role,
         build_gateway_role_binding(system, gateway_role, gateway_account),
     ]
+    # Before any pod: none runs without its policies (the allow ones come first).
+    objects += build_network_policies(
+        system,
+        gateway_port=GATEWAY_PORT,
+        inference_port=INFERENCE_PORT,
+        prometheus_namespace=options.prometheus_namespace,
+    )
     for track, version in serving_tracks(plan.stable_version, plan.canary_version):
         try:
             configmap = build_serving_configmap(system, track, version)

@@ -3,7 +3,8 @@
 Each component builds its own containers and pod fields; this adds what they all share:
 the selector, a rolling update that never drops below the desired count, the pod labels
 with the config-hash annotation that rolls the pods when their configuration changes,
-and the non-root pod security context.
+the non-root pod security context, a writable /tmp (root filesystems are read-only),
+and no service-account token unless the component asks for API access.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from recsys_operator.render.naming import CONFIG_HASH_ANNOTATION
-from recsys_operator.render.pods import pod_security_context
+from recsys_operator.render.pods import pod_security_context, writable_tmp
 
 
 def build_deployment(
@@ -22,12 +23,16 @@ def build_deployment(
     pod: dict[str, Any],
     replicas: int | None,
     placement: dict[str, Any] | None = None,
+    api_access: bool = False,
 ) -> dict[str, Any]:
     """A Deployment of pods with the fields in `pod` (containers, volumes, ...), then the pod
     security context, then `placement` (nodeSelector, tolerations) when given.
 
     `replicas` None leaves the count to the autoscaler (an applied count would fight it).
+    `api_access` mounts the service account's token; pods that never call the
+    Kubernetes API go without one, so a compromised process has no credential to use.
     """
+    pod = {"automountServiceAccountToken": api_access, **writable_tmp(pod)}
     spec: dict[str, Any] = {
         "selector": {"matchLabels": selector},
         # A new pod is ready before an old one goes: capacity never dips during a roll.

@@ -196,11 +196,11 @@ def build_gateway_deployment(
         config_hash=config_hash(container),
         pod={
             "serviceAccountName": service_account["metadata"]["name"],
-            # The token is how the gateway watches its routing ConfigMap.
-            "automountServiceAccountToken": True,
             "containers": [container],
         },
         replicas=replicas,
+        # The token is how the gateway watches its routing ConfigMap.
+        api_access=True,
     )
 
 

@@ -27,7 +27,30 @@ def restricted_security_context() -> dict[str, Any]:
         "runAsNonRoot": True,
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
+        # What a process writes goes to the emptyDirs its pod mounts (`/tmp` in every one,
+        # see `writable_tmp`), never into the image.
+        "readOnlyRootFilesystem": True,
     }
+
+
+TMP_VOLUME = "tmp"
+TMP_DIR = "/tmp"
+
+
+def writable_tmp(pod: dict[str, Any]) -> dict[str, Any]:
+    """`pod` with an emptyDir at /tmp in each of its containers: with a read-only root
+    filesystem that is where temporary files (downloads, TorchServe's unpacked archives)
+    go. Other writable paths are the component's own volumes."""
+    mount = {"name": TMP_VOLUME, "mountPath": TMP_DIR}
+
+    def with_tmp(container: dict[str, Any]) -> dict[str, Any]:
+        return {**container, "volumeMounts": [*container.get("volumeMounts", []), mount]}
+
+    out = {**pod, "containers": [with_tmp(c) for c in pod["containers"]]}
+    if pod.get("initContainers"):
+        out["initContainers"] = [with_tmp(c) for c in pod["initContainers"]]
+    out["volumes"] = [*pod.get("volumes", []), {"name": TMP_VOLUME, "emptyDir": {}}]
+    return out
 
 
 def pod_security_context() -> dict[str, Any]:

@@ -42,6 +42,8 @@ INFERENCE_PORT = PORTS.inference
 TS_METRICS_PORT = PORTS.metrics
 CONFIG_DIR = DEFAULT_CONFIG_DIR
 MODEL_STORE = DEFAULT_MODEL_STORE
+MANAGEMENT_BIND_ADDRESS = "127.0.0.1"
+TORCHSERVE_LOG_DIR = "/home/model-server/logs"
 
 FETCH_IMAGES = {
     "http": "curlimages/curl:8.11.1",
@@ -145,7 +147,11 @@ def build_serving_configmap(system: RecommenderSystem, track: str, version: str)
         system.spec.serving,
         versions=[version],
         ports=PORTS,
+        # Inference for the gateway; metrics for Prometheus's scrape (both reachable only as
+        # the NetworkPolicy allows). Management stays on loopback: with token auth off,
+        # anything that reaches it could unload the model or scale its workers to 0.
         bind_address="0.0.0.0",
+        management_bind_address=MANAGEMENT_BIND_ADDRESS,
         model_store=MODEL_STORE,
         config_dir=CONFIG_DIR,
     )
@@ -206,7 +212,6 @@ def build_serving_deployment(
         "env": env,
         "ports": [
             {"name": "inference", "containerPort": INFERENCE_PORT, "protocol": "TCP"},
-            {"name": "management", "containerPort": PORTS.management, "protocol": "TCP"},
             {"name": "metrics", "containerPort": TS_METRICS_PORT, "protocol": "TCP"},
         ],
         "resources": container_resources(serving.resources),
@@ -225,6 +230,9 @@ def build_serving_deployment(
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "model-store", "mountPath": MODEL_STORE},
+            # TorchServe's frontend writes its log folder under its working directory
+            # (the image's WORKDIR); archives unpack into /tmp (`writable_tmp`).
+            {"name": "logs", "mountPath": TORCHSERVE_LOG_DIR},
         ],
         "securityContext": restricted_security_context(),
     }
@@ -234,6 +242,7 @@ def build_serving_deployment(
         "volumes": [
             {"name": "config", "configMap": {"name": configmap["metadata"]["name"]}},
             {"name": "model-store", "emptyDir": {}},
+            {"name": "logs", "emptyDir": {}},
             *extra_volumes,
         ],
         "terminationGracePeriodSeconds": 30,

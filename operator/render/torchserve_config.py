@@ -3,7 +3,8 @@
 Three texts, which the operator puts into one ConfigMap mounted at `config_dir` (and
 local mode writes to a folder):
 
-- `config.properties`: listeners, token auth off, model API off, the model store and
+- `config.properties`: listeners (the management API on its own address: loopback in
+  pods), token auth off, model API off, the model store and
   the archives to load, per-version workers/batching/timeout in the `models=` JSON,
   Prometheus metrics with the handler's metrics declared, the JVM heap and the log
   configuration in `vmargs`;
@@ -95,6 +96,7 @@ def render_config_properties(
     versions: Sequence[str] | None = None,
     ports: TorchServePorts = TorchServePorts(),
     bind_address: str = "0.0.0.0",
+    management_bind_address: str | None = None,
     model_store: str = DEFAULT_MODEL_STORE,
     config_dir: str = DEFAULT_CONFIG_DIR,
     memory_limit: str | int | None = None,
@@ -106,6 +108,9 @@ def render_config_properties(
     from `<model_store>/<name>-<version>.mar`; `model.version` is the default version
     when listed. `memory_limit` sizes the JVM heap (default: the serving container's
     memory limit). `config_dir` is where `log4j2.xml` and `metrics.yaml` are mounted.
+    `management_bind_address` (default `bind_address`) is where the management API (HTTP
+    and gRPC) listens: it can unload models and scale workers, and token auth is off, so
+    pods bind it to loopback where no other pod reaches it.
     """
     versions = list(versions or [model.version])
     if len(set(versions)) != len(versions):
@@ -116,6 +121,7 @@ def render_config_properties(
     if memory_limit is None:
         memory_limit = serving.resources.limits.get("memory")
     heap = jvm_heap_mib(memory_limit)
+    management_bind = management_bind_address or bind_address
     vmargs = [
         f"-Xmx{heap}m",
         "-XX:+ExitOnOutOfMemoryError",
@@ -123,10 +129,10 @@ def render_config_properties(
     ]
     properties = {
         "inference_address": f"http://{bind_address}:{ports.inference}",
-        "management_address": f"http://{bind_address}:{ports.management}",
+        "management_address": f"http://{management_bind}:{ports.management}",
         "metrics_address": f"http://{bind_address}:{ports.metrics}",
         "grpc_inference_address": bind_address,
-        "grpc_management_address": bind_address,
+        "grpc_management_address": management_bind,
         "grpc_inference_port": ports.grpc_inference,
         "grpc_management_port": ports.grpc_management,
         "disable_token_authorization": "true",

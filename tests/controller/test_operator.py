@@ -357,6 +357,38 @@ def test_pulsar_auth_comes_from_the_secret(
     assert len(pulsar_admin.emulator.topics) == 3
 
 
+def test_a_secret_the_operator_may_not_read_is_named_with_the_fix(
+    cluster: Cluster, kube: KubeHandle, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """Cluster-wide, Secrets are readable only in the chart's secretNamespaces: a 403 says so
+    (and the system recovers once the grant exists)."""
+    pulsar_admin.emulator.token = "s3cret"
+    secret = {"metadata": {"name": "pulsar-token"}, "data": {"token": "czNjcmV0"}}
+    cluster.core.create_namespaced_secret("default", secret)
+    kube.emulator.fail_next(
+        3,
+        method="GET",
+        path="/api/v1/namespaces/default/secrets/pulsar-token",
+        status=403,
+        body={
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "code": 403,
+            "reason": "Forbidden",
+            "message": 'secrets "pulsar-token" is forbidden',
+        },
+    )
+    cluster.create("scalingpolicies", policy())
+    doc = quickstart(pulsar_admin, events__authSecretRef={"name": "pulsar-token", "key": "token"})
+    cluster.create("recommendersystems", doc)
+    cond = wait_for(lambda: cluster.condition("TopicsReady"))
+    assert (cond["status"], cond["reason"]) == ("False", "PulsarSecretNotFound")
+    assert 'namespace "default" (forbidden)' in cond["message"]
+    assert "secretNamespaces" in cond["message"]
+    wait_for(lambda: cluster.condition("TopicsReady")["status"] == "True", timeout=60)
+
+
 @pytest.mark.parametrize(("policy_name", "kept"), [("Delete", False), ("Keep", True)])
 def test_delete_handles_topics_per_policy(
     cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any, policy_name: str, kept: bool

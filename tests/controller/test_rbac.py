@@ -77,6 +77,8 @@ def rendered_roles(cluster_wide: bool) -> list[dict[str, Any]]:
     args = [find_tool("helm"), "template", "demo", str(CHART), "--namespace", "recsys-system"]
     if not cluster_wide:
         args += ["--set", "watchNamespaces={default}"]
+    else:  # Secrets only where a system names one
+        args += ["--set", "secretNamespaces={default}"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=120, check=True).stdout
     return [d for d in yaml.safe_load_all(out) if d and d["kind"] in ("ClusterRole", "Role")]
 
@@ -244,3 +246,41 @@ def test_the_operator_uses_exactly_what_the_chart_grants(
     granted = grants(roles, None) | grants(roles, "default")
     assert granted - used == NOT_EXERCISED_HERE - used, sorted(granted - used - NOT_EXERCISED_HERE)
     assert not (NOT_EXERCISED_HERE - granted), "NOT_EXERCISED_HERE names what is not granted"
+
+
+def helm_roles(*values: str) -> list[dict[str, Any]]:
+    args = [find_tool("helm"), "template", "demo", str(CHART), "--namespace", "recsys-system"]
+    for value in values:
+        args += ["--set", value]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d and d["kind"] in ("ClusterRole", "Role")]
+
+
+def secret_grants(roles: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Where each role lets the operator touch Secrets: namespace ("*" for the
+    ClusterRole) -> verbs."""
+    found: dict[str, set[str]] = {}
+    for role in roles:
+        where = role["metadata"].get("namespace", "*") if role["kind"] == "Role" else "*"
+        for rule in role["rules"]:
+            if "" in rule["apiGroups"] and "secrets" in rule["resources"]:
+                assert "resourceNames" not in rule
+                found.setdefault(where, set()).update(rule["verbs"])
+    return found
+
+
+def test_the_operator_can_read_secrets_only_in_the_namespaces_it_is_given() -> None:
+    """No ClusterRole grants Secrets: cluster-wide, only `secretNamespaces` get a Role."""
+    assert secret_grants(helm_roles()) == {}
+    assert secret_grants(helm_roles("secretNamespaces={team-a,team-b}")) == {
+        "team-a": {"get"},
+        "team-b": {"get"},
+    }
+    assert secret_grants(helm_roles("watchNamespaces={default,shop}")) == {
+        "default": {"get"},
+        "shop": {"get"},
+    }
+    both = [find_tool("helm"), "template", "demo", str(CHART)]
+    both += ["--set", "watchNamespaces={a}", "--set", "secretNamespaces={b}"]
+    result = subprocess.run(both, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "secretNamespaces is for cluster-wide" in result.stderr

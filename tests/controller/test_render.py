@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import kubernetes_validate
 import pytest
@@ -107,6 +108,10 @@ def test_quickstart_renders_the_expected_children() -> None:
         ("ServiceAccount", "quickstart-gateway"),
         ("Role", "quickstart-gateway"),
         ("RoleBinding", "quickstart-gateway"),
+        ("NetworkPolicy", "quickstart-serving"),
+        ("NetworkPolicy", "quickstart-features"),
+        ("NetworkPolicy", "quickstart-gateway"),
+        ("NetworkPolicy", "quickstart-default-deny"),
         ("ConfigMap", "quickstart-serving"),
         ("Service", "quickstart-serving"),
         ("Deployment", "quickstart-serving"),
@@ -162,6 +167,29 @@ def test_torchserve_config_follows_the_spec() -> None:
     assert "-Xmx4096m" in props["vmargs"]  # 25% of 16Gi, capped at 4 GiB
     models = json.loads(props["models"])["home-feed-retrieval"]["2026-11-20"]
     assert (models["batchSize"], models["maxBatchDelay"], models["minWorkers"]) == (64, 4, 2)
+
+
+def serving_properties(objects: list[dict[str, Any]], name: str) -> dict[str, str]:
+    config = named(objects, "ConfigMap", name)["data"]["config.properties"]
+    return dict(
+        line.split("=", 1)
+        for line in config.splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+
+
+def test_torchserve_management_listens_only_on_loopback_in_pods() -> None:
+    """Token auth is off, so the management API (unload, scale workers) must be out of
+    other pods' reach; inference (the gateway) and metrics (Prometheus) stay reachable."""
+    objects = render_system(production(**CANARY), KEDA_POLICY)
+    for name in ("home-feed-serving", "home-feed-serving-canary"):
+        props = serving_properties(objects, name)
+        assert props["management_address"] == "http://127.0.0.1:8081"
+        assert props["grpc_management_address"] == "127.0.0.1"
+        assert props["inference_address"] == "http://0.0.0.0:8080"
+        assert props["metrics_address"] == "http://0.0.0.0:8082"
+        (container,) = named(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+        assert {p["name"] for p in container["ports"]} == {"inference", "metrics"}
 
 
 def test_gpu_serving_gets_gpus_node_selector_tolerations_and_the_gpu_image() -> None:
@@ -266,7 +294,8 @@ def test_the_gateway_watches_its_routing_configmap_and_may_read_nothing_else() -
     args = pod["containers"][0]["args"]
     where = args[args.index("--routing-configmap") + 1]
     assert ConfigMapRef.parse(where) == ConfigMapRef("recsys-prod", "home-feed-gateway")
-    assert "--routing" not in args and "volumes" not in pod  # no mounted copy to go stale
+    assert "--routing" not in args  # no mounted copy to go stale:
+    assert not [v for v in pod.get("volumes", []) if "configMap" in v]
     assert pod["serviceAccountName"] == "home-feed-gateway"
     assert pod["automountServiceAccountToken"] is True
 
@@ -486,3 +515,149 @@ def gateway_env(resources: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if r["kind"] == "Deployment" and r["metadata"]["name"].endswith("-gateway")
     )
     return {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def pod_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        o["metadata"]["name"]: o["spec"]["template"]["spec"]
+        for o in objects
+        if o["kind"] == "Deployment"
+    }
+
+
+def test_only_the_gateway_pods_get_a_service_account_token() -> None:
+    """Serving and the feature job never call the Kubernetes API: no token to steal."""
+    pods = pod_specs(render_system(production(**CANARY), KEDA_POLICY))
+    assert set(pods) == {
+        "home-feed-serving",
+        "home-feed-serving-canary",
+        "home-feed-gateway",
+        "home-feed-features",
+    }
+    for name, pod in pods.items():
+        assert pod["automountServiceAccountToken"] is (name == "home-feed-gateway"), name
+    assert pods["home-feed-gateway"]["serviceAccountName"] == "home-feed-gateway"
+
+
+@pytest.mark.parametrize("uri", ["s3://m/a.mar", "https://m/a.mar", "pvc://claim/a.mar"])
+def test_every_container_has_a_read_only_root_and_explicit_writable_mounts(uri: str) -> None:
+    doc = copy.deepcopy(load("production-gpu.yaml")[0])
+    doc["spec"]["model"]["archiveUri"] = uri
+    pods = pod_specs(render_system(RecommenderSystem.model_validate(doc), KEDA_POLICY))
+    writable: dict[str, set[str]] = {}
+    for name, pod in pods.items():
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}}
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            mounts = container["volumeMounts"]
+            assert {"name": "tmp", "mountPath": "/tmp"} in mounts
+            for mount in mounts:
+                assert mount["name"] in volumes  # every mount has its volume
+                if not mount.get("readOnly"):
+                    writable.setdefault(f"{name}/{container['name']}", set()).add(
+                        mount["mountPath"]
+                    )
+    # TorchServe writes its model store, its log folder (under the image's WORKDIR) and
+    # /tmp (unpacked archives, worker sockets); the fetcher writes the model store
+    # (and the AWS CLI its cache under HOME=/tmp); the others only /tmp.
+    assert writable["home-feed-serving/torchserve"] == {
+        "/tmp",
+        "/home/model-server/model-store",
+        "/home/model-server/logs",
+    }
+    assert writable["home-feed-serving/fetch-archive"] == {
+        "/tmp",
+        "/home/model-server/model-store",
+    }
+    assert writable["home-feed-gateway/gateway"] == {"/tmp"}
+    assert writable["home-feed-features/features"] == {"/tmp"}
+    serving = pods["home-feed-serving"]
+    props = serving_properties(
+        render_system(RecommenderSystem.model_validate(doc), KEDA_POLICY), "home-feed-serving"
+    )
+    assert props["model_store"] == "/home/model-server/model-store"
+    assert {v["name"]: v for v in serving["volumes"]}["config"]["configMap"]
+
+
+def policies(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
+
+
+def selects(selector: dict[str, Any], pod: dict[str, Any]) -> bool:
+    labels = pod["metadata"]["labels"]
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def test_network_policies_let_only_the_gateway_reach_serving_and_prometheus_the_metrics() -> None:
+    objects = render_system(production(**CANARY), KEDA_POLICY)
+    pods = {
+        o["metadata"]["name"]: o["spec"]["template"] for o in objects if o["kind"] == "Deployment"
+    }
+    spec = policies(objects)
+    # Every pod of the system is under the default-deny of ingress.
+    deny = spec["home-feed-default-deny"]
+    assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    assert all(selects(deny["podSelector"], pod) for pod in pods.values())
+
+    serving = spec["home-feed-serving"]
+    assert {n for n, p in pods.items() if selects(serving["podSelector"], p)} == {
+        "home-feed-serving",
+        "home-feed-serving-canary",
+    }
+    inference, metrics = serving["ingress"]
+    assert inference["ports"] == [{"protocol": "TCP", "port": 8080}]
+    (peer,) = inference["from"]
+    assert {n for n, p in pods.items() if selects(peer["podSelector"], p)} == {"home-feed-gateway"}
+    assert "namespaceSelector" not in peer  # this namespace's gateway only
+    assert metrics == {"ports": [{"protocol": "TCP", "port": "metrics"}]}  # any scraper
+    # No rule opens the management port (it listens on loopback anyway).
+    assert all(p["port"] != 8081 for rule in serving["ingress"] for p in rule["ports"])
+
+    features = spec["home-feed-features"]
+    assert features["ingress"] == [{"ports": [{"protocol": "TCP", "port": 9090}]}]
+    assert {n for n, p in pods.items() if selects(features["podSelector"], p)} == {
+        "home-feed-features"
+    }
+
+
+def test_the_gateway_may_not_reach_redis_and_serves_its_port_to_anyone() -> None:
+    """Of the system's pods only serving and the feature job reach Redis: the gateway's
+    egress is limited to DNS, serving, the broker and the API server."""
+    system = production(**CANARY)
+    gateway = policies(render_system(system, KEDA_POLICY))["home-feed-gateway"]
+    assert gateway["policyTypes"] == ["Ingress", "Egress"]
+    assert gateway["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000}]}]
+    allowed = {(p["protocol"], p["port"]) for rule in gateway["egress"] for p in rule["ports"]}
+    broker = urlparse(system.spec.events.service_url).port or 6650
+    assert allowed == {
+        ("UDP", 53),
+        ("TCP", 53),
+        ("TCP", 8080),
+        ("TCP", broker),
+        ("TCP", 443),
+        ("TCP", 6443),
+    }
+    redis_port = urlparse(system.spec.features.store.url).port or 6379
+    assert ("TCP", redis_port) not in allowed
+    (to_serving,) = [r for r in gateway["egress"] if "to" in r]
+    assert to_serving["ports"] == [{"protocol": "TCP", "port": 8080}]
+
+
+def test_prometheus_namespace_narrows_who_may_scrape() -> None:
+    options = RenderOptions(prometheus_namespace="monitoring")
+    spec = policies(render_system(quickstart(), HPA_POLICY, options))
+    peer = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert spec["quickstart-serving"]["ingress"][1]["from"] == peer
+    assert spec["quickstart-features"]["ingress"][0]["from"] == peer
+    for policy in spec.values():
+        kubernetes_validate.validate(
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {"name": "x"},
+                "spec": policy,
+            },
+            K8S_VERSION,
+            strict=True,
+        )

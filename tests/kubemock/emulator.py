@@ -100,6 +100,7 @@ BUILTIN_GROUP_VERSIONS = frozenset(
         "apps/v1",
         "autoscaling/v2",
         "policy/v1",
+        "networking.k8s.io/v1",
         "rbac.authorization.k8s.io/v1",
         "apiextensions.k8s.io/v1",
     }

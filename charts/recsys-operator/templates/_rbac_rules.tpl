@@ -27,12 +27,6 @@
 - apiGroups:
   - ''
   resources:
-  - secrets
-  verbs:
-  - get
-- apiGroups:
-  - ''
-  resources:
   - events
   verbs:
   - create
@@ -69,6 +63,16 @@
   resources:
   - roles
   - rolebindings
+  verbs:
+  - get
+  - list
+  - watch
+  - create
+  - patch
+- apiGroups:
+  - networking.k8s.io
+  resources:
+  - networkpolicies
   verbs:
   - get
   - list
@@ -184,12 +188,6 @@
 - apiGroups:
   - ''
   resources:
-  - secrets
-  verbs:
-  - get
-- apiGroups:
-  - ''
-  resources:
   - events
   verbs:
   - create
@@ -226,6 +224,16 @@
   resources:
   - roles
   - rolebindings
+  verbs:
+  - get
+  - list
+  - watch
+  - create
+  - patch
+- apiGroups:
+  - networking.k8s.io
+  resources:
+  - networkpolicies
   verbs:
   - get
   - list
@@ -289,4 +297,18 @@
   - create
   - patch
   - delete
+- apiGroups:
+  - ''
+  resources:
+  - secrets
+  verbs:
+  - get
+{{- end -}}
+{{- define "recsys-operator.secretRules" -}}
+- apiGroups:
+  - ''
+  resources:
+  - secrets
+  verbs:
+  - get
 {{- end -}}
