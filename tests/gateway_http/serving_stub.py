@@ -157,6 +157,9 @@ def _torchserve_error(status: int, message: str) -> web.Response:
 if __name__ == "__main__":
     import sys
 
-    web.run_app(
-        ServingStub().app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None
-    )
+    # serving_stub.py PORT [WORKERS SERVICE_MS]: the latter two bound its capacity.
+    stub = ServingStub()
+    if len(sys.argv) > 3:
+        stub._workers = asyncio.Semaphore(int(sys.argv[2]))
+        stub._service_s = float(sys.argv[3]) / 1000
+    web.run_app(stub.app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
