@@ -8,6 +8,11 @@
 2. Weight change and rollback: requests run continuously while the routing file is
    rewritten (canary weight 0 -> 100, then canary removed); the time from the write
    to the last answer that still followed the old routing.
+3. Overload: a serving stub of bounded capacity (2 workers x 20 ms: 100 req/s) behind
+   two gateways, one with admission control (`maxInFlight` 4) and one without it in
+   effect (`maxInFlight` 100000, the peer), each offered 3x that rate, open loop, for a
+   few seconds: goodput (model answers within the 250 ms timeout per second), shed rate
+   (fast 503s), fallback rate, p99 of the served requests and of the 503s.
 
 The model server is a real TorchServe serving two versions of a tiny two-tower +
 FAISS archive (trained and packed here with the project's trainer and archiver)
@@ -121,13 +126,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_gateway(work: Path, routing_path: Path, stack: ExitStack) -> tuple[str, int]:
+def start_gateway(
+    work: Path, routing_path: Path, stack: ExitStack, name: str = "gateway"
+) -> tuple[str, int]:
     port = free_port()
     gateway = ManagedProcess(
-        "gateway",
+        name,
         [sys.executable, "-m", "gateway", "run", "--routing", str(routing_path),
          "--port", str(port), "--log-level", "WARNING"],
-        work / "gateway.log",
+        work / f"{name}.log",
         port,
     ).start()  # fmt: skip
     stack.callback(gateway.stop)
@@ -256,6 +263,83 @@ async def time_to_follow(
 # --- main --------------------------------------------------------------------------
 
 
+# --- overload ------------------------------------------------------------------------
+
+STUB_WORKERS, STUB_SERVICE_MS = 2, 20
+SUSTAINABLE_RPS = STUB_WORKERS * 1000 / STUB_SERVICE_MS
+OVERLOAD_TIMEOUT_MS = 250
+
+
+async def open_loop(url: str, rate: float, count: int) -> list[tuple[int, float, bool]]:
+    """(status, seconds, fallback) of `count` requests started on a fixed schedule."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one() -> tuple[int, float, bool]:
+            started = time.perf_counter()
+            async with session.post(
+                f"{url}/v1/recommend", json=random_request(), timeout=aiohttp.ClientTimeout(30)
+            ) as response:
+                body = await response.json()
+                fallback = response.status == 200 and bool(body.get("fallback"))
+                return response.status, time.perf_counter() - started, fallback
+
+        tasks = []
+        begin = time.perf_counter()
+        for n in range(count):
+            delay = begin + n / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        return await asyncio.gather(*tasks)
+
+
+def overload_figures(results: list[tuple[int, float, bool]], seconds: float) -> dict[str, float]:
+    def p99_ms(values: list[float]) -> float:
+        ordered = sorted(values)
+        return 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if values else 0.0
+
+    served = [t for status, t, fallback in results if status == 200 and not fallback]
+    shed = [t for status, t, _ in results if status == 503]
+    fallbacks = sum(fallback for _, _, fallback in results)
+    return {
+        "goodput_rps": len(served) / seconds,
+        "shed_share": len(shed) / len(results),
+        "fallback_share": fallbacks / len(results),
+        "served_p99_ms": p99_ms(served),
+        "shed_p99_ms": p99_ms(shed),
+        "all_p99_ms": p99_ms([t for _, t, _ in results]),
+    }
+
+
+def overload(
+    work: Path, stack: ExitStack, pulsar: str, seconds: float
+) -> dict[str, dict[str, float]]:
+    port = free_port()
+    stub = ManagedProcess(
+        "limited-stub",
+        [sys.executable, str(ROOT / "tests" / "gateway_http" / "serving_stub.py"), str(port),
+         str(STUB_WORKERS), str(STUB_SERVICE_MS)],
+        work / "limited-stub.log",
+        port,
+    ).start()  # fmt: skip
+    stack.callback(stub.stop)
+    urls = {v: f"http://127.0.0.1:{port}/predictions/{MODEL}/{v}" for v in ("1", "2")}
+    figures = {}
+    for name, max_in_flight in (("admission_off", 100_000), ("admission_on", 4)):
+        document = routing(urls, pulsar, canary=False, weight=0)
+        document |= {"timeoutMs": OVERLOAD_TIMEOUT_MS, "maxInFlight": max_in_flight}
+        path = work / f"routing-{name}.json"
+        write_routing(path, document)
+        url, _ = start_gateway(work, path, stack, name=f"gateway-{name}")
+        asyncio.run(open_loop(url, SUSTAINABLE_RPS / 2, 20))  # warm: the fallback learns items
+        rate = 3 * SUSTAINABLE_RPS
+        figures[name] = overload_figures(
+            asyncio.run(open_loop(url, rate, int(rate * seconds))), seconds
+        )
+        time.sleep(1.0)  # the stub drains what the previous gateway left queued
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", choices=["auto", "torchserve", "stub"], default="auto")
@@ -328,13 +412,34 @@ def main() -> None:
         for name, figures in follow.items():
             if isinstance(figures, dict):
                 print(f"{name:>15}: median {figures['median']:.2f} s, max {figures['max']:.2f} s")
-        gateway_log = (work / "gateway.log").read_text()
+        overload_s = 2.0 if args.quick else 5.0
+        shedding = overload(work, stack, pulsar, overload_s)
+        print(
+            f"overload: {3 * SUSTAINABLE_RPS:.0f} req/s offered for {overload_s:.0f} s to a "
+            f"stub sustaining {SUSTAINABLE_RPS:.0f} req/s (timeout {OVERLOAD_TIMEOUT_MS} ms)"
+        )
+        for name, f in shedding.items():
+            print(
+                f"{name:>15}: goodput {f['goodput_rps']:.0f} req/s, shed {100 * f['shed_share']:.0f}%, "
+                f"fallback {100 * f['fallback_share']:.0f}%, served p99 {f['served_p99_ms']:.0f} ms, "
+                f"503 p99 {f['shed_p99_ms']:.0f} ms, all p99 {f['all_p99_ms']:.0f} ms"
+            )
+        on, off = shedding["admission_on"], shedding["admission_off"]
+        print(
+            f"{'admission':>15}: goodput ratio on/off "
+            f"{on['goodput_rps'] / max(off['goodput_rps'], 1e-9):.2f}, all p99 ratio on/off "
+            f"{on['all_p99_ms'] / max(off['all_p99_ms'], 1e-9):.2f}"
+        )
+        gateway_log = "".join(log.read_text() for log in work.glob("gateway*.log"))
     print(f"total {time.monotonic() - started:.0f}s")
     if "Traceback" in gateway_log:
         print("gateway log has tracebacks:\n" + gateway_log[-3000:])
     if args.json:
         args.json.write_text(
-            json.dumps({"upstream": upstream, "latency": latency, "routing": follow}, indent=2)
+            json.dumps(
+                {"upstream": upstream, "latency": latency, "routing": follow, "overload": shedding},
+                indent=2,
+            )
         )
 
 

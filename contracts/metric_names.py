@@ -31,6 +31,9 @@ CLICKS = "recsys_clicks_total"
 DWELL_SECONDS = "recsys_dwell_seconds_total"  # sum of dwell_ms / 1000 of dwell events
 PURCHASES = "recsys_purchases_total"
 GATEWAY_FALLBACKS = "recsys_gateway_fallbacks_total"  # + reason
+# Recommend requests answered 503 by admission control; system, reason (in_flight, deadline).
+GATEWAY_SHED = "recsys_gateway_shed_total"
+GATEWAY_IN_FLIGHT = "recsys_gateway_in_flight"  # gauge; system
 GATEWAY_EVENTS_SENT = "recsys_gateway_events_sent_total"  # system, stream
 GATEWAY_EVENTS_DROPPED = "recsys_gateway_events_dropped_total"  # system, reason
 GATEWAY_EVENTS_BUFFERED = "recsys_gateway_events_buffered"  # gauge: buffer depth

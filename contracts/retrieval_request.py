@@ -8,6 +8,12 @@ reason (HTTP 400), never answered with a guess.
 
 Unknown fields are refused too, so a typo such as `userId` cannot silently turn a
 personalised request into a popularity answer.
+
+The gateway sends its deadline as a header, `X-Recsys-Deadline-Ms: <epoch ms>` (a header,
+not a field, so a handler of an older release ignores it instead of refusing the
+request). A request that arrives at the handler past it is not computed: it is answered
+504 (`DEADLINE_STATUS`), which the gateway counts as a timeout. The clocks of gateway and
+model server pods are assumed NTP-synchronised (milliseconds apart).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from typing import Any
 MAX_LIST_LENGTH = 1000
 MAX_ID_LENGTH = 256
 FIELDS = ("user_id", "recent_item_ids", "k", "exclude_item_ids")
+DEADLINE_HEADER = "X-Recsys-Deadline-Ms"
+DEADLINE_STATUS = 504
 
 
 class BadRequest(ValueError):
@@ -61,6 +69,17 @@ def decode_body(raw: object, *, json_decoded: bool = False) -> object:
                 f"the body is not valid JSON: {exc.msg} at position {exc.pos}"
             ) from None
     return raw
+
+
+def deadline_passed(header_value: object, now_ms: int) -> bool:
+    """Whether a request whose deadline header is `header_value` (None when absent) has
+    outlived it. A value that is not an integer is ignored (the request is served): a
+    garbled header must not turn into refused traffic."""
+    if isinstance(header_value, bytes | bytearray):
+        header_value = bytes(header_value).decode("ascii", errors="replace")
+    if not isinstance(header_value, str) or not header_value.strip().isdigit():
+        return False
+    return int(header_value) <= now_ms
 
 
 def parse_request(body: object, *, max_k: int) -> RetrievalRequest:

@@ -8,7 +8,7 @@ polls. Its JSON shape (camelCase, as the ConfigMap key `routing.json` holds it):
      "stable": {"version": "1", "url": "http://.../predictions/NAME"},
      "canary": null | {"version": "2", "url": "http://.../predictions/NAME/2"},
      "canaryWeight": 0..100, "shadowPercent": 0..100, "salt": "...", "timeoutMs": 250,
-     "defaultK": 50, "maxK": 50,
+     "maxInFlight": 64, "defaultK": 50, "maxK": 50,
      "pulsarServiceUrl": "pulsar://...",
      "interactionsTopic": "persistent://...", "impressionsTopic": "persistent://..."}
 
@@ -62,6 +62,9 @@ class Routing(BaseModel):
     shadow_percent: int = Field(default=0, ge=0, le=100, alias="shadowPercent")
     salt: str = ""
     timeout_ms: int = Field(default=250, ge=1, le=60_000, alias="timeoutMs")
+    # Recommend requests one gateway works on at once; past it, 503 at once (admission
+    # control, `gateway.admission`).
+    max_in_flight: int = Field(default=64, ge=1, le=100_000, alias="maxInFlight")
     default_k: int = Field(default=50, ge=1, alias="defaultK")
     max_k: int = Field(default=50, ge=1, le=1000, alias="maxK")
     pulsar_service_url: str | None = Field(default=None, alias="pulsarServiceUrl")

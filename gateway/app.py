@@ -32,6 +32,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from gateway.admission import (
+    MIN_SERVING_BUDGET_S,
+    RETRY_AFTER_S,
+    Deadline,
+    InFlightLimit,
+    ShedReason,
+)
 from gateway.api_models import (
     PATTERN_MEANINGS,
     ClientEvent,
@@ -144,6 +151,14 @@ class NoFallback(Exception):
     """Serving failed and the fallback has nothing to offer yet."""
 
 
+class Shed(Exception):
+    """Admission control refuses the request (503 at once): see `gateway.admission`."""
+
+    def __init__(self, reason: ShedReason) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+
+
 def json_response(body: BaseModel, status: int = 200) -> web.Response:
     return web.Response(
         body=body.model_dump_json().encode(), status=status, content_type="application/json"
@@ -239,6 +254,7 @@ class Gateway:
             else PopularityFallback()
         )
         self.serving = ServingClient()
+        self.in_flight = InFlightLimit()
         self.shadow = Shadow(self.metrics, self.serving)
         self.events = EventSink(
             self.metrics,
@@ -274,6 +290,36 @@ class Gateway:
         started = time.perf_counter()
         # One routing for the whole request, even if it changes meanwhile.
         routing = self.routing.current
+        # Admission first, before reading the body: a refusal must cost next to nothing.
+        if not self.in_flight.try_enter(routing.max_in_flight):
+            return self._shed(routing, ShedReason.IN_FLIGHT)
+        self.metrics.in_flight.labels(routing.system).set(self.in_flight.count)
+        try:
+            return await self._admitted(request, routing, started)
+        finally:
+            self.in_flight.leave()
+            self.metrics.in_flight.labels(routing.system).set(self.in_flight.count)
+
+    def _shed(self, routing: Routing, reason: ShedReason, *, pinned: bool = False) -> web.Response:
+        """503 with Retry-After, counted (in the requests counter with no version: no
+        model was asked)."""
+        self.metrics.shed.labels(routing.system, reason.value).inc()
+        counter = self.metrics.pinned_requests if pinned else self.metrics.requests
+        counter.labels(routing.system, "", "", "503").inc()
+        answer = json_response(
+            ErrorResponse(
+                error="the gateway is overloaded"
+                if reason is ShedReason.IN_FLIGHT
+                else "the request could not be served within its deadline"
+            ),
+            503,
+        )
+        answer.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return answer
+
+    async def _admitted(
+        self, request: web.Request, routing: Routing, started: float
+    ) -> web.Response:
         try:
             ask = parse_body(await read_body(request, self.body_read_timeout_s), _RECOMMEND)
             k = ask.k if ask.k is not None else routing.default_k
@@ -305,8 +351,13 @@ class Gateway:
         # Failures count against the version the routing chose; answers against the
         # version that actually served them (see `_served_version`).
         version = endpoint.version
+        # The serving budget starts once the request has fully arrived (a slow client's
+        # upload is the body read timeout's business, not the model's).
+        deadline = Deadline(time.perf_counter(), routing.timeout_ms / 1000)
         try:
-            recommendation = await self._recommendation(routing, endpoint, variant, ask, k, pinned)
+            recommendation = await self._recommendation(
+                routing, endpoint, variant, ask, k, deadline, pinned
+            )
             if not recommendation.fallback:
                 version = recommendation.model_version
             answer = json_response(recommendation)
@@ -314,6 +365,8 @@ class Gateway:
             answer = BadInput(
                 exc.status, f"the model refused the request: {exc.message}"
             ).response()
+        except Shed as exc:
+            return self._shed(routing, exc.reason, pinned=pinned)
         except NoFallback:
             answer = json_response(
                 ErrorResponse(error="serving is unavailable and no fallback items are known yet"),
@@ -335,6 +388,7 @@ class Gateway:
         variant: Variant,
         ask: RecommendRequest,
         k: int,
+        deadline: Deadline,
         pinned: bool = False,
     ) -> RecommendResponse:
         serving_request = {
@@ -343,9 +397,12 @@ class Gateway:
             "exclude_item_ids": ask.exclude_item_ids,
             "recent_item_ids": ask.recent_item_ids,
         }
+        budget_s = deadline.remaining_s()
+        if budget_s < MIN_SERVING_BUDGET_S:
+            raise Shed(ShedReason.DEADLINE)
         try:
             served = await self.serving.recommend(
-                endpoint.url, serving_request, routing.timeout_ms / 1000
+                endpoint.url, serving_request, budget_s, deadline_ms=deadline.wall_ms
             )
             model_version, fallback = _served_version(served.model_version, endpoint), False
             item_ids, scores = served.item_ids[:k], served.scores[:k]

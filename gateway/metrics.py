@@ -18,7 +18,14 @@ Label conventions the rollout analysis relies on:
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    generate_latest,
+)
 
 from recsys_contracts.metric_names import (
     ANALYSIS_BUCKETS,
@@ -28,6 +35,7 @@ from recsys_contracts.metric_names import (
     GATEWAY_EVENTS_DROPPED,
     GATEWAY_EVENTS_SENT,
     GATEWAY_FALLBACKS,
+    GATEWAY_IN_FLIGHT,
     GATEWAY_LATENCY,
     GATEWAY_PINNED_CLICKS,
     GATEWAY_PINNED_REQUESTS,
@@ -36,6 +44,7 @@ from recsys_contracts.metric_names import (
     GATEWAY_SHADOW_OVERLAP,
     GATEWAY_SHADOW_PREDICTED_CTR,
     GATEWAY_SHADOW_REQUESTS,
+    GATEWAY_SHED,
     GATEWAY_UNVERIFIED_REQUEST_IDS,
     IMPRESSIONS,
     PURCHASES,
@@ -96,6 +105,20 @@ class GatewayMetrics:
             GATEWAY_FALLBACKS,
             "Responses answered from the popularity fallback, by why serving failed.",
             (*VERSION_LABELS, "reason"),
+            registry=r,
+        )
+        self.shed = Counter(
+            GATEWAY_SHED,
+            "Recommend requests answered 503 at once by admission control, by reason "
+            "(in_flight: the gateway's limit was reached; deadline: too little of the "
+            "serving timeout was left).",
+            ("system", "reason"),
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            GATEWAY_IN_FLIGHT,
+            "Recommend requests being worked on now (admission control's count).",
+            ("system",),
             registry=r,
         )
         self.events_sent = Counter(

@@ -1,6 +1,7 @@
 """The call to the model server (TorchServe's predictions API).
 
     POST <endpoint url>   {"user_id", "k", "exclude_item_ids", "recent_item_ids"}
+                          X-Recsys-Deadline-Ms: when the gateway stops waiting (epoch ms)
     200                   {"item_ids": [...], "scores": [...], "model_version": "..."}
     4xx / 5xx             an error, usually {"code", "type", "message"} from TorchServe
 
@@ -10,7 +11,8 @@ treats them differently:
 
 - `ServingRejected`: the model refused *this request* (400, 413, 422 — the handler's
   answers to a bad request). The client made the mistake and is told so.
-- `ServingUnavailable`: anything else (timeout, connection failure, 5xx, a 404 for
+- `ServingUnavailable`: anything else (timeout, connection failure, 5xx — 504 is the
+  handler skipping a request past its deadline, counted as a timeout —, a 404 for
   a version that is not loaded, an answer that is not the contract). Not the
   client's fault: the gateway answers from the popularity fallback.
 """
@@ -23,6 +25,8 @@ from typing import Any, Self
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from recsys_contracts.retrieval_request import DEADLINE_HEADER, DEADLINE_STATUS
 
 # Statuses that mean "your request is wrong" rather than "serving is broken".
 CLIENT_ERROR_STATUSES = frozenset({400, 413, 422})
@@ -86,12 +90,17 @@ class ServingClient:
             await self._session.close()
             self._session = None
 
-    async def recommend(self, url: str, body: dict[str, Any], timeout_s: float) -> ServingAnswer:
+    async def recommend(
+        self, url: str, body: dict[str, Any], timeout_s: float, *, deadline_ms: int | None = None
+    ) -> ServingAnswer:
+        """The model's answer within `timeout_s`; `deadline_ms` (epoch ms) tells the model
+        server when the answer stops being worth computing."""
         if self._session is None:
             raise RuntimeError("ServingClient.open() was not called")
+        headers = {DEADLINE_HEADER: str(deadline_ms)} if deadline_ms is not None else None
         try:
             async with self._session.post(
-                url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)
+                url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
             ) as response:
                 payload = await response.read()
                 status = response.status
@@ -111,6 +120,8 @@ class ServingClient:
         message = error_message(payload, status)
         if status in CLIENT_ERROR_STATUSES:
             raise ServingRejected(status, message)
+        if status == DEADLINE_STATUS:
+            raise ServingUnavailable(FailureReason.TIMEOUT, f"HTTP {status}: {message}")
         reason = FailureReason.SERVER_ERROR if status >= 500 else FailureReason.UNEXPECTED_STATUS
         raise ServingUnavailable(reason, f"HTTP {status}: {message}")
 

@@ -29,8 +29,11 @@ from model_handlers.online_features import OnlineRead, RedisFeatureReader, conne
 from model_handlers.retriever import Retriever, Source
 from recsys_contracts import handler_metrics as metrics
 from recsys_contracts.retrieval_request import (
+    DEADLINE_HEADER,
+    DEADLINE_STATUS,
     BadRequest,
     RetrievalRequest,
+    deadline_passed,
     decode_body,
     parse_request,
 )
@@ -49,6 +52,7 @@ class RetrievalHandler:
         self.settings: HandlerSettings | None = None
         self._metrics: dict[str, Any] = {}
         self.initialized = False
+        self.expired_skipped = 0  # requests answered 504 unread: past the gateway's deadline
 
     def initialize(self, context: Any) -> None:
         # One thread per worker: TorchServe scales with workers and batching.
@@ -99,7 +103,7 @@ class RetrievalHandler:
         assert self.retriever is not None
         started = time.perf_counter()
         responses: list[str] = [""] * len(data)
-        requests, positions = self._parse(data, context, responses)
+        requests, positions, expired = self._parse(data, context, responses)
         online: OnlineRead | None = None
         if requests:
             online = self._read_store([r.user_id for r in requests])
@@ -113,7 +117,7 @@ class RetrievalHandler:
             )
         self._observe(metrics.HANDLER_LATENCY, (time.perf_counter() - started) * 1000)
         self._observe(metrics.BATCH_SIZE, len(data))
-        self._count(metrics.BAD_REQUESTS, len(data) - len(requests))
+        self._count(metrics.BAD_REQUESTS, len(data) - len(requests) - expired)
         if online is not None:
             self._count(metrics.STORE_MISSES, online.misses)
             self._count(metrics.STORE_ERRORS, 1 if online.error else 0)
@@ -121,12 +125,29 @@ class RetrievalHandler:
 
     def _parse(
         self, data: list[Any], context: Any, responses: list[str]
-    ) -> tuple[list[RetrievalRequest], list[int]]:
-        """The valid requests and their positions; refusals are written into `responses`."""
+    ) -> tuple[list[RetrievalRequest], list[int], int]:
+        """The valid requests and their positions; refusals are written into `responses`.
+
+        A request past the gateway's deadline is answered 504 without being computed:
+        under overload TorchServe's queue holds requests the gateway gave up on, and
+        computing them only delays the ones still awaited."""
         assert self.retriever is not None and self.settings is not None
         requests, positions = [], []
+        now_ms = int(time.time() * 1000)
+        expired = 0
         for position, row in enumerate(data):
             context.set_response_content_type(position, JSON)
+            if deadline_passed(_request_header(context, position, DEADLINE_HEADER), now_ms):
+                expired += 1
+                context.set_response_status(DEADLINE_STATUS, "deadline passed", position)
+                responses[position] = json.dumps(
+                    {
+                        "error": "the request's deadline passed before it was computed",
+                        "status": DEADLINE_STATUS,
+                        "model_version": self.retriever.model_version,
+                    }
+                )
+                continue
             body = _body(row)
             decoded = _json_content(context, position) and not isinstance(body, bytes | bytearray)
             try:
@@ -147,7 +168,8 @@ class RetrievalHandler:
                 continue
             requests.append(request)
             positions.append(position)
-        return requests, positions
+        self.expired_skipped += expired
+        return requests, positions, expired
 
     def _read_store(self, user_ids: list[str | None]) -> OnlineRead | None:
         """The batch's online features in one round trip (None without a store)."""
@@ -196,6 +218,23 @@ def _body(row: Any) -> Any:
                 return row[key]
         return None
     return row
+
+
+def _request_header(context: Any, position: int, name: str) -> Any:
+    """An HTTP header of one request of the batch, by case-insensitive name (None when
+    absent or when the context has no headers, as in some tests)."""
+    try:
+        properties = context.get_all_request_header(position)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    if not isinstance(properties, dict):
+        return None
+    wanted = name.lower()
+    for key, value in properties.items():
+        text = key.decode(errors="replace") if isinstance(key, bytes | bytearray) else str(key)
+        if text.lower() == wanted:
+            return value
+    return None
 
 
 def _json_content(context: Any, position: int) -> bool:

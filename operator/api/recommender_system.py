@@ -396,7 +396,14 @@ class GatewaySpec(ApiModel):
     replicas: int = Field(default=2, ge=0, le=1000)
     """Initial replicas."""
     timeout_ms: int = Field(default=250, ge=1, le=60_000)
-    """Serving call timeout; past it the gateway answers from the popularity fallback."""
+    """Serving call timeout; past it the gateway answers from the popularity fallback.
+    The model server is told this deadline and skips requests that have outlived it."""
+    max_in_flight: int = Field(default=64, ge=1, le=100_000)
+    """Recommend requests each gateway pod works on at once. Past it, or when a request's
+    deadline can no longer be met, the gateway answers 503 with Retry-After at once
+    instead of queueing (counted in recsys_gateway_shed_total). Size it as the serving
+    throughput one pod should get times the serving latency (Little's law): 64 is about
+    600 req/s at 100 ms."""
     request_id_keys: RequestIdKeysSpec | None = None
     """Where the request-id signing keys are. Without it each gateway pod signs with a
     random key of its own, so a click reaching another replica (or the same one after a

@@ -83,6 +83,7 @@ def gateway_routing(system: RecommenderSystem, plan: TrafficPlan) -> dict[str, A
         # A new salt per rollout reshuffles which users land in the canary.
         salt=f"{system.metadata.name}:{plan.canary_version or plan.stable_version}",
         timeout_ms=system.spec.gateway.timeout_ms,
+        max_in_flight=system.spec.gateway.max_in_flight,
         default_k=model.top_k,
         max_k=model.top_k,
         pulsar_service_url=system.spec.events.service_url,

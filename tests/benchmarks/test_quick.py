@@ -57,6 +57,11 @@ BENCHMARKS = [
             rf"concurrency_32: direct p50 +{NUMBER} ms .* gateway CPU {NUMBER} ms/request",
             rf"weight_change_s: median {NUMBER} s, max {NUMBER} s",
             rf"rollback_s: median {NUMBER} s, max {NUMBER} s",
+            rf"admission_off: goodput {NUMBER} req/s, shed {NUMBER}%, fallback {NUMBER}%, "
+            rf"served p99 {NUMBER} ms, 503 p99 {NUMBER} ms",
+            rf"admission_on: goodput {NUMBER} req/s, shed {NUMBER}%, fallback {NUMBER}%, "
+            rf"served p99 {NUMBER} ms, 503 p99 {NUMBER} ms",
+            rf"admission: goodput ratio on/off {NUMBER}, all p99 ratio on/off {NUMBER}",
         ],
         marks=[pytest.mark.broker],
         timeout_s=60,

@@ -285,6 +285,17 @@ def test_a_canary_gets_its_own_serving_set_and_its_weight_in_the_routing() -> No
     )
 
 
+def test_the_gateways_in_flight_limit_comes_from_the_spec_through_the_routing() -> None:
+    doc = copy.deepcopy(load("production-gpu.yaml")[0])
+    doc.setdefault("spec", {}).setdefault("gateway", {})["maxInFlight"] = 12
+    objects = render_system(RecommenderSystem.model_validate(doc), KEDA_POLICY)
+    routing = json.loads(named(objects, "ConfigMap", "home-feed-gateway")["data"]["routing.json"])
+    assert routing["maxInFlight"] == 12
+    default = render_system(production(), KEDA_POLICY)
+    routing = json.loads(named(default, "ConfigMap", "home-feed-gateway")["data"]["routing.json"])
+    assert routing["maxInFlight"] == 64
+
+
 def test_the_gateway_watches_its_routing_configmap_and_may_read_nothing_else() -> None:
     objects = render_system(production(**CANARY), KEDA_POLICY)
     configmap = named(objects, "ConfigMap", "home-feed-gateway")

@@ -7,6 +7,11 @@ It follows the contract the real handler follows (`recsys_contracts.retrieval_re
 checks each request, so a bad one gets TorchServe's 400 body), answers
 `POST /predictions/<model>/<version>` with items that depend on the version and the
 user, and can be told to be slow or to fail, per version, for the fallback tests.
+
+`limit(workers, service_s)` makes it a server of bounded capacity, as TorchServe is:
+`workers` requests computed at once, each taking `service_s`, the rest queued (so it
+sustains `workers / service_s` requests a second). Like the real handler it skips, with
+a 504, requests whose `X-Recsys-Deadline-Ms` passed while they were queued.
 """
 
 from __future__ import annotations
@@ -14,13 +19,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from recsys_contracts.retrieval_request import BadRequest, decode_body, parse_request
+from recsys_contracts.retrieval_request import (
+    DEADLINE_HEADER,
+    DEADLINE_STATUS,
+    BadRequest,
+    deadline_passed,
+    decode_body,
+    parse_request,
+)
 
 MAX_K = 50
 CATALOGUE = 500
@@ -61,6 +74,19 @@ class ServingStub:
         self.default_version = "1"
         self.app.router.add_post("/predictions/{model}", self._predict)
         self._runner = web.AppRunner(self.app, access_log=None)
+        self._workers: asyncio.Semaphore | None = None  # None: unbounded capacity
+        self._service_s = 0.0
+        self.computed = 0  # requests that got a worker (bounded capacity only)
+        self.skipped_expired = 0
+
+    def limit(self, workers: int, service_s: float) -> None:
+        """Bounded capacity from now on (see the module docstring)."""
+
+        async def install() -> None:  # the semaphore belongs to the stub's loop
+            self._workers = asyncio.Semaphore(workers)
+            self._service_s = service_s
+
+        asyncio.run_coroutine_threadsafe(install(), self._loop).result(timeout=10)
 
     def url(self, version: str) -> str:
         return f"http://127.0.0.1:{self.port}/predictions/{self.model_name}/{version}"
@@ -79,6 +105,13 @@ class ServingStub:
         version = request.match_info.get("version", self.default_version)
         if request.match_info["model"] != self.model_name:
             return _torchserve_error(404, "Model not found")
+        if self._workers is not None:
+            async with self._workers:
+                if deadline_passed(request.headers.get(DEADLINE_HEADER), _now_ms()):
+                    self.skipped_expired += 1
+                    return _torchserve_error(DEADLINE_STATUS, "deadline passed")
+                self.computed += 1
+                await asyncio.sleep(self._service_s)
         behaviour = self.behaviour.get(version, Behaviour())
         if behaviour.delay_s:
             await asyncio.sleep(behaviour.delay_s)
@@ -111,6 +144,10 @@ class ServingStub:
         self._loop.close()
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 def _torchserve_error(status: int, message: str) -> web.Response:
     return web.json_response(
         {"code": status, "type": "StubError", "message": message}, status=status
@@ -120,6 +157,9 @@ def _torchserve_error(status: int, message: str) -> web.Response:
 if __name__ == "__main__":
     import sys
 
-    web.run_app(
-        ServingStub().app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None
-    )
+    # serving_stub.py PORT [WORKERS SERVICE_MS]: the latter two bound its capacity.
+    stub = ServingStub()
+    if len(sys.argv) > 3:
+        stub._workers = asyncio.Semaphore(int(sys.argv[2]))
+        stub._service_s = float(sys.argv[3]) / 1000
+    web.run_app(stub.app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)

@@ -4,6 +4,7 @@ statuses in a batch, content types, metrics, and settings from the environment."
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,10 @@ class Context:
         self.statuses: dict[int, tuple[int, str]] = {}
         self.content_types: dict[int, str] = {}
         self.request_content_type = content_type
+        self.headers: dict[int, dict[str, str]] = {}  # HTTP headers per request of the batch
+
+    def get_all_request_header(self, idx: int) -> dict[str, str]:
+        return self.headers.get(idx, {})
 
     def get_request_header(self, idx: int, key: str) -> dict[str, str]:
         return {"content-type": self.request_content_type}
@@ -101,6 +106,33 @@ def test_each_request_of_a_batch_gets_its_own_status(
     }
     assert all(a["model_version"] == "1" for a in answers)
     assert context.content_types == dict.fromkeys(range(4), "application/json")
+
+
+def test_requests_past_their_deadline_are_answered_504_without_being_computed(
+    handler: RetrievalHandler,
+    metrics: Metrics,
+    unpacked: dict[str, Path],
+    brute_force: dict[str, BruteForce],
+) -> None:
+    user = sorted(brute_force["1"].users)[0]
+    now_ms = int(time.time() * 1000)
+    batch = [{"body": {"user_id": user, "k": 3}} for _ in range(4)]
+    context = Context(unpacked["1"], metrics)
+    context.headers = {
+        0: {"X-Recsys-Deadline-Ms": str(now_ms - 1)},  # the gateway gave up on it
+        1: {"x-recsys-deadline-ms": str(now_ms + 60_000)},  # still awaited (any case)
+        2: {"X-Recsys-Deadline-Ms": "soon"},  # garbled: served, never refused
+        # 3: no header (an older gateway): served
+    }
+    answers = [json.loads(a) for a in handler.handle(batch, context)]
+    assert context.statuses == {0: (504, "deadline passed")}
+    assert answers[0]["status"] == 504 and "deadline" in answers[0]["error"]
+    assert "item_ids" not in answers[0]
+    for served in answers[1:]:
+        assert served["item_ids"] == brute_force["1"].answer(user, k=3)
+    assert handler.expired_skipped == 1
+    emitted = {name: value for name, value, _ in metrics.log}
+    assert handler_metrics.BAD_REQUESTS.name not in emitted  # skipped is not refused
 
 
 def test_metrics_carry_the_model_version(

@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from recsys_contracts.feature_keys import embedding_key, encode_embedding, recent_items_key
+from recsys_contracts.retrieval_request import DEADLINE_HEADER
 from recsys_operator.api.recommender_system import ModelSpec, ServingSpec
 from recsys_operator.launchers.process import ManagedProcess
 from recsys_operator.launchers.torchserve import LocalTorchServe, torchserve_server
@@ -71,11 +72,17 @@ def store(redis_server: ManagedProcess) -> Iterator[redis.Redis]:
 
 
 def post(
-    server: LocalTorchServe, body: Any, version: str | None = None, timeout: float = 30
+    server: LocalTorchServe,
+    body: Any,
+    version: str | None = None,
+    timeout: float = 30,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(
-        server.predictions_url(version), data=data, headers={"Content-Type": "application/json"}
+        server.predictions_url(version),
+        data=data,
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -171,6 +178,16 @@ def test_online_features_from_redis_are_used_when_present(
     # ...but only for that version: version 2 reads its own key, which is absent.
     _, other_version = post(server, {"user_id": stranger, "k": 10}, "2")
     assert other_version["item_ids"] == truth.popular[:10]
+
+
+def test_a_request_past_the_gateways_deadline_is_answered_504_uncomputed(
+    server: LocalTorchServe,
+) -> None:
+    now_ms = int(time.time() * 1000)
+    status, answer = post(server, {"k": 3}, "1", headers={DEADLINE_HEADER: str(now_ms - 1000)})
+    assert status == 504 and "deadline" in answer["error"] and "item_ids" not in answer
+    status, answer = post(server, {"k": 3}, "1", headers={DEADLINE_HEADER: str(now_ms + 60_000)})
+    assert status == 200 and len(answer["item_ids"]) == 3
 
 
 @pytest.mark.parametrize(
