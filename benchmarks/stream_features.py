@@ -39,6 +39,7 @@ import pulsar
 import redis
 
 from recsys_contracts.events import Event, EventType, now_ms
+from recsys_contracts.feature_job_settings import env_name
 from recsys_operator.launchers.process import ManagedProcess, free_port
 from recsys_operator.launchers.pulsar_broker import broker_process, service_url
 from recsys_operator.launchers.redis_server import redis_process, redis_url
@@ -125,7 +126,10 @@ def start_job(root: Path, url: str, store: str, topic: str, embeddings: Path) ->
         "--redis-url", store, "--embeddings-path", str(embeddings), "--model-version", "v1",
         "--batch-size", str(BATCH), "--metrics-address", f"127.0.0.1:{port}", "--log-level", "WARNING",
     ]  # fmt: skip
-    return ManagedProcess("feature-job", argv, root / "job.log", port).start()
+    # The throughput is measured on the subscription: a rebuild of the empty store from the
+    # pre-filled topic would apply every event before it and leave only duplicates.
+    env = {env_name("rebuild_when_empty"): "false"}
+    return ManagedProcess("feature-job", argv, root / "job.log", port, env=env).start()
 
 
 def scrape(port: int) -> str:

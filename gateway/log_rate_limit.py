@@ -22,6 +22,12 @@ class RateLimitFilter(logging.Filter):
         self._last: dict[tuple[str, int, str], float] = {}
         self._held_back: dict[tuple[str, int, str], int] = {}
 
+    def reset(self) -> None:
+        """Forget what was let through: the next record of every kind passes."""
+        with self._lock:
+            self._last.clear()
+            self._held_back.clear()
+
     def filter(self, record: logging.LogRecord) -> bool:
         # Records of one kind share a format string; the Pulsar client's come
         # pre-formatted, so their start stands in for it.
