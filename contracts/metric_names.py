@@ -61,6 +61,7 @@ FEATURES_ITEM_EMBEDDINGS = "recsys_feature_item_embeddings"  # model_version
 FEATURES_BACKLOG = "recsys_feature_consumer_backlog"  # topic, subscription
 FEATURES_RESUBSCRIBES = "recsys_feature_resubscribes_total"
 FEATURES_LAST_BATCH = "recsys_feature_last_batch_timestamp_seconds"
+FEATURES_STORE_PERSISTENT = "recsys_feature_store_persistent"  # 1 AOF or RDB on, 0 off, -1 unknown
 
 # --- operator ---------------------------------------------------------------------------
 OPERATOR_RECONCILES = "recsys_operator_reconciles_total"

@@ -66,6 +66,17 @@ def pulsar_client(settings: FeatureJobSettings) -> pulsar.Client:
     )
 
 
+def store_persistence(client: redis.Redis) -> bool | None:
+    """True when Redis writes an append-only file or snapshots, False when neither, None
+    when it cannot tell (CONFIG refused, as managed Redis services often do, or down)."""
+    try:
+        appendonly = client.config_get("appendonly").get("appendonly")
+        save = client.config_get("save").get("save")
+    except redis.RedisError:
+        return None
+    return appendonly == "yes" or bool((save or "").strip())
+
+
 def redis_client(settings: FeatureJobSettings) -> redis.Redis:
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     return redis.Redis.from_url(
@@ -122,6 +133,7 @@ class FeatureJob:
                 client.create_producer(s.dead_letters, batching_enabled=False), s.subscription
             )
             self._refresh_embeddings()
+            self._check_store_persistence()
             self._rebuild_if_empty(client, stop)
             log.info(
                 "consuming %s as %s (%s)", s.interactions_topic, s.subscription, s.subscription_type
@@ -151,6 +163,16 @@ class FeatureJob:
             client.close()
             if server is not None:
                 server.shutdown()
+
+    def _check_store_persistence(self) -> None:
+        """Say at start whether Redis keeps what the job writes across its restarts."""
+        persistent = store_persistence(self.store.client)
+        self.metrics.store_persistent.set(-1 if persistent is None else int(persistent))
+        if persistent is False:
+            log.warning(
+                "the feature store persists nothing (appendonly no, no save points): a Redis "
+                "restart loses every user's state until `recsys features rebuild` runs"
+            )
 
     def _rebuild_if_empty(self, client: pulsar.Client, stop: threading.Event) -> None:
         if not self.settings.rebuild_when_empty:

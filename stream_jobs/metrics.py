@@ -88,6 +88,12 @@ class FeatureJobMetrics:
             "Times the subscription was reopened after `resubscribe_idle` without messages.",
             registry=r,
         )
+        self.store_persistent = Gauge(
+            names.FEATURES_STORE_PERSISTENT,
+            "Whether the feature store persists what the job writes (1: append-only file or "
+            "snapshots on, 0: neither, so a restart loses every user's state; -1: unknown).",
+            registry=r,
+        )
         self.last_batch = Gauge(
             names.FEATURES_LAST_BATCH,
             "When the last batch was written and acknowledged.",

@@ -10,6 +10,7 @@ from stream_support import BASE_TS
 from recsys_contracts import feature_keys as keys
 from recsys_contracts.events import Event
 from stream_jobs.feature_store import FeatureStore, StoreLayout
+from stream_jobs.features import store_persistence
 from stream_jobs.item_embeddings import ItemEmbeddings
 from stream_jobs.user_features import FeatureParams, decode_state, view
 
@@ -101,3 +102,22 @@ def test_ids_with_quotes_backslashes_and_non_ascii_characters_survive(
     feature_store(store, system).apply({user: [click(1, user, item)]}, ITEMS)
     assert store.lrange(keys.recent_items_key(system, user), 0, -1) == [item.encode()]
     assert store.zscore(keys.popular_items_key(system), item) is not None
+
+
+def test_the_job_tells_whether_the_store_keeps_its_writes(store: redis.Redis) -> None:
+    """A Redis that persists nothing loses every user's state when it restarts."""
+    original = {k: store.config_get(k)[k] for k in ("appendonly", "save")}
+    try:
+        store.config_set("appendonly", "no")
+        store.config_set("save", "")
+        assert store_persistence(store) is False
+        store.config_set("save", "900 1")
+        assert store_persistence(store) is True
+        store.config_set("save", "")
+        store.config_set("appendonly", "yes")
+        assert store_persistence(store) is True
+    finally:
+        store.config_set("appendonly", original["appendonly"])
+        store.config_set("save", original["save"])
+    down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    assert store_persistence(down) is None
