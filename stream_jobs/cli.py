@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from recsys_contracts.feature_job_settings import SubscriptionType
+from recsys_contracts.feature_job_settings import FeatureJobSettings, SubscriptionType
 
 events_app = typer.Typer(help="Send user events to the interactions topic.", no_args_is_help=True)
 features_app = typer.Typer(help="The stream feature job.", no_args_is_help=True)
@@ -199,24 +199,11 @@ def run_features(
     """
     # The options are the settings' fields by name; None means "not given here".
     given = {name: value for name, value in locals().items() if name != "log_level"}
-    from pydantic import ValidationError
-
-    from recsys_contracts.feature_job_settings import FeatureJobSettings
     from stream_jobs.features import main
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     if windows is not None:
         given["windows"] = [w.strip() for w in windows.split(",") if w.strip()]
-    try:
-        settings = FeatureJobSettings.from_env(**given)
-    except ValidationError as exc:
-        for error in exc.errors(include_url=False):
-            where = ".".join(str(p) for p in error["loc"]) or "settings"
-            typer.echo(f"{where}: {error['msg']}", err=True)
-        raise typer.Exit(2) from None
-    raise typer.Exit(main(settings))
+    raise typer.Exit(main(_job_settings(given, log_level)))
 
 
 @features_app.command("rebuild")
@@ -238,22 +225,10 @@ def rebuild_features(
     model archives...) come from RECSYS_* as for `recsys features run`: use the job's.
     """
     given = {name: value for name, value in locals().items() if name != "log_level"}
-    from pydantic import ValidationError
-
-    from recsys_contracts.feature_job_settings import FeatureJobSettings
     from stream_jobs.features import FeatureJob, pulsar_client
     from stream_jobs.rebuild import rebuild
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        settings = FeatureJobSettings.from_env(**given)
-    except ValidationError as exc:
-        for error in exc.errors(include_url=False):
-            where = ".".join(str(p) for p in error["loc"]) or "settings"
-            typer.echo(f"{where}: {error['msg']}", err=True)
-        raise typer.Exit(2) from None
+    settings = _job_settings(given, log_level)
     job = FeatureJob(settings)
     client = pulsar_client(settings)
     try:
@@ -267,6 +242,23 @@ def rebuild_features(
     finally:
         client.close()
     typer.echo(report.summary())
+
+
+def _job_settings(given: dict[str, Any], log_level: str) -> FeatureJobSettings:
+    """Logging set up, and the job's settings from the environment with the options given
+    here on top; a setting that does not validate is named on stderr (exit 2)."""
+    from pydantic import ValidationError
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return FeatureJobSettings.from_env(**given)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            typer.echo(f"{where}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
 
 
 def features_main() -> None:
