@@ -157,8 +157,12 @@ class Users(threading.Thread):
         canary_click_factor: float = 1.0,
         list_ctr: float | None = None,
         seed: int = 11,
+        requests_per_s: float = 35,
     ):
         super().__init__(daemon=True)
+        # Paced, so a faster machine cannot gather a look's impressions inside one interval:
+        # the tests that expect the analysis to wait for impressions then see it wait.
+        self.pause_s = 1 / requests_per_s
         # Users alike: each list is clicked (its first item) with this probability,
         # whatever the items. The ground truth's users differ so much that telling a
         # 10% drop apart would take many minutes of this harness's traffic.
@@ -175,7 +179,10 @@ class Users(threading.Thread):
     def run(self) -> None:
         session = requests.Session()
         deadline = time.monotonic() + self.limit_s
+        next_at = time.monotonic()
         while not self.stopped.is_set() and time.monotonic() < deadline:
+            next_at += self.pause_s
+            self.stopped.wait(max(0.0, next_at - time.monotonic()))
             user = self.rng.choice(self.stack.user_ids)
             try:
                 answer = session.post(
