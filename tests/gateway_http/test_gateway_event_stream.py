@@ -3,7 +3,6 @@ broker costs counted events, never requests."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid

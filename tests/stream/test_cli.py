@@ -50,7 +50,8 @@ def test_events_send_sends_valid_lines_keyed_by_user_and_reports_the_rest(
     assert "line 7: Invalid JSON" in result.stderr
     messages = consume(pulsar_url, topic, 3, timeout=20)
     events = {
-        decode_event(m.data()).event_id: (m.partition_key(), decode_event(m.data())) for m in messages
+        decode_event(m.data()).event_id: (m.partition_key(), decode_event(m.data()))
+        for m in messages
     }
     assert set(events) == {"a1", "a2", "a4"}
     assert all(key == event.user_id for key, event in events.values())

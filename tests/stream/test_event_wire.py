@@ -40,7 +40,7 @@ def events() -> list[Event]:
                         item_id="i7",
                         type=kind,
                         ts=TS,
-                        **fields,  # type: ignore[arg-type]
+                        **fields,
                     )
                 )
     return out
