@@ -27,11 +27,19 @@ from stream_support import (
     wait_until,
 )
 
-from recsys_contracts.event_wire import MAGIC, SCHEMA_VERSION, WireFormat, encode_event
+from recsys_contracts.event_wire import (
+    MAGIC,
+    SCHEMA_VERSION,
+    WireFormat,
+    decode_event,
+    encode_event,
+    wire_format_of,
+)
 from recsys_contracts.events import Event
 from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
 from stream_jobs.features import FeatureJob
 from stream_jobs.item_embeddings import EmbeddingCatalog
+from stream_jobs.producer import EventProducer
 from stream_jobs.rebuild import rebuild
 from stream_jobs.user_features import FeatureParams
 
@@ -124,3 +132,25 @@ def test_broken_avro_and_an_unknown_schema_version_are_dead_lettered_with_reason
         assert letter["payload_encoding"] == "base64"
         assert base64.b64decode(letter["payload"]) == original  # kept exactly, for a replay
     assert letters["not_json"]["payload_format"] == "json"
+
+
+@pytest.mark.parametrize(
+    ("environment", "expected"), [(None, WireFormat.AVRO), ("json", WireFormat.JSON)]
+)
+def test_the_producer_writes_avro_unless_its_environment_keeps_json(
+    environment: str | None,
+    expected: WireFormat,
+    pulsar_url: str,
+    topic: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if environment is None:
+        monkeypatch.delenv("RECSYS_EVENT_WIRE_FORMAT", raising=False)
+    else:
+        monkeypatch.setenv("RECSYS_EVENT_WIRE_FORMAT", environment)
+    event = known_stream(users=1, per_user=1)[0]
+    with EventProducer(pulsar_url, topic) as producer:
+        producer.send(event)
+    (message,) = consume(pulsar_url, topic, 1, timeout=20)
+    assert wire_format_of(message.data()) is expected
+    assert decode_event(message.data()) == event
