@@ -83,6 +83,7 @@ SCHEMAS: dict[int, Any] = {1: fastavro.parse_schema(EVENT_SCHEMA_V1)}
 """Schema version -> parsed schema: every version a consumer can read."""
 SCHEMA_VERSION = 1
 """The version producers write."""
+_HEADER = MAGIC + bytes((SCHEMA_VERSION,))
 
 
 class WireFormat(StrEnum):
@@ -121,8 +122,8 @@ def encode_event(
         record = event.model_dump(mode="json", exclude_none=True)
         record["item_ids"] = list(item_ids)
         return _json_bytes(record)
-    out = io.BytesIO()
-    out.write(MAGIC + bytes((SCHEMA_VERSION,)))
+    out = io.BytesIO(_HEADER)
+    out.seek(HEADER_SIZE)
     record = {
         "event_id": event.event_id,
         "user_id": event.user_id,
@@ -140,7 +141,7 @@ def encode_event(
 
 def wire_format_of(payload: bytes | str) -> WireFormat:
     """Which format `payload` claims to be in (by its header; it may still be invalid)."""
-    if isinstance(payload, bytes | bytearray | memoryview) and bytes(payload[:2]) == MAGIC:
+    if isinstance(payload, bytes) and payload.startswith(MAGIC):
         return WireFormat.AVRO
     return WireFormat.JSON
 
@@ -150,19 +151,18 @@ def decode_event(payload: bytes | str) -> Event:
 
     A drop-in for `parse_event` (same argument, result and errors), which accepts Avro too.
     """
-    if wire_format_of(payload) is WireFormat.JSON:
-        return parse_event(payload)
-    return event_from_record(_avro_record(bytes(payload)))  # type: ignore[arg-type]
+    if isinstance(payload, bytes) and payload.startswith(MAGIC):
+        return event_from_record(_avro_record(payload))
+    return parse_event(payload)
 
 
 def decode_record(payload: bytes | str) -> dict[str, Any]:
     """The fields of `payload` as written, extras (`item_ids`) included, after checking
     that they make a valid event; InvalidEvent otherwise."""
-    if wire_format_of(payload) is WireFormat.JSON:
-        text = payload if isinstance(payload, str) else _utf8(payload)
-        record = parse_json_object(text)
+    if isinstance(payload, bytes) and payload.startswith(MAGIC):
+        record = _avro_record(payload)
     else:
-        record = _avro_record(bytes(payload))  # type: ignore[arg-type]
+        record = parse_json_object(payload if isinstance(payload, str) else _utf8(payload))
     event_from_record(record)
     return {k: v for k, v in record.items() if v is not None}
 
@@ -202,9 +202,9 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _utf8(payload: bytes | bytearray | memoryview) -> str:
+def _utf8(payload: bytes) -> str:
     try:
-        return bytes(payload).decode("utf-8")
+        return payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidEvent("not_json", f"not JSON: not UTF-8 at byte {exc.start}") from None
 
