@@ -46,6 +46,13 @@ class GatewayEnv:
     """The key before the last rotation: ids it signed still verify."""
 
 
+class EventWireEnv:
+    """Every event producer (`recsys events send`, `EventProducer`, the gateway)."""
+
+    FORMAT = "RECSYS_EVENT_WIRE_FORMAT"
+    """`avro` (default) or `json`: how events are encoded (`recsys_contracts.event_wire`)."""
+
+
 class OperatorEnv:
     """The operator process (`recsys operator run` / the chart's Deployment)."""
 

@@ -1,6 +1,7 @@
-"""The user event: what clients send on the interactions topic (JSON, keyed by user id).
+"""The user event: what clients send on the interactions topic (keyed by user id).
 
-One event is one thing a user did with one item::
+One event is one thing a user did with one item, here in its JSON form (on the wire
+it is Avro or JSON: `recsys_contracts.event_wire` encodes and decodes both)::
 
     {"event_id": "5f0c...", "user_id": "u42", "item_id": "i7", "type": "click",
      "ts": 1767225600000, "dwell_ms": null, "request_id": "r-1", "model_version": "v3"}
@@ -75,7 +76,8 @@ class Event(BaseModel):
         return self
 
     def to_json(self) -> bytes:
-        """The wire form (UTF-8 JSON, unset optional fields omitted)."""
+        """The JSON form (UTF-8, unset optional fields omitted); producers encode with
+        `recsys_contracts.event_wire.encode_event`, Avro by default."""
         return self.model_dump_json(exclude_none=True).encode()
 
     @property

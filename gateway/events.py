@@ -9,6 +9,9 @@
   top item in `item_id` and add the whole list, best first, as `item_ids` (a field the
   event model does not know and its tolerant readers ignore).
 
+They are encoded by `recsys_contracts.event_wire`: Avro unless the gateway's
+environment says `RECSYS_EVENT_WIRE_FORMAT=json` (read once, at start).
+
 `ts` is Unix time in milliseconds. `event_id` is unique (or the client's own, for
 idempotent retries), so consumers drop the duplicates that at-least-once delivery
 and the gateway's retries make.
@@ -20,12 +23,14 @@ same patterns already).
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 
 from gateway.api_models import ClientEvent
+from recsys_contracts.event_wire import encode_event, wire_format_from_env
 from recsys_contracts.events import Event, EventType
+
+WIRE_FORMAT = wire_format_from_env()
 
 
 def impression_payload(
@@ -40,9 +45,7 @@ def impression_payload(
         request_id=request_id,
         model_version=model_version,
     )
-    record = event.model_dump(mode="json", exclude_none=True)
-    record["item_ids"] = list(item_ids)
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+    return encode_event(event, WIRE_FORMAT, item_ids=item_ids)
 
 
 def interaction_payload(
@@ -58,4 +61,4 @@ def interaction_payload(
         request_id=client_event.request_id,
         model_version=model_version,
     )
-    return event.to_json()
+    return encode_event(event, WIRE_FORMAT)

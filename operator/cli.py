@@ -311,6 +311,7 @@ OPTIONAL_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ts": ("torchserve", ("serving",)),
     "model_archiver": ("torch-model-archiver", ("serving",)),
     "pulsar": ("pulsar-client", ("stream", "gateway")),
+    "fastavro": ("fastavro", ("stream", "gateway")),
     "redis": ("redis", ("stream", "serving")),
     "matplotlib": ("matplotlib", ("demo",)),
 }

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from recsys_contracts.env_vars import EventWireEnv
 from recsys_contracts.feature_job_settings import FeatureJobSettings, SubscriptionType
 
 events_app = typer.Typer(help="Send user events to the interactions topic.", no_args_is_help=True)
@@ -71,6 +72,14 @@ def send_events(
             help="Batch per user (for KeyShared subscriptions on a real Pulsar cluster).",
         ),
     ] = False,
+    wire_format: Annotated[
+        str,
+        typer.Option(
+            envvar=EventWireEnv.FORMAT,
+            help="How events are encoded on the topic: avro, or json for consumers that "
+            "read only JSON (the feature job reads both).",
+        ),
+    ] = "avro",
 ) -> None:
     """Send events (JSON lines, keyed by user_id) and report invalid lines.
 
@@ -83,10 +92,16 @@ def send_events(
     from rich.console import Console
     from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
+    from recsys_contracts.event_wire import WireFormat
     from stream_jobs.local_target import LocalTargetError, running_local_target
     from stream_jobs.producer import EventProducer, SendFailed, send_lines
 
     err = Console(stderr=True)
+    try:
+        encoding = WireFormat(wire_format.strip().lower())
+    except ValueError:
+        typer.echo(f"error: --wire-format {wire_format!r}: expected avro or json", err=True)
+        raise typer.Exit(2) from None
     if service_url is None or topic is None:
         try:
             target = running_local_target(system)
@@ -104,6 +119,7 @@ def send_events(
                 token=token,
                 key_based_batching=key_based_batching,
                 timeout_s=timeout,
+                wire_format=encoding,
             ) as producer,
             Progress(
                 TextColumn("{task.description}"),

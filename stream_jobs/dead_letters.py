@@ -6,11 +6,14 @@ original message::
     {"reason": "ts: must be Unix epoch milliseconds ...", "code": "invalid_field",
      "topic": "persistent://.../interactions-partition-1", "message_id": "(12,3,1,-1)",
      "subscription": "recsys-features", "key": "u42", "publish_time": 1767225600000,
-     "dead_lettered_at": 1767225600123, "payload": "{\\"user_id\\": ...}"}
+     "dead_lettered_at": 1767225600123, "payload_format": "json",
+     "payload": "{\\"user_id\\": ...}"}
 
-`payload` is the original bytes as text when they are UTF-8, otherwise base64
-with `"payload_encoding": "base64"`. The original message is acked only after its
-dead letter was accepted by the broker, so a failing broker delays, never loses.
+`payload_format` is what the payload's header claims (`avro` or `json`,
+`recsys_contracts.event_wire`). `payload` is the original bytes as text when they
+are UTF-8, otherwise base64 with `"payload_encoding": "base64"` (always for Avro).
+The original message is acked only after its dead letter was accepted by the
+broker, so a failing broker delays, never loses.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, Protocol
 
 import pulsar
 
+from recsys_contracts.event_wire import wire_format_of
 from recsys_contracts.events import InvalidEvent
 
 SEND_TIMEOUT_S = 30.0
@@ -55,6 +59,7 @@ def envelope(
         "key": message.partition_key() or None,
         "publish_time": message.publish_timestamp(),
         "dead_lettered_at": now_ms,
+        "payload_format": wire_format_of(payload).value,
     }
     try:
         document["payload"] = payload.decode("utf-8")

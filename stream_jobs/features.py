@@ -30,7 +30,8 @@ from typing import Any
 import pulsar
 import redis
 
-from recsys_contracts.events import Event, InvalidEvent, check_event_time, now_ms, parse_event
+from recsys_contracts.event_wire import decode_event
+from recsys_contracts.events import Event, InvalidEvent, check_event_time, now_ms
 from recsys_contracts.feature_job_settings import FeatureJobSettings, SubscriptionType, duration_ms
 from stream_jobs.backlog import BacklogPoller
 from stream_jobs.dead_letters import DeadLetter, DeadLetterPublisher
@@ -290,7 +291,7 @@ class FeatureJob:
         now = now_ms()
         for message in messages:
             try:
-                event = parse_event(message.data())
+                event = decode_event(message.data())
                 check_event_time(event, now, self._max_future_ms, self._max_past_ms)
             except InvalidEvent as problem:
                 invalid.append(DeadLetter(message, problem))

@@ -3,8 +3,9 @@
     with EventProducer("pulsar://broker:6650", "persistent://recsys/ns/interactions") as p:
         p.send(new_event("u42", "i7", "click"))
 
-Events are JSON, keyed by `user_id`, so one user's events land on one partition
-and stay in order. Sends are asynchronous; `flush()` (and leaving the `with`
+Events are Avro (`recsys_contracts.event_wire`), keyed by `user_id`, so one user's
+events land on one partition and stay in order; `wire_format=WireFormat.JSON` (or
+`RECSYS_EVENT_WIRE_FORMAT=json`) keeps JSON for consumers that read only JSON. Sends are asynchronous; `flush()` (and leaving the `with`
 block) waits until the broker has stored them and raises if any were refused.
 
 With a KeyShared subscription on a real Pulsar cluster, pass
@@ -22,6 +23,7 @@ from typing import Any, Self
 
 import pulsar
 
+from recsys_contracts.event_wire import WireFormat, encode_event, wire_format_from_env
 from recsys_contracts.events import (
     Event,
     InvalidEvent,
@@ -49,10 +51,13 @@ class EventProducer:
         key_based_batching: bool = False,
         client: pulsar.Client | None = None,
         timeout_s: int = 30,
+        wire_format: WireFormat | None = None,
     ) -> None:
         """`timeout_s` bounds connecting, looking the topic up and each send: past it
         they fail (a send that timed out may still have been stored: resend it with the
-        same `event_id`, the job counts it once)."""
+        same `event_id`, the job counts it once). `wire_format` defaults to
+        `RECSYS_EVENT_WIRE_FORMAT`, else Avro."""
+        self.wire_format = wire_format_from_env() if wire_format is None else wire_format
         self._own_client = client is None
         self._client = client or pulsar.Client(
             service_url,
@@ -78,7 +83,7 @@ class EventProducer:
 
     def send(self, event: Event) -> None:
         """Queue `event` for sending (returns before the broker confirms it)."""
-        self.send_raw(event.to_json(), event.user_id)
+        self.send_raw(encode_event(event, self.wire_format), event.user_id)
 
     def send_raw(self, payload: bytes, user_id: str) -> None:
         """Queue an already-encoded event; `payload` is sent as is."""

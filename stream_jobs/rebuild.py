@@ -31,7 +31,8 @@ import pulsar
 import redis
 
 from recsys_contracts import feature_keys as keys
-from recsys_contracts.events import Event, InvalidEvent, check_event_time, now_ms, parse_event
+from recsys_contracts.event_wire import decode_event
+from recsys_contracts.events import Event, InvalidEvent, check_event_time, now_ms
 from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
 from stream_jobs.feature_store import FeatureStore
 from stream_jobs.item_embeddings import ItemEmbeddings
@@ -102,7 +103,7 @@ def rebuild(
     for payload in retained_messages(client, settings.interactions_topic):
         report.read += 1
         try:
-            event = parse_event(payload)
+            event = decode_event(payload)
             check_event_time(event, now_ms(), max_future, max_past)
         except InvalidEvent as problem:
             report.outcomes[problem.code] += 1

@@ -108,8 +108,8 @@ def installed(target: str) -> set[str]:
 
 IMAGES = {
     # target: (what must be in it, what must not)
-    "operator": (set(), HEAVY | {"pulsar-client", "redis"}),
-    "stream-jobs": ({"pulsar-client", "redis"}, HEAVY),
+    "operator": (set(), HEAVY | {"pulsar-client", "redis", "fastavro"}),
+    "stream-jobs": ({"pulsar-client", "redis", "fastavro"}, HEAVY),
     "model-server": ({"torch", "torchserve", "torch-model-archiver", "faiss-cpu", "redis"}, set()),
     "model-server-gpu": (
         {"torch", "torchserve", "torch-model-archiver", "faiss-gpu"},

@@ -78,6 +78,17 @@ BENCHMARKS = [
         timeout_s=90,
     ),
     quick(
+        "benchmarks/event_codec.py",
+        figures=[
+            rf"bytes per event: JSON {NUMBER} B .* Avro {NUMBER} B .* ratio Avro/JSON {NUMBER}",
+            rf"encode CPU per event: JSON {NUMBER} us .* Avro {NUMBER} us .* ratio Avro/JSON {NUMBER}",
+            rf"decode \+ validate CPU per event: JSON {NUMBER} us .* ratio Avro/JSON {NUMBER}",
+            rf"decode CPU per event, codec only: JSON {NUMBER} us .* ratio Avro/JSON {NUMBER}",
+        ],
+        marks=[],
+        timeout_s=60,
+    ),
+    quick(
         "benchmarks/operator_reconcile.py",
         figures=[
             rf"floor: {NUMBER} child objects created directly in {NUMBER} s",

@@ -3,7 +3,6 @@ broker costs counted events, never requests."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -18,7 +17,8 @@ from gateway_testing import StartGateway, metric_value, routing_document, wait_u
 from serving_stub import ServingStub
 
 from gateway.log_rate_limit import RateLimitFilter
-from recsys_contracts.events import EventType, now_ms, parse_event
+from recsys_contracts.event_wire import WireFormat, decode_event, decode_record, wire_format_of
+from recsys_contracts.events import EventType, now_ms
 from recsys_operator.launchers.process import ManagedProcess, free_port
 from recsys_operator.launchers.pulsar_broker import broker_process, service_url
 
@@ -94,8 +94,9 @@ def test_impressions_and_client_events_arrive_keyed_by_user(
         served[body["request_id"]] = body | {"user_id": user}
 
     for message in receive(impressions, 4):
-        record = json.loads(message.data())
-        event = parse_event(message.data())  # a valid event for the stream jobs
+        assert wire_format_of(message.data()) is WireFormat.AVRO  # the default
+        record = decode_record(message.data())
+        event = decode_event(message.data())  # a valid event for the stream jobs
         response = served[event.request_id or ""]
         assert message.partition_key() == response["user_id"] == event.user_id
         assert event.type is EventType.IMPRESSION
@@ -114,7 +115,7 @@ def test_impressions_and_client_events_arrive_keyed_by_user(
     assert answer.status_code == 202
 
     received = {
-        parse_event(m.data()).type: (m, parse_event(m.data())) for m in receive(interactions, 3)
+        decode_event(m.data()).type: (m, decode_event(m.data())) for m in receive(interactions, 3)
     }
     message, click = received[EventType.CLICK]
     assert message.partition_key() == clicked["user_id"]
@@ -234,8 +235,8 @@ def test_with_the_broker_down_for_good_every_accepted_event_is_spilled_then_deli
             impressions = receive(subscribe(client, topics[1]), 20, timeout_s=30)
         finally:
             client.close()
-        assert {parse_event(m.data()).event_id for m in interactions} == sent_ids
-        assert len({parse_event(m.data()).event_id for m in impressions}) == 20
+        assert {decode_event(m.data()).event_id for m in interactions} == sent_ids
+        assert len({decode_event(m.data()).event_id for m in impressions}) == 20
         text = http.get(f"{second.url}/metrics", timeout=10).text
         assert metric_value(text, "recsys_gateway_events_restored_total") == 40
         wait_until(

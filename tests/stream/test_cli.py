@@ -15,7 +15,7 @@ from stream_support import consume
 from typer.testing import CliRunner
 
 from recsys_contracts import feature_keys as keys
-from recsys_contracts.events import parse_event
+from recsys_contracts.event_wire import WireFormat, decode_event, wire_format_of
 from recsys_operator.cli import app
 from recsys_operator.launchers.process import free_port
 
@@ -50,10 +50,42 @@ def test_events_send_sends_valid_lines_keyed_by_user_and_reports_the_rest(
     assert "line 7: Invalid JSON" in result.stderr
     messages = consume(pulsar_url, topic, 3, timeout=20)
     events = {
-        parse_event(m.data()).event_id: (m.partition_key(), parse_event(m.data())) for m in messages
+        decode_event(m.data()).event_id: (m.partition_key(), decode_event(m.data()))
+        for m in messages
     }
     assert set(events) == {"a1", "a2", "a4"}
     assert all(key == event.user_id for key, event in events.values())
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ([], {}, WireFormat.AVRO),
+        (["--wire-format", "json"], {}, WireFormat.JSON),
+        ([], {"RECSYS_EVENT_WIRE_FORMAT": "json"}, WireFormat.JSON),
+    ],
+    ids=["default", "flag", "environment"],
+)
+def test_events_send_writes_avro_unless_told_to_keep_json(
+    args: list[str], env: dict[str, str], expected: WireFormat, pulsar_url: str, topic: str
+) -> None:
+    result = runner.invoke(
+        app,
+        ["events", "send", "--service-url", pulsar_url, "--topic", topic, *args],
+        input=LINES[0] + "\n",
+        env=env,
+    )
+    assert result.exit_code == 0, result.output
+    (message,) = consume(pulsar_url, topic, 1, timeout=20)
+    assert wire_format_of(message.data()) is expected
+    assert decode_event(message.data()).event_id == "a1"
+
+
+def test_events_send_refuses_an_unknown_wire_format() -> None:
+    result = runner.invoke(app, ["events", "send", "--wire-format", "protobuf"], input="")
+    assert result.exit_code == 2
+    assert "--wire-format 'protobuf': expected avro or json" in result.stderr
 
 
 @pytest.mark.broker
@@ -67,7 +99,7 @@ def test_events_send_reads_stdin_and_can_fill_ids_and_times(pulsar_url: str, top
     )
     assert result.exit_code == 0, result.output
     assert "sent 2 events" in result.stdout
-    events = [parse_event(m.data()) for m in consume(pulsar_url, topic, 2, timeout=20)]
+    events = [decode_event(m.data()) for m in consume(pulsar_url, topic, 2, timeout=20)]
     assert len({e.event_id for e in events}) == 2  # each line got its own id
     assert all(e.ts > 1_700_000_000_000 for e in events)
 
@@ -191,4 +223,4 @@ def test_events_send_targets_the_running_local_system_by_default(
     result = runner.invoke(app, ["events", "send"], input=LINES[0] + "\n")
     assert result.exit_code == 0, result.output
     assert f"sent 1 events to {topic}" in result.stdout
-    assert parse_event(consume(pulsar_url, topic, 1, timeout=20)[0].data()).event_id == "a1"
+    assert decode_event(consume(pulsar_url, topic, 1, timeout=20)[0].data()).event_id == "a1"

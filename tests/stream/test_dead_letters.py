@@ -47,6 +47,7 @@ def test_the_envelope_carries_reason_origin_and_the_original_text() -> None:
         "key": "u1",
         "publish_time": 1_767_225_600_000,
         "dead_lettered_at": 5,
+        "payload_format": "json",
         "payload": '{"user_id": "u1"}',
     }
     json.dumps(letter)  # it is JSON as it stands
