@@ -47,6 +47,7 @@ KNOWN_KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
     ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", True),
     ("apps/v1", "Deployment"): ("deployments", True),
+    ("batch/v1", "CronJob"): ("cronjobs", True),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("horizontalpodautoscalers", True),
     ("policy/v1", "PodDisruptionBudget"): ("poddisruptionbudgets", True),
     ("keda.sh/v1alpha1", "ScaledObject"): ("scaledobjects", True),

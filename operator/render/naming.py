@@ -30,6 +30,7 @@ class Component:
     SERVING = "serving"
     FEATURES = "features"
     GATEWAY = "gateway"
+    TRAINING = "training"
 
 
 class Track:

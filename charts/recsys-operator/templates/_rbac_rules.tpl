@@ -91,6 +91,17 @@
   - patch
   - delete
 - apiGroups:
+  - batch
+  resources:
+  - cronjobs
+  verbs:
+  - get
+  - list
+  - watch
+  - create
+  - patch
+  - delete
+- apiGroups:
   - autoscaling
   resources:
   - horizontalpodautoscalers
@@ -244,6 +255,17 @@
   - apps
   resources:
   - deployments
+  verbs:
+  - get
+  - list
+  - watch
+  - create
+  - patch
+  - delete
+- apiGroups:
+  - batch
+  resources:
+  - cronjobs
   verbs:
   - get
   - list
