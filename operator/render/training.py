@@ -122,7 +122,7 @@ def _volumes(training: TrainingSpec) -> tuple[list[dict[str, Any]], list[dict[st
     """(volumes, mounts) for the model store and, when it is a PVC, the log."""
     store_claim, _ = _pvc(training.model_store_uri, "spec.training.modelStoreUri")
     volumes = [{"name": "model-store", "persistentVolumeClaim": {"claimName": store_claim}}]
-    mounts = [{"name": "model-store", "mountPath": MODEL_STORE_MOUNT}]
+    mounts: list[dict[str, Any]] = [{"name": "model-store", "mountPath": MODEL_STORE_MOUNT}]
     if training.log_uri.startswith("pvc://"):
         log_claim, _ = _pvc(training.log_uri, "spec.training.logUri")
         volumes.append(
