@@ -599,6 +599,13 @@ def retrain(
         int | None, typer.Option(min=1, help="CPU threads for torch and numpy.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    verdict_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the verdict (one line of JSON) here, e.g. /dev/termination-log "
+            "in a Kubernetes Job, where the operator reads it from the pod's status."
+        ),
+    ] = None,
 ) -> None:
     """Train a candidate from a window of the event log and ship it only if it beats the stable.
 
@@ -646,7 +653,10 @@ def retrain(
         )
         verdict = run_training(run, say=lambda m: console.print(m, highlight=False))
     console.print(f"{verdict.result.value}: {verdict.reason}", highlight=False)
-    typer.echo(verdict.model_dump_json(by_alias=True))
+    line = verdict.model_dump_json(by_alias=True)
+    if verdict_file is not None:
+        verdict_file.write_text(line + "\n")
+    typer.echo(line)
     if verdict.result is GateResult.FAILED:
         raise typer.Exit(1)
 

@@ -44,6 +44,9 @@ from recsys_contracts.index_spec import IndexSpec
 from recsys_contracts.training_report import GateResult, GateSettings, ModelScore, TrainingVerdict
 
 GATE_METRICS = ("ndcg", "recall", "mrr")
+MAX_REASON_CHARS = 1500
+"""A failure's reason is cut to this, so the whole verdict fits a Kubernetes termination
+message (4096 bytes), the channel a cluster run reports it through."""
 """Metric families the gate compares (at any cutoff, e.g. `ndcg@10`)."""
 
 Say = Callable[[str], None]
@@ -166,7 +169,7 @@ def run_training(run: TrainingRun, *, say: Say | None = None) -> TrainingVerdict
     try:
         result, reason = _train_and_judge(run, facts, say)
     except (ArchiveError, OSError, ValueError, TrainingRunError, pa.ArrowException) as exc:
-        result, reason = GateResult.FAILED, f"{type(exc).__name__}: {exc}"
+        result, reason = GateResult.FAILED, f"{type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
         facts.pop("archive", None)
     verdict = TrainingVerdict(
         model_name=run.model_name,

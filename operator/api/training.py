@@ -137,7 +137,7 @@ class TrainingSpec(ApiModel):
     auto_rollout: bool = False
     """A published candidate starts a progressive rollout by itself (recorded in status; the spec is left as written). Off: a person rolls it out by setting spec.model.version."""
     image: str | None = None
-    """Container image of the run; defaults to the stream-jobs image of the operator's own version (it serves the trainer commands)."""
+    """Container image of the run (it runs `recsys retrain`); defaults to the model-server image of the operator's own version, which holds torch, FAISS and the archiver."""
     resources: ResourceRequirements = Field(
         default_factory=lambda: ResourceRequirements(
             requests={"cpu": "2", "memory": "4Gi"}, limits={"memory": "8Gi"}

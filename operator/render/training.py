@@ -3,6 +3,8 @@
 Each run reads the last `window` of the offline event log, trains a candidate, scores
 it and the stable version (read from its archive in the model store) on the same newest
 held-out slice, and writes a passing candidate and every verdict into the model store.
+The verdict is also the pod's termination message (`/dev/termination-log`, at most 4096
+bytes), which the operator can read from the pod's status without mounting the store.
 So the model store is mounted read-write (a PVC), the log read-only (a PVC) or read
 over S3 with the pod's service-account credentials. The stable version is rendered
 into the arguments: when a rollout promotes another, the CronJob follows.
@@ -30,6 +32,7 @@ from recsys_operator.render.pods import (
 )
 from recsys_operator.render.traffic import traffic_plan
 
+TERMINATION_LOG = "/dev/termination-log"
 MODEL_STORE_MOUNT = "/model-store"
 EVENT_LOG_MOUNT = "/event-log"
 JOBS_KEPT = 3
@@ -109,6 +112,8 @@ def training_args(system: RecommenderSystem, stable_version: str) -> list[str]:
         "--min-users", str(gate.min_users),
         "--min-interactions", str(training.min_interactions),
         "--threads", str(_threads(training)),
+        # The verdict, where the operator can read it: the pod's termination message.
+        "--verdict-file", TERMINATION_LOG,
     ]  # fmt: skip
 
 
@@ -150,6 +155,7 @@ def build_training_cronjob(system: RecommenderSystem) -> dict[str, Any]:
     container = {
         "name": "training",
         "image": training.image or default_image(Component.TRAINING),
+        "command": ["recsys"],  # the model-server image's default command is TorchServe
         "args": training_args(system, stable_version),
         # torch and the archiver write caches under HOME; the root filesystem is read-only.
         "env": [{"name": "HOME", "value": "/tmp"}],

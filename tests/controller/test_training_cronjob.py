@@ -57,12 +57,15 @@ def test_the_example_renders_a_strictly_valid_cronjob_with_the_spec_settings() -
         "--min-users": "500",
         "--min-interactions": "20000",
         "--threads": "2",
+        "--verdict-file": "/dev/termination-log",
     }
     pod = spec["jobTemplate"]["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["model-store"]["persistentVolumeClaim"] == {"claimName": "models"}
     (container,) = pod["containers"]
+    # The image holding torch, FAISS and the archiver; its default command is TorchServe.
+    assert "/model-server:" in container["image"] and container["command"] == ["recsys"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
     assert writable == {"/model-store", "/tmp"}

@@ -228,7 +228,14 @@ def test_recsys_retrain_prints_the_verdict_and_fails_only_a_broken_run(
     verdict = json.loads(passed.stdout.strip().splitlines()[-1])
     assert verdict["result"] == "Passed" and verdict["candidateVersion"] == "20260131-000000"
     assert (store / "retrieval-20260131-000000.mar").is_file()
-    failed = runner.invoke(app, [*common, "--stable-version", "9", "--version", "3"])
+    message = store.parent / "termination-log"
+    failed = runner.invoke(
+        app, [*common, "--stable-version", "9", "--version", "3", "--verdict-file", str(message)]
+    )
     assert failed.exit_code == 1
     assert json.loads(failed.stdout.strip().splitlines()[-1])["result"] == "Failed"
+    # What the operator reads from the pod: the same verdict, within the 4096-byte limit.
+    latest = read_verdict(store, NAME)
+    assert latest is not None and json.loads(message.read_text())["reason"] == latest.reason
+    assert len(message.read_bytes()) < 4096
     assert not (store / "retrieval-3.mar").exists()
