@@ -42,6 +42,7 @@ KNOWN_KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("v1", "Service"): ("services", True),
     ("v1", "Secret"): ("secrets", True),
     ("v1", "Namespace"): ("namespaces", False),
+    ("v1", "Pod"): ("pods", True),
     ("v1", "ServiceAccount"): ("serviceaccounts", True),
     ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),

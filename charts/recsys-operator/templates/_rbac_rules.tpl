@@ -31,6 +31,12 @@
   verbs:
   - create
 - apiGroups:
+  - ''
+  resources:
+  - pods
+  verbs:
+  - list
+- apiGroups:
   - recsys.dev
   resources:
   - recommendersystems/finalizers
@@ -202,6 +208,12 @@
   - events
   verbs:
   - create
+- apiGroups:
+  - ''
+  resources:
+  - pods
+  verbs:
+  - list
 - apiGroups:
   - recsys.dev
   resources:
