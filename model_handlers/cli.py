@@ -1,4 +1,5 @@
-"""`recsys` commands of the model side: `data synth`, `train`, `evaluate`, `tune`, `archive`.
+"""`recsys` commands of the model side: `data synth`, `train`, `evaluate`, `tune`, `archive`,
+`retrain`.
 
 Each command parses its options, calls the pure module that does the work, and shows
 progress and results with rich; errors are one line on stderr and exit code 1.
@@ -558,6 +559,108 @@ def archive(
     )
 
 
+def retrain(
+    log: Annotated[
+        str,
+        typer.Option(
+            help="Offline event log root: a folder, file:// or s3:// (holds interactions/)."
+        ),
+    ],
+    model_store: Annotated[
+        Path,
+        typer.Option(help="Model store folder: the stable archive, and where a candidate goes."),
+    ],
+    name: Annotated[str, typer.Option(help="Model name (spec.model.name).")] = "retrieval",
+    stable_version: Annotated[
+        str | None,
+        typer.Option(help="Version serving now, scored on the same slice (omit on a first run)."),
+    ] = None,
+    version: Annotated[
+        str | None,
+        typer.Option(help="Candidate version; default: the window's end as YYYYMMDD-HHMMSS."),
+    ] = None,
+    window: Annotated[str, typer.Option(help="How far back the log is read, e.g. 7d, 12h.")] = "7d",
+    until: Annotated[
+        str | None,
+        typer.Option(help="End of the window (RFC 3339 or epoch ms); default: now."),
+    ] = None,
+    metric: Annotated[str, typer.Option(help="Gate metric: ndcg, recall or mrr at k.")] = "ndcg@10",
+    min_improvement: Annotated[
+        float,
+        typer.Option(help="Candidate must score at least stable x (1 + this), e.g. 0.02."),
+    ] = 0.0,
+    min_users: Annotated[
+        int, typer.Option(min=1, help="Users in the held-out slice needed to judge.")
+    ] = 100,
+    min_interactions: Annotated[
+        int, typer.Option(min=1, help="Interactions the window needs before training.")
+    ] = 1000,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads for torch and numpy.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    verdict_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the verdict (one line of JSON) here, e.g. /dev/termination-log "
+            "in a Kubernetes Job, where the operator reads it from the pod's status."
+        ),
+    ] = None,
+) -> None:
+    """Train a candidate from a window of the event log and ship it only if it beats the stable.
+
+    Each user's newest 20% of the window is held out; the candidate (recency EASE)
+    trains on the rest; both it and --stable-version (from its archive in
+    --model-store) are scored on the held-out slice. The candidate is packed into the
+    model store (with the stable's index and serving settings) only when the gate
+    passes. The verdict is printed as JSON on stdout and written to
+    <model-store>/<name>.training.json. Exit 0 when the run completed (passed or gated
+    out), 1 when it failed.
+    """
+    import datetime as dt
+    from dataclasses import replace
+
+    from model_handlers.continuous_training import Gate, TrainingRun, run_training
+    from model_handlers.training import TrainingConfig
+    from recsys_contracts.api_base import parse_duration
+    from recsys_contracts.training_report import GateResult
+
+    _limit_threads(threads)
+    with _clear_errors():
+        if until is None:
+            end = dt.datetime.now(dt.UTC)
+        elif until.isdigit():
+            end = dt.datetime.fromtimestamp(int(until) / 1000, dt.UTC)
+        else:
+            end = dt.datetime.fromisoformat(until).astimezone(dt.UTC)
+        until_ms = int(end.timestamp() * 1000)
+        since_ms = until_ms - int(parse_duration(window) * 1000)
+        run = TrainingRun(
+            log_uri=log,
+            model_store=model_store,
+            model_name=name,
+            candidate_version=version or f"{end:%Y%m%d-%H%M%S}",
+            since_ms=since_ms,
+            until_ms=until_ms,
+            stable_version=stable_version,
+            gate=Gate(
+                metric=metric,
+                min_relative_improvement=min_improvement,
+                min_users=min_users,
+                min_interactions=min_interactions,
+            ),
+            training=replace(TrainingConfig(), seed=seed, threads=threads),
+        )
+        verdict = run_training(run, say=lambda m: console.print(m, highlight=False))
+    console.print(f"{verdict.result.value}: {verdict.reason}", highlight=False)
+    line = verdict.model_dump_json(by_alias=True)
+    if verdict_file is not None:
+        verdict_file.write_text(line + "\n")
+    typer.echo(line)
+    if verdict.result is GateResult.FAILED:
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the `recsys` CLI."""
     app.add_typer(data_app, name="data")
@@ -565,3 +668,4 @@ def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate)
     app.command("tune")(tune)
     app.command("archive")(archive)
+    app.command("retrain")(retrain)

@@ -215,6 +215,20 @@ def _printer_columns(model: type[CustomResource]) -> list[dict[str, Any]]:
                 "priority": 1,
                 "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
             },
+            {
+                "name": "Training",
+                "type": "string",
+                "priority": 1,
+                "jsonPath": ".status.training.result",
+                "description": "The last training run: Passed, GatedOut or Failed",
+            },
+            {
+                "name": "Candidate",
+                "type": "string",
+                "priority": 1,
+                "jsonPath": ".status.training.candidateVersion",
+                "description": "The last training run's candidate version",
+            },
             age,
         ]
     return [

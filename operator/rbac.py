@@ -65,6 +65,9 @@ NAMESPACE_RULES: tuple[Rule, ...] = (
     Rule(GROUP, ("scalingpolicies",), ("get", "list", "watch")),
     Rule(GROUP, ("recommendersystems/status", "scalingpolicies/status"), ("patch",)),
     Rule("", ("events",), ("create",)),
+    # The training runs' verdicts: their pods' termination messages (never their Secrets,
+    # logs or anything they mount).
+    Rule("", ("pods",), ("list",)),
     # Children carry ownerReferences with blockOwnerDeletion: where the API server runs the
     # OwnerReferencesPermissionEnforcement admission plugin, that needs update here.
     Rule(GROUP, ("recommendersystems/finalizers",), ("update",)),

@@ -121,7 +121,7 @@ IMAGES = {
 def test_every_image_the_chart_and_renderer_name_is_a_target() -> None:
     values = yaml.safe_load((ROOT / "charts/recsys-operator/values.yaml").read_text())
     names = {values["image"]["repository"].rpartition("/")[2]}
-    for component in (Component.SERVING, Component.FEATURES, Component.GATEWAY):
+    for component in (Component.SERVING, Component.FEATURES, Component.GATEWAY, Component.TRAINING):
         names.add(default_image(component).rpartition("/")[2].partition(":")[0])
     gpu = default_image(Component.SERVING, gpu=True).rpartition("/")[2]
     names.add(gpu.partition(":")[0] + "-" + gpu.rpartition("-")[2])
@@ -190,7 +190,10 @@ ENTRY_POINTS = {
         ["stream_jobs.features", "gateway.server", "gateway.app"],
         ["features", "run", "--help"],
     ),
-    "model-server": (["model_handlers.torchserve_handler"], ["archive", "--help"]),
+    "model-server": (
+        ["model_handlers.torchserve_handler", "model_handlers.continuous_training"],
+        ["retrain", "--help"],
+    ),
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from enum import StrEnum
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -26,6 +26,9 @@ from recsys_contracts.feature_job_settings import SubscriptionType
 from recsys_contracts.index_spec import IndexSpec, index_fit_problems
 from recsys_contracts.model_version import MODEL_VERSION_PATTERN
 from recsys_operator.api import cel
+
+if TYPE_CHECKING:
+    from recsys_operator.api.training import TrainingSpec
 
 GPU_RESOURCE = "nvidia.com/gpu"
 PULSAR_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -653,9 +656,18 @@ class RecommenderSystemSpec(ApiModel):
     """Optional tightening of the referenced policy."""
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     """Progressive rollout of new model versions."""
+    training: TrainingSpec | None = None
+    """Retraining from the offline event log on a schedule, gated against the stable model; no retraining when omitted."""
 
     @model_validator(mode="after")
     def _overrides_need_policy(self) -> Self:
         if self.scaling_policy_ref is None and self.scaling.model_fields_set:
             raise field_error("scaling", "scaling overrides need a scalingPolicyRef to tighten")
         return self
+
+
+# `training` builds on ResourceRequirements above, so its spec is imported once this
+# module's models exist, and the top-level spec is completed with it.
+from recsys_operator.api.training import TrainingSpec  # noqa: E402
+
+RecommenderSystemSpec.model_rebuild()

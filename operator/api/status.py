@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from recsys_contracts.api_base import ApiModel
+from recsys_contracts.training_report import GateResult
 from recsys_operator.api.recommender_system import MAX_STEPS
 
 # Conditions are a map keyed by type, so server-side apply merges them per type.
@@ -244,6 +245,33 @@ class RolloutActionRecord(ApiModel):
     """When it was acted on (RFC 3339)."""
 
 
+class TrainingStatus(ApiModel):
+    """The last finished training run, as its verdict says (the run's pod reports it)."""
+
+    last_run: str
+    """When the run finished (RFC 3339)."""
+    job: str = ""
+    """The pod that ran it (its logs hold the details)."""
+    result: GateResult
+    """Passed (the candidate is published), GatedOut (too little data or not better enough) or Failed."""
+    reason: str = ""
+    """Why, with the numbers."""
+    candidate_version: str
+    """The candidate's version (published only when Passed)."""
+    stable_version: str | None = None
+    """The version it was compared with."""
+    metric: str = ""
+    """The gate metric, e.g. ndcg@10."""
+    candidate_score: float | None = None
+    """The candidate's score on the newest held-out slice."""
+    stable_score: float | None = None
+    """The stable version's score on the same slice."""
+    relative_improvement: float | None = None
+    """candidate / stable - 1."""
+    archive_uri: str | None = None
+    """Where the published candidate lies (Passed only): what spec.model.archiveUri names to roll it out."""
+
+
 class Endpoints(ApiModel):
     """Where to reach the system inside the cluster."""
 
@@ -274,6 +302,8 @@ class RecommenderSystemStatus(ApiModel):
     """The last rollout action a person asked for and what came of it; an applied `pause` holds rollouts until `resume`."""
     endpoints: Endpoints | None = None
     """Service URLs."""
+    training: TrainingStatus | None = None
+    """The last finished training run (spec.training), from its verdict."""
     kopf: dict[str, Any] | None = None
     """Handler progress of the operator framework (Kopf); internal."""
 

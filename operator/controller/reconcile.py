@@ -28,6 +28,7 @@ from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.api.status import Condition, ConditionStatus, ConditionType
 from recsys_operator.controller.conditions import condition, merge_conditions, summarize_ready
 from recsys_operator.controller.kube import ApplyResult, KubeClient
+from recsys_operator.controller.training_runs import latest_training_status
 from recsys_operator.pulsar_admin import PartitionsDecreased, PulsarAdmin, PulsarAdminError
 from recsys_operator.render import PRUNED_KINDS, RenderOptions, render_system, topic_plan
 from recsys_operator.render.naming import (
@@ -272,7 +273,17 @@ class Reconciler:
             + removed
         )
 
-        # 6. Readiness.
+        # 6. The last training run's verdict (new ones are announced in the Event).
+        training = await asyncio.to_thread(latest_training_status, self.kube, system)
+        if training is not None and training.last_run != (old_status.get("training") or {}).get(
+            "lastRun"
+        ):
+            changes.append(
+                f"training run {training.job}: {training.result.value} "
+                f"(candidate {training.candidate_version}): {training.reason}"
+            )
+
+        # 7. Readiness.
         def ready_of(name: str) -> tuple[bool, str]:
             result = results.get(("Deployment", name))
             return deployment_readiness(result.live if result else None)
@@ -314,6 +325,7 @@ class Reconciler:
             [topics, features, serving],
             stableVersion=old_status.get("stableVersion") or system.spec.model.version,
             stableArchiveUri=old_status.get("stableArchiveUri") or system.spec.model.archive_uri,
+            training=training.to_wire() if training else None,
             endpoints={
                 "gateway": f"http://{child_name(system, 'gateway')}.{namespace}.svc:80/v1/recommend",
                 "serving": f"http://{serving_name(system, Track.STABLE)}.{namespace}.svc:{INFERENCE_PORT}",

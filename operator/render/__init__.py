@@ -47,6 +47,7 @@ from recsys_operator.render.serving import (
 )
 from recsys_operator.render.topics import TopicPlan, topic_plan
 from recsys_operator.render.traffic import TrafficPlan, traffic_plan
+from recsys_operator.render.training import UnsupportedTrainingUri, build_training_cronjob
 
 __all__ = [
     "ALWAYS_RENDERED_KINDS",
@@ -71,6 +72,7 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
     ("apps/v1", "Deployment"),
+    ("batch/v1", "CronJob"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("policy/v1", "PodDisruptionBudget"),
     ("keda.sh/v1alpha1", "ScaledObject"),
@@ -144,7 +146,8 @@ def render_system(
     """Every Kubernetes object of one RecommenderSystem, in apply order.
 
     Raises PolicyViolation for a missing or exceeded ScalingPolicy and InvalidSpec for
-    an archive URI a cluster cannot fetch (both InvalidResource, with field paths).
+    an archive, log or model-store URI a cluster cannot use (both InvalidResource, with
+    field paths).
     """
     options = options or RenderOptions()
     scaling = effective_scaling(system, policy)
@@ -202,6 +205,11 @@ def render_system(
     objects.append(
         build_feature_job_deployment(system, None if autoscaled else system.spec.features.replicas)
     )
+    if system.spec.training is not None:
+        try:
+            objects.append(build_training_cronjob(system))
+        except UnsupportedTrainingUri as exc:
+            raise InvalidSpec("training", [FieldIssue(exc.field, str(exc))]) from None
     if scaling is not None:
         auth = build_pulsar_trigger_authentication(system) if scaling.engine == "keda" else None
         objects += [auth] if auth else []

@@ -30,6 +30,7 @@ class Component:
     SERVING = "serving"
     FEATURES = "features"
     GATEWAY = "gateway"
+    TRAINING = "training"
 
 
 class Track:
@@ -99,11 +100,12 @@ def metadata(
 def default_image(component: str, *, gpu: bool = False) -> str:
     """The image of this operator's own version for a component.
 
-    Serving runs the model-server image (TorchServe + handler); the stream job and
-    the gateway share the stream-jobs image. Each is a target of the repository's
+    Serving runs the model-server image (TorchServe + handler), and so does training
+    (it holds torch, FAISS and the archiver); the stream job and the gateway share the
+    stream-jobs image. Each is a target of the repository's
     Dockerfile of the same name (`model-server-gpu` for the gpu tag).
     """
-    name = "model-server" if component == Component.SERVING else "stream-jobs"
+    name = "model-server" if component in (Component.SERVING, Component.TRAINING) else "stream-jobs"
     tag = f"{__version__}-gpu" if gpu else __version__
     return f"{IMAGE_REPOSITORY}/{name}:{tag}"
 

@@ -163,6 +163,8 @@ def test_a_steady_system_is_pruned_and_patched_no_more(world: World) -> None:
 def test_child_kinds_list_every_kind_rendered(world: World) -> None:
     body = world.kube.get(f"{NS}/recommendersystems/quickstart")
     body["spec"]["events"]["authSecretRef"] = {"name": "pulsar", "key": "token"}  # KEDA's auth
+    body["spec"]["model"]["archiveUri"] = "pvc://models/retrieval/retrieval-1.mar"
+    body["spec"]["training"] = {"logUri": "s3://log/q", "modelStoreUri": "pvc://models/retrieval"}
     system = parse_system(body)
     rendered: set[tuple[str, str]] = set()
     for engine in ("hpa", "keda"):

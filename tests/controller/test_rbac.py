@@ -168,6 +168,12 @@ def run_scenario(kube: KubeHandle, pulsar: PulsarAdminHandle, start: Callable[[]
     system = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     system["spec"]["events"]["adminUrl"] = pulsar.url
     system["spec"]["events"]["authSecretRef"] = {"name": "pulsar", "key": "token"}
+    # Retraining too, so the CronJob is created, edited and pruned like the rest.
+    system["spec"]["model"]["archiveUri"] = "pvc://models/retrieval/retrieval-1.mar"
+    system["spec"]["training"] = {
+        "logUri": "s3://event-log/quickstart",
+        "modelStoreUri": "pvc://models/retrieval",
+    }
     call(kube, "POST", f"{NS}/recommendersystems", system)
     start()
 
@@ -189,12 +195,13 @@ def run_scenario(kube: KubeHandle, pulsar: PulsarAdminHandle, start: Callable[[]
 
     wait_for(switched, timeout=30)
     edit_one_of_every_kind(kube)
-    # Without a policy, the autoscalers and the disruption budgets are pruned.
+    # Without a policy, the autoscalers and the disruption budgets are pruned; without
+    # training, the CronJob.
     call(
         kube,
         "PATCH",
         f"{NS}/recommendersystems/quickstart",
-        {"spec": {"scalingPolicyRef": None}},
+        {"spec": {"scalingPolicyRef": None, "training": None}},
         patch=True,
     )
 
@@ -203,6 +210,7 @@ def run_scenario(kube: KubeHandle, pulsar: PulsarAdminHandle, start: Callable[[]
         return (
             not live[("autoscaling/v2", "HorizontalPodAutoscaler")]
             and not live[("policy/v1", "PodDisruptionBudget")]
+            and not live[("batch/v1", "CronJob")]
         )
 
     wait_for(unscaled, timeout=30)

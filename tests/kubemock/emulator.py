@@ -98,6 +98,7 @@ BUILTIN_GROUP_VERSIONS = frozenset(
     {
         "v1",
         "apps/v1",
+        "batch/v1",
         "autoscaling/v2",
         "policy/v1",
         "networking.k8s.io/v1",

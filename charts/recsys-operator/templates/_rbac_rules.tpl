@@ -31,6 +31,12 @@
   verbs:
   - create
 - apiGroups:
+  - ''
+  resources:
+  - pods
+  verbs:
+  - list
+- apiGroups:
   - recsys.dev
   resources:
   - recommendersystems/finalizers
@@ -83,6 +89,17 @@
   - apps
   resources:
   - deployments
+  verbs:
+  - get
+  - list
+  - watch
+  - create
+  - patch
+  - delete
+- apiGroups:
+  - batch
+  resources:
+  - cronjobs
   verbs:
   - get
   - list
@@ -192,6 +209,12 @@
   verbs:
   - create
 - apiGroups:
+  - ''
+  resources:
+  - pods
+  verbs:
+  - list
+- apiGroups:
   - recsys.dev
   resources:
   - recommendersystems/finalizers
@@ -244,6 +267,17 @@
   - apps
   resources:
   - deployments
+  verbs:
+  - get
+  - list
+  - watch
+  - create
+  - patch
+  - delete
+- apiGroups:
+  - batch
+  resources:
+  - cronjobs
   verbs:
   - get
   - list

@@ -1,0 +1,327 @@
+"""One training run from the offline event log, with the gate that decides whether it ships.
+
+1. Read the interactions of a window (`since_ms <= ts < until_ms`) from the log,
+   de-duplicated by event id (the sink writes at least once). Too few: gated out.
+2. Split them with the project's protocol (`evaluation.per_user_split`): each user's
+   newest 20% is the held-out slice, the rest is what the candidate trains on.
+3. Train the default model (recency EASE) on the rest, and score it and the stable model
+   (unpacked from its archive in the model store) on the same slice with the same code
+   (`model_evaluation.evaluate_model_directory`). Items the stable model never saw stay
+   targets it cannot hit: that is what a stale model costs.
+4. The gate: enough users in the slice, and candidate >= stable × (1 + min improvement)
+   on the gate metric. Only then is the candidate packed as `<name>-<version>.mar` into
+   the model store, with the stable archive's index and serving settings. The model
+   published is the one the gate scored (it has not seen the slice).
+5. Whatever happened, the verdict (`recsys_contracts.training_report`) is written next
+   to the archives, where the operator reads it. A failed or gated-out run publishes
+   no archive.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+
+from model_handlers.archive import ArchiveError, ArchiveRequest, build_archive
+from model_handlers.evaluation import Evaluation, per_user_split
+from model_handlers.interactions import Interactions, from_id_columns
+from model_handlers.model_directory import read_manifest, write_trained_model
+from model_handlers.model_evaluation import evaluate_model_directory
+from model_handlers.training import TrainingConfig, train_model
+from recsys_contracts import archive_layout, training_report
+from recsys_contracts.archive_layout import ServingDefaults
+from recsys_contracts.events import INTERACTION_TYPES
+from recsys_contracts.index_spec import IndexSpec
+from recsys_contracts.training_report import GateResult, GateSettings, ModelScore, TrainingVerdict
+
+GATE_METRICS = ("ndcg", "recall", "mrr")
+MAX_REASON_CHARS = 1500
+"""A failure's reason is cut to this, so the whole verdict fits a Kubernetes termination
+message (4096 bytes), the channel a cluster run reports it through."""
+"""Metric families the gate compares (at any cutoff, e.g. `ndcg@10`)."""
+
+Say = Callable[[str], None]
+
+
+# --- the log --------------------------------------------------------------------------
+
+
+def read_interactions(uri: str, since_ms: int, until_ms: int) -> pa.Table:
+    """Rows of the log's `interactions` dataset with `since_ms <= ts < until_ms`.
+
+    The layout is `<root>/interactions/date=YYYY-MM-DD/hour=HH/*.parquet`, one row per
+    event. A stand-in for `recsys_contracts.event_log_layout.read_interactions`, with
+    the same signature, until that module exists.
+    """
+    import pyarrow.dataset as ds
+
+    parsed = urlparse(uri)
+    root = parsed.path if parsed.scheme == "file" else uri
+    local = not parsed.scheme or parsed.scheme == "file"
+    if local and not Path(root, "interactions").is_dir():
+        raise FileNotFoundError(f"no event log at {uri} (no interactions/ folder)")
+    dataset = ds.dataset(root.rstrip("/") + "/interactions", format="parquet", partitioning="hive")
+    ts = ds.field("ts")
+    return dataset.to_table(
+        columns=["event_id", "user_id", "item_id", "type", "ts", "dwell_ms"],
+        filter=(ts >= since_ms) & (ts < until_ms),
+    )
+
+
+def interactions_from_events(table: pa.Table) -> Interactions:
+    """The interactions (every type but impressions) of an event table, one per event id."""
+    types = np.asarray(table.column("type").to_pylist(), dtype=object)
+    keep = np.isin(types, sorted(str(t) for t in INTERACTION_TYPES))
+    event_ids = np.asarray(table.column("event_id").to_pylist(), dtype=object)[keep]
+    # At-least-once delivery: an event may be in the log twice; keep its first row.
+    _, first = np.unique(event_ids, return_index=True)
+    rows = np.flatnonzero(keep)[np.sort(first)]
+
+    def column(name: str) -> np.ndarray:
+        return np.asarray(table.column(name).to_pylist(), dtype=object)[rows]
+
+    dwell = np.asarray([d or 0 for d in column("dwell_ms")], dtype=np.int64)
+    log = from_id_columns(
+        column("user_id").astype(str),
+        column("item_id").astype(str),
+        column("ts").astype(np.int64),
+        dwell_ms=np.minimum(dwell, np.iinfo(np.int32).max),
+    )
+    return log.sorted_by_time()
+
+
+# --- the run --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gate:
+    metric: str = "ndcg@10"
+    min_relative_improvement: float = 0.0
+    """Candidate must score at least stable × (1 + this); 0.02 asks for 2% better."""
+    min_users: int = 100
+    """Users in the held-out slice needed before the comparison counts."""
+    min_interactions: int = 1000
+    """Interactions the window must hold before anything is trained."""
+
+    def __post_init__(self) -> None:
+        family, _, cutoff = self.metric.partition("@")
+        if family not in GATE_METRICS or not cutoff.isdigit() or int(cutoff) < 1:
+            raise ValueError(
+                f"gate metric {self.metric!r}: give one of {', '.join(GATE_METRICS)} at a "
+                "cutoff, e.g. ndcg@10"
+            )
+        if self.min_users < 1 or self.min_interactions < 1:
+            raise ValueError("gate: min users and min interactions must be at least 1")
+
+    @property
+    def cutoff(self) -> int:
+        return int(self.metric.partition("@")[2])
+
+    def settings(self) -> GateSettings:
+        return GateSettings(
+            metric=self.metric,
+            min_relative_improvement=self.min_relative_improvement,
+            min_users=self.min_users,
+            min_interactions=self.min_interactions,
+        )
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    log_uri: str
+    model_store: Path
+    model_name: str
+    candidate_version: str
+    since_ms: int
+    until_ms: int
+    stable_version: str | None = None
+    """None: a first run; the candidate is judged on the data minimums alone."""
+    gate: Gate = field(default_factory=Gate)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    index: IndexSpec | None = None
+    """Index of the published archive; None: the stable archive's (else the default)."""
+    top_k: int | None = None
+    """Largest k of the published archive; None: the stable archive's (else 50)."""
+
+
+class TrainingRunError(RuntimeError):
+    """The run could not be carried out (as opposed to a candidate the gate refused)."""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def run_training(run: TrainingRun, *, say: Say | None = None) -> TrainingVerdict:
+    """Carry out `run`, publish the candidate only if it passes, and write the verdict."""
+    say = say or (lambda message: None)
+    started = _now()
+    facts: dict[str, object] = {}
+    try:
+        result, reason = _train_and_judge(run, facts, say)
+    except (ArchiveError, OSError, ValueError, TrainingRunError, pa.ArrowException) as exc:
+        result, reason = GateResult.FAILED, f"{type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
+        facts.pop("archive", None)
+    verdict = TrainingVerdict(
+        model_name=run.model_name,
+        candidate_version=run.candidate_version,
+        stable_version=run.stable_version,
+        started_at=started,
+        finished_at=_now(),
+        window_start_ms=run.since_ms,
+        window_end_ms=run.until_ms,
+        gate=run.gate.settings(),
+        result=result,
+        reason=reason,
+        **facts,
+    )
+    write_verdict(verdict, run.model_store)
+    return verdict
+
+
+def _train_and_judge(
+    run: TrainingRun, facts: dict[str, object], say: Say
+) -> tuple[GateResult, str]:
+    """(result, reason); fills `facts` with the verdict's numbers as they become known."""
+    gate = run.gate
+    stable_archive = None
+    if run.stable_version is not None:
+        stable_archive = run.model_store / archive_layout.mar_file_name(
+            run.model_name, run.stable_version
+        )
+        if not stable_archive.is_file():
+            raise TrainingRunError(f"the stable model's archive {stable_archive} is missing")
+    candidate_archive = run.model_store / archive_layout.mar_file_name(
+        run.model_name, run.candidate_version
+    )
+    if candidate_archive.exists():
+        raise TrainingRunError(
+            f"{candidate_archive} exists already: a candidate needs a version of its own"
+        )
+
+    say(f"reading the log {run.log_uri} from {run.since_ms} to {run.until_ms} (ms)")
+    table = read_interactions(run.log_uri, run.since_ms, run.until_ms)
+    log = interactions_from_events(table) if table.num_rows else None
+    count = len(log) if log is not None else 0
+    facts["interactions"] = count
+    if log is None or count < gate.min_interactions:
+        return (
+            GateResult.GATED_OUT,
+            f"{count} interactions in the window, fewer than the {gate.min_interactions} needed",
+        )
+    fit, slice_ = per_user_split(log)
+    say(
+        f"{count} interactions, {log.num_users} users, {log.num_items} items; training "
+        f"{run.training.model} on {len(fit)}, holding out the newest {len(slice_)}"
+    )
+    with tempfile.TemporaryDirectory(prefix="recsys-retrain-") as work:
+        candidate_dir = Path(work) / "candidate"
+        write_trained_model(train_model(fit, run.training, on_message=None), candidate_dir)
+        candidate = evaluate_model_directory(candidate_dir, fit, slice_, cutoffs=(gate.cutoff,))
+        facts["candidate"] = _score(run.candidate_version, candidate, gate.metric)
+        say(
+            f"candidate {run.candidate_version}: {gate.metric} {candidate.metrics[gate.metric]:.4f}"
+        )
+        if candidate.users < gate.min_users:
+            return (
+                GateResult.GATED_OUT,
+                f"{candidate.users} users in the held-out slice, fewer than the "
+                f"{gate.min_users} needed",
+            )
+        index, top_k, serving = run.index, run.top_k, ServingDefaults()
+        if stable_archive is not None:
+            stable_dir = Path(work) / "stable"
+            with zipfile.ZipFile(stable_archive) as packed:
+                packed.extractall(stable_dir)
+            stable = evaluate_model_directory(stable_dir, fit, slice_, cutoffs=(gate.cutoff,))
+            facts["stable"] = _score(str(run.stable_version), stable, gate.metric)
+            say(f"stable {run.stable_version}: {gate.metric} {stable.metrics[gate.metric]:.4f}")
+            manifest = read_manifest(stable_dir)
+            index = index or manifest.index
+            top_k = top_k or manifest.top_k
+            serving = manifest.serving
+            result, reason, improvement = _compare(candidate, stable, gate, run.stable_version)
+            facts["relative_improvement"] = improvement
+        else:
+            result = GateResult.PASSED
+            reason = (
+                f"first model: no stable version to compare with; {gate.metric} "
+                f"{candidate.metrics[gate.metric]:.4f} on {candidate.users} users"
+            )
+        if result is not GateResult.PASSED:
+            return result, reason
+        num_items = log.num_items
+        built = build_archive(
+            ArchiveRequest(
+                model_dir=candidate_dir,
+                out_dir=run.model_store,
+                name=run.model_name,
+                version=run.candidate_version,
+                index=index or IndexSpec(),
+                top_k=min(top_k or 50, num_items),
+                serving=serving,
+            ),
+            on_progress=say,
+        )
+        facts["archive"] = built.path.name
+        return result, reason
+
+
+def _score(version: str, evaluation: Evaluation, metric: str) -> ModelScore:
+    half = evaluation.ci95.get(metric)
+    return ModelScore(
+        version=version,
+        value=round(evaluation.metrics[metric], 6),
+        ci95=None if half is None or np.isnan(half) else round(half, 6),
+        users=evaluation.users,
+    )
+
+
+def _compare(
+    candidate: Evaluation, stable: Evaluation, gate: Gate, stable_version: str | None
+) -> tuple[GateResult, str, float | None]:
+    new, old = candidate.metrics[gate.metric], stable.metrics[gate.metric]
+    needed = old * (1.0 + gate.min_relative_improvement)
+    improvement = round(new / old - 1.0, 6) if old > 0 else None
+    change = f"{improvement:+.1%}" if improvement is not None else "stable scored 0"
+    numbers = (
+        f"{gate.metric} {new:.4f} vs stable {stable_version} {old:.4f} ({change}; "
+        f"needed >= {needed:.4f}, +{gate.min_relative_improvement:.1%}) on {candidate.users} users"
+    )
+    passed = new > 0 and new >= needed
+    return (GateResult.PASSED if passed else GateResult.GATED_OUT), numbers, improvement
+
+
+def write_verdict(verdict: TrainingVerdict, model_store: Path) -> Path:
+    """Write the run's report into the history and as the latest; returns the latest."""
+    history = model_store / training_report.TRAINING_REPORTS_FOLDER
+    history.mkdir(parents=True, exist_ok=True)
+    text = verdict.model_dump_json(by_alias=True, indent=2) + "\n"
+    kept = history / training_report.report_file_name(verdict.model_name, verdict.candidate_version)
+    _write_atomically(kept, text)
+    latest = model_store / training_report.latest_report_file_name(verdict.model_name)
+    _write_atomically(latest, text)
+    return latest
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def read_verdict(model_store: Path, model_name: str) -> TrainingVerdict | None:
+    """The latest run's verdict, if any run has reported."""
+    path = model_store / training_report.latest_report_file_name(model_name)
+    if not path.is_file():
+        return None
+    return TrainingVerdict.model_validate_json(path.read_text())
