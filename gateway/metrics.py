@@ -191,7 +191,7 @@ class GatewayMetrics:
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*values)
-        return found  # type: ignore[no-any-return]
+        return found
 
     def count_impression(self, system: str, model_version: str, variant: str, bucket: str) -> None:
         self.ensure_buckets(system, model_version, variant)
