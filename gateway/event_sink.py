@@ -320,7 +320,7 @@ class EventSink:
             if self._abandoned or self._unresolved.pop(id(event), None) is None:
                 return  # close already spilled or counted it
         if result == pulsar.Result.Ok:
-            self.metrics.events_sent.labels(system=event.system, stream=event.stream).inc()
+            self.metrics.child(self.metrics.events_sent, event.system, event.stream).inc()
             return
         if result not in _UNREACHABLE:
             event.attempts += 1  # the broker refused this event: only so many tries

@@ -186,7 +186,9 @@ class GatewayMetrics:
         """`metric.labels(*values)`, looked up once per series: prometheus_client's
         `labels()` checks and converts its arguments and takes a lock on every call,
         microseconds a request spends several times. Series are never removed, so a
-        child found once stays the one the registry exposes."""
+        child found once stays the one the registry exposes. Safe from any thread (the
+        Pulsar client's report sends): two threads racing on a new series both get the
+        child `labels()` keeps."""
         key = (metric, values)
         found = self._children.get(key)
         if found is None:
