@@ -267,15 +267,19 @@ class EventSink:
     # --- the sender thread ------------------------------------------------------
 
     def _run(self) -> None:
+        last_event_at, gap = 0.0, float("inf")  # gap: between the last two events taken
         while True:
-            if self._buffer.empty():
-                # Let events gather before waiting for the next one: a thread that
-                # waits on the buffer is woken by every put, one thread switch (and a
-                # fight for the GIL with the event loop) per event; a short pause
-                # turns those into one switch per batch.
+            if gap < GATHER_S and self._buffer.empty():
+                # Events come often: let some gather before waiting for the next one.
+                # A thread waiting on the buffer is woken by every put, one thread
+                # switch (and a fight for the GIL with the event loop) per event; the
+                # pause makes it one per batch. (When events are rare it would be one
+                # more wake per event, so then it waits on the buffer at once.)
                 self._closing.wait(GATHER_S)
             try:
                 event = self._buffer.get(timeout=0.1)
+                taken_at = time.monotonic()
+                gap, last_event_at = taken_at - last_event_at, taken_at
             except queue.Empty:
                 if self._closing.is_set():
                     break
