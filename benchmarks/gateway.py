@@ -3,8 +3,11 @@
 1. Added latency: the same recommendation requests sent straight to the model server
    and through the gateway (`python -m gateway run`, its own process, with a real
    pulsar-lite broker taking its impression events), at concurrency 1 and 32; p50,
-   p99, the difference and the ratio. Direct and gateway runs alternate in rounds so
-   that load from elsewhere on the machine hits both alike.
+   p99, the difference and the ratio; throughput through the gateway / direct; CPU per
+   request of the gateway process (all its threads), of the stub and of the load
+   generator (a thin raw-socket client, see `load`). Direct and gateway runs alternate
+   in rounds so that load from elsewhere on the machine hits both alike; the per-round
+   spread is printed too.
 2. Weight change and rollback: requests run continuously while the routing file is
    rewritten (canary weight 0 -> 100, then canary removed); the time from the write
    to the last answer that still followed the old routing.
@@ -21,6 +24,7 @@ when Java is available, else the serving stub of the tests (`--upstream stub`).
     .venv/bin/python benchmarks/gateway.py            # about 2 minutes on 2 cores
     .venv/bin/python benchmarks/gateway.py --quick    # a smoke run: fewer requests, 1 trial
     .venv/bin/python benchmarks/gateway.py --upstream stub --quick   # seconds, no Java
+    .venv/bin/python benchmarks/gateway.py --upstream stub --latency-only --requests 3000
 """
 
 from __future__ import annotations
