@@ -3,8 +3,11 @@
 1. Added latency: the same recommendation requests sent straight to the model server
    and through the gateway (`python -m gateway run`, its own process, with a real
    pulsar-lite broker taking its impression events), at concurrency 1 and 32; p50,
-   p99, the difference and the ratio. Direct and gateway runs alternate in rounds so
-   that load from elsewhere on the machine hits both alike.
+   p99, the difference and the ratio; throughput through the gateway / direct; CPU per
+   request of the gateway process (all its threads), of the stub and of the load
+   generator (a thin raw-socket client, see `load`). Direct and gateway runs alternate
+   in rounds so that load from elsewhere on the machine hits both alike; the per-round
+   spread is printed too.
 2. Weight change and rollback: requests run continuously while the routing file is
    rewritten (canary weight 0 -> 100, then canary removed); the time from the write
    to the last answer that still followed the old routing.
@@ -21,6 +24,7 @@ when Java is available, else the serving stub of the tests (`--upstream stub`).
     .venv/bin/python benchmarks/gateway.py            # about 2 minutes on 2 cores
     .venv/bin/python benchmarks/gateway.py --quick    # a smoke run: fewer requests, 1 trial
     .venv/bin/python benchmarks/gateway.py --upstream stub --quick   # seconds, no Java
+    .venv/bin/python benchmarks/gateway.py --upstream stub --latency-only --requests 3000
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -56,7 +62,7 @@ USERS = [f"u{n}" for n in range(1000)]
 # --- the model server ------------------------------------------------------------
 
 
-def start_torchserve(work: Path, stack: ExitStack) -> dict[str, str]:
+def start_torchserve(work: Path, stack: ExitStack) -> tuple[dict[str, str], int | None]:
     """A tiny model, packed as versions 1 and 2, served by TorchServe on 127.0.0.1."""
     from tiny_model import TinyModel, pack
 
@@ -80,10 +86,11 @@ def start_torchserve(work: Path, stack: ExitStack) -> dict[str, str]:
     )
     server.start(timeout=180)
     stack.callback(server.stop)
-    return {version: server.predictions_url(version) for version in ("1", "2")}
+    # No server pid: its CPU is spread over the frontend (Java) and worker processes.
+    return {version: server.predictions_url(version) for version in ("1", "2")}, None
 
 
-def start_stub(work: Path, stack: ExitStack) -> dict[str, str]:
+def start_stub(work: Path, stack: ExitStack) -> tuple[dict[str, str], int | None]:
     port = free_port()
     stub = ManagedProcess(
         "serving-stub",
@@ -92,7 +99,8 @@ def start_stub(work: Path, stack: ExitStack) -> dict[str, str]:
         port,
     ).start()
     stack.callback(stub.stop)
-    return {v: f"http://127.0.0.1:{port}/predictions/{MODEL}/{v}" for v in ("1", "2")}
+    urls = {v: f"http://127.0.0.1:{port}/predictions/{MODEL}/{v}" for v in ("1", "2")}
+    return urls, stub.pid
 
 
 # --- routing and gateway ---------------------------------------------------------
@@ -154,26 +162,53 @@ class Run:
         ordered = sorted(self.latencies_s)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
+    @property
+    def rps(self) -> float:
+        return len(self.latencies_s) / self.wall_s
 
-async def load(url: str, body_for: Any, requests: int, concurrency: int) -> Run:
-    """`requests` POSTs from `concurrency` workers over keep-alive connections."""
+
+def request_bytes(url: str, body: dict[str, Any]) -> bytes:
+    """One complete HTTP/1.1 keep-alive POST of `body` to `url`, ready to write."""
+    parsed = urlsplit(url)
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {parsed.path} HTTP/1.1\r\nHost: {parsed.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    return head.encode() + payload
+
+
+async def load(url: str, requests: int, concurrency: int) -> Run:
+    """`requests` POSTs of random users' recommend requests from `concurrency`
+    keep-alive connections, each sending its next request when the answer is in.
+
+    A deliberately thin client (requests encoded once, up front; answers read by their
+    Content-Length and checked for a 200, nothing parsed): on two shared cores the load
+    generator competes with what it measures, and an HTTP client library would spend
+    about as much CPU per request as the gateway does."""
+    parsed = urlsplit(url)
+    bodies = [request_bytes(url, {"user_id": user, "k": K}) for user in USERS]
     latencies: list[float] = []
     remaining = iter(range(requests))
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def worker() -> None:
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection(parsed.hostname, parsed.port)
+        try:
             for _ in remaining:
                 started = time.perf_counter()
-                async with session.post(url, json=body_for()) as response:
-                    await response.read()
-                    if response.status != 200:
-                        raise RuntimeError(f"{url}: HTTP {response.status}")
+                writer.write(random.choice(bodies))
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(f"{url}: {head.splitlines()[0]!r}")
+                length = head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]
+                await reader.readexactly(int(length))
                 latencies.append(time.perf_counter() - started)
+        finally:
+            writer.close()
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return Run(latencies, time.perf_counter() - started)
+    started = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    return Run(latencies, time.perf_counter() - started)
 
 
 def random_request() -> dict[str, Any]:
@@ -181,35 +216,63 @@ def random_request() -> dict[str, Any]:
     return {"user_id": random.choice(USERS), "k": K}
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 async def added_latency(
-    direct_url: str, gateway_url: str, gateway_pid: int, requests: int, rounds: int = 3
+    direct_url: str,
+    gateway_url: str,
+    pids: dict[str, int],
+    requests: int,
+    rounds: int = 3,
 ) -> dict[str, Any]:
+    """Direct and through the gateway, alternating in `rounds` rounds per concurrency.
+
+    CPU per request is each process's user + system time (/proc/PID/stat) over the
+    requests of its own runs: the gateway's (event loop and Pulsar client threads)
+    over the gateway runs; the stub's and this load generator's over the direct runs."""
+    gateway = f"{gateway_url}/v1/recommend"
     results: dict[str, Any] = {}
     for concurrency in (1, 32):
         per_round = max(concurrency, requests // rounds)
         direct = Run([], 0.0)
         through = Run([], 0.0)
-        await load(direct_url, random_request, 2 * concurrency, concurrency)  # warm up
-        await load(f"{gateway_url}/v1/recommend", random_request, 2 * concurrency, concurrency)
-        gateway_cpu_s = 0.0
+        await load(direct_url, 4 * concurrency, concurrency)  # warm up
+        await load(gateway, 4 * concurrency, concurrency)
+        cpu = {"gateway": 0.0, "stub": 0.0, "load": 0.0}
+        per_round_figures: dict[str, list[float]] = {
+            "rps_ratio": [], "added_p50_ms": [], "gateway_cpu_ms": []
+        }  # fmt: skip
         for _ in range(rounds):
-            d = await load(direct_url, random_request, per_round, concurrency)
-            cpu_before = cpu_seconds(gateway_pid)
-            g = await load(f"{gateway_url}/v1/recommend", random_request, per_round, concurrency)
-            gateway_cpu_s += cpu_seconds(gateway_pid) - cpu_before
+            stub_before, load_before = cpu_seconds(pids["stub"]), cpu_seconds(os.getpid())
+            d = await load(direct_url, per_round, concurrency)
+            cpu["stub"] += cpu_seconds(pids["stub"]) - stub_before
+            cpu["load"] += cpu_seconds(os.getpid()) - load_before
+            gateway_before = cpu_seconds(pids["gateway"])
+            g = await load(gateway, per_round, concurrency)
+            gateway_round_s = cpu_seconds(pids["gateway"]) - gateway_before
+            cpu["gateway"] += gateway_round_s
+            per_round_figures["rps_ratio"].append(g.rps / d.rps)
+            per_round_figures["added_p50_ms"].append(1000 * (g.percentile(0.5) - d.percentile(0.5)))
+            per_round_figures["gateway_cpu_ms"].append(1000 * gateway_round_s / len(g.latencies_s))
             direct = Run(direct.latencies_s + d.latencies_s, direct.wall_s + d.wall_s)
             through = Run(through.latencies_s + g.latencies_s, through.wall_s + g.wall_s)
         row: dict[str, Any] = {
             "requests": len(direct.latencies_s),
-            # What the gateway process itself spends (its event loop and the Pulsar
-            # client's threads), insensitive to other load on the machine.
-            "gateway_cpu_ms_per_request": 1000 * gateway_cpu_s / len(through.latencies_s),
+            # What the gateway process itself spends, insensitive to other load on the
+            # machine (as far as caches and frequency allow).
+            "gateway_cpu_ms_per_request": 1000 * cpu["gateway"] / len(through.latencies_s),
+            "stub_cpu_ms_per_request": 1000 * cpu["stub"] / len(direct.latencies_s),
+            "load_cpu_ms_per_request": 1000 * cpu["load"] / len(direct.latencies_s),
+            "rps_ratio": through.rps / direct.rps,
+            "rounds": {name: spread(values) for name, values in per_round_figures.items()},
         }
         for name, run in (("direct", direct), ("gateway", through)):
             row[name] = {
                 "p50_ms": 1000 * run.percentile(0.50),
                 "p99_ms": 1000 * run.percentile(0.99),
-                "rps": len(run.latencies_s) / run.wall_s,
+                "rps": run.rps,
             }
         for q in ("p50_ms", "p99_ms"):
             row[f"added_{q}"] = row["gateway"][q] - row["direct"][q]
@@ -340,6 +403,20 @@ def overload(
     return figures
 
 
+def _fast_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop for the load generator where it is installed (less of its CPU taken from
+    what it measures), else asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _spread(figures: dict[str, float], spec: str) -> str:
+    return f"{figures['median']:{spec}} [{figures['min']:{spec}} to {figures['max']:{spec}}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", choices=["auto", "torchserve", "stub"], default="auto")
@@ -347,6 +424,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5, help="weight changes and rollbacks each")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 200 requests, 1 trial")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--latency-only", action="store_true", help="phase 1 only (no routing or overload)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.requests, args.trials = 200, 1
@@ -360,11 +440,11 @@ def main() -> None:
 
     random.seed(0)
     started = time.monotonic()
-    print(f"load average before: {os.getloadavg()[0]:.1f}")
+    print("load average before: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         print(f"upstream: {upstream}; machine: {os.cpu_count()} CPUs, {platform.python_version()}")
-        urls = (
+        urls, server_pid = (
             start_torchserve(work, stack) if upstream == "torchserve" else start_stub(work, stack)
         )
         broker = broker_process(work).start()
@@ -375,7 +455,12 @@ def main() -> None:
         gateway_url, gateway_pid = start_gateway(work, routing_path, stack)
         print(f"set up in {time.monotonic() - started:.0f}s")
 
-        latency = asyncio.run(added_latency(urls["1"], gateway_url, gateway_pid, args.requests))
+        pids = {"gateway": gateway_pid, "stub": server_pid or gateway_pid}
+        with asyncio.Runner(loop_factory=_fast_loop()) as runner:
+            latency = runner.run(added_latency(urls["1"], gateway_url, pids, args.requests))
+        if server_pid is None:  # TorchServe: no one process to read the server's CPU from
+            for row in latency.values():
+                row["stub_cpu_ms_per_request"] = None
         for name, row in latency.items():
             d, g = row["direct"], row["gateway"]
             print(
@@ -383,9 +468,24 @@ def main() -> None:
                 f"({d['rps']:5.0f}/s) | gateway p50 {g['p50_ms']:6.2f} ms p99 {g['p99_ms']:6.2f} ms "
                 f"({g['rps']:5.0f}/s) | added p50 {row['added_p50_ms']:+.2f} ms "
                 f"p99 {row['added_p99_ms']:+.2f} ms | ratio p50 {row['ratio_p50']:.2f} p99 {row['ratio_p99']:.2f} "
-                f"| gateway CPU {row['gateway_cpu_ms_per_request']:.2f} ms/request"
+                f"| gateway CPU {row['gateway_cpu_ms_per_request']:.3f} ms/request"
+            )
+            stub_cpu = row["stub_cpu_ms_per_request"]
+            rounds = row["rounds"]
+            print(
+                f"{'':>15}  per round (median [min-max] of 3): throughput "
+                f"gateway/direct {_spread(rounds['rps_ratio'], '.2f')}, added p50 "
+                f"{_spread(rounds['added_p50_ms'], '+.2f')} ms, gateway CPU "
+                f"{_spread(rounds['gateway_cpu_ms'], '.3f')} ms/request | CPU per direct "
+                f"request: server {'-' if stub_cpu is None else f'{stub_cpu:.3f}'} ms, "
+                f"load generator {row['load_cpu_ms_per_request']:.3f} ms"
             )
 
+        if args.latency_only:
+            print("load average after: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+            if args.json:
+                args.json.write_text(json.dumps({"upstream": upstream, "latency": latency}))
+            return
         no_canary = routing(urls, pulsar, canary=False, weight=0)
         canary_0 = routing(urls, pulsar, canary=True, weight=0)
         canary_100 = routing(urls, pulsar, canary=True, weight=100)
@@ -431,6 +531,7 @@ def main() -> None:
             f"{on['all_p99_ms'] / max(off['all_p99_ms'], 1e-9):.2f}"
         )
         gateway_log = "".join(log.read_text() for log in work.glob("gateway*.log"))
+    print("load average after: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"total {time.monotonic() - started:.0f}s")
     if "Traceback" in gateway_log:
         print("gateway log has tracebacks:\n" + gateway_log[-3000:])

@@ -293,19 +293,20 @@ class Gateway:
         # Admission first, before reading the body: a refusal must cost next to nothing.
         if not self.in_flight.try_enter(routing.max_in_flight):
             return self._shed(routing, ShedReason.IN_FLIGHT)
-        self.metrics.in_flight.labels(routing.system).set(self.in_flight.count)
+        in_flight = self.metrics.child(self.metrics.in_flight, routing.system)
+        in_flight.set(self.in_flight.count)
         try:
             return await self._admitted(request, routing, started)
         finally:
             self.in_flight.leave()
-            self.metrics.in_flight.labels(routing.system).set(self.in_flight.count)
+            in_flight.set(self.in_flight.count)
 
     def _shed(self, routing: Routing, reason: ShedReason, *, pinned: bool = False) -> web.Response:
         """503 with Retry-After, counted (in the requests counter with no version: no
         model was asked)."""
-        self.metrics.shed.labels(routing.system, reason.value).inc()
+        self.metrics.child(self.metrics.shed, routing.system, reason.value).inc()
         counter = self.metrics.pinned_requests if pinned else self.metrics.requests
-        counter.labels(routing.system, "", "", "503").inc()
+        self.metrics.child(counter, routing.system, "", "", "503").inc()
         answer = json_response(
             ErrorResponse(
                 error="the gateway is overloaded"
@@ -326,7 +327,7 @@ class Gateway:
             if k > routing.max_k:
                 raise BadInput(422, f"k: must be at most {routing.max_k}, got {k}", "k")
         except BadInput as exc:
-            self.metrics.requests.labels(routing.system, "", "", str(exc.status)).inc()
+            self.metrics.child(self.metrics.requests, routing.system, "", "", str(exc.status)).inc()
             return exc.response()
 
         try:
@@ -374,11 +375,12 @@ class Gateway:
             )
             answer.headers["Retry-After"] = "1"
         labels = (routing.system, version, variant.value)
+        child = self.metrics.child
         if pinned:  # QA traffic: kept out of what the rollout analysis reads
-            self.metrics.pinned_requests.labels(*labels, str(answer.status)).inc()
+            child(self.metrics.pinned_requests, *labels, str(answer.status)).inc()
             return answer
-        self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
-        self.metrics.requests.labels(*labels, str(answer.status)).inc()
+        child(self.metrics.request_duration, *labels).observe(time.perf_counter() - started)
+        child(self.metrics.requests, *labels, str(answer.status)).inc()
         return answer
 
     async def _recommendation(

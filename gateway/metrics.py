@@ -18,6 +18,8 @@ Label conventions the rollout analysis relies on:
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -59,10 +61,14 @@ LATENCY_BUCKETS_S = (
 )  # fmt: skip
 
 
+Metric = TypeVar("Metric", Counter, Gauge, Histogram, Summary)
+
+
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._bucketed: set[tuple[str, str, str]] = set()
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         r = self.registry
         self.request_duration = Histogram(
             GATEWAY_LATENCY,
@@ -176,9 +182,22 @@ class GatewayMetrics:
             registry=r,
         )
 
+    def child(self, metric: Metric, *values: str) -> Metric:
+        """`metric.labels(*values)`, looked up once per series: prometheus_client's
+        `labels()` checks and converts its arguments and takes a lock on every call,
+        microseconds a request spends several times. Series are never removed, so a
+        child found once stays the one the registry exposes. Safe from any thread (the
+        Pulsar client's report sends): two threads racing on a new series both get the
+        child `labels()` keeps."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
     def count_impression(self, system: str, model_version: str, variant: str, bucket: str) -> None:
         self.ensure_buckets(system, model_version, variant)
-        self.impressions.labels(system, model_version, variant, bucket).inc()
+        self.child(self.impressions, system, model_version, variant, bucket).inc()
 
     def ensure_buckets(self, system: str, model_version: str, variant: str) -> None:
         """Create every bucket's series of a version at zero, once.

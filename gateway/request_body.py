@@ -42,6 +42,8 @@ async def read_json_body(request: web.Request, timeout_s: float = BODY_READ_TIME
     if encoding not in DECODABLE_ENCODINGS:
         raise BodyRefused(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
     try:
+        if request.content.is_eof():  # all of it has arrived: no timer to arm
+            return await request.read()
         return await asyncio.wait_for(request.read(), timeout_s)
     except TimeoutError:
         raise BodyRefused(

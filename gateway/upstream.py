@@ -5,8 +5,8 @@
     200                   {"item_ids": [...], "scores": [...], "model_version": "..."}
     4xx / 5xx             an error, usually {"code", "type", "message"} from TorchServe
 
-One aiohttp session per gateway keeps connections to the serving pods alive
-between requests. What can go wrong is sorted into two kinds, because the gateway
+One connection pool per gateway (`gateway.http_pool`) keeps connections to the
+serving pods alive between requests. What can go wrong is sorted into two kinds, because the gateway
 treats them differently:
 
 - `ServingRejected`: the model refused *this request* (400, 413, 422 — the handler's
@@ -23,9 +23,10 @@ import json
 from enum import StrEnum
 from typing import Any, Self
 
-import aiohttp
+import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from gateway.http_pool import BadAnswer, ConnectionPool
 from recsys_contracts.retrieval_request import DEADLINE_HEADER, DEADLINE_STATUS
 
 # Statuses that mean "your request is wrong" rather than "serving is broken".
@@ -76,42 +77,38 @@ class ServingAnswer(BaseModel):
 
 
 class ServingClient:
-    """Calls model endpoints over one pooled, keep-alive HTTP session."""
+    """Calls model endpoints over pooled keep-alive connections."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: ConnectionPool | None = None
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_S)
-        self._session = aiohttp.ClientSession(connector=connector)
+        self._pool = ConnectionPool(max_connections=MAX_CONNECTIONS, keepalive_s=KEEPALIVE_S)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def recommend(
         self, url: str, body: dict[str, Any], timeout_s: float, *, deadline_ms: int | None = None
     ) -> ServingAnswer:
         """The model's answer within `timeout_s`; `deadline_ms` (epoch ms) tells the model
         server when the answer stops being worth computing."""
-        if self._session is None:
+        if self._pool is None:
             raise RuntimeError("ServingClient.open() was not called")
-        headers = {DEADLINE_HEADER: str(deadline_ms)} if deadline_ms is not None else None
+        headers = {DEADLINE_HEADER: str(deadline_ms)} if deadline_ms is not None else {}
         try:
-            async with self._session.post(
-                url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
-            ) as response:
-                payload = await response.read()
-                status = response.status
+            answer = await self._pool.post(url, orjson.dumps(body), headers, timeout_s)
         except TimeoutError:
             raise ServingUnavailable(
                 FailureReason.TIMEOUT, f"no answer within {timeout_s * 1000:.0f} ms"
             ) from None
-        except aiohttp.ClientError as exc:
+        except (OSError, BadAnswer, ValueError) as exc:  # ValueError: a URL it cannot use
             raise ServingUnavailable(
                 FailureReason.CONNECTION, f"{type(exc).__name__}: {exc}"
             ) from None
+        payload, status = answer.body, answer.status
         if status == 200:
             try:
                 return ServingAnswer.model_validate_json(payload)
