@@ -23,6 +23,7 @@ from recsys_contracts.feature_keys import (
     recent_items_key,
     seen_items_key,
 )
+from recsys_contracts.store_endpoint import StoreEndpoint, StoreMode
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,17 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
-def connect(url: str, *, timeout_s: float, password: str | None = None) -> Any:
-    """A Redis client with short timeouts (the handler's latency budget is milliseconds)."""
-    import redis
-
-    return redis.Redis.from_url(
-        url,
-        password=password or None,
+def connect(
+    url: str,
+    *,
+    timeout_s: float,
+    password: str | None = None,
+    mode: StoreMode | str = StoreMode.SINGLE,
+) -> Any:
+    """A Redis client with short timeouts (the handler's latency budget is milliseconds):
+    a `redis.Redis`, or a `RedisCluster` whose pipelines split per node, for `mode` cluster."""
+    return StoreEndpoint(url, StoreMode(mode)).connect(
+        password=password,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=30,

@@ -49,8 +49,16 @@ CONSUMER_TYPES = {
     SubscriptionType.FAILOVER: pulsar.ConsumerType.Failover,
     SubscriptionType.SHARED: pulsar.ConsumerType.Shared,
 }
-# Redis errors worth waiting out: the server is down, restarting, loading or unreachable.
-STORE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, TooManyConflicts)
+# Redis errors worth waiting out: the server is down, restarting, loading or unreachable;
+# in a cluster also a cluster without a primary for some slot, or slots moving.
+STORE_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    TooManyConflicts,
+)
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
 # An event naming a model version we have not loaded triggers a rescan, at most this often.
@@ -77,10 +85,11 @@ def store_persistence(client: redis.Redis) -> bool | None:
     return appendonly == "yes" or bool((save or "").strip())
 
 
-def redis_client(settings: FeatureJobSettings) -> redis.Redis:
+def redis_client(settings: FeatureJobSettings) -> Any:
+    """A `redis.Redis`, or a `redis.cluster.RedisCluster` for a cluster store."""
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    return redis.Redis.from_url(
-        settings.redis_url, password=password, socket_timeout=5, socket_connect_timeout=2
+    return settings.store_endpoint.connect(
+        password=password, socket_timeout=5, socket_connect_timeout=2
     )
 
 
@@ -91,7 +100,7 @@ class FeatureJob:
         self,
         settings: FeatureJobSettings,
         metrics: FeatureJobMetrics | None = None,
-        store_client: redis.Redis | None = None,
+        store_client: Any = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or FeatureJobMetrics()
