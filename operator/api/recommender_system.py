@@ -142,7 +142,6 @@ class StoreSpec(ApiModel):
             cel.rule(
                 f"self.mode != 'cluster' || self.url.matches('{CLUSTER_URL_CEL}')",
                 "a cluster store URL is redis:// or rediss:// host:port of one node, database 0",
-                ".url",
             )
         )
     )
