@@ -80,6 +80,8 @@ class HandlerSettings:
                 "it is the <namespace>.<name> prefix of the feature keys"
             )
         mode = get(REDIS_MODE) or StoreMode.SINGLE.value
+        if mode not in tuple(StoreMode):
+            raise SettingsError(f"{REDIS_MODE} must be single or cluster, got {mode!r}")
         problem = endpoint_problem(redis_url, mode) if redis_url else None
         if problem:
             raise SettingsError(f"{REDIS_URL}/{REDIS_MODE}: {problem}")

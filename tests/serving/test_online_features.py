@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from model_handlers.online_features import NO_FEATURES, RedisFeatureReader, connect
+from recsys_contracts.events import Event
 from recsys_contracts.feature_keys import (
     embedding_key,
     encode_embedding,
@@ -17,10 +18,15 @@ from recsys_contracts.feature_keys import (
     seen_items_key,
 )
 from recsys_operator.launchers.process import ManagedProcess, free_port
+from recsys_operator.launchers.redis_server import RedisClusterProcesses
+from stream_jobs.feature_store import FeatureStore, StoreLayout
+from stream_jobs.item_embeddings import ItemEmbeddings
+from stream_jobs.user_features import FeatureParams
 
 pytestmark = pytest.mark.redis
 
 SYSTEM = "test-ns.features"
+BASE_TS = 1_767_225_600_000
 
 
 class CountingClient:
@@ -97,3 +103,50 @@ def test_no_user_ids_means_no_round_trip(client: redis.Redis) -> None:
     reader = RedisFeatureReader(counting, system=SYSTEM, model_version="1", dim=4, history_length=5)
     assert reader.read([None, None]).features == [NO_FEATURES, NO_FEATURES]
     assert counting.round_trips == 0
+
+
+@pytest.fixture
+def cluster_client(redis_cluster_nodes: RedisClusterProcesses) -> Iterator[Any]:
+    """The handler's own client (`connect`, mode cluster) of the loopback Redis Cluster."""
+    c = connect(redis_cluster_nodes.url, timeout_s=2.0, mode="cluster")
+    yield c
+    for key in c.scan_iter(f"recsys:v1:{SYSTEM}:*"):  # every primary
+        c.delete(key)
+    c.close()
+
+
+def test_the_handler_reads_what_the_feature_job_wrote_to_a_redis_cluster(
+    cluster_client: Any, client: redis.Redis
+) -> None:
+    """Users spread over the three primaries are read in one call, as from one node."""
+    catalog = {"7": ItemEmbeddings.from_arrays("7", ["i1", "i2", "i3"], np.eye(3))}
+    users = [f"u{n}" for n in range(30)]
+    batch = {
+        user: [
+            Event(
+                event_id=f"e{k}",
+                user_id=user,
+                item_id=f"i{1 + (n + k) % 3}",
+                type="click",
+                ts=BASE_TS + k,
+            )
+            for k in range(n % 4 + 1)
+        ]
+        for n, user in enumerate(users)
+    }
+    nodes = {cluster_client.get_node_from_key(seen_items_key(SYSTEM, u)).name for u in users}
+    assert len(nodes) == 3
+    reads = []
+    for store in (cluster_client, client):
+        layout = StoreLayout(SYSTEM, 60_000, 86_400_000)
+        FeatureStore(store, layout, FeatureParams()).apply(batch, catalog)
+        reader = RedisFeatureReader(
+            store, system=SYSTEM, model_version="7", dim=3, history_length=2
+        )
+        reads.append(reader.read([*users, None, "nobody"]))
+    from_cluster, from_single = reads
+    assert from_cluster.error is None and from_cluster.misses == 1
+    for user, got, wanted in zip(users, from_cluster.features, from_single.features, strict=False):
+        assert got.recent_item_ids == wanted.recent_item_ids and got.recent_item_ids, user
+        assert got.seen_item_ids == {e.item_id for e in batch[user]}, user
+        assert got.embedding is not None and np.array_equal(got.embedding, wanted.embedding)

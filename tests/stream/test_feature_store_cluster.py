@@ -171,6 +171,7 @@ def test_popular_is_exact_after_a_crash_between_the_popular_and_the_users_write(
     later = Event(event_id="late", user_id="user-0", item_id="i1", type="click", ts=BASE_TS * 2)
     crashing.apply({"user-0": [later]}, items)
     assert any_store.zrange(record, 0, -1) == [b"6:user-0:late"]
+    assert record.startswith(f"recsys:v1:{system}:")  # a wipe by prefix takes it along
     assert 0 < any_store.pttl(record) <= 24 * 3_600_000
 
 
