@@ -14,10 +14,21 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
-from stream_support import BASE_TS, StoreContent, expected_content, store_content
+from stream_support import (
+    BASE_TS,
+    StoreContent,
+    expected_content,
+    interleave_users,
+    known_stream,
+    produce_events,
+    running_job,
+    store_content,
+    wait_until,
+)
 
 from recsys_contracts import feature_keys as keys
 from recsys_contracts.events import Event
+from recsys_contracts.feature_job_settings import FeatureJobSettings
 from recsys_contracts.store_endpoint import StoreEndpoint, StoreMode
 from recsys_operator.launchers.redis_server import RedisClusterProcesses
 from stream_jobs.feature_store import FeatureStore, StoreLayout
@@ -216,6 +227,31 @@ def test_the_job_checks_of_an_empty_store_and_persistence_work_on_the_cluster(
     feature_store(cluster, system).apply({"someone": [_view("e1", "someone")]}, items)
     assert not store_is_empty(cluster, system)  # found on whichever node holds the user
     assert store_persistence(cluster) is True  # the fixture's nodes append to a log
+
+
+@pytest.mark.broker
+def test_the_feature_job_configured_for_a_cluster_keeps_it_equal_to_the_reference(
+    redis_cluster_nodes: RedisClusterProcesses,
+    cluster: RedisCluster,
+    job_settings: FeatureJobSettings,
+    pulsar_url: str,
+    topic: str,
+    embeddings_root: Path,
+) -> None:
+    """From the settings (`redis_mode: cluster`, one node's URL) to every user's keys."""
+    settings = job_settings.model_copy(
+        update={"redis_url": redis_cluster_nodes.url, "redis_mode": StoreMode.CLUSTER}
+    )
+    events = interleave_users(known_stream(users=8, per_user=10, seed=13))
+    produce_events(pulsar_url, topic, events)
+    expected = reference(settings.system_id, events, embeddings_root)
+    with running_job(settings) as job:
+        assert isinstance(job.store.client, RedisCluster)
+        wait_until(
+            lambda: content(cluster, settings.system_id, events).same_as(expected),
+            30,
+            "the cluster to hold the reference",
+        )
 
 
 def _click(event_id: str, user: str, n: int) -> Event:
