@@ -183,6 +183,10 @@ class ScriptCall:
     args: tuple[bytes | str | int, ...] = ()
 
 
+StoreClient = redis.Redis | RedisCluster
+"""What the store is opened as (`recsys_contracts.store_endpoint`)."""
+
+
 class TooManyConflicts(RuntimeError):
     """Another writer kept changing the same users; the batch was not written."""
 
@@ -209,8 +213,7 @@ class StoreLayout:
 
 
 class FeatureStore:
-    def __init__(self, client: Any, layout: StoreLayout, params: FeatureParams) -> None:
-        """`client`: a `redis.Redis` or a `redis.cluster.RedisCluster`."""
+    def __init__(self, client: StoreClient, layout: StoreLayout, params: FeatureParams) -> None:
         self.client = client
         self.layout = layout
         self.params = params

@@ -34,7 +34,13 @@ from recsys_contracts.events import Event, InvalidEvent, check_event_time, now_m
 from recsys_contracts.feature_job_settings import FeatureJobSettings, SubscriptionType, duration_ms
 from stream_jobs.backlog import BacklogPoller
 from stream_jobs.dead_letters import DeadLetter, DeadLetterPublisher
-from stream_jobs.feature_store import BatchWrite, FeatureStore, StoreLayout, TooManyConflicts
+from stream_jobs.feature_store import (
+    BatchWrite,
+    FeatureStore,
+    StoreClient,
+    StoreLayout,
+    TooManyConflicts,
+)
 from stream_jobs.item_embeddings import EmbeddingCatalog, EmbeddingsError
 from stream_jobs.metrics import FeatureJobMetrics
 from stream_jobs.rebuild import rebuild, store_is_empty
@@ -74,7 +80,7 @@ def pulsar_client(settings: FeatureJobSettings) -> pulsar.Client:
     )
 
 
-def store_persistence(client: redis.Redis) -> bool | None:
+def store_persistence(client: StoreClient) -> bool | None:
     """True when Redis writes an append-only file or snapshots, False when neither, None
     when it cannot tell (CONFIG refused, as managed Redis services often do, or down)."""
     try:
@@ -85,7 +91,7 @@ def store_persistence(client: redis.Redis) -> bool | None:
     return appendonly == "yes" or bool((save or "").strip())
 
 
-def redis_client(settings: FeatureJobSettings) -> Any:
+def redis_client(settings: FeatureJobSettings) -> StoreClient:
     """A `redis.Redis`, or a `redis.cluster.RedisCluster` for a cluster store."""
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     return settings.store_endpoint.connect(
@@ -100,7 +106,7 @@ class FeatureJob:
         self,
         settings: FeatureJobSettings,
         metrics: FeatureJobMetrics | None = None,
-        store_client: Any = None,
+        store_client: StoreClient | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or FeatureJobMetrics()

@@ -59,6 +59,10 @@ def pulsar_broker(session_dir: Path) -> Iterator[ManagedProcess]:
 def redis_cluster_nodes(session_dir: Path) -> Iterator[RedisClusterProcesses]:
     """A real 3-primary Redis Cluster on loopback (`redis-cli --cluster create`, no
     replicas), up once cluster_state is ok on every node; stopped by PID at the end."""
-    cluster = _start(lambda: redis_cluster(session_dir / "cluster", primaries=3).start())
+    cluster = redis_cluster(session_dir / "cluster", primaries=3)
+    try:
+        cluster.start()
+    except ToolNotFound as exc:
+        pytest.fail(str(exc))
     yield cluster
     cluster.stop()

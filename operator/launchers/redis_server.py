@@ -74,14 +74,19 @@ class RedisClusterProcesses:
         try:
             for node in self.nodes:
                 node.start(ready_timeout)
-            if not self.created:  # a restarted node finds the cluster in its nodes.conf
-                self._create()
-                self.created = True
-            self._wait_ok(ready_timeout)
+            self.join(ready_timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def join(self, ready_timeout: float = CLUSTER_READY_TIMEOUT_S) -> None:
+        """Once the nodes listen: assign the slots (the first time only: a restarted node
+        finds the cluster in its nodes.conf) and wait until every node reports it ok."""
+        if not self.created:
+            self._create()
+            self.created = True
+        self._wait_ok(ready_timeout)
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -149,4 +149,5 @@ def test_the_handler_reads_what_the_feature_job_wrote_to_a_redis_cluster(
     for user, got, wanted in zip(users, from_cluster.features, from_single.features, strict=False):
         assert got.recent_item_ids == wanted.recent_item_ids and got.recent_item_ids, user
         assert got.seen_item_ids == {e.item_id for e in batch[user]}, user
-        assert got.embedding is not None and np.array_equal(got.embedding, wanted.embedding)
+        assert got.embedding is not None and wanted.embedding is not None
+        assert np.array_equal(got.embedding, wanted.embedding), user

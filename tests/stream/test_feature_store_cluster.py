@@ -164,7 +164,7 @@ def test_popular_is_exact_after_a_crash_between_the_popular_and_the_users_write(
     def die_before_writing_users(*args: object, **kwargs: object) -> object:
         raise redis.ConnectionError("the job died here")
 
-    crashing._write = die_before_writing_users  # type: ignore[method-assign]
+    crashing._write = die_before_writing_users  # type: ignore[method-assign, assignment]
     with pytest.raises(redis.ConnectionError):
         crashing.apply(batch, items)
     popular = keys.popular_items_key(system)
@@ -201,7 +201,7 @@ def test_a_concurrent_writer_makes_only_its_slot_group_retry(
             other.apply({"user-3": [_click("x", "user-3", 50)]}, items)
         return compute(users, *args)
 
-    first._compute = compute_while_another_writes  # type: ignore[method-assign]
+    first._compute = compute_while_another_writes  # type: ignore[method-assign, assignment]
     first.apply({u: [_click(f"e{n}", u, n)] for n, u in enumerate(users)}, items)
     assert computed == [users, ["user-3"]]  # the other eleven slots committed the first time
     for user in users:
