@@ -6,7 +6,8 @@ tag of `feature_keys`), and a script may only touch keys of one slot in a cluste
 single primary the whole batch is one group. Each group is one optimistic transaction:
 
 1. READ_VALUES returns its users' states and embeddings (every group's read goes out in
-   one pipeline, so a batch costs one round trip per node, not per slot);
+   one pipeline per node, so a batch costs one round trip per node, not per slot; see
+   `_send`);
 2. the job computes the new values for the whole batch at once (pure functions,
    `user_features`);
 3. POPULAR_ADD counts the applied interactions into the `popular` zset (see below);
@@ -317,9 +318,8 @@ class FeatureStore:
         return [member for member, _, _ in add]
 
     def _run(self, script: str, calls: Sequence[ScriptCall]) -> list[Any]:
-        """EVALSHA `script` once per call, all in one pipeline (the cluster client sends
-        each call to the node of its keys' slot); loads the script first when the
-        server does not know it (yet). Results in the order of `calls`."""
+        """EVALSHA `script` once per call, pipelined (see `_send`); loads the script first
+        when a server does not know it (yet). Results in the order of `calls`."""
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for _ in range(2):
@@ -327,15 +327,7 @@ class FeatureStore:
                 return results
             if script not in self._loaded:  # a cluster client loads it on every primary
                 self._loaded[script] = str(self.client.script_load(script))
-            sha = self._loaded[script]
-            pipe = self.client.pipeline(transaction=False)
-            for n in todo:
-                # execute_command: the cluster pipeline blocks its evalsha() method, not
-                # the command, which it routes by the keys' slot
-                pipe.execute_command(
-                    "EVALSHA", sha, len(calls[n].keys), *calls[n].keys, *calls[n].args
-                )
-            replies = pipe.execute(raise_on_error=False)
+            replies = self._send(self._loaded[script], [calls[n] for n in todo])
             forgotten = []
             for n, reply in zip(todo, replies, strict=True):
                 if isinstance(reply, redis.exceptions.NoScriptError):
@@ -350,6 +342,45 @@ class FeatureStore:
         if todo:
             raise redis.exceptions.NoScriptError("the server keeps forgetting the scripts")
         return results
+
+    def _send(self, sha: str, calls: Sequence[ScriptCall]) -> list[Any]:
+        """One pipeline per node; replies (or the error of each call) in order.
+
+        On a cluster, each node's calls go down that node's own connection, as the slot
+        map says: redis-py's cluster pipeline routes and wraps every command in Python,
+        ten times the cost. A call the node refuses (MOVED or ASK: the slot moved; the
+        cluster busy) or a node that fails goes again through the cluster pipeline,
+        which follows the redirect and refreshes the map. Repeating a call is safe: it
+        was not run, or a WRITE_BATCH finds its states changed, or POPULAR_ADD finds its
+        events recorded."""
+        cluster = self.client
+        if not isinstance(cluster, RedisCluster):
+            return _pipelined(cluster, sha, calls)
+        by_node: dict[str, list[int]] = {}
+        nodes = {}
+        for n, call in enumerate(calls):
+            node = cluster.get_node_from_key(call.keys[0])
+            by_node.setdefault(node.name, []).append(n)
+            nodes[node.name] = node
+        replies: list[Any] = [None] * len(calls)
+        again: list[int] = []
+        for name, indexes in by_node.items():
+            connection = cluster.get_redis_connection(nodes[name])
+            try:
+                node_replies = _pipelined(connection, sha, [calls[n] for n in indexes])
+            except (redis.ConnectionError, redis.TimeoutError):
+                again += indexes
+                continue
+            for n, reply in zip(indexes, node_replies, strict=True):
+                if isinstance(reply, _ELSEWHERE):
+                    again.append(n)
+                else:
+                    replies[n] = reply
+        if again:
+            redone = _pipelined(cluster, sha, [calls[n] for n in again])
+            for n, reply in zip(again, redone, strict=True):
+                replies[n] = reply
+        return replies
 
     def _compute(
         self,
@@ -416,6 +447,26 @@ class FeatureStore:
             return None
         plan = {"users": plan_users}
         return ScriptCall(all_keys, (self.layout.ttl_ms, _JSON.encode(plan), b"".join(blob)))
+
+
+# Replies of a node that does not (or not now) serve the call's slot.
+_ELSEWHERE = (
+    redis.exceptions.MovedError,
+    redis.exceptions.AskError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+
+
+def _pipelined(client: Any, sha: str, calls: Sequence[ScriptCall]) -> list[Any]:
+    """EVALSHA per call in one non-transactional pipeline of `client` (a node or the
+    cluster client); an error is returned in its call's place, not raised."""
+    pipe = client.pipeline(transaction=False)
+    for call in calls:
+        # execute_command: the cluster pipeline blocks its evalsha() method, not the
+        # command, which it routes by the keys' slot
+        pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+    return list(pipe.execute(raise_on_error=False))
 
 
 def _event_member(user_id: str, event_id: str) -> str:

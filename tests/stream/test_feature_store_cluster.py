@@ -209,6 +209,31 @@ def test_a_concurrent_writer_makes_only_its_slot_group_retry(
         assert events == (2 if user == "user-3" else 1), user
 
 
+def test_a_stale_slot_map_is_followed_to_the_node_that_owns_the_slot(
+    redis_cluster_nodes: RedisClusterProcesses, system: str, items: Mapping[str, ItemEmbeddings]
+) -> None:
+    """As after a resharding: the client believes a slot is on another node; the
+    node answers MOVED and the call goes where the slot is."""
+    client = StoreEndpoint(redis_cluster_nodes.url, StoreMode.CLUSTER).connect(
+        socket_timeout=5, socket_connect_timeout=2
+    )
+    try:
+        users = [f"user-{n}" for n in range(6)]
+        slot = key_slot(keys.state_key(system, "user-0").encode())
+        owner = client.get_node_from_key(keys.state_key(system, "user-0"))
+        wrong = next(n for n in client.get_primaries() if n.name != owner.name)
+        client.nodes_manager.slots_cache[slot] = [wrong]
+        written = feature_store(client, system).apply(
+            {u: [_click(f"e{n}", u, n)] for n, u in enumerate(users)}, items
+        )
+        assert set(written.updates) == set(users)
+        for user in users:
+            assert client.hget(keys.features_key(system, user), "events") == b"1", user
+        assert client.get_node_from_key(keys.state_key(system, "user-0")).name == owner.name
+    finally:
+        client.close()
+
+
 def test_the_scripts_are_loaded_again_after_the_cluster_forgot_them(
     cluster: RedisCluster, system: str, items: Mapping[str, ItemEmbeddings]
 ) -> None:
