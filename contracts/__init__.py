@@ -1,6 +1,7 @@
 """recsys-operator's shared contracts: everything two deployables must agree on.
 
-The event schema and its bounds, the feature-store key layout, the routing document and
+The event schema and its bounds, the feature-store key layout and endpoint (one Redis
+or a cluster), the routing document and
 sticky variant assignment, the archive layout, the handler's request, metric names and
 labels, each deployable's environment variables, the model-version pattern, the pydantic
 base of every API and settings model, and the project version.
