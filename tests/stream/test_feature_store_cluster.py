@@ -30,9 +30,9 @@ from recsys_contracts import feature_keys as keys
 from recsys_contracts.events import Event
 from recsys_contracts.feature_job_settings import FeatureJobSettings
 from recsys_contracts.store_endpoint import StoreEndpoint, StoreMode
-from recsys_operator.launchers.redis_server import RedisClusterProcesses
+from recsys_operator.launchers.redis_server import RedisClusterProcesses, redis_cluster
 from stream_jobs.feature_store import FeatureStore, StoreLayout
-from stream_jobs.features import store_persistence
+from stream_jobs.features import STORE_ERRORS, store_persistence
 from stream_jobs.item_embeddings import EmbeddingCatalog, ItemEmbeddings
 from stream_jobs.rebuild import store_is_empty
 from stream_jobs.user_features import FeatureParams, Outcome
@@ -232,6 +232,37 @@ def test_a_stale_slot_map_is_followed_to_the_node_that_owns_the_slot(
         assert client.get_node_from_key(keys.state_key(system, "user-0")).name == owner.name
     finally:
         client.close()
+
+
+def test_a_primary_that_dies_fails_the_batch_for_a_retry_that_succeeds_once_it_is_back(
+    tmp_path: Path, system: str, items: Mapping[str, ItemEmbeddings]
+) -> None:
+    """A cluster of its own: one primary is killed, then restarted from its log."""
+    nodes = redis_cluster(tmp_path, primaries=3).start()
+    client = StoreEndpoint(nodes.url, StoreMode.CLUSTER).connect(
+        socket_timeout=2, socket_connect_timeout=1
+    )
+    try:
+        client.config_set("appendfsync", "always", target_nodes=RedisCluster.ALL_NODES)
+        writer = feature_store(client, system)
+        users = [f"user-{n}" for n in range(20)]
+        writer.apply({u: [_click("e1", u, 1)] for u in users}, items)
+        victim = f"127.0.0.1:{nodes.nodes[1].port}"
+        assert any(
+            client.get_node_from_key(keys.state_key(system, u)).name == victim for u in users
+        )
+        nodes.nodes[1].kill()
+        second = {u: [_click("e2", u, 2)] for u in users}
+        with pytest.raises(STORE_ERRORS):  # the job backs off and retries the batch
+            writer.apply(second, items)
+        nodes.nodes[1].start()
+        nodes.join()
+        writer.apply(second, items)
+        for user in users:  # the killed node's users kept their first event, and got the second
+            assert client.hget(keys.features_key(system, user), "events") == b"2", user
+    finally:
+        client.close()
+        nodes.stop()
 
 
 def test_the_scripts_are_loaded_again_after_the_cluster_forgot_them(
