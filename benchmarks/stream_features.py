@@ -117,7 +117,9 @@ def write_embeddings(root: Path) -> Path:
     return directory
 
 
-def start_job(root: Path, url: str, store: str, topic: str, embeddings: Path) -> ManagedProcess:
+def start_job(
+    root: Path, url: str, store: str, topic: str, embeddings: Path, mode: str = "single"
+) -> ManagedProcess:
     port = free_port()
     argv = [
         sys.executable, "-m", "stream_jobs.features",
@@ -125,6 +127,7 @@ def start_job(root: Path, url: str, store: str, topic: str, embeddings: Path) ->
         "--subscription", "features", "--subscription-type", "Shared",
         "--redis-url", store, "--embeddings-path", str(embeddings), "--model-version", "v1",
         "--batch-size", str(BATCH), "--metrics-address", f"127.0.0.1:{port}", "--log-level", "WARNING",
+        "--redis-mode", mode,
     ]  # fmt: skip
     # The throughput is measured on the subscription: a rebuild of the empty store from the
     # pre-filled topic would apply every event before it and leave only duplicates.
@@ -238,6 +241,9 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: 2,000 events, 200 events/s for 3 s"
     )
+    parser.add_argument(
+        "--cluster", action="store_true", help="also the job against a 3-primary Redis Cluster"
+    )
     args = parser.parse_args()
     if args.quick:
         args.events, args.rate, args.seconds = 2_000, 200, 3.0
@@ -268,6 +274,8 @@ def main() -> None:
             )
             print(f"ratio job / raw: {rate / floor:.3f}", flush=True)
             job.stop()
+            if args.cluster:
+                cluster_rows(root, url, args.events, rate)
 
             job = start_job(root, url, redis_url(store), live_topic, root / "embeddings")
             p50, p99, achieved = freshness(url, live_topic, job, args.rate, args.seconds)
@@ -280,6 +288,45 @@ def main() -> None:
                 job.stop()
             store.stop()
             broker.stop()
+
+
+def cluster_rows(root: Path, url: str, count: int, single_rate: float) -> None:
+    """The same events against a 3-primary Redis Cluster on loopback: the batch splits
+    per hash slot (`feature_store`), so Redis does one script call per slot group."""
+    from recsys_operator.launchers.redis_server import redis_cluster
+
+    cluster = redis_cluster(root / "cluster").start()
+    job = None
+    try:
+        topic = f"persistent://public/default/cluster-{uuid.uuid4().hex[:8]}"
+        prefill(url, topic, count, seed=2)  # the single-node run's events
+        job = start_job(root, url, cluster.url, topic, root / "embeddings", mode="cluster")
+
+        def nodes_cpu() -> float:
+            return sum(redis_cpu_seconds(redis_url(node)) for node in cluster.nodes)
+
+        assert job.pid is not None
+        deadline, start, done = time.monotonic() + 240, None, 0
+        while time.monotonic() < deadline and done < count:
+            done = applied(scrape(job.port))
+            if start is None and done > 0:
+                start = (time.perf_counter(), done, cpu_seconds(job.pid), nodes_cpu())
+            time.sleep(0.1)
+        if start is None or done < count:
+            raise RuntimeError(f"the job applied {done} of {count} events in time")
+        events = done - start[1]
+        rate = events / (time.perf_counter() - start[0])
+        job_ms = 1000 * (cpu_seconds(job.pid) - start[2]) / events
+        redis_ms = 1000 * (nodes_cpu() - start[3]) / events
+        print(
+            f"feature job, one process, Redis Cluster (3 primaries): {rate:,.0f} events/s "
+            f"(CPU per event: job {job_ms:.3f} ms, redis, all nodes, {redis_ms:.3f} ms)"
+        )
+        print(f"ratio cluster / single node: {rate / single_rate:.3f}", flush=True)
+    finally:
+        if job is not None:
+            job.stop()
+        cluster.stop()
 
 
 if __name__ == "__main__":

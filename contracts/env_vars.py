@@ -13,6 +13,7 @@ class ModelServerEnv:
     """The TorchServe handler (`model_handlers.handler_settings` says what each means)."""
 
     REDIS_URL = "RECSYS_REDIS_URL"
+    REDIS_MODE = "RECSYS_REDIS_MODE"
     REDIS_PASSWORD = "RECSYS_REDIS_PASSWORD"
     SYSTEM_ID = "RECSYS_SYSTEM_ID"
     STORE_TIMEOUT_MS = "RECSYS_STORE_TIMEOUT_MS"
@@ -23,6 +24,7 @@ class ModelServerEnv:
 
     ALL = (
         REDIS_URL,
+        REDIS_MODE,
         REDIS_PASSWORD,
         SYSTEM_ID,
         STORE_TIMEOUT_MS,

@@ -20,6 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from recsys_contracts.api_base import Duration, parse_duration
 from recsys_contracts.env_vars import PREFIX as ENV_PREFIX
+from recsys_contracts.store_endpoint import (
+    URL_PATTERN,
+    StoreEndpoint,
+    StoreMode,
+    endpoint_problem,
+)
 
 _LIST_FIELDS = frozenset({"windows"})  # comma-separated in the environment
 
@@ -53,7 +59,9 @@ class FeatureJobSettings(BaseModel):
     dead_letter_topic: str | None = None
     """Where malformed events go; defaults to `<interactions_topic>-dead-letter`."""
 
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://.+")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", pattern=URL_PATTERN)
+    redis_mode: StoreMode = StoreMode.SINGLE
+    """`cluster`: `redis_url` names one node of a Redis Cluster (`store_endpoint`)."""
     redis_password: SecretStr | None = None
     store_ttl_seconds: int = Field(default=7 * 86_400, ge=1)
     """Per-user keys expire this long after the user's last write."""
@@ -127,6 +135,17 @@ class FeatureJobSettings(BaseModel):
                 raise ValueError(f"model_archives: expected VERSION=URI, got {part!r}")
             pairs[version] = uri
         return pairs
+
+    @model_validator(mode="after")
+    def _store_endpoint_is_usable(self) -> FeatureJobSettings:
+        problem = endpoint_problem(self.redis_url, self.redis_mode)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @property
+    def store_endpoint(self) -> StoreEndpoint:
+        return StoreEndpoint(self.redis_url, self.redis_mode)
 
     @model_validator(mode="after")
     def _popular_scores_stay_finite(self) -> FeatureJobSettings:

@@ -5,6 +5,10 @@ Every key starts with `recsys:v1:<system>:` so several RecommenderSystems can
 share one Redis, and so a future layout change bumps `v1` instead of misreading
 old data. The user id sits inside `{...}`, Redis Cluster's hash tag, so all of
 one user's keys live in one slot and a pipeline per user never crosses nodes.
+`popular` has no tag (it hashes on its whole name); the key kept next to it takes
+that whole name as its tag, so the two share a slot too (and, like every key, it
+starts with `recsys:v1:<system>:`, so deleting a system's keys by that prefix
+deletes it with `popular`).
 
 | key | type | written by | content |
 |---|---|---|---|
@@ -14,6 +18,7 @@ one user's keys live in one slot and a pipeline per user never crosses nodes.
 | `recsys:v1:<system>:u:{<user>}:state` | string | stream job | the job's private per-user state (JSON), for idempotence and windows |
 | `recsys:v1:<system>:u:{<user>}:seen` | set | stream job | every item the user interacted with (not only the last N): serving never recommends them |
 | `recsys:v1:<system>:popular` | zset | stream job | item id -> decayed interaction count (cold-start fallback) |
+| `recsys:v1:<system>:popular-applied:{recsys:v1:<system>:popular}` | zset | stream job | events counted into `popular` whose users' write is not confirmed yet -> server time (ms) they were counted; the job's own (see `stream_jobs.feature_store`) |
 
 All per-user keys carry the store TTL (`spec.features.store.ttl`).
 
@@ -84,6 +89,13 @@ def state_key(system: str, user_id: str) -> str:
 
 def popular_items_key(system: str) -> str:
     return f"recsys:{LAYOUT_VERSION}:{system}:popular"
+
+
+def popular_applied_key(system: str) -> str:
+    """The record of events counted into `popular`, in the same hash slot as it: its hash
+    tag is the popular key's whole name (system ids hold no braces)."""
+    popular = popular_items_key(system)
+    return f"{popular}-applied:{{{popular}}}"
 
 
 def encode_embedding(vector: np.ndarray) -> bytes:

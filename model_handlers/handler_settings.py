@@ -3,6 +3,7 @@
 | variable | default | meaning |
 |---|---|---|
 | `RECSYS_REDIS_URL` | manifest `serving.redis_url` | feature store; unset and no default: no online features |
+| `RECSYS_REDIS_MODE` | `single` | `cluster`: the URL names one node of a Redis Cluster (`recsys_contracts.store_endpoint`) |
 | `RECSYS_REDIS_PASSWORD` | none | password for the feature store |
 | `RECSYS_SYSTEM_ID` | manifest `serving.system_id` | `<namespace>.<name>`, the feature-key prefix; required with a store |
 | `RECSYS_STORE_TIMEOUT_MS` | 50 | feature-store connect/read timeout; past it the batch goes on without |
@@ -23,8 +24,10 @@ from typing import Literal
 
 from recsys_contracts.archive_layout import ArchiveManifest
 from recsys_contracts.env_vars import ModelServerEnv
+from recsys_contracts.store_endpoint import StoreMode, endpoint_problem
 
 REDIS_URL = ModelServerEnv.REDIS_URL
+REDIS_MODE = ModelServerEnv.REDIS_MODE
 REDIS_PASSWORD = ModelServerEnv.REDIS_PASSWORD
 SYSTEM_ID = ModelServerEnv.SYSTEM_ID
 STORE_TIMEOUT_MS = ModelServerEnv.STORE_TIMEOUT_MS
@@ -50,6 +53,7 @@ class HandlerSettings:
     max_k: int
     quantize_tower: bool
     faiss_device: FaissDevice
+    redis_mode: StoreMode = StoreMode.SINGLE
 
     @property
     def use_gpu(self) -> bool | None:
@@ -75,6 +79,12 @@ class HandlerSettings:
                 f"{SYSTEM_ID} is required with a feature store ({REDIS_URL}={redis_url}): "
                 "it is the <namespace>.<name> prefix of the feature keys"
             )
+        mode = get(REDIS_MODE) or StoreMode.SINGLE.value
+        if mode not in tuple(StoreMode):
+            raise SettingsError(f"{REDIS_MODE} must be single or cluster, got {mode!r}")
+        problem = endpoint_problem(redis_url, mode) if redis_url else None
+        if problem:
+            raise SettingsError(f"{REDIS_URL}/{REDIS_MODE}: {problem}")
         timeout_ms = _number(get(STORE_TIMEOUT_MS), STORE_TIMEOUT_MS, default=50.0)
         if timeout_ms <= 0:
             raise SettingsError(f"{STORE_TIMEOUT_MS} must be positive, got {timeout_ms}")
@@ -92,6 +102,7 @@ class HandlerSettings:
         return cls(
             redis_url=redis_url,
             redis_password=get(REDIS_PASSWORD),
+            redis_mode=StoreMode(mode),
             system_id=system_id,
             store_timeout_s=timeout_ms / 1000.0,
             max_k=max_k,

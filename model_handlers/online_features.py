@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from recsys_contracts.feature_keys import (
     recent_items_key,
     seen_items_key,
 )
+from recsys_contracts.store_endpoint import StoreEndpoint, StoreMode
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,64 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
-def connect(url: str, *, timeout_s: float, password: str | None = None) -> Any:
-    """A Redis client with short timeouts (the handler's latency budget is milliseconds)."""
-    import redis
+def connect(
+    url: str,
+    *,
+    timeout_s: float,
+    password: str | None = None,
+    mode: StoreMode | str = StoreMode.SINGLE,
+) -> Any:
+    """A Redis client with short timeouts (the handler's latency budget is milliseconds):
+    a `redis.Redis`, or for `mode` cluster a `RedisCluster` (its pipelines split per node),
+    opened at the first read (see `LazyClusterClient`)."""
+    endpoint = StoreEndpoint(url, StoreMode(mode))
 
-    return redis.Redis.from_url(
-        url,
-        password=password or None,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=30,
-    )
+    def open_client() -> Any:
+        return endpoint.connect(
+            password=password,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=30,
+        )
+
+    return LazyClusterClient(open_client) if endpoint.cluster else open_client()
+
+
+class LazyClusterClient:
+    """A cluster client made when first needed, and again after a failure to make it.
+
+    `RedisCluster` asks a node for the slot map as it is created, and fails when none
+    answers; `redis.Redis` connects at its first command. So that a store that is down
+    (at the model's start, or after) fails no request either way, a client that cannot be
+    made yet gives a pipeline whose `execute` raises why: the reader reports it as a
+    store error, and the next batch tries again."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._client: Any = None
+
+    def pipeline(self, transaction: bool = False) -> Any:
+        if self._client is None:
+            try:
+                self._client = self._make()
+            except Exception as exc:  # redis-py raises RedisClusterException, not ConnectionError
+                return _Unreachable(exc)
+        return self._client.pipeline(transaction=transaction)
+
+    def __getattr__(self, name: str) -> Any:  # any other command: the client, made now
+        if self._client is None:
+            self._client = self._make()
+        return getattr(self._client, name)
+
+
+class _Unreachable:
+    """A pipeline of a store that cannot be reached: takes commands, raises on execute."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __getattr__(self, name: str) -> Callable[..., _Unreachable]:
+        return lambda *args, **kwargs: self
+
+    def execute(self) -> list[Any]:
+        raise self.error

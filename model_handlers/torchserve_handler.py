@@ -79,6 +79,7 @@ class RetrievalHandler:
                     settings.redis_url,
                     timeout_s=settings.store_timeout_s,
                     password=settings.redis_password,
+                    mode=settings.redis_mode,
                 ),
                 system=settings.system_id,
                 model_version=manifest.model_version,

@@ -11,6 +11,7 @@ import typer
 
 from recsys_contracts.env_vars import EventWireEnv
 from recsys_contracts.feature_job_settings import FeatureJobSettings, SubscriptionType
+from recsys_contracts.store_endpoint import StoreMode
 
 events_app = typer.Typer(help="Send user events to the interactions topic.", no_args_is_help=True)
 features_app = typer.Typer(help="The stream feature job.", no_args_is_help=True)
@@ -176,6 +177,9 @@ def run_features(
     ] = None,
     dead_letter_topic: Annotated[str | None, _opt("Topic for malformed events.")] = None,
     redis_url: Annotated[str | None, _opt("The feature store.")] = None,
+    redis_mode: Annotated[
+        StoreMode | None, _opt("single, or cluster: the URL names one node of a Redis Cluster.")
+    ] = None,
     store_ttl_seconds: Annotated[int | None, _opt("Expiry of per-user keys.")] = None,
     last_n: Annotated[int | None, _opt("Recent items kept per user.")] = None,
     windows: Annotated[str | None, _opt("Counting windows, comma-separated, e.g. 1h,24h.")] = None,
@@ -228,6 +232,9 @@ def rebuild_features(
     pulsar_service_url: Annotated[str | None, _opt("Pulsar service URL.")] = None,
     interactions_topic: Annotated[str | None, _opt("The topic to replay.")] = None,
     redis_url: Annotated[str | None, _opt("The feature store.")] = None,
+    redis_mode: Annotated[
+        StoreMode | None, _opt("single, or cluster: the URL names one node of a Redis Cluster.")
+    ] = None,
     embeddings_path: Annotated[
         Path | None, _opt("Item embeddings: one model's directory or archive, or one per version.")
     ] = None,

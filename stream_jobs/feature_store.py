@@ -1,24 +1,49 @@
-"""Reading and writing a batch of users' features in Redis (the online feature store).
+"""Reading and writing a batch of users' features in Redis (the online feature store),
+one Redis primary or a Redis Cluster alike.
 
-One batch is one optimistic transaction made of two Lua scripts:
+A batch is split by hash slot: every key of one user shares a slot (the `{user}` hash
+tag of `feature_keys`), and a script may only touch keys of one slot in a cluster. On a
+single primary the whole batch is one group. Each group is one optimistic transaction:
 
-1. READ_VALUES returns the users' states and embeddings;
-2. the job computes the new values (pure functions, `user_features`);
-3. WRITE_BATCH first checks that no user's state changed since it was read
-   (SHA-1 of what was read against what is there now), then writes every key of
-   every changed user. A script runs atomically, so the derived keys (`recent`,
-   `features`, `emb:*`, `popular`) never disagree with `state`, a job killed
-   mid-write leaves all or nothing, and when two consumers touch the same user
-   (Shared subscriptions, rebalancing) the second one recomputes instead of
-   overwriting the first.
+1. READ_VALUES returns its users' states and embeddings (every group's read goes out in
+   one pipeline per node, so a batch costs one round trip per node, not per slot; see
+   `_send`);
+2. the job computes the new values for the whole batch at once (pure functions,
+   `user_features`);
+3. POPULAR_ADD counts the applied interactions into the `popular` zset (see below);
+4. WRITE_BATCH, per group, first checks that no user's state changed since it was read
+   (SHA-1 of what was read against what is there now), then writes every key of every
+   changed user. A script runs atomically, so the derived keys (`recent`, `features`,
+   `emb:*`) never disagree with `state`, a job killed mid-write leaves all or nothing
+   of each group, and when two consumers touch the same user (Shared subscriptions,
+   rebalancing) the second one recomputes instead of overwriting the first. Only the
+   groups that lost that race are read and computed again.
 
-Why scripts rather than WATCH, MGET and MULTI/EXEC: key names and values travel
-inside one JSON argument and one binary blob, instead of thousands of command
-arguments that redis-py packs one by one in Python; that packing was the largest
-single cost per event. The keys are not declared as KEYS, which a single Redis
-primary allows and Redis Cluster would not (a batch spans users in many slots).
+Every script declares every key it touches (KEYS), as Redis Cluster requires; the
+rest (the plan, the binary values) travels in one JSON argument and one blob, which
+redis-py packs far faster than thousands of separate arguments.
 
-Redis errors are not handled here: the job retries the whole batch.
+The popular zset is one key, in one slot, so it cannot be written in the same script
+as users of other slots. It is written FIRST, idempotently per event: POPULAR_ADD
+records each applied event (`<user>:<event id>`) in a zset in the popular key's slot
+(`feature_keys.popular_applied_key`) and adds an event's weight only if the event was
+not recorded yet. Then:
+- a crash after the popular write and before the users' write: the redelivered events
+  are applied again to the users (their state never saw them) and POPULAR_ADD skips
+  them: counted once;
+- a crash after the users' write: the users' state now knows the events (duplicates),
+  so they add nothing anywhere: counted once;
+- once a batch's users are written, their state deduplicates the events, so the next
+  POPULAR_ADD call drops them from the record (`done`); what a crash leaves behind
+  expires after `POPULAR_REDO_WINDOW_MS`, the longest a redelivery may take to be
+  counted exactly. The record thus holds about one batch of events.
+The one case left inexact needs two consumers on one user at once (which KeyShared and
+Failover subscriptions rule out): an event counted into popular by a consumer whose
+users' write then loses the race, and which its recomputation finds late because the
+other consumer moved the user's horizon past it without applying it, stays counted.
+
+Redis errors are not handled here: the job retries the whole batch (every step above
+is safe to repeat).
 """
 
 from __future__ import annotations
@@ -32,12 +57,15 @@ from typing import Any
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
 
 from recsys_contracts import feature_keys as keys
 from recsys_contracts.events import Event
 from stream_jobs.item_embeddings import ItemEmbeddings
 from stream_jobs.user_features import (
     FeatureParams,
+    Outcome,
     UserUpdate,
     decode_state,
     encode_state,
@@ -49,26 +77,28 @@ from stream_jobs.user_features import (
 )
 
 MAX_CONFLICT_RETRIES = 20
+POPULAR_REDO_WINDOW_MS = 24 * 3_600_000
+"""How long the popular record keeps an event whose users' write never confirmed it (a
+crash): a redelivery within this window is not counted twice."""
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _NOTHING_SHA1 = hashlib.sha1(b"").hexdigest()
 
-# ARGV[1]: JSON list of keys. Returns their values (nil where missing).
+# KEYS: the keys to read (all in one slot). Returns their values (nil where missing).
 READ_VALUES = """
-local names = cjson.decode(ARGV[1])
 local values = {}
-for i, name in ipairs(names) do
+for i, name in ipairs(KEYS) do
   values[i] = redis.call('GET', name)
 end
 return values
 """
 
-# ARGV[1]: TTL in ms. ARGV[2]: the JSON plan: per user its keys (state, recent,
-# features, then one per moved embedding, then seen), `read` (SHA-1 of the state as read),
-# `values` ({offset, length} in ARGV[3] of the new state, then of each
-# embedding), `recent`, `features` (field, value, ...) and `seen` (items the batch's
-# interactions touched); then `popular` (item,
-# weight, ...) and its key. ARGV[3]: the binary values back to back, outside the
-# JSON so that they are neither escaped nor decoded.
+# KEYS: per user, its keys (state, recent, features, then one per moved embedding, then
+# seen), users one after the other, all in one slot. ARGV[1]: TTL in ms. ARGV[2]: the
+# JSON plan: per user `keys` (how many of KEYS are its), `read` (SHA-1 of the state as
+# read), `values` ({offset, length} in ARGV[3] of the new state, then of each embedding),
+# `recent`, `features` (field, value, ...) and `seen` (items the batch's interactions
+# touched). ARGV[3]: the binary values back to back, outside the JSON so that they are
+# neither escaped nor decoded.
 # Returns 0, writing nothing, when a state changed since it was read; else 1.
 WRITE_BATCH = """
 local ttl = ARGV[1]
@@ -77,38 +107,85 @@ local blob = ARGV[3]
 local function value(span)
   return string.sub(blob, span[1] + 1, span[1] + span[2])
 end
+local base = 0
 for _, user in ipairs(plan.users) do
-  if redis.sha1hex(redis.call('GET', user.keys[1]) or '') ~= user.read then
+  if redis.sha1hex(redis.call('GET', KEYS[base + 1]) or '') ~= user.read then
     return 0
   end
+  base = base + user.keys
 end
+base = 0
 for _, user in ipairs(plan.users) do
-  local k = user.keys
-  redis.call('SET', k[1], value(user.values[1]), 'PX', ttl)
-  redis.call('DEL', k[2])
+  local state, recent, features, seen = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3],
+    KEYS[base + user.keys]
+  redis.call('SET', state, value(user.values[1]), 'PX', ttl)
+  redis.call('DEL', recent)
   if #user.recent > 0 then
-    redis.call('RPUSH', k[2], unpack(user.recent))
-    redis.call('PEXPIRE', k[2], ttl)
+    redis.call('RPUSH', recent, unpack(user.recent))
+    redis.call('PEXPIRE', recent, ttl)
   end
-  redis.call('DEL', k[3])
-  redis.call('HSET', k[3], unpack(user.features))
-  redis.call('PEXPIRE', k[3], ttl)
+  redis.call('DEL', features)
+  redis.call('HSET', features, unpack(user.features))
+  redis.call('PEXPIRE', features, ttl)
   for i = 2, #user.values do
-    redis.call('SET', k[2 + i], value(user.values[i]), 'PX', ttl)
+    redis.call('SET', KEYS[base + 2 + i], value(user.values[i]), 'PX', ttl)
   end
   if #user.seen > 0 then
-    redis.call('SADD', k[#k], unpack(user.seen))
+    redis.call('SADD', seen, unpack(user.seen))
   end
-  redis.call('PEXPIRE', k[#k], ttl)
-end
-for i = 1, #plan.popular, 2 do
-  redis.call('ZINCRBY', plan.popular_key, plan.popular[i + 1], plan.popular[i])
-end
-if #plan.popular > 0 then
-  redis.call('PEXPIRE', plan.popular_key, ttl)
+  redis.call('PEXPIRE', seen, ttl)
+  base = base + user.keys
 end
 return 1
 """
+
+# KEYS[1]: the popular zset. KEYS[2]: the record of counted events (same slot).
+# ARGV[1]: TTL of popular in ms. ARGV[2]: how long the record keeps an event, in ms.
+# ARGV[3]: JSON {add: [[event, item, weight], ...], done: [event, ...]}: events to count
+# (each at most once), and events whose users' write committed (no longer at risk).
+# Returns how many of `add` were counted now.
+POPULAR_ADD = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local plan = cjson.decode(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms - tonumber(ARGV[2]))
+for _, event in ipairs(plan.done) do
+  redis.call('ZREM', KEYS[2], event)
+end
+local sums, order, counted = {}, {}, 0
+for _, add in ipairs(plan.add) do
+  if redis.call('ZADD', KEYS[2], 'NX', now_ms, add[1]) == 1 then
+    if sums[add[2]] == nil then
+      sums[add[2]] = 0
+      order[#order + 1] = add[2]
+    end
+    sums[add[2]] = sums[add[2]] + tonumber(add[3])
+    counted = counted + 1
+  end
+end
+for _, item in ipairs(order) do
+  redis.call('ZINCRBY', KEYS[1], string.format('%.17g', sums[item]), item)
+end
+if counted > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return counted
+"""
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """One EVALSHA: the keys it touches (one slot) and its other arguments."""
+
+    keys: list[str]
+    args: tuple[bytes | str | int, ...] = ()
+
+
+StoreClient = redis.Redis | RedisCluster
+"""What the store is opened as (`recsys_contracts.store_endpoint`)."""
 
 
 class TooManyConflicts(RuntimeError):
@@ -137,41 +214,173 @@ class StoreLayout:
 
 
 class FeatureStore:
-    def __init__(self, client: redis.Redis, layout: StoreLayout, params: FeatureParams) -> None:
+    def __init__(self, client: StoreClient, layout: StoreLayout, params: FeatureParams) -> None:
         self.client = client
         self.layout = layout
         self.params = params
+        self._cluster = isinstance(client, RedisCluster)
         self._loaded: dict[str, str] = {}  # script text -> SHA-1 the server knows it by
+        self._popular_done: list[str] = []  # events whose users' write committed
 
     def apply(
         self, events_by_user: Mapping[str, Sequence[Event]], items: Mapping[str, ItemEmbeddings]
     ) -> BatchWrite:
-        """Apply each user's events (in order) and write what changed, atomically."""
-        system = self.layout.system
-        users = list(events_by_user)
+        """Apply each user's events (in order) and write what changed, atomically per slot."""
         versions = list(items)
-        read_keys = [keys.state_key(system, u) for u in users]
-        read_keys += [keys.embedding_key(system, u, v) for u in users for v in versions]
+        updates: dict[str, UserUpdate] = {}
+        counted: list[str] = []  # events sent to POPULAR_ADD in this batch
+        pending = self._slot_groups(list(events_by_user))
         for _ in range(MAX_CONFLICT_RETRIES):
-            values = self._run(READ_VALUES, _JSON.encode(read_keys))
-            updates = self._compute(users, versions, values, events_by_user, items)
-            args = self._write_args(updates, values[: len(users)])
-            if args is None or self._run(WRITE_BATCH, *args) == 1:
+            users = [user for group in pending for user in group]
+            values = self._read(pending, versions)
+            fresh = self._compute(users, versions, values, events_by_user, items)
+            updates.update(fresh)
+            counted += self._add_popular(events_by_user, fresh)
+            states_read = dict(zip(users, values[: len(users)], strict=True))
+            pending = self._write(pending, fresh, states_read)
+            if not pending:
+                self._popular_done = list(dict.fromkeys(counted))  # sent with the next POPULAR_ADD
                 return BatchWrite(events_by_user, updates, time.time() * 1000)
         raise TooManyConflicts(
-            f"{len(users)} users changed by another writer {MAX_CONFLICT_RETRIES} times"
+            f"{sum(map(len, pending))} users changed by another writer {MAX_CONFLICT_RETRIES} times"
         )
 
-    def _run(self, script: str, *args: bytes | str | int) -> Any:
-        """EVALSHA `script`, loading it first when the server does not know it (yet)."""
+    # --- one batch, slot group by slot group ----------------------------------------
+
+    def _slot_groups(self, users: list[str]) -> list[list[str]]:
+        """The users split by the hash slot of their keys: one group on a single node."""
+        if not self._cluster or not users:
+            return [users] if users else []
+        groups: dict[int, list[str]] = {}
+        for user in users:
+            slot = key_slot(keys.state_key(self.layout.system, user).encode())
+            groups.setdefault(slot, []).append(user)
+        return list(groups.values())
+
+    def _read(self, groups: list[list[str]], versions: list[str]) -> list[bytes | None]:
+        """States of every group's users, then their embeddings (user by user, each in
+        `versions` order): the layout `_compute` reads."""
+        system = self.layout.system
+        calls = [
+            ScriptCall(
+                [keys.state_key(system, u) for u in group]
+                + [keys.embedding_key(system, u, v) for u in group for v in versions]
+            )
+            for group in groups
+        ]
+        states: list[bytes | None] = []
+        embeddings: list[bytes | None] = []
+        for group, values in zip(groups, self._run(READ_VALUES, calls), strict=True):
+            states += values[: len(group)]
+            embeddings += values[len(group) :]
+        return states + embeddings
+
+    def _write(
+        self,
+        groups: list[list[str]],
+        updates: dict[str, UserUpdate],
+        states_read: Mapping[str, bytes | None],
+    ) -> list[list[str]]:
+        """Write each group's changed users; returns the groups that lost the race to
+        another writer (nothing of theirs was written)."""
+        calls: list[ScriptCall] = []
+        written: list[list[str]] = []
+        for group in groups:
+            call = self._write_args({u: updates[u] for u in group}, [states_read[u] for u in group])
+            if call is not None:  # only duplicates or late events: nothing to write
+                calls.append(call)
+                written.append(group)
+        results = self._run(WRITE_BATCH, calls)
+        return [group for group, ok in zip(written, results, strict=True) if ok != 1]
+
+    def _add_popular(
+        self, events_by_user: Mapping[str, Sequence[Event]], updates: Mapping[str, UserUpdate]
+    ) -> list[str]:
+        """Count the applied interactions into `popular`, each event at most once (see the
+        module docstring); returns the events sent."""
+        half_life = self.layout.popular_half_life_ms
+        add: list[tuple[str, str, str]] = []
+        for user, update in updates.items():
+            for event, outcome in zip(events_by_user[user], update.outcomes, strict=True):
+                if outcome is Outcome.APPLIED and event.is_interaction:
+                    weight = popular_weight(event.ts, keys.POPULAR_EPOCH_MS, half_life)
+                    add.append((_event_member(user, event.event_id), event.item_id, repr(weight)))
+        if not add and not self._popular_done:
+            return []
+        system = self.layout.system
+        plan = {"add": add, "done": self._popular_done}
+        call = ScriptCall(
+            [keys.popular_items_key(system), keys.popular_applied_key(system)],
+            (self.layout.ttl_ms, POPULAR_REDO_WINDOW_MS, _JSON.encode(plan)),
+        )
+        self._run(POPULAR_ADD, [call])
+        self._popular_done = []
+        return [member for member, _, _ in add]
+
+    def _run(self, script: str, calls: Sequence[ScriptCall]) -> list[Any]:
+        """EVALSHA `script` once per call, pipelined (see `_send`); loads the script first
+        when a server does not know it (yet). Results in the order of `calls`."""
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
         for _ in range(2):
-            if script not in self._loaded:
+            if not todo:
+                return results
+            if script not in self._loaded:  # a cluster client loads it on every primary
                 self._loaded[script] = str(self.client.script_load(script))
-            try:
-                return self.client.evalsha(self._loaded[script], 0, *args)
-            except redis.exceptions.NoScriptError:  # the server restarted: load it again
+            replies = self._send(self._loaded[script], [calls[n] for n in todo])
+            forgotten = []
+            for n, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, redis.exceptions.NoScriptError):
+                    forgotten.append(n)  # that server restarted: load it again
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    results[n] = reply
+            if forgotten:
                 del self._loaded[script]
-        raise redis.exceptions.NoScriptError("the server keeps forgetting the scripts")
+            todo = forgotten
+        if todo:
+            raise redis.exceptions.NoScriptError("the server keeps forgetting the scripts")
+        return results
+
+    def _send(self, sha: str, calls: Sequence[ScriptCall]) -> list[Any]:
+        """One pipeline per node; replies (or the error of each call) in order.
+
+        On a cluster, each node's calls go down that node's own connection, as the slot
+        map says: redis-py's cluster pipeline routes and wraps every command in Python,
+        ten times the cost. A call the node refuses (MOVED or ASK: the slot moved; the
+        cluster busy) or a node that fails goes again through the cluster pipeline,
+        which follows the redirect and refreshes the map. Repeating a call is safe: it
+        was not run, or a WRITE_BATCH finds its states changed, or POPULAR_ADD finds its
+        events recorded."""
+        cluster = self.client
+        if not isinstance(cluster, RedisCluster):
+            return _pipelined(cluster, sha, calls)
+        by_node: dict[str, list[int]] = {}
+        nodes = {}
+        for n, call in enumerate(calls):
+            node = cluster.get_node_from_key(call.keys[0])
+            by_node.setdefault(node.name, []).append(n)
+            nodes[node.name] = node
+        replies: list[Any] = [None] * len(calls)
+        again: list[int] = []
+        for name, indexes in by_node.items():
+            connection = cluster.get_redis_connection(nodes[name])
+            try:
+                node_replies = _pipelined(connection, sha, [calls[n] for n in indexes])
+            except (redis.ConnectionError, redis.TimeoutError):
+                again += indexes
+                continue
+            for n, reply in zip(indexes, node_replies, strict=True):
+                if isinstance(reply, _ELSEWHERE):
+                    again.append(n)
+                else:
+                    replies[n] = reply
+        if again:
+            redone = _pipelined(cluster, sha, [calls[n] for n in again])
+            for n, reply in zip(again, redone, strict=True):
+                replies[n] = reply
+        return replies
 
     def _compute(
         self,
@@ -194,8 +403,8 @@ class FeatureStore:
 
     def _write_args(
         self, updates: dict[str, UserUpdate], states_read: Sequence[bytes | None]
-    ) -> tuple[int, str, bytes] | None:
-        """WRITE_BATCH's arguments for the changed users; None when no user changed."""
+    ) -> ScriptCall | None:
+        """WRITE_BATCH for the changed users (of one slot); None when no user changed."""
         system = self.layout.system
         blob: list[bytes] = []
         offset = 0
@@ -206,8 +415,8 @@ class FeatureStore:
             offset += len(data)
             return [offset - len(data), len(data)]
 
+        all_keys: list[str] = []
         plan_users: list[dict[str, Any]] = []
-        popular: dict[str, float] = {}
         for (user, update), read in zip(updates.items(), states_read, strict=True):
             if not update.changed:
                 continue  # only duplicates or late events: nothing to write
@@ -223,9 +432,10 @@ class FeatureStore:
             user_keys.append(keys.seen_items_key(system, user))  # last: the script finds it there
             seen_by_readers = view(update.state, self.params)
             fields = feature_fields(seen_by_readers, self.params)
+            all_keys += user_keys
             plan_users.append(
                 {
-                    "keys": user_keys,
+                    "keys": len(user_keys),
                     "read": hashlib.sha1(read).hexdigest() if read else _NOTHING_SHA1,
                     "values": values,
                     "recent": recent_item_ids(seen_by_readers, self.params),
@@ -233,17 +443,36 @@ class FeatureStore:
                     "seen": sorted({item_id for item_id, _ in update.touched_items}),
                 }
             )
-            for item_id, ts in update.touched_items:
-                weight = popular_weight(ts, keys.POPULAR_EPOCH_MS, self.layout.popular_half_life_ms)
-                popular[item_id] = popular.get(item_id, 0.0) + weight
         if not plan_users:
             return None
-        plan = {
-            "users": plan_users,
-            "popular": [x for item, weight in popular.items() for x in (item, repr(weight))],
-            "popular_key": keys.popular_items_key(system),
-        }
-        return self.layout.ttl_ms, _JSON.encode(plan), b"".join(blob)
+        plan = {"users": plan_users}
+        return ScriptCall(all_keys, (self.layout.ttl_ms, _JSON.encode(plan), b"".join(blob)))
+
+
+# Replies of a node that does not (or not now) serve the call's slot.
+_ELSEWHERE = (
+    redis.exceptions.MovedError,
+    redis.exceptions.AskError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+
+
+def _pipelined(client: Any, sha: str, calls: Sequence[ScriptCall]) -> list[Any]:
+    """EVALSHA per call in one non-transactional pipeline of `client` (a node or the
+    cluster client); an error is returned in its call's place, not raised."""
+    pipe = client.pipeline(transaction=False)
+    for call in calls:
+        # execute_command: the cluster pipeline blocks its evalsha() method, not the
+        # command, which it routes by the keys' slot
+        pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+    return list(pipe.execute(raise_on_error=False))
+
+
+def _event_member(user_id: str, event_id: str) -> str:
+    """An event in the popular record: event ids are unique per user (length-prefixed,
+    so no user id and event id pair reads as another)."""
+    return f"{len(user_id)}:{user_id}:{event_id}"
 
 
 def _embedding(value: bytes | None, dim: int) -> np.ndarray | None:

@@ -35,7 +35,13 @@ from recsys_contracts.events import Event, InvalidEvent, check_event_time, now_m
 from recsys_contracts.feature_job_settings import FeatureJobSettings, SubscriptionType, duration_ms
 from stream_jobs.backlog import BacklogPoller
 from stream_jobs.dead_letters import DeadLetter, DeadLetterPublisher
-from stream_jobs.feature_store import BatchWrite, FeatureStore, StoreLayout, TooManyConflicts
+from stream_jobs.feature_store import (
+    BatchWrite,
+    FeatureStore,
+    StoreClient,
+    StoreLayout,
+    TooManyConflicts,
+)
 from stream_jobs.item_embeddings import EmbeddingCatalog, EmbeddingsError
 from stream_jobs.metrics import FeatureJobMetrics
 from stream_jobs.rebuild import rebuild, store_is_empty
@@ -50,8 +56,16 @@ CONSUMER_TYPES = {
     SubscriptionType.FAILOVER: pulsar.ConsumerType.Failover,
     SubscriptionType.SHARED: pulsar.ConsumerType.Shared,
 }
-# Redis errors worth waiting out: the server is down, restarting, loading or unreachable.
-STORE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, TooManyConflicts)
+# Redis errors worth waiting out: the server is down, restarting, loading or unreachable;
+# in a cluster also a cluster without a primary for some slot, or slots moving.
+STORE_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    TooManyConflicts,
+)
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
 # An event naming a model version we have not loaded triggers a rescan, at most this often.
@@ -67,7 +81,7 @@ def pulsar_client(settings: FeatureJobSettings) -> pulsar.Client:
     )
 
 
-def store_persistence(client: redis.Redis) -> bool | None:
+def store_persistence(client: StoreClient) -> bool | None:
     """True when Redis writes an append-only file or snapshots, False when neither, None
     when it cannot tell (CONFIG refused, as managed Redis services often do, or down)."""
     try:
@@ -78,10 +92,11 @@ def store_persistence(client: redis.Redis) -> bool | None:
     return appendonly == "yes" or bool((save or "").strip())
 
 
-def redis_client(settings: FeatureJobSettings) -> redis.Redis:
+def redis_client(settings: FeatureJobSettings) -> StoreClient:
+    """A `redis.Redis`, or a `redis.cluster.RedisCluster` for a cluster store."""
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    return redis.Redis.from_url(
-        settings.redis_url, password=password, socket_timeout=5, socket_connect_timeout=2
+    return settings.store_endpoint.connect(
+        password=password, socket_timeout=5, socket_connect_timeout=2
     )
 
 
@@ -92,7 +107,7 @@ class FeatureJob:
         self,
         settings: FeatureJobSettings,
         metrics: FeatureJobMetrics | None = None,
-        store_client: redis.Redis | None = None,
+        store_client: StoreClient | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or FeatureJobMetrics()

@@ -28,13 +28,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pulsar
-import redis
 
 from recsys_contracts import feature_keys as keys
 from recsys_contracts.event_wire import decode_event
 from recsys_contracts.events import Event, InvalidEvent, check_event_time, now_ms
 from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
-from stream_jobs.feature_store import FeatureStore
+from stream_jobs.feature_store import FeatureStore, StoreClient
 from stream_jobs.item_embeddings import ItemEmbeddings
 
 log = logging.getLogger("stream_jobs.rebuild")
@@ -55,7 +54,7 @@ class RebuildReport:
         return f"read {self.read} events in {self.seconds:.1f}s: {parts or 'nothing'}"
 
 
-def store_is_empty(client: redis.Redis, system: str) -> bool:
+def store_is_empty(client: StoreClient, system: str) -> bool:
     """True when the store holds no per-user key and no popular items of `system`."""
     if client.exists(keys.popular_items_key(system)):
         return False

@@ -14,7 +14,11 @@ import pytest
 
 from recsys_operator.launchers.process import ManagedProcess
 from recsys_operator.launchers.pulsar_broker import broker_process
-from recsys_operator.launchers.redis_server import redis_process
+from recsys_operator.launchers.redis_server import (
+    RedisClusterProcesses,
+    redis_cluster,
+    redis_process,
+)
 from recsys_operator.tools import ToolNotFound
 
 pytest_plugins = ["kubemock.fixtures"]  # the Kubernetes and Pulsar admin emulators
@@ -49,3 +53,16 @@ def pulsar_broker(session_dir: Path) -> Iterator[ManagedProcess]:
     process = _start(lambda: broker_process(session_dir, default_partitions=2).start())
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_nodes(session_dir: Path) -> Iterator[RedisClusterProcesses]:
+    """A real 3-primary Redis Cluster on loopback (`redis-cli --cluster create`, no
+    replicas), up once cluster_state is ok on every node; stopped by PID at the end."""
+    cluster = redis_cluster(session_dir / "cluster", primaries=3)
+    try:
+        cluster.start()
+    except ToolNotFound as exc:
+        pytest.fail(str(exc))
+    yield cluster
+    cluster.stop()

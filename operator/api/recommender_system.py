@@ -25,6 +25,7 @@ from recsys_contracts.api_base import (
 from recsys_contracts.feature_job_settings import SubscriptionType
 from recsys_contracts.index_spec import IndexSpec, index_fit_problems
 from recsys_contracts.model_version import MODEL_VERSION_PATTERN
+from recsys_contracts.store_endpoint import URL_PATTERN, StoreMode, endpoint_problem
 from recsys_operator.api import cel
 
 if TYPE_CHECKING:
@@ -129,18 +130,42 @@ class EventsSpec(ApiModel):
     """Per-topic partitions, retention and backlog quota."""
 
 
+# The CEL twin of `endpoint_problem` for mode cluster: no unix socket, no database but 0.
+CLUSTER_URL_CEL = "^rediss?://([^@/]*@)?[^@/:]+(:[0-9]+)?(/0?)?$"
+
+
 # --- features ---------------------------------------------------------------------
 
 
 class StoreSpec(ApiModel):
-    """The online feature store (Redis)."""
+    """The online feature store (Redis): one primary, or a Redis Cluster."""
 
-    url: str = Field(default="redis://redis:6379/0", pattern=r"^(redis|rediss|unix)://.+")
-    """Redis URL shared by the stream jobs (writers) and the serving pods (readers)."""
+    model_config = ConfigDict(
+        json_schema_extra=cel.rules(
+            cel.rule(
+                f"self.mode != 'cluster' || self.url.matches('{CLUSTER_URL_CEL}')",
+                "a cluster store URL is redis:// or rediss:// host:port of one node, database 0",
+            )
+        )
+    )
+
+    url: str = Field(default="redis://redis:6379/0", pattern=URL_PATTERN)
+    """Redis URL shared by the stream jobs (writers) and the serving pods (readers); for a
+    cluster, any one node (the clients discover the others)."""
+    mode: StoreMode = StoreMode.SINGLE
+    """`single`: one Redis primary. `cluster`: a Redis Cluster; the feature job splits
+    each batch by hash slot (every key of one user shares a slot)."""
     password_secret_ref: SecretKeyRef | None = None
     """Secret holding the Redis password, if any."""
     ttl: Duration = "168h"
     """Per-user features expire after this long without events."""
+
+    @model_validator(mode="after")
+    def _endpoint_fits_mode(self) -> Self:
+        problem = endpoint_problem(self.url, self.mode)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class OnlineUpdatesSpec(ApiModel):

@@ -105,6 +105,12 @@ def up(
     features: Annotated[
         bool, typer.Option(help="Run the stream feature job (off: user state stays static).")
     ] = True,
+    redis_cluster: Annotated[
+        bool,
+        typer.Option(
+            help="The feature store is a 3-primary Redis Cluster on loopback (one node otherwise)."
+        ),
+    ] = False,
 ) -> None:
     """Run the RecommenderSystem in FILE on this machine, every part on 127.0.0.1.
 
@@ -157,6 +163,7 @@ def up(
         _clean_previous_run(folder)
         write_manifest(folder.manifest, body)
         args = [str(folder.root)] + ([] if features else ["--no-features"])
+        args += ["--redis-cluster"] if redis_cluster else []
         if foreground:
             from recsys_operator.local.supervisor import main as supervise
 
@@ -176,6 +183,8 @@ def _clean_previous_run(folder: RunFolder) -> None:
         stale.unlink(missing_ok=True)
     for data in ("pulsar", "redis", "prometheus", "torchserve"):
         shutil.rmtree(folder.root / data, ignore_errors=True)
+    for node in folder.root.glob("redis-cluster-*"):  # a stale nodes.conf would not join
+        shutil.rmtree(node, ignore_errors=True)
 
 
 def _start_supervisor(folder: RunFolder, args: list[str]) -> None:

@@ -68,14 +68,17 @@ def parse_system(body: dict[str, Any]) -> RecommenderSystem:
     return resource
 
 
-def localize(body: dict[str, Any], *, pulsar_url: str, redis_url: str) -> RecommenderSystem:
-    """The system with its broker and feature store on this machine."""
+def localize(
+    body: dict[str, Any], *, pulsar_url: str, redis_url: str, redis_mode: str = "single"
+) -> RecommenderSystem:
+    """The system with its broker and feature store (one node, or a cluster) on this machine."""
     local = copy.deepcopy(body)  # the caller's body stays as it was
     spec = local["spec"]
     spec.setdefault("events", {})["serviceUrl"] = pulsar_url
     # Locally there are no Secrets: the broker and the store run without authentication.
     spec["events"].pop("authSecretRef", None)
     spec.setdefault("features", {}).setdefault("store", {})["url"] = redis_url
+    spec["features"]["store"]["mode"] = redis_mode
     spec["features"]["store"].pop("passwordSecretRef", None)
     return parse_system(local)
 
@@ -107,8 +110,12 @@ class DesiredState:
         """The system once its local endpoints are known, else None."""
         return self._system
 
-    def localize(self, *, pulsar_url: str, redis_url: str) -> RecommenderSystem:
-        self._system = localize(self.body, pulsar_url=pulsar_url, redis_url=redis_url)
+    def localize(
+        self, *, pulsar_url: str, redis_url: str, redis_mode: str = "single"
+    ) -> RecommenderSystem:
+        self._system = localize(
+            self.body, pulsar_url=pulsar_url, redis_url=redis_url, redis_mode=redis_mode
+        )
         return self._system
 
     def reload(self) -> RecommenderSystem | None:
@@ -127,6 +134,7 @@ class DesiredState:
             body,
             pulsar_url=self.system.spec.events.service_url,
             redis_url=self.system.spec.features.store.url,
+            redis_mode=self.system.spec.features.store.mode.value,
         )
         self.body, self._system = body, system
         return system

@@ -204,6 +204,7 @@ class Parts:
             if name in self.processes:
                 self.processes[name].stop()
         self.servers.stop_all()
-        for name in ["redis", "pulsar"]:
+        stores = [name for name in self.processes if name.startswith("redis")]  # or its nodes
+        for name in [*stores, "pulsar"]:
             if name in self.processes:
                 self.processes[name].stop()

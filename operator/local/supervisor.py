@@ -31,7 +31,7 @@ from typing import Any
 from recsys_operator.launchers.process import LOOPBACK
 from recsys_operator.launchers.prometheus import prometheus_url
 from recsys_operator.launchers.pulsar_broker import broker_process, service_url
-from recsys_operator.launchers.redis_server import redis_process, redis_url
+from recsys_operator.launchers.redis_server import redis_cluster, redis_process, redis_url
 from recsys_operator.local.desired_state import DesiredState, ManifestError, parse_system
 from recsys_operator.local.parts import Parts
 from recsys_operator.local.report import Phase, Report
@@ -50,6 +50,8 @@ TICK_S = 1.0
 class Options:
     features: bool = True
     """Run the stream feature job (off: static user state, for the value-of-real-time benchmark)."""
+    redis_cluster: bool = False
+    """The feature store is a Redis Cluster of three primaries instead of one redis-server."""
 
 
 @dataclass
@@ -82,8 +84,10 @@ class LocalSystem:
         pulsar = self.parts.start(
             "pulsar", broker_process(self.folder.root, default_partitions=partitions)
         )
-        redis = self.parts.start("redis", redis_process(self.folder.root))
-        system = desired.localize(pulsar_url=service_url(pulsar), redis_url=redis_url(redis))
+        store_url, store_mode = self._start_store()
+        system = desired.localize(
+            pulsar_url=service_url(pulsar), redis_url=store_url, redis_mode=store_mode
+        )
         version = system.spec.model.version
         self.rollout = LocalRollout(self.folder, self.router, version, self.report.record)
         self.servers.ensure(system, version)
@@ -96,6 +100,17 @@ class LocalSystem:
         self.rollout.use_prometheus(prometheus_url(prometheus))
         self.report.phase = Phase.RUNNING
         self.report.record("Started", f"serving version {version}")
+
+    def _start_store(self) -> tuple[str, str]:
+        """One redis-server, or (`--redis-cluster`) three joined as a Redis Cluster, each
+        node a part of its own (restarted alone: it rejoins from its nodes.conf)."""
+        if not self.options.redis_cluster:
+            return redis_url(self.parts.start("redis", redis_process(self.folder.root))), "single"
+        cluster = redis_cluster(self.folder.root)
+        for n, node in enumerate(cluster.nodes):
+            self.parts.start(f"redis-{n}", node)
+        cluster.join()
+        return cluster.url, "cluster"
 
     # -- the loop ----------------------------------------------------------------
 
@@ -176,6 +191,8 @@ class LocalSystem:
             urls["pulsar"] = service_url(processes["pulsar"])
         if "redis" in processes:
             urls["redis"] = redis_url(processes["redis"])
+        elif "redis-0" in processes:  # a cluster: any node's URL is the endpoint
+            urls["redis-cluster"] = redis_url(processes["redis-0"])
         for version, server in self.servers.by_version.items():
             urls[f"torchserve-{version}"] = server.predictions_url(version)
         return urls
@@ -205,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     if not args:
         print(
-            "usage: python -m recsys_operator.local.supervisor RUN_DIR [--no-features]",
+            "usage: python -m recsys_operator.local.supervisor RUN_DIR [--no-features] "
+            "[--redis-cluster]",
             file=sys.stderr,
         )
         return 2
@@ -215,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    options = Options(features="--no-features" not in args)
+    options = Options(features="--no-features" not in args, redis_cluster="--redis-cluster" in args)
     return supervise(RunFolder(Path(args[0]).resolve()), options, stop)
 
 

@@ -65,6 +65,7 @@ def feature_job_env(system: RecommenderSystem) -> list[dict[str, Any]]:
         "subscription": FEATURES_SUBSCRIPTION,
         "subscription_type": spec.events.subscription_type.value,
         "redis_url": features.store.url,
+        "redis_mode": features.store.mode.value,
         "store_ttl_seconds": str(int(parse_duration(features.store.ttl))),
         "last_n": str(features.last_n),
         "windows": ",".join(features.windows),

@@ -172,6 +172,7 @@ def model_server_env(system: RecommenderSystem, version: str) -> list[dict[str, 
         {"name": "MKL_NUM_THREADS", "value": "1"},
         {"name": ModelServerEnv.SYSTEM_ID, "value": system_id(system)},
         {"name": ModelServerEnv.REDIS_URL, "value": system.spec.features.store.url},
+        {"name": ModelServerEnv.REDIS_MODE, "value": system.spec.features.store.mode.value},
         {"name": ModelServerEnv.MODEL_VERSION, "value": version},
         {"name": ModelServerEnv.MAX_K, "value": str(system.spec.model.top_k)},
         {

@@ -182,6 +182,10 @@ def test_variants_the_models_accept_pass_admission() -> None:
             {"requests": {"nvidia.com/gpu": 2}, "limits": {"nvidia.com/gpu": 2}},
         ),
         with_change("spec.model.numItems", 50),
+        with_change("spec.features.store", {"mode": "cluster", "url": "redis://rc:6379"}),
+        with_change(
+            "spec.features.store", {"mode": "cluster", "url": "rediss://user:pw@rc.ns:6380/0"}
+        ),
     ]
     for body in accepted:
         from recsys_operator.manifests import parse_resource

@@ -129,6 +129,18 @@ MISTAKES = [
     ("spec.serving.replica", 3, "spec.serving.replica", "Extra inputs are not permitted"),
     ("spec.events.subscriptionType", "Exclusive", "spec.events.subscriptionType", "KeyShared"),
     ("spec.features.windows", ["1h", "1h"], "spec.features.windows", "distinct"),
+    (
+        "spec.features.store",
+        {"mode": "cluster", "url": "redis://redis-cluster:6379/2"},
+        "spec.features.store",
+        "database 0 only",
+    ),
+    (
+        "spec.features.store",
+        {"mode": "cluster", "url": "unix:///run/redis.sock"},
+        "spec.features.store",
+        "cluster store URL",
+    ),
     ("spec.model.archiveUri", "ftp://x/y.mar", "spec.model.archiveUri", "pattern"),
     (
         "spec.events.topics.interactions",

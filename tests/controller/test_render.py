@@ -672,3 +672,21 @@ def test_prometheus_namespace_narrows_who_may_scrape() -> None:
             K8S_VERSION,
             strict=True,
         )
+
+
+def test_a_cluster_store_reaches_the_feature_job_and_serving_as_its_mode() -> None:
+    doc = copy.deepcopy(load("quickstart.yaml")[0])
+    doc["spec"].setdefault("features", {})["store"] = {
+        "url": "redis://redis-cluster:6379",
+        "mode": "cluster",
+    }
+    objects = render_system(RecommenderSystem.model_validate(doc), HPA_POLICY)
+    for name, container in (("quickstart-features", "features"), ("quickstart-serving", None)):
+        pod = named(objects, "Deployment", name)["spec"]["template"]["spec"]
+        found = [c for c in pod["containers"] if container is None or c["name"] == container]
+        env = {e["name"]: e.get("value") for c in found for e in c.get("env", [])}
+        assert env["RECSYS_REDIS_URL"] == "redis://redis-cluster:6379", name
+        assert env["RECSYS_REDIS_MODE"] == "cluster", name
+    default = render_system(quickstart(), HPA_POLICY)
+    features = named(default, "Deployment", "quickstart-features")["spec"]["template"]["spec"]
+    assert {"name": "RECSYS_REDIS_MODE", "value": "single"} in features["containers"][0]["env"]

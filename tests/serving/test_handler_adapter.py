@@ -181,8 +181,10 @@ def test_settings_come_from_the_environment_then_the_archive(manifest: ArchiveMa
         "RECSYS_QUANTIZE_TOWER": "true",
         "RECSYS_FAISS_DEVICE": "cpu",
         "RECSYS_MODEL_VERSION": "1",
+        "RECSYS_REDIS_MODE": "cluster",
     }
     settings = HandlerSettings.resolve(env, manifest)
+    assert defaults.redis_mode == "single" and settings.redis_mode == "cluster"
     assert (settings.redis_url, settings.system_id, settings.store_timeout_s) == (
         "redis://127.0.0.1:1/0",
         "ns.name",
@@ -201,6 +203,15 @@ def test_settings_come_from_the_environment_then_the_archive(manifest: ArchiveMa
         ({"RECSYS_FAISS_DEVICE": "tpu"}, "auto, cpu or gpu"),
         ({"RECSYS_STORE_TIMEOUT_MS": "0"}, "must be positive"),
         ({"RECSYS_MODEL_VERSION": "2"}, "archive holds version 1"),
+        ({"RECSYS_REDIS_MODE": "sharded"}, "single or cluster"),
+        (
+            {
+                "RECSYS_REDIS_URL": "redis://x:1/3",
+                "RECSYS_SYSTEM_ID": "a.b",
+                "RECSYS_REDIS_MODE": "cluster",
+            },
+            "database 0 only",
+        ),
     ],
 )
 def test_bad_settings_stop_the_model_from_loading(

@@ -10,17 +10,24 @@ import pytest
 import redis
 
 from model_handlers.online_features import NO_FEATURES, RedisFeatureReader, connect
+from recsys_contracts.events import Event
 from recsys_contracts.feature_keys import (
     embedding_key,
     encode_embedding,
     recent_items_key,
     seen_items_key,
 )
+from recsys_contracts.store_endpoint import StoreEndpoint, StoreMode
 from recsys_operator.launchers.process import ManagedProcess, free_port
+from recsys_operator.launchers.redis_server import RedisClusterProcesses
+from stream_jobs.feature_store import FeatureStore, StoreLayout
+from stream_jobs.item_embeddings import ItemEmbeddings
+from stream_jobs.user_features import FeatureParams
 
 pytestmark = pytest.mark.redis
 
 SYSTEM = "test-ns.features"
+BASE_TS = 1_767_225_600_000
 
 
 class CountingClient:
@@ -84,12 +91,15 @@ def test_another_model_version_reads_its_own_embedding(client: redis.Redis) -> N
     assert reader.read(["alice"]).features[0].embedding is None
 
 
-def test_a_store_that_is_down_fails_no_request() -> None:
-    closed = connect(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.05)
+@pytest.mark.parametrize("mode", ["single", "cluster"])
+def test_a_store_that_is_down_fails_no_request(mode: str) -> None:
+    """Not at the model's start either: a cluster client is made at the first read."""
+    closed = connect(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.05, mode=mode)
     reader = RedisFeatureReader(closed, system=SYSTEM, model_version="1", dim=4, history_length=5)
-    read = reader.read(["alice", "bob"])
-    assert read.features == [NO_FEATURES, NO_FEATURES]
-    assert read.error and read.misses == 2
+    for _ in range(2):  # and again on the next batch
+        read = reader.read(["alice", "bob"])
+        assert read.features == [NO_FEATURES, NO_FEATURES]
+        assert read.error and read.misses == 2
 
 
 def test_no_user_ids_means_no_round_trip(client: redis.Redis) -> None:
@@ -97,3 +107,54 @@ def test_no_user_ids_means_no_round_trip(client: redis.Redis) -> None:
     reader = RedisFeatureReader(counting, system=SYSTEM, model_version="1", dim=4, history_length=5)
     assert reader.read([None, None]).features == [NO_FEATURES, NO_FEATURES]
     assert counting.round_trips == 0
+
+
+@pytest.fixture
+def cluster_writer(redis_cluster_nodes: RedisClusterProcesses) -> Iterator[Any]:
+    """The feature job's client of the loopback Redis Cluster (`store_endpoint`)."""
+    endpoint = StoreEndpoint(redis_cluster_nodes.url, StoreMode.CLUSTER)
+    c = endpoint.connect(socket_timeout=2, socket_connect_timeout=2)
+    yield c
+    for key in c.scan_iter(f"recsys:v1:{SYSTEM}:*"):  # every primary
+        c.delete(key)
+    c.close()
+
+
+def test_the_handler_reads_what_the_feature_job_wrote_to_a_redis_cluster(
+    redis_cluster_nodes: RedisClusterProcesses, cluster_writer: Any, client: redis.Redis
+) -> None:
+    """Users spread over the three primaries are read in one call, as from one node."""
+    catalog = {"7": ItemEmbeddings.from_arrays("7", ["i1", "i2", "i3"], np.eye(3))}
+    users = [f"u{n}" for n in range(30)]
+    batch = {
+        user: [
+            Event(
+                event_id=f"e{k}",
+                user_id=user,
+                item_id=f"i{1 + (n + k) % 3}",
+                type="click",
+                ts=BASE_TS + k,
+            )
+            for k in range(n % 4 + 1)
+        ]
+        for n, user in enumerate(users)
+    }
+    nodes = {cluster_writer.get_node_from_key(seen_items_key(SYSTEM, u)).name for u in users}
+    assert len(nodes) == 3
+    handler_client = connect(redis_cluster_nodes.url, timeout_s=2.0, mode="cluster")
+    reads = []
+    for writer, reader_client in ((cluster_writer, handler_client), (client, client)):
+        layout = StoreLayout(SYSTEM, 60_000, 86_400_000)
+        FeatureStore(writer, layout, FeatureParams()).apply(batch, catalog)
+        reader = RedisFeatureReader(
+            reader_client, system=SYSTEM, model_version="7", dim=3, history_length=2
+        )
+        reads.append(reader.read([*users, None, "nobody"]))
+    handler_client.close()
+    from_cluster, from_single = reads
+    assert from_cluster.error is None and from_cluster.misses == 1
+    for user, got, wanted in zip(users, from_cluster.features, from_single.features, strict=False):
+        assert got.recent_item_ids == wanted.recent_item_ids and got.recent_item_ids, user
+        assert got.seen_item_ids == {e.item_id for e in batch[user]}, user
+        assert got.embedding is not None and wanted.embedding is not None
+        assert np.array_equal(got.embedding, wanted.embedding), user

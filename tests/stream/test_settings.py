@@ -47,6 +47,7 @@ def test_the_environment_the_operator_renders_is_understood() -> None:
             "RECSYS_SUBSCRIPTION": "recsys-features",
             "RECSYS_SUBSCRIPTION_TYPE": "KeyShared",
             "RECSYS_REDIS_URL": "redis://redis:6379/0",
+            "RECSYS_REDIS_MODE": "cluster",
             "RECSYS_STORE_TTL_SECONDS": "604800",
             "RECSYS_LAST_N": "50",
             "RECSYS_WINDOWS": "1h,24h",
@@ -62,6 +63,7 @@ def test_the_environment_the_operator_renders_is_understood() -> None:
         }
     )
     assert settings.dead_letters == "persistent://recsys/shop-recs/dead-letter"
+    assert settings.store_endpoint.cluster and settings.store_endpoint.url == settings.redis_url
     assert settings.store_ttl_seconds == 604_800
     assert settings.metrics_endpoint == ("0.0.0.0", 9090)
     assert settings.model_archive_uri == "http://models/recs-v3.mar"
@@ -102,6 +104,9 @@ def test_feature_params_are_in_milliseconds() -> None:
         ({"windows": ["1h", "1h"]}, "windows"),
         ({"windows": ["soon"]}, "windows"),
         ({"redis_url": "http://x"}, "redis_url"),
+        ({"redis_mode": "sharded"}, "redis_mode"),
+        ({"redis_mode": "cluster", "redis_url": "redis://x:1/4"}, "database 0 only"),
+        ({"redis_mode": "cluster", "redis_url": "unix:///run/redis.sock"}, "cluster store URL"),
         ({"subscription_type": "Exclusive"}, "subscription_type"),
         ({"learning_rate": 0}, "learning_rate"),
         ({"metrics_address": "9102"}, "metrics_address"),
