@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+import orjson
 import redis
 
 from recsys_contracts import feature_keys as keys
@@ -44,7 +44,7 @@ from stream_jobs.user_features import (
     feature_fields,
     popular_weight,
     recent_item_ids,
-    update_user,
+    update_users,
     view,
 )
 
@@ -182,19 +182,17 @@ class FeatureStore:
         items: Mapping[str, ItemEmbeddings],
     ) -> dict[str, UserUpdate]:
         n = len(users)
-        updates = {}
-        for i, user in enumerate(users):
-            embeddings = {
-                v: _embedding(values[n + i * len(versions) + j], items[v].dim)
-                for j, v in enumerate(versions)
-            }
-            state = decode_state(values[i], self.params)
-            updates[user] = update_user(state, embeddings, events_by_user[user], self.params, items)
-        return updates
+        # values: the n states, then per user one embedding per version (user-major).
+        stored = {v: values[n + j :: len(versions)] for j, v in enumerate(versions)}
+        states = [decode_state(value, self.params) for value in values[:n]]
+        batch = update_users(
+            states, stored, [events_by_user[u] for u in users], self.params, items
+        )
+        return dict(zip(users, batch, strict=True))
 
     def _write_args(
         self, updates: dict[str, UserUpdate], states_read: Sequence[bytes | None]
-    ) -> tuple[int, str, bytes] | None:
+    ) -> tuple[int, bytes, bytes] | None:
         """WRITE_BATCH's arguments for the changed users; None when no user changed."""
         system = self.layout.system
         blob: list[bytes] = []
@@ -243,8 +241,5 @@ class FeatureStore:
             "popular": [x for item, weight in popular.items() for x in (item, repr(weight))],
             "popular_key": keys.popular_items_key(system),
         }
-        return self.layout.ttl_ms, _JSON.encode(plan), b"".join(blob)
+        return self.layout.ttl_ms, orjson.dumps(plan), b"".join(blob)
 
-
-def _embedding(value: bytes | None, dim: int) -> np.ndarray | None:
-    return keys.decode_embedding(value, dim) if value else None
