@@ -70,15 +70,17 @@ def random_event(rng: random.Random, ts: int) -> Event:
 
 
 def prefill(url: str, topic: str, count: int, seed: int) -> None:
+    """Send `count` random events (made before the first send, so the sending is fast)."""
     rng = random.Random(seed)
+    start = now_ms() - count
+    events = [random_event(rng, start + n) for n in range(count)]
+    payloads = [(event.to_json(), event.user_id) for event in events]
     c = client(url)
     producer = c.create_producer(
         topic, batching_enabled=True, batching_max_publish_delay_ms=5, block_if_queue_full=True
     )
-    start = now_ms() - count
-    for n in range(count):
-        event = random_event(rng, start + n)
-        producer.send_async(event.to_json(), None, partition_key=event.user_id)
+    for payload, user in payloads:
+        producer.send_async(payload, None, partition_key=user)
     producer.flush()
     c.close()
 
@@ -117,19 +119,28 @@ def write_embeddings(root: Path) -> Path:
     return directory
 
 
-def start_job(root: Path, url: str, store: str, topic: str, embeddings: Path) -> ManagedProcess:
+def start_job(
+    root: Path,
+    url: str,
+    store: str,
+    topic: str,
+    embeddings: Path,
+    system: str = "bench.features",
+    name: str = "job",
+    extra_env: dict[str, str] | None = None,
+) -> ManagedProcess:
     port = free_port()
     argv = [
         sys.executable, "-m", "stream_jobs.features",
-        "--system-id", "bench.features", "--pulsar-service-url", url, "--interactions-topic", topic,
+        "--system-id", system, "--pulsar-service-url", url, "--interactions-topic", topic,
         "--subscription", "features", "--subscription-type", "Shared",
         "--redis-url", store, "--embeddings-path", str(embeddings), "--model-version", "v1",
         "--batch-size", str(BATCH), "--metrics-address", f"127.0.0.1:{port}", "--log-level", "WARNING",
     ]  # fmt: skip
     # The throughput is measured on the subscription: a rebuild of the empty store from the
     # pre-filled topic would apply every event before it and leave only duplicates.
-    env = {env_name("rebuild_when_empty"): "false"}
-    return ManagedProcess("feature-job", argv, root / "job.log", port, env=env).start()
+    env = {env_name("rebuild_when_empty"): "false", **(extra_env or {})}
+    return ManagedProcess("feature-job", argv, root / f"{name}.log", port, env=env).start()
 
 
 def scrape(port: int) -> str:
@@ -175,29 +186,38 @@ def redis_cpu_seconds(url: str) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-def job_throughput(job: ManagedProcess, count: int, store: str) -> tuple[float, float, float]:
-    """(events/s from first to last write, job and Redis CPU ms per event) over a
-    pre-filled topic."""
-    assert job.pid is not None
+def job_throughput(
+    jobs: list[ManagedProcess], count: int, store: str
+) -> tuple[float, float, float]:
+    """(events/s from the first write to the last, job and Redis CPU ms per event) of
+    `jobs` consuming one pre-filled topic of `count` events together."""
     deadline = time.monotonic() + 240
-    first_time, first_count, cpu_at_first, redis_at_first = None, 0, 0.0, 0.0
+
+    def job_cpu() -> float:
+        return sum(cpu_seconds(job.pid) for job in jobs if job.pid is not None)
+
+    # From the first write seen; when the jobs were done with most events before the
+    # first scrape saw one (short runs), from the first scrape instead.
+    start = (time.perf_counter(), 0, job_cpu(), redis_cpu_seconds(store))
+    first: tuple[float, int, float, float] | None = None
     done = 0
     while time.monotonic() < deadline:
-        done = applied(scrape(job.port))
-        now = time.perf_counter()
-        if first_time is None and done > 0:
-            first_time, first_count, cpu_at_first = now, done, cpu_seconds(job.pid)
-            redis_at_first = redis_cpu_seconds(store)
+        done = sum(applied(scrape(job.port)) for job in jobs)
+        if first is None and done > 0:
+            first = (time.perf_counter(), done, job_cpu(), redis_cpu_seconds(store))
         if done >= count:
             break
-        time.sleep(0.1)
-    if first_time is None or done < count:
+        time.sleep(0.05)
+    if first is None or done < count:
         raise RuntimeError(f"the job applied {done} of {count} events in time")
+    if done - first[1] < count // 2:
+        first = start
+    first_time, first_count, cpu_at_first, redis_at_first = first
     elapsed = time.perf_counter() - first_time
     events = done - first_count
-    job_cpu = 1000 * (cpu_seconds(job.pid) - cpu_at_first) / events
-    redis_cpu = 1000 * (redis_cpu_seconds(store) - redis_at_first) / events
-    return events / elapsed, job_cpu, redis_cpu
+    cpu_ms = 1000 * (job_cpu() - cpu_at_first) / events
+    redis_ms = 1000 * (redis_cpu_seconds(store) - redis_at_first) / events
+    return events / elapsed, cpu_ms, redis_ms
 
 
 def freshness(
@@ -230,17 +250,77 @@ def freshness(
     return quantile(0.5, before, after), quantile(0.99, before, after), achieved
 
 
+def wait_subscribed(job: ManagedProcess) -> None:
+    """Until the job has subscribed (it loads the embeddings right after)."""
+    deadline = time.monotonic() + 60
+    while 'recsys_feature_item_embeddings{model_version="v1"}' not in scrape(job.port):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the job did not subscribe in time")
+        time.sleep(0.05)
+
+
+def scale_out(
+    root: Path, store: str, embeddings: Path, count: int
+) -> tuple[float, float, float, float]:
+    """(events/s of one job process, of two, their CPU ms per event) on topics of two
+    partitions, Shared subscription (pulsar-lite has no KeyShared): each process gets
+    messages of both partitions; the state's idempotence keeps a redelivered event from
+    counting twice, its event-time rules apply a user's events in `ts` order whichever
+    process sees them first (within the allowed lateness), and the store's read check
+    makes a process that loses a race on a user recompute (stream_jobs/feature_store.py).
+    The processes subscribe before the events are sent, so both start together."""
+    broker = broker_process(root / "two-partitions", default_partitions=2).start()
+    jobs: list[ManagedProcess] = []
+    # pulsar-lite sometimes stops dispatching one partition of a partitioned topic that
+    # holds a batched backlog until the consumer resubscribes (docs/stream-features.md).
+    env = {env_name("resubscribe_idle"): "2s"}
+    try:
+        url = service_url(broker)
+        rates = []
+        for processes in (1, 2):
+            topic = f"persistent://public/default/scale{processes}-{uuid.uuid4().hex[:8]}"
+            system = f"bench.scale{processes}"
+            jobs = [
+                start_job(root, url, store, topic, embeddings, system, f"scale{processes}-{n}", env)
+                for n in range(processes)
+            ]
+            for job in jobs:
+                wait_subscribed(job)
+            prefill(url, topic, count, seed=2 + processes)
+            rates.append(job_throughput(jobs, count, store))
+            for job in jobs:
+                job.stop()
+            jobs = []
+        (rate_one, cpu_one, _), (rate_two, cpu_two, _) = rates
+        return rate_one, rate_two, cpu_one, cpu_two
+    finally:
+        for job in jobs:
+            job.stop()
+        broker.stop()
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=30_000, help="events per throughput run")
-    parser.add_argument("--rate", type=int, default=1_000, help="events/s of the freshness run")
-    parser.add_argument("--seconds", type=float, default=15.0, help="length of the freshness run")
+    parser.add_argument("--rate", type=int, default=5_000, help="events/s of the freshness run")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of the freshness run")
     parser.add_argument(
-        "--quick", action="store_true", help="a smoke run: 2,000 events, 200 events/s for 3 s"
+        "--scale-events", type=int, default=None, help="events of each scale-out run (--events)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 2,000 events, 500 events/s for 2 s, scale-out over 2,000 events",
     )
     args = parser.parse_args()
     if args.quick:
-        args.events, args.rate, args.seconds = 2_000, 200, 3.0
+        args.events, args.rate, args.seconds = 2_000, 500, 2.0
+    scale_events = args.scale_events or args.events
+    print(f"start: {load()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
         root = Path(tmp)
@@ -260,13 +340,15 @@ def main() -> None:
             floor = raw_consume_rate(url, raw_topic, args.events)
             print(f"raw consume-and-ack loop: {floor:,.0f} events/s", flush=True)
 
-            job = start_job(root, url, redis_url(store), job_topic, write_embeddings(root))
-            rate, cpu_ms, redis_ms = job_throughput(job, args.events, redis_url(store))
+            embeddings = write_embeddings(root)
+            job = start_job(root, url, redis_url(store), job_topic, embeddings)
+            rate, cpu_ms, redis_ms = job_throughput([job], args.events, redis_url(store))
             print(
                 f"feature job, one process: {rate:,.0f} events/s "
                 f"(CPU per event: job {cpu_ms:.3f} ms, redis {redis_ms:.3f} ms)"
             )
-            print(f"ratio job / raw: {rate / floor:.3f}", flush=True)
+            print(f"ratio job / raw: {rate / floor:.3f}")
+            print(f"redis CPU per event: {1000 * redis_ms:.1f} us (goal <= 10)", flush=True)
             job.stop()
 
             job = start_job(root, url, redis_url(store), live_topic, root / "embeddings")
@@ -275,6 +357,15 @@ def main() -> None:
                 f"freshness at {achieved:,.0f} events/s for {args.seconds:.0f}s: "
                 f"p50 {1000 * p50:.1f} ms, p99 {1000 * p99:.1f} ms"
             )
+            job.stop()
+            job = None
+            one, two, cpu_one, cpu_two = scale_out(root, redis_url(store), embeddings, scale_events)
+            print(
+                f"scale-out on two partitions: one process {one:,.0f} events/s "
+                f"({cpu_one:.3f} ms CPU/event), two processes {two:,.0f} events/s "
+                f"({cpu_two:.3f} ms CPU/event), ratio two / one: {two / one:.2f}"
+            )
+            print(f"end: {load()}", flush=True)
         finally:
             if job is not None:
                 job.stop()

@@ -41,11 +41,9 @@ from stream_jobs.user_features import (
     UserUpdate,
     decode_state,
     encode_state,
-    feature_fields,
     popular_weight,
-    recent_item_ids,
+    reader_values,
     update_users,
-    view,
 )
 
 MAX_CONFLICT_RETRIES = 20
@@ -185,9 +183,7 @@ class FeatureStore:
         # values: the n states, then per user one embedding per version (user-major).
         stored = {v: values[n + j :: len(versions)] for j, v in enumerate(versions)}
         states = [decode_state(value, self.params) for value in values[:n]]
-        batch = update_users(
-            states, stored, [events_by_user[u] for u in users], self.params, items
-        )
+        batch = update_users(states, stored, [events_by_user[u] for u in users], self.params, items)
         return dict(zip(users, batch, strict=True))
 
     def _write_args(
@@ -219,14 +215,13 @@ class FeatureStore:
                 user_keys.append(keys.embedding_key(system, user, version))
                 values.append(put(keys.encode_embedding(vector)))
             user_keys.append(keys.seen_items_key(system, user))  # last: the script finds it there
-            seen_by_readers = view(update.state, self.params)
-            fields = feature_fields(seen_by_readers, self.params)
+            fields, recent = reader_values(update.state, self.params)
             plan_users.append(
                 {
                     "keys": user_keys,
                     "read": hashlib.sha1(read).hexdigest() if read else _NOTHING_SHA1,
                     "values": values,
-                    "recent": recent_item_ids(seen_by_readers, self.params),
+                    "recent": recent,
                     "features": [x for pair in fields.items() for x in pair],
                     "seen": sorted({item_id for item_id, _ in update.touched_items}),
                 }
@@ -242,4 +237,3 @@ class FeatureStore:
             "popular_key": keys.popular_items_key(system),
         }
         return self.layout.ttl_ms, orjson.dumps(plan), b"".join(blob)
-

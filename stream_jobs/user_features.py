@@ -218,6 +218,21 @@ def _fold(
     clock, which is what trimming after each event gives (the clock only grows)."""
     if not facts:
         return _with(state, **also) if also else state
+    scalars, recent, added = _fold_parts(state, facts, params)
+    return _with(
+        state,
+        **scalars,
+        recent=tuple(sorted(recent, reverse=True)[: params.last_n]),
+        counts=_add_counts(state.counts, added, scalars["last_ts"], params),
+        **also,
+    )
+
+
+def _fold_parts(
+    state: UserState, facts: Sequence[PendingEvent], params: FeatureParams
+) -> tuple[dict[str, Any], list[RecentItem], list[tuple[int, str]]]:
+    """What folding `facts` (at least one) into `state` gives: the new scalar fields, the
+    recent items untrimmed and unsorted, and the (ts, type) to count."""
     last_ts, gap = state.last_ts, state.previous_gap_ms
     session_id, session_start, session_events = (
         state.session_id,
@@ -238,24 +253,23 @@ def _fold(
         if dwell_ms is not None:
             dwell_total += dwell_ms
             dwell_events += 1
-        if event_type != EventType.IMPRESSION:
+        if event_type != _IMPRESSION:
             recent.append((ts, item_id))
         added.append((ts, event_type))
-    assert last_ts is not None
-    return _with(
-        state,
-        last_ts=last_ts,
-        previous_gap_ms=gap,
-        recent=tuple(sorted(recent, reverse=True)[: params.last_n]),
-        counts=_add_counts(state.counts, added, last_ts, params),
-        dwell_total_ms=dwell_total,
-        dwell_events=dwell_events,
-        session_id=session_id,
-        session_start_ts=session_start,
-        session_events=session_events,
-        events_applied=state.events_applied + len(facts),
-        **also,
-    )
+    scalars = {
+        "last_ts": last_ts,
+        "previous_gap_ms": gap,
+        "dwell_total_ms": dwell_total,
+        "dwell_events": dwell_events,
+        "session_id": session_id,
+        "session_start_ts": session_start,
+        "session_events": session_events,
+        "events_applied": state.events_applied + len(facts),
+    }
+    return scalars, recent, added
+
+
+_IMPRESSION = EventType.IMPRESSION.value
 
 
 def fold_events(
@@ -334,23 +348,43 @@ def window_counts(state: UserState, params: FeatureParams) -> dict[tuple[str, st
 
 def feature_fields(state: UserState, params: FeatureParams) -> dict[str, str]:
     """The `features` hash of a user: field -> value (all values as strings)."""
-    state = view(state, params)
-    fields = {
-        field_name: str(n)
-        for names, totals in zip(params.count_fields, window_totals(state, params), strict=True)
-        for field_name, n in zip(names, totals, strict=True)
-    }
-    fields["last_ts"] = _text(state.last_ts)
-    fields["previous_gap_ms"] = _text(state.previous_gap_ms)
+    return reader_values(state, params)[0]
+
+
+def reader_values(state: UserState, params: FeatureParams) -> tuple[dict[str, str], list[str]]:
+    """(`feature_fields`, `recent_item_ids`) of `state` in one pass: the pending events are
+    folded on for the scalars and counted into the window totals directly, without the
+    view's copy of the buckets (the same totals: the view trims to the same windows)."""
+    if state.pending:
+        scalars, recent, added = _fold_parts(state, state.pending, params)
+        recent = sorted(recent, reverse=True)[: params.last_n]
+    else:
+        scalars, recent, added = state.__dict__, list(state.recent), []
+    last_ts = scalars["last_ts"]
+    fields: dict[str, str] = {}
+    for names, (window, width) in zip(params.count_fields, params.window_buckets, strict=True):
+        totals = [0] * len(EVENT_TYPE_NAMES)
+        if last_ts is not None:
+            oldest = last_ts // width - params.buckets_per_window + 1
+            rows = [c for b, c in state.counts.get(window, {}).items() if b >= oldest]
+            if rows:
+                totals = [sum(column) for column in zip(*rows, strict=True)]
+            for ts, event_type in added:
+                if ts // width >= oldest:
+                    totals[TYPE_INDEX[event_type]] += 1
+        fields.update(zip(names, map(str, totals), strict=True))
+    dwell_events = scalars["dwell_events"]
+    fields["last_ts"] = _text(last_ts)
+    fields["previous_gap_ms"] = _text(scalars["previous_gap_ms"])
     fields["dwell_mean_ms"] = (
-        f"{state.dwell_total_ms / state.dwell_events:.1f}" if state.dwell_events else ""
+        f"{scalars['dwell_total_ms'] / dwell_events:.1f}" if dwell_events else ""
     )
-    fields["dwell_events"] = str(state.dwell_events)
-    fields["session_id"] = state.session_id or ""
-    fields["session_start_ts"] = _text(state.session_start_ts)
-    fields["session_events"] = str(state.session_events)
-    fields["events"] = str(state.events_applied)
-    return fields
+    fields["dwell_events"] = str(dwell_events)
+    fields["session_id"] = scalars["session_id"] or ""
+    fields["session_start_ts"] = _text(scalars["session_start_ts"])
+    fields["session_events"] = str(scalars["session_events"])
+    fields["events"] = str(scalars["events_applied"])
+    return fields, [item_id for _, item_id in recent]
 
 
 def _text(value: int | None) -> str:
@@ -359,8 +393,7 @@ def _text(value: int | None) -> str:
 
 def recent_item_ids(state: UserState, params: FeatureParams) -> list[str]:
     """The `recent` list of a user, newest first."""
-    state = view(state, params)
-    return [item_id for _, item_id in state.recent]
+    return reader_values(state, params)[1]
 
 
 # --- online embedding ------------------------------------------------------------
