@@ -30,7 +30,14 @@ from typing import Any
 import pulsar
 import redis
 
-from recsys_contracts.events import Event, InvalidEvent, check_event_time, now_ms, parse_event
+from recsys_contracts.events import (
+    Event,
+    EventType,
+    InvalidEvent,
+    check_event_time,
+    now_ms,
+    parse_event,
+)
 from recsys_contracts.feature_job_settings import FeatureJobSettings, SubscriptionType, duration_ms
 from stream_jobs.backlog import BacklogPoller
 from stream_jobs.dead_letters import DeadLetter, DeadLetterPublisher
@@ -343,17 +350,20 @@ class FeatureJob:
         return time.monotonic() - self._stop_since >= self._drain_s
 
     def _record(self, written: BatchWrite) -> None:
-        counts: Counter[tuple[str, str]] = Counter()
+        counts: Counter[tuple[EventType, Outcome]] = Counter()
         unknown: Counter[str] = Counter()
-        freshness = self.metrics.freshness
+        observe = self.metrics.freshness.observe
+        written_at_ms = written.written_at_ms
+        applied = Outcome.APPLIED
         for user, update in written.updates.items():
-            unknown.update(update.unknown_items)
+            if update.unknown_items:
+                unknown.update(update.unknown_items)
             for event, outcome in zip(written.events[user], update.outcomes, strict=True):
-                counts[(event.type.value, outcome.value)] += 1
-                if outcome is Outcome.APPLIED:
-                    freshness.observe(max(0.0, (written.written_at_ms - event.ts) / 1000))
+                counts[(event.type, outcome)] += 1
+                if outcome is applied:
+                    observe(max(0.0, (written_at_ms - event.ts) / 1000))
         for (event_type, result), n in counts.items():
-            self.metrics.events.labels(type=event_type, outcome=result).inc(n)
+            self.metrics.events.labels(type=event_type.value, outcome=result.value).inc(n)
         for version, n in unknown.items():
             self.metrics.unknown_items.labels(model_version=version).inc(n)
 

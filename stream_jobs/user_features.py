@@ -155,6 +155,9 @@ def _with(state: UserState, **changes: Any) -> UserState:
     return updated
 
 
+_FRESH = UserState()
+
+
 class Outcome(StrEnum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"
@@ -656,7 +659,8 @@ def decode_state(data: bytes | str | None, params: FeatureParams | None = None) 
         )
         for n, k in enumerate(range(i, i + 3 * n_pending, 3))
     )
-    return UserState(
+    return _with(
+        _FRESH,
         last_ts=None if last_ts == NONE else last_ts,
         previous_gap_ms=None if gap == NONE else gap,
         recent=recent,
