@@ -1,6 +1,7 @@
-"""Stream feature job: events/s through one job process, and freshness at a fixed rate.
+"""Stream feature job: events/s per job process against a raw loop, Redis CPU per event,
+freshness at a paced rate, and two processes against one.
 
-    .venv/bin/python benchmarks/stream_features.py [--events 30000] [--rate 1000] [--seconds 15]
+    .venv/bin/python benchmarks/stream_features.py [--events 30000] [--rate 5000] [--seconds 10]
     .venv/bin/python benchmarks/stream_features.py --quick    # a smoke run, seconds
 
 Starts a pulsar-lite broker (topics of one partition) and a redis-server on
@@ -12,12 +13,18 @@ broker:
 2. throughput: one job process (`python -m stream_jobs.features`) over another
    pre-filled topic of N events (10,000 users, 1,000 items with 64-d embeddings,
    online updates on), from its first write to its last, read from its /metrics;
-   also its CPU time per event (the machine is shared, so wall time alone varies);
-3. freshness: the same job live, events sent at a fixed rate with `ts` = send
-   time; p50/p99 of (written - ts) from the job's freshness histogram
-   (interpolated within buckets, as Prometheus' histogram_quantile does).
+   also its CPU time per event and redis-server's (`used_cpu_user + used_cpu_sys`
+   of INFO, the delta over the run divided by the events): the machine is shared,
+   so wall time alone varies;
+3. freshness: the same job live, events sent at a paced rate (default 5,000/s) with
+   `ts` = send time; p50/p99 of (written - ts) from the job's freshness histogram
+   (interpolated within buckets, as Prometheus' histogram_quantile does);
+4. scale-out: on a second broker whose topics have two partitions, one job process
+   and then two (Shared subscription) over N events each, subscribed before the
+   events are sent; the ratio of their events/s.
 
-The job-to-floor ratio is the figure to compare across machines.
+The job-to-floor and two-to-one ratios are the figures to compare across machines;
+the load average is printed at the start and the end.
 """
 
 from __future__ import annotations

@@ -114,21 +114,22 @@ def test_the_batch_update_gives_each_user_the_bits_of_the_one_user_update(
     }
     names = [f"u{n}" for n in range(users)]
     # Some users already hold a state and embeddings (one of another length: none yet).
-    states, stored, events = [], {"v1": [], "v2": []}, []
+    states: list[UserState] = []
+    stored: dict[str, list[bytes | None]] = {"v1": [], "v2": []}
+    events: list[list[Event]] = []
     for name in names:
         earlier, _ = fold_events(UserState(), random_events(rng, name, rng.randrange(3)), PARAMS)
         states.append(earlier)
         stored["v1"].append(
-            None if rng.random() < 0.5 else keys.encode_embedding(np.float32([0.5, -1, 2, 0, 1]))
+            None
+            if rng.random() < 0.5
+            else keys.encode_embedding(np.array([0.5, -1, 2, 0, 1], np.float32))
         )
         stored["v2"].append(rng.choice([None, b"\x00" * 8, keys.encode_embedding(np.ones(3))]))
         events.append(random_events(rng, name, rng.randrange(6)))
     batch = update_users(states, stored, events, PARAMS, items)
     for n, update in enumerate(batch):
-        current = {
-            v: keys.decode_embedding(stored[v][n], items[v].dim) if stored[v][n] else None
-            for v in items
-        }
+        current = {v: keys.decode_embedding(stored[v][n] or b"", items[v].dim) for v in items}
         one = update_user(states[n], current, events[n], PARAMS, items)
         assert update.state == one.state and update.outcomes == one.outcomes
         assert update.touched_items == one.touched_items
