@@ -73,6 +73,8 @@ BENCHMARKS = [
             rf"feature job, one process: {NUMBER} events/s \(CPU per event: job {NUMBER} ms",
             rf"ratio job / raw: {NUMBER}",
             rf"freshness at {NUMBER} events/s .*: p50 {NUMBER} ms, p99 {NUMBER} ms",
+            rf"redis CPU per event: {NUMBER} us",
+            rf"two processes {NUMBER} events/s .* ratio two / one: {NUMBER}",
         ],
         marks=[pytest.mark.broker, pytest.mark.redis],
         timeout_s=90,
