@@ -608,9 +608,11 @@ def encode_state(state: UserState) -> bytes:
     text = STRING_SEPARATOR.join(strings)
     if text.count(STRING_SEPARATOR) != len(strings) - 1 or "" in strings:
         return encode_state_json(state)  # a string the binary form cannot tell apart
-    return b"".join(
-        (BINARY_MAGIC, _COUNT.pack(len(ints)), struct.pack(f"<{len(ints)}q", *ints), text.encode())
-    )
+    try:
+        packed = struct.pack(f"<{len(ints)}q", *ints)
+    except struct.error:
+        return encode_state_json(state)  # a number beyond int64
+    return b"".join((BINARY_MAGIC, _COUNT.pack(len(ints)), packed, text.encode()))
 
 
 def decode_state(data: bytes | str | None, params: FeatureParams | None = None) -> UserState:
