@@ -28,6 +28,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -222,7 +223,7 @@ class FeatureStore:
                     "read": hashlib.sha1(read).hexdigest() if read else _NOTHING_SHA1,
                     "values": values,
                     "recent": recent,
-                    "features": [x for pair in fields.items() for x in pair],
+                    "features": list(chain.from_iterable(fields.items())),
                     "seen": sorted({item_id for item_id, _ in update.touched_items}),
                 }
             )

@@ -104,6 +104,11 @@ class FeatureParams:
             tuple(count_field(t, name) for t in EVENT_TYPE_NAMES) for name, _ in self.windows
         )
 
+    @cached_property
+    def field_names(self) -> tuple[str, ...]:
+        """Every field of the `features` hash, in the order `reader_values` makes them."""
+        return (*(f for names in self.count_fields for f in names), *SCALAR_FIELDS)
+
 
 PendingEvent = tuple[int, str, str, str, int | None]
 """(ts, event id, type, item id, dwell ms) of an event after the watermark, not folded yet."""
@@ -364,34 +369,47 @@ def reader_values(state: UserState, params: FeatureParams) -> tuple[dict[str, st
     else:
         scalars, recent, added = state.__dict__, list(state.recent), []
     last_ts = scalars["last_ts"]
-    fields: dict[str, str] = {}
-    for names, (window, width) in zip(params.count_fields, params.window_buckets, strict=True):
-        totals = [0] * len(EVENT_TYPE_NAMES)
-        if last_ts is not None:
-            oldest = last_ts // width - params.buckets_per_window + 1
-            rows = [c for b, c in state.counts.get(window, {}).items() if b >= oldest]
-            if rows:
-                totals = [sum(column) for column in zip(*rows, strict=True)]
-            for ts, event_type in added:
-                if ts // width >= oldest:
-                    totals[TYPE_INDEX[event_type]] += 1
-        fields.update(zip(names, map(str, totals), strict=True))
+    values: list[str] = []
+    for window, width in params.window_buckets:
+        if last_ts is None:
+            values += _ZERO_TEXTS
+            continue
+        oldest = last_ts // width - params.buckets_per_window + 1
+        rows = [c for b, c in state.counts.get(window, _NO_BUCKETS).items() if b >= oldest]
+        totals = [sum(column) for column in zip(*rows, strict=True)] if rows else [0] * _TYPES
+        for ts, event_type in added:
+            if ts // width >= oldest:
+                totals[TYPE_INDEX[event_type]] += 1
+        values += map(str, totals)
     dwell_events = scalars["dwell_events"]
-    fields["last_ts"] = _text(last_ts)
-    fields["previous_gap_ms"] = _text(scalars["previous_gap_ms"])
-    fields["dwell_mean_ms"] = (
-        f"{scalars['dwell_total_ms'] / dwell_events:.1f}" if dwell_events else ""
-    )
-    fields["dwell_events"] = str(dwell_events)
-    fields["session_id"] = scalars["session_id"] or ""
-    fields["session_start_ts"] = _text(scalars["session_start_ts"])
-    fields["session_events"] = str(scalars["session_events"])
-    fields["events"] = str(scalars["events_applied"])
+    gap, start = scalars["previous_gap_ms"], scalars["session_start_ts"]
+    values += (
+        "" if last_ts is None else str(last_ts),
+        "" if gap is None else str(gap),
+        f"{scalars['dwell_total_ms'] / dwell_events:.1f}" if dwell_events else "",
+        str(dwell_events),
+        scalars["session_id"] or "",
+        "" if start is None else str(start),
+        str(scalars["session_events"]),
+        str(scalars["events_applied"]),
+    )  # in SCALAR_FIELDS order
+    fields = dict(zip(params.field_names, values, strict=True))
     return fields, [item_id for _, item_id in recent]
 
 
-def _text(value: int | None) -> str:
-    return "" if value is None else str(value)
+SCALAR_FIELDS = (
+    "last_ts",
+    "previous_gap_ms",
+    "dwell_mean_ms",
+    "dwell_events",
+    "session_id",
+    "session_start_ts",
+    "session_events",
+    "events",
+)
+_TYPES = len(EVENT_TYPE_NAMES)
+_ZERO_TEXTS = ("0",) * _TYPES
+_NO_BUCKETS: Mapping[int, tuple[int, ...]] = {}
 
 
 def recent_item_ids(state: UserState, params: FeatureParams) -> list[str]:
