@@ -21,7 +21,10 @@ broker:
    (interpolated within buckets, as Prometheus' histogram_quantile does);
 4. scale-out: on a second broker whose topics have two partitions, one job process
    and then two (Shared subscription) over N events each, subscribed before the
-   events are sent; the ratio of their events/s.
+   events are sent; the ratio of their events/s;
+5. the batch path in this process (`FeatureJob.process_batch` over ready-made
+   messages, no broker): job and Redis CPU per event, the steadiest figure on a
+   shared machine.
 
 The job-to-floor and two-to-one ratios are the figures to compare across machines;
 the load average is printed at the start and the end.
@@ -36,6 +39,7 @@ import random
 import re
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -46,10 +50,11 @@ import pulsar
 import redis
 
 from recsys_contracts.events import Event, EventType, now_ms
-from recsys_contracts.feature_job_settings import env_name
+from recsys_contracts.feature_job_settings import FeatureJobSettings, env_name
 from recsys_operator.launchers.process import ManagedProcess, free_port
 from recsys_operator.launchers.pulsar_broker import broker_process, service_url
 from recsys_operator.launchers.redis_server import redis_process, redis_url
+from stream_jobs.features import FeatureJob
 from stream_jobs.item_embeddings import IDS_FILE, VECTORS_FILE
 
 USERS = 10_000
@@ -306,6 +311,55 @@ def scale_out(
         broker.stop()
 
 
+class _Message:
+    """What the job reads of a pulsar message."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def data(self) -> bytes:
+        return self._data
+
+
+class _NoAcks:
+    def acknowledge(self, message: object) -> None:
+        pass
+
+
+def batch_path(store: str, embeddings: Path, count: int) -> tuple[float, float]:
+    """(job, Redis) CPU µs per event of the job's batch path in this process: parse, apply
+    and write to Redis, metrics (`FeatureJob.process_batch`) over ready-made messages,
+    without the broker, so the figure does not depend on how the broker is scheduled."""
+    settings = FeatureJobSettings(
+        system_id="bench.batch",
+        pulsar_service_url="pulsar://127.0.0.1:1",  # not used: no subscription here
+        interactions_topic="unused",
+        subscription="features",
+        subscription_type="Shared",
+        redis_url=store,
+        embeddings_path=embeddings,
+        model_version="v1",
+        batch_size=BATCH,
+        metrics_address=None,
+    )
+    job = FeatureJob(settings)
+    job._refresh_embeddings()
+    rng = random.Random(5)
+    start = now_ms() - count
+    messages = [_Message(random_event(rng, start + n).to_json()) for n in range(count)]
+    batches = [messages[i : i + BATCH] for i in range(0, count, BATCH)]
+    warm, timed = batches[: max(1, len(batches) // 5)], batches[max(1, len(batches) // 5) :]
+    stop, consumer = threading.Event(), _NoAcks()
+    for batch in warm:
+        job.process_batch(consumer, None, batch, stop)  # type: ignore[arg-type]
+    events = sum(len(b) for b in timed)
+    redis_before, cpu_before = redis_cpu_seconds(store), time.process_time()
+    for batch in timed:
+        job.process_batch(consumer, None, batch, stop)  # type: ignore[arg-type]
+    job_us = 1e6 * (time.process_time() - cpu_before) / events
+    return job_us, 1e6 * (redis_cpu_seconds(store) - redis_before) / events
+
+
 def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -371,6 +425,11 @@ def main() -> None:
                 f"scale-out on two partitions: one process {one:,.0f} events/s "
                 f"({cpu_one:.3f} ms CPU/event), two processes {two:,.0f} events/s "
                 f"({cpu_two:.3f} ms CPU/event), ratio two / one: {two / one:.2f}"
+            )
+            job_us, redis_us = batch_path(redis_url(store), embeddings, args.events)
+            print(
+                f"batch path in-process (no broker): job {job_us:.1f} us CPU/event, "
+                f"redis {redis_us:.1f} us CPU/event"
             )
             print(f"end: {load()}", flush=True)
         finally:

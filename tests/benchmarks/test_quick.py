@@ -75,6 +75,7 @@ BENCHMARKS = [
             rf"freshness at {NUMBER} events/s .*: p50 {NUMBER} ms, p99 {NUMBER} ms",
             rf"redis CPU per event: {NUMBER} us",
             rf"two processes {NUMBER} events/s .* ratio two / one: {NUMBER}",
+            rf"batch path in-process \(no broker\): job {NUMBER} us CPU/event",
         ],
         marks=[pytest.mark.broker, pytest.mark.redis],
         timeout_s=90,
