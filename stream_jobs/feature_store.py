@@ -53,9 +53,10 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
-import numpy as np
+import orjson
 import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
@@ -69,11 +70,9 @@ from stream_jobs.user_features import (
     UserUpdate,
     decode_state,
     encode_state,
-    feature_fields,
     popular_weight,
-    recent_item_ids,
-    update_user,
-    view,
+    reader_values,
+    update_users,
 )
 
 MAX_CONFLICT_RETRIES = 20
@@ -391,15 +390,11 @@ class FeatureStore:
         items: Mapping[str, ItemEmbeddings],
     ) -> dict[str, UserUpdate]:
         n = len(users)
-        updates = {}
-        for i, user in enumerate(users):
-            embeddings = {
-                v: _embedding(values[n + i * len(versions) + j], items[v].dim)
-                for j, v in enumerate(versions)
-            }
-            state = decode_state(values[i], self.params)
-            updates[user] = update_user(state, embeddings, events_by_user[user], self.params, items)
-        return updates
+        # values: the n states, then per user one embedding per version (user-major).
+        stored = {v: values[n + j :: len(versions)] for j, v in enumerate(versions)}
+        states = [decode_state(value, self.params) for value in values[:n]]
+        batch = update_users(states, stored, [events_by_user[u] for u in users], self.params, items)
+        return dict(zip(users, batch, strict=True))
 
     def _write_args(
         self, updates: dict[str, UserUpdate], states_read: Sequence[bytes | None]
@@ -430,23 +425,22 @@ class FeatureStore:
                 user_keys.append(keys.embedding_key(system, user, version))
                 values.append(put(keys.encode_embedding(vector)))
             user_keys.append(keys.seen_items_key(system, user))  # last: the script finds it there
-            seen_by_readers = view(update.state, self.params)
-            fields = feature_fields(seen_by_readers, self.params)
+            fields, recent = reader_values(update.state, self.params)
             all_keys += user_keys
             plan_users.append(
                 {
                     "keys": len(user_keys),
                     "read": hashlib.sha1(read).hexdigest() if read else _NOTHING_SHA1,
                     "values": values,
-                    "recent": recent_item_ids(seen_by_readers, self.params),
-                    "features": [x for pair in fields.items() for x in pair],
+                    "recent": recent,
+                    "features": list(chain.from_iterable(fields.items())),
                     "seen": sorted({item_id for item_id, _ in update.touched_items}),
                 }
             )
         if not plan_users:
             return None
         plan = {"users": plan_users}
-        return ScriptCall(all_keys, (self.layout.ttl_ms, _JSON.encode(plan), b"".join(blob)))
+        return ScriptCall(all_keys, (self.layout.ttl_ms, orjson.dumps(plan), b"".join(blob)))
 
 
 # Replies of a node that does not (or not now) serve the call's slot.
@@ -473,7 +467,3 @@ def _event_member(user_id: str, event_id: str) -> str:
     """An event in the popular record: event ids are unique per user (length-prefixed,
     so no user id and event id pair reads as another)."""
     return f"{len(user_id)}:{user_id}:{event_id}"
-
-
-def _embedding(value: bytes | None, dim: int) -> np.ndarray | None:
-    return keys.decode_embedding(value, dim) if value else None

@@ -31,7 +31,7 @@ import pulsar
 import redis
 
 from recsys_contracts.event_wire import decode_event
-from recsys_contracts.events import Event, InvalidEvent, check_event_time, now_ms
+from recsys_contracts.events import Event, EventType, InvalidEvent, check_event_time, now_ms
 from recsys_contracts.feature_job_settings import FeatureJobSettings, SubscriptionType, duration_ms
 from stream_jobs.backlog import BacklogPoller
 from stream_jobs.dead_letters import DeadLetter, DeadLetterPublisher
@@ -144,13 +144,18 @@ class FeatureJob:
         server = self.metrics.serve(*endpoint) if endpoint is not None else None
         poller = self._start_backlog_poller()
         try:
-            consumer = self._subscribe(client)
             dead_letters = DeadLetterPublisher(
                 client.create_producer(s.dead_letters, batching_enabled=False), s.subscription
             )
             self._refresh_embeddings()
             self._check_store_persistence()
             self._rebuild_if_empty(client, stop)
+            # Subscribed only after the rebuild: a consumer that exists during it is sent a
+            # receive queue of messages it does not read, which no other consumer of a Shared
+            # subscription gets meanwhile, and which a job killed mid-rebuild leaves with its
+            # dead consumer (pulsar-lite then never redelivers them). Nothing is missed: the
+            # subscription starts at the earliest message when new, and keeps its cursor if not.
+            consumer = self._subscribe(client)
             log.info(
                 "consuming %s as %s (%s)", s.interactions_topic, s.subscription, s.subscription_type
             )
@@ -359,17 +364,20 @@ class FeatureJob:
         return time.monotonic() - self._stop_since >= self._drain_s
 
     def _record(self, written: BatchWrite) -> None:
-        counts: Counter[tuple[str, str]] = Counter()
+        counts: Counter[tuple[EventType, Outcome]] = Counter()
         unknown: Counter[str] = Counter()
-        freshness = self.metrics.freshness
+        observe = self.metrics.freshness.observe
+        written_at_ms = written.written_at_ms
+        applied = Outcome.APPLIED
         for user, update in written.updates.items():
-            unknown.update(update.unknown_items)
+            if update.unknown_items:
+                unknown.update(update.unknown_items)
             for event, outcome in zip(written.events[user], update.outcomes, strict=True):
-                counts[(event.type.value, outcome.value)] += 1
-                if outcome is Outcome.APPLIED:
-                    freshness.observe(max(0.0, (written.written_at_ms - event.ts) / 1000))
+                counts[(event.type, outcome)] += 1
+                if outcome is applied:
+                    observe(max(0.0, (written_at_ms - event.ts) / 1000))
         for (event_type, result), n in counts.items():
-            self.metrics.events.labels(type=event_type, outcome=result).inc(n)
+            self.metrics.events.labels(type=event_type.value, outcome=result.value).inc(n)
         for version, n in unknown.items():
             self.metrics.unknown_items.labels(model_version=version).inc(n)
 

@@ -34,8 +34,9 @@ Rules (see docs/stream-features.md for the reader's view):
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from typing import Any
@@ -47,8 +48,9 @@ from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_m
 from recsys_contracts.feature_keys import count_field
 from stream_jobs.item_embeddings import ItemEmbeddings
 
-STATE_FORMAT = 2
-"""2 added the pending events; a format-1 state reads as settled with none pending."""
+JSON_STATE_FORMAT = 2
+"""Of a JSON state: 2 added the pending events; a format-1 state reads as settled with none
+pending. States are now written in a binary form (`encode_state`); JSON ones still load."""
 MAX_PENDING = 500
 """Events waiting per user (bounds the state of a very active user)."""
 # Made once: json.dumps/loads with options build a new coder per call, which costs
@@ -102,6 +104,11 @@ class FeatureParams:
             tuple(count_field(t, name) for t in EVENT_TYPE_NAMES) for name, _ in self.windows
         )
 
+    @cached_property
+    def field_names(self) -> tuple[str, ...]:
+        """Every field of the `features` hash, in the order `reader_values` makes them."""
+        return (*(f for names in self.count_fields for f in names), *SCALAR_FIELDS)
+
 
 PendingEvent = tuple[int, str, str, str, int | None]
 """(ts, event id, type, item id, dwell ms) of an event after the watermark, not folded yet."""
@@ -140,6 +147,20 @@ class UserState:
     """Events at or after the watermark, sorted by (ts, event id)."""
     clock_ts: int | None = None
     """The user's clock: the newest event time seen (settled or pending)."""
+
+
+def _with(state: UserState, **changes: Any) -> UserState:
+    """`dataclasses.replace` for UserState, without its per-call field introspection
+    (which cost more than the rest of applying an event). UserState is frozen, so
+    the new instance's attributes are set through its __dict__ once, here."""
+    updated = object.__new__(UserState)
+    attributes = updated.__dict__
+    attributes.update(state.__dict__)
+    attributes.update(changes)
+    return updated
+
+
+_FRESH = UserState()
 
 
 class Outcome(StrEnum):
@@ -185,23 +206,41 @@ def apply_event(state: UserState, event: Event, params: FeatureParams) -> tuple[
         ready += 1
     settled = _fold(state, pending[:ready], params)
     seen = _remember(settled.seen, event.event_id, event.ts, settled.last_ts, params.dedup_capacity)
-    return replace(settled, seen=seen, pending=pending[ready:], clock_ts=clock), Outcome.APPLIED
+    return _with(settled, seen=seen, pending=pending[ready:], clock_ts=clock), Outcome.APPLIED
 
 
 def view(state: UserState, params: FeatureParams) -> UserState:
     """What readers see: the settled part with the pending events folded on in order."""
     if not state.pending:
         return state
-    return replace(_fold(state, state.pending, params), pending=())
+    return _fold(state, state.pending, params, pending=())
 
 
-def _fold(state: UserState, facts: Sequence[PendingEvent], params: FeatureParams) -> UserState:
-    """`state` with `facts` folded in, in order; none is older than any folded so far.
+def _fold(
+    state: UserState, facts: Sequence[PendingEvent], params: FeatureParams, **also: Any
+) -> UserState:
+    """`state` with `facts` folded in, in order (and the fields in `also` set); none is
+    older than any folded so far.
 
     One pass: counts are added first and trimmed once to the windows of the final
     clock, which is what trimming after each event gives (the clock only grows)."""
     if not facts:
-        return state
+        return _with(state, **also) if also else state
+    scalars, recent, added = _fold_parts(state, facts, params)
+    return _with(
+        state,
+        **scalars,
+        recent=tuple(sorted(recent, reverse=True)[: params.last_n]),
+        counts=_add_counts(state.counts, added, scalars["last_ts"], params),
+        **also,
+    )
+
+
+def _fold_parts(
+    state: UserState, facts: Sequence[PendingEvent], params: FeatureParams
+) -> tuple[dict[str, Any], list[RecentItem], list[tuple[int, str]]]:
+    """What folding `facts` (at least one) into `state` gives: the new scalar fields, the
+    recent items untrimmed and unsorted, and the (ts, type) to count."""
     last_ts, gap = state.last_ts, state.previous_gap_ms
     session_id, session_start, session_events = (
         state.session_id,
@@ -222,23 +261,23 @@ def _fold(state: UserState, facts: Sequence[PendingEvent], params: FeatureParams
         if dwell_ms is not None:
             dwell_total += dwell_ms
             dwell_events += 1
-        if event_type != EventType.IMPRESSION:
+        if event_type != _IMPRESSION:
             recent.append((ts, item_id))
         added.append((ts, event_type))
-    assert last_ts is not None
-    return replace(
-        state,
-        last_ts=last_ts,
-        previous_gap_ms=gap,
-        recent=tuple(sorted(recent, reverse=True)[: params.last_n]),
-        counts=_add_counts(state.counts, added, last_ts, params),
-        dwell_total_ms=dwell_total,
-        dwell_events=dwell_events,
-        session_id=session_id,
-        session_start_ts=session_start,
-        session_events=session_events,
-        events_applied=state.events_applied + len(facts),
-    )
+    scalars = {
+        "last_ts": last_ts,
+        "previous_gap_ms": gap,
+        "dwell_total_ms": dwell_total,
+        "dwell_events": dwell_events,
+        "session_id": session_id,
+        "session_start_ts": session_start,
+        "session_events": session_events,
+        "events_applied": state.events_applied + len(facts),
+    }
+    return scalars, recent, added
+
+
+_IMPRESSION = EventType.IMPRESSION.value
 
 
 def fold_events(
@@ -317,33 +356,65 @@ def window_counts(state: UserState, params: FeatureParams) -> dict[tuple[str, st
 
 def feature_fields(state: UserState, params: FeatureParams) -> dict[str, str]:
     """The `features` hash of a user: field -> value (all values as strings)."""
-    state = view(state, params)
-    fields = {
-        field_name: str(n)
-        for names, totals in zip(params.count_fields, window_totals(state, params), strict=True)
-        for field_name, n in zip(names, totals, strict=True)
-    }
-    fields["last_ts"] = _text(state.last_ts)
-    fields["previous_gap_ms"] = _text(state.previous_gap_ms)
-    fields["dwell_mean_ms"] = (
-        f"{state.dwell_total_ms / state.dwell_events:.1f}" if state.dwell_events else ""
-    )
-    fields["dwell_events"] = str(state.dwell_events)
-    fields["session_id"] = state.session_id or ""
-    fields["session_start_ts"] = _text(state.session_start_ts)
-    fields["session_events"] = str(state.session_events)
-    fields["events"] = str(state.events_applied)
-    return fields
+    return reader_values(state, params)[0]
 
 
-def _text(value: int | None) -> str:
-    return "" if value is None else str(value)
+def reader_values(state: UserState, params: FeatureParams) -> tuple[dict[str, str], list[str]]:
+    """(`feature_fields`, `recent_item_ids`) of `state` in one pass: the pending events are
+    folded on for the scalars and counted into the window totals directly, without the
+    view's copy of the buckets (the same totals: the view trims to the same windows)."""
+    if state.pending:
+        scalars, recent, added = _fold_parts(state, state.pending, params)
+        recent = sorted(recent, reverse=True)[: params.last_n]
+    else:
+        scalars, recent, added = state.__dict__, list(state.recent), []
+    last_ts = scalars["last_ts"]
+    values: list[str] = []
+    for window, width in params.window_buckets:
+        if last_ts is None:
+            values += _ZERO_TEXTS
+            continue
+        oldest = last_ts // width - params.buckets_per_window + 1
+        rows = [c for b, c in state.counts.get(window, _NO_BUCKETS).items() if b >= oldest]
+        totals = [sum(column) for column in zip(*rows, strict=True)] if rows else [0] * _TYPES
+        for ts, event_type in added:
+            if ts // width >= oldest:
+                totals[TYPE_INDEX[event_type]] += 1
+        values += map(str, totals)
+    dwell_events = scalars["dwell_events"]
+    gap, start = scalars["previous_gap_ms"], scalars["session_start_ts"]
+    values += (
+        "" if last_ts is None else str(last_ts),
+        "" if gap is None else str(gap),
+        f"{scalars['dwell_total_ms'] / dwell_events:.1f}" if dwell_events else "",
+        str(dwell_events),
+        scalars["session_id"] or "",
+        "" if start is None else str(start),
+        str(scalars["session_events"]),
+        str(scalars["events_applied"]),
+    )  # in SCALAR_FIELDS order
+    fields = dict(zip(params.field_names, values, strict=True))
+    return fields, [item_id for _, item_id in recent]
+
+
+SCALAR_FIELDS = (
+    "last_ts",
+    "previous_gap_ms",
+    "dwell_mean_ms",
+    "dwell_events",
+    "session_id",
+    "session_start_ts",
+    "session_events",
+    "events",
+)
+_TYPES = len(EVENT_TYPE_NAMES)
+_ZERO_TEXTS = ("0",) * _TYPES
+_NO_BUCKETS: Mapping[int, tuple[int, ...]] = {}
 
 
 def recent_item_ids(state: UserState, params: FeatureParams) -> list[str]:
     """The `recent` list of a user, newest first."""
-    state = view(state, params)
-    return [item_id for _, item_id in state.recent]
+    return reader_values(state, params)[1]
 
 
 # --- online embedding ------------------------------------------------------------
@@ -413,6 +484,79 @@ def update_user(
     return UserUpdate(state, outcomes, moved, touched, unknown)
 
 
+def update_users(
+    states: Sequence[UserState],
+    embeddings: Mapping[str, Sequence[bytes | None]],
+    events: Sequence[Sequence[Event]],
+    params: FeatureParams,
+    items: Mapping[str, ItemEmbeddings],
+) -> list[UserUpdate]:
+    """`update_user` for a batch of users at once, with the embeddings as stored.
+
+    `embeddings` holds, per model version in `items`, each user's stored embedding
+    (little-endian float32; None or another length reads as none yet). The state
+    rules run per user; the embedding updates run per version as numpy over all the
+    batch's users, one step per interaction position (the n-th applied interaction
+    of every user in one operation), so each user's vector goes through the same
+    float32 operations in the same order as in `update_user`: the same bits.
+    """
+    updates: list[UserUpdate] = []
+    for state, user_events in zip(states, events, strict=True):
+        outcomes: list[Outcome] = []
+        touched: list[tuple[str, int]] = []
+        for event in user_events:
+            state, outcome = apply_event(state, event, params)
+            outcomes.append(outcome)
+            if outcome is Outcome.APPLIED and event.type is not EventType.IMPRESSION:
+                touched.append((event.item_id, event.ts))
+        updates.append(UserUpdate(state, outcomes, {}, touched, {}))
+    for version, catalog in items.items():
+        _move_embeddings(version, catalog, embeddings[version], updates, params)
+    return updates
+
+
+def _move_embeddings(
+    version: str,
+    catalog: ItemEmbeddings,
+    stored: Sequence[bytes | None],
+    updates: list[UserUpdate],
+    params: FeatureParams,
+) -> None:
+    """Step each user's `version` embedding toward the items they touched (see `update_users`)."""
+    rows_of = catalog.rows
+    known: list[tuple[int, list[int]]] = []  # (user position, item rows in order)
+    for position, update in enumerate(updates):
+        rows = []
+        for item_id, _ in update.touched_items:
+            row = rows_of.get(item_id)
+            if row is None:
+                update.unknown_items[version] = update.unknown_items.get(version, 0) + 1
+            else:
+                rows.append(row)
+        if rows:
+            known.append((position, rows))
+    if not known:
+        return
+    dim = catalog.dim
+    current = np.zeros((len(known), dim), dtype=np.float32)
+    has = np.zeros(len(known), dtype=bool)
+    for n, (position, _) in enumerate(known):
+        value = stored[position]
+        if value and len(value) == 4 * dim:
+            current[n] = np.frombuffer(value, dtype="<f4")
+            has[n] = True
+    longest = max(len(rows) for _, rows in known)
+    for step_index in range(longest):
+        users = np.array([n for n, (_, rows) in enumerate(known) if len(rows) > step_index])
+        item_rows = np.array([known[n][1][step_index] for n in users])
+        step = params.learning_rate * catalog.vectors[item_rows]
+        moved = params.decay * current[users] + step
+        current[users] = np.where(has[users, None], moved, step)
+        has[users] = True
+    for n, (position, _) in enumerate(known):
+        updates[position].embeddings[version] = current[n]
+
+
 def popular_weight(ts: int, epoch_ms: int, half_life_ms: int) -> float:
     """Forward-decay weight of an interaction at `ts`: doubles every half-life after epoch."""
     exponent = min((ts - epoch_ms) / half_life_ms, 1000.0)  # 2**1024 overflows a double
@@ -422,10 +566,142 @@ def popular_weight(ts: int, epoch_ms: int, half_life_ms: int) -> float:
 # --- state on the wire -----------------------------------------------------------
 
 
+# Format 3 is binary: BINARY_MAGIC, then the count of int64 values (uint32), the values
+# (little-endian int64, NONE for a missing one), then every string of the state in
+# UTF-8 joined by STRING_SEPARATOR. Ids never hold control characters (the event schema
+# refuses them), so one split finds them all; a state holding one anyway is written
+# in the JSON format, which every reader still reads. Ints, in order:
+#   last_ts, previous_gap_ms, dwell_total_ms, dwell_events, session_start_ts,
+#   session_events, events_applied, clock_ts, has a session id (0/1), recent items,
+#   windows, seen ids, pending events, event types per count row;
+#   the ts of each recent item; per window its bucket count, then per bucket its
+#   index and one count per type; the ts of each seen id; per pending event its ts,
+#   type (index in EVENT_TYPE_NAMES) and dwell.
+# Strings, in order: the session id (if any), the recent items, the window names,
+# the seen ids, then per pending event its id and item id.
+# A JSON state starts with `{`, a binary one with BINARY_MAGIC: the reader tells
+# them apart by the first byte, so stores written before the change still load.
+BINARY_MAGIC = b"\x00\x03"
+STRING_SEPARATOR = "\x1f"
+NONE = -(2**63)
+_COUNT = struct.Struct("<I")
+_HEADER = len(BINARY_MAGIC) + _COUNT.size
+
+
 def encode_state(state: UserState) -> bytes:
-    """Compact JSON of `state` (the job's private `state` key)."""
+    """The compact binary form of `state` (the job's private `state` key)."""
+    ints: list[int] = [
+        NONE if state.last_ts is None else state.last_ts,
+        NONE if state.previous_gap_ms is None else state.previous_gap_ms,
+        state.dwell_total_ms,
+        state.dwell_events,
+        NONE if state.session_start_ts is None else state.session_start_ts,
+        state.session_events,
+        state.events_applied,
+        NONE if state.clock_ts is None else state.clock_ts,
+        state.session_id is not None,
+        len(state.recent),
+        len(state.counts),
+        len(state.seen),
+        len(state.pending),
+        len(EVENT_TYPE_NAMES),
+    ]
+    strings: list[str] = [] if state.session_id is None else [state.session_id]
+    for ts, item_id in state.recent:
+        ints.append(ts)
+        strings.append(item_id)
+    for name, buckets in state.counts.items():
+        strings.append(name)
+        ints.append(len(buckets))
+        for bucket, per_type in buckets.items():
+            if len(per_type) != len(EVENT_TYPE_NAMES):
+                return encode_state_json(state)  # counts from another set of event types
+            ints.append(bucket)
+            ints.extend(per_type)
+    ints.extend(state.seen.values())
+    strings.extend(state.seen)
+    for ts, event_id, event_type, item_id, dwell_ms in state.pending:
+        ints += (ts, TYPE_INDEX[event_type], NONE if dwell_ms is None else dwell_ms)
+        strings += (event_id, item_id)
+    text = STRING_SEPARATOR.join(strings)
+    if text.count(STRING_SEPARATOR) != len(strings) - 1 or "" in strings:
+        return encode_state_json(state)  # a string the binary form cannot tell apart
+    try:
+        packed = struct.pack(f"<{len(ints)}q", *ints)
+    except struct.error:
+        return encode_state_json(state)  # a number beyond int64
+    return b"".join((BINARY_MAGIC, _COUNT.pack(len(ints)), packed, text.encode()))
+
+
+def decode_state(data: bytes | str | None, params: FeatureParams | None = None) -> UserState:
+    """The state stored in `data` (binary or the older JSON); a fresh state when there is none.
+
+    Windows that are no longer configured are dropped (a configuration change
+    then starts those counts afresh rather than misreading old buckets).
+    """
+    if not data:
+        return UserState()
+    if isinstance(data, str) or not data.startswith(BINARY_MAGIC):
+        return decode_state_json(data, params)
+    (count,) = _COUNT.unpack_from(data, len(BINARY_MAGIC))
+    ints = struct.unpack_from(f"<{count}q", data, _HEADER)
+    text = data[_HEADER + 8 * count :].decode()
+    strings = text.split(STRING_SEPARATOR) if text else []
+    names = None if params is None else {name for name, _ in params.windows}
+    (last_ts, gap, dwell_total, dwell_events, session_start, session_events, applied, clock,
+     has_session, n_recent, n_windows, n_seen, n_pending, n_types) = ints[:14]  # fmt: skip
+    i, j = 14, 0
+    session_id = None
+    if has_session:
+        session_id, j = strings[0], 1
+    recent = tuple(zip(ints[i : i + n_recent], strings[j : j + n_recent], strict=True))
+    i, j = i + n_recent, j + n_recent
+    counts: dict[str, Mapping[int, tuple[int, ...]]] = {}
+    for name in strings[j : j + n_windows]:
+        n_buckets = ints[i]
+        i += 1
+        row = 1 + n_types
+        if names is None or name in names:
+            counts[name] = {
+                ints[k]: ints[k + 1 : k + row] for k in range(i, i + row * n_buckets, row)
+            }
+        i += row * n_buckets
+    j += n_windows
+    seen = dict(zip(strings[j : j + n_seen], ints[i : i + n_seen], strict=True))
+    i, j = i + n_seen, j + n_seen
+    pending = tuple(
+        (
+            ints[k],
+            strings[j + 2 * n],
+            EVENT_TYPE_NAMES[ints[k + 1]],
+            strings[j + 2 * n + 1],
+            None if ints[k + 2] == NONE else ints[k + 2],
+        )
+        for n, k in enumerate(range(i, i + 3 * n_pending, 3))
+    )
+    return _with(
+        _FRESH,
+        last_ts=None if last_ts == NONE else last_ts,
+        previous_gap_ms=None if gap == NONE else gap,
+        recent=recent,
+        counts=counts,
+        dwell_total_ms=dwell_total,
+        dwell_events=dwell_events,
+        session_id=session_id,
+        session_start_ts=None if session_start == NONE else session_start,
+        session_events=session_events,
+        seen=seen,
+        events_applied=applied,
+        pending=pending,
+        clock_ts=None if clock == NONE else clock,
+    )
+
+
+def encode_state_json(state: UserState) -> bytes:
+    """The JSON form of `state` (format 2): what the job wrote before the binary form, and
+    still writes for a state the binary form cannot hold."""
     document: dict[str, Any] = {
-        "format": STATE_FORMAT,
+        "format": JSON_STATE_FORMAT,
         "last_ts": state.last_ts,
         "previous_gap_ms": state.previous_gap_ms,
         "recent": state.recent,
@@ -440,16 +716,10 @@ def encode_state(state: UserState) -> bytes:
     return _ENCODER.encode(document).encode()
 
 
-def decode_state(data: bytes | str | None, params: FeatureParams | None = None) -> UserState:
-    """The state stored in `data`; a fresh state when there is none.
-
-    Windows that are no longer configured are dropped (a configuration change
-    then starts those counts afresh rather than misreading old buckets).
-    """
-    if not data:
-        return UserState()
+def decode_state_json(data: bytes | str, params: FeatureParams | None = None) -> UserState:
+    """The state in a JSON `data` (formats 1 and 2); a fresh state for an unknown format."""
     document = _DECODER.decode(data.decode() if isinstance(data, bytes) else data)
-    if document.get("format") not in (1, STATE_FORMAT):
+    if document.get("format") not in (1, JSON_STATE_FORMAT):
         return UserState()
     names = None if params is None else {name for name, _ in params.windows}
     session_id, session_start, session_events = document["session"]
