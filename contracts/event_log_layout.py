@@ -162,6 +162,7 @@ def read_table(
         return target.empty_table()
     fs, root = open_root(uri, storage_options)
     base = f"{root}/{table}"
+    fs.invalidate_cache()  # fsspec reuses instances: a listing cached earlier misses new files
     if not fs.exists(base):
         return target.empty_table()
     keys = pa.schema([(DATE_KEY, pa.string()), (HOUR_KEY, pa.string())])
@@ -206,5 +207,6 @@ def drop_duplicates(rows: pa.Table, keys: tuple[str, ...]) -> pa.Table:
 def data_files(fs: AbstractFileSystem, root: str, table: str) -> list[str]:
     """Every finished Parquet file of `table` (temporaries left out), sorted by path."""
     pattern = f"{root}/{table}/{DATE_KEY}=*/{HOUR_KEY}=*/*{PARQUET_SUFFIX}"
+    fs.invalidate_cache()  # object stores' listings are cached per instance
     names = fs.glob(pattern)
     return sorted(p for p in names if not p.rsplit("/", 1)[-1].startswith((".", "_")))

@@ -59,6 +59,9 @@ class EventLogSettings(BaseModel):
     partitions in the future and move the join's clock)."""
     batch_size: int = Field(default=1000, ge=1, le=10_000)
     batch_wait: Duration = "50ms"
+    resubscribe_idle: Duration | None = None
+    """After this long without a message and nothing unacknowledged, reopen the
+    subscription (pulsar-lite sometimes stops dispatching a partition; local mode)."""
     drain_timeout: Duration = "10s"
     """On SIGTERM, time left to write the buffer (unwritten events stay unacked)."""
     metrics_address: str | None = Field(default=None, pattern=r"^[^:]*:\d+$")

@@ -306,6 +306,9 @@ def run_event_log(
     max_future: Annotated[str | None, _opt("Events further ahead are dead-lettered.")] = None,
     batch_size: Annotated[int | None, _opt("Messages per receive.")] = None,
     batch_wait: Annotated[str | None, _opt("Longest wait for a receive to fill.")] = None,
+    resubscribe_idle: Annotated[
+        str | None, _opt("Reopen the subscription after this long idle (pulsar-lite).")
+    ] = None,
     drain_timeout: Annotated[str | None, _opt("On SIGTERM, time left to write.")] = None,
     metrics_address: Annotated[
         str | None, _opt("host:port of /metrics (0.0.0.0:PORT in a pod); empty: off.")

@@ -58,6 +58,7 @@ CONSUMER_TYPES = {
     SubscriptionType.FAILOVER: pulsar.ConsumerType.Failover,
     SubscriptionType.SHARED: pulsar.ConsumerType.Shared,
 }
+SUBSCRIBE_ATTEMPTS = 5
 SEEN_CAPACITY = 2_000_000  # event ids remembered (about 150 MB at most)
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
@@ -114,7 +115,14 @@ class EventLogSink:
         self.metrics = metrics or EventLogMetrics(settings.system_id)
         self.store = EventLogStore(settings.log_uri, storage_options)
         self.join = ImpressionJoin(duration_ms(settings.click_window))
+        # Ids written to the log, and ids received but not yet written: a copy of the
+        # first kind is acked and dropped, a copy of the second only dropped (acking it
+        # would ack the original before its file exists).
         self.seen = {layout.INTERACTIONS: SeenIds(), layout.IMPRESSIONS: SeenIds()}
+        self.in_flight: dict[str, set[str]] = {
+            layout.INTERACTIONS: set(),
+            layout.IMPRESSIONS: set(),
+        }
         self.buffer = Buffer()
         self._flush_s = duration_ms(settings.flush_interval) / 1000
         self._compact_s = duration_ms(settings.compact_interval) / 1000
@@ -141,26 +149,26 @@ class EventLogSink:
         endpoint = s.metrics_endpoint
         server = self.metrics.serve(*endpoint) if endpoint is not None else None
         try:
-            consumer = client.subscribe(
-                s.topics,
-                s.subscription,
-                consumer_type=CONSUMER_TYPES[s.subscription_type],
-                initial_position=pulsar.InitialPosition.Earliest,
-                receiver_queue_size=max(1000, 2 * s.batch_size),
-                batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
-                    s.batch_size, -1, max(1, duration_ms(s.batch_wait))
-                ),
-            )
+            consumer = self._subscribe(client)
             dead_letters = DeadLetterPublisher(
                 client.create_producer(s.dead_letters, batching_enabled=False), s.subscription
             )
             log.info("logging %s to %s as %s", ", ".join(s.topics), s.log_uri, s.subscription)
             if ready is not None:
                 ready.set()
+            idle_s = duration_ms(s.resubscribe_idle) / 1000 if s.resubscribe_idle else None
+            last_message = time.monotonic()
             while not stop.is_set():
                 messages = consumer.batch_receive()
+                now = time.monotonic()
                 if messages:
+                    last_message = now
                     self.receive(consumer, dead_letters, list(messages))
+                elif idle_s and now - last_message >= idle_s and self._nothing_in_flight():
+                    # Nothing unacked, so nothing is redelivered (see the setting).
+                    consumer.close()
+                    consumer = self._subscribe(client)
+                    last_message = now
                 if self._flush_due():
                     self.flush(consumer, stop)
                 if time.monotonic() >= self._next_compaction:
@@ -172,6 +180,34 @@ class EventLogSink:
             client.close()
             if server is not None:
                 server.shutdown()
+
+    def _nothing_in_flight(self) -> bool:
+        return not self.buffer.events and self.join.pending == 0
+
+    def _subscribe(self, client: pulsar.Client) -> pulsar.Consumer:
+        """Subscribe, retrying timeouts: a broker still releasing a killed consumer of this
+        subscription answers late, which is no reason to crash."""
+        s = self.settings
+        delay = 1.0
+        for attempt in range(1, SUBSCRIBE_ATTEMPTS + 1):
+            try:
+                return client.subscribe(
+                    s.topics,
+                    s.subscription,
+                    consumer_type=CONSUMER_TYPES[s.subscription_type],
+                    initial_position=pulsar.InitialPosition.Earliest,
+                    receiver_queue_size=max(1000, 2 * s.batch_size),
+                    batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
+                        s.batch_size, -1, max(1, duration_ms(s.batch_wait))
+                    ),
+                )
+            except pulsar.Timeout:
+                if attempt == SUBSCRIBE_ATTEMPTS:
+                    raise
+                log.warning("subscribing timed out (attempt %d); retrying in %.0fs", attempt, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
 
     def load_recent(self) -> None:
         """Remember the ids, clicks and newest time of the files written lately (see module)."""
@@ -221,7 +257,10 @@ class EventLogSink:
                 self.metrics.duplicates.labels(**self._m, table=table, stage="sink").inc()
                 consumer.acknowledge(message)
                 continue
-            self.seen[table].add(event.event_id)
+            if event.event_id in self.in_flight[table]:
+                self.metrics.duplicates.labels(**self._m, table=table, stage="sink").inc()
+                continue  # the copy in hand is acked once written (a resent id: redelivered)
+            self.in_flight[table].add(event.event_id)
             self.join.observe(event.ts)
             if table == layout.IMPRESSIONS:
                 items = shown_items(event, message.data())
@@ -268,6 +307,13 @@ class EventLogSink:
                 self._count(table, "batch", written)
                 self.metrics.rows.labels(**self._m, table=table).inc(written.rows)
                 self._touched.add((table, partition))
+        for table, written_ids in (
+            (layout.INTERACTIONS, [e.event_id for e in self.buffer.events]),
+            (layout.IMPRESSIONS, [p.event.event_id for p in impressions]),
+        ):
+            for event_id in written_ids:
+                self.seen[table].add(event_id)
+                self.in_flight[table].discard(event_id)
         for message in self.buffer.messages:
             self.acknowledge(consumer, message)
         for impression in impressions:

@@ -94,6 +94,7 @@ class EventLogStore:
 
     def partition_files(self, table: str, partition: tuple[str, str]) -> list[str]:
         folder = f"{self.root}/{layout.partition_dir(table, *partition)}"
+        self.fs.invalidate_cache(folder)  # other writers' files appear in a fresh listing only
         if not self.fs.exists(folder):
             return []
         names = self.fs.ls(folder, detail=False)
