@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from fsspec import AbstractFileSystem
 
-INTERACTIONS = "interactions"
-IMPRESSIONS = "impressions"
-TABLES = (INTERACTIONS, IMPRESSIONS)
+INTERACTIONS_TABLE = "interactions"
+IMPRESSIONS_TABLE = "impressions"
+TABLES = (INTERACTIONS_TABLE, IMPRESSIONS_TABLE)
 
 DATE_KEY = "date"
 HOUR_KEY = "hour"
@@ -59,7 +59,7 @@ IMPRESSION_COLUMNS = (
     "event_id",
     "position",
 )
-DEDUP_KEYS = {INTERACTIONS: ("event_id",), IMPRESSIONS: ("event_id", "position")}
+DEDUP_KEYS = {INTERACTIONS_TABLE: ("event_id",), IMPRESSIONS_TABLE: ("event_id", "position")}
 """What makes a row unique in each table: a redelivered event writes the same key again."""
 
 BATCH_PREFIX = "batch-"
@@ -72,7 +72,7 @@ def schema(table: str) -> pa.Schema:
     import pyarrow as pa
 
     string, int64 = pa.string(), pa.int64()
-    if table == INTERACTIONS:
+    if table == INTERACTIONS_TABLE:
         return pa.schema(
             [
                 pa.field("event_id", string, nullable=False),
@@ -85,7 +85,7 @@ def schema(table: str) -> pa.Schema:
                 pa.field("model_version", string),
             ]
         )
-    if table == IMPRESSIONS:
+    if table == IMPRESSIONS_TABLE:
         return pa.schema(
             [
                 pa.field("request_id", string),
@@ -132,14 +132,14 @@ def read_interactions(
     uri: str, since_ms: int, until_ms: int, storage_options: dict[str, Any] | None = None
 ) -> pa.Table:
     """The interaction events with `since_ms <= ts < until_ms`, each event once, by `ts`."""
-    return read_table(INTERACTIONS, uri, since_ms, until_ms, storage_options)
+    return read_table(INTERACTIONS_TABLE, uri, since_ms, until_ms, storage_options)
 
 
 def read_impressions(
     uri: str, since_ms: int, until_ms: int, storage_options: dict[str, Any] | None = None
 ) -> pa.Table:
     """The impressions (one row per item shown, with `clicked`) in [since_ms, until_ms)."""
-    return read_table(IMPRESSIONS, uri, since_ms, until_ms, storage_options)
+    return read_table(IMPRESSIONS_TABLE, uri, since_ms, until_ms, storage_options)
 
 
 def read_table(

@@ -118,10 +118,10 @@ class EventLogSink:
         # Ids written to the log, and ids received but not yet written: a copy of the
         # first kind is acked and dropped, a copy of the second only dropped (acking it
         # would ack the original before its file exists).
-        self.seen = {layout.INTERACTIONS: SeenIds(), layout.IMPRESSIONS: SeenIds()}
+        self.seen = {layout.INTERACTIONS_TABLE: SeenIds(), layout.IMPRESSIONS_TABLE: SeenIds()}
         self.in_flight: dict[str, set[str]] = {
-            layout.INTERACTIONS: set(),
-            layout.IMPRESSIONS: set(),
+            layout.INTERACTIONS_TABLE: set(),
+            layout.IMPRESSIONS_TABLE: set(),
         }
         self.buffer = Buffer()
         self._flush_s = duration_ms(settings.flush_interval) / 1000
@@ -217,7 +217,7 @@ class EventLogSink:
             if not files:
                 continue
             columns = ["event_id", "ts"]
-            if table == layout.INTERACTIONS:
+            if table == layout.INTERACTIONS_TABLE:
                 columns += ["type", "request_id", "item_id"]
             rows = self.store.read_files(files, columns).to_pylist()
             for row in rows:
@@ -251,7 +251,9 @@ class EventLogSink:
                 invalid.append(DeadLetter(message, problem))
                 continue
             table = (
-                layout.IMPRESSIONS if event.type is EventType.IMPRESSION else layout.INTERACTIONS
+                layout.IMPRESSIONS_TABLE
+                if event.type is EventType.IMPRESSION
+                else layout.INTERACTIONS_TABLE
             )
             if event.event_id in self.seen[table]:
                 self.metrics.duplicates.labels(**self._m, table=table, stage="sink").inc()
@@ -262,7 +264,7 @@ class EventLogSink:
                 continue  # the copy in hand is acked once written (a resent id: redelivered)
             self.in_flight[table].add(event.event_id)
             self.join.observe(event.ts)
-            if table == layout.IMPRESSIONS:
+            if table == layout.IMPRESSIONS_TABLE:
                 items = shown_items(event, message.data())
                 self.join.add_impression(PendingImpression(event, items, message))
             else:
@@ -296,8 +298,8 @@ class EventLogSink:
         impressions = self.join.due()
         impression_rows = [row for p in impressions for row in self.join.rows(p)]
         batches = [
-            (layout.INTERACTIONS, [e.model_dump(mode="json") for e in self.buffer.events]),
-            (layout.IMPRESSIONS, impression_rows),
+            (layout.INTERACTIONS_TABLE, [e.model_dump(mode="json") for e in self.buffer.events]),
+            (layout.IMPRESSIONS_TABLE, impression_rows),
         ]
         for table, rows in batches:
             for partition, part in _by_partition(rows).items():
@@ -308,8 +310,8 @@ class EventLogSink:
                 self.metrics.rows.labels(**self._m, table=table).inc(written.rows)
                 self._touched.add((table, partition))
         for table, written_ids in (
-            (layout.INTERACTIONS, [e.event_id for e in self.buffer.events]),
-            (layout.IMPRESSIONS, [p.event.event_id for p in impressions]),
+            (layout.INTERACTIONS_TABLE, [e.event_id for e in self.buffer.events]),
+            (layout.IMPRESSIONS_TABLE, [p.event.event_id for p in impressions]),
         ):
             for event_id in written_ids:
                 self.seen[table].add(event_id)

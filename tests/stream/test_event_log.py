@@ -188,14 +188,14 @@ def test_every_event_lands_once_in_its_hour_partition(
     with running_sink(sink):
         wait_until(
             lambda: (
-                log_store.raw(layout.INTERACTIONS).num_rows == len(interactions)
-                and log_store.raw(layout.IMPRESSIONS).num_rows == len(impressions)
+                log_store.raw(layout.INTERACTIONS_TABLE).num_rows == len(interactions)
+                and log_store.raw(layout.IMPRESSIONS_TABLE).num_rows == len(impressions)
             ),
             30,
             "every event in the log",
         )
 
-    raw = log_store.raw(layout.INTERACTIONS)
+    raw = log_store.raw(layout.INTERACTIONS_TABLE)
     assert sorted(ids(raw)) == sorted(e.event_id for e in interactions)  # each once
     by_id = {e.event_id: e for e in interactions}
     for row in raw.to_pylist():
@@ -211,12 +211,14 @@ def test_every_event_lands_once_in_its_hour_partition(
         e.event_id for e in interactions if e.ts < BASE_TS + 7_200_000
     )
     assert window.column("ts").to_pylist() == sorted(window.column("ts").to_pylist())
-    assert sorted(ids(log_store.raw(layout.IMPRESSIONS))) == sorted(e.event_id for e in impressions)
+    assert sorted(ids(log_store.raw(layout.IMPRESSIONS_TABLE))) == sorted(
+        e.event_id for e in impressions
+    )
 
     letters = consume(pulsar_url, settings.dead_letters, count=len(bad), timeout=10)
     assert sorted(json.loads(m.data())["code"] for m in letters) == ["invalid_field", "not_json"]
     registry = sink.metrics.registry
-    labels = {"system": "test.log", "table": layout.INTERACTIONS}
+    labels = {"system": "test.log", "table": layout.INTERACTIONS_TABLE}
     assert sample(registry, names.EVENT_LOG_ROWS, labels) == len(interactions)
     assert sample(registry, names.EVENT_LOG_BYTES, {**labels, "kind": "batch"}) > 0
 
@@ -238,8 +240,10 @@ def test_a_sink_restarted_after_writing_but_before_acking_drops_the_redelivered_
 
     store = LogStore(uri, {})
     with running_sink(CrashesBeforeAcking(settings)):
-        wait_until(lambda: store.raw(layout.INTERACTIONS).num_rows == len(interactions), 30, "rows")
-    files_before = len(EventLogStore(uri).files(layout.INTERACTIONS))
+        wait_until(
+            lambda: store.raw(layout.INTERACTIONS_TABLE).num_rows == len(interactions), 30, "rows"
+        )
+    files_before = len(EventLogStore(uri).files(layout.INTERACTIONS_TABLE))
 
     restarted = EventLogSink(settings)
     with running_sink(restarted):
@@ -248,15 +252,17 @@ def test_a_sink_restarted_after_writing_but_before_acking_drops_the_redelivered_
                 sample(
                     restarted.metrics.registry,
                     names.EVENT_LOG_DUPLICATES,
-                    {"system": "test.log", "table": layout.INTERACTIONS, "stage": "sink"},
+                    {"system": "test.log", "table": layout.INTERACTIONS_TABLE, "stage": "sink"},
                 )
                 == len(interactions)
             ),
             30,
             "the redelivered interactions to be dropped",
         )
-    assert sorted(ids(store.raw(layout.INTERACTIONS))) == sorted(e.event_id for e in interactions)
-    assert len(EventLogStore(uri).files(layout.INTERACTIONS)) == files_before
+    assert sorted(ids(store.raw(layout.INTERACTIONS_TABLE))) == sorted(
+        e.event_id for e in interactions
+    )
+    assert len(EventLogStore(uri).files(layout.INTERACTIONS_TABLE)) == files_before
 
 
 # --- kill -9 ------------------------------------------------------------------------
@@ -314,7 +320,9 @@ def test_events_sent_equal_rows_after_a_kill_9_and_a_restart(
     sink = start_sink_process(pulsar_url, topic, log_store, output)
     try:
         produce_events(pulsar_url, topic, events[:200])
-        wait_until(lambda: log_store.raw(layout.INTERACTIONS).num_rows >= 100, 30, "first rows")
+        wait_until(
+            lambda: log_store.raw(layout.INTERACTIONS_TABLE).num_rows >= 100, 30, "first rows"
+        )
 
         def paced_send() -> None:  # the rest over about 3 s
             for start in range(200, total, 50):
@@ -323,16 +331,18 @@ def test_events_sent_equal_rows_after_a_kill_9_and_a_restart(
 
         sender = threading.Thread(target=paced_send, daemon=True)
         sender.start()
-        wait_until(lambda: log_store.raw(layout.INTERACTIONS).num_rows >= 400, 30, "more rows")
+        wait_until(
+            lambda: log_store.raw(layout.INTERACTIONS_TABLE).num_rows >= 400, 30, "more rows"
+        )
         sink.send_signal(signal.SIGKILL)  # mid-stream
         sink.wait(10)
-        killed_at = log_store.raw(layout.INTERACTIONS).num_rows
+        killed_at = log_store.raw(layout.INTERACTIONS_TABLE).num_rows
         sender.join(60)
         assert killed_at < total, "the sink wrote everything before the kill: nothing tested"
 
         sink = start_sink_process(pulsar_url, topic, log_store, output)
         wait_until(
-            lambda: log_store.raw(layout.INTERACTIONS).num_rows >= total,
+            lambda: log_store.raw(layout.INTERACTIONS_TABLE).num_rows >= total,
             90,  # pulsar-lite may keep the killed consumer a while: a subscribe times out (30 s)
             f"{total} rows after the restart (sink output: {output})",
         )
@@ -344,7 +354,7 @@ def test_events_sent_equal_rows_after_a_kill_9_and_a_restart(
     finally:
         sink.kill()
         sink.wait(10)
-    rows = ids(log_store.raw(layout.INTERACTIONS))
+    rows = ids(log_store.raw(layout.INTERACTIONS_TABLE))
     assert len(rows) == total, f"{len(rows) - len(set(rows))} duplicates"
     assert set(rows) == {e.event_id for e in events}
 
@@ -405,14 +415,16 @@ def test_impressions_are_joined_with_their_clicks_within_the_window(
     sink = EventLogSink(settings)
     with running_sink(sink):
         # The clicks are logged while the impressions still wait for the window...
-        wait_until(lambda: store.raw(layout.INTERACTIONS).num_rows == len(clicks), 30, "clicks")
+        wait_until(
+            lambda: store.raw(layout.INTERACTIONS_TABLE).num_rows == len(clicks), 30, "clicks"
+        )
         time.sleep(0.3)  # a few flushes: none may write an impression yet
-        assert store.raw(layout.IMPRESSIONS).num_rows == 0
+        assert store.raw(layout.IMPRESSIONS_TABLE).num_rows == 0
         assert sink.join.pending == 4
         # ...until an event 10 minutes later in event time closes it: this click, too late.
         late = click("r-late", "u3", "d", t + 2000 + 11 * MINUTE)
         produce_events(pulsar_url, topic, [late])
-        wait_until(lambda: store.raw(layout.IMPRESSIONS).num_rows == 9, 30, "impression rows")
+        wait_until(lambda: store.raw(layout.IMPRESSIONS_TABLE).num_rows == 9, 30, "impression rows")
     assert sink.join.pending == 0
 
     rows = layout.read_impressions(uri, BASE_TS, BASE_TS + 86_400_000)
@@ -451,7 +463,7 @@ def interaction_rows(start: int, count: int, ts: int) -> pa.Table:
         }
         for n in range(start, start + count)
     ]
-    return pa.Table.from_pylist(rows, schema=layout.schema(layout.INTERACTIONS))
+    return pa.Table.from_pylist(rows, schema=layout.schema(layout.INTERACTIONS_TABLE))
 
 
 def test_compaction_merges_small_files_without_changing_the_rows(log_store: LogStore) -> None:
@@ -459,18 +471,20 @@ def test_compaction_merges_small_files_without_changing_the_rows(log_store: LogS
     hour_a, hour_b = layout.partition_of(BASE_TS), layout.partition_of(BASE_TS + 3_600_000)
     for start in range(0, 100, 10):  # ten small files, the last two overlapping
         store.write(
-            layout.INTERACTIONS, hour_a, interaction_rows(start, 15 if start >= 80 else 10, BASE_TS)
+            layout.INTERACTIONS_TABLE,
+            hour_a,
+            interaction_rows(start, 15 if start >= 80 else 10, BASE_TS),
         )
-    store.write(layout.INTERACTIONS, hour_b, interaction_rows(500, 5, BASE_TS + 3_600_000))
-    before = log_store.raw(layout.INTERACTIONS)
+    store.write(layout.INTERACTIONS_TABLE, hour_b, interaction_rows(500, 5, BASE_TS + 3_600_000))
+    before = log_store.raw(layout.INTERACTIONS_TABLE)
     assert before.num_rows == 105 + 5 + 5
 
     done = compact_log(log_store.uri, min_files=2, storage_options=log_store.storage_options)
 
     assert [(c.partition, c.files_in, c.duplicates) for c in done] == [(hour_a, 10, 5)]
-    files = store.files(layout.INTERACTIONS)
+    files = store.files(layout.INTERACTIONS_TABLE)
     assert len(files) == 2  # hour_a merged into one, hour_b (one file) left alone
-    after = log_store.raw(layout.INTERACTIONS)
+    after = log_store.raw(layout.INTERACTIONS_TABLE)
     assert sorted(ids(after)) == sorted(set(ids(before)))
     key = ["event_id", "ts", "item_id", "date", "hour"]
     assert sorted(after.select(key).to_pylist(), key=str) == sorted(
@@ -492,13 +506,17 @@ def test_the_sink_compacts_partitions_as_files_gather(
         for n in range(40)
     ]
     sink = EventLogSink(settings)
+
+    def rows() -> int:
+        return store.raw(layout.INTERACTIONS_TABLE).num_rows
+
     with running_sink(sink):
-        for start in range(0, 40, 5):
+        for start in range(0, 40, 5):  # one small file at a time
             produce_events(pulsar_url, topic, events[start : start + 5])
-            wait_until(lambda n=start + 5: store.raw(layout.INTERACTIONS).num_rows >= n, 30, "rows")
+            wait_until(lambda end=start + 5: rows() >= end, 30, "rows")  # type: ignore[misc]
         wait_until(
-            lambda: len(EventLogStore(uri).files(layout.INTERACTIONS)) < 3, 30, "a compaction"
+            lambda: len(EventLogStore(uri).files(layout.INTERACTIONS_TABLE)) < 3, 30, "a compaction"
         )
-    assert sorted(ids(store.raw(layout.INTERACTIONS))) == sorted(e.event_id for e in events)
-    labels = {"system": "test.log", "table": layout.INTERACTIONS, "kind": "compacted"}
+    assert sorted(ids(store.raw(layout.INTERACTIONS_TABLE))) == sorted(e.event_id for e in events)
+    labels = {"system": "test.log", "table": layout.INTERACTIONS_TABLE, "kind": "compacted"}
     assert sample(sink.metrics.registry, names.EVENT_LOG_FILES, labels) >= 1
