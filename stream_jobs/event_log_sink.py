@@ -58,7 +58,10 @@ CONSUMER_TYPES = {
     SubscriptionType.FAILOVER: pulsar.ConsumerType.Failover,
     SubscriptionType.SHARED: pulsar.ConsumerType.Shared,
 }
-SUBSCRIBE_ATTEMPTS = 5
+SUBSCRIBE_ATTEMPTS = 10
+# Pulsar's default is 30 s; pulsar-lite can hold a killed consumer for a while, and shorter
+# attempts let a restarted sink in sooner.
+OPERATION_TIMEOUT_S = 10
 SEEN_CAPACITY = 2_000_000  # event ids remembered (about 150 MB at most)
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
@@ -145,6 +148,7 @@ class EventLogSink:
             s.pulsar_service_url,
             authentication=pulsar.AuthenticationToken(token) if token else None,
             logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
+            operation_timeout_seconds=OPERATION_TIMEOUT_S,
         )
         endpoint = s.metrics_endpoint
         server = self.metrics.serve(*endpoint) if endpoint is not None else None
@@ -206,7 +210,7 @@ class EventLogSink:
                     raise
                 log.warning("subscribing timed out (attempt %d); retrying in %.0fs", attempt, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
 
     def load_recent(self) -> None:
