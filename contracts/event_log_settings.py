@@ -48,6 +48,10 @@ class EventLogSettings(BaseModel):
     """Longest time an event waits in the buffer (and unacknowledged) before it is written."""
     click_window: Duration = "30m"
     """How long, in event time, an impression waits for its clicks before it is written."""
+    max_pending_impressions: int = Field(default=20_000, ge=1, le=1_000_000)
+    """Impressions waiting for clicks are unacknowledged, and a broker stops dispatching to
+    a consumer with too many unacked messages (Pulsar's maxUnackedMessagesPerConsumer,
+    50,000 by default): past this many, the oldest are written with the clicks seen so far."""
     dedup_horizon: Duration = "2h"
     """At start, the ids in files written this recently are loaded, so the messages a
     crash left unacknowledged are dropped when they come back."""

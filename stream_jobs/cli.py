@@ -298,6 +298,9 @@ def run_event_log(
     click_window: Annotated[
         str | None, _opt("Event time an impression waits for its clicks, e.g. 30m.")
     ] = None,
+    max_pending_impressions: Annotated[
+        int | None, _opt("Impressions waiting for clicks past which the oldest are written.")
+    ] = None,
     dedup_horizon: Annotated[
         str | None, _opt("At start, ids of files written this recently are loaded, e.g. 2h.")
     ] = None,

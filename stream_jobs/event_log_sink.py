@@ -289,6 +289,8 @@ class EventLogSink:
         (for impressions that may have fallen due) since the last flush."""
         if len(self.buffer) >= self.settings.flush_rows:
             return True
+        if self.join.pending > self.settings.max_pending_impressions:
+            return True
         now = time.monotonic()
         if self.buffer.since is not None and now - self.buffer.since >= self._flush_s:
             return True
@@ -299,7 +301,7 @@ class EventLogSink:
     def flush(self, consumer: Any, stop: threading.Event) -> bool:
         """Write the buffer and the due impressions, then ack them; False if stopped first."""
         self._last_flush = time.monotonic()
-        impressions = self.join.due()
+        impressions = self.join.due(max_pending=self.settings.max_pending_impressions)
         impression_rows = [row for p in impressions for row in self.join.rows(p)]
         batches = [
             (layout.INTERACTIONS_TABLE, [e.model_dump(mode="json") for e in self.buffer.events]),

@@ -70,12 +70,18 @@ class ImpressionJoin:
     def pending(self) -> int:
         return len(self._pending)
 
-    def due(self, now: float | None = None) -> list[PendingImpression]:
-        """The impressions whose window has passed, oldest first (taken out of the join)."""
+    def due(
+        self, now: float | None = None, max_pending: int | None = None
+    ) -> list[PendingImpression]:
+        """The impressions whose window has passed, oldest first (taken out of the join),
+        and the oldest beyond `max_pending` however recent."""
         now = time.monotonic() if now is None else now
         wait_s = self.window_ms / 1000
         out = []
-        while self._pending and self._pending[0][0] + self.window_ms <= self.watermark_ms:
+        while self._pending and (
+            self._pending[0][0] + self.window_ms <= self.watermark_ms
+            or (max_pending is not None and len(self._pending) > max_pending)
+        ):
             out.append(heapq.heappop(self._pending)[2])
         if self._pending:
             # Traffic stopped (the watermark stands still): wall-clock time decides.
