@@ -239,30 +239,48 @@ def test_a_sink_restarted_after_writing_but_before_acking_drops_the_redelivered_
             pass
 
     store = LogStore(uri, {})
+    impressions = [e for e in events if e.type is EventType.IMPRESSION]
+    expected = {layout.INTERACTIONS_TABLE: interactions, layout.IMPRESSIONS_TABLE: impressions}
+
+    def all_written() -> bool:
+        return all(store.raw(t).num_rows == len(expected[t]) for t in expected)
+
     with running_sink(CrashesBeforeAcking(settings)):
-        wait_until(
-            lambda: store.raw(layout.INTERACTIONS_TABLE).num_rows == len(interactions), 30, "rows"
-        )
-    files_before = len(EventLogStore(uri).files(layout.INTERACTIONS_TABLE))
+        wait_until(all_written, 30, "every event written (and none acked)")
+    files_before = {t: len(EventLogStore(uri).files(t)) for t in expected}
 
     restarted = EventLogSink(settings)
+
+    def dropped(table: str) -> float:
+        labels = {"system": "test.log", "table": table, "stage": "sink"}
+        return sample(restarted.metrics.registry, names.EVENT_LOG_DUPLICATES, labels)
+
     with running_sink(restarted):
         wait_until(
-            lambda: (
-                sample(
-                    restarted.metrics.registry,
-                    names.EVENT_LOG_DUPLICATES,
-                    {"system": "test.log", "table": layout.INTERACTIONS_TABLE, "stage": "sink"},
-                )
-                == len(interactions)
-            ),
+            lambda: all(dropped(t) == len(expected[t]) for t in expected),
             30,
-            "the redelivered interactions to be dropped",
+            "the redelivered events to be dropped",
         )
-    assert sorted(ids(store.raw(layout.INTERACTIONS_TABLE))) == sorted(
-        e.event_id for e in interactions
-    )
-    assert len(EventLogStore(uri).files(layout.INTERACTIONS_TABLE)) == files_before
+    for table, sent in expected.items():
+        assert sorted(ids(store.raw(table))) == sorted(e.event_id for e in sent)
+        assert len(EventLogStore(uri).files(table)) == files_before[table]
+
+
+def test_the_cli_compacts_a_folder_and_names_a_missing_setting(tmp_path: Path) -> None:
+    uri = str(tmp_path / "log")
+    store = EventLogStore(uri)
+    hour = layout.partition_of(BASE_TS)
+    for start in (0, 10, 10):  # the third file repeats the second
+        store.write(layout.INTERACTIONS_TABLE, hour, interaction_rows(start, 10, BASE_TS))
+    cli = [sys.executable, "-m", "recsys_operator.cli", "event-log"]
+    done = subprocess.run([*cli, "compact", uri], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"interactions {hour[0]}/{hour[1]}: 3 files -> 1, 20 rows, 10 duplicates" in done.stdout
+    assert len(store.files(layout.INTERACTIONS_TABLE)) == 1
+    env = {k: v for k, v in os.environ.items() if k != "RECSYS_LOG_URI"}
+    missing = subprocess.run([*cli, "run"], capture_output=True, text=True, timeout=60, env=env)
+    assert missing.returncode == 2
+    assert "log_uri: Field required" in missing.stderr
 
 
 # --- kill -9 ------------------------------------------------------------------------
