@@ -313,6 +313,9 @@ OPTIONAL_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "pulsar": ("pulsar-client", ("stream", "gateway")),
     "redis": ("redis", ("stream", "serving")),
     "matplotlib": ("matplotlib", ("demo",)),
+    "pyarrow": ("pyarrow", ("eventlog", "serving")),
+    "fsspec": ("fsspec", ("eventlog",)),
+    "s3fs": ("s3fs", ("eventlog",)),
 }
 
 
