@@ -46,9 +46,10 @@ RUN pip install ".[serving,gpu]" \
 USER 1000:1000
 WORKDIR /home/model-server
 
-# The data plane's Python parts: `recsys features run` by default; also `recsys gateway run`.
+# The data plane's Python parts: `recsys features run` by default; also `recsys gateway run`
+# and `recsys event-log run`.
 FROM source AS stream-jobs
-RUN pip install ".[stream,gateway]" && cd / && rm -rf /src
+RUN pip install ".[stream,gateway,eventlog]" && cd / && rm -rf /src
 USER 1000:1000
 ENTRYPOINT ["recsys"]
 CMD ["features", "run"]

@@ -63,6 +63,16 @@ FEATURES_RESUBSCRIBES = "recsys_feature_resubscribes_total"
 FEATURES_LAST_BATCH = "recsys_feature_last_batch_timestamp_seconds"
 FEATURES_STORE_PERSISTENT = "recsys_feature_store_persistent"  # 1 AOF or RDB on, 0 off, -1 unknown
 
+# --- event-log sink (all carry `system`; `table` is interactions | impressions) ----------
+EVENT_LOG_ROWS = "recsys_event_log_rows_total"  # table: rows written in new files
+EVENT_LOG_FILES = "recsys_event_log_files_total"  # table, kind (batch | compacted)
+EVENT_LOG_BYTES = "recsys_event_log_bytes_total"  # table, kind: Parquet bytes written
+EVENT_LOG_DUPLICATES = "recsys_event_log_duplicates_total"  # table, stage (sink | compaction)
+EVENT_LOG_DEAD_LETTERED = "recsys_event_log_dead_letters_total"  # reason
+EVENT_LOG_WRITE_ERRORS = "recsys_event_log_write_errors_total"  # error (retried, unacked)
+EVENT_LOG_PENDING_IMPRESSIONS = "recsys_event_log_pending_impressions"  # gauge: awaiting clicks
+EVENT_LOG_LAST_WRITE = "recsys_event_log_last_write_timestamp_seconds"  # gauge
+
 # --- operator ---------------------------------------------------------------------------
 OPERATOR_RECONCILES = "recsys_operator_reconciles_total"
 OPERATOR_RECONCILE_ERRORS = "recsys_operator_reconcile_errors_total"

@@ -314,6 +314,9 @@ OPTIONAL_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "fastavro": ("fastavro", ("stream", "gateway")),
     "redis": ("redis", ("stream", "serving")),
     "matplotlib": ("matplotlib", ("demo",)),
+    "pyarrow": ("pyarrow", ("eventlog", "serving")),
+    "fsspec": ("fsspec", ("eventlog",)),
+    "s3fs": ("s3fs", ("eventlog",)),
 }
 
 

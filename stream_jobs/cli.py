@@ -1,4 +1,5 @@
-"""`recsys` commands of the stream jobs: `recsys events send` and `recsys features run`."""
+"""`recsys` commands of the stream jobs: `recsys events send`, `recsys features run` and
+`recsys event-log run|compact`."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ from recsys_contracts.store_endpoint import StoreMode
 
 events_app = typer.Typer(help="Send user events to the interactions topic.", no_args_is_help=True)
 features_app = typer.Typer(help="The stream feature job.", no_args_is_help=True)
+event_log_app = typer.Typer(
+    help="The offline event log: Parquet files of the events, for training.",
+    no_args_is_help=True,
+)
 
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the `recsys` CLI."""
     app.add_typer(events_app, name="events")
     app.add_typer(features_app, name="features")
+    app.add_typer(event_log_app, name="event-log")
 
 
 # --- recsys events send ----------------------------------------------------------
@@ -289,3 +295,108 @@ def features_main() -> None:
     app = typer.Typer(add_completion=False)
     app.command()(run_features)
     app(prog_name="python -m stream_jobs.features")
+
+
+# --- recsys event-log run | compact ------------------------------------------------
+
+
+@event_log_app.command("run")
+def run_event_log(
+    log_uri: Annotated[
+        str | None, _opt("Root of the log: a folder (path, file://) or s3://bucket/prefix.")
+    ] = None,
+    system_id: Annotated[
+        str | None, _opt("The system, <namespace>.<name> (metrics label).")
+    ] = None,
+    pulsar_service_url: Annotated[str | None, _opt("Pulsar service URL.")] = None,
+    interactions_topic: Annotated[str | None, _opt("The interactions topic.")] = None,
+    impressions_topic: Annotated[
+        str | None, _opt("The gateway's impressions topic (joined with the clicks).")
+    ] = None,
+    subscription: Annotated[str | None, _opt("Subscription name.")] = None,
+    subscription_type: Annotated[SubscriptionType | None, _opt("Shared by default.")] = None,
+    dead_letter_topic: Annotated[str | None, _opt("Topic for malformed events.")] = None,
+    flush_rows: Annotated[int | None, _opt("Buffered events that trigger a write.")] = None,
+    flush_interval: Annotated[str | None, _opt("Longest wait before a write, e.g. 5s.")] = None,
+    click_window: Annotated[
+        str | None, _opt("Event time an impression waits for its clicks, e.g. 30m.")
+    ] = None,
+    max_pending_impressions: Annotated[
+        int | None, _opt("Impressions waiting for clicks past which the oldest are written.")
+    ] = None,
+    dedup_horizon: Annotated[
+        str | None, _opt("At start, ids of files written this recently are loaded, e.g. 2h.")
+    ] = None,
+    compact_min_files: Annotated[int | None, _opt("Files that make a partition merge.")] = None,
+    compact_interval: Annotated[str | None, _opt("How often partitions are checked.")] = None,
+    max_future: Annotated[str | None, _opt("Events further ahead are dead-lettered.")] = None,
+    batch_size: Annotated[int | None, _opt("Messages per receive.")] = None,
+    batch_wait: Annotated[str | None, _opt("Longest wait for a receive to fill.")] = None,
+    resubscribe_idle: Annotated[
+        str | None, _opt("Reopen the subscription after this long idle (pulsar-lite).")
+    ] = None,
+    drain_timeout: Annotated[str | None, _opt("On SIGTERM, time left to write.")] = None,
+    metrics_address: Annotated[
+        str | None, _opt("host:port of /metrics (0.0.0.0:PORT in a pod); empty: off.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
+) -> None:
+    """Append the events of the topics to the offline log (Parquet, by date and hour).
+
+    Interactions land in <log-uri>/interactions/date=YYYY-MM-DD/hour=HH/, impressions
+    joined with their clicks in <log-uri>/impressions/... (docs/event-log.md). Messages
+    are acknowledged only once the file holding them is durable; redelivered events are
+    dropped by event_id. Every option can also be set as RECSYS_<OPTION>. S3 credentials
+    and endpoint come from the AWS_* environment (AWS_ENDPOINT_URL for a non-AWS store).
+    """
+    given = {name: value for name, value in locals().items() if name != "log_level"}
+    from recsys_contracts.event_log_settings import EventLogSettings
+    from stream_jobs.event_log_sink import main
+
+    raise typer.Exit(main(_event_log_settings(EventLogSettings, given, log_level)))
+
+
+@event_log_app.command("compact")
+def compact_event_log(
+    log_uri: Annotated[str, typer.Argument(help="Root of the log (path, file://, s3://).")],
+    min_files: Annotated[int, typer.Option(help="Merge partitions with this many files.")] = 2,
+) -> None:
+    """Merge each partition's files into one, dropping duplicate events.
+
+    Safe while a sink runs: the merged file is written before the small ones are deleted.
+    """
+    from stream_jobs.event_log_sink import compact_log
+
+    if min_files < 2:
+        typer.echo("--min-files must be at least 2", err=True)
+        raise typer.Exit(2)
+    done = compact_log(log_uri, min_files)
+    for c in done:
+        typer.echo(
+            f"{c.table} {'/'.join(c.partition)}: {c.files_in} files -> 1, "
+            f"{c.written.rows} rows, {c.duplicates} duplicates dropped"
+        )
+    typer.echo(f"compacted {len(done)} partitions")
+
+
+def _event_log_settings(model: Any, given: dict[str, Any], log_level: str) -> Any:
+    """As `_job_settings`, for the sink's settings model."""
+    from pydantic import ValidationError
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return model.from_env(**given)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            typer.echo(f"{where}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
+def event_log_main() -> None:
+    """`python -m stream_jobs.event_log_sink`: the `run` command on its own."""
+    app = typer.Typer(add_completion=False)
+    app.command()(run_event_log)
+    app(prog_name="python -m stream_jobs.event_log_sink")

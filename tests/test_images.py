@@ -109,7 +109,7 @@ def installed(target: str) -> set[str]:
 IMAGES = {
     # target: (what must be in it, what must not)
     "operator": (set(), HEAVY | {"pulsar-client", "redis", "fastavro"}),
-    "stream-jobs": ({"pulsar-client", "redis", "fastavro"}, HEAVY),
+    "stream-jobs": ({"pulsar-client", "redis", "fastavro", "pyarrow", "fsspec", "s3fs"}, HEAVY),
     "model-server": ({"torch", "torchserve", "torch-model-archiver", "faiss-cpu", "redis"}, set()),
     "model-server-gpu": (
         {"torch", "torchserve", "torch-model-archiver", "faiss-gpu"},
@@ -187,7 +187,7 @@ ENTRY_POINTS = {
         ["operator", "run", "--help"],
     ),
     "stream-jobs": (
-        ["stream_jobs.features", "gateway.server", "gateway.app"],
+        ["stream_jobs.features", "stream_jobs.event_log_sink", "gateway.server", "gateway.app"],
         ["features", "run", "--help"],
     ),
     "model-server": (

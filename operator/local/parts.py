@@ -22,6 +22,7 @@ from recsys_operator.local.liveness import Liveness
 from recsys_operator.local.run_folder import RunFolder
 from recsys_operator.local.traffic import ModelServers, Say
 from recsys_operator.render.features import feature_job_env
+from recsys_operator.render.naming import TOPIC_NAMES, system_id, topic_url
 
 log = logging.getLogger("recsys.local")
 
@@ -151,6 +152,29 @@ class Parts:
         )  # fmt: skip
         return self.start("features", process)
 
+    def start_event_log(self, system: RecommenderSystem) -> ManagedProcess:
+        """The event-log sink, writing Parquet into the run folder (docs/event-log.md)."""
+        port = free_port()
+        env = {
+            "RECSYS_LOG_URI": str(self.folder.event_log.resolve()),
+            "RECSYS_SYSTEM_ID": system_id(system),
+            "RECSYS_PULSAR_SERVICE_URL": system.spec.events.service_url,
+            "RECSYS_INTERACTIONS_TOPIC": topic_url(system, TOPIC_NAMES["interactions"]),
+            "RECSYS_IMPRESSIONS_TOPIC": topic_url(system, TOPIC_NAMES["impressions"]),
+            "RECSYS_SUBSCRIPTION_TYPE": "Shared",
+            "RECSYS_RESUBSCRIBE_IDLE": RESUBSCRIBE_IDLE,
+            # Simulated users click within seconds; a short window shows the joined
+            # impressions within the minutes a local run lasts.
+            "RECSYS_CLICK_WINDOW": "1m",
+            "RECSYS_METRICS_ADDRESS": f"{LOOPBACK}:{port}",
+        }
+        argv = [sys.executable, "-m", "recsys_operator.cli", "event-log", "run"]
+        process = ManagedProcess(
+            "event-log", argv, self.folder.logs / "event-log.log", port, env=env,
+            probe=HttpProbe("/metrics"),
+        )  # fmt: skip
+        return self.start("event-log", process)
+
     # -- restart ---------------------------------------------------------------
 
     def restart_failed(self, system: RecommenderSystem, reroute: Callable[[], None]) -> None:
@@ -200,7 +224,7 @@ class Parts:
 
     def stop(self) -> None:
         """Everything started, in reverse order of the data: readers before what they read."""
-        for name in ["prometheus", "gateway", "features"]:
+        for name in ["prometheus", "gateway", "event-log", "features"]:
             if name in self.processes:
                 self.processes[name].stop()
         self.servers.stop_all()

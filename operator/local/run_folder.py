@@ -10,6 +10,7 @@
       model-store/      <name>-<version>.mar archives TorchServe loads
       embeddings/       <version>.mar links: the feature job keeps every served version fresh
       trained/          models trained on synthetic data (reused across runs)
+      event-log/        the offline event log: Parquet by date and hour (docs/event-log.md)
       logs/             one log per part
 
 The supervisor is the only writer of state.json; the CLI reads it, and writes only
@@ -110,6 +111,11 @@ class RunFolder:
     @property
     def embeddings(self) -> Path:
         return self.root / "embeddings"
+
+    @property
+    def event_log(self) -> Path:
+        """Root of the offline event log (`recsys_contracts.event_log_layout`)."""
+        return self.root / "event-log"
 
     @property
     def trained(self) -> Path:

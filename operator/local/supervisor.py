@@ -95,6 +95,7 @@ class LocalSystem:
         targets = [f"{LOOPBACK}:{self.parts.start_gateway().port}"]
         if self.options.features:
             targets.append(f"{LOOPBACK}:{self.parts.start_feature_job(system).port}")
+        targets.append(f"{LOOPBACK}:{self.parts.start_event_log(system).port}")
         self.targets.write_model_servers(self.servers)
         prometheus = self.parts.start("prometheus", self.targets.prometheus(targets))
         self.rollout.use_prometheus(prometheus_url(prometheus))

@@ -92,6 +92,16 @@ BENCHMARKS = [
         timeout_s=60,
     ),
     quick(
+        "benchmarks/event_log.py",
+        figures=[
+            rf"floor: {NUMBER} events/s",
+            rf"sink_folder: {NUMBER} events/s, ratio to floor {NUMBER}, {NUMBER} Parquet bytes/event",
+            rf"sink_s3_moto: {NUMBER} events/s, ratio to floor {NUMBER}",
+        ],
+        marks=[pytest.mark.broker],
+        timeout_s=90,
+    ),
+    quick(
         "benchmarks/operator_reconcile.py",
         figures=[
             rf"floor: {NUMBER} child objects created directly in {NUMBER} s",

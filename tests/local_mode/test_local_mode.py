@@ -117,7 +117,7 @@ def test_up_starts_every_part_on_loopback_and_serves(system: RunFolder) -> None:
     state = system.read_state()
     assert state is not None and state["phase"] == "running"
     assert set(state["parts"]) == {
-        "pulsar", "redis", "torchserve-1", "features", "gateway", "prometheus"
+        "pulsar", "redis", "torchserve-1", "features", "event-log", "gateway", "prometheus"
     }  # fmt: skip
     assert all(p["status"] == "running" for p in state["parts"].values()), state["parts"]
     assert all(url.split("//")[1].startswith("127.0.0.1:") for url in state["urls"].values())
@@ -129,6 +129,31 @@ def test_up_starts_every_part_on_loopback_and_serves(system: RunFolder) -> None:
     status = recsys("status", "--run-dir", str(system.root), cwd=system.root.parent)
     assert status.returncode == 0, status.stderr
     assert "torchserve-1" in status.stdout and "stable  1" in status.stdout
+
+
+def test_events_reach_the_offline_event_log_in_the_run_folder(system: RunFolder) -> None:
+    from recsys_contracts.event_log_layout import read_interactions
+
+    state = system.read_state()
+    assert state is not None
+    gateway = state["urls"]["gateway"]
+    answer = requests.post(f"{gateway}/v1/recommend", json={"user_id": "u0002", "k": 3}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    click = {"type": "click", "user_id": "u0002", "item_id": body["item_ids"][0],
+             "request_id": body["request_id"]}  # fmt: skip
+    sent = requests.post(f"{gateway}/v1/events", json=click, timeout=10)
+    assert sent.status_code in (200, 202), sent.text
+
+    def logged() -> list[dict[str, Any]]:
+        rows = read_interactions(str(system.event_log), 0, 10**14).to_pylist()
+        return [r for r in rows if r["request_id"] == body["request_id"]]
+
+    deadline = time.monotonic() + 30
+    while not logged() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    rows = logged()
+    assert len(rows) == 1 and rows[0]["type"] == "click" and rows[0]["user_id"] == "u0002"
 
 
 def test_a_part_that_dies_is_restarted_and_serving_goes_on(system: RunFolder) -> None:

@@ -1,0 +1,440 @@
+"""The event-log sink: the interactions (and impressions) topics in, Parquet files out.
+
+    recsys event-log run --log-uri s3://bucket/log --interactions-topic ... --impressions-topic ...
+    python -m stream_jobs.event_log_sink ...      (the same command, alone)
+
+The loop:
+
+1. receive a batch from both topics; a malformed event, or one from the future, is
+   dead-lettered (published, then acked);
+2. drop events whose `event_id` was already written (a redelivery after a crash, a
+   client's retry); buffer the rest; impressions wait in the join for their clicks
+   (`impression_join`);
+3. every `flush_interval` (or `flush_rows` events) write the buffered interactions and
+   the impressions that fell due, one file per table and hour partition, durably
+   (`event_log_store`), and only then acknowledge their messages;
+4. every `compact_interval`, merge partitions that have `compact_min_files` files.
+
+At least once, deduplicated: a crash between a write and its acks redelivers events
+already written; at start the sink loads the ids (and clicks) of the files written in
+the last `dedup_horizon`, so those come back as duplicates and are dropped. Compaction
+and the readers drop any duplicate that got past this (ids resent after the horizon).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulsar
+import pyarrow as pa
+
+from recsys_contracts import event_log_layout as layout
+from recsys_contracts.event_log_settings import EventLogSettings
+from recsys_contracts.event_wire import decode_event
+from recsys_contracts.events import (
+    Event,
+    EventType,
+    InvalidEvent,
+    check_event_ts,
+    now_ms,
+)
+from recsys_contracts.feature_job_settings import SubscriptionType, duration_ms
+from stream_jobs.dead_letters import DeadLetter, DeadLetterPublisher
+from stream_jobs.event_log_metrics import EventLogMetrics
+from stream_jobs.event_log_store import EventLogStore, WrittenFile
+from stream_jobs.impression_join import ImpressionJoin, PendingImpression, shown_items
+
+log = logging.getLogger("stream_jobs.event_log_sink")
+
+CONSUMER_TYPES = {
+    SubscriptionType.KEY_SHARED: pulsar.ConsumerType.KeyShared,
+    SubscriptionType.FAILOVER: pulsar.ConsumerType.Failover,
+    SubscriptionType.SHARED: pulsar.ConsumerType.Shared,
+}
+SUBSCRIBE_ATTEMPTS = 10
+# Pulsar's default is 30 s; pulsar-lite can hold a killed consumer for a while, and shorter
+# attempts let a restarted sink in sooner.
+OPERATION_TIMEOUT_S = 10
+SEEN_CAPACITY = 2_000_000  # event ids remembered (about 150 MB at most)
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+PAST_FOR_LOG_MS = 100 * 365 * 86_400_000  # the log keeps old events: only the future is refused
+
+
+class SeenIds:
+    """The event ids already written (or buffered), oldest forgotten first."""
+
+    def __init__(self, capacity: int = SEEN_CAPACITY) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, event_id: object) -> bool:
+        return event_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, event_id: str) -> None:
+        self._ids[event_id] = None
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+
+@dataclass
+class Buffer:
+    """Interactions received and not yet written, with their messages."""
+
+    events: list[Event] = field(default_factory=list)
+    messages: list[Any] = field(default_factory=list)
+    since: float | None = None  # when the oldest arrived
+
+    def add(self, event: Event, message: Any) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+        self.events.append(event)
+        self.messages.append(message)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+class EventLogSink:
+    """One consumer of the event topics that appends them to the offline log."""
+
+    def __init__(
+        self,
+        settings: EventLogSettings,
+        metrics: EventLogMetrics | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or EventLogMetrics(settings.system_id)
+        self.store = EventLogStore(settings.log_uri, storage_options)
+        self.join = ImpressionJoin(duration_ms(settings.click_window))
+        # Ids written to the log, and ids received but not yet written: a copy of the
+        # first kind is acked and dropped, a copy of the second only dropped (acking it
+        # would ack the original before its file exists).
+        self.seen = {layout.INTERACTIONS_TABLE: SeenIds(), layout.IMPRESSIONS_TABLE: SeenIds()}
+        self.in_flight: dict[str, set[str]] = {
+            layout.INTERACTIONS_TABLE: set(),
+            layout.IMPRESSIONS_TABLE: set(),
+        }
+        self.buffer = Buffer()
+        self._flush_s = duration_ms(settings.flush_interval) / 1000
+        self._compact_s = duration_ms(settings.compact_interval) / 1000
+        self._drain_s = duration_ms(settings.drain_timeout) / 1000
+        self._max_future_ms = duration_ms(settings.max_future)
+        self._touched: set[tuple[str, tuple[str, str]]] = set()
+        self._next_compaction = time.monotonic() + self._compact_s
+        self._stop_since: float | None = None
+        self._last_flush = time.monotonic()
+        self._m = {"system": settings.system_id}
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
+        """Consume until `stop` is set, write what is due, and return."""
+        s = self.settings
+        self.load_recent()
+        token = s.pulsar_token.get_secret_value() if s.pulsar_token else None
+        client = pulsar.Client(
+            s.pulsar_service_url,
+            authentication=pulsar.AuthenticationToken(token) if token else None,
+            logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
+            operation_timeout_seconds=OPERATION_TIMEOUT_S,
+        )
+        endpoint = s.metrics_endpoint
+        server = self.metrics.serve(*endpoint) if endpoint is not None else None
+        try:
+            consumer = self._subscribe(client)
+            dead_letters = DeadLetterPublisher(
+                client.create_producer(s.dead_letters, batching_enabled=False), s.subscription
+            )
+            log.info("logging %s to %s as %s", ", ".join(s.topics), s.log_uri, s.subscription)
+            if ready is not None:
+                ready.set()
+            idle_s = duration_ms(s.resubscribe_idle) / 1000 if s.resubscribe_idle else None
+            last_message = time.monotonic()
+            while not stop.is_set():
+                messages = consumer.batch_receive()
+                now = time.monotonic()
+                if messages:
+                    last_message = now
+                    self.receive(consumer, dead_letters, list(messages))
+                elif idle_s and now - last_message >= idle_s and self._nothing_in_flight():
+                    # Nothing unacked, so nothing is redelivered (see the setting).
+                    consumer.close()
+                    consumer = self._subscribe(client)
+                    last_message = now
+                if self._flush_due():
+                    self.flush(consumer, stop)
+                if time.monotonic() >= self._next_compaction:
+                    self.compact_touched()
+            log.info("stopping: writing what is buffered")
+            self.flush(consumer, stop)
+            consumer.close()
+        finally:
+            client.close()
+            if server is not None:
+                server.shutdown()
+
+    def _nothing_in_flight(self) -> bool:
+        return not self.buffer.events and self.join.pending == 0
+
+    def _subscribe(self, client: pulsar.Client) -> pulsar.Consumer:
+        """Subscribe, retrying timeouts: a broker still releasing a killed consumer of this
+        subscription answers late, which is no reason to crash."""
+        s = self.settings
+        delay = 1.0
+        for attempt in range(1, SUBSCRIBE_ATTEMPTS + 1):
+            try:
+                return client.subscribe(
+                    s.topics,
+                    s.subscription,
+                    consumer_type=CONSUMER_TYPES[s.subscription_type],
+                    initial_position=pulsar.InitialPosition.Earliest,
+                    receiver_queue_size=max(1000, 2 * s.batch_size),
+                    batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
+                        s.batch_size, -1, max(1, duration_ms(s.batch_wait))
+                    ),
+                )
+            except pulsar.Timeout:
+                if attempt == SUBSCRIBE_ATTEMPTS:
+                    raise
+                log.warning("subscribing timed out (attempt %d); retrying in %.0fs", attempt, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    def load_recent(self) -> None:
+        """Remember the ids, clicks and newest time of the files written lately (see module)."""
+        since = now_ms() - duration_ms(self.settings.dedup_horizon)
+        for table in layout.TABLES:
+            files = self.store.recent_files(table, since)
+            if not files:
+                continue
+            columns = ["event_id", "ts"]
+            if table == layout.INTERACTIONS_TABLE:
+                columns += ["type", "request_id", "item_id"]
+            rows = self.store.read_files(files, columns).to_pylist()
+            for row in rows:
+                self.seen[table].add(row["event_id"])
+                self.join.observe(row["ts"])
+                if row.get("type") == EventType.CLICK.value and row.get("request_id"):
+                    self.join.add_click(
+                        Event(
+                            event_id=row["event_id"],
+                            user_id="-",
+                            item_id=row["item_id"],
+                            type=EventType.CLICK,
+                            ts=row["ts"],
+                            request_id=row["request_id"],
+                        )
+                    )
+            log.info("%s: %d ids from %d recent files", table, len(rows), len(files))
+
+    # --- receiving -----------------------------------------------------------------
+
+    def receive(
+        self, consumer: Any, dead_letters: DeadLetterPublisher, messages: Sequence[Any]
+    ) -> None:
+        invalid: list[DeadLetter] = []
+        now = now_ms()
+        for message in messages:
+            try:
+                event = decode_event(message.data())
+                check_event_ts(event.ts, now, self._max_future_ms, PAST_FOR_LOG_MS)
+            except InvalidEvent as problem:
+                invalid.append(DeadLetter(message, problem))
+                continue
+            table = (
+                layout.IMPRESSIONS_TABLE
+                if event.type is EventType.IMPRESSION
+                else layout.INTERACTIONS_TABLE
+            )
+            if event.event_id in self.seen[table]:
+                self.metrics.duplicates.labels(**self._m, table=table, stage="sink").inc()
+                consumer.acknowledge(message)
+                continue
+            if event.event_id in self.in_flight[table]:
+                self.metrics.duplicates.labels(**self._m, table=table, stage="sink").inc()
+                continue  # the copy in hand is acked once written (a resent id: redelivered)
+            self.in_flight[table].add(event.event_id)
+            self.join.observe(event.ts)
+            if table == layout.IMPRESSIONS_TABLE:
+                items = shown_items(event, message.data())
+                self.join.add_impression(PendingImpression(event, items, message))
+            else:
+                self.buffer.add(event, message)
+                self.join.add_click(event)
+        self.metrics.pending_impressions.labels(**self._m).set(self.join.pending)
+        if invalid:
+            accepted = dead_letters.publish(invalid, now_ms())
+            for letter, ok in zip(invalid, accepted, strict=True):
+                if ok:
+                    consumer.acknowledge(letter.message)
+                    self.metrics.dead_letters.labels(**self._m, reason=letter.problem.code).inc()
+                else:
+                    log.error("the dead-letter topic refused a message; it stays unacked")
+
+    def _flush_due(self) -> bool:
+        """A full buffer, or `flush_interval` since the oldest buffered event arrived or
+        (for impressions that may have fallen due) since the last flush."""
+        if len(self.buffer) >= self.settings.flush_rows:
+            return True
+        if self.join.pending > self.settings.max_pending_impressions:
+            return True
+        now = time.monotonic()
+        if self.buffer.since is not None and now - self.buffer.since >= self._flush_s:
+            return True
+        return self.join.pending > 0 and now - self._last_flush >= self._flush_s
+
+    # --- writing -----------------------------------------------------------------
+
+    def flush(self, consumer: Any, stop: threading.Event) -> bool:
+        """Write the buffer and the due impressions, then ack them; False if stopped first."""
+        self._last_flush = time.monotonic()
+        impressions = self.join.due(max_pending=self.settings.max_pending_impressions)
+        impression_rows = [row for p in impressions for row in self.join.rows(p)]
+        batches = [
+            (layout.INTERACTIONS_TABLE, [e.model_dump(mode="json") for e in self.buffer.events]),
+            (layout.IMPRESSIONS_TABLE, impression_rows),
+        ]
+        for table, rows in batches:
+            for partition, part in _by_partition(rows).items():
+                written = self._write_until_done(table, partition, part, stop)
+                if written is None:
+                    return False
+                self._count(table, "batch", written)
+                self.metrics.rows.labels(**self._m, table=table).inc(written.rows)
+                self._touched.add((table, partition))
+        for table, written_ids in (
+            (layout.INTERACTIONS_TABLE, [e.event_id for e in self.buffer.events]),
+            (layout.IMPRESSIONS_TABLE, [p.event.event_id for p in impressions]),
+        ):
+            for event_id in written_ids:
+                self.seen[table].add(event_id)
+                self.in_flight[table].discard(event_id)
+        for message in self.buffer.messages:
+            self.acknowledge(consumer, message)
+        for impression in impressions:
+            self.acknowledge(consumer, impression.message)
+        self.buffer = Buffer()
+        self.metrics.pending_impressions.labels(**self._m).set(self.join.pending)
+        return True
+
+    def acknowledge(self, consumer: Any, message: Any) -> None:
+        """Ack one written message (its own method: the crash tests leave it out)."""
+        consumer.acknowledge(message)
+
+    def _write_until_done(
+        self,
+        table: str,
+        partition: tuple[str, str],
+        rows: list[dict[str, Any]],
+        stop: threading.Event,
+    ) -> WrittenFile | None:
+        """Write one file, retrying the store's errors with backoff (nothing is acked meanwhile)."""
+        data = pa.Table.from_pylist(rows, schema=layout.schema(table))
+        delay = BACKOFF_FIRST_S
+        while True:
+            try:
+                return self.store.write(table, partition, data)
+            except Exception as exc:  # fsspec backends raise their own families (OSError, botocore)
+                self.metrics.write_errors.labels(**self._m, error=type(exc).__name__).inc()
+                if stop.is_set():
+                    if self._stop_since is None:
+                        self._stop_since = time.monotonic()
+                    if time.monotonic() - self._stop_since >= self._drain_s:
+                        log.error("stopping while the store fails (%s): events stay unacked", exc)
+                        return None
+                log.warning("writing to the log failed (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, BACKOFF_MAX_S)
+
+    def _count(self, table: str, kind: str, written: WrittenFile) -> None:
+        self.metrics.files.labels(**self._m, table=table, kind=kind).inc()
+        self.metrics.bytes.labels(**self._m, table=table, kind=kind).inc(written.bytes)
+        self.metrics.last_write.labels(**self._m).set_to_current_time()
+
+    # --- compaction ----------------------------------------------------------------
+
+    def compact_touched(self) -> None:
+        """Merge the partitions this sink wrote to that have gathered enough files."""
+        self._next_compaction = time.monotonic() + self._compact_s
+        current = layout.partition_of(self.join.watermark_ms) if self.join.watermark_ms else None
+        for table, partition in sorted(self._touched):
+            try:
+                files = self.store.partition_files(table, partition)
+                if len(files) >= self.settings.compact_min_files:
+                    result = self.store.compact(table, partition, files)
+                    self._count(table, "compacted", result.written)
+                    self.metrics.duplicates.labels(**self._m, table=table, stage="compaction").inc(
+                        result.duplicates
+                    )
+                    log.info(
+                        "compacted %s %s: %d files, %d rows, %d duplicates dropped",
+                        table,
+                        "/".join(partition),
+                        result.files_in,
+                        result.written.rows,
+                        result.duplicates,
+                    )
+            except Exception as exc:  # another replica compacting the same partition, a store error
+                log.warning("compacting %s %s failed (%s); retried later", table, partition, exc)
+                continue
+            if partition != current:
+                self._touched.discard((table, partition))  # reopened when written again
+
+
+def _by_partition(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    parts: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        parts[layout.partition_of(row["ts"])].append(row)
+    return parts
+
+
+def compact_log(
+    uri: str, min_files: int = 2, storage_options: dict[str, Any] | None = None
+) -> list[Any]:
+    """Merge every partition of the log with `min_files` files or more (`recsys event-log
+    compact`); returns the compactions done."""
+    store = EventLogStore(uri, storage_options)
+    done = []
+    for table in layout.TABLES:
+        by_partition: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for path in store.files(table):
+            date = path.split(f"/{layout.DATE_KEY}=", 1)[1].split("/", 1)[0]
+            hour = path.split(f"/{layout.HOUR_KEY}=", 1)[1].split("/", 1)[0]
+            by_partition[(date, hour)].append(path)
+        for partition, files in sorted(by_partition.items()):
+            if len(files) >= min_files:
+                done.append(store.compact(table, partition, files))
+    return done
+
+
+def main(settings: EventLogSettings) -> int:
+    """Run the sink in this process until SIGTERM or SIGINT; the exit code."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    EventLogSink(settings).run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    from stream_jobs.cli import event_log_main
+
+    event_log_main()
