@@ -37,7 +37,7 @@ from model_handlers.interactions import Interactions, from_id_columns
 from model_handlers.model_directory import read_manifest, write_trained_model
 from model_handlers.model_evaluation import evaluate_model_directory
 from model_handlers.training import TrainingConfig, train_model
-from recsys_contracts import archive_layout, training_report
+from recsys_contracts import archive_layout, event_log_layout, training_report
 from recsys_contracts.archive_layout import ServingDefaults
 from recsys_contracts.events import INTERACTION_TYPES
 from recsys_contracts.index_spec import IndexSpec
@@ -56,25 +56,15 @@ Say = Callable[[str], None]
 
 
 def read_interactions(uri: str, since_ms: int, until_ms: int) -> pa.Table:
-    """Rows of the log's `interactions` dataset with `since_ms <= ts < until_ms`.
-
-    The layout is `<root>/interactions/date=YYYY-MM-DD/hour=HH/*.parquet`, one row per
-    event. A stand-in for `recsys_contracts.event_log_layout.read_interactions`, with
-    the same signature, until that module exists.
-    """
-    import pyarrow.dataset as ds
-
+    """Rows of the log's `interactions` dataset with `since_ms <= ts < until_ms`
+    (`recsys_contracts.event_log_layout`), with a clear error when a local log is missing
+    (the contract's reader gives an empty table there, which would read as "no traffic")."""
     parsed = urlparse(uri)
     root = parsed.path if parsed.scheme == "file" else uri
     local = not parsed.scheme or parsed.scheme == "file"
     if local and not Path(root, "interactions").is_dir():
         raise FileNotFoundError(f"no event log at {uri} (no interactions/ folder)")
-    dataset = ds.dataset(root.rstrip("/") + "/interactions", format="parquet", partitioning="hive")
-    ts = ds.field("ts")
-    return dataset.to_table(
-        columns=["event_id", "user_id", "item_id", "type", "ts", "dwell_ms"],
-        filter=(ts >= since_ms) & (ts < until_ms),
-    )
+    return event_log_layout.read_interactions(uri, since_ms, until_ms)
 
 
 def interactions_from_events(table: pa.Table) -> Interactions:
