@@ -15,7 +15,7 @@ deletes it with `popular`).
 | `recsys:v1:<system>:u:{<user>}:recent` | list | stream job | item ids, newest first, trimmed to lastN |
 | `recsys:v1:<system>:u:{<user>}:features` | hash | stream job | counts per type and window, last event ts, mean dwell, session |
 | `recsys:v1:<system>:u:{<user>}:emb:<model_version>` | string | stream job | online user embedding, little-endian float32 x embeddingDim |
-| `recsys:v1:<system>:u:{<user>}:state` | string | stream job | the job's private per-user state (JSON), for idempotence and windows |
+| `recsys:v1:<system>:u:{<user>}:state` | string | stream job | the job's private per-user state (compact binary; JSON from older jobs still loads), for idempotence and windows |
 | `recsys:v1:<system>:u:{<user>}:seen` | set | stream job | every item the user interacted with (not only the last N): serving never recommends them |
 | `recsys:v1:<system>:popular` | zset | stream job | item id -> decayed interaction count (cold-start fallback) |
 | `recsys:v1:<system>:popular-applied:{recsys:v1:<system>:popular}` | zset | stream job | events counted into `popular` whose users' write is not confirmed yet -> server time (ms) they were counted; the job's own (see `stream_jobs.feature_store`) |
