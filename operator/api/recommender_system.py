@@ -290,6 +290,14 @@ class ModelSpec(ApiModel):
                 "nlist exceeds the catalogue size numItems",
                 ".index.ivfpq.nlist",
             ),
+            cel.rule(
+                "!has(self.numItems) || !has(self.index) || self.index.type != 'IVF-PQ' || "
+                "!has(self.index.ivfpq) || !has(self.index.ivfpq.refineFactor) || "
+                "self.index.ivfpq.refineFactor == 1 || "
+                "self.topK * self.index.ivfpq.refineFactor <= self.numItems",
+                "topK x refineFactor exceeds the catalogue size numItems",
+                ".index.ivfpq.refineFactor",
+            ),
         )
     )
 
