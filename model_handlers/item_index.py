@@ -202,7 +202,7 @@ class ItemIndex:
         elif self.spec.type is IndexType.IVF_PQ:
             params = faiss.SearchParametersIVF(nprobe=self._nprobe(widen))  # type: ignore[call-arg]
             if self.refined:
-                params = faiss.IndexRefineSearchParameters(  # type: ignore[attr-defined]
+                params = faiss.IndexRefineSearchParameters(  # type: ignore[call-arg]
                     k_factor=self.spec.ivfpq.refine_factor, base_index_params=params
                 )
             scores, ids = self.index.search(queries, k, params=params)
