@@ -122,8 +122,10 @@ class CachedRetriever:
                     self.cache.put(key, answer)
         cacheable_count = sum(key is not None for key in keys)
         misses = sum(keys[n] is not None for n in todo)
+        recommendations = [a for a in answers if a is not None]
+        assert len(recommendations) == len(requests)  # every request answered, in order
         return CachedBatch(
-            recommendations=[a for a in answers if a is not None],
+            recommendations=recommendations,
             hits=cacheable_count - misses,
             misses=misses,
             search_ms=search_ms,
