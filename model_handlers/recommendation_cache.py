@@ -11,8 +11,10 @@ items, so a new event is a new key: the next request recomputes, and items the u
 just seen are excluded as they would be without the cache. Without a feature store the
 request alone decides the answer, and the version is None.
 
-Not cached: requests without a user id (no session to speak of), and whole batches whose
-feature-store read failed (their features, and so their answers, are a degraded guess that
+Not cached: requests without a user id (no session to speak of), users for whom the
+store holds no state version (no `features` hash: a user with no applied event yet, or
+keys written by something other than the stream job, which must bump `events` like the
+job does), and whole batches whose feature-store read failed (their features, and so their answers, are a degraded guess that
 must not outlive the outage). Entries are bounded in number (least recently used goes
 first) and in age (`ttl_s`), which bounds both memory and how long an idle session holds
 it: an entry is a list of up to k item ids (references into the model's id list) and scores.
@@ -98,9 +100,14 @@ class CachedRetriever:
         """Top-k items per request; `cacheable` False (a failed store read) bypasses the
         cache both ways."""
         features = list(online) if online is not None else [NO_FEATURES] * len(requests)
+        # With a store, a user it holds no state version for is not cached: nothing
+        # would tell a later change of their keys apart.
         keys: list[CacheKey | None] = [
             (r, f.state_version)
-            if self.cache is not None and cacheable and r.user_id is not None
+            if self.cache is not None
+            and cacheable
+            and r.user_id is not None
+            and (online is None or f.state_version is not None)
             else None
             for r, f in zip(requests, features, strict=True)
         ]

@@ -21,6 +21,7 @@ from model_handlers.retriever import Recommendation, RetrievalBatch, Retriever, 
 from model_handlers.torchserve_handler import RetrievalHandler
 from recsys_contracts import handler_metrics
 from recsys_contracts.events import Event
+from recsys_contracts.feature_keys import recent_items_key
 from recsys_contracts.retrieval_request import RetrievalRequest
 from recsys_operator.launchers.process import ManagedProcess, free_port
 from stream_jobs.feature_store import FeatureStore, StoreLayout
@@ -183,6 +184,25 @@ def test_requests_without_a_user_and_failed_store_reads_are_not_cached(
         assert cached.recommend([anonymous]).hits == 0
         assert cached.recommend([request("u1")], cacheable=False).hits == 0
     assert counting.computed == 4 and len(cache) == 0
+
+
+def test_a_user_the_store_holds_no_state_version_for_is_not_cached(
+    store: redis.Redis, retriever: Retriever
+) -> None:
+    """Keys written without the features hash (not by the stream job) carry no version."""
+    user = "u-without-state"
+    store.rpush(recent_items_key(SYSTEM, user), retriever.item_ids[3])
+    reader = RedisFeatureReader(
+        store, system=SYSTEM, model_version="1", dim=retriever.dim,
+        history_length=retriever.history_length,
+    )  # fmt: skip
+    cache = RecommendationCache(100, 60)
+    cached = CachedRetriever(retriever, cache)
+    for _ in range(2):
+        features = reader.read([user]).features
+        assert features[0].state_version is None and features[0].recent_item_ids
+        assert cached.recommend([request(user)], features).hits == 0
+    assert len(cache) == 0
 
 
 # --- through the TorchServe adapter ------------------------------------------------------
