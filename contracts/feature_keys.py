@@ -50,6 +50,9 @@ from __future__ import annotations
 import numpy as np
 
 LAYOUT_VERSION = "v1"
+EVENTS_FIELD = "events"
+"""`features` hash field: events applied for the user (with `last_ts`, the version of their state)."""
+LAST_TS_FIELD = "last_ts"
 POPULAR_EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, the landmark of popular scores
 
 

@@ -78,6 +78,18 @@ COLD_STARTS = HandlerMetric(
     unit="count",
     description="Requests answered from popularity (unknown user, no recent items).",
 )
+CACHE_HITS = HandlerMetric(
+    name="recsys_handler_cache_hits_total",
+    kind="counter",
+    unit="count",
+    description="Requests answered from the per-session cache (same request, unchanged user state).",
+)
+CACHE_MISSES = HandlerMetric(
+    name="recsys_handler_cache_misses_total",
+    kind="counter",
+    unit="count",
+    description="Cacheable requests (with a user id, store readable) that were computed; hit rate = hits / (hits + misses).",
+)
 HANDLER_METRICS = (
     HANDLER_LATENCY,
     SEARCH_LATENCY,
@@ -87,4 +99,6 @@ HANDLER_METRICS = (
     STORE_MISSES,
     STORE_ERRORS,
     COLD_STARTS,
+    CACHE_HITS,
+    CACHE_MISSES,
 )

@@ -489,6 +489,13 @@ def archive(
     ] = 8,
     pq_nbits: Annotated[int, typer.Option(help="IVF-PQ: bits per code.")] = 8,
     nprobe: Annotated[int, typer.Option(help="IVF-PQ: lists visited per query.")] = 16,
+    refine_factor: Annotated[
+        int,
+        typer.Option(
+            help="IVF-PQ: re-rank this many times k candidates exactly (1: no re-ranking; "
+            "above 1 the index keeps the full vectors)."
+        ),
+    ] = 1,
     top_k: Annotated[
         int, typer.Option(help="Largest k a request may ask for (and the default).")
     ] = 50,
@@ -530,7 +537,13 @@ def archive(
                         "efConstruction": hnsw_ef_construction,
                         "efSearch": hnsw_ef_search,
                     },
-                    "ivfpq": {"nlist": ivf_nlist, "m": pq_m, "nbits": pq_nbits, "nprobe": nprobe},
+                    "ivfpq": {
+                        "nlist": ivf_nlist,
+                        "m": pq_m,
+                        "nbits": pq_nbits,
+                        "nprobe": nprobe,
+                        "refineFactor": refine_factor,
+                    },
                 }
             )
         except ValidationError as exc:

@@ -11,6 +11,8 @@
 | `RECSYS_QUANTIZE_TOWER` | manifest `serving.quantize_tower` | `true`: int8 dynamic quantization of the user tower |
 | `RECSYS_FAISS_DEVICE` | `auto` | `auto` (GPU when FAISS sees one), `cpu` or `gpu` |
 | `RECSYS_MODEL_VERSION` | none | when set, must equal the archive's version (a pod given the wrong archive fails to load) |
+| `RECSYS_CACHE_MAX_ENTRIES` | 10000 | answers kept per worker for repeat requests of a user whose state did not change; 0: no cache |
+| `RECSYS_CACHE_TTL_MS` | 60000 | how long a cached answer is kept |
 
 An empty variable counts as unset. A value that does not parse stops the model from
 loading with a message naming the variable, rather than serving with a guess.
@@ -35,6 +37,10 @@ MAX_K = ModelServerEnv.MAX_K
 QUANTIZE_TOWER = ModelServerEnv.QUANTIZE_TOWER
 FAISS_DEVICE = ModelServerEnv.FAISS_DEVICE
 MODEL_VERSION = ModelServerEnv.MODEL_VERSION
+CACHE_MAX_ENTRIES = ModelServerEnv.CACHE_MAX_ENTRIES
+CACHE_TTL_MS = ModelServerEnv.CACHE_TTL_MS
+DEFAULT_CACHE_MAX_ENTRIES = 10_000
+DEFAULT_CACHE_TTL_MS = 60_000.0
 ENVIRONMENT_VARIABLES = ModelServerEnv.ALL
 
 FaissDevice = Literal["auto", "cpu", "gpu"]
@@ -54,6 +60,9 @@ class HandlerSettings:
     quantize_tower: bool
     faiss_device: FaissDevice
     redis_mode: StoreMode = StoreMode.SINGLE
+    cache_max_entries: int = DEFAULT_CACHE_MAX_ENTRIES
+    """0: no cache."""
+    cache_ttl_s: float = DEFAULT_CACHE_TTL_MS / 1000.0
 
     @property
     def use_gpu(self) -> bool | None:
@@ -99,6 +108,16 @@ class HandlerSettings:
         device = get(FAISS_DEVICE) or "auto"
         if device not in ("auto", "cpu", "gpu"):
             raise SettingsError(f"{FAISS_DEVICE} must be auto, cpu or gpu, got {device!r}")
+        cache_entries = _number(
+            get(CACHE_MAX_ENTRIES), CACHE_MAX_ENTRIES, default=DEFAULT_CACHE_MAX_ENTRIES
+        )
+        if cache_entries < 0 or cache_entries != int(cache_entries):
+            raise SettingsError(
+                f"{CACHE_MAX_ENTRIES} must be a whole number, 0 or more, got {cache_entries}"
+            )
+        cache_ttl_ms = _number(get(CACHE_TTL_MS), CACHE_TTL_MS, default=DEFAULT_CACHE_TTL_MS)
+        if cache_ttl_ms <= 0:
+            raise SettingsError(f"{CACHE_TTL_MS} must be positive, got {cache_ttl_ms}")
         return cls(
             redis_url=redis_url,
             redis_password=get(REDIS_PASSWORD),
@@ -108,6 +127,8 @@ class HandlerSettings:
             max_k=max_k,
             quantize_tower=quantize,
             faiss_device=device,  # type: ignore[arg-type]
+            cache_max_entries=int(cache_entries),
+            cache_ttl_s=cache_ttl_ms / 1000.0,
         )
 
 

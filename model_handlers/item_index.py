@@ -6,11 +6,18 @@ and measured against exact search.
 | Flat | `IndexFlatIP` (exact) | none |
 | HNSW | `IndexHNSWFlat` (M, efConstruction) | efSearch, raised to k when k is larger |
 | IVF-PQ | `IndexIVFPQ` over an `IndexFlatIP` coarse quantizer (nlist, m, nbits) | nprobe |
+| IVF-PQ, refineFactor > 1 | `IndexRefineFlat` around that `IndexIVFPQ` | nprobe, refineFactor |
 | SQ8 | `IndexScalarQuantizer` with 8-bit codes | none |
 
 On a machine with CUDA and faiss-gpu, `ItemIndex.load(..., use_gpu=None)` moves Flat,
 IVF-PQ and SQ8 indexes to the GPU; HNSW has no GPU version in FAISS and stays on the
 CPU. Any failure to move falls back to the CPU index, which returns the same items.
+
+With `refineFactor` r > 1 an IVF-PQ search fetches r x k candidates by their PQ codes and
+re-ranks them by the exact inner product with the full vectors the refine index keeps:
+the PQ codes choose the neighbourhood, exact scores choose the order. That index stays
+on the CPU too (FAISS has no GPU IndexRefine; the re-ranking is a few hundred dot
+products per query).
 """
 
 from __future__ import annotations
@@ -68,11 +75,16 @@ def build_index(
                 f"IVF-PQ: nbits={p.nbits} needs at least {2**p.nbits} items to train, got {n}"
             )
         quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFPQ(quantizer, d, p.nlist, p.m, p.nbits, faiss.METRIC_INNER_PRODUCT)
-        index.nprobe = p.nprobe
+        ivf = faiss.IndexIVFPQ(quantizer, d, p.nlist, p.m, p.nbits, faiss.METRIC_INNER_PRODUCT)
+        ivf.nprobe = p.nprobe
         # FAISS wants ~39 points per centroid (coarse and PQ); more only slows training.
         sample = max(64 * p.nlist, 64 * 2**p.nbits)
-        index.train(_training_sample(vectors, sample, seed))
+        ivf.train(_training_sample(vectors, sample, seed))
+        index = ivf
+        if p.refine_factor > 1:
+            # Wraps the empty trained index: adding through it fills both.
+            index = faiss.IndexRefineFlat(ivf)
+            index.k_factor = p.refine_factor
     elif spec.type is IndexType.SQ8:
         index = faiss.IndexScalarQuantizer(
             d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
@@ -114,6 +126,11 @@ class ItemIndex:
     def dim(self) -> int:
         return int(self.index.d)
 
+    @property
+    def refined(self) -> bool:
+        """Whether searches re-rank a refine set exactly (IVF-PQ with refineFactor > 1)."""
+        return self.spec.type is IndexType.IVF_PQ and self.spec.ivfpq.refine_factor > 1
+
     @classmethod
     def load(
         cls, path: Path, spec: IndexSpec, *, use_gpu: bool | None = None, gpu_device: int = 0
@@ -139,6 +156,9 @@ class ItemIndex:
             return False
         if self.spec.type is IndexType.HNSW:
             log.warning("FAISS has no GPU HNSW; the index stays on the CPU")
+            return False
+        if self.refined:
+            log.warning("FAISS has no GPU IndexRefine; the refined IVF-PQ index stays on the CPU")
             return False
         try:
             resources = faiss.StandardGpuResources()
@@ -181,6 +201,10 @@ class ItemIndex:
             scores, ids = self.index.search(queries, k, params=params)
         elif self.spec.type is IndexType.IVF_PQ:
             params = faiss.SearchParametersIVF(nprobe=self._nprobe(widen))  # type: ignore[call-arg]
+            if self.refined:
+                params = faiss.IndexRefineSearchParameters(  # type: ignore[call-arg]
+                    k_factor=self.spec.ivfpq.refine_factor, base_index_params=params
+                )
             scores, ids = self.index.search(queries, k, params=params)
         else:
             scores, ids = self.index.search(queries, k)

@@ -2,8 +2,10 @@
 trip per batch.
 
 The key layout is the contract in `recsys_contracts.feature_keys`: the user's recent items
-(a list, newest first), every item they interacted with (a set) and their online
-embedding for this model version (little-endian float32 bytes). A store that is down or slow never fails a request: the
+(a list, newest first), every item they interacted with (a set), their online
+embedding for this model version (little-endian float32 bytes), and two fields of their
+features hash (`events`, `last_ts`) that version the rest: the stream job changes them in
+the same atomic write as every other key, so equal versions mean equal features. A store that is down or slow never fails a request: the
 batch goes on without online features and the error is reported for the metrics.
 """
 
@@ -18,8 +20,11 @@ from typing import Any
 import numpy as np
 
 from recsys_contracts.feature_keys import (
+    EVENTS_FIELD,
+    LAST_TS_FIELD,
     decode_embedding,
     embedding_key,
+    features_key,
     recent_items_key,
     seen_items_key,
 )
@@ -28,6 +33,7 @@ from recsys_contracts.store_endpoint import StoreEndpoint, StoreMode
 log = logging.getLogger(__name__)
 
 WARNING_INTERVAL_S = 10.0
+READS_PER_USER = 4  # recent, embedding, seen, state version: one pipeline for the batch
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,9 @@ class OnlineFeatures:
     seen_item_ids: frozenset[str] = frozenset()
     """Every item the user interacted with (the last N are `recent_item_ids`): a heavy
     user's whole history, which serving must not recommend again."""
+    state_version: tuple[str, str] | None = None
+    """(`events`, `last_ts`) of the user's features hash: changes with every event the
+    stream job applies for the user; None when the store holds no state for them."""
 
     @property
     def empty(self) -> bool:
@@ -88,6 +97,7 @@ class RedisFeatureReader:
             pipe.lrange(recent_items_key(self.system, user), 0, self.history_length - 1)
             pipe.get(embedding_key(self.system, user, self.model_version))
             pipe.smembers(seen_items_key(self.system, user))
+            pipe.hmget(features_key(self.system, user), EVENTS_FIELD, LAST_TS_FIELD)
         try:
             replies = pipe.execute()
         except Exception as exc:  # the store must never fail a request
@@ -103,11 +113,18 @@ class RedisFeatureReader:
         by_user: dict[str, OnlineFeatures] = {}
         misses = 0
         for n, user in enumerate(users):
-            recent, raw_embedding, seen = replies[3 * n : 3 * n + 3]
+            recent, raw_embedding, seen, (events, last_ts) = replies[
+                READS_PER_USER * n : READS_PER_USER * (n + 1)
+            ]
             features = OnlineFeatures(
                 recent_item_ids=tuple(_text(item) for item in recent or ()),
                 embedding=decode_embedding(raw_embedding, self.dim) if raw_embedding else None,
                 seen_item_ids=frozenset(_text(item) for item in seen or ()),
+                state_version=(
+                    (_text(events or b""), _text(last_ts or b""))
+                    if events is not None or last_ts is not None
+                    else None
+                ),
             )
             misses += features.empty
             by_user[user] = features

@@ -26,6 +26,7 @@ from model_handlers.handler_settings import HandlerSettings
 from model_handlers.item_index import gpu_count
 from model_handlers.model_directory import read_manifest
 from model_handlers.online_features import OnlineRead, RedisFeatureReader, connect
+from model_handlers.recommendation_cache import CachedRetriever, RecommendationCache
 from model_handlers.retriever import Retriever, Source
 from recsys_contracts import handler_metrics as metrics
 from recsys_contracts.retrieval_request import (
@@ -48,6 +49,7 @@ class RetrievalHandler:
 
     def __init__(self) -> None:
         self.retriever: Retriever | None = None
+        self.cached: CachedRetriever | None = None
         self.reader: RedisFeatureReader | None = None
         self.settings: HandlerSettings | None = None
         self._metrics: dict[str, Any] = {}
@@ -73,6 +75,12 @@ class RetrievalHandler:
             quantize_tower=settings.quantize_tower,
             max_k=settings.max_k,
         )
+        cache = (
+            RecommendationCache(settings.cache_max_entries, settings.cache_ttl_s)
+            if settings.cache_max_entries > 0
+            else None
+        )
+        self.cached = CachedRetriever(self.retriever, cache)
         if settings.redis_url and settings.system_id:
             self.reader = RedisFeatureReader(
                 connect(
@@ -101,21 +109,28 @@ class RetrievalHandler:
     def handle(self, data: list[Any], context: Any) -> list[str]:
         """One response body per request of the batch, in order; refused requests get
         their 4xx status set on the context."""
-        assert self.retriever is not None
+        assert self.retriever is not None and self.cached is not None
         started = time.perf_counter()
         responses: list[str] = [""] * len(data)
         requests, positions, expired = self._parse(data, context, responses)
         online: OnlineRead | None = None
         if requests:
             online = self._read_store([r.user_id for r in requests])
-            batch = self.retriever.recommend(requests, online.features if online else None)
+            batch = self.cached.recommend(
+                requests,
+                online.features if online else None,
+                cacheable=online is None or online.error is None,
+            )
             for position, recommendation in zip(positions, batch.recommendations, strict=True):
                 responses[position] = json.dumps(recommendation.response())
-            self._observe(metrics.SEARCH_LATENCY, batch.search_ms)
+            if batch.search_ms is not None:
+                self._observe(metrics.SEARCH_LATENCY, batch.search_ms)
             self._count(
                 metrics.COLD_STARTS,
                 sum(r.source is Source.POPULARITY for r in batch.recommendations),
             )
+            self._count(metrics.CACHE_HITS, batch.hits)
+            self._count(metrics.CACHE_MISSES, batch.misses)
         self._observe(metrics.HANDLER_LATENCY, (time.perf_counter() - started) * 1000)
         self._observe(metrics.BATCH_SIZE, len(data))
         self._count(metrics.BAD_REQUESTS, len(data) - len(requests) - expired)

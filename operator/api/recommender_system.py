@@ -318,6 +318,14 @@ class ModelSpec(ApiModel):
                 "nlist exceeds the catalogue size numItems",
                 ".index.ivfpq.nlist",
             ),
+            cel.rule(
+                "!has(self.numItems) || !has(self.index) || self.index.type != 'IVF-PQ' || "
+                "!has(self.index.ivfpq) || !has(self.index.ivfpq.refineFactor) || "
+                "self.index.ivfpq.refineFactor == 1 || "
+                "self.topK * self.index.ivfpq.refineFactor <= self.numItems",
+                "topK x refineFactor exceeds the catalogue size numItems",
+                ".index.ivfpq.refineFactor",
+            ),
         )
     )
 
@@ -375,6 +383,18 @@ class Toleration(ApiModel):
     """With NoExecute: how long the pod stays bound after the taint appears."""
 
 
+class RecommendationCacheSpec(ApiModel):
+    """Each serving worker keeps its recent answers: a user who asks again before any new
+    event of theirs reached the feature store (the next page, a refreshed screen) gets the
+    same answer without the user tower or the index search. A new event changes the
+    user's state version, and so the answer is computed afresh."""
+
+    max_entries: int = Field(default=10_000, ge=0, le=10_000_000)
+    """Answers kept per worker (least recently used goes first); 0 turns the cache off."""
+    ttl_seconds: int = Field(default=60, ge=1, le=86_400)
+    """How long an answer is kept at most."""
+
+
 class ServingSpec(ApiModel):
     """TorchServe pods running the retrieval handler."""
 
@@ -398,6 +418,8 @@ class ServingSpec(ApiModel):
     """Taints the serving pods tolerate (e.g. `nvidia.com/gpu`)."""
     response_timeout_s: int = Field(default=10, ge=1, le=600)
     """TorchServe's per-request timeout for the handler."""
+    cache: RecommendationCacheSpec = Field(default_factory=RecommendationCacheSpec)
+    """Per-worker cache of answers for active sessions, keyed by the request and the user's state version."""
 
 
 class RequestIdKeysSpec(ApiModel):

@@ -179,6 +179,14 @@ def model_server_env(system: RecommenderSystem, version: str) -> list[dict[str, 
             "name": ModelServerEnv.QUANTIZE_TOWER,
             "value": str(system.spec.model.quantize_tower).lower(),
         },
+        {
+            "name": ModelServerEnv.CACHE_MAX_ENTRIES,
+            "value": str(system.spec.serving.cache.max_entries),
+        },
+        {
+            "name": ModelServerEnv.CACHE_TTL_MS,
+            "value": str(system.spec.serving.cache.ttl_seconds * 1000),
+        },
         *redis_password_env(system),
     ]
 

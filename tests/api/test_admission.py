@@ -178,6 +178,10 @@ def test_variants_the_models_accept_pass_admission() -> None:
         with_change("spec.rollout.steps", [*range(5, 100, 5), 100]),
         with_change("spec.model.index", {"type": "IVF-PQ", "ivfpq": {"nlist": 64, "nprobe": 64}}),
         with_change(
+            "spec.model.index",
+            {"type": "IVF-PQ", "ivfpq": {"nlist": 64, "nprobe": 64, "refineFactor": 8}},
+        ),
+        with_change(
             "spec.serving.resources",
             {"requests": {"nvidia.com/gpu": 2}, "limits": {"nvidia.com/gpu": 2}},
         ),

@@ -112,6 +112,12 @@ MISTAKES = [
     ),
     (
         "spec.model.index",
+        {"type": "IVF-PQ", "ivfpq": {"nlist": 64, "refineFactor": 256}},
+        "spec.model.index.ivfpq.refineFactor",
+        "exceeds the catalogue size",
+    ),
+    (
+        "spec.model.index",
         {"type": "HNSW", "hnsw": {"efSearch": 10}},
         "spec.model.index.hnsw.efSearch",
         "below topK",

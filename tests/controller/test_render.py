@@ -499,6 +499,7 @@ def test_serving_pods_tell_the_handler_its_limits() -> None:
         for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert env["RECSYS_MAX_K"] == "100" and env["RECSYS_QUANTIZE_TOWER"] == "false"
+    assert env["RECSYS_CACHE_MAX_ENTRIES"] == "10000" and env["RECSYS_CACHE_TTL_MS"] == "60000"
     assert (
         env["RECSYS_SYSTEM_ID"] == "recsys-prod.home-feed"
         and env["RECSYS_MODEL_VERSION"] == "2026-11-20"

@@ -144,9 +144,9 @@ def test_metrics_carry_the_model_version(
     assert emitted[handler_metrics.BATCH_SIZE.name] == (2, ["retrieval", "1"])
     assert emitted[handler_metrics.BAD_REQUESTS.name][0] == 1
     assert emitted[handler_metrics.COLD_STARTS.name][0] == 1
-    assert (
-        len(metrics.log) == len(emitted) == 5
-    )  # one line each: latency, search, size, two counters
+    # One line each: latency, search, size, and three counters (bad, cold, cache miss).
+    assert len(metrics.log) == len(emitted) == 6
+    assert emitted[handler_metrics.CACHE_MISSES.name][0] == 1
     assert emitted[handler_metrics.HANDLER_LATENCY.name][0] > 0
     assert handler_metrics.STORE_MISSES.name not in emitted  # no store configured
 
@@ -212,6 +212,9 @@ def test_settings_come_from_the_environment_then_the_archive(manifest: ArchiveMa
             },
             "database 0 only",
         ),
+        ({"RECSYS_CACHE_MAX_ENTRIES": "-1"}, "RECSYS_CACHE_MAX_ENTRIES must be a whole number"),
+        ({"RECSYS_CACHE_MAX_ENTRIES": "2.5"}, "RECSYS_CACHE_MAX_ENTRIES must be a whole number"),
+        ({"RECSYS_CACHE_TTL_MS": "0"}, "RECSYS_CACHE_TTL_MS must be positive"),
     ],
 )
 def test_bad_settings_stop_the_model_from_loading(
