@@ -5,7 +5,7 @@ a feature job for the test."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,21 @@ from recsys_operator.launchers.redis_server import redis_url
 @pytest.fixture
 def pulsar_url(pulsar_broker: ManagedProcess) -> str:
     return service_url(pulsar_broker)
+
+
+@pytest.fixture
+def restart_broker(pulsar_broker: ManagedProcess) -> Callable[[], None]:
+    """Restart the session's broker in place (same port, same data): for a test that
+    kill -9s a consumer. pulsar-lite 0.2.0 keeps a consumer whose connection ended in a
+    reset (as a kill mid-stream often does) and never redelivers what it held unacked;
+    only a restart frees it (docs/stream-features.md, known limits). Real Pulsar drops a
+    dead connection's consumers and redelivers their messages: the restart stands in."""
+
+    def restart() -> None:
+        pulsar_broker.stop()
+        pulsar_broker.start()
+
+    return restart
 
 
 @pytest.fixture
