@@ -233,7 +233,7 @@ def test_a_broken_canary_is_rolled_back_on_ctr(system: RunFolder) -> None:
     ).json()["data"]["result"]
     assert handler_metrics, "no handler metrics of the canary in Prometheus"
     # The canary's model server is stopped once traffic has left it.
-    wait_for_state(system, lambda s: "torchserve-2" not in s["parts"], 60, "canary server stopped")
+    wait_for_state(system, lambda s: "torchserve-2" not in s["parts"], 120, "canary server stopped")
     routing = json.loads(system.routing.read_text())
     assert routing["canary"] is None and routing["stable"]["version"] == "1"
 
