@@ -45,19 +45,15 @@ from recsys_contracts.events import (
     check_event_ts,
     now_ms,
 )
-from recsys_contracts.feature_job_settings import SubscriptionType, duration_ms
+from recsys_contracts.feature_job_settings import duration_ms
 from stream_jobs.dead_letters import DeadLetter, DeadLetterPublisher
 from stream_jobs.event_log_metrics import EventLogMetrics
 from stream_jobs.event_log_store import EventLogStore, WrittenFile
 from stream_jobs.impression_join import ImpressionJoin, PendingImpression, shown_items
+from stream_jobs.subscription import subscribe_batches
 
 log = logging.getLogger("stream_jobs.event_log_sink")
 
-CONSUMER_TYPES = {
-    SubscriptionType.KEY_SHARED: pulsar.ConsumerType.KeyShared,
-    SubscriptionType.FAILOVER: pulsar.ConsumerType.Failover,
-    SubscriptionType.SHARED: pulsar.ConsumerType.Shared,
-}
 SUBSCRIBE_ATTEMPTS = 10
 # Pulsar's default is 30 s; pulsar-lite can hold a killed consumer for a while, and shorter
 # attempts let a restarted sink in sooner.
@@ -189,29 +185,17 @@ class EventLogSink:
         return not self.buffer.events and self.join.pending == 0
 
     def _subscribe(self, client: pulsar.Client) -> pulsar.Consumer:
-        """Subscribe, retrying timeouts: a broker still releasing a killed consumer of this
-        subscription answers late, which is no reason to crash."""
         s = self.settings
-        delay = 1.0
-        for attempt in range(1, SUBSCRIBE_ATTEMPTS + 1):
-            try:
-                return client.subscribe(
-                    s.topics,
-                    s.subscription,
-                    consumer_type=CONSUMER_TYPES[s.subscription_type],
-                    initial_position=pulsar.InitialPosition.Earliest,
-                    receiver_queue_size=max(1000, 2 * s.batch_size),
-                    batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
-                        s.batch_size, -1, max(1, duration_ms(s.batch_wait))
-                    ),
-                )
-            except pulsar.Timeout:
-                if attempt == SUBSCRIBE_ATTEMPTS:
-                    raise
-                log.warning("subscribing timed out (attempt %d); retrying in %.0fs", attempt, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
+        return subscribe_batches(
+            client,
+            s.topics,
+            s.subscription,
+            s.subscription_type,
+            batch_size=s.batch_size,
+            batch_wait_ms=duration_ms(s.batch_wait),
+            attempts=SUBSCRIBE_ATTEMPTS,
+            max_delay_s=5.0,
+        )
 
     def load_recent(self) -> None:
         """Remember the ids, clicks and newest time of the files written lately (see module)."""

@@ -32,7 +32,7 @@ import redis
 
 from recsys_contracts.event_wire import decode_event
 from recsys_contracts.events import Event, EventType, InvalidEvent, check_event_time, now_ms
-from recsys_contracts.feature_job_settings import FeatureJobSettings, SubscriptionType, duration_ms
+from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
 from stream_jobs.backlog import BacklogPoller
 from stream_jobs.dead_letters import DeadLetter, DeadLetterPublisher
 from stream_jobs.feature_store import (
@@ -45,17 +45,13 @@ from stream_jobs.feature_store import (
 from stream_jobs.item_embeddings import EmbeddingCatalog, EmbeddingsError
 from stream_jobs.metrics import FeatureJobMetrics
 from stream_jobs.rebuild import rebuild, store_is_empty
+from stream_jobs.subscription import subscribe_batches
 from stream_jobs.user_features import FeatureParams, Outcome
 
 log = logging.getLogger("stream_jobs.features")
 
 SUBSCRIBE_ATTEMPTS = 5
 
-CONSUMER_TYPES = {
-    SubscriptionType.KEY_SHARED: pulsar.ConsumerType.KeyShared,
-    SubscriptionType.FAILOVER: pulsar.ConsumerType.Failover,
-    SubscriptionType.SHARED: pulsar.ConsumerType.Shared,
-}
 # Redis errors worth waiting out: the server is down, restarting, loading or unreachable;
 # in a cluster also a cluster without a primary for some slot, or slots moving.
 STORE_ERRORS = (
@@ -214,29 +210,17 @@ class FeatureJob:
                 delay = min(2 * delay, BACKOFF_MAX_S)
 
     def _subscribe(self, client: pulsar.Client) -> pulsar.Consumer:
-        """Subscribe, retrying timeouts: a broker still releasing a killed consumer of this
-        subscription (or briefly overloaded) answers late, which is no reason to crash."""
         s = self.settings
-        delay = 1.0
-        for attempt in range(1, SUBSCRIBE_ATTEMPTS + 1):
-            try:
-                return client.subscribe(
-                    s.interactions_topic,
-                    s.subscription,
-                    consumer_type=CONSUMER_TYPES[s.subscription_type],
-                    initial_position=pulsar.InitialPosition.Earliest,
-                    receiver_queue_size=max(1000, 2 * s.batch_size),
-                    batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
-                        s.batch_size, -1, max(1, duration_ms(s.batch_wait))
-                    ),
-                )
-            except pulsar.Timeout:
-                if attempt == SUBSCRIBE_ATTEMPTS:
-                    raise
-                log.warning("subscribing timed out (attempt %d); retrying in %.0fs", attempt, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        raise AssertionError("unreachable")
+        return subscribe_batches(
+            client,
+            s.interactions_topic,
+            s.subscription,
+            s.subscription_type,
+            batch_size=s.batch_size,
+            batch_wait_ms=duration_ms(s.batch_wait),
+            attempts=SUBSCRIBE_ATTEMPTS,
+            max_delay_s=10.0,
+        )
 
     def _start_backlog_poller(self) -> BacklogPoller | None:
         s = self.settings
