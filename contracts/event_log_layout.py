@@ -23,8 +23,9 @@ by components that never touch the log.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -162,17 +163,7 @@ def read_table(
         return target.empty_table()
     fs, root = open_root(uri, storage_options)
     base = f"{root}/{table}"
-    fs.invalidate_cache()  # fsspec reuses instances: a listing cached earlier misses new files
-    if not fs.exists(base):
-        return target.empty_table()
     keys = pa.schema([(DATE_KEY, pa.string()), (HOUR_KEY, pa.string())])
-    dataset = ds.dataset(
-        base,
-        schema=pa.unify_schemas([target, keys]),
-        format="parquet",
-        partitioning=ds.partitioning(keys, flavor="hive"),
-        filesystem=fs,
-    )
     first_date, _ = partition_of(since_ms)
     last_date, _ = partition_of(until_ms - 1)
     window = (
@@ -181,8 +172,39 @@ def read_table(
         & (ds.field("ts") >= since_ms)
         & (ds.field("ts") < until_ms)
     )
-    rows = dataset.to_table(filter=window, columns=list(target.names))
+
+    def read() -> pa.Table:
+        if not fs.exists(base):
+            return target.empty_table()
+        dataset = ds.dataset(
+            base,
+            schema=pa.unify_schemas([target, keys]),
+            format="parquet",
+            partitioning=ds.partitioning(keys, flavor="hive"),
+            filesystem=fs,
+        )
+        return dataset.to_table(filter=window, columns=list(target.names))
+
+    rows = read_while_compacting(fs, read)
     return drop_duplicates(rows, DEDUP_KEYS[table]).sort_by("ts")
+
+
+T = TypeVar("T")
+READ_ATTEMPTS = 5
+
+
+def read_while_compacting(fs: Any, read: Callable[[], T]) -> T:
+    """`read()` on a fresh listing of `fs`, again when a file it listed was deleted before
+    it was opened: a sink's compaction writes the merged file before it deletes the small
+    ones, so a fresh listing holds every row (twice at most; readers drop duplicates)."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        fs.invalidate_cache()  # fsspec reuses instances: a cached listing misses new files
+        try:
+            return read()
+        except FileNotFoundError:
+            if attempt == READ_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
 
 
 def drop_duplicates(rows: pa.Table, keys: tuple[str, ...]) -> pa.Table:

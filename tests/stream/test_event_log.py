@@ -69,12 +69,15 @@ class LogStore:
     def raw(self, table: str) -> pa.Table:
         """Every row of every file, read as the trainer reads the layout (no dedup)."""
         fs, root = layout.open_root(self.uri, self.storage_options)
-        fs.invalidate_cache()
-        if not fs.exists(f"{root}/{table}"):
-            return layout.schema(table).empty_table()
-        return ds.dataset(
-            f"{root}/{table}", format="parquet", partitioning="hive", filesystem=fs
-        ).to_table()
+
+        def read() -> pa.Table:
+            if not fs.exists(f"{root}/{table}"):
+                return layout.schema(table).empty_table()
+            return ds.dataset(
+                f"{root}/{table}", format="parquet", partitioning="hive", filesystem=fs
+            ).to_table()
+
+        return layout.read_while_compacting(fs, read)
 
 
 @pytest.fixture(scope="module")
@@ -543,3 +546,29 @@ def test_the_sink_compacts_partitions_as_files_gather(
     assert sorted(ids(store.raw(layout.INTERACTIONS_TABLE))) == sorted(e.event_id for e in events)
     labels = {"system": "test.log", "table": layout.INTERACTIONS_TABLE, "kind": "compacted"}
     assert sample(sink.metrics.registry, names.EVENT_LOG_FILES, labels) >= 1
+
+
+def test_a_read_that_meets_a_file_compaction_deleted_lists_again() -> None:
+    class Listing:
+        invalidated = 0
+
+        def invalidate_cache(self) -> None:
+            self.invalidated += 1
+
+    attempts: list[int] = []
+
+    def read() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:  # the first two listings named a file deleted since
+            raise FileNotFoundError("batch-1.parquet")
+        return "rows"
+
+    fs = Listing()
+    assert layout.read_while_compacting(fs, read) == "rows"
+    assert len(attempts) == 3 and fs.invalidated == 3  # a fresh listing each time
+
+    def always_gone() -> str:
+        raise FileNotFoundError("batch-1.parquet")
+
+    with pytest.raises(FileNotFoundError):  # a file that stays missing is an error, not empty
+        layout.read_while_compacting(fs, always_gone)
