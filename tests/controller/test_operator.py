@@ -96,9 +96,13 @@ class Cluster:
                 "readyReplicas": replicas,
                 "availableReplicas": replicas,
             }
-            self.apps.patch_namespaced_deployment_status(
-                deployment.metadata.name, "default", {"status": status}
-            )
+            try:
+                self.apps.patch_namespaced_deployment_status(
+                    deployment.metadata.name, "default", {"status": status}
+                )
+            except kubernetes.client.exceptions.ApiException as exc:
+                if exc.status != 404:  # 404: pruned since the list (a rolled-back canary)
+                    raise
 
 
 @pytest.fixture
