@@ -270,6 +270,8 @@ class TrainingStatus(ApiModel):
     """candidate / stable - 1."""
     archive_uri: str | None = None
     """Where the published candidate lies (Passed only): what spec.model.archiveUri names to roll it out."""
+    spec_model_version: str | None = None
+    """spec.model.version when this verdict was first recorded. With spec.training.autoRollout, a Passed candidate is rolled out while the spec still names this version; a person who changes spec.model.version takes over."""
 
 
 class Endpoints(ApiModel):

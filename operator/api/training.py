@@ -135,7 +135,7 @@ class TrainingSpec(ApiModel):
     gate: GateSpec = Field(default_factory=GateSpec)
     """What a candidate must show to be published."""
     auto_rollout: bool = False
-    """A published candidate starts a progressive rollout by itself (recorded in status; the spec is left as written). Off: a person rolls it out by setting spec.model.version."""
+    """A published candidate starts a progressive rollout by itself, from status.training (the spec is left as written), until a person changes spec.model.version. Off: a person rolls it out by setting spec.model.version and archiveUri."""
     image: str | None = None
     """Container image of the run (it runs `recsys retrain`); defaults to the model-server image of the operator's own version, which holds torch, FAISS and the archiver."""
     resources: ResourceRequirements = Field(

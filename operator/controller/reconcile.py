@@ -22,6 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from recsys_contracts.field_issues import FieldIssue, InvalidResource, issues_from_validation_error
+from recsys_operator.api.desired_model import serving_system
 from recsys_operator.api.errors import InvalidPolicy, InvalidSpec, PolicyViolation
 from recsys_operator.api.reasons import ConditionReason
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
@@ -238,11 +239,12 @@ class Reconciler:
             ]
             return Outcome(finish(parts), warnings=[f"{reason}: {message}"])
 
-        # 1. The spec.
+        # 1. The spec, and the model served: an autoRollout candidate may stand in for spec.model.
         try:
-            system = parse_system(body)
+            written = parse_system(body)
         except InvalidResource as exc:
             return blocked(ConditionReason.INVALID_SPEC, exc.summary)
+        system = serving_system(written)
 
         # 2. The ScalingPolicy and 3. the desired objects (render checks the policy bounds).
         try:
@@ -274,7 +276,7 @@ class Reconciler:
         )
 
         # 6. The last training run's verdict (new ones are announced in the Event).
-        training = await asyncio.to_thread(latest_training_status, self.kube, system)
+        training = await asyncio.to_thread(latest_training_status, self.kube, written)
         if training is not None and training.last_run != (old_status.get("training") or {}).get(
             "lastRun"
         ):

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from recsys_contracts.field_issues import InvalidResource
+from recsys_operator.api.desired_model import serving_system
 from recsys_operator.api.reasons import BLOCKING_REASONS
 from recsys_operator.api.recommender_system import CanaryReplicas
 from recsys_operator.api.resources import RecommenderSystem
@@ -174,7 +175,7 @@ async def rollout_tick(
     if blocking_reason(body):
         return None, None  # the rollout waits until the reconcile can move traffic again
     try:
-        system = parse_system(body)
+        system = serving_system(parse_system(body))
     except InvalidResource:
         return None, None  # the reconcile reports invalid specs
     state = rollout_state(system)

@@ -36,7 +36,10 @@ def _verdict(pod: dict[str, Any]) -> TrainingVerdict | None:
 
 
 def latest_training_status(kube: KubeClient, system: RecommenderSystem) -> TrainingStatus | None:
-    """status.training from the newest verdict among the system's training pods."""
+    """status.training from the newest verdict among the system's training pods.
+
+    `system` as the user wrote it (not `serving_system`'s): a new verdict records the
+    spec's model version, which decides whether autoRollout may serve its candidate."""
     training = system.spec.training
     if training is None:
         return None
@@ -48,6 +51,11 @@ def latest_training_status(kube: KubeClient, system: RecommenderSystem) -> Train
         return None
     verdict, pod = max(found, key=lambda pair: pair[0].finished_at)
     passed = verdict.result is GateResult.PASSED
+    previous = system.status.training if system.status else None
+    if previous is not None and previous.job == pod and previous.last_run == verdict.finished_at:
+        spec_version = previous.spec_model_version  # the spec as it was when it was first seen
+    else:
+        spec_version = system.spec.model.version
     return TrainingStatus(
         last_run=verdict.finished_at,
         job=pod,
@@ -64,4 +72,5 @@ def latest_training_status(kube: KubeClient, system: RecommenderSystem) -> Train
             if passed
             else None
         ),
+        spec_model_version=spec_version,
     )
