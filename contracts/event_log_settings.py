@@ -6,21 +6,15 @@ As for the feature job, every field `name` can be set as `RECSYS_<NAME>` and as
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field, SecretStr
 
 from recsys_contracts.api_base import Duration
-from recsys_contracts.env_vars import PREFIX as ENV_PREFIX
 from recsys_contracts.feature_job_settings import SubscriptionType
+from recsys_contracts.process_settings import ProcessSettings
 
 
-class EventLogSettings(BaseModel):
+class EventLogSettings(ProcessSettings):
     """Everything the sink needs; see docs/event-log.md."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     log_uri: str = Field(min_length=1)
     """Root of the log: a folder (path or file://) or s3://bucket/prefix."""
@@ -71,20 +65,6 @@ class EventLogSettings(BaseModel):
     metrics_address: str | None = Field(default=None, pattern=r"^[^:]*:\d+$")
     """host:port of /metrics; None (empty in the environment): off."""
 
-    @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> EventLogSettings:
-        """Settings from `RECSYS_<FIELD>` variables, then `overrides` (None = not given)."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for name in cls.model_fields:
-            raw = environ.get(ENV_PREFIX + name.upper())
-            if raw is not None:
-                values[name] = raw if raw != "" else None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(values)
-
     @property
     def dead_letters(self) -> str:
         return self.dead_letter_topic or f"{self.interactions_topic}-event-log-dead-letter"
@@ -92,10 +72,3 @@ class EventLogSettings(BaseModel):
     @property
     def topics(self) -> list[str]:
         return [t for t in (self.interactions_topic, self.impressions_topic) if t]
-
-    @property
-    def metrics_endpoint(self) -> tuple[str, int] | None:
-        if not self.metrics_address:
-            return None
-        host, _, port = self.metrics_address.rpartition(":")
-        return host or "0.0.0.0", int(port)

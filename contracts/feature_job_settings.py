@@ -10,24 +10,21 @@ contract between them and lives here.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from recsys_contracts.api_base import Duration, parse_duration
 from recsys_contracts.env_vars import PREFIX as ENV_PREFIX
+from recsys_contracts.process_settings import ProcessSettings
 from recsys_contracts.store_endpoint import (
     URL_PATTERN,
     StoreEndpoint,
     StoreMode,
     endpoint_problem,
 )
-
-_LIST_FIELDS = frozenset({"windows"})  # comma-separated in the environment
 
 
 class SubscriptionType(StrEnum):
@@ -36,10 +33,10 @@ class SubscriptionType(StrEnum):
     SHARED = "Shared"
 
 
-class FeatureJobSettings(BaseModel):
+class FeatureJobSettings(ProcessSettings):
     """Everything the feature job needs to know; see docs/stream-features.md."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    list_fields: ClassVar[frozenset[str]] = frozenset({"windows"})
 
     system_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     """The RecommenderSystem's id in the feature keys (`<namespace>.<name>`)."""
@@ -155,35 +152,9 @@ class FeatureJobSettings(BaseModel):
             raise ValueError("popular_half_life must be at least 1d")
         return self
 
-    @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> FeatureJobSettings:
-        """Settings from `RECSYS_<FIELD>` variables (`env_name`), then `overrides` (None = not given)."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for name in cls.model_fields:
-            raw = environ.get(ENV_PREFIX + name.upper())
-            if raw is None:
-                continue
-            if name in _LIST_FIELDS:
-                values[name] = [part.strip() for part in raw.split(",") if part.strip()]
-            else:
-                values[name] = raw if raw != "" else None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(values)
-
     @property
     def dead_letters(self) -> str:
         return self.dead_letter_topic or f"{self.interactions_topic}-dead-letter"
-
-    @property
-    def metrics_endpoint(self) -> tuple[str, int] | None:
-        """(host, port) of /metrics, or None when it is off."""
-        if not self.metrics_address:
-            return None
-        host, _, port = self.metrics_address.rpartition(":")
-        return host or "0.0.0.0", int(port)
 
 
 def env_name(field: str) -> str:

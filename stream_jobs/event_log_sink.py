@@ -24,7 +24,6 @@ and the readers drop any duplicate that got past this (ids resent after the hori
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -51,6 +50,7 @@ from stream_jobs.event_log_metrics import EventLogMetrics
 from stream_jobs.event_log_store import EventLogStore, WrittenFile
 from stream_jobs.impression_join import ImpressionJoin, PendingImpression, shown_items
 from stream_jobs.subscription import subscribe_batches
+from stream_jobs.until_signalled import run_until_signalled
 
 log = logging.getLogger("stream_jobs.event_log_sink")
 
@@ -405,17 +405,8 @@ def compact_log(
 
 
 def main(settings: EventLogSettings) -> int:
-    """Run the sink in this process until SIGTERM or SIGINT; the exit code."""
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    EventLogSink(settings).run(stop)
-    return 0
+    """Run the job in this process until SIGTERM or SIGINT; the exit code."""
+    return run_until_signalled(EventLogSink(settings).run)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ event changes nothing. SIGTERM finishes the batch in hand (for up to
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections import Counter
@@ -46,6 +45,7 @@ from stream_jobs.item_embeddings import EmbeddingCatalog, EmbeddingsError
 from stream_jobs.metrics import FeatureJobMetrics
 from stream_jobs.rebuild import rebuild, store_is_empty
 from stream_jobs.subscription import subscribe_batches
+from stream_jobs.until_signalled import run_until_signalled
 from stream_jobs.user_features import FeatureParams, Outcome
 
 log = logging.getLogger("stream_jobs.features")
@@ -375,16 +375,7 @@ def _too_late(allowed_lateness: str) -> InvalidEvent:
 
 def main(settings: FeatureJobSettings) -> int:
     """Run the job in this process until SIGTERM or SIGINT; the exit code."""
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    FeatureJob(settings).run(stop)
-    return 0
+    return run_until_signalled(FeatureJob(settings).run)
 
 
 if __name__ == "__main__":
