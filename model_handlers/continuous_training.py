@@ -8,8 +8,9 @@
    (unpacked from its archive in the model store) on the same slice with the same code
    (`model_evaluation.evaluate_model_directory`). Items the stable model never saw stay
    targets it cannot hit: that is what a stale model costs.
-4. The gate: enough users in the slice, and candidate >= stable × (1 + min improvement)
-   on the gate metric. Only then is the candidate packed as `<name>-<version>.mar` into
+4. The gate: enough users in the slice, candidate >= stable × (1 + min improvement)
+   on the gate metric, and the 95% interval of the per-user paired difference
+   (candidate − stable on the same users, `paired_comparison`) above 0. Only then is the candidate packed as `<name>-<version>.mar` into
    the model store, with the stable archive's index and serving settings. The model
    published is the one the gate scored (it has not seen the slice).
 5. Whatever happened, the verdict (`recsys_contracts.training_report`) is written next
@@ -36,12 +37,19 @@ from model_handlers.evaluation import Evaluation, per_user_split
 from model_handlers.interactions import Interactions, from_id_columns
 from model_handlers.model_directory import read_manifest, write_trained_model
 from model_handlers.model_evaluation import evaluate_model_directory
+from model_handlers.paired_comparison import pair_by_user, paired_difference
 from model_handlers.training import TrainingConfig, train_model
 from recsys_contracts import archive_layout, event_log_layout, training_report
 from recsys_contracts.archive_layout import ServingDefaults
 from recsys_contracts.events import INTERACTION_TYPES
 from recsys_contracts.index_spec import IndexSpec
-from recsys_contracts.training_report import GateResult, GateSettings, ModelScore, TrainingVerdict
+from recsys_contracts.training_report import (
+    GateResult,
+    GateSettings,
+    ModelScore,
+    PairedComparison,
+    TrainingVerdict,
+)
 
 GATE_METRICS = ("ndcg", "recall", "mrr")
 MAX_REASON_CHARS = 1500
@@ -96,7 +104,8 @@ def interactions_from_events(table: pa.Table) -> Interactions:
 class Gate:
     metric: str = "ndcg@10"
     min_relative_improvement: float = 0.0
-    """Candidate must score at least stable × (1 + this); 0.02 asks for 2% better."""
+    """Candidate must score at least stable × (1 + this); 0.02 asks for 2% better. In any
+    case the paired per-user difference's 95% interval must lie above 0."""
     min_users: int = 100
     """Users in the held-out slice needed before the comparison counts."""
     min_interactions: int = 1000
@@ -239,8 +248,10 @@ def _train_and_judge(
             index = index or manifest.index
             top_k = top_k or manifest.top_k
             serving = manifest.serving
-            result, reason, improvement = _compare(candidate, stable, gate, run.stable_version)
-            facts["relative_improvement"] = improvement
+            judgement = judge(candidate, stable, gate, run.stable_version)
+            result, reason = judgement.result, judgement.reason
+            facts["relative_improvement"] = judgement.relative_improvement
+            facts["paired"] = judgement.paired
         else:
             result = GateResult.PASSED
             reason = (
@@ -276,19 +287,60 @@ def _score(version: str, evaluation: Evaluation, metric: str) -> ModelScore:
     )
 
 
-def _compare(
+@dataclass(frozen=True)
+class Judgement:
+    result: GateResult
+    reason: str
+    """Why, with the numbers."""
+    relative_improvement: float | None
+    paired: PairedComparison
+
+
+def judge(
     candidate: Evaluation, stable: Evaluation, gate: Gate, stable_version: str | None
-) -> tuple[GateResult, str, float | None]:
+) -> Judgement:
+    """The gate on two evaluations of the same held-out slice.
+
+    Passes when the candidate's mean is at least stable × (1 + min improvement) AND the
+    95% interval of the per-user paired difference (candidate − stable, users both
+    scored) lies above 0: a mean that is higher only because of which users happened to
+    be in the slice is not an improvement."""
     new, old = candidate.metrics[gate.metric], stable.metrics[gate.metric]
     needed = old * (1.0 + gate.min_relative_improvement)
     improvement = round(new / old - 1.0, 6) if old > 0 else None
     change = f"{improvement:+.1%}" if improvement is not None else "stable scored 0"
+    if candidate.user_keys is None or stable.user_keys is None:
+        raise ValueError("the gate pairs users: evaluations need their per-user values")
+    pairs = paired_difference(
+        *pair_by_user(
+            candidate.per_user[gate.metric],
+            candidate.user_keys,
+            stable.per_user[gate.metric],
+            stable.user_keys,
+        )
+    )
+    paired = PairedComparison(
+        users=pairs.users,
+        mean_difference=round(pairs.mean_difference, 6),
+        ci95_low=round(pairs.ci95_low, 6),
+        ci95_high=round(pairs.ci95_high, 6),
+    )
     numbers = (
         f"{gate.metric} {new:.4f} vs stable {stable_version} {old:.4f} ({change}; "
-        f"needed >= {needed:.4f}, +{gate.min_relative_improvement:.1%}) on {candidate.users} users"
+        f"needed >= {needed:.4f}, +{gate.min_relative_improvement:.1%}) on {candidate.users} "
+        f"users; paired difference {pairs.mean_difference:+.4f} (95% CI "
+        f"{pairs.ci95_low:+.4f} to {pairs.ci95_high:+.4f}) on {pairs.users} users"
     )
-    passed = new > 0 and new >= needed
-    return (GateResult.PASSED if passed else GateResult.GATED_OUT), numbers, improvement
+    if not (new > 0 and new >= needed):
+        return Judgement(GateResult.GATED_OUT, numbers, improvement, paired)
+    if pairs.ci95_low <= 0:
+        return Judgement(
+            GateResult.GATED_OUT,
+            f"{numbers}: the paired interval reaches 0, the gain may be noise",
+            improvement,
+            paired,
+        )
+    return Judgement(GateResult.PASSED, numbers, improvement, paired)
 
 
 def write_verdict(verdict: TrainingVerdict, model_store: Path) -> Path:

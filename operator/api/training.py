@@ -34,7 +34,7 @@ class GateSpec(ApiModel):
     metric: str = Field(default="ndcg@10", pattern=GATE_METRIC_PATTERN)
     """Offline metric compared: ndcg, recall or mrr at a cutoff (e.g. `ndcg@10`, `recall@50`), averaged over the slice's users."""
     min_relative_improvement: float = Field(default=0.01, ge=0.0, le=10.0)
-    """The candidate must score at least stable × (1 + this); 0.01 asks for 1% better, 0 for no worse."""
+    """The candidate must score at least stable × (1 + this); 0.01 asks for 1% better. Whatever this is, the 95% interval of the per-user paired difference (candidate − stable on the same held-out users, bootstrap) must also lie above 0, so 0 asks for better beyond noise."""
     min_users: int = Field(default=100, ge=1)
     """Users in the held-out slice (each user's newest 20% of the window) needed before the comparison counts; fewer gates the run out."""
 

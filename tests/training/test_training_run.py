@@ -140,6 +140,9 @@ def test_a_candidate_from_the_recent_window_beats_the_stale_stable_and_is_publis
     assert verdict.candidate is not None and verdict.stable is not None
     assert verdict.candidate.value >= verdict.stable.value * 1.02
     assert verdict.candidate.users == verdict.stable.users >= GATE.min_users
+    # Better user by user, beyond noise: the paired interval lies above 0.
+    assert verdict.paired is not None and verdict.paired.users == verdict.candidate.users
+    assert 0 < verdict.paired.ci95_low < verdict.paired.mean_difference < verdict.paired.ci95_high
     assert verdict.archive == "retrieval-2.mar"
     assert _archives(store) == ["retrieval-1.mar", "retrieval-2.mar"]
     with zipfile.ZipFile(store / "retrieval-2.mar") as packed:
