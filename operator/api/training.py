@@ -1,7 +1,8 @@
 """`spec.training`: retraining the model from the offline event log, and the gate it must pass.
 
-The operator renders a CronJob that runs `recsys retrain` on `schedule`: it reads the
-last `window` of the log, trains a candidate, scores it and the stable model on the
+The operator renders a CronJob that runs `recsys retrain` on `schedule` (or, with
+`engine: RayJob` on a cluster that serves KubeRay's `ray.io`, a RayCronJob that starts a
+RayJob on a Ray cluster of its own): it reads the last `window` of the log, trains a candidate, scores it and the stable model on the
 same newest held-out slice, and publishes the candidate to the model store only when
 the gate passes. The verdict lands next to the archives.
 
@@ -113,8 +114,60 @@ class TriggersSpec(ApiModel):
     """On data drift. Not acted on yet: this operator version starts runs on the schedule only."""
 
 
+class TrainingEngine(StrEnum):
+    CRON_JOB = "CronJob"
+    RAY_JOB = "RayJob"
+
+
+RAY_VERSION_PATTERN = r"^[0-9]+\.[0-9]+\.[0-9]+$"
+
+
+class RayWorkers(ApiModel):
+    """The Ray cluster's worker group."""
+
+    replicas: int = Field(default=0, ge=0, le=1000)
+    """Worker pods beside the head. The trainer (recency EASE) is one process today and runs on the head as the Ray job's driver: workers only add capacity for Ray tasks, so 0 is the right count until the trainer is distributed."""
+    resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "2", "memory": "4Gi"}, limits={"memory": "8Gi"}
+        )
+    )
+    """Resources of each worker pod."""
+
+
+class RaySpec(ApiModel):
+    """The Ray cluster a RayJob run gets (KubeRay creates it for the run and deletes it after)."""
+
+    image: str
+    """Image of the head, the workers and the submitter: it must hold Ray at `rayVersion` and this project's model-server packages (`recsys retrain`), and run as a non-root user (uid 1000, as the rayproject/ray images do). The default training image holds no Ray, so there is no default."""
+    ray_version: str = Field(default="2.52.0", pattern=RAY_VERSION_PATTERN)
+    """Ray version of the image (KubeRay's rayVersion), e.g. `2.52.0`."""
+    workers: RayWorkers = Field(default_factory=RayWorkers)
+    """The worker group."""
+
+
 class TrainingSpec(ApiModel):
     """Retraining from the offline event log on a schedule, with a gate before anything is published."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel.rules(
+            cel.rule(
+                "!has(self.engine) || self.engine != 'RayJob' || has(self.ray)",
+                "engine RayJob needs spec.training.ray (at least its image)",
+                ".ray",
+            ),
+            cel.rule(
+                "!has(self.engine) || self.engine != 'RayJob' || !has(self.timeZone)",
+                "a RayCronJob has no time zone: give the schedule in UTC",
+                ".timeZone",
+            ),
+        )
+    )
+
+    engine: TrainingEngine = TrainingEngine.CRON_JOB
+    """What runs each training: `CronJob`, a batch/v1 CronJob whose pod runs `recsys retrain`; or `RayJob`, a KubeRay RayCronJob (KubeRay 1.6 or later, where the cluster serves ray.io) that starts a RayJob on a Ray cluster of its own for each run (`ray`). A cluster without ray.io reports the system not Ready with reason TrainingEngineNotServed."""
+    ray: RaySpec | None = None
+    """The Ray cluster of each run; required with engine RayJob, ignored otherwise."""
 
     schedule: str = Field(default="0 3 * * *", pattern=CRON_PATTERN)
     """When runs start, as a CronJob schedule (five fields or a macro such as `@daily`)."""
@@ -143,9 +196,22 @@ class TrainingSpec(ApiModel):
             requests={"cpu": "2", "memory": "4Gi"}, limits={"memory": "8Gi"}
         )
     )
-    """Resources of the training pod."""
+    """Resources of the training pod (with engine RayJob: of the Ray head, where the trainer runs)."""
     deadline: Duration = "2h"
     """A run still going after this long is stopped (the Job's activeDeadlineSeconds); it publishes nothing."""
+
+    @model_validator(mode="after")
+    def _ray_engine_complete(self) -> Self:
+        if self.engine is TrainingEngine.RAY_JOB:
+            if self.ray is None:
+                raise field_error(
+                    "ray", "engine RayJob needs spec.training.ray (at least its image)"
+                )
+            if self.time_zone is not None:
+                raise field_error(
+                    "timeZone", "a RayCronJob has no time zone: give the schedule in UTC"
+                )
+        return self
 
     @field_validator("schedule")
     @classmethod

@@ -103,15 +103,18 @@ async def stop(**_: Any) -> None:
 
 
 def _discover_options(kube: KubeClient) -> RenderOptions:
-    """Which optional APIs the cluster serves (KEDA, Prometheus Operator)."""
+    """Which optional APIs the cluster serves (KEDA, Prometheus Operator, KubeRay)."""
     served: set[str] = set()
     try:
         served = kube.served_api_groups()
     except Exception as exc:  # discovery is best effort; the defaults are safe
-        log.warning("API discovery failed (%s); assuming no KEDA and no Prometheus Operator", exc)
+        log.warning(
+            "API discovery failed (%s); assuming no KEDA, Prometheus Operator or KubeRay", exc
+        )
     return RenderOptions(
         monitoring="monitoring.coreos.com" in served,
         keda="keda.sh" in served,
+        ray="ray.io" in served,
         prometheus_url=os.environ.get(OperatorEnv.PROMETHEUS_URL, RenderOptions.prometheus_url),
         prometheus_namespace=os.environ.get(OperatorEnv.PROMETHEUS_NAMESPACE) or None,
     )

@@ -85,8 +85,21 @@ def _stable_archive_problem(system: RecommenderSystem, stable_version: str) -> s
     return None
 
 
-def training_args(system: RecommenderSystem, stable_version: str) -> list[str]:
-    """`recsys retrain` with the spec's window, gate and locations."""
+def runnable_stable_version(system: RecommenderSystem) -> str:
+    """The version a run compares with; raises UnsupportedTrainingUri when its archive is
+    not in the model store (every run would fail)."""
+    stable_version = traffic_plan(system).stable_version
+    problem = _stable_archive_problem(system, stable_version)
+    if problem:
+        raise UnsupportedTrainingUri("spec.training.modelStoreUri", problem)
+    return stable_version
+
+
+def training_args(
+    system: RecommenderSystem, stable_version: str, verdict_file: str | None = TERMINATION_LOG
+) -> list[str]:
+    """`recsys retrain` with the spec's window, gate and locations (and, when given, the
+    file the verdict is also written to)."""
     training = system.spec.training
     assert training is not None
     claim_path = _pvc(training.model_store_uri, "spec.training.modelStoreUri")[1]
@@ -111,19 +124,20 @@ def training_args(system: RecommenderSystem, stable_version: str) -> list[str]:
         "--min-improvement", str(gate.min_relative_improvement),
         "--min-users", str(gate.min_users),
         "--min-interactions", str(training.min_interactions),
-        "--threads", str(_threads(training)),
+        "--threads", str(training_threads(training)),
+    ] + (
         # The verdict, where the operator can read it: the pod's termination message.
-        "--verdict-file", TERMINATION_LOG,
-    ]  # fmt: skip
+        ["--verdict-file", verdict_file] if verdict_file else []
+    )  # fmt: skip
 
 
-def _threads(training: TrainingSpec) -> int:
+def training_threads(training: TrainingSpec) -> int:
     """One torch/numpy thread per requested CPU (at least one)."""
     cpu = training.resources.requests.get("cpu") or training.resources.limits.get("cpu") or 1
     return max(1, math.floor(quantity_value(cpu)))
 
 
-def _volumes(training: TrainingSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def training_volumes(training: TrainingSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(volumes, mounts) for the model store and, when it is a PVC, the log."""
     store_claim, _ = _pvc(training.model_store_uri, "spec.training.modelStoreUri")
     volumes = [{"name": "model-store", "persistentVolumeClaim": {"claimName": store_claim}}]
@@ -147,11 +161,8 @@ def build_training_cronjob(system: RecommenderSystem) -> dict[str, Any]:
     stable version's archive is not in the model store (every run would fail)."""
     training = system.spec.training
     assert training is not None, "render the training CronJob only when spec.training is set"
-    stable_version = traffic_plan(system).stable_version
-    problem = _stable_archive_problem(system, stable_version)
-    if problem:
-        raise UnsupportedTrainingUri("spec.training.modelStoreUri", problem)
-    volumes, mounts = _volumes(training)
+    stable_version = runnable_stable_version(system)
+    volumes, mounts = training_volumes(training)
     container = {
         "name": "training",
         "image": training.image or default_image(Component.TRAINING),
