@@ -21,12 +21,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -37,6 +37,7 @@ from model_handlers.evaluation import Evaluation, per_user_split
 from model_handlers.interactions import Interactions, from_id_columns
 from model_handlers.model_directory import read_manifest, write_trained_model
 from model_handlers.model_evaluation import evaluate_model_directory
+from model_handlers.model_store import ModelStore
 from model_handlers.paired_comparison import pair_by_user, paired_difference
 from model_handlers.training import TrainingConfig, train_model
 from recsys_contracts import archive_layout, event_log_layout, training_report
@@ -63,7 +64,9 @@ Say = Callable[[str], None]
 # --- the log --------------------------------------------------------------------------
 
 
-def read_interactions(uri: str, since_ms: int, until_ms: int) -> pa.Table:
+def read_interactions(
+    uri: str, since_ms: int, until_ms: int, storage_options: dict[str, Any] | None = None
+) -> pa.Table:
     """Rows of the log's `interactions` dataset with `since_ms <= ts < until_ms`
     (`recsys_contracts.event_log_layout`), with a clear error when a local log is missing
     (the contract's reader gives an empty table there, which would read as "no traffic")."""
@@ -72,7 +75,7 @@ def read_interactions(uri: str, since_ms: int, until_ms: int) -> pa.Table:
     local = not parsed.scheme or parsed.scheme == "file"
     if local and not Path(root, "interactions").is_dir():
         raise FileNotFoundError(f"no event log at {uri} (no interactions/ folder)")
-    return event_log_layout.read_interactions(uri, since_ms, until_ms)
+    return event_log_layout.read_interactions(uri, since_ms, until_ms, storage_options)
 
 
 def interactions_from_events(table: pa.Table) -> Interactions:
@@ -137,7 +140,9 @@ class Gate:
 @dataclass(frozen=True)
 class TrainingRun:
     log_uri: str
-    model_store: Path
+    model_store: str | Path
+    """Where the stable archive is read and a passing candidate and every verdict go:
+    a folder, file:// or s3://BUCKET/PREFIX (`model_store.ModelStore`)."""
     model_name: str
     candidate_version: str
     since_ms: int
@@ -150,6 +155,9 @@ class TrainingRun:
     """Index of the published archive; None: the stable archive's (else the default)."""
     top_k: int | None = None
     """Largest k of the published archive; None: the stable archive's (else 50)."""
+    storage_options: dict[str, Any] | None = None
+    """fsspec options (S3 credentials, endpoint) for an s3:// log and model store; None:
+    botocore's environment."""
 
 
 class TrainingRunError(RuntimeError):
@@ -183,7 +191,7 @@ def run_training(run: TrainingRun, *, say: Say | None = None) -> TrainingVerdict
         reason=reason,
         **facts,
     )
-    write_verdict(verdict, run.model_store)
+    write_verdict(verdict, ModelStore(run.model_store, run.storage_options))
     return verdict
 
 
@@ -192,23 +200,23 @@ def _train_and_judge(
 ) -> tuple[GateResult, str]:
     """(result, reason); fills `facts` with the verdict's numbers as they become known."""
     gate = run.gate
+    store = ModelStore(run.model_store, run.storage_options)
     stable_archive = None
     if run.stable_version is not None:
-        stable_archive = run.model_store / archive_layout.mar_file_name(
-            run.model_name, run.stable_version
-        )
-        if not stable_archive.is_file():
-            raise TrainingRunError(f"the stable model's archive {stable_archive} is missing")
-    candidate_archive = run.model_store / archive_layout.mar_file_name(
-        run.model_name, run.candidate_version
-    )
-    if candidate_archive.exists():
+        stable_archive = archive_layout.mar_file_name(run.model_name, run.stable_version)
+        if not store.exists(stable_archive):
+            raise TrainingRunError(
+                f"the stable model's archive {store.location(stable_archive)} is missing"
+            )
+    candidate_archive = archive_layout.mar_file_name(run.model_name, run.candidate_version)
+    if store.exists(candidate_archive):
         raise TrainingRunError(
-            f"{candidate_archive} exists already: a candidate needs a version of its own"
+            f"{store.location(candidate_archive)} exists already: a candidate needs a "
+            "version of its own"
         )
 
     say(f"reading the log {run.log_uri} from {run.since_ms} to {run.until_ms} (ms)")
-    table = read_interactions(run.log_uri, run.since_ms, run.until_ms)
+    table = read_interactions(run.log_uri, run.since_ms, run.until_ms, run.storage_options)
     log = interactions_from_events(table) if table.num_rows else None
     count = len(log) if log is not None else 0
     facts["interactions"] = count
@@ -239,7 +247,8 @@ def _train_and_judge(
         index, top_k, serving = run.index, run.top_k, ServingDefaults()
         if stable_archive is not None:
             stable_dir = Path(work) / "stable"
-            with zipfile.ZipFile(stable_archive) as packed:
+            packed_stable = store.fetch(stable_archive, Path(work) / stable_archive)
+            with zipfile.ZipFile(packed_stable) as packed:
                 packed.extractall(stable_dir)
             stable = evaluate_model_directory(stable_dir, fit, slice_, cutoffs=(gate.cutoff,))
             facts["stable"] = _score(str(run.stable_version), stable, gate.metric)
@@ -264,7 +273,8 @@ def _train_and_judge(
         built = build_archive(
             ArchiveRequest(
                 model_dir=candidate_dir,
-                out_dir=run.model_store,
+                # Packed here, then put into the store whole (a remote store gets one upload).
+                out_dir=store.local or Path(work) / "out",
                 name=run.model_name,
                 version=run.candidate_version,
                 index=index or IndexSpec(),
@@ -273,7 +283,8 @@ def _train_and_judge(
             ),
             on_progress=say,
         )
-        facts["archive"] = built.path.name
+        store.publish(built.path, candidate_archive)
+        facts["archive"] = candidate_archive
         return result, reason
 
 
@@ -343,27 +354,22 @@ def judge(
     return Judgement(GateResult.PASSED, numbers, improvement, paired)
 
 
-def write_verdict(verdict: TrainingVerdict, model_store: Path) -> Path:
-    """Write the run's report into the history and as the latest; returns the latest."""
-    history = model_store / training_report.TRAINING_REPORTS_FOLDER
-    history.mkdir(parents=True, exist_ok=True)
+def write_verdict(verdict: TrainingVerdict, model_store: str | Path | ModelStore) -> str:
+    """Write the run's report into the history and as the latest; returns where the
+    latest lies."""
+    store = model_store if isinstance(model_store, ModelStore) else ModelStore(model_store)
     text = verdict.model_dump_json(by_alias=True, indent=2) + "\n"
-    kept = history / training_report.report_file_name(verdict.model_name, verdict.candidate_version)
-    _write_atomically(kept, text)
-    latest = model_store / training_report.latest_report_file_name(verdict.model_name)
-    _write_atomically(latest, text)
-    return latest
+    kept = training_report.report_file_name(verdict.model_name, verdict.candidate_version)
+    store.write_text(f"{training_report.TRAINING_REPORTS_FOLDER}/{kept}", text)
+    latest = training_report.latest_report_file_name(verdict.model_name)
+    store.write_text(latest, text)
+    return store.location(latest)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
-def read_verdict(model_store: Path, model_name: str) -> TrainingVerdict | None:
+def read_verdict(model_store: str | Path | ModelStore, model_name: str) -> TrainingVerdict | None:
     """The latest run's verdict, if any run has reported."""
-    path = model_store / training_report.latest_report_file_name(model_name)
-    if not path.is_file():
+    store = model_store if isinstance(model_store, ModelStore) else ModelStore(model_store)
+    text = store.read_text(training_report.latest_report_file_name(model_name))
+    if text is None:
         return None
-    return TrainingVerdict.model_validate_json(path.read_text())
+    return TrainingVerdict.model_validate_json(text)

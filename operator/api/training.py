@@ -26,7 +26,7 @@ from recsys_operator.api.recommender_system import ResourceRequirements
 
 GATE_METRIC_PATTERN = r"^(ndcg|recall|mrr)@[1-9][0-9]{0,2}$"
 LOG_URI_PATTERN = r"^(s3://|pvc://|file://).+"
-MODEL_STORE_URI_PATTERN = r"^(pvc://|file://).+"
+MODEL_STORE_URI_PATTERN = r"^(s3://|pvc://|file://).+"
 
 
 class GateSpec(ApiModel):
@@ -180,7 +180,7 @@ class TrainingSpec(ApiModel):
     log_uri: str = Field(pattern=LOG_URI_PATTERN)
     """Root of the offline event log (it holds `interactions/date=…/hour=…/*.parquet`): s3://BUCKET/PREFIX (credentials from the pod's service account), pvc://CLAIM/PATH, or file:// (local mode)."""
     model_store_uri: str = Field(pattern=MODEL_STORE_URI_PATTERN)
-    """Folder holding the archives: the stable version's is read from it, a passing candidate is written to it as `<name>-<version>.mar`, and every verdict as `<name>.training.json`. pvc://CLAIM/PATH in a cluster (the run mounts it read-write), file:// in local mode."""
+    """Folder holding the archives: the stable version's is read from it, a passing candidate is written to it as `<name>-<version>.mar`, and every verdict as `<name>.training.json`. In a cluster s3://BUCKET/PREFIX (read and written with the pod's service-account credentials, as the log) or pvc://CLAIM/PATH (the run mounts it read-write); file:// in local mode."""
     window: Duration = "7d"
     """How far back the log is read for one run."""
     min_interactions: int = Field(default=10_000, ge=1)
