@@ -212,6 +212,17 @@ class KubeClient:
         groups = self._call("GET", "/apis") or {}
         return {str(g.get("name")) for g in groups.get("groups", [])}
 
+    def served_kinds(self, api_version: str) -> set[str]:
+        """The kinds one group version serves (discovery: GET /apis/GROUP/VERSION); none
+        when the cluster does not serve it."""
+        try:
+            resources = self._call("GET", f"/apis/{api_version}") or {}
+        except ApiException as exc:
+            if exc.status == 404:
+                return set()
+            raise
+        return {str(r.get("kind")) for r in resources.get("resources", []) if "/" not in r["name"]}
+
     def get(
         self, api_version: str, kind: str, namespace: str | None, name: str
     ) -> dict[str, Any] | None:

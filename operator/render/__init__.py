@@ -105,7 +105,8 @@ class RenderOptions:
     keda: bool = True
     """The cluster serves keda.sh; without it a keda policy is an error."""
     ray: bool = True
-    """The cluster serves ray.io (KubeRay); without it training engine RayJob is an error.
+    """The cluster serves ray.io/v1 RayCronJob (KubeRay 1.6 or later); without it training
+    engine RayJob is an error.
     True by default, as `keda`: offline `recsys render` and `recsys validate` assume it."""
     prometheus_url: str = DEFAULT_PROMETHEUS_URL
     """Prometheus that KEDA's latency trigger queries."""
@@ -155,9 +156,9 @@ def _training_schedule(system: RecommenderSystem, options: RenderOptions) -> dic
             [
                 FieldIssue(
                     "spec.training.engine",
-                    f"engine RayJob needs KubeRay (a RayCronJob, KubeRay 1.6 or later), but "
-                    f"the cluster does not serve {RAY_GROUP}; install KubeRay or use engine "
-                    "CronJob",
+                    f"engine RayJob needs KubeRay 1.6 or later, but the cluster does not serve "
+                    f"{RAY_GROUP} RayCronJob; install or upgrade KubeRay (then restart the "
+                    "operator) or use engine CronJob",
                 )
             ],
         )

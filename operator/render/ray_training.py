@@ -47,6 +47,7 @@ from recsys_operator.render.training import (
 
 RAY_GROUP = "ray.io"
 RAY_API_VERSION = f"{RAY_GROUP}/v1"
+RAY_SCHEDULE_KIND = "RayCronJob"
 WORKER_GROUP = "workers"
 CLUSTER_TTL_SECONDS = 60
 """The run's Ray cluster is deleted this long after the job ends."""
@@ -163,7 +164,7 @@ def build_training_raycronjob(system: RecommenderSystem) -> dict[str, Any]:
     }
     return {
         "apiVersion": RAY_API_VERSION,
-        "kind": "RayCronJob",
+        "kind": RAY_SCHEDULE_KIND,
         "metadata": metadata(system, training_name(system), Component.TRAINING),
         "spec": {
             "schedule": training.schedule,

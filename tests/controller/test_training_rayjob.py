@@ -28,6 +28,8 @@ from recsys_operator.api import InvalidResource
 from recsys_operator.api.errors import EngineNotServed
 from recsys_operator.api.reasons import ConditionReason
 from recsys_operator.api.resources import RecommenderSystem
+from recsys_operator.controller.handlers import _discover_options
+from recsys_operator.controller.kube import KubeClient
 from recsys_operator.controller.reconcile import Reconciler, parse_system
 from recsys_operator.render import RenderOptions, render_system
 from recsys_operator.render.naming import Component, selector_labels
@@ -307,3 +309,26 @@ def test_a_cluster_without_ray_io_reports_the_engine_and_applies_nothing(
     assert "spec.training.engine" in ready["message"] and "ray.io" in ready["message"]
     assert world.names("batch/v1", "CronJob") == []  # no silent fallback to the CronJob
     assert world.names("apps/v1", "Deployment") == []
+
+
+@pytest.mark.parametrize(
+    ("crds", "served"),
+    [
+        ((), False),
+        # KubeRay before 1.6 serves ray.io, but has no RayCronJob: not enough.
+        ((minimal_crd("ray.io", "v1", "RayJob", "rayjobs"),), False),
+        (
+            (
+                minimal_crd("ray.io", "v1", "RayJob", "rayjobs"),
+                minimal_crd("ray.io", "v1", "RayCronJob", "raycronjobs"),
+            ),
+            True,
+        ),
+    ],
+)
+def test_the_operator_discovers_kuberays_raycronjob_at_start_up(
+    kube: KubeHandle, crds: tuple[dict[str, Any], ...], served: bool
+) -> None:
+    if crds:
+        kube.install_crds(*crds)
+    assert _discover_options(KubeClient(kube.api_client)).ray is served
