@@ -10,8 +10,9 @@
    targets it cannot hit: that is what a stale model costs.
 4. The gate: enough users in the slice, candidate >= stable × (1 + min improvement)
    on the gate metric, and the 95% interval of the per-user paired difference
-   (candidate − stable on the same users, `paired_comparison`) above 0. Only then is the candidate packed as `<name>-<version>.mar` into
-   the model store, with the stable archive's index and serving settings. The model
+   (candidate − stable on the same users, `paired_comparison`) above 0. Only then is
+   the candidate packed as `<name>-<version>.mar` into the model store (a folder or
+   s3://, `model_store`), with the stable archive's index and serving settings. The model
    published is the one the gate scored (it has not seen the slice).
 5. Whatever happened, the verdict (`recsys_contracts.training_report`) is written next
    to the archives, where the operator reads it. A failed or gated-out run publishes
@@ -31,6 +32,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
+from botocore.exceptions import BotoCoreError
 
 from model_handlers.archive import ArchiveError, ArchiveRequest, build_archive
 from model_handlers.evaluation import Evaluation, per_user_split
@@ -59,6 +61,10 @@ message (4096 bytes), the channel a cluster run reports it through."""
 """Metric families the gate compares (at any cutoff, e.g. `ndcg@10`)."""
 
 Say = Callable[[str], None]
+
+STORE_ERRORS: tuple[type[Exception], ...] = (OSError, BotoCoreError)
+"""What an unreachable or refusing log or model store raises (s3fs turns S3's answers
+into OSError; botocore raises its own for missing credentials or a dead endpoint)."""
 
 
 # --- the log --------------------------------------------------------------------------
@@ -175,7 +181,7 @@ def run_training(run: TrainingRun, *, say: Say | None = None) -> TrainingVerdict
     facts: dict[str, object] = {}
     try:
         result, reason = _train_and_judge(run, facts, say)
-    except (ArchiveError, OSError, ValueError, TrainingRunError, pa.ArrowException) as exc:
+    except (ArchiveError, ValueError, TrainingRunError, pa.ArrowException, *STORE_ERRORS) as exc:
         result, reason = GateResult.FAILED, f"{type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
         facts.pop("archive", None)
     verdict = TrainingVerdict(
@@ -191,7 +197,13 @@ def run_training(run: TrainingRun, *, say: Say | None = None) -> TrainingVerdict
         reason=reason,
         **facts,
     )
-    write_verdict(verdict, ModelStore(run.model_store, run.storage_options))
+    try:
+        write_verdict(verdict, ModelStore(run.model_store, run.storage_options))
+    except STORE_ERRORS as exc:
+        # The verdict still reaches the operator (stdout, the termination message).
+        problem = f"; the verdict could not be written to the model store: {exc}"
+        cut = MAX_REASON_CHARS - len(problem[:300])
+        return verdict.model_copy(update={"reason": verdict.reason[:cut] + problem[:300]})
     return verdict
 
 

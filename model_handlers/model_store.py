@@ -43,7 +43,12 @@ class ModelStore:
         return f"{self._root}/{name}"
 
     def exists(self, name: str) -> bool:
-        return bool(self._fs.isfile(self._path(name)))
+        """Whether the store holds the file; a store that cannot be reached raises (OSError
+        or botocore's errors) rather than reading as empty."""
+        try:
+            return bool(self._fs.info(self._path(name))["type"] == "file")
+        except FileNotFoundError:
+            return False
 
     def fetch(self, name: str, target: Path) -> Path:
         """Copy `name` to the local file `target` (a local store's file is read in place)."""

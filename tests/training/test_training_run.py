@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
@@ -325,3 +326,17 @@ def test_recsys_retrain_on_s3_with_the_pods_environment_publishes_nothing_when_g
         "retrieval.training.json",
         "training/retrieval-9.json",
     ]
+
+
+def test_a_store_that_cannot_be_written_fails_the_run_and_the_verdict_says_so(
+    s3: S3Server, clean_log: Path, stable_store: Path
+) -> None:
+    missing = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/models"
+    run = replace(
+        _run(clean_log, stable_store), model_store=missing, storage_options=s3.storage_options
+    )
+    verdict = run_training(run)  # returned, not raised: stdout and the pod still get it
+    assert verdict.result is GateResult.FAILED
+    assert "retrieval-1.mar" in verdict.reason
+    assert "could not be written to the model store" in verdict.reason
+    assert len(verdict.model_dump_json(by_alias=True)) < 4096
