@@ -40,7 +40,8 @@ class GateResult(StrEnum):
     PASSED = "Passed"
     """The candidate beat the stable model by the margin asked: its archive is published."""
     GATED_OUT = "GatedOut"
-    """Too little data, too few users, or not better enough: nothing is published."""
+    """Too little data, too few users, not better enough, or better only within the
+    noise of the paired comparison: nothing is published."""
     FAILED = "Failed"
     """The run broke (unreadable log, missing stable archive, ...): nothing is published."""
 
@@ -51,7 +52,8 @@ class GateSettings(ApiModel):
     metric: str
     """Offline metric compared, e.g. `ndcg@10`."""
     min_relative_improvement: float
-    """Candidate score must be at least stable score × (1 + this)."""
+    """Candidate score must be at least stable score × (1 + this), and the 95% interval of
+    the paired per-user difference must lie above 0."""
     min_users: int
     """Users in the held-out slice needed before the comparison counts."""
     min_interactions: int
@@ -68,6 +70,19 @@ class ModelScore(ApiModel):
     """Half-width of its 95% interval over users."""
     users: int
     """Users scored."""
+
+
+class PairedComparison(ApiModel):
+    """Candidate − stable on the gate metric, user by user, over the users both scored."""
+
+    users: int
+    """Users scored by both models."""
+    mean_difference: float
+    """Mean over those users of the candidate's value minus the stable's."""
+    ci95_low: float
+    ci95_high: float
+    """95% interval of the mean difference (percentile bootstrap over users); the gate
+    asks for `ci95Low` > 0, so a candidate better only by chance is not published."""
 
 
 class TrainingVerdict(ApiModel):
@@ -93,6 +108,8 @@ class TrainingVerdict(ApiModel):
     stable: ModelScore | None = None
     relative_improvement: float | None = None
     """candidate / stable - 1 on the gate metric (none without both scores, or a zero stable)."""
+    paired: PairedComparison | None = None
+    """The per-user paired difference and its interval (none without both scores)."""
     result: GateResult
     reason: str
     """Why, with the numbers."""

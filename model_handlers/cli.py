@@ -580,8 +580,11 @@ def retrain(
         ),
     ],
     model_store: Annotated[
-        Path,
-        typer.Option(help="Model store folder: the stable archive, and where a candidate goes."),
+        str,
+        typer.Option(
+            help="Model store: a folder, file:// or s3://BUCKET/PREFIX; holds the stable "
+            "archive, and where a candidate goes."
+        ),
     ],
     name: Annotated[str, typer.Option(help="Model name (spec.model.name).")] = "retrieval",
     stable_version: Annotated[
@@ -627,8 +630,9 @@ def retrain(
     --model-store) are scored on the held-out slice. The candidate is packed into the
     model store (with the stable's index and serving settings) only when the gate
     passes. The verdict is printed as JSON on stdout and written to
-    <model-store>/<name>.training.json. Exit 0 when the run completed (passed or gated
-    out), 1 when it failed.
+    <model-store>/<name>.training.json. An s3:// log or model store is reached with
+    botocore's environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ... or the pod's
+    role). Exit 0 when the run completed (passed or gated out), 1 when it failed.
     """
     import datetime as dt
     from dataclasses import replace

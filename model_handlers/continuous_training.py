@@ -8,9 +8,11 @@
    (unpacked from its archive in the model store) on the same slice with the same code
    (`model_evaluation.evaluate_model_directory`). Items the stable model never saw stay
    targets it cannot hit: that is what a stale model costs.
-4. The gate: enough users in the slice, and candidate >= stable × (1 + min improvement)
-   on the gate metric. Only then is the candidate packed as `<name>-<version>.mar` into
-   the model store, with the stable archive's index and serving settings. The model
+4. The gate: enough users in the slice, candidate >= stable × (1 + min improvement)
+   on the gate metric, and the 95% interval of the per-user paired difference
+   (candidate − stable on the same users, `paired_comparison`) above 0. Only then is
+   the candidate packed as `<name>-<version>.mar` into the model store (a folder or
+   s3://, `model_store`), with the stable archive's index and serving settings. The model
    published is the one the gate scored (it has not seen the slice).
 5. Whatever happened, the verdict (`recsys_contracts.training_report`) is written next
    to the archives, where the operator reads it. A failed or gated-out run publishes
@@ -20,28 +22,37 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
+from botocore.exceptions import BotoCoreError
 
 from model_handlers.archive import ArchiveError, ArchiveRequest, build_archive
 from model_handlers.evaluation import Evaluation, per_user_split
 from model_handlers.interactions import Interactions, from_id_columns
 from model_handlers.model_directory import read_manifest, write_trained_model
 from model_handlers.model_evaluation import evaluate_model_directory
+from model_handlers.model_store import ModelStore
+from model_handlers.paired_comparison import pair_by_user, paired_difference
 from model_handlers.training import TrainingConfig, train_model
 from recsys_contracts import archive_layout, event_log_layout, training_report
 from recsys_contracts.archive_layout import ServingDefaults
 from recsys_contracts.events import INTERACTION_TYPES
 from recsys_contracts.index_spec import IndexSpec
-from recsys_contracts.training_report import GateResult, GateSettings, ModelScore, TrainingVerdict
+from recsys_contracts.training_report import (
+    GateResult,
+    GateSettings,
+    ModelScore,
+    PairedComparison,
+    TrainingVerdict,
+)
 
 GATE_METRICS = ("ndcg", "recall", "mrr")
 MAX_REASON_CHARS = 1500
@@ -51,11 +62,17 @@ message (4096 bytes), the channel a cluster run reports it through."""
 
 Say = Callable[[str], None]
 
+STORE_ERRORS: tuple[type[Exception], ...] = (OSError, BotoCoreError)
+"""What an unreachable or refusing log or model store raises (s3fs turns S3's answers
+into OSError; botocore raises its own for missing credentials or a dead endpoint)."""
+
 
 # --- the log --------------------------------------------------------------------------
 
 
-def read_interactions(uri: str, since_ms: int, until_ms: int) -> pa.Table:
+def read_interactions(
+    uri: str, since_ms: int, until_ms: int, storage_options: dict[str, Any] | None = None
+) -> pa.Table:
     """Rows of the log's `interactions` dataset with `since_ms <= ts < until_ms`
     (`recsys_contracts.event_log_layout`), with a clear error when a local log is missing
     (the contract's reader gives an empty table there, which would read as "no traffic")."""
@@ -64,7 +81,7 @@ def read_interactions(uri: str, since_ms: int, until_ms: int) -> pa.Table:
     local = not parsed.scheme or parsed.scheme == "file"
     if local and not Path(root, "interactions").is_dir():
         raise FileNotFoundError(f"no event log at {uri} (no interactions/ folder)")
-    return event_log_layout.read_interactions(uri, since_ms, until_ms)
+    return event_log_layout.read_interactions(uri, since_ms, until_ms, storage_options)
 
 
 def interactions_from_events(table: pa.Table) -> Interactions:
@@ -96,7 +113,8 @@ def interactions_from_events(table: pa.Table) -> Interactions:
 class Gate:
     metric: str = "ndcg@10"
     min_relative_improvement: float = 0.0
-    """Candidate must score at least stable × (1 + this); 0.02 asks for 2% better."""
+    """Candidate must score at least stable × (1 + this); 0.02 asks for 2% better. In any
+    case the paired per-user difference's 95% interval must lie above 0."""
     min_users: int = 100
     """Users in the held-out slice needed before the comparison counts."""
     min_interactions: int = 1000
@@ -128,7 +146,9 @@ class Gate:
 @dataclass(frozen=True)
 class TrainingRun:
     log_uri: str
-    model_store: Path
+    model_store: str | Path
+    """Where the stable archive is read and a passing candidate and every verdict go:
+    a folder, file:// or s3://BUCKET/PREFIX (`model_store.ModelStore`)."""
     model_name: str
     candidate_version: str
     since_ms: int
@@ -141,6 +161,9 @@ class TrainingRun:
     """Index of the published archive; None: the stable archive's (else the default)."""
     top_k: int | None = None
     """Largest k of the published archive; None: the stable archive's (else 50)."""
+    storage_options: dict[str, Any] | None = None
+    """fsspec options (S3 credentials, endpoint) for an s3:// log and model store; None:
+    botocore's environment."""
 
 
 class TrainingRunError(RuntimeError):
@@ -158,7 +181,7 @@ def run_training(run: TrainingRun, *, say: Say | None = None) -> TrainingVerdict
     facts: dict[str, object] = {}
     try:
         result, reason = _train_and_judge(run, facts, say)
-    except (ArchiveError, OSError, ValueError, TrainingRunError, pa.ArrowException) as exc:
+    except (ArchiveError, ValueError, TrainingRunError, pa.ArrowException, *STORE_ERRORS) as exc:
         result, reason = GateResult.FAILED, f"{type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
         facts.pop("archive", None)
     verdict = TrainingVerdict(
@@ -174,7 +197,13 @@ def run_training(run: TrainingRun, *, say: Say | None = None) -> TrainingVerdict
         reason=reason,
         **facts,
     )
-    write_verdict(verdict, run.model_store)
+    try:
+        write_verdict(verdict, ModelStore(run.model_store, run.storage_options))
+    except STORE_ERRORS as exc:
+        # The verdict still reaches the operator (stdout, the termination message).
+        problem = f"; the verdict could not be written to the model store: {exc}"
+        cut = MAX_REASON_CHARS - len(problem[:300])
+        return verdict.model_copy(update={"reason": verdict.reason[:cut] + problem[:300]})
     return verdict
 
 
@@ -183,23 +212,23 @@ def _train_and_judge(
 ) -> tuple[GateResult, str]:
     """(result, reason); fills `facts` with the verdict's numbers as they become known."""
     gate = run.gate
+    store = ModelStore(run.model_store, run.storage_options)
     stable_archive = None
     if run.stable_version is not None:
-        stable_archive = run.model_store / archive_layout.mar_file_name(
-            run.model_name, run.stable_version
-        )
-        if not stable_archive.is_file():
-            raise TrainingRunError(f"the stable model's archive {stable_archive} is missing")
-    candidate_archive = run.model_store / archive_layout.mar_file_name(
-        run.model_name, run.candidate_version
-    )
-    if candidate_archive.exists():
+        stable_archive = archive_layout.mar_file_name(run.model_name, run.stable_version)
+        if not store.exists(stable_archive):
+            raise TrainingRunError(
+                f"the stable model's archive {store.location(stable_archive)} is missing"
+            )
+    candidate_archive = archive_layout.mar_file_name(run.model_name, run.candidate_version)
+    if store.exists(candidate_archive):
         raise TrainingRunError(
-            f"{candidate_archive} exists already: a candidate needs a version of its own"
+            f"{store.location(candidate_archive)} exists already: a candidate needs a "
+            "version of its own"
         )
 
     say(f"reading the log {run.log_uri} from {run.since_ms} to {run.until_ms} (ms)")
-    table = read_interactions(run.log_uri, run.since_ms, run.until_ms)
+    table = read_interactions(run.log_uri, run.since_ms, run.until_ms, run.storage_options)
     log = interactions_from_events(table) if table.num_rows else None
     count = len(log) if log is not None else 0
     facts["interactions"] = count
@@ -230,7 +259,8 @@ def _train_and_judge(
         index, top_k, serving = run.index, run.top_k, ServingDefaults()
         if stable_archive is not None:
             stable_dir = Path(work) / "stable"
-            with zipfile.ZipFile(stable_archive) as packed:
+            packed_stable = store.fetch(stable_archive, Path(work) / stable_archive)
+            with zipfile.ZipFile(packed_stable) as packed:
                 packed.extractall(stable_dir)
             stable = evaluate_model_directory(stable_dir, fit, slice_, cutoffs=(gate.cutoff,))
             facts["stable"] = _score(str(run.stable_version), stable, gate.metric)
@@ -239,8 +269,10 @@ def _train_and_judge(
             index = index or manifest.index
             top_k = top_k or manifest.top_k
             serving = manifest.serving
-            result, reason, improvement = _compare(candidate, stable, gate, run.stable_version)
-            facts["relative_improvement"] = improvement
+            judgement = judge(candidate, stable, gate, run.stable_version)
+            result, reason = judgement.result, judgement.reason
+            facts["relative_improvement"] = judgement.relative_improvement
+            facts["paired"] = judgement.paired
         else:
             result = GateResult.PASSED
             reason = (
@@ -253,7 +285,8 @@ def _train_and_judge(
         built = build_archive(
             ArchiveRequest(
                 model_dir=candidate_dir,
-                out_dir=run.model_store,
+                # Packed here, then put into the store whole (a remote store gets one upload).
+                out_dir=store.local or Path(work) / "out",
                 name=run.model_name,
                 version=run.candidate_version,
                 index=index or IndexSpec(),
@@ -262,7 +295,8 @@ def _train_and_judge(
             ),
             on_progress=say,
         )
-        facts["archive"] = built.path.name
+        store.publish(built.path, candidate_archive)
+        facts["archive"] = candidate_archive
         return result, reason
 
 
@@ -276,42 +310,78 @@ def _score(version: str, evaluation: Evaluation, metric: str) -> ModelScore:
     )
 
 
-def _compare(
+@dataclass(frozen=True)
+class Judgement:
+    result: GateResult
+    reason: str
+    """Why, with the numbers."""
+    relative_improvement: float | None
+    paired: PairedComparison
+
+
+def judge(
     candidate: Evaluation, stable: Evaluation, gate: Gate, stable_version: str | None
-) -> tuple[GateResult, str, float | None]:
+) -> Judgement:
+    """The gate on two evaluations of the same held-out slice.
+
+    Passes when the candidate's mean is at least stable × (1 + min improvement) AND the
+    95% interval of the per-user paired difference (candidate − stable, users both
+    scored) lies above 0: a mean that is higher only because of which users happened to
+    be in the slice is not an improvement."""
     new, old = candidate.metrics[gate.metric], stable.metrics[gate.metric]
     needed = old * (1.0 + gate.min_relative_improvement)
     improvement = round(new / old - 1.0, 6) if old > 0 else None
     change = f"{improvement:+.1%}" if improvement is not None else "stable scored 0"
+    if candidate.user_keys is None or stable.user_keys is None:
+        raise ValueError("the gate pairs users: evaluations need their per-user values")
+    pairs = paired_difference(
+        *pair_by_user(
+            candidate.per_user[gate.metric],
+            candidate.user_keys,
+            stable.per_user[gate.metric],
+            stable.user_keys,
+        )
+    )
+    paired = PairedComparison(
+        users=pairs.users,
+        mean_difference=round(pairs.mean_difference, 6),
+        ci95_low=round(pairs.ci95_low, 6),
+        ci95_high=round(pairs.ci95_high, 6),
+    )
     numbers = (
         f"{gate.metric} {new:.4f} vs stable {stable_version} {old:.4f} ({change}; "
-        f"needed >= {needed:.4f}, +{gate.min_relative_improvement:.1%}) on {candidate.users} users"
+        f"needed >= {needed:.4f}, +{gate.min_relative_improvement:.1%}) on {candidate.users} "
+        f"users; paired difference {pairs.mean_difference:+.4f} (95% CI "
+        f"{pairs.ci95_low:+.4f} to {pairs.ci95_high:+.4f}) on {pairs.users} users"
     )
-    passed = new > 0 and new >= needed
-    return (GateResult.PASSED if passed else GateResult.GATED_OUT), numbers, improvement
+    if not (new > 0 and new >= needed):
+        return Judgement(GateResult.GATED_OUT, numbers, improvement, paired)
+    if pairs.ci95_low <= 0:
+        return Judgement(
+            GateResult.GATED_OUT,
+            f"{numbers}: the paired interval reaches 0, the gain may be noise",
+            improvement,
+            paired,
+        )
+    return Judgement(GateResult.PASSED, numbers, improvement, paired)
 
 
-def write_verdict(verdict: TrainingVerdict, model_store: Path) -> Path:
-    """Write the run's report into the history and as the latest; returns the latest."""
-    history = model_store / training_report.TRAINING_REPORTS_FOLDER
-    history.mkdir(parents=True, exist_ok=True)
+def write_verdict(verdict: TrainingVerdict, model_store: str | Path | ModelStore) -> str:
+    """Write the run's report into the history and as the latest; returns where the
+    latest lies."""
+    store = model_store if isinstance(model_store, ModelStore) else ModelStore(model_store)
     text = verdict.model_dump_json(by_alias=True, indent=2) + "\n"
-    kept = history / training_report.report_file_name(verdict.model_name, verdict.candidate_version)
-    _write_atomically(kept, text)
-    latest = model_store / training_report.latest_report_file_name(verdict.model_name)
-    _write_atomically(latest, text)
-    return latest
+    kept = training_report.report_file_name(verdict.model_name, verdict.candidate_version)
+    store.write_text(f"{training_report.TRAINING_REPORTS_FOLDER}/{kept}", text)
+    latest = training_report.latest_report_file_name(verdict.model_name)
+    store.write_text(latest, text)
+    return store.location(latest)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
-def read_verdict(model_store: Path, model_name: str) -> TrainingVerdict | None:
+def read_verdict(model_store: str | Path | ModelStore, model_name: str) -> TrainingVerdict | None:
     """The latest run's verdict, if any run has reported."""
-    path = model_store / training_report.latest_report_file_name(model_name)
-    if not path.is_file():
+    store = model_store if isinstance(model_store, ModelStore) else ModelStore(model_store)
+    text = store.read_text(training_report.latest_report_file_name(model_name))
+    if text is None:
         return None
-    return TrainingVerdict.model_validate_json(path.read_text())
+    return TrainingVerdict.model_validate_json(text)

@@ -206,6 +206,11 @@ class Evaluation:
     """Means over users (coverage: over the catalogue)."""
     ci95: dict[str, float]
     """Half-width of the 95% interval of each mean over users (normal approximation)."""
+    per_user: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    """Each metric's value per evaluated user, in the order of `user_keys`."""
+    user_keys: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """Who each row of `per_user` is (user indices here; `evaluate_model_directory`
+    turns them into user ids), so two models' values can be paired user by user."""
 
     def to_dict(self) -> dict[str, object]:
         return {"users": self.users, "metrics": self.metrics, "ci95": self.ci95}
@@ -239,7 +244,9 @@ def evaluate_full(
         metrics[name] = float(values.mean())
         ci[name] = float(Z_95 * values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
     metrics.update(per_user.coverage)
-    return Evaluation(users=n, metrics=metrics, ci95=ci)
+    return Evaluation(
+        users=n, metrics=metrics, ci95=ci, per_user=per_user.values, user_keys=eval_set.users
+    )
 
 
 def evaluate(

@@ -10,6 +10,7 @@ know are embedded from their history alone (the tower's unknown-user row).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,11 @@ def evaluate_model_directory(
         return np.asarray(queries @ embeddings.T)
 
     scorer: Scorer = score
-    return evaluate_full(scorer, eval_set, cutoffs=cutoffs)
+    evaluation = evaluate_full(scorer, eval_set, cutoffs=cutoffs)
+    # Rows named by user id, so that two models scored on the same files pair up.
+    user_ids = np.asarray(list(users), dtype=object)
+    assert evaluation.user_keys is not None
+    return replace(evaluation, user_keys=user_ids[evaluation.user_keys])
 
 
 def _unknown_targets(

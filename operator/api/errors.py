@@ -20,3 +20,8 @@ class InvalidPolicy(InvalidResource):
 class PolicyViolation(InvalidResource):
     """The spec cannot run under its ScalingPolicy: the policy is missing, the spec
     exceeds its bounds, or it uses an autoscaling engine the cluster does not serve."""
+
+
+class EngineNotServed(InvalidResource):
+    """The spec asks for an engine whose API the cluster does not serve (engine RayJob
+    without KubeRay's ray.io): reported, never replaced by another engine silently."""

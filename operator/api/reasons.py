@@ -20,6 +20,7 @@ class ConditionReason(StrEnum):
     SCALING_POLICY_NOT_FOUND = "ScalingPolicyNotFound"
     SCALING_POLICY_INVALID = "ScalingPolicyInvalid"
     POLICY_VIOLATION = "PolicyViolation"
+    TRAINING_ENGINE_NOT_SERVED = "TrainingEngineNotServed"
     # TopicsReady.
     TOPICS_READY = "TopicsReady"
     PULSAR_SECRET_NOT_FOUND = "PulsarSecretNotFound"
@@ -87,6 +88,7 @@ BLOCKING_REASONS = frozenset(
         ConditionReason.SCALING_POLICY_NOT_FOUND,
         ConditionReason.SCALING_POLICY_INVALID,
         ConditionReason.POLICY_VIOLATION,
+        ConditionReason.TRAINING_ENGINE_NOT_SERVED,
     }
 )
 
@@ -98,6 +100,7 @@ PERMANENT_REASONS = frozenset(
         ConditionReason.SCALING_POLICY_NOT_FOUND,
         ConditionReason.SCALING_POLICY_INVALID,
         ConditionReason.POLICY_VIOLATION,
+        ConditionReason.TRAINING_ENGINE_NOT_SERVED,
         ConditionReason.PULSAR_UNAUTHORIZED,
         ConditionReason.PULSAR_FORBIDDEN,
         ConditionReason.TOPIC_PARTITIONS_DECREASED,

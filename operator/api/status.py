@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from recsys_contracts.api_base import ApiModel
-from recsys_contracts.training_report import GateResult
+from recsys_contracts.training_report import GateResult, PairedComparison
 from recsys_operator.api.recommender_system import MAX_STEPS
 
 # Conditions are a map keyed by type, so server-side apply merges them per type.
@@ -270,6 +270,8 @@ class TrainingStatus(ApiModel):
     """candidate / stable - 1."""
     archive_uri: str | None = None
     """Where the published candidate lies (Passed only): what spec.model.archiveUri names to roll it out."""
+    paired: PairedComparison | None = None
+    """Candidate − stable user by user on the same slice, with its 95% interval (the gate asks for its low end above 0)."""
     spec_model_version: str | None = None
     """spec.model.version when this verdict was first recorded. With spec.training.autoRollout, a Passed candidate is rolled out while the spec still names this version; a person who changes spec.model.version takes over."""
 

@@ -1,7 +1,8 @@
 """`spec.training`: retraining the model from the offline event log, and the gate it must pass.
 
-The operator renders a CronJob that runs `recsys retrain` on `schedule`: it reads the
-last `window` of the log, trains a candidate, scores it and the stable model on the
+The operator renders a CronJob that runs `recsys retrain` on `schedule` (or, with
+`engine: RayJob` on a cluster that serves KubeRay's `ray.io`, a RayCronJob that starts a
+RayJob on a Ray cluster of its own): it reads the last `window` of the log, trains a candidate, scores it and the stable model on the
 same newest held-out slice, and publishes the candidate to the model store only when
 the gate passes. The verdict lands next to the archives.
 
@@ -25,7 +26,7 @@ from recsys_operator.api.recommender_system import ResourceRequirements
 
 GATE_METRIC_PATTERN = r"^(ndcg|recall|mrr)@[1-9][0-9]{0,2}$"
 LOG_URI_PATTERN = r"^(s3://|pvc://|file://).+"
-MODEL_STORE_URI_PATTERN = r"^(pvc://|file://).+"
+MODEL_STORE_URI_PATTERN = r"^(s3://|pvc://|file://).+"
 
 
 class GateSpec(ApiModel):
@@ -34,7 +35,7 @@ class GateSpec(ApiModel):
     metric: str = Field(default="ndcg@10", pattern=GATE_METRIC_PATTERN)
     """Offline metric compared: ndcg, recall or mrr at a cutoff (e.g. `ndcg@10`, `recall@50`), averaged over the slice's users."""
     min_relative_improvement: float = Field(default=0.01, ge=0.0, le=10.0)
-    """The candidate must score at least stable × (1 + this); 0.01 asks for 1% better, 0 for no worse."""
+    """The candidate must score at least stable × (1 + this); 0.01 asks for 1% better. Whatever this is, the 95% interval of the per-user paired difference (candidate − stable on the same held-out users, bootstrap) must also lie above 0, so 0 asks for better beyond noise."""
     min_users: int = Field(default=100, ge=1)
     """Users in the held-out slice (each user's newest 20% of the window) needed before the comparison counts; fewer gates the run out."""
 
@@ -113,8 +114,60 @@ class TriggersSpec(ApiModel):
     """On data drift. Not acted on yet: this operator version starts runs on the schedule only."""
 
 
+class TrainingEngine(StrEnum):
+    CRON_JOB = "CronJob"
+    RAY_JOB = "RayJob"
+
+
+RAY_VERSION_PATTERN = r"^[0-9]+\.[0-9]+\.[0-9]+$"
+
+
+class RayWorkers(ApiModel):
+    """The Ray cluster's worker group."""
+
+    replicas: int = Field(default=0, ge=0, le=1000)
+    """Worker pods beside the head. The trainer (recency EASE) is one process today and runs on the head as the Ray job's driver: workers only add capacity for Ray tasks, so 0 is the right count until the trainer is distributed."""
+    resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "2", "memory": "4Gi"}, limits={"memory": "8Gi"}
+        )
+    )
+    """Resources of each worker pod."""
+
+
+class RaySpec(ApiModel):
+    """The Ray cluster a RayJob run gets (KubeRay creates it for the run and deletes it after)."""
+
+    image: str
+    """Image of the head, the workers and the submitter: it must hold Ray at `rayVersion` and this project's model-server packages (`recsys retrain`), and run as a non-root user (uid 1000, as the rayproject/ray images do). The default training image holds no Ray, so there is no default."""
+    ray_version: str = Field(default="2.52.0", pattern=RAY_VERSION_PATTERN)
+    """Ray version of the image (KubeRay's rayVersion), e.g. `2.52.0`."""
+    workers: RayWorkers = Field(default_factory=RayWorkers)
+    """The worker group."""
+
+
 class TrainingSpec(ApiModel):
     """Retraining from the offline event log on a schedule, with a gate before anything is published."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel.rules(
+            cel.rule(
+                "!has(self.engine) || self.engine != 'RayJob' || has(self.ray)",
+                "engine RayJob needs spec.training.ray (at least its image)",
+                ".ray",
+            ),
+            cel.rule(
+                "!has(self.engine) || self.engine != 'RayJob' || !has(self.timeZone)",
+                "a RayCronJob has no time zone: give the schedule in UTC",
+                ".timeZone",
+            ),
+        )
+    )
+
+    engine: TrainingEngine = TrainingEngine.CRON_JOB
+    """What runs each training: `CronJob`, a batch/v1 CronJob whose pod runs `recsys retrain`; or `RayJob`, a KubeRay RayCronJob (KubeRay 1.6 or later, where the cluster serves ray.io) that starts a RayJob on a Ray cluster of its own for each run (`ray`). A cluster without ray.io reports the system not Ready with reason TrainingEngineNotServed."""
+    ray: RaySpec | None = None
+    """The Ray cluster of each run; required with engine RayJob, ignored otherwise."""
 
     schedule: str = Field(default="0 3 * * *", pattern=CRON_PATTERN)
     """When runs start, as a CronJob schedule (five fields or a macro such as `@daily`)."""
@@ -127,7 +180,7 @@ class TrainingSpec(ApiModel):
     log_uri: str = Field(pattern=LOG_URI_PATTERN)
     """Root of the offline event log (it holds `interactions/date=…/hour=…/*.parquet`): s3://BUCKET/PREFIX (credentials from the pod's service account), pvc://CLAIM/PATH, or file:// (local mode)."""
     model_store_uri: str = Field(pattern=MODEL_STORE_URI_PATTERN)
-    """Folder holding the archives: the stable version's is read from it, a passing candidate is written to it as `<name>-<version>.mar`, and every verdict as `<name>.training.json`. pvc://CLAIM/PATH in a cluster (the run mounts it read-write), file:// in local mode."""
+    """Folder holding the archives: the stable version's is read from it, a passing candidate is written to it as `<name>-<version>.mar`, and every verdict as `<name>.training.json`. In a cluster s3://BUCKET/PREFIX (read and written with the pod's service-account credentials, as the log) or pvc://CLAIM/PATH (the run mounts it read-write); file:// in local mode."""
     window: Duration = "7d"
     """How far back the log is read for one run."""
     min_interactions: int = Field(default=10_000, ge=1)
@@ -143,9 +196,22 @@ class TrainingSpec(ApiModel):
             requests={"cpu": "2", "memory": "4Gi"}, limits={"memory": "8Gi"}
         )
     )
-    """Resources of the training pod."""
+    """Resources of the training pod (with engine RayJob: of the Ray head, where the trainer runs)."""
     deadline: Duration = "2h"
     """A run still going after this long is stopped (the Job's activeDeadlineSeconds); it publishes nothing."""
+
+    @model_validator(mode="after")
+    def _ray_engine_complete(self) -> Self:
+        if self.engine is TrainingEngine.RAY_JOB:
+            if self.ray is None:
+                raise field_error(
+                    "ray", "engine RayJob needs spec.training.ray (at least its image)"
+                )
+            if self.time_zone is not None:
+                raise field_error(
+                    "timeZone", "a RayCronJob has no time zone: give the schedule in UTC"
+                )
+        return self
 
     @field_validator("schedule")
     @classmethod

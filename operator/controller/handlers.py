@@ -39,6 +39,7 @@ from recsys_operator.controller.rollout_driver import (
 from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
 from recsys_operator.render import CHILD_KINDS, RenderOptions, TopicPlan, topic_plan
 from recsys_operator.render.naming import INSTANCE_LABEL, MANAGED_BY
+from recsys_operator.render.ray_training import RAY_API_VERSION, RAY_GROUP, RAY_SCHEDULE_KIND
 from recsys_operator.rollout.state_machine import AnalysisSource, ShadowSource
 
 log = logging.getLogger(__name__)
@@ -103,15 +104,21 @@ async def stop(**_: Any) -> None:
 
 
 def _discover_options(kube: KubeClient) -> RenderOptions:
-    """Which optional APIs the cluster serves (KEDA, Prometheus Operator)."""
+    """Which optional APIs the cluster serves (KEDA, Prometheus Operator, KubeRay)."""
     served: set[str] = set()
+    ray_kinds: set[str] = set()
     try:
         served = kube.served_api_groups()
+        if RAY_GROUP in served:  # RayCronJob came with KubeRay 1.6: ask for the kind
+            ray_kinds = kube.served_kinds(RAY_API_VERSION)
     except Exception as exc:  # discovery is best effort; the defaults are safe
-        log.warning("API discovery failed (%s); assuming no KEDA and no Prometheus Operator", exc)
+        log.warning(
+            "API discovery failed (%s); assuming no KEDA, Prometheus Operator or KubeRay", exc
+        )
     return RenderOptions(
         monitoring="monitoring.coreos.com" in served,
         keda="keda.sh" in served,
+        ray=RAY_SCHEDULE_KIND in ray_kinds,
         prometheus_url=os.environ.get(OperatorEnv.PROMETHEUS_URL, RenderOptions.prometheus_url),
         prometheus_namespace=os.environ.get(OperatorEnv.PROMETHEUS_NAMESPACE) or None,
     )

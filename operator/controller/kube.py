@@ -49,6 +49,7 @@ KNOWN_KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", True),
     ("apps/v1", "Deployment"): ("deployments", True),
     ("batch/v1", "CronJob"): ("cronjobs", True),
+    ("ray.io/v1", "RayCronJob"): ("raycronjobs", True),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("horizontalpodautoscalers", True),
     ("policy/v1", "PodDisruptionBudget"): ("poddisruptionbudgets", True),
     ("keda.sh/v1alpha1", "ScaledObject"): ("scaledobjects", True),
@@ -210,6 +211,17 @@ class KubeClient:
         """The names of the API groups the cluster serves (discovery: GET /apis)."""
         groups = self._call("GET", "/apis") or {}
         return {str(g.get("name")) for g in groups.get("groups", [])}
+
+    def served_kinds(self, api_version: str) -> set[str]:
+        """The kinds one group version serves (discovery: GET /apis/GROUP/VERSION); none
+        when the cluster does not serve it."""
+        try:
+            resources = self._call("GET", f"/apis/{api_version}") or {}
+        except ApiException as exc:
+            if exc.status == 404:
+                return set()
+            raise
+        return {str(r.get("kind")) for r in resources.get("resources", []) if "/" not in r["name"]}
 
     def get(
         self, api_version: str, kind: str, namespace: str | None, name: str

@@ -23,7 +23,12 @@ from pydantic import ValidationError
 
 from recsys_contracts.field_issues import FieldIssue, InvalidResource, issues_from_validation_error
 from recsys_operator.api.desired_model import serving_system
-from recsys_operator.api.errors import InvalidPolicy, InvalidSpec, PolicyViolation
+from recsys_operator.api.errors import (
+    EngineNotServed,
+    InvalidPolicy,
+    InvalidSpec,
+    PolicyViolation,
+)
 from recsys_operator.api.reasons import ConditionReason
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
 from recsys_operator.api.status import Condition, ConditionStatus, ConditionType
@@ -261,6 +266,8 @@ class Reconciler:
             objects = render_system(system, policy, self.options)
         except PolicyViolation as exc:
             return blocked(ConditionReason.POLICY_VIOLATION, exc.summary)
+        except EngineNotServed as exc:
+            return blocked(ConditionReason.TRAINING_ENGINE_NOT_SERVED, exc.summary)
         except InvalidResource as exc:  # InvalidSpec: e.g. an archive URI a cluster cannot fetch
             return blocked(ConditionReason.INVALID_SPEC, exc.summary)
 

@@ -72,5 +72,6 @@ def latest_training_status(kube: KubeClient, system: RecommenderSystem) -> Train
             if passed
             else None
         ),
+        paired=verdict.paired,
         spec_model_version=spec_version,
     )

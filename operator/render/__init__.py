@@ -12,8 +12,9 @@ from typing import Any
 
 from recsys_contracts.field_issues import FieldIssue
 from recsys_operator.api.effective_scaling import EffectiveScaling, resolve_scaling
-from recsys_operator.api.errors import InvalidSpec, PolicyViolation
+from recsys_operator.api.errors import EngineNotServed, InvalidSpec, PolicyViolation
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
+from recsys_operator.api.training import TrainingEngine
 from recsys_operator.render.autoscaling import (
     DEFAULT_PROMETHEUS_URL,
     build_autoscalers,
@@ -37,6 +38,7 @@ from recsys_operator.render.monitoring import (
     build_service_monitor,
 )
 from recsys_operator.render.network import build_network_policies
+from recsys_operator.render.ray_training import RAY_GROUP, build_training_raycronjob
 from recsys_operator.render.serving import (
     INFERENCE_PORT,
     UnsupportedArchiveUri,
@@ -73,6 +75,7 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("networking.k8s.io/v1", "NetworkPolicy"),
     ("apps/v1", "Deployment"),
     ("batch/v1", "CronJob"),
+    ("ray.io/v1", "RayCronJob"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("policy/v1", "PodDisruptionBudget"),
     ("keda.sh/v1alpha1", "ScaledObject"),
@@ -101,6 +104,10 @@ class RenderOptions:
     """The cluster serves monitoring.coreos.com (ServiceMonitor, PrometheusRule)."""
     keda: bool = True
     """The cluster serves keda.sh; without it a keda policy is an error."""
+    ray: bool = True
+    """The cluster serves ray.io/v1 RayCronJob (KubeRay 1.6 or later); without it training
+    engine RayJob is an error.
+    True by default, as `keda`: offline `recsys render` and `recsys validate` assume it."""
     prometheus_url: str = DEFAULT_PROMETHEUS_URL
     """Prometheus that KEDA's latency trigger queries."""
     prometheus_namespace: str | None = None
@@ -138,6 +145,29 @@ def _owner_reference(system: RecommenderSystem) -> dict[str, Any]:
     }
 
 
+def _training_schedule(system: RecommenderSystem, options: RenderOptions) -> dict[str, Any]:
+    """The CronJob or, with engine RayJob, the RayCronJob of spec.training."""
+    training = system.spec.training
+    assert training is not None
+    ray = training.engine is TrainingEngine.RAY_JOB
+    if ray and not options.ray:
+        raise EngineNotServed(
+            "training",
+            [
+                FieldIssue(
+                    "spec.training.engine",
+                    f"engine RayJob needs KubeRay 1.6 or later, but the cluster does not serve "
+                    f"{RAY_GROUP} RayCronJob; install or upgrade KubeRay (then restart the "
+                    "operator) or use engine CronJob",
+                )
+            ],
+        )
+    try:
+        return build_training_raycronjob(system) if ray else build_training_cronjob(system)
+    except UnsupportedTrainingUri as exc:
+        raise InvalidSpec("training", [FieldIssue(exc.field, str(exc))]) from None
+
+
 def render_system(
     system: RecommenderSystem,
     policy: ScalingPolicy | None = None,
@@ -145,8 +175,9 @@ def render_system(
 ) -> list[dict[str, Any]]:
     """Every Kubernetes object of one RecommenderSystem, in apply order.
 
-    Raises PolicyViolation for a missing or exceeded ScalingPolicy and InvalidSpec for
-    an archive, log or model-store URI a cluster cannot use (both InvalidResource, with
+    Raises PolicyViolation for a missing or exceeded ScalingPolicy, InvalidSpec for
+    an archive, log or model-store URI a cluster cannot use, and EngineNotServed for a
+    training engine whose API the cluster does not serve (all InvalidResource, with
     field paths).
     """
     options = options or RenderOptions()
@@ -206,10 +237,7 @@ def render_system(
         build_feature_job_deployment(system, None if autoscaled else system.spec.features.replicas)
     )
     if system.spec.training is not None:
-        try:
-            objects.append(build_training_cronjob(system))
-        except UnsupportedTrainingUri as exc:
-            raise InvalidSpec("training", [FieldIssue(exc.field, str(exc))]) from None
+        objects.append(_training_schedule(system, options))
     if scaling is not None:
         auth = build_pulsar_trigger_authentication(system) if scaling.engine == "keda" else None
         objects += [auth] if auth else []

@@ -5,8 +5,9 @@ it and the stable version (read from its archive in the model store) on the same
 held-out slice, and writes a passing candidate and every verdict into the model store.
 The verdict is also the pod's termination message (`/dev/termination-log`, at most 4096
 bytes), which the operator can read from the pod's status without mounting the store.
-So the model store is mounted read-write (a PVC), the log read-only (a PVC) or read
-over S3 with the pod's service-account credentials. The stable version is rendered
+So the model store is mounted read-write (a PVC) or reached over S3, the log mounted
+read-only (a PVC) or read over S3; S3 with the pod's service-account credentials
+(IRSA, workload identity), as the serving pods fetch s3:// archives. The stable version is rendered
 into the arguments: when a rollout promotes another, the CronJob follows.
 
 Runs never overlap (concurrencyPolicy Forbid): two at once would race for the model
@@ -58,7 +59,9 @@ def _pvc(uri: str, field: str) -> tuple[str, str]:
     parsed = urlparse(uri)
     if parsed.scheme != "pvc" or not parsed.netloc:
         raise UnsupportedTrainingUri(
-            field, f"{uri!r}: a cluster run needs pvc://CLAIM/PATH (file:// is for local mode)"
+            field,
+            f"{uri!r}: a cluster run needs s3://BUCKET/PREFIX or pvc://CLAIM/PATH (file:// is "
+            "for local mode)",
         )
     return parsed.netloc, parsed.path.strip("/")
 
@@ -85,12 +88,27 @@ def _stable_archive_problem(system: RecommenderSystem, stable_version: str) -> s
     return None
 
 
-def training_args(system: RecommenderSystem, stable_version: str) -> list[str]:
-    """`recsys retrain` with the spec's window, gate and locations."""
+def runnable_stable_version(system: RecommenderSystem) -> str:
+    """The version a run compares with; raises UnsupportedTrainingUri when its archive is
+    not in the model store (every run would fail)."""
+    stable_version = traffic_plan(system).stable_version
+    problem = _stable_archive_problem(system, stable_version)
+    if problem:
+        raise UnsupportedTrainingUri("spec.training.modelStoreUri", problem)
+    return stable_version
+
+
+def training_args(
+    system: RecommenderSystem, stable_version: str, verdict_file: str | None = TERMINATION_LOG
+) -> list[str]:
+    """`recsys retrain` with the spec's window, gate and locations (and, when given, the
+    file the verdict is also written to)."""
     training = system.spec.training
     assert training is not None
-    claim_path = _pvc(training.model_store_uri, "spec.training.modelStoreUri")[1]
-    store = f"{MODEL_STORE_MOUNT}/{claim_path}".rstrip("/")
+    store = training.model_store_uri
+    if not store.startswith("s3://"):
+        claim_path = _pvc(store, "spec.training.modelStoreUri")[1]
+        store = f"{MODEL_STORE_MOUNT}/{claim_path}".rstrip("/")
     log = training.log_uri
     if log.startswith("pvc://"):
         log = f"{EVENT_LOG_MOUNT}/{_pvc(log, 'spec.training.logUri')[1]}".rstrip("/")
@@ -111,23 +129,28 @@ def training_args(system: RecommenderSystem, stable_version: str) -> list[str]:
         "--min-improvement", str(gate.min_relative_improvement),
         "--min-users", str(gate.min_users),
         "--min-interactions", str(training.min_interactions),
-        "--threads", str(_threads(training)),
+        "--threads", str(training_threads(training)),
+    ] + (
         # The verdict, where the operator can read it: the pod's termination message.
-        "--verdict-file", TERMINATION_LOG,
-    ]  # fmt: skip
+        ["--verdict-file", verdict_file] if verdict_file else []
+    )  # fmt: skip
 
 
-def _threads(training: TrainingSpec) -> int:
+def training_threads(training: TrainingSpec) -> int:
     """One torch/numpy thread per requested CPU (at least one)."""
     cpu = training.resources.requests.get("cpu") or training.resources.limits.get("cpu") or 1
     return max(1, math.floor(quantity_value(cpu)))
 
 
-def _volumes(training: TrainingSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(volumes, mounts) for the model store and, when it is a PVC, the log."""
-    store_claim, _ = _pvc(training.model_store_uri, "spec.training.modelStoreUri")
-    volumes = [{"name": "model-store", "persistentVolumeClaim": {"claimName": store_claim}}]
-    mounts: list[dict[str, Any]] = [{"name": "model-store", "mountPath": MODEL_STORE_MOUNT}]
+def training_volumes(training: TrainingSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts) for the model store and the log, those that are PVCs (an s3://
+    one is reached over the network)."""
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    if not training.model_store_uri.startswith("s3://"):
+        store_claim, _ = _pvc(training.model_store_uri, "spec.training.modelStoreUri")
+        volumes.append({"name": "model-store", "persistentVolumeClaim": {"claimName": store_claim}})
+        mounts.append({"name": "model-store", "mountPath": MODEL_STORE_MOUNT})
     if training.log_uri.startswith("pvc://"):
         log_claim, _ = _pvc(training.log_uri, "spec.training.logUri")
         volumes.append(
@@ -147,11 +170,8 @@ def build_training_cronjob(system: RecommenderSystem) -> dict[str, Any]:
     stable version's archive is not in the model store (every run would fail)."""
     training = system.spec.training
     assert training is not None, "render the training CronJob only when spec.training is set"
-    stable_version = traffic_plan(system).stable_version
-    problem = _stable_archive_problem(system, stable_version)
-    if problem:
-        raise UnsupportedTrainingUri("spec.training.modelStoreUri", problem)
-    volumes, mounts = _volumes(training)
+    stable_version = runnable_stable_version(system)
+    volumes, mounts = training_volumes(training)
     container = {
         "name": "training",
         "image": training.image or default_image(Component.TRAINING),

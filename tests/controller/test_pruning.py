@@ -175,6 +175,9 @@ def test_child_kinds_list_every_kind_rendered(world: World) -> None:
         )
         objects = render_system(system, policy, RenderOptions(monitoring=True))
         rendered |= {(obj["apiVersion"], obj["kind"]) for obj in objects}
+    body["spec"]["training"] |= {"engine": "RayJob", "ray": {"image": "ray-trainer:2.52.0"}}
+    objects = render_system(parse_system(body), policy, RenderOptions(ray=True))
+    rendered |= {(obj["apiVersion"], obj["kind"]) for obj in objects}
     assert rendered == set(CHILD_KINDS)
 
 

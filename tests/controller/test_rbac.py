@@ -24,6 +24,7 @@ import yaml
 from kubemock.fixtures import (
     KEDA_CRDS,
     PROMETHEUS_OPERATOR_CRDS,
+    RAY_CRDS,
     KubeHandle,
     PulsarAdminHandle,
     wait_for,
@@ -153,7 +154,7 @@ def edit_one_of_every_kind(kube: KubeHandle) -> None:
 
 
 def run_scenario(kube: KubeHandle, pulsar: PulsarAdminHandle, start: Callable[[], Any]) -> None:
-    kube.install_crds(*KEDA_CRDS, *PROMETHEUS_OPERATOR_CRDS)
+    kube.install_crds(*KEDA_CRDS, *PROMETHEUS_OPERATOR_CRDS, *RAY_CRDS)
     token = base64.b64encode(b"token").decode()
     call(
         kube,
@@ -180,7 +181,11 @@ def run_scenario(kube: KubeHandle, pulsar: PulsarAdminHandle, start: Callable[[]
     def every_kind_exists() -> bool:
         mark_deployments_ready(kube)
         missing = [kind for kind, names in live_children(kube).items() if not names]
-        assert missing == [("autoscaling/v2", "HorizontalPodAutoscaler")], missing  # keda
+        # keda; training engine CronJob
+        assert missing == [
+            ("ray.io/v1", "RayCronJob"),
+            ("autoscaling/v2", "HorizontalPodAutoscaler"),
+        ], missing
         return True
 
     wait_for(every_kind_exists, timeout=30)
@@ -194,9 +199,25 @@ def run_scenario(kube: KubeHandle, pulsar: PulsarAdminHandle, start: Callable[[]
         return bool(hpas) and not live[("keda.sh/v1alpha1", "ScaledObject")]
 
     wait_for(switched, timeout=30)
+    # The training engine switch prunes the CronJob for the RayCronJob.
+    ray = {"image": "ray-trainer:2.52.0"}
+    training = {"engine": "RayJob", "ray": ray}
+    call(
+        kube,
+        "PATCH",
+        f"{NS}/recommendersystems/quickstart",
+        {"spec": {"training": training}},
+        patch=True,
+    )
+
+    def on_ray() -> bool:
+        live = live_children(kube)
+        return bool(live[("ray.io/v1", "RayCronJob")]) and not live[("batch/v1", "CronJob")]
+
+    wait_for(on_ray, timeout=30)
     edit_one_of_every_kind(kube)
     # Without a policy, the autoscalers and the disruption budgets are pruned; without
-    # training, the CronJob.
+    # training, the RayCronJob.
     call(
         kube,
         "PATCH",
@@ -210,7 +231,7 @@ def run_scenario(kube: KubeHandle, pulsar: PulsarAdminHandle, start: Callable[[]
         return (
             not live[("autoscaling/v2", "HorizontalPodAutoscaler")]
             and not live[("policy/v1", "PodDisruptionBudget")]
-            and not live[("batch/v1", "CronJob")]
+            and not live[("ray.io/v1", "RayCronJob")]
         )
 
     wait_for(unscaled, timeout=30)

@@ -160,3 +160,16 @@ def test_the_cronjob_is_applied_with_training_and_pruned_without(
     assert not outcome.warnings, outcome.warnings
     assert world.names("batch/v1", "CronJob") == []
     assert world.names("apps/v1", "Deployment")  # the rest of the system stays
+
+
+def test_an_s3_model_store_is_passed_as_its_uri_and_mounts_nothing() -> None:
+    doc = retraining_doc()
+    doc["spec"]["training"]["modelStoreUri"] = "s3://recsys-models/retrieval"
+    doc["spec"]["model"]["archiveUri"] = "s3://recsys-models/retrieval/retrieval-1.mar"
+    job = cronjob(doc)
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    assert arguments(job)["--model-store"] == "s3://recsys-models/retrieval"
+    pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert [v["name"] for v in pod["volumes"]] == ["tmp"]  # only the writable /tmp
+    writable = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert writable == {"/tmp"}

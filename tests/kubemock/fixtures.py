@@ -78,6 +78,7 @@ KEDA_CRDS = (
     minimal_crd("keda.sh", "v1alpha1", "ScaledObject", "scaledobjects"),
     minimal_crd("keda.sh", "v1alpha1", "TriggerAuthentication", "triggerauthentications"),
 )
+RAY_CRDS = (minimal_crd("ray.io", "v1", "RayCronJob", "raycronjobs"),)
 PROMETHEUS_OPERATOR_CRDS = (
     minimal_crd("monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors", status=False),
     minimal_crd("monitoring.coreos.com", "v1", "PrometheusRule", "prometheusrules", status=False),

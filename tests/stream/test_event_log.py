@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
+from s3_server import moto_s3
 from stream_support import (
     BASE_TS,
     consume,
@@ -37,7 +37,6 @@ from recsys_contracts import event_log_layout as layout
 from recsys_contracts import metric_names as names
 from recsys_contracts.event_log_settings import EventLogSettings
 from recsys_contracts.events import Event, EventType
-from recsys_operator.launchers.process import free_port
 from stream_jobs.event_log_sink import EventLogSink, compact_log
 from stream_jobs.event_log_store import EventLogStore
 
@@ -82,32 +81,9 @@ class LogStore:
 
 @pytest.fixture(scope="module")
 def moto_server() -> Iterator[dict[str, str]]:
-    """A moto S3 server on loopback for this module; stopped by its PID."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until(lambda: _accepts(port), 30, "the moto server to listen")
-        yield {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-    finally:
-        process.kill()
-        process.wait(10)
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.2).close()
-    except OSError:
-        return False
-    return True
+    """A moto S3 server on loopback for this module (tests/s3_server.py)."""
+    with moto_s3() as server:
+        yield server.env
 
 
 @pytest.fixture(params=["folder", "s3"])

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 import zipfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fsspec.core import url_to_fs
+from s3_server import S3Server, moto_s3
 
 from model_handlers.archive import ArchiveRequest, build_archive
 from model_handlers.continuous_training import (
@@ -30,6 +34,7 @@ from model_handlers.continuous_training import (
 from model_handlers.ease import EaseConfig
 from model_handlers.interactions import Interactions
 from model_handlers.model_directory import write_trained_model
+from model_handlers.model_store import ModelStore
 from model_handlers.synthetic import DAY_MS, SyntheticConfig, SyntheticWorld
 from model_handlers.training import TrainingConfig, train_model
 from recsys_contracts.index_spec import IndexSpec
@@ -140,6 +145,9 @@ def test_a_candidate_from_the_recent_window_beats_the_stale_stable_and_is_publis
     assert verdict.candidate is not None and verdict.stable is not None
     assert verdict.candidate.value >= verdict.stable.value * 1.02
     assert verdict.candidate.users == verdict.stable.users >= GATE.min_users
+    # Better user by user, beyond noise: the paired interval lies above 0.
+    assert verdict.paired is not None and verdict.paired.users == verdict.candidate.users
+    assert 0 < verdict.paired.ci95_low < verdict.paired.mean_difference < verdict.paired.ci95_high
     assert verdict.archive == "retrieval-2.mar"
     assert _archives(store) == ["retrieval-1.mar", "retrieval-2.mar"]
     with zipfile.ZipFile(store / "retrieval-2.mar") as packed:
@@ -239,3 +247,96 @@ def test_recsys_retrain_prints_the_verdict_and_fails_only_a_broken_run(
     assert latest is not None and json.loads(message.read_text())["reason"] == latest.reason
     assert len(message.read_bytes()) < 4096
     assert not (store / "retrieval-3.mar").exists()
+
+
+# --- S3: the log and the model store on a real S3-protocol server (moto) -------------
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    with moto_s3() as server:
+        yield server
+
+
+def _s3_copy(server: S3Server, folder: Path, uri: str) -> None:
+    """Upload every file under `folder` to `uri`, keeping relative paths."""
+    fs, root = url_to_fs(uri, **server.storage_options)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        fs.put_file(str(path), f"{root}/{path.relative_to(folder).as_posix()}")
+
+
+def _s3_names(server: S3Server, uri: str) -> list[str]:
+    fs, root = url_to_fs(uri, **server.storage_options)
+    fs.invalidate_cache()
+    return sorted(p[len(root) + 1 :] for p in fs.find(root))
+
+
+def test_a_run_reads_the_stable_from_an_s3_store_and_publishes_the_candidate_there(
+    s3: S3Server, clean_log: Path, stable_store: Path
+) -> None:
+    bucket = s3.new_bucket("store")
+    log_uri, store_uri = f"s3://{bucket}/log", f"s3://{bucket}/models/retrieval"
+    _s3_copy(s3, clean_log, log_uri)
+    _s3_copy(s3, stable_store, store_uri)
+    run = replace(
+        _run(clean_log, stable_store),
+        log_uri=log_uri,
+        model_store=store_uri,
+        storage_options=s3.storage_options,
+    )
+    verdict = run_training(run)
+    assert verdict.result is GateResult.PASSED, verdict.reason
+    assert verdict.interactions > GATE.min_interactions and verdict.archive == "retrieval-2.mar"
+    assert _s3_names(s3, store_uri) == [
+        "retrieval-1.mar",
+        "retrieval-2.mar",
+        "retrieval.training.json",
+        "training/retrieval-2.json",
+    ]
+    assert read_verdict(ModelStore(store_uri, s3.storage_options), NAME) == verdict
+    # The published archive is whole and is the candidate version.
+    fs, root = url_to_fs(store_uri, **s3.storage_options)
+    with fs.open(f"{root}/retrieval-2.mar", "rb") as raw, zipfile.ZipFile(raw) as packed:
+        assert json.loads(packed.read("manifest.json"))["model_version"] == "2"
+
+
+def test_recsys_retrain_on_s3_with_the_pods_environment_publishes_nothing_when_gated_out(
+    s3: S3Server, clean_log: Path, stable_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from recsys_operator.cli import app
+
+    bucket = s3.new_bucket("cli")
+    log_uri, store_uri = f"s3://{bucket}/log", f"s3://{bucket}/models"
+    _s3_copy(s3, clean_log, log_uri)
+    _s3_copy(s3, stable_store, store_uri)
+    for key, value in s3.env.items():  # what a pod has: botocore's environment
+        monkeypatch.setenv(key, value)
+    until = str(WORLD.start_ms + 30 * DAY_MS)
+    args = ["retrain", "--log", log_uri, "--model-store", store_uri, "--until", until]
+    args += ["--window", "10d", "--min-users", "100", "--threads", "1", "--version", "9"]
+    args += ["--stable-version", "1", "--min-improvement", "5.0"]  # asks for +500%
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    verdict = json.loads(done.stdout.strip().splitlines()[-1])
+    assert verdict["result"] == "GatedOut" and verdict["stable"]["version"] == "1"
+    assert _s3_names(s3, store_uri) == [
+        "retrieval-1.mar",
+        "retrieval.training.json",
+        "training/retrieval-9.json",
+    ]
+
+
+def test_a_store_that_cannot_be_written_fails_the_run_and_the_verdict_says_so(
+    s3: S3Server, clean_log: Path, stable_store: Path
+) -> None:
+    missing = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/models"
+    run = replace(
+        _run(clean_log, stable_store), model_store=missing, storage_options=s3.storage_options
+    )
+    verdict = run_training(run)  # returned, not raised: stdout and the pod still get it
+    assert verdict.result is GateResult.FAILED
+    assert "retrieval-1.mar" in verdict.reason
+    assert "could not be written to the model store" in verdict.reason
+    assert len(verdict.model_dump_json(by_alias=True)) < 4096

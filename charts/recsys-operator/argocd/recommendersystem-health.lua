@@ -8,7 +8,7 @@ local hs = {}
 local permanent = {
   InvalidSpec = true, ScalingPolicyNotFound = true, ScalingPolicyInvalid = true,
   PolicyViolation = true, PulsarUnauthorized = true, PulsarForbidden = true,
-  TopicPartitionsDecreased = true,
+  TopicPartitionsDecreased = true, TrainingEngineNotServed = true,
 }
 
 local function find(conditions, wanted)

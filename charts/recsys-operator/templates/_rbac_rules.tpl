@@ -108,6 +108,17 @@
   - patch
   - delete
 - apiGroups:
+  - ray.io
+  resources:
+  - raycronjobs
+  verbs:
+  - get
+  - list
+  - watch
+  - create
+  - patch
+  - delete
+- apiGroups:
   - autoscaling
   resources:
   - horizontalpodautoscalers
@@ -278,6 +289,17 @@
   - batch
   resources:
   - cronjobs
+  verbs:
+  - get
+  - list
+  - watch
+  - create
+  - patch
+  - delete
+- apiGroups:
+  - ray.io
+  resources:
+  - raycronjobs
   verbs:
   - get
   - list
