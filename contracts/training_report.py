@@ -80,9 +80,11 @@ class PairedComparison(ApiModel):
     mean_difference: float
     """Mean over those users of the candidate's value minus the stable's."""
     ci95_low: float
+    """Low end of the 95% interval of the mean difference (percentile bootstrap over
+    users); the gate asks for it above 0, so a candidate better only by chance is not
+    published."""
     ci95_high: float
-    """95% interval of the mean difference (percentile bootstrap over users); the gate
-    asks for `ci95Low` > 0, so a candidate better only by chance is not published."""
+    """High end of that interval."""
 
 
 class TrainingVerdict(ApiModel):
