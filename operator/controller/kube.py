@@ -49,6 +49,7 @@ KNOWN_KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", True),
     ("apps/v1", "Deployment"): ("deployments", True),
     ("batch/v1", "CronJob"): ("cronjobs", True),
+    ("batch/v1", "Job"): ("jobs", True),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("horizontalpodautoscalers", True),
     ("policy/v1", "PodDisruptionBudget"): ("poddisruptionbudgets", True),
     ("keda.sh/v1alpha1", "ScaledObject"): ("scaledobjects", True),
