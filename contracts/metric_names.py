@@ -52,11 +52,12 @@ GATEWAY_UNVERIFIED_REQUEST_IDS = "recsys_gateway_unverified_request_ids_total"  
 # answers): the served-score distribution the retraining drift trigger compares.
 SERVED_TOP_SCORE = "recsys_served_top_score"
 SERVED_SCORE_BUCKETS = (
-    -1.0, -0.5, 0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5,
+    0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5,
     0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0,
 )  # fmt: skip
-"""Upper bounds of its buckets: the two-tower scores are cosine similarities (-1..1), and a
-list's best one lies mostly above 0, so the buckets are 0.05 wide there; anything above 1
+"""Upper bounds of its buckets: the two-tower scores are cosine similarities, and a list's
+best one lies above 0 (a negative one lands in the first bucket; no negative bound, so
+the histogram keeps its `_sum`), hence buckets 0.05 wide from 0 to 1; anything above 1
 (another model's scale) lands in +Inf, which the drift test counts like any bucket."""
 
 # --- stream feature job -----------------------------------------------------------------
