@@ -96,7 +96,7 @@ def job_from_cronjob(cronjob: dict[str, Any], name: str, trigger: str) -> dict[s
 
 
 def triggered_job_name(cronjob_name: str, firing: Firing, now: datetime) -> str:
-    suffix = f"-{firing.trigger.value.lower()}-{int(now.timestamp()) // 60}"
+    suffix = f"-{firing.trigger.value.lower()}-{int(now.timestamp())}"
     return cronjob_name[: MAX_NAME - len(suffix)].rstrip("-") + suffix
 
 

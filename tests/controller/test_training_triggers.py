@@ -13,6 +13,7 @@ time (no Kopf), the status they return written back as the timer writes it.
 from __future__ import annotations
 
 import asyncio
+import copy
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 from kubemock.fixtures import KubeHandle, PulsarAdminHandle, wait_for
 
 from recsys_contracts.metric_names import (
@@ -30,6 +32,7 @@ from recsys_contracts.metric_names import (
     SERVED_TOP_SCORE,
 )
 from recsys_operator.api.reasons import ConditionReason, EventReason
+from recsys_operator.controller import handlers
 from recsys_operator.controller.training_triggers import (
     INSTANTIATE_ANNOTATION,
     TRIGGER_ANNOTATION,
@@ -41,7 +44,7 @@ from recsys_operator.launchers.prometheus import prometheus_process, prometheus_
 from recsys_operator.retraining.trigger_metrics import PrometheusTriggerMetrics
 from recsys_operator.tools import find_tool
 
-from .test_pruning import World
+from .test_pruning import ROOT, World
 from .test_training_cronjob import retraining_doc
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.xdist_group("training-triggers")]
@@ -58,6 +61,7 @@ CTR_SCENARIOS = {  # impressions, clicks
     "t.low-ctr": ((100, 2), (100, 2)),
     "t.high-ctr": ((100, 10), (100, 10)),
     "t.ctr-drop": ((100, 10), (100, 6)),
+    "default.quickstart": ((100, 2), (100, 2)),  # the system the operator runs below
 }
 SCORE_SCENARIOS = {  # top scores per bucket bound
     "t.shifted": ({0.7: 10, 0.75: 10}, {0.4: 10, 0.45: 10}),
@@ -332,3 +336,40 @@ def test_no_answer_from_prometheus_decides_nothing(
     assert outcome.job is None and jobs(world) == []
     cond = trigger_condition(world)
     assert (cond["status"], cond["reason"]) == ("Unknown", ConditionReason.TRIGGER_METRICS_MISSING)
+
+
+def test_the_operator_starts_a_run_and_announces_it(
+    kube: KubeHandle,
+    pulsar_admin: PulsarAdminHandle,
+    prometheus: str,
+    run_operator: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kopf, the reconcile and the trigger timer (every second in these tests) together."""
+    monkeypatch.setenv("RECSYS_PROMETHEUS_URL", prometheus)  # read at the operator's start
+    doc = copy.deepcopy(yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text()))
+    doc["spec"]["events"]["adminUrl"] = pulsar_admin.url
+    doc["spec"]["model"]["archiveUri"] = "pvc://models/retrieval/retrieval-1.mar"
+    doc["spec"]["training"] = retraining_doc()["spec"]["training"] | {
+        "triggers": {"performance": {"minCtr": 0.05, "window": "1h"}}
+    }
+    doc["spec"].pop("scalingPolicyRef", None)
+    kube.post("/apis/recsys.dev/v1alpha1/namespaces/default/recommendersystems", doc)
+    handlers.STATE.analysis_source = None
+    run_operator("recsys_operator.controller.handlers")
+
+    (job,) = wait_for(lambda: kube.get(JOBS)["items"], timeout=30)
+    assert job["metadata"]["annotations"][TRIGGER_ANNOTATION] == "Performance/minCtr"
+
+    def announced() -> list[dict[str, Any]]:
+        items = kube.get("/api/v1/namespaces/default/events")["items"]
+        return [e for e in items if e["reason"] == EventReason.TRAINING_TRIGGERED]
+
+    (event,) = wait_for(announced, timeout=30)
+    assert job["metadata"]["name"] in event["message"] and "below minCtr 0.05" in event["message"]
+    last = wait_for(
+        lambda: kube.get(SYSTEM)["status"].get("trainingTriggers", {}).get("lastTrigger")
+    )
+    assert last["job"] == job["metadata"]["name"]
+    time.sleep(3)  # three more ticks: the run is active, so no second Job
+    assert len(kube.get(JOBS)["items"]) == 1
