@@ -151,7 +151,7 @@ def build_prometheus_rule(
                     ),
                     "description": (
                         f"{drift.test.value} over {drift.window} against the training window "
-                        "is {{ printf \"%.3f\" $value }}; spec.training.triggers.drift retrains."
+                        'is {{ printf "%.3f" $value }}; spec.training.triggers.drift retrains.'
                     ),
                 },
             }

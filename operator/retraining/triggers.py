@@ -100,7 +100,7 @@ def read_performance(
         else:
             before = previous.clicks / previous.impressions
             reading.previous_ctr = round(before, 6)
-            drop = 1 - ctr / before
+            drop = round(1 - ctr / before, 9)  # 0.04 vs 0.05 is a 20% drop, not 20.0000001%
             notes.append(f"{drop:+.1%} drop from {before:.4f}, maxCtrDrop {spec.max_ctr_drop:g}")
             if drop > spec.max_ctr_drop:
                 firings.append(
