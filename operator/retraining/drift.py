@@ -59,6 +59,8 @@ class Distributions:
 
     @classmethod
     def of(cls, recent: Mapping[str, float], reference: Mapping[str, float]) -> Distributions:
+        if not recent or not reference:  # no series: nothing observed in the window
+            raise DriftInputError("a side observed nothing; there is no distribution to compare")
         bounds, recent_counts = bucket_counts(recent)
         reference_bounds, reference_counts = bucket_counts(reference)
         if bounds != reference_bounds:
