@@ -9,6 +9,7 @@ no training run is active and the cooldown since the last run's start has passed
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -119,8 +120,8 @@ def read_performance(
 
 def read_drift(
     spec: DriftTrigger,
-    recent: dict[str, float] | None,
-    reference: dict[str, float] | None,
+    recent: Mapping[str, float] | None,
+    reference: Mapping[str, float] | None,
     now: str,
 ) -> tuple[DriftReading, list[Firing]]:
     """The drift reading of the recent histogram against the reference one."""

@@ -73,13 +73,18 @@ def _labels(system: str, **extra: str) -> str:
     return ",".join(f'{k}="{v}"' for k, v in {"system": system, **VERSION, **extra}.items())
 
 
-def _series(name: str, labels: str, per_minute: Callable[[bool], float], now: int) -> list[str]:
-    """A counter's samples, one a minute over SPAN_S up to `now`; `per_minute(recent)`."""
+def _series(name: str, labels: str, before: float, recent: float, now: int) -> list[str]:
+    """A counter's samples, one a minute over SPAN_S up to `now`, growing by `before` a
+    minute and by `recent` in the last hour."""
     lines, total = [], 0.0
     for t in range(now - SPAN_S, now + 1, STEP_S):
-        total += per_minute(now - t < RECENT_S)
+        total += recent if now - t < RECENT_S else before
         lines.append(f"{name}{{{labels}}} {total:g} {t}")
     return lines
+
+
+def _at_or_below(per_bound: dict[float, int], top: float) -> float:
+    return float(sum(count for bound, count in per_bound.items() if bound <= top))
 
 
 def openmetrics(now: int) -> str:
@@ -87,23 +92,22 @@ def openmetrics(now: int) -> str:
     clicks = [f"# TYPE {CLICKS.removesuffix('_total')} counter"]
     for system, (before, recent) in CTR_SCENARIOS.items():
         labels = _labels(system, bucket="0")
-        impressions += _series(
-            IMPRESSIONS, labels, lambda r, b=before, n=recent: (n if r else b)[0], now
-        )
-        clicks += _series(CLICKS, labels, lambda r, b=before, n=recent: (n if r else b)[1], now)
+        impressions += _series(IMPRESSIONS, labels, before[0], recent[0], now)
+        clicks += _series(CLICKS, labels, before[1], recent[1], now)
     scores = [f"# TYPE {SERVED_TOP_SCORE} histogram"]
-    for system, (before, recent) in SCORE_SCENARIOS.items():
-        bounds = [f"{b}" for b in SERVED_SCORE_BUCKETS] + ["+Inf"]
-        for le in bounds:
+    for system, (before_scores, recent_scores) in SCORE_SCENARIOS.items():
+        for le in [f"{b}" for b in SERVED_SCORE_BUCKETS] + ["+Inf"]:
             top = float("inf") if le == "+Inf" else float(le)
-
-            def below(r: bool, b: dict = before, n: dict = recent, top: float = top) -> float:
-                return sum(c for s, c in (n if r else b).items() if s <= top)
-
-            scores += _series(f"{SERVED_TOP_SCORE}_bucket", _labels(system, le=le), below, now)
-        count = lambda r, b=before, n=recent: sum((n if r else b).values())  # noqa: E731
-        scores += _series(f"{SERVED_TOP_SCORE}_count", _labels(system), count, now)
-        scores += _series(f"{SERVED_TOP_SCORE}_sum", _labels(system), lambda r: 0.0, now)
+            scores += _series(
+                f"{SERVED_TOP_SCORE}_bucket",
+                _labels(system, le=le),
+                _at_or_below(before_scores, top),
+                _at_or_below(recent_scores, top),
+                now,
+            )
+        count = (sum(before_scores.values()), sum(recent_scores.values()))
+        scores += _series(f"{SERVED_TOP_SCORE}_count", _labels(system), *count, now)
+        scores += _series(f"{SERVED_TOP_SCORE}_sum", _labels(system), 0.0, 0.0, now)
     return "\n".join([*impressions, *clicks, *scores, "# EOF"]) + "\n"
 
 

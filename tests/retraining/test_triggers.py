@@ -51,11 +51,21 @@ def test_too_few_scores_decide_nothing() -> None:
 
 
 def test_a_fired_trigger_waits_for_an_active_run_the_cooldown_and_suspend() -> None:
-    free = {"now_s": 10_000.0, "active_jobs": [], "last_start_s": 1000.0, "cooldown": 3600.0}
-    assert hold_reason(**free, suspended=False) is None
-    assert "still active" in str(hold_reason(**free | {"active_jobs": ["j"]}, suspended=False))
-    assert "cooldown" in str(hold_reason(**free | {"last_start_s": 9000.0}, suspended=False))
-    assert "suspend" in str(hold_reason(**free, suspended=True))
+    def hold(
+        active: tuple[str, ...] = (), last_start: float = 1000.0, suspended: bool = False
+    ) -> str | None:
+        return hold_reason(
+            now_s=10_000.0,
+            active_jobs=list(active),
+            last_start_s=last_start,
+            cooldown=3600.0,
+            suspended=suspended,
+        )
+
+    assert hold() is None
+    assert "still active" in str(hold(active=("j",)))
+    assert "cooldown" in str(hold(last_start=9000.0))
+    assert "suspend" in str(hold(suspended=True))
 
 
 def test_the_cooldown_defaults_to_the_longest_window() -> None:
