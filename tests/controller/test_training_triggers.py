@@ -135,10 +135,13 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = prometheus_url(process)
 
     def loaded() -> bool:
+        # Healthy comes before ready: until the blocks are loaded, queries answer 503.
         answer = requests.get(
             f"{url}/api/v1/query", params={"query": f"count({CLICKS})"}, timeout=5
-        ).json()
-        return answer.get("status") == "success" and bool(answer["data"]["result"])
+        )
+        if answer.status_code != 200:
+            return False
+        return bool(answer.json()["data"]["result"])
 
     wait_for(loaded, timeout=60, interval=0.5)
     yield url
@@ -315,6 +318,20 @@ def test_no_second_run_while_one_is_active_or_within_the_cooldown(
     assert len(jobs(world)) == 2
     assert "waiting" not in trigger_status(world)
     assert trigger_status(world)["lastTrigger"]["job"] == second
+
+
+def test_removing_the_triggers_removes_their_status(
+    kube: KubeHandle, pulsar_admin: PulsarAdminHandle, prometheus: str
+) -> None:
+    world = make_world(kube, pulsar_admin, {"performance": {"minCtr": 0.05, "window": "1h"}})
+    evaluate(world, prometheus, "t.high-ctr")
+    assert trigger_condition(world)["status"] == "True"
+    world.patch("RecommenderSystem", "quickstart", {"spec": {"training": {"triggers": None}}})
+    evaluate(world, prometheus, "t.high-ctr")
+    status = world.kube.get(SYSTEM)["status"]
+    assert "trainingTriggers" not in status
+    assert "TrainingTriggers" not in [c["type"] for c in status["conditions"]]
+    assert "Ready" in [c["type"] for c in status["conditions"]]  # the others stay
 
 
 def test_user_feature_drift_is_reported_as_not_supported_and_starts_nothing(
