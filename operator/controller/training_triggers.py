@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from recsys_contracts.field_issues import InvalidResource
 from recsys_operator.api.reasons import ConditionReason, EventReason
 from recsys_operator.api.resources import RecommenderSystem
@@ -39,6 +41,7 @@ from recsys_operator.render.naming import Component, selector_labels, system_id
 from recsys_operator.render.training import training_name
 from recsys_operator.retraining.trigger_metrics import PrometheusTriggerMetrics
 from recsys_operator.retraining.triggers import (
+    NO_ANSWER,
     Firing,
     Readings,
     TriggerMetrics,
@@ -134,7 +137,7 @@ def _condition(readings: Readings, generation: int) -> Any:
         return condition(kind, False, reason, readings.unsupported, generation)
     parts = [r for r in (readings.performance, readings.drift) if r is not None]
     message = "; ".join(r.message for r in parts)
-    if any(r.message == "Prometheus gave no answer" for r in parts):
+    if any(r.message == NO_ANSWER for r in parts):
         return condition(kind, None, ConditionReason.TRIGGER_METRICS_MISSING, message, generation)
     return condition(kind, True, ConditionReason.TRIGGERS_WATCHING, message, generation)
 
@@ -182,7 +185,10 @@ def _start_run(
         return None, "the training CronJob is not created yet"
     name = triggered_job_name(cronjob["metadata"]["name"], firing, now)
     job = job_from_cronjob(cronjob, name, f"{firing.trigger.value}/{firing.check}")
-    kube.create(job)
+    try:
+        kube.create(job)
+    except ApiException as exc:  # e.g. forbidden: an install whose RBAC predates triggers
+        return None, f"creating Job {name} failed: {exc.status} {exc.reason}"
     return name, None
 
 

@@ -35,6 +35,8 @@ samples of 500 from one Beta(6, 3) score distribution, over these 22 buckets, gi
 0.07 on average and 0.12 at the 95th percentile (300 draws), under the default threshold
 of 0.2; fewer would make a trigger fire on noise."""
 
+NO_ANSWER = "Prometheus gave no answer"
+
 UNSUPPORTED_SOURCE = (
     "drift of UserFeatures is not supported yet (the feature job exports no feature "
     "histogram); use source ServedScores"
@@ -73,7 +75,7 @@ def read_performance(
 ) -> tuple[PerformanceReading, list[Firing]]:
     """The CTR reading and the conditions of `spec` it meets."""
     if recent is None:
-        return PerformanceReading(message="Prometheus gave no answer", time=now), []
+        return PerformanceReading(message=NO_ANSWER, time=now), []
     reading = PerformanceReading(impressions=recent.impressions, time=now)
     if recent.impressions < MIN_IMPRESSIONS:
         reading.message = (
@@ -129,7 +131,7 @@ def read_drift(
         source=spec.source.value, test=spec.test.value, threshold=spec.threshold, time=now
     )
     if recent is None or reference is None:
-        reading.message = "Prometheus gave no answer"
+        reading.message = NO_ANSWER
         return reading, []
     try:
         shares = Distributions.of(recent, reference)
