@@ -187,7 +187,7 @@ def _start_run(
     job = job_from_cronjob(cronjob, name, f"{firing.trigger.value}/{firing.check}")
     try:
         kube.create(job)
-    except ApiException as exc:  # e.g. forbidden: an install whose RBAC predates triggers
+    except ApiException as exc:  # forbidden (RBAC older than triggers), a lost answer, ...
         return None, f"creating Job {name} failed: {exc.status} {exc.reason}"
     return name, None
 

@@ -320,6 +320,19 @@ def test_no_second_run_while_one_is_active_or_within_the_cooldown(
     assert trigger_status(world)["lastTrigger"]["job"] == second
 
 
+def test_a_create_whose_answer_is_lost_starts_no_second_run(
+    kube: KubeHandle, pulsar_admin: PulsarAdminHandle, prometheus: str
+) -> None:
+    # The emulator stores the Job, then answers 500 (a reply lost on the way back).
+    world = make_world(kube, pulsar_admin, {"performance": {"minCtr": 0.05, "window": "1h"}})
+    kube.emulator.fail_next(1, method="POST", path=JOBS, status=500)
+    assert evaluate(world, prometheus, "t.low-ctr").job is None  # no crash of the timer
+    assert "failed: 500" in trigger_status(world)["waiting"]
+    assert evaluate(world, prometheus, "t.low-ctr").job is None  # the next tick sees it
+    assert len(jobs(world)) == 1
+    assert "is still active" in trigger_status(world)["waiting"]
+
+
 def test_removing_the_triggers_removes_their_status(
     kube: KubeHandle, pulsar_admin: PulsarAdminHandle, prometheus: str
 ) -> None:
