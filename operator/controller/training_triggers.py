@@ -89,8 +89,9 @@ def job_from_cronjob(cronjob: dict[str, Any], name: str, trigger: str) -> dict[s
                     "kind": "CronJob",
                     "name": cron_meta["name"],
                     "uid": cron_meta["uid"],
+                    # As kubectl: no blockOwnerDeletion, which would need `update` on
+                    # cronjobs/finalizers where OwnerReferencesPermissionEnforcement runs.
                     "controller": True,
-                    "blockOwnerDeletion": True,
                 }
             ],
         },

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -318,6 +319,31 @@ def test_no_second_run_while_one_is_active_or_within_the_cooldown(
     assert len(jobs(world)) == 2
     assert "waiting" not in trigger_status(world)
     assert trigger_status(world)["lastTrigger"]["job"] == second
+
+
+def test_a_triggered_job_is_the_one_kubectl_create_job_from_cronjob_makes(
+    kube: KubeHandle, pulsar_admin: PulsarAdminHandle, prometheus: str
+) -> None:
+    world = make_world(kube, pulsar_admin, {"performance": {"minCtr": 0.05, "window": "1h"}})
+    ours = evaluate(world, prometheus, "t.low-ctr").job
+    # The Job kubectl builds (it would send it as protobuf, which the emulator does not read).
+    made = kube.kubectl(
+        "create",
+        "job",
+        "by-hand",
+        "--from=cronjob/quickstart-training",
+        "--dry-run=client",
+        "-o",
+        "json",
+    )
+    theirs = json.loads(made.stdout)
+    (mine,) = [job for job in jobs(world) if job["metadata"]["name"] == ours]
+    assert mine["spec"] == theirs["spec"]
+    for part in ("labels", "ownerReferences"):
+        assert mine["metadata"][part] == theirs["metadata"][part], part
+    annotations = dict(mine["metadata"]["annotations"])
+    assert annotations.pop(TRIGGER_ANNOTATION) == "Performance/minCtr"  # ours adds only this
+    assert annotations == theirs["metadata"]["annotations"]
 
 
 def test_a_create_whose_answer_is_lost_starts_no_second_run(
