@@ -28,7 +28,7 @@ class PerformanceReading(ApiModel):
     message: str = ""
     """What was decided, or why nothing could be (too few impressions, Prometheus unreachable)."""
     time: str
-    """When it was measured (RFC 3339)."""
+    """When it was measured (RFC 3339); a reading whose values did not change is not rewritten, so this is when they last changed."""
 
 
 class DriftReading(ApiModel):
@@ -49,7 +49,7 @@ class DriftReading(ApiModel):
     message: str = ""
     """What was decided, or why nothing could be."""
     time: str
-    """When it was measured (RFC 3339)."""
+    """When it was measured (RFC 3339); a reading whose values did not change is not rewritten, so this is when they last changed."""
 
 
 class TriggerRecord(ApiModel):
