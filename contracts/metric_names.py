@@ -48,6 +48,17 @@ GATEWAY_SHADOW_REQUESTS = "recsys_gateway_shadow_requests_total"
 GATEWAY_SHADOW_OVERLAP = "recsys_gateway_shadow_overlap"  # summary; + model_version
 GATEWAY_SHADOW_PREDICTED_CTR = "recsys_gateway_shadow_predicted_ctr"  # summary; + variant
 GATEWAY_UNVERIFIED_REQUEST_IDS = "recsys_gateway_unverified_request_ids_total"  # system
+# The best score of each answer a model ranked (VERSION_LABELS; not fallback or pinned
+# answers): the served-score distribution the retraining drift trigger compares.
+SERVED_TOP_SCORE = "recsys_served_top_score"
+SERVED_SCORE_BUCKETS = (
+    0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5,
+    0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0,
+)  # fmt: skip
+"""Upper bounds of its buckets: the two-tower scores are cosine similarities, and a list's
+best one lies above 0 (a negative one lands in the first bucket; no negative bound, so
+the histogram keeps its `_sum`), hence buckets 0.05 wide from 0 to 1; anything above 1
+(another model's scale) lands in +Inf, which the drift test counts like any bucket."""
 
 # --- stream feature job -----------------------------------------------------------------
 FEATURES_EVENTS = "recsys_feature_events_total"  # type, outcome
@@ -78,3 +89,5 @@ OPERATOR_RECONCILES = "recsys_operator_reconciles_total"
 OPERATOR_RECONCILE_ERRORS = "recsys_operator_reconcile_errors_total"
 OPERATOR_RECONCILE_DURATION = "recsys_operator_reconcile_duration_seconds"
 OPERATOR_ROLLOUT_DECISIONS = "recsys_operator_rollout_decisions_total"  # reason
+# The drift statistic the retraining drift trigger last measured; system, source, test.
+OPERATOR_TRAINING_DRIFT = "recsys_operator_training_drift"

@@ -429,6 +429,10 @@ class Gateway:
                 self.metrics.count_impression(
                     routing.system, model_version, variant.value, analysis_bucket(ask.user_id)
                 )
+                if not fallback and scores:  # the served-score drift trigger reads these
+                    self.metrics.child(
+                        self.metrics.served_top_score, routing.system, model_version, variant.value
+                    ).observe(max(scores))
             self._publish(
                 routing,
                 "impressions",

@@ -50,6 +50,8 @@ from recsys_contracts.metric_names import (
     GATEWAY_UNVERIFIED_REQUEST_IDS,
     IMPRESSIONS,
     PURCHASES,
+    SERVED_SCORE_BUCKETS,
+    SERVED_TOP_SCORE,
     VERSION_LABELS,
 )
 
@@ -105,6 +107,13 @@ class GatewayMetrics:
             PURCHASES,
             "Purchase events attributed like clicks.",
             BUCKETED_LABELS,
+            registry=r,
+        )
+        self.served_top_score = Histogram(
+            SERVED_TOP_SCORE,
+            "The best score of each answer a model ranked (not fallback or pinned answers).",
+            VERSION_LABELS,
+            buckets=SERVED_SCORE_BUCKETS,
             registry=r,
         )
         self.fallbacks = Counter(

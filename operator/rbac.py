@@ -68,6 +68,9 @@ NAMESPACE_RULES: tuple[Rule, ...] = (
     # The training runs' verdicts: their pods' termination messages (never their Secrets,
     # logs or anything they mount).
     Rule("", ("pods",), ("list",)),
+    # Runs a training trigger starts: Jobs from the CronJob's template (and the Jobs
+    # listed, to start none while one runs).
+    Rule("batch", ("jobs",), ("list", "create")),
     # Children carry ownerReferences with blockOwnerDeletion: where the API server runs the
     # OwnerReferencesPermissionEnforcement admission plugin, that needs update here.
     Rule(GROUP, ("recommendersystems/finalizers",), ("update",)),

@@ -51,6 +51,10 @@ class ConditionReason(StrEnum):
     AWAITING_PROMOTION = "AwaitingPromotion"
     PROMOTING = "Promoting"
     SCALING_UP_STABLE = "ScalingUpStable"
+    # TrainingTriggers (spec.training.triggers).
+    TRIGGERS_WATCHING = "Watching"
+    TRIGGER_METRICS_MISSING = "MetricsMissing"
+    DRIFT_SOURCE_NOT_SUPPORTED = "DriftSourceNotSupported"
 
 
 class EventReason(StrEnum):
@@ -79,6 +83,9 @@ class EventReason(StrEnum):
     ROLLOUT_ACTION_APPLIED = "RolloutActionApplied"
     ROLLOUT_ACTION_IGNORED = "RolloutActionIgnored"
     ROLLOUT_ACTION_REFUSED = "RolloutActionRefused"
+    # spec.training.triggers: a trigger fired and started a training run.
+    TRAINING_TRIGGERED = "TrainingTriggered"
+    TRAINING_TRIGGER_NOT_SUPPORTED = "TrainingTriggerNotSupported"
 
 
 # Reasons for which the reconcile applies nothing, so a rollout must not move traffic.

@@ -15,6 +15,7 @@ from pydantic import Field
 from recsys_contracts.api_base import ApiModel
 from recsys_contracts.training_report import GateResult, PairedComparison
 from recsys_operator.api.recommender_system import MAX_STEPS
+from recsys_operator.api.trigger_status import TrainingTriggersStatus
 
 # Conditions are a map keyed by type, so server-side apply merges them per type.
 CONDITIONS_LIST_MAP: dict[str, Any] = {
@@ -30,6 +31,7 @@ class ConditionType(StrEnum):
     FEATURES_READY = "FeaturesReady"
     SERVING_READY = "ServingReady"
     ROLLOUT_HEALTHY = "RolloutHealthy"
+    TRAINING_TRIGGERS = "TrainingTriggers"
 
 
 class ConditionStatus(StrEnum):
@@ -46,7 +48,7 @@ class Condition(ApiModel):
     """One aspect of the resource's state, as in Kubernetes `metav1.Condition`."""
 
     type: str = Field(max_length=316)
-    """Ready, TopicsReady, FeaturesReady, ServingReady or RolloutHealthy."""
+    """Ready, TopicsReady, FeaturesReady, ServingReady, RolloutHealthy or TrainingTriggers."""
     status: ConditionStatus
     """True, False or Unknown."""
     reason: str = Field(pattern=REASON_PATTERN, max_length=1024)
@@ -308,6 +310,8 @@ class RecommenderSystemStatus(ApiModel):
     """Service URLs."""
     training: TrainingStatus | None = None
     """The last finished training run (spec.training), from its verdict."""
+    training_triggers: TrainingTriggersStatus | None = None
+    """What spec.training.triggers measured, and the last run a trigger started."""
     kopf: dict[str, Any] | None = None
     """Handler progress of the operator framework (Kopf); internal."""
 

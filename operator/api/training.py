@@ -6,9 +6,11 @@ RayJob on a Ray cluster of its own): it reads the last `window` of the log, trai
 same newest held-out slice, and publishes the candidate to the model store only when
 the gate passes. The verdict lands next to the archives.
 
-The performance and drift triggers are part of the API so that manifests can state
-them, but this operator version does not act on them yet: only the schedule starts
-runs. Their field descriptions say so.
+Besides the schedule, `triggers` start a run when the stable version's online CTR falls
+(performance) or when the scores served drift from the training window's (drift): the
+operator evaluates them against Prometheus and creates a Job from the CronJob's
+template, so a triggered run is the same run as a scheduled one
+(recsys_operator.controller.training_triggers).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class GateSpec(ApiModel):
 
 
 class PerformanceTrigger(ApiModel):
-    """Retrain when the stable version's online CTR falls. Not acted on yet: this operator version starts runs on the schedule only."""
+    """Retrain when the stable version's online CTR falls (clicks / impressions of its answers, from the gateway's counters); measured once at least 500 impressions are in the window."""
 
     model_config = ConfigDict(
         json_schema_extra=cel.rules(
@@ -53,9 +55,9 @@ class PerformanceTrigger(ApiModel):
     )
 
     min_ctr: float | None = Field(default=None, gt=0.0, le=1.0)
-    """Retrain when the stable CTR over `window` is below this floor. Not acted on yet: this operator version starts runs on the schedule only."""
+    """Retrain when the stable CTR over `window` is below this floor."""
     max_ctr_drop: float | None = Field(default=None, gt=0.0, lt=1.0)
-    """Retrain when the stable CTR over `window` is this fraction below the CTR of the window before it (0.1: down 10%). Not acted on yet: this operator version starts runs on the schedule only."""
+    """Retrain when the stable CTR over `window` is this fraction below the CTR of the window before it (0.1: down 10%); both windows need 500 impressions."""
     window: Duration = "6h"
     """Window the CTR is measured over."""
 
@@ -77,7 +79,7 @@ class DriftTest(StrEnum):
 
 
 class DriftTrigger(ApiModel):
-    """Retrain when recent data no longer looks like the data the stable model was trained on. Not acted on yet: this operator version starts runs on the schedule only."""
+    """Retrain when recent data no longer looks like the data the stable model was trained on: the distribution over `window` is compared with the one over the training window (spec.training.window) before it, each with at least 500 observations."""
 
     model_config = ConfigDict(
         json_schema_extra=cel.rules(
@@ -90,13 +92,13 @@ class DriftTrigger(ApiModel):
     )
 
     source: DriftSource = DriftSource.SERVED_SCORES
-    """What is compared: the distribution of recent user features, or of the scores served."""
+    """What is compared: ServedScores, the best score of each answer the stable version ranked (the gateway's histogram); UserFeatures is not supported yet (the TrainingTriggers condition says so and nothing fires)."""
     test: DriftTest = DriftTest.PSI
     """PSI (population stability index) or KS (the Kolmogorov-Smirnov statistic)."""
     threshold: float = Field(default=0.2, gt=0.0, le=10.0)
-    """Drift beyond this retrains (PSI: 0.1 is a moderate shift, 0.25 a large one; KS: a statistic in 0..1). Not acted on yet: this operator version starts runs on the schedule only."""
+    """Drift beyond this retrains (PSI: 0.1 is a moderate shift, 0.25 a large one; KS: a statistic in 0..1)."""
     window: Duration = "24h"
-    """Recent window compared with the training window."""
+    """Recent window compared with the training window before it."""
 
     @model_validator(mode="after")
     def _ks_is_a_fraction(self) -> Self:
@@ -106,12 +108,14 @@ class DriftTrigger(ApiModel):
 
 
 class TriggersSpec(ApiModel):
-    """Conditions that start a run besides the schedule. Not acted on yet: this operator version starts runs on the schedule only."""
+    """Conditions that start a run besides the schedule, evaluated about once a minute."""
 
     performance: PerformanceTrigger | None = None
-    """On a fall of the stable CTR. Not acted on yet: this operator version starts runs on the schedule only."""
+    """On a fall of the stable CTR."""
     drift: DriftTrigger | None = None
-    """On data drift. Not acted on yet: this operator version starts runs on the schedule only."""
+    """On data drift."""
+    cooldown: Duration | None = None
+    """After any training run started (by a trigger or the schedule), no trigger starts another for this long; defaults to the longest window of the triggers set, so the next decision reads data the last run could not have seen."""
 
 
 class TrainingEngine(StrEnum):
@@ -176,7 +180,7 @@ class TrainingSpec(ApiModel):
     suspend: bool = False
     """Start no new runs (a run in progress finishes)."""
     triggers: TriggersSpec = Field(default_factory=TriggersSpec)
-    """Runs on performance or drift. Not acted on yet: this operator version starts runs on the schedule only."""
+    """Runs on performance or drift, besides the schedule."""
     log_uri: str = Field(pattern=LOG_URI_PATTERN)
     """Root of the offline event log (it holds `interactions/date=…/hour=…/*.parquet`): s3://BUCKET/PREFIX (credentials from the pod's service account), pvc://CLAIM/PATH, or file:// (local mode)."""
     model_store_uri: str = Field(pattern=MODEL_STORE_URI_PATTERN)

@@ -36,6 +36,7 @@ from recsys_operator.controller.rollout_driver import (
     cluster_replicas,
     rollout_tick,
 )
+from recsys_operator.controller.training_triggers import evaluate_triggers
 from recsys_operator.pulsar_admin import PulsarAdmin, PulsarAdminError
 from recsys_operator.render import CHILD_KINDS, RenderOptions, TopicPlan, topic_plan
 from recsys_operator.render.naming import INSTANCE_LABEL, MANAGED_BY
@@ -338,6 +339,31 @@ async def drive_rollout(namespace: str | None, name: str, **_: Any) -> None:
             )
     if patch is not None:
         await reconcile_and_record(namespace, name, trigger="rollout")
+
+
+# --- retraining triggers ----------------------------------------------------------
+
+TRIGGER_TICK_SECONDS = float(os.environ.get(OperatorEnv.TRIGGER_TICK_SECONDS, "60"))
+
+
+@kopf.timer(*RECSYS, interval=TRIGGER_TICK_SECONDS, initial_delay=TRIGGER_TICK_SECONDS)
+async def watch_training_triggers(namespace: str | None, name: str, **_: Any) -> None:
+    """Evaluate spec.training.triggers; a trigger that fires may start a training Job."""
+    assert namespace is not None
+    async with STATE.locks.setdefault((namespace, name), asyncio.Lock()):
+        body = await asyncio.to_thread(
+            STATE.kube.get, API_VERSION, "RecommenderSystem", namespace, name
+        )
+        if body is None or body["metadata"].get("deletionTimestamp") or not body.get("status"):
+            return  # not reconciled yet: no CronJob to start a run from
+        outcome = await evaluate_triggers(STATE.kube, body, STATE.reconciler.options.prometheus_url)
+        drift = outcome.drift
+        if drift is not None and drift.value is not None:  # what the drift alert compares
+            metrics.TRAINING_DRIFT.labels(outcome.system, drift.source, drift.test).set(drift.value)
+        if outcome.patch is not None:
+            await write_status("RecommenderSystem", namespace, name, outcome.patch)
+        for reason, message, warning in outcome.events:
+            post_event(body, reason, message, warning=warning)
 
 
 # --- ScalingPolicy ----------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from recsys_contracts.metric_names import (
     OPERATOR_RECONCILE_DURATION,
     OPERATOR_RECONCILE_ERRORS,
     OPERATOR_RECONCILES,
     OPERATOR_ROLLOUT_DECISIONS,
+    OPERATOR_TRAINING_DRIFT,
 )
 
 RECONCILES = Counter(
@@ -28,4 +29,9 @@ ROLLOUT_DECISIONS = Counter(
     OPERATOR_ROLLOUT_DECISIONS.removesuffix("_total"),
     "Rollout decisions (started, advanced, promoted, rolled back, ...).",
     ["reason"],
+)
+TRAINING_DRIFT = Gauge(
+    OPERATOR_TRAINING_DRIFT,
+    "The drift statistic (PSI or KS) spec.training.triggers.drift last measured, per system.",
+    ["system", "source", "test"],
 )

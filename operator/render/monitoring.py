@@ -13,6 +13,7 @@ from recsys_contracts.metric_names import (
     FEATURES_EVENTS,
     GATEWAY_LATENCY,
     IMPRESSIONS,
+    OPERATOR_TRAINING_DRIFT,
 )
 from recsys_operator.api.effective_scaling import EffectiveScaling
 from recsys_operator.api.resources import RecommenderSystem
@@ -133,6 +134,28 @@ def build_prometheus_rule(
             "annotations": {"summary": f"{name}: no user events processed for 15 minutes"},
         },
     ]
+    drift = system.spec.training.triggers.drift if system.spec.training else None
+    if drift is not None:
+        # The operator measures the drift (PSI and KS need every bucket's share, which
+        # PromQL cannot take) and exports it; the trigger retrains, this alert tells people.
+        alerts.append(
+            {
+                "alert": "RecsysDataDrift",
+                "expr": f"max({OPERATOR_TRAINING_DRIFT}{{{sel}}}) > {drift.threshold:g}",
+                "for": "15m",
+                "labels": {**labels, "severity": "warning"},
+                "annotations": {
+                    "summary": (
+                        f"{name}: {drift.source.value} drifted beyond {drift.test.value} "
+                        f"{drift.threshold:g}"
+                    ),
+                    "description": (
+                        f"{drift.test.value} over {drift.window} against the training window "
+                        'is {{ printf "%.3f" $value }}; spec.training.triggers.drift retrains.'
+                    ),
+                },
+            }
+        )
     # Recorded series for dashboards and for comparing versions over time.
     records = [
         {

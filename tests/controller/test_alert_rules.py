@@ -247,3 +247,60 @@ def test_recorded_ctr_sums_the_user_buckets(tmp_path: Path) -> None:
         ],
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_drift_alert_follows_the_operators_drift_reading(tmp_path: Path) -> None:
+    # examples/retraining.yaml: drift of served scores by PSI, threshold 0.25.
+    doc = yaml.safe_load((ROOT / "examples" / "retraining.yaml").read_text())
+    objects = render_system(
+        RecommenderSystem.model_validate(doc), None, RenderOptions(monitoring=True)
+    )
+    rule = next(o for o in objects if o["kind"] == "PrometheusRule")
+    path = tmp_path / "drift-rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    gauge = 'recsys_operator_training_drift{system="default.retraining",source="ServedScores",test="PSI"}'
+    labels = {"system": "default.retraining", "severity": "warning"}
+    spec = {
+        "rule_files": [str(path)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {  # 0.1 for 20 minutes, then 0.4
+                "interval": "1m",
+                "input_series": [{"series": gauge, "values": "0.1x20 0.4x40"}],
+                "alert_rule_test": [
+                    {"eval_time": "20m", "alertname": "RecsysDataDrift", "exp_alerts": []},
+                    {"eval_time": "30m", "alertname": "RecsysDataDrift", "exp_alerts": []},
+                    {
+                        "eval_time": "40m",
+                        "alertname": "RecsysDataDrift",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": labels,
+                                "exp_annotations": {
+                                    "summary": "default.retraining: ServedScores drifted beyond PSI 0.25",
+                                    "description": "PSI over 24h against the training window is 0.400; spec.training.triggers.drift retrains.",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "drift-test.yaml"
+    test_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = subprocess.run(
+        [find_tool("promtool"), "test", "rules", str(test_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # No drift trigger, no drift alert.
+    del doc["spec"]["training"]["triggers"]["drift"]
+    objects = render_system(
+        RecommenderSystem.model_validate(doc), None, RenderOptions(monitoring=True)
+    )
+    rule = next(o for o in objects if o["kind"] == "PrometheusRule")
+    alerts = [r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert "RecsysDataDrift" not in alerts

@@ -58,6 +58,9 @@ NOT_EXERCISED_HERE = {
     # Pruned when monitoring goes away: tests/controller/test_pruning.py.
     ("monitoring.coreos.com", "servicemonitors", "delete"),
     ("monitoring.coreos.com", "prometheusrules", "delete"),
+    # Runs started by spec.training.triggers: tests/controller/test_training_triggers.py.
+    ("batch", "jobs", "list"),
+    ("batch", "jobs", "create"),
     # Checked by the OwnerReferencesPermissionEnforcement admission plugin, which the
     # emulator does not run (children's ownerReferences set blockOwnerDeletion).
     ("recsys.dev", "recommendersystems/finalizers", "update"),

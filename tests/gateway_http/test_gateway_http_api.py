@@ -74,6 +74,22 @@ def test_answers_are_attributed_to_the_version_that_served_them(
         )
 
 
+def test_the_best_score_of_each_model_answer_is_in_the_served_score_histogram(
+    serving: ServingStub, start_gateway: StartGateway, http: requests.Session
+) -> None:
+    gateway = start_gateway(routing_document(serving, default_k=10))
+    for k in (10, 3):
+        assert recommend(http, gateway.url, user_id="u1", k=k).status_code == 200
+    metrics = http.get(f"{gateway.url}/metrics", timeout=10).text
+    # The stub's scores fall from 1.0: each answer's best is 1.0.
+    labels = {"system": SYSTEM, "model_version": "1", "variant": "stable"}
+    name = "recsys_served_top_score"
+    assert metric_value(metrics, f"{name}_count", **labels) == 2
+    assert metric_value(metrics, f"{name}_sum", **labels) == pytest.approx(2.0)
+    assert metric_value(metrics, f"{name}_bucket", **labels, le="0.95") == 0
+    assert metric_value(metrics, f"{name}_bucket", **labels, le="1.0") == 2
+
+
 def test_each_user_stays_on_one_variant(
     serving: ServingStub, start_gateway: StartGateway, http: requests.Session
 ) -> None:
@@ -204,6 +220,8 @@ def test_serving_failures_are_answered_from_the_fallback(
     )
     assert metric_value(metrics, "recsys_impressions_total", model_version="fallback") == 1
     assert metric_value(metrics, "recsys_impressions_total", model_version="1") == 0
+    # Popularity scores are not the model's: the served-score histogram (drift) skips them.
+    assert metric_value(metrics, "recsys_served_top_score_count") == 0
 
 
 def test_the_fallback_learns_and_is_503_before_it_knows_anything(

@@ -29,6 +29,9 @@ EXAMPLES = REPO_ROOT / "examples"
 SYSTEMS = "/apis/recsys.dev/v1alpha1/namespaces/default/recommendersystems"
 # The kubectl subcommands the docs use, and those this module runs.
 COVERED = {"get", "describe", "annotate", "patch", "wait", "delete", "apply", "rollout", "scale"}
+# `create job --from=cronjob/...` (docs/retraining.md) runs in
+# tests/controller/test_training_triggers.py, next to the Job the triggers make.
+COVERED |= {"create"}
 NEEDS_PODS = {"logs", "port-forward"}
 
 

@@ -37,6 +37,13 @@
   verbs:
   - list
 - apiGroups:
+  - batch
+  resources:
+  - jobs
+  verbs:
+  - list
+  - create
+- apiGroups:
   - recsys.dev
   resources:
   - recommendersystems/finalizers
@@ -225,6 +232,13 @@
   - pods
   verbs:
   - list
+- apiGroups:
+  - batch
+  resources:
+  - jobs
+  verbs:
+  - list
+  - create
 - apiGroups:
   - recsys.dev
   resources:
