@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model_handlers.model_directory import Popularity
 from model_handlers.online_features import OnlineFeatures
 from model_handlers.retriever import Retriever, Source
 from model_handlers.session_rerank import SESSION_OFF, SessionStage
@@ -139,7 +140,5 @@ def test_a_stage_without_item_vectors_is_refused(unpacked: dict[str, Path]) -> N
         )
 
 
-def _no_popularity():  # type: ignore[no-untyped-def]
-    from model_handlers.model_directory import Popularity
-
+def _no_popularity() -> Popularity:
     return Popularity(item_ids=[], counts=[])
