@@ -586,8 +586,8 @@ def print_load_row(label: str, row: dict[str, Any]) -> None:
 
 
 ARMS = {
-    "on": "feature job ON (default: online embeddings)",
-    "recent_items": "feature job ON, onlineUpdates off (recent items into the user tower)",
+    "on": "feature job ON (default: recent items to the tower, session stage)",
+    "recent_items": "feature job ON, onlineUpdates off (no online embeddings)",
     "off": "feature job OFF (static user state)",
 }
 
