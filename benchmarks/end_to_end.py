@@ -514,6 +514,9 @@ def ctr_arm(
         freshness_p99_ms=figures["freshness_p99_ms"],
         views_failed=result.views_failed,
         clicked_by_visit={a.visit: a.clicked for a in answered},
+        # Answers the model gave (not the gateway's popularity fallback): on a loaded
+        # machine the fallbacks differ between arms, and say nothing about the handler.
+        model_p_by_visit={a.visit: a.p_any_click for a in answered if not a.fallback},
     )
     return row
 
@@ -530,6 +533,13 @@ def uplift(on: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
         dtype=float,
     )
     paired_se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    model_both = sorted(set(on["model_p_by_visit"]) & set(off["model_p_by_visit"]))
+    p_on = np.array([on["model_p_by_visit"][v] for v in model_both])
+    p_off = np.array([off["model_p_by_visit"][v] for v in model_both])
+    click_d = np.array(
+        [int(on["clicked_by_visit"][v]) - int(off["clicked_by_visit"][v]) for v in model_both],
+        dtype=float,
+    )
     return {
         "method": "two-proportion normal approximation (unpooled SE); relative via log ratio",
         "absolute": diff,
@@ -548,6 +558,15 @@ def uplift(on: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
         ]
         if len(d)
         else [math.nan, math.nan],
+        "model_paired_visits": len(model_both),
+        "model_paired_relative": float(
+            click_d.mean() / np.mean([int(off["clicked_by_visit"][v]) for v in model_both])
+        )
+        if len(model_both)
+        else math.nan,
+        "model_paired_expected_relative": float(p_on.mean() / p_off.mean() - 1)
+        if len(model_both)
+        else math.nan,
     }
 
 
@@ -644,7 +663,10 @@ def report(results: dict[str, Any]) -> None:
                 f"{u['paired_visits']} visits: {100 * u['paired_absolute']:+.2f} points "
                 f"(95% CI {100 * plo:+.2f} to {100 * phi:+.2f}); closes "
                 f"{100 * u['gap_to_ceiling_closed']:.1f}% of OFF's gap to the ceiling "
-                "(expected CTRs)"
+                f"(expected CTRs); over the {u['model_paired_visits']} visits both arms "
+                f"answered from the model (no gateway fallback): CTR "
+                f"{100 * u['model_paired_relative']:+.1f}%, expected CTR "
+                f"{100 * u['model_paired_expected_relative']:+.1f}%"
             )
         if ctr["uplift"]:
             print(f"  ({next(iter(ctr['uplift'].values()))['method']})")
@@ -810,6 +832,7 @@ def main() -> None:
         for name in ARMS:
             if name in ctr:
                 ctr[name].pop("clicked_by_visit")
+                ctr[name].pop("model_p_by_visit")
         args.json.write_text(json.dumps(no_nan(results), indent=2, default=str))
     if temporary:
         shutil.rmtree(work, ignore_errors=True)
