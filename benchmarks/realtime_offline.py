@@ -132,6 +132,26 @@ def replay(
     return ArmResult(float(expected.mean()), clicks / visits, clicks, visits)
 
 
+def replay_without_store(
+    world: World, retriever: Retriever | None, seed: int, visits: int
+) -> ArmResult:
+    """The OFF arm: every request answered from the user id alone."""
+    assert retriever is not None
+    w = world.world
+    plan = world.plan(visits, seed)
+    expected, clicks = np.zeros(visits), 0
+    for i in range(visits):
+        user = int(plan.users[i])
+        request = RetrievalRequest(
+            user_id=w.user_ids[user], recent_item_ids=(), k=K, exclude_item_ids=()
+        )
+        items = retriever.recommend([request]).recommendations[0].item_ids
+        judged = world.judge(user, items, plan.click_uniforms[i])
+        expected[i] = judged.p_any_click
+        clicks += judged.clicked is not None
+    return ArmResult(float(expected.mean()), clicks / visits, clicks, visits)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="7,8,9", help="plan seeds (never 1 or 2 for tuning)")
@@ -160,9 +180,10 @@ def main() -> None:
             popularity_weight=args.popularity_weight,
             candidates=args.candidates,
         )
+        tower_only = Retriever.load(unpacked, use_gpu=False, session=SESSION_OFF)
         arms: dict[str, Retriever | None] = {
-            "off": Retriever.load(unpacked, use_gpu=False, session=SESSION_OFF),
-            "tower": Retriever.load(unpacked, use_gpu=False, session=SESSION_OFF),
+            "off": tower_only,  # replayed without store features
+            "tower": tower_only,
             "session": Retriever.load(unpacked, use_gpu=False, session=stage),
             "ceiling": None,
         }
@@ -179,26 +200,6 @@ def main() -> None:
                     )
             report(seed, results)
     print(f"total {time.monotonic() - started:.0f}s, load average {os.getloadavg()[0]:.1f}")
-
-
-def replay_without_store(
-    world: World, retriever: Retriever | None, seed: int, visits: int
-) -> ArmResult:
-    """The OFF arm: every request answered from the user id alone."""
-    assert retriever is not None
-    w = world.world
-    plan = world.plan(visits, seed)
-    expected, clicks = np.zeros(visits), 0
-    for i in range(visits):
-        user = int(plan.users[i])
-        request = RetrievalRequest(
-            user_id=w.user_ids[user], recent_item_ids=(), k=K, exclude_item_ids=()
-        )
-        items = retriever.recommend([request]).recommendations[0].item_ids
-        judged = world.judge(user, items, plan.click_uniforms[i])
-        expected[i] = judged.p_any_click
-        clicks += judged.clicked is not None
-    return ArmResult(float(expected.mean()), clicks / visits, clicks, visits)
 
 
 def report(seed: int, results: dict[str, ArmResult]) -> None:
