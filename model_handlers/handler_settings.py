@@ -13,7 +13,7 @@
 | `RECSYS_MODEL_VERSION` | none | when set, must equal the archive's version (a pod given the wrong archive fails to load) |
 | `RECSYS_CACHE_MAX_ENTRIES` | 10000 | answers kept per worker for repeat requests of a user whose state did not change; 0: no cache |
 | `RECSYS_CACHE_TTL_MS` | 60000 | how long a cached answer is kept |
-| `RECSYS_SESSION_WEIGHT` | 1.5 | weight of the recent items' vector added to the tower's query (`model_handlers.session_rerank`); 0: no session stage |
+| `RECSYS_SESSION_WEIGHT` | 1.5 | weight of the recent items' vector added to the tower's query (`model_handlers.session_rerank`); 0: no session stage. With no `RECSYS_SESSION_*` set the stage is on for two-tower models and off for EASE |
 | `RECSYS_SESSION_ITEMS` | 5 | newest recent items in that vector |
 | `RECSYS_SESSION_DECAY` | 0.5 | weight of a recent item relative to the next newer one |
 | `RECSYS_SESSION_POPULARITY_WEIGHT` | 0.025 | popularity prior of the re-ranking, per unit of log(1 + training count) |
@@ -26,7 +26,7 @@ loading with a message naming the variable, rather than serving with a guess.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from model_handlers.session_rerank import SessionStage
@@ -74,7 +74,9 @@ class HandlerSettings:
     cache_max_entries: int = DEFAULT_CACHE_MAX_ENTRIES
     """0: no cache."""
     cache_ttl_s: float = DEFAULT_CACHE_TTL_MS / 1000.0
-    session: SessionStage = field(default_factory=SessionStage)
+    session: SessionStage | None = None
+    """None (no session variable set): the model's default (`Retriever.load`): on for a
+    two-tower model, off for EASE."""
 
     @property
     def use_gpu(self) -> bool | None:
@@ -145,7 +147,10 @@ class HandlerSettings:
         )
 
 
-def _session_stage(get: Callable[[str], str | None]) -> SessionStage:
+def _session_stage(get: Callable[[str], str | None]) -> SessionStage | None:
+    names = (SESSION_WEIGHT, SESSION_ITEMS, SESSION_DECAY, SESSION_POPULARITY_WEIGHT)
+    if all(get(name) is None for name in (*names, SESSION_CANDIDATES)):
+        return None
     defaults = SessionStage()
     weight = _number(get(SESSION_WEIGHT), SESSION_WEIGHT, default=defaults.weight)
     items = _number(get(SESSION_ITEMS), SESSION_ITEMS, default=defaults.items)

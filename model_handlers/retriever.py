@@ -152,10 +152,13 @@ class Retriever:
         session: SessionStage | None = None,
     ) -> Retriever:
         """A retriever from an unpacked archive (a model directory with index and manifest);
-        `session` None: the session stage with its default settings."""
-        session = SessionStage() if session is None else session
+        `session` None: the session stage with its default settings for a two-tower
+        model, none for another kind (EASE's scores are its own ranking; the stage was
+        measured on the two-tower model only)."""
         manifest = read_manifest(directory)
         tower: nn.Module = load_user_tower(directory)
+        if session is None:
+            session = default_session_stage(tower)
         if quantize_tower:
             tower = quantize_user_tower(tower)
         index = ItemIndex.load(
@@ -304,6 +307,13 @@ class Retriever:
                 if len(positions) == k:
                     break
         return positions, scores
+
+
+def default_session_stage(tower: nn.Module) -> SessionStage:
+    """On with its defaults for a two-tower model; off for another kind (EASE's scores
+    are its own ranking, and the stage was measured on the two-tower model only)."""
+    config = getattr(tower, "config", None)
+    return SessionStage() if getattr(config, "kind", None) == "two_tower" else SESSION_OFF
 
 
 def _keep(

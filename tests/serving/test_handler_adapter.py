@@ -197,8 +197,10 @@ def test_settings_come_from_the_environment_then_the_archive(manifest: ArchiveMa
 def test_the_session_stage_is_on_by_default_and_set_by_the_environment(
     manifest: ArchiveManifest,
 ) -> None:
-    assert HandlerSettings.resolve({}, manifest).session == SessionStage()
+    assert HandlerSettings.resolve({}, manifest).session is None  # the model's default
     assert SessionStage().enabled
+    one = HandlerSettings.resolve({"RECSYS_SESSION_ITEMS": "2"}, manifest).session
+    assert one == SessionStage(items=2)  # the others keep their defaults
     env = {
         "RECSYS_SESSION_WEIGHT": "0.5",
         "RECSYS_SESSION_ITEMS": "3",
@@ -210,7 +212,7 @@ def test_the_session_stage_is_on_by_default_and_set_by_the_environment(
         weight=0.5, items=3, decay=1.0, popularity_weight=0.0, candidates=40
     )
     off = HandlerSettings.resolve({"RECSYS_SESSION_WEIGHT": "0"}, manifest).session
-    assert not off.enabled
+    assert off is not None and not off.enabled
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,10 @@ import pytest
 
 from model_handlers.model_directory import Popularity
 from model_handlers.online_features import OnlineFeatures
-from model_handlers.retriever import Retriever, Source
+from model_handlers.retriever import Retriever, Source, default_session_stage
 from model_handlers.session_rerank import SESSION_OFF, SessionStage
 from model_handlers.synthetic import SyntheticWorld
+from model_handlers.two_tower import TowerConfig, make_user_tower
 from recsys_contracts.retrieval_request import RetrievalRequest
 
 from .reference import BruteForce
@@ -121,6 +122,16 @@ def test_without_recent_items_the_answer_is_the_tower_s_alone(
     assert [r.item_ids for r in on] == [r.item_ids for r in off]
     assert [r.scores for r in on] == [r.scores for r in off]
     assert [r.source for r in on][-2:] == [Source.ONLINE_EMBEDDING, Source.POPULARITY]
+
+
+def test_on_by_default_for_a_two_tower_model_only(
+    with_session: Retriever, unpacked: dict[str, Path]
+) -> None:
+    assert with_session.session == SessionStage()
+    config = TowerConfig.from_json((unpacked["1"] / "user_tower.json").read_text())
+    ease = make_user_tower(replace(config, kind="ease", recency_half_life=5.0))
+    assert default_session_stage(ease) == SESSION_OFF
+    assert default_session_stage(make_user_tower(config)) == SessionStage()
 
 
 def test_a_stage_without_item_vectors_is_refused(unpacked: dict[str, Path]) -> None:
