@@ -24,7 +24,9 @@ this process (it shares the CPUs with everything it measures).
    the handler feeds the store's recent items to the user tower instead of using the
    online embedding. Uplift against OFF with a 95% confidence interval (two-proportion
    normal approximation, unpooled; also the paired difference over visits both arms
-   answered).
+   answered). The **ceiling** is the ground truth's best list for each answered visit
+   (the K items of highest click probability for the user now); each arm reports the
+   share of it its lists reach, and each uplift the share of OFF's gap to it closed.
 
 Ratios compare against baselines in the same run: latency at each rate against the
 lowest rate, CTR ON against OFF, and (full run) latency at 200/s with the feature job
@@ -232,6 +234,20 @@ class World:
         weights = np.exp(logits)
         self.view_cdf = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
         self.known_items = set(w.item_ids)
+        # The ceiling: each user's chance of a click on the ground truth's best K items.
+        best = []
+        for lo in range(0, w.config.users, 100):  # 100 users x every item per call
+            users = np.arange(lo, min(lo + 100, w.config.users))
+            p = w.click_probability_by_index(
+                np.repeat(users, w.config.items),
+                np.tile(np.arange(w.config.items), len(users)),
+                self.now_ms,
+            ).reshape(len(users), w.config.items)
+            best.append(-np.partition(-p, K - 1, axis=1)[:, :K])
+        self.ceiling_p_any_click = 1 - np.prod(1 - np.concatenate(best), axis=1)
+
+    def _click_probabilities(self, user: int, items: np.ndarray) -> np.ndarray:
+        return self.world.click_probability_by_index(np.full(len(items), user), items, self.now_ms)
 
     def plan(self, visits: int, seed: int) -> Plan:
         """`visits` visits: who comes, what they view, and the uniforms deciding clicks."""
@@ -253,9 +269,7 @@ class World:
         if not positions:
             return Judgement(None, 0.0, math.nan)
         items = np.array([self.world.item_index(item_ids[p]) for p in positions])
-        p_click = self.world.click_probability_by_index(
-            np.full(len(items), user), items, self.now_ms
-        )
+        p_click = self._click_probabilities(user, items)
         clicked = next(
             (pos for pos, p in zip(positions, p_click, strict=True) if uniforms[pos] < p), None
         )
@@ -489,12 +503,20 @@ def ctr_arm(
         clicks=clicks,
         ctr=clicks / len(answered) if answered else math.nan,
         expected_ctr=float(np.mean([a.p_any_click for a in answered])) if answered else math.nan,
+        ceiling_expected_ctr=float(
+            np.mean([world.ceiling_p_any_click[plan.users[a.visit]] for a in answered])
+        )
+        if answered
+        else math.nan,
         median_popularity_rank=percentile([a.popularity_rank for a in answered], 50),
         store_hit_share=1 - misses / handled if handled else math.nan,
         freshness_p50_ms=figures["freshness_p50_ms"],
         freshness_p99_ms=figures["freshness_p99_ms"],
         views_failed=result.views_failed,
         clicked_by_visit={a.visit: a.clicked for a in answered},
+        # Answers the model gave (not the gateway's popularity fallback): on a loaded
+        # machine the fallbacks differ between arms, and say nothing about the handler.
+        model_p_by_visit={a.visit: a.p_any_click for a in answered if not a.fallback},
     )
     return row
 
@@ -511,6 +533,13 @@ def uplift(on: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
         dtype=float,
     )
     paired_se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    model_both = sorted(set(on["model_p_by_visit"]) & set(off["model_p_by_visit"]))
+    p_on = np.array([on["model_p_by_visit"][v] for v in model_both])
+    p_off = np.array([off["model_p_by_visit"][v] for v in model_both])
+    click_d = np.array(
+        [int(on["clicked_by_visit"][v]) - int(off["clicked_by_visit"][v]) for v in model_both],
+        dtype=float,
+    )
     return {
         "method": "two-proportion normal approximation (unpooled SE); relative via log ratio",
         "absolute": diff,
@@ -529,6 +558,15 @@ def uplift(on: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
         ]
         if len(d)
         else [math.nan, math.nan],
+        "model_paired_visits": len(model_both),
+        "model_paired_relative": float(
+            click_d.mean() / np.mean([int(off["clicked_by_visit"][v]) for v in model_both])
+        )
+        if len(model_both)
+        else math.nan,
+        "model_paired_expected_relative": float(p_on.mean() / p_off.mean() - 1)
+        if len(model_both)
+        else math.nan,
     }
 
 
@@ -567,8 +605,8 @@ def print_load_row(label: str, row: dict[str, Any]) -> None:
 
 
 ARMS = {
-    "on": "feature job ON (default: online embeddings)",
-    "recent_items": "feature job ON, onlineUpdates off (recent items into the user tower)",
+    "on": "feature job ON (default: recent items to the tower, session stage)",
+    "recent_items": "feature job ON, onlineUpdates off (no online embeddings)",
     "off": "feature job OFF (static user state)",
 }
 
@@ -609,6 +647,11 @@ def report(results: dict[str, Any]) -> None:
                 f"{fmt(row['p50_ms'])} ms p99 {fmt(row['p99_ms'])} ms, fallbacks "
                 f"{row['fallbacks']}, errors {row['errors']}"
             )
+            print(
+                f"    ceiling (the ground truth's best {K} items for each answered visit): expected "
+                f"CTR {100 * row['ceiling_expected_ctr']:.2f}%; the arm reaches "
+                f"{100 * row['expected_ctr'] / row['ceiling_expected_ctr']:.1f}% of it"
+            )
         for name, u in ctr["uplift"].items():
             lo, hi = u["absolute_ci95"]
             rlo, rhi = u["relative_ci95"]
@@ -618,7 +661,12 @@ def report(results: dict[str, Any]) -> None:
                 f"{100 * hi:+.2f}); ratio {u['ratio']:.3f}, relative {100 * u['relative']:+.1f}% "
                 f"(95% CI {100 * rlo:+.1f}% to {100 * rhi:+.1f}%); paired over "
                 f"{u['paired_visits']} visits: {100 * u['paired_absolute']:+.2f} points "
-                f"(95% CI {100 * plo:+.2f} to {100 * phi:+.2f})"
+                f"(95% CI {100 * plo:+.2f} to {100 * phi:+.2f}); closes "
+                f"{100 * u['gap_to_ceiling_closed']:.1f}% of OFF's gap to the ceiling "
+                f"(expected CTRs); over the {u['model_paired_visits']} visits both arms "
+                f"answered from the model (no gateway fallback): CTR "
+                f"{100 * u['model_paired_relative']:+.1f}%, expected CTR "
+                f"{100 * u['model_paired_expected_relative']:+.1f}%"
             )
         if ctr["uplift"]:
             print(f"  ({next(iter(ctr['uplift'].values()))['method']})")
@@ -770,6 +818,12 @@ def main() -> None:
         for arm in ("on", "recent_items")
         if arm in ctr and "off" in ctr
     }
+    for name, u in ctr["uplift"].items():
+        # Of the gap from OFF to the ceiling (expected CTRs), the share the arm closes.
+        arm_row, off = ctr[name.split(" - ")[0]], ctr["off"]
+        u["gap_to_ceiling_closed"] = (arm_row["expected_ctr"] - off["expected_ctr"]) / (
+            off["ceiling_expected_ctr"] - off["expected_ctr"]
+        )
     results["ratios"] = ratios(results)
     report(results)
     results["machine"]["load_average_end"] = os.getloadavg()[0]
@@ -778,6 +832,7 @@ def main() -> None:
         for name in ARMS:
             if name in ctr:
                 ctr[name].pop("clicked_by_visit")
+                ctr[name].pop("model_p_by_visit")
         args.json.write_text(json.dumps(no_nan(results), indent=2, default=str))
     if temporary:
         shutil.rmtree(work, ignore_errors=True)

@@ -13,6 +13,11 @@
 | `RECSYS_MODEL_VERSION` | none | when set, must equal the archive's version (a pod given the wrong archive fails to load) |
 | `RECSYS_CACHE_MAX_ENTRIES` | 10000 | answers kept per worker for repeat requests of a user whose state did not change; 0: no cache |
 | `RECSYS_CACHE_TTL_MS` | 60000 | how long a cached answer is kept |
+| `RECSYS_SESSION_WEIGHT` | 1.5 | weight of the recent items' vector added to the tower's query (`model_handlers.session_rerank`); 0: no session stage. With no `RECSYS_SESSION_*` set the stage is on for two-tower models and off for EASE |
+| `RECSYS_SESSION_ITEMS` | 5 | newest recent items in that vector |
+| `RECSYS_SESSION_DECAY` | 0.5 | weight of a recent item relative to the next newer one |
+| `RECSYS_SESSION_POPULARITY_WEIGHT` | 0.025 | popularity prior of the re-ranking, per unit of log(1 + training count) |
+| `RECSYS_SESSION_CANDIDATES` | 100 | items fetched with the blended query and re-ranked |
 
 An empty variable counts as unset. A value that does not parse stops the model from
 loading with a message naming the variable, rather than serving with a guess.
@@ -20,10 +25,11 @@ loading with a message naming the variable, rather than serving with a guess.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from model_handlers.session_rerank import SessionStage
 from recsys_contracts.archive_layout import ArchiveManifest
 from recsys_contracts.env_vars import ModelServerEnv
 from recsys_contracts.store_endpoint import StoreMode, endpoint_problem
@@ -39,6 +45,11 @@ FAISS_DEVICE = ModelServerEnv.FAISS_DEVICE
 MODEL_VERSION = ModelServerEnv.MODEL_VERSION
 CACHE_MAX_ENTRIES = ModelServerEnv.CACHE_MAX_ENTRIES
 CACHE_TTL_MS = ModelServerEnv.CACHE_TTL_MS
+SESSION_WEIGHT = ModelServerEnv.SESSION_WEIGHT
+SESSION_ITEMS = ModelServerEnv.SESSION_ITEMS
+SESSION_DECAY = ModelServerEnv.SESSION_DECAY
+SESSION_POPULARITY_WEIGHT = ModelServerEnv.SESSION_POPULARITY_WEIGHT
+SESSION_CANDIDATES = ModelServerEnv.SESSION_CANDIDATES
 DEFAULT_CACHE_MAX_ENTRIES = 10_000
 DEFAULT_CACHE_TTL_MS = 60_000.0
 ENVIRONMENT_VARIABLES = ModelServerEnv.ALL
@@ -63,6 +74,9 @@ class HandlerSettings:
     cache_max_entries: int = DEFAULT_CACHE_MAX_ENTRIES
     """0: no cache."""
     cache_ttl_s: float = DEFAULT_CACHE_TTL_MS / 1000.0
+    session: SessionStage | None = None
+    """None (no session variable set): the model's default (`Retriever.load`): on for a
+    two-tower model, off for EASE."""
 
     @property
     def use_gpu(self) -> bool | None:
@@ -119,6 +133,7 @@ class HandlerSettings:
         if cache_ttl_ms <= 0:
             raise SettingsError(f"{CACHE_TTL_MS} must be positive, got {cache_ttl_ms}")
         return cls(
+            session=_session_stage(get),
             redis_url=redis_url,
             redis_password=get(REDIS_PASSWORD),
             redis_mode=StoreMode(mode),
@@ -130,6 +145,41 @@ class HandlerSettings:
             cache_max_entries=int(cache_entries),
             cache_ttl_s=cache_ttl_ms / 1000.0,
         )
+
+
+def _session_stage(get: Callable[[str], str | None]) -> SessionStage | None:
+    names = (SESSION_WEIGHT, SESSION_ITEMS, SESSION_DECAY, SESSION_POPULARITY_WEIGHT)
+    if all(get(name) is None for name in (*names, SESSION_CANDIDATES)):
+        return None
+    defaults = SessionStage()
+    weight = _number(get(SESSION_WEIGHT), SESSION_WEIGHT, default=defaults.weight)
+    items = _number(get(SESSION_ITEMS), SESSION_ITEMS, default=defaults.items)
+    decay = _number(get(SESSION_DECAY), SESSION_DECAY, default=defaults.decay)
+    popularity = _number(
+        get(SESSION_POPULARITY_WEIGHT),
+        SESSION_POPULARITY_WEIGHT,
+        default=defaults.popularity_weight,
+    )
+    candidates = _number(get(SESSION_CANDIDATES), SESSION_CANDIDATES, default=defaults.candidates)
+    if weight < 0:
+        raise SettingsError(f"{SESSION_WEIGHT} must be 0 or more, got {weight}")
+    if items < 0 or items != int(items):
+        raise SettingsError(f"{SESSION_ITEMS} must be a whole number, 0 or more, got {items}")
+    if not 0 < decay <= 1:
+        raise SettingsError(f"{SESSION_DECAY} must lie in (0, 1], got {decay}")
+    if popularity < 0:
+        raise SettingsError(f"{SESSION_POPULARITY_WEIGHT} must be 0 or more, got {popularity}")
+    if candidates < 1 or candidates != int(candidates):
+        raise SettingsError(
+            f"{SESSION_CANDIDATES} must be a whole number, 1 or more, got {candidates}"
+        )
+    return SessionStage(
+        weight=weight,
+        items=int(items),
+        decay=decay,
+        popularity_weight=popularity,
+        candidates=int(candidates),
+    )
 
 
 def _number(value: str | None, name: str, *, default: float) -> float:

@@ -3,17 +3,20 @@
 For each request of a batch, the query vector comes from the best source available:
 
 1. the **user tower**, given the user's id when it is known and their recent items
-   (fresh from the feature store, else from the request);
+   (fresh from the feature store, else from the request), blended with the vectors of
+   those recent items and re-ranked with a popularity prior (the session stage,
+   `model_handlers.session_rerank`) when there are recent items;
 2. the user's **online embedding** from the feature store (kept fresh by the stream
    job), when the tower has neither an id nor recent items it knows;
 3. none: the user is unknown and has no recent items, so the answer is the most
    **popular** items (cold start).
 
-The tower comes first because it was measured to be better: with the stream job
-feeding it recent items, simulated users with drifting interests clicked 4.5-8% more
-than with static user state, whereas the online embedding (a decayed sum of the few
-items a user touched, starting from zero) in first place cost 42% of the clicks: it
-recommends the obscure neighbours of one or two items (benchmarks/end_to_end.py).
+The tower comes first because it was measured to be better: the online embedding (a
+decayed sum of the few items a user touched, starting from zero) in first place cost
+42% of the clicks, since it recommends the obscure neighbours of one or two items
+(benchmarks/end_to_end.py). The session stage uses the same fresh items, but added to
+the tower's query and ranked with popularity; see benchmarks/README.md for what each
+step is worth on simulated users with drifting interests.
 
 All query vectors of a batch go through the tower in one call and through the index in
 one search. Items the user has just seen (their recent items) and items the request
@@ -37,12 +40,14 @@ from torch import nn
 from model_handlers.item_index import ItemIndex
 from model_handlers.model_directory import (
     Popularity,
+    read_item_embeddings,
     read_item_ids,
     read_manifest,
     read_popularity,
     read_user_ids,
 )
 from model_handlers.online_features import NO_FEATURES, OnlineFeatures
+from model_handlers.session_rerank import SESSION_OFF, SessionStage, rerank, session_vector
 from model_handlers.two_tower import history_rows, load_user_tower, quantize_user_tower
 from recsys_contracts import archive_layout as files
 from recsys_contracts.retrieval_request import RetrievalRequest
@@ -86,6 +91,8 @@ class _Plan:
     user_row: int = 0
     history: tuple[int, ...] = ()
     embedding: np.ndarray | None = None
+    session: tuple[int, ...] = ()
+    """Recent item positions (newest first) for the session stage; empty: no stage."""
 
 
 class Retriever:
@@ -101,6 +108,8 @@ class Retriever:
         index: ItemIndex,
         popularity: Popularity,
         max_k: int,
+        item_vectors: np.ndarray | None = None,
+        session: SessionStage = SESSION_OFF,
     ) -> None:
         if index.size != len(item_ids):
             raise ValueError(
@@ -120,6 +129,16 @@ class Retriever:
         self.popular = [
             (p, c / top) for p, c in zip(positions, popularity.counts, strict=True) if p is not None
         ]
+        if session.enabled and (item_vectors is None or len(item_vectors) != len(item_ids)):
+            raise ValueError("the session stage needs one item vector per item id")
+        self.session = session
+        self.item_vectors = item_vectors
+        # log(1 + training interactions) per item position; items past the archive's
+        # popularity list count as never seen.
+        self.log_popularity = np.zeros(len(self.item_ids), dtype=np.float32)
+        for p, c in zip(positions, popularity.counts, strict=True):
+            if p is not None:
+                self.log_popularity[p] = np.log1p(c)
 
     @classmethod
     def load(
@@ -130,10 +149,16 @@ class Retriever:
         gpu_device: int = 0,
         quantize_tower: bool = False,
         max_k: int | None = None,
+        session: SessionStage | None = None,
     ) -> Retriever:
-        """A retriever from an unpacked archive (a model directory with index and manifest)."""
+        """A retriever from an unpacked archive (a model directory with index and manifest);
+        `session` None: the session stage with its default settings for a two-tower
+        model, none for another kind (EASE's scores are its own ranking; the stage was
+        measured on the two-tower model only)."""
         manifest = read_manifest(directory)
         tower: nn.Module = load_user_tower(directory)
+        if session is None:
+            session = default_session_stage(tower)
         if quantize_tower:
             tower = quantize_user_tower(tower)
         index = ItemIndex.load(
@@ -149,6 +174,8 @@ class Retriever:
             index=index,
             popularity=read_popularity(directory),
             max_k=max_k or manifest.top_k,
+            item_vectors=read_item_embeddings(directory, mmap=True) if session.enabled else None,
+            session=session,
         )
 
     @property
@@ -172,6 +199,11 @@ class Retriever:
         for n, plan in enumerate(plans):
             if plan.embedding is not None:
                 queries[n] = plan.embedding
+            if plan.session:
+                assert self.item_vectors is not None
+                queries[n] += self.session.weight * session_vector(
+                    self.item_vectors, plan.session, self.session
+                )
         tower_ms = (time.perf_counter() - started) * 1000
 
         started = time.perf_counter()
@@ -180,7 +212,12 @@ class Retriever:
         if searched:
             results = self._search(
                 queries[searched],
-                [requests[n].k for n in searched],
+                [
+                    max(requests[n].k, self.session.candidates)
+                    if plans[n].session
+                    else requests[n].k
+                    for n in searched
+                ],
                 [plans[n].blocked for n in searched],
             )
             results = {searched[row]: hits for row, hits in results.items()}
@@ -192,6 +229,10 @@ class Retriever:
                 positions, scores = self._popular(request.k, plan.blocked)
             else:
                 positions, scores = results[n]
+                if plan.session:
+                    positions, scores = rerank(
+                        positions, scores, self.log_popularity, self.session, request.k
+                    )
             recommendations.append(
                 Recommendation(
                     item_ids=[self.item_ids[p] for p in positions],
@@ -218,7 +259,10 @@ class Retriever:
         ]
         user_row = self.user_row.get(request.user_id, 0) if request.user_id is not None else 0
         if user_row or history:
-            return _Plan(Source.USER_TOWER, blocked, user_row=user_row, history=history)
+            session = history if self.session.enabled else ()
+            return _Plan(
+                Source.USER_TOWER, blocked, user_row=user_row, history=history, session=session
+            )
         if features.embedding is not None and len(features.embedding) == self.dim:
             norm = float(np.linalg.norm(features.embedding))
             if norm > 0:
@@ -263,6 +307,13 @@ class Retriever:
                 if len(positions) == k:
                     break
         return positions, scores
+
+
+def default_session_stage(tower: nn.Module) -> SessionStage:
+    """On with its defaults for a two-tower model; off for another kind (EASE's scores
+    are its own ranking, and the stage was measured on the two-tower model only)."""
+    config = getattr(tower, "config", None)
+    return SessionStage() if getattr(config, "kind", None) == "two_tower" else SESSION_OFF
 
 
 def _keep(

@@ -74,6 +74,7 @@ class RetrievalHandler:
             gpu_device=int(gpu_id or 0),
             quantize_tower=settings.quantize_tower,
             max_k=settings.max_k,
+            session=settings.session,
         )
         cache = (
             RecommendationCache(settings.cache_max_entries, settings.cache_ttl_s)

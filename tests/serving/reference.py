@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model_handlers.session_rerank import SessionStage
 from model_handlers.two_tower import load_user_tower
 
 
@@ -29,6 +30,10 @@ class BruteForce:
         self.history_length = self.tower.config.history_length
         popularity = json.loads((directory / "popularity.json").read_text())
         self.popular = popularity["item_ids"]
+        self.log_count = np.zeros(len(self.items))
+        for item, count in zip(popularity["item_ids"], popularity["counts"], strict=True):
+            self.log_count[self.position[item]] = np.log1p(count)
+        self.session = SessionStage()  # the handler's default; tests may replace it
 
     def query(self, user_id: str | None, recent: Sequence[str]) -> np.ndarray:
         """The user tower's vector for a user id and recent items (newest first)."""
@@ -49,6 +54,31 @@ class BruteForce:
         order = np.argsort(-scores, kind="stable")[:k]
         return [self.items[i] for i in order], scores[order]
 
+    def ranked(
+        self, user_id: str | None, recent: Sequence[str], k: int, blocked: Sequence[str] = ()
+    ) -> tuple[list[str], np.ndarray]:
+        """The tower's answer for a known user or known recent items, with the session
+        stage when there are known recent items: the query plus `weight` times the
+        recency-weighted mean of the newest recent items' vectors, its best `candidates`
+        re-ranked by score plus `popularity_weight` * log(1 + training count)."""
+        query = self.query(user_id, recent)
+        known = [self.position[i] for i in recent if i in self.position][: self.history_length]
+        stage = self.session
+        if not (stage.weight > 0 and stage.items > 0 and known):
+            return self.top_k(query, k, blocked)
+        newest = known[: stage.items]
+        weights = stage.decay ** np.arange(len(newest))
+        session = (weights[:, None] * self.embeddings[newest]).sum(0) / weights.sum()
+        blended = query / np.linalg.norm(query) + stage.weight * session
+        scores = self.embeddings.astype(np.float64) @ blended
+        for item in blocked:
+            if item in self.position:
+                scores[self.position[item]] = -np.inf
+        candidates = np.argsort(-scores, kind="stable")[: max(k, stage.candidates)]
+        final = scores[candidates] + stage.popularity_weight * self.log_count[candidates]
+        order = candidates[np.argsort(-final, kind="stable")[:k]]
+        return [self.items[i] for i in order], np.sort(final)[::-1][:k]
+
     def answer(
         self,
         user_id: str | None,
@@ -63,7 +93,7 @@ class BruteForce:
         ):
             blocked = set(recent) | set(exclude)
             return [i for i in self.popular if i not in blocked][:k]
-        return self.top_k(self.query(user_id, recent), k, [*recent, *exclude])[0]
+        return self.ranked(user_id, recent, k, [*recent, *exclude])[0]
 
 
 def unpack(archive: Path, target: Path) -> Path:

@@ -12,6 +12,7 @@ import pytest
 
 from model_handlers.handler_settings import ENVIRONMENT_VARIABLES, HandlerSettings, SettingsError
 from model_handlers.model_directory import read_manifest
+from model_handlers.session_rerank import SessionStage
 from model_handlers.torchserve_handler import RetrievalHandler
 from recsys_contracts import handler_metrics
 from recsys_contracts.archive_layout import ArchiveManifest
@@ -193,6 +194,27 @@ def test_settings_come_from_the_environment_then_the_archive(manifest: ArchiveMa
     assert settings.max_k == 7 and settings.quantize_tower and settings.use_gpu is False
 
 
+def test_the_session_stage_is_on_by_default_and_set_by_the_environment(
+    manifest: ArchiveManifest,
+) -> None:
+    assert HandlerSettings.resolve({}, manifest).session is None  # the model's default
+    assert SessionStage().enabled
+    one = HandlerSettings.resolve({"RECSYS_SESSION_ITEMS": "2"}, manifest).session
+    assert one == SessionStage(items=2)  # the others keep their defaults
+    env = {
+        "RECSYS_SESSION_WEIGHT": "0.5",
+        "RECSYS_SESSION_ITEMS": "3",
+        "RECSYS_SESSION_DECAY": "1",
+        "RECSYS_SESSION_POPULARITY_WEIGHT": "0",
+        "RECSYS_SESSION_CANDIDATES": "40",
+    }
+    assert HandlerSettings.resolve(env, manifest).session == SessionStage(
+        weight=0.5, items=3, decay=1.0, popularity_weight=0.0, candidates=40
+    )
+    off = HandlerSettings.resolve({"RECSYS_SESSION_WEIGHT": "0"}, manifest).session
+    assert off is not None and not off.enabled
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
@@ -215,6 +237,11 @@ def test_settings_come_from_the_environment_then_the_archive(manifest: ArchiveMa
         ({"RECSYS_CACHE_MAX_ENTRIES": "-1"}, "RECSYS_CACHE_MAX_ENTRIES must be a whole number"),
         ({"RECSYS_CACHE_MAX_ENTRIES": "2.5"}, "RECSYS_CACHE_MAX_ENTRIES must be a whole number"),
         ({"RECSYS_CACHE_TTL_MS": "0"}, "RECSYS_CACHE_TTL_MS must be positive"),
+        ({"RECSYS_SESSION_WEIGHT": "-1"}, "RECSYS_SESSION_WEIGHT must be 0 or more"),
+        ({"RECSYS_SESSION_ITEMS": "2.5"}, "RECSYS_SESSION_ITEMS must be a whole number"),
+        ({"RECSYS_SESSION_DECAY": "0"}, r"RECSYS_SESSION_DECAY must lie in \(0, 1\]"),
+        ({"RECSYS_SESSION_POPULARITY_WEIGHT": "x"}, "RECSYS_SESSION_POPULARITY_WEIGHT must be a"),
+        ({"RECSYS_SESSION_CANDIDATES": "0"}, "RECSYS_SESSION_CANDIDATES must be a whole number"),
     ],
 )
 def test_bad_settings_stop_the_model_from_loading(

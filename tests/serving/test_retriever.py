@@ -97,7 +97,7 @@ def test_sources_in_order_of_preference(
     ]
     blocked = [*store_recent, "i0001"]
     assert got[0].item_ids == got[1].item_ids
-    assert got[1].item_ids == truth.top_k(truth.query(user, store_recent), 10, blocked)[0]
+    assert got[1].item_ids == truth.ranked(user, store_recent, 10, blocked)[0]
     assert got[2].item_ids == truth.answer(user, k=10, recent=("i0001",))
     assert got[3].item_ids == truth.top_k(vector, 10, [])[0]
     assert got[3].item_ids[0] == truth.items[42] and got[3].scores[0] == pytest.approx(
