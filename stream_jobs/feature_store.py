@@ -5,9 +5,11 @@ A batch is split by hash slot: every key of one user shares a slot (the `{user}`
 tag of `feature_keys`), and a script may only touch keys of one slot in a cluster. On a
 single primary the whole batch is one group. Each group is one optimistic transaction:
 
-1. READ_VALUES returns its users' states and embeddings (every group's read goes out in
-   one pipeline per node, so a batch costs one round trip per node, not per slot; see
-   `_send`);
+1. one MGET per group reads its users' states and embeddings (every group's read goes
+   out in one pipeline per node, so a batch costs one round trip per node, not per slot;
+   see `_send`). A plain command, not a script: a `redis.call` inside Lua costs Redis
+   about twice the command itself (issue 15's profile), and a read needs no atomicity
+   beyond MGET's own;
 2. the job computes the new values for the whole batch at once (pure functions,
    `user_features`);
 3. POPULAR_ADD counts the applied interactions into the `popular` zset (see below);
@@ -21,7 +23,10 @@ single primary the whole batch is one group. Each group is one optimistic transa
 
 Every script declares every key it touches (KEYS), as Redis Cluster requires; the
 rest (the plan, the binary values) travels in one JSON argument and one blob, which
-redis-py packs far faster than thousands of separate arguments.
+redis-py packs far faster than thousands of separate arguments. Redis's CPU goes
+mostly to the number of commands a script calls, so the scripts call as few as they
+can: POPULAR_ADD checks, records and forgets a batch's events with one command each
+(ZMSCORE, ZADD, ZREM over many members), not one per event.
 
 The popular zset is one key, in one slot, so it cannot be written in the same script
 as users of other slots. It is written FIRST, idempotently per event: POPULAR_ADD
@@ -82,15 +87,6 @@ crash): a redelivery within this window is not counted twice."""
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _NOTHING_SHA1 = hashlib.sha1(b"").hexdigest()
 
-# KEYS: the keys to read (all in one slot). Returns their values (nil where missing).
-READ_VALUES = """
-local values = {}
-for i, name in ipairs(KEYS) do
-  values[i] = redis.call('GET', name)
-end
-return values
-"""
-
 # KEYS: per user, its keys (state, recent, features, then one per moved embedding, then
 # seen), users one after the other, all in one slot. ARGV[1]: TTL in ms. ARGV[2]: the
 # JSON plan: per user `keys` (how many of KEYS are its), `read` (SHA-1 of the state as
@@ -142,24 +138,42 @@ return 1
 # ARGV[1]: TTL of popular in ms. ARGV[2]: how long the record keeps an event, in ms.
 # ARGV[3]: JSON {add: [[event, item, weight], ...], done: [event, ...]}: events to count
 # (each at most once), and events whose users' write committed (no longer at risk).
+# Members go CHUNK at a time to one ZREM, ZMSCORE or ZADD (unpack's stack is bounded).
 # Returns how many of `add` were counted now.
 POPULAR_ADD = """
+local CHUNK = 1000
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local plan = cjson.decode(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms - tonumber(ARGV[2]))
-for _, event in ipairs(plan.done) do
-  redis.call('ZREM', KEYS[2], event)
+for first = 1, #plan.done, CHUNK do
+  redis.call('ZREM', KEYS[2], unpack(plan.done, first, math.min(first + CHUNK - 1, #plan.done)))
 end
-local sums, order, counted = {}, {}, 0
-for _, add in ipairs(plan.add) do
-  if redis.call('ZADD', KEYS[2], 'NX', now_ms, add[1]) == 1 then
-    if sums[add[2]] == nil then
-      sums[add[2]] = 0
-      order[#order + 1] = add[2]
+local sums, order, counted, taken = {}, {}, 0, {}
+for first = 1, #plan.add, CHUNK do
+  local last = math.min(first + CHUNK - 1, #plan.add)
+  local members = {}
+  for n = first, last do
+    members[#members + 1] = plan.add[n][1]
+  end
+  local scores = redis.call('ZMSCORE', KEYS[2], unpack(members))
+  local record = {}
+  for n = first, last do
+    local add = plan.add[n]
+    if not scores[n - first + 1] and not taken[add[1]] then
+      taken[add[1]] = true
+      record[#record + 1] = now_ms
+      record[#record + 1] = add[1]
+      if sums[add[2]] == nil then
+        sums[add[2]] = 0
+        order[#order + 1] = add[2]
+      end
+      sums[add[2]] = sums[add[2]] + tonumber(add[3])
+      counted = counted + 1
     end
-    sums[add[2]] = sums[add[2]] + tonumber(add[3])
-    counted = counted + 1
+  end
+  if #record > 0 then
+    redis.call('ZADD', KEYS[2], unpack(record))
   end
 end
 for _, item in ipairs(order) do
@@ -182,6 +196,10 @@ class ScriptCall:
     keys: list[str]
     args: tuple[bytes | str | int, ...] = ()
 
+
+Command = tuple[str, tuple[bytes | str | int, ...]]
+"""A key the command touches (where a cluster routes it: all its keys share a slot) and
+the command's arguments, its name first."""
 
 StoreClient = redis.Redis | RedisCluster
 """What the store is opened as (`recsys_contracts.store_endpoint`)."""
@@ -260,16 +278,16 @@ class FeatureStore:
         """States of every group's users, then their embeddings (user by user, each in
         `versions` order): the layout `_compute` reads."""
         system = self.layout.system
-        calls = [
-            ScriptCall(
-                [keys.state_key(system, u) for u in group]
-                + [keys.embedding_key(system, u, v) for u in group for v in versions]
-            )
-            for group in groups
-        ]
+        reads: list[Command] = []
+        for group in groups:
+            names = [keys.state_key(system, u) for u in group]
+            names += [keys.embedding_key(system, u, v) for u in group for v in versions]
+            reads.append((names[0], ("MGET", *names)))
         states: list[bytes | None] = []
         embeddings: list[bytes | None] = []
-        for group, values in zip(groups, self._run(READ_VALUES, calls), strict=True):
+        for group, values in zip(groups, self._send(reads), strict=True):
+            if isinstance(values, Exception):
+                raise values
             states += values[: len(group)]
             embeddings += values[len(group) :]
         return states + embeddings
@@ -326,7 +344,16 @@ class FeatureStore:
                 return results
             if script not in self._loaded:  # a cluster client loads it on every primary
                 self._loaded[script] = str(self.client.script_load(script))
-            replies = self._send(self._loaded[script], [calls[n] for n in todo])
+            sha = self._loaded[script]
+            replies = self._send(
+                [
+                    (
+                        calls[n].keys[0],
+                        ("EVALSHA", sha, len(calls[n].keys), *calls[n].keys, *calls[n].args),
+                    )
+                    for n in todo
+                ]
+            )
             forgotten = []
             for n, reply in zip(todo, replies, strict=True):
                 if isinstance(reply, redis.exceptions.NoScriptError):
@@ -342,31 +369,31 @@ class FeatureStore:
             raise redis.exceptions.NoScriptError("the server keeps forgetting the scripts")
         return results
 
-    def _send(self, sha: str, calls: Sequence[ScriptCall]) -> list[Any]:
-        """One pipeline per node; replies (or the error of each call) in order.
+    def _send(self, commands: Sequence[Command]) -> list[Any]:
+        """One pipeline per node; replies (or the error of each command) in order.
 
-        On a cluster, each node's calls go down that node's own connection, as the slot
-        map says: redis-py's cluster pipeline routes and wraps every command in Python,
-        ten times the cost. A call the node refuses (MOVED or ASK: the slot moved; the
-        cluster busy) or a node that fails goes again through the cluster pipeline,
-        which follows the redirect and refreshes the map. Repeating a call is safe: it
-        was not run, or a WRITE_BATCH finds its states changed, or POPULAR_ADD finds its
-        events recorded."""
+        On a cluster, each node's commands go down that node's own connection, as the
+        slot map says: redis-py's cluster pipeline routes and wraps every command in
+        Python, ten times the cost. A command the node refuses (MOVED or ASK: the slot
+        moved; the cluster busy) or a node that fails goes again through the cluster
+        pipeline, which follows the redirect and refreshes the map. Repeating one is
+        safe: it was not run, or it is a read, or a WRITE_BATCH finds its states changed,
+        or POPULAR_ADD finds its events recorded."""
         cluster = self.client
         if not isinstance(cluster, RedisCluster):
-            return _pipelined(cluster, sha, calls)
+            return _pipelined(cluster, commands)
         by_node: dict[str, list[int]] = {}
         nodes = {}
-        for n, call in enumerate(calls):
-            node = cluster.get_node_from_key(call.keys[0])
+        for n, (key, _) in enumerate(commands):
+            node = cluster.get_node_from_key(key)
             by_node.setdefault(node.name, []).append(n)
             nodes[node.name] = node
-        replies: list[Any] = [None] * len(calls)
+        replies: list[Any] = [None] * len(commands)
         again: list[int] = []
         for name, indexes in by_node.items():
             connection = cluster.get_redis_connection(nodes[name])
             try:
-                node_replies = _pipelined(connection, sha, [calls[n] for n in indexes])
+                node_replies = _pipelined(connection, [commands[n] for n in indexes])
             except (redis.ConnectionError, redis.TimeoutError):
                 again += indexes
                 continue
@@ -376,7 +403,7 @@ class FeatureStore:
                 else:
                     replies[n] = reply
         if again:
-            redone = _pipelined(cluster, sha, [calls[n] for n in again])
+            redone = _pipelined(cluster, [commands[n] for n in again])
             for n, reply in zip(again, redone, strict=True):
                 replies[n] = reply
         return replies
@@ -452,14 +479,14 @@ _ELSEWHERE = (
 )
 
 
-def _pipelined(client: Any, sha: str, calls: Sequence[ScriptCall]) -> list[Any]:
-    """EVALSHA per call in one non-transactional pipeline of `client` (a node or the
-    cluster client); an error is returned in its call's place, not raised."""
+def _pipelined(client: Any, commands: Sequence[Command]) -> list[Any]:
+    """`commands` in one non-transactional pipeline of `client` (a node or the cluster
+    client); an error is returned in its command's place, not raised."""
     pipe = client.pipeline(transaction=False)
-    for call in calls:
+    for _, args in commands:
         # execute_command: the cluster pipeline blocks its evalsha() method, not the
         # command, which it routes by the keys' slot
-        pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+        pipe.execute_command(*args)
     return list(pipe.execute(raise_on_error=False))
 
 
