@@ -56,10 +56,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import redis
@@ -76,11 +77,14 @@ from stream_jobs.user_features import (
     decode_state,
     encode_state,
     popular_weight,
-    reader_values,
+    reader_field_values,
     update_users,
 )
 
 MAX_CONFLICT_RETRIES = 20
+WRITTEN_CACHE_USERS = 20_000
+"""Users whose last write a store remembers (`Written`): 1-4 KB each (the state, the
+fields, the recent items)."""
 POPULAR_REDO_WINDOW_MS = 24 * 3_600_000
 """How long the popular record keeps an event whose users' write never confirmed it (a
 crash): a redelivery within this window is not counted twice."""
@@ -94,6 +98,11 @@ _NOTHING_SHA1 = hashlib.sha1(b"").hexdigest()
 # `recent`, `features` (field, value, ...) and `seen` (items the batch's interactions
 # touched). ARGV[3]: the binary values back to back, outside the JSON so that they are
 # neither escaped nor decoded.
+# `recent` and `features` are whole (`keep` -1: the keys are replaced) or, where the
+# job knows what the keys hold (`Written`), only what changed: `features` the changed
+# fields, `recent` the new items oldest first, pushed on the head of the list, whose
+# first `keep` items stay (`trim`: 1 when items fall off its tail). `length`: how many
+# items `recent` holds then.
 # Returns 0, writing nothing, when a state changed since it was read; else 1.
 WRITE_BATCH = """
 local ttl = ARGV[1]
@@ -114,13 +123,26 @@ for _, user in ipairs(plan.users) do
   local state, recent, features, seen = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3],
     KEYS[base + user.keys]
   redis.call('SET', state, value(user.values[1]), 'PX', ttl)
-  redis.call('DEL', recent)
-  if #user.recent > 0 then
-    redis.call('RPUSH', recent, unpack(user.recent))
+  if user.keep < 0 then
+    redis.call('DEL', recent)
+    if #user.recent > 0 then
+      redis.call('RPUSH', recent, unpack(user.recent))
+    end
+    redis.call('DEL', features)
+  elseif #user.recent > 0 then
+    redis.call('LPUSH', recent, unpack(user.recent))
+  end
+  if user.trim == 1 and user.length > 0 then
+    redis.call('LTRIM', recent, 0, user.length - 1)
+  elseif user.trim == 1 then
+    redis.call('DEL', recent)
+  end
+  if user.length > 0 then
     redis.call('PEXPIRE', recent, ttl)
   end
-  redis.call('DEL', features)
-  redis.call('HSET', features, unpack(user.features))
+  if #user.features > 0 then
+    redis.call('HSET', features, unpack(user.features))
+  end
   redis.call('PEXPIRE', features, ttl)
   for i = 2, #user.values do
     redis.call('SET', KEYS[base + 2 + i], value(user.values[i]), 'PX', ttl)
@@ -189,6 +211,20 @@ return counted
 """
 
 
+class Written(NamedTuple):
+    """What this process last wrote for a user. While the user's state is still the one
+    it wrote (a read finds `state`), their `features` hash
+    holds exactly `fields` (in `FeatureParams.field_names` order) and their `recent`
+    list `recent`: the script writes those keys with the state, atomically, and with
+    the same TTL. So the next write sends only the changed fields and the new recent
+    items: fewer and cheaper commands for Redis. Any other writer (another consumer,
+    a rebuild, an expiry) changes the state, and the write is whole again."""
+
+    state: bytes
+    fields: Sequence[str]
+    recent: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class ScriptCall:
     """One EVALSHA: the keys it touches (one slot) and its other arguments."""
@@ -238,6 +274,7 @@ class FeatureStore:
         self._cluster = isinstance(client, RedisCluster)
         self._loaded: dict[str, str] = {}  # script text -> SHA-1 the server knows it by
         self._popular_done: list[str] = []  # events whose users' write committed
+        self._written: OrderedDict[str, Written] = OrderedDict()  # oldest write first
 
     def apply(
         self, events_by_user: Mapping[str, Sequence[Event]], items: Mapping[str, ItemEmbeddings]
@@ -301,14 +338,22 @@ class FeatureStore:
         """Write each group's changed users; returns the groups that lost the race to
         another writer (nothing of theirs was written)."""
         calls: list[ScriptCall] = []
-        written: list[list[str]] = []
+        written: list[tuple[list[str], list[tuple[str, Written]]]] = []
         for group in groups:
-            call = self._write_args({u: updates[u] for u in group}, [states_read[u] for u in group])
-            if call is not None:  # only duplicates or late events: nothing to write
-                calls.append(call)
-                written.append(group)
+            write = self._write_args(
+                {u: updates[u] for u in group}, [states_read[u] for u in group]
+            )
+            if write is not None:  # only duplicates or late events: nothing to write
+                calls.append(write[0])
+                written.append((group, write[1]))
         results = self._run(WRITE_BATCH, calls)
-        return [group for group, ok in zip(written, results, strict=True) if ok != 1]
+        lost = []
+        for (group, left), ok in zip(written, results, strict=True):
+            if ok == 1:
+                self._remember(left)
+            else:
+                lost.append(group)
+        return lost
 
     def _add_popular(
         self, events_by_user: Mapping[str, Sequence[Event]], updates: Mapping[str, UserUpdate]
@@ -425,9 +470,11 @@ class FeatureStore:
 
     def _write_args(
         self, updates: dict[str, UserUpdate], states_read: Sequence[bytes | None]
-    ) -> ScriptCall | None:
-        """WRITE_BATCH for the changed users (of one slot); None when no user changed."""
+    ) -> tuple[ScriptCall, list[tuple[str, Written]]] | None:
+        """WRITE_BATCH for the changed users (of one slot), and what they will hold once it
+        committed; None when no user changed."""
         system = self.layout.system
+        names = self.params.field_names
         blob: list[bytes] = []
         offset = 0
 
@@ -439,6 +486,7 @@ class FeatureStore:
 
         all_keys: list[str] = []
         plan_users: list[dict[str, Any]] = []
+        written: list[tuple[str, Written]] = []
         for (user, update), read in zip(updates.items(), states_read, strict=True):
             if not update.changed:
                 continue  # only duplicates or late events: nothing to write
@@ -447,27 +495,62 @@ class FeatureStore:
                 keys.recent_items_key(system, user),
                 keys.features_key(system, user),
             ]
-            values = [put(encode_state(update.state))]
+            state = encode_state(update.state)
+            values = [put(state)]
             for version, vector in update.embeddings.items():
                 user_keys.append(keys.embedding_key(system, user, version))
                 values.append(put(keys.encode_embedding(vector)))
             user_keys.append(keys.seen_items_key(system, user))  # last: the script finds it there
-            fields, recent = reader_values(update.state, self.params)
+            field_values, recent_list = reader_field_values(update.state, self.params)
+            recent = tuple(recent_list)
+            plan: dict[str, Any] = {
+                "keys": len(user_keys),
+                "read": hashlib.sha1(read).hexdigest() if read else _NOTHING_SHA1,
+                "values": values,
+                "seen": sorted({item_id for item_id, _ in update.touched_items}),
+                "length": len(recent),
+            }
+            before = self._written.get(user)
+            if before is not None and read == before.state:  # the keys hold `before`
+                changed: list[str] = []
+                for name, now, then in zip(names, field_values, before.fields, strict=True):
+                    if now != then:
+                        changed += (name, now)
+                plan["features"] = changed
+                new_items = _new_head(before.recent, recent)
+                plan["recent"] = recent[new_items - 1 :: -1] if new_items else ()
+                keep = len(recent) - new_items
+                plan["keep"], plan["trim"] = keep, int(len(before.recent) > keep)
+            else:
+                plan["features"] = list(chain.from_iterable(zip(names, field_values, strict=True)))
+                plan["recent"], plan["keep"], plan["trim"] = recent, -1, 0
             all_keys += user_keys
-            plan_users.append(
-                {
-                    "keys": len(user_keys),
-                    "read": hashlib.sha1(read).hexdigest() if read else _NOTHING_SHA1,
-                    "values": values,
-                    "recent": recent,
-                    "features": list(chain.from_iterable(fields.items())),
-                    "seen": sorted({item_id for item_id, _ in update.touched_items}),
-                }
-            )
+            plan_users.append(plan)
+            written.append((user, Written(state, field_values, recent)))
         if not plan_users:
             return None
-        plan = {"users": plan_users}
-        return ScriptCall(all_keys, (self.layout.ttl_ms, orjson.dumps(plan), b"".join(blob)))
+        args = (self.layout.ttl_ms, orjson.dumps({"users": plan_users}), b"".join(blob))
+        return ScriptCall(all_keys, args), written
+
+    def _remember(self, written: Sequence[tuple[str, Written]]) -> None:
+        """Keep what a committed write left, for the newest WRITTEN_CACHE_USERS users."""
+        cache = self._written
+        for user, entry in written:
+            cache[user] = entry
+            cache.move_to_end(user)
+        while len(cache) > WRITTEN_CACHE_USERS:
+            cache.popitem(last=False)
+
+
+def _new_head(before: Sequence[str], after: Sequence[str]) -> int:
+    """How many items at the head of the `recent` list `after` are new to the stored
+    `before`: the fewest k such that the rest of `after` is what `before` starts with
+    (len(after) when nothing is shared, or an event within the lateness went in between)."""
+    n = len(after)
+    k = 0
+    while after[k:] != before[: n - k]:
+        k += 1
+    return k
 
 
 # Replies of a node that does not (or not now) serve the call's slot.
