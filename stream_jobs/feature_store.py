@@ -19,7 +19,8 @@ single primary the whole batch is one group. Each group is one optimistic transa
    `emb:*`) never disagree with `state`, a job killed mid-write leaves all or nothing
    of each group, and when two consumers touch the same user (Shared subscriptions,
    rebalancing) the second one recomputes instead of overwriting the first. Only the
-   groups that lost that race are read and computed again.
+   groups that lost that race are read and computed again. Of a user whose state is
+   still the one this store last wrote, it sends only what changed (`Written`).
 
 Every script declares every key it touches (KEYS), as Redis Cluster requires; the
 rest (the plan, the binary values) travels in one JSON argument and one blob, which
@@ -213,10 +214,9 @@ return counted
 
 class Written(NamedTuple):
     """What this process last wrote for a user. While the user's state is still the one
-    it wrote (a read finds `state`), their `features` hash
-    holds exactly `fields` (in `FeatureParams.field_names` order) and their `recent`
-    list `recent`: the script writes those keys with the state, atomically, and with
-    the same TTL. So the next write sends only the changed fields and the new recent
+    it wrote (a read finds `state`), their `features` hash holds exactly `fields` (in
+    `FeatureParams.field_names` order) and their `recent` list `recent`: the script
+    writes those keys with the state, atomically, and with the same TTL. So the next write sends only the changed fields and the new recent
     items: fewer and cheaper commands for Redis. Any other writer (another consumer,
     a rebuild, an expiry) changes the state, and the write is whole again."""
 
