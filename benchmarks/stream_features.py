@@ -33,6 +33,7 @@ the load average is printed at the start and the end.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -54,7 +55,7 @@ from recsys_contracts.feature_job_settings import FeatureJobSettings, env_name
 from recsys_operator.launchers.process import ManagedProcess, free_port
 from recsys_operator.launchers.pulsar_broker import broker_process, service_url
 from recsys_operator.launchers.redis_server import redis_process, redis_url
-from stream_jobs.features import FeatureJob
+from stream_jobs.features import GC_ALLOCATIONS, FeatureJob
 from stream_jobs.item_embeddings import IDS_FILE, VECTORS_FILE
 
 USERS = 10_000
@@ -346,6 +347,7 @@ def batch_path(store: str, embeddings: Path, count: int) -> tuple[float, float]:
     )
     job = FeatureJob(settings)
     job._refresh_embeddings()
+    gc.set_threshold(GC_ALLOCATIONS, 20, 20)  # as in a job process (`stream_jobs.features.main`)
     rng = random.Random(5)
     start = now_ms() - count
     messages = [_Message(random_event(rng, start + n).to_json()) for n in range(count)]

@@ -5,9 +5,11 @@ A batch is split by hash slot: every key of one user shares a slot (the `{user}`
 tag of `feature_keys`), and a script may only touch keys of one slot in a cluster. On a
 single primary the whole batch is one group. Each group is one optimistic transaction:
 
-1. READ_VALUES returns its users' states and embeddings (every group's read goes out in
-   one pipeline per node, so a batch costs one round trip per node, not per slot; see
-   `_send`);
+1. one MGET per group reads its users' states and embeddings (every group's read goes
+   out in one pipeline per node, so a batch costs one round trip per node, not per slot;
+   see `_send`). A plain command, not a script: a `redis.call` inside Lua costs Redis
+   about twice the command itself (issue 15's profile), and a read needs no atomicity
+   beyond MGET's own;
 2. the job computes the new values for the whole batch at once (pure functions,
    `user_features`);
 3. POPULAR_ADD counts the applied interactions into the `popular` zset (see below);
@@ -17,11 +19,15 @@ single primary the whole batch is one group. Each group is one optimistic transa
    `emb:*`) never disagree with `state`, a job killed mid-write leaves all or nothing
    of each group, and when two consumers touch the same user (Shared subscriptions,
    rebalancing) the second one recomputes instead of overwriting the first. Only the
-   groups that lost that race are read and computed again.
+   groups that lost that race are read and computed again. Of a user whose state is
+   still the one this store last wrote, it sends only what changed (`Written`).
 
 Every script declares every key it touches (KEYS), as Redis Cluster requires; the
 rest (the plan, the binary values) travels in one JSON argument and one blob, which
-redis-py packs far faster than thousands of separate arguments.
+redis-py packs far faster than thousands of separate arguments. Redis's CPU goes
+mostly to the number of commands a script calls, so the scripts call as few as they
+can: POPULAR_ADD checks, records and forgets a batch's events with one command each
+(ZMSCORE, ZADD, ZREM over many members), not one per event.
 
 The popular zset is one key, in one slot, so it cannot be written in the same script
 as users of other slots. It is written FIRST, idempotently per event: POPULAR_ADD
@@ -51,10 +57,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import redis
@@ -71,25 +78,19 @@ from stream_jobs.user_features import (
     decode_state,
     encode_state,
     popular_weight,
-    reader_values,
+    reader_field_values,
     update_users,
 )
 
 MAX_CONFLICT_RETRIES = 20
+WRITTEN_CACHE_USERS = 20_000
+"""Users whose last write a store remembers (`Written`): 1-4 KB each (the state, the
+fields, the recent items)."""
 POPULAR_REDO_WINDOW_MS = 24 * 3_600_000
 """How long the popular record keeps an event whose users' write never confirmed it (a
 crash): a redelivery within this window is not counted twice."""
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _NOTHING_SHA1 = hashlib.sha1(b"").hexdigest()
-
-# KEYS: the keys to read (all in one slot). Returns their values (nil where missing).
-READ_VALUES = """
-local values = {}
-for i, name in ipairs(KEYS) do
-  values[i] = redis.call('GET', name)
-end
-return values
-"""
 
 # KEYS: per user, its keys (state, recent, features, then one per moved embedding, then
 # seen), users one after the other, all in one slot. ARGV[1]: TTL in ms. ARGV[2]: the
@@ -98,6 +99,11 @@ return values
 # `recent`, `features` (field, value, ...) and `seen` (items the batch's interactions
 # touched). ARGV[3]: the binary values back to back, outside the JSON so that they are
 # neither escaped nor decoded.
+# `recent` and `features` are whole (`keep` -1: the keys are replaced) or, where the
+# job knows what the keys hold (`Written`), only what changed: `features` the changed
+# fields, `recent` the new items oldest first, pushed on the head of the list, whose
+# first `keep` items stay (`trim`: 1 when items fall off its tail). `length`: how many
+# items `recent` holds then.
 # Returns 0, writing nothing, when a state changed since it was read; else 1.
 WRITE_BATCH = """
 local ttl = ARGV[1]
@@ -118,13 +124,26 @@ for _, user in ipairs(plan.users) do
   local state, recent, features, seen = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3],
     KEYS[base + user.keys]
   redis.call('SET', state, value(user.values[1]), 'PX', ttl)
-  redis.call('DEL', recent)
-  if #user.recent > 0 then
-    redis.call('RPUSH', recent, unpack(user.recent))
+  if user.keep < 0 then
+    redis.call('DEL', recent)
+    if #user.recent > 0 then
+      redis.call('RPUSH', recent, unpack(user.recent))
+    end
+    redis.call('DEL', features)
+  elseif #user.recent > 0 then
+    redis.call('LPUSH', recent, unpack(user.recent))
+  end
+  if user.trim == 1 and user.length > 0 then
+    redis.call('LTRIM', recent, 0, user.length - 1)
+  elseif user.trim == 1 then
+    redis.call('DEL', recent)
+  end
+  if user.length > 0 then
     redis.call('PEXPIRE', recent, ttl)
   end
-  redis.call('DEL', features)
-  redis.call('HSET', features, unpack(user.features))
+  if #user.features > 0 then
+    redis.call('HSET', features, unpack(user.features))
+  end
   redis.call('PEXPIRE', features, ttl)
   for i = 2, #user.values do
     redis.call('SET', KEYS[base + 2 + i], value(user.values[i]), 'PX', ttl)
@@ -142,24 +161,42 @@ return 1
 # ARGV[1]: TTL of popular in ms. ARGV[2]: how long the record keeps an event, in ms.
 # ARGV[3]: JSON {add: [[event, item, weight], ...], done: [event, ...]}: events to count
 # (each at most once), and events whose users' write committed (no longer at risk).
+# Members go CHUNK at a time to one ZREM, ZMSCORE or ZADD (unpack's stack is bounded).
 # Returns how many of `add` were counted now.
 POPULAR_ADD = """
+local CHUNK = 1000
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local plan = cjson.decode(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms - tonumber(ARGV[2]))
-for _, event in ipairs(plan.done) do
-  redis.call('ZREM', KEYS[2], event)
+for first = 1, #plan.done, CHUNK do
+  redis.call('ZREM', KEYS[2], unpack(plan.done, first, math.min(first + CHUNK - 1, #plan.done)))
 end
-local sums, order, counted = {}, {}, 0
-for _, add in ipairs(plan.add) do
-  if redis.call('ZADD', KEYS[2], 'NX', now_ms, add[1]) == 1 then
-    if sums[add[2]] == nil then
-      sums[add[2]] = 0
-      order[#order + 1] = add[2]
+local sums, order, counted, taken = {}, {}, 0, {}
+for first = 1, #plan.add, CHUNK do
+  local last = math.min(first + CHUNK - 1, #plan.add)
+  local members = {}
+  for n = first, last do
+    members[#members + 1] = plan.add[n][1]
+  end
+  local scores = redis.call('ZMSCORE', KEYS[2], unpack(members))
+  local record = {}
+  for n = first, last do
+    local add = plan.add[n]
+    if not scores[n - first + 1] and not taken[add[1]] then
+      taken[add[1]] = true
+      record[#record + 1] = now_ms
+      record[#record + 1] = add[1]
+      if sums[add[2]] == nil then
+        sums[add[2]] = 0
+        order[#order + 1] = add[2]
+      end
+      sums[add[2]] = sums[add[2]] + tonumber(add[3])
+      counted = counted + 1
     end
-    sums[add[2]] = sums[add[2]] + tonumber(add[3])
-    counted = counted + 1
+  end
+  if #record > 0 then
+    redis.call('ZADD', KEYS[2], unpack(record))
   end
 end
 for _, item in ipairs(order) do
@@ -175,6 +212,21 @@ return counted
 """
 
 
+class Written(NamedTuple):
+    """What this process last wrote for a user. While the user's state is still the one
+    it wrote (a read finds `state`), their `features` hash holds exactly `fields` (in
+    `FeatureParams.field_names` order) and their `recent` list `recent`: the script
+    writes those keys with the state, atomically, and with the same TTL. So the next write sends only the changed fields and the new recent
+    items: fewer and cheaper commands for Redis. Any other writer (another consumer,
+    a rebuild, an expiry) changes the state, and the write is whole again."""
+
+    state: bytes
+    fields: str
+    recent: str
+    """The fields' values and the recent items, each joined by `_SEPARATOR`: two strings
+    instead of a few dozen objects for the garbage collector to walk, 20,000 users over."""
+
+
 @dataclass(frozen=True)
 class ScriptCall:
     """One EVALSHA: the keys it touches (one slot) and its other arguments."""
@@ -182,6 +234,10 @@ class ScriptCall:
     keys: list[str]
     args: tuple[bytes | str | int, ...] = ()
 
+
+Command = tuple[str, tuple[bytes | str | int, ...]]
+"""A key the command touches (where a cluster routes it: all its keys share a slot) and
+the command's arguments, its name first."""
 
 StoreClient = redis.Redis | RedisCluster
 """What the store is opened as (`recsys_contracts.store_endpoint`)."""
@@ -220,6 +276,7 @@ class FeatureStore:
         self._cluster = isinstance(client, RedisCluster)
         self._loaded: dict[str, str] = {}  # script text -> SHA-1 the server knows it by
         self._popular_done: list[str] = []  # events whose users' write committed
+        self._written: OrderedDict[str, Written] = OrderedDict()  # oldest write first
 
     def apply(
         self, events_by_user: Mapping[str, Sequence[Event]], items: Mapping[str, ItemEmbeddings]
@@ -260,16 +317,16 @@ class FeatureStore:
         """States of every group's users, then their embeddings (user by user, each in
         `versions` order): the layout `_compute` reads."""
         system = self.layout.system
-        calls = [
-            ScriptCall(
-                [keys.state_key(system, u) for u in group]
-                + [keys.embedding_key(system, u, v) for u in group for v in versions]
-            )
-            for group in groups
-        ]
+        reads: list[Command] = []
+        for group in groups:
+            names = [keys.state_key(system, u) for u in group]
+            names += [keys.embedding_key(system, u, v) for u in group for v in versions]
+            reads.append((names[0], ("MGET", *names)))
         states: list[bytes | None] = []
         embeddings: list[bytes | None] = []
-        for group, values in zip(groups, self._run(READ_VALUES, calls), strict=True):
+        for group, values in zip(groups, self._send(reads), strict=True):
+            if isinstance(values, Exception):
+                raise values
             states += values[: len(group)]
             embeddings += values[len(group) :]
         return states + embeddings
@@ -283,14 +340,22 @@ class FeatureStore:
         """Write each group's changed users; returns the groups that lost the race to
         another writer (nothing of theirs was written)."""
         calls: list[ScriptCall] = []
-        written: list[list[str]] = []
+        written: list[tuple[list[str], list[tuple[str, Written]]]] = []
         for group in groups:
-            call = self._write_args({u: updates[u] for u in group}, [states_read[u] for u in group])
-            if call is not None:  # only duplicates or late events: nothing to write
-                calls.append(call)
-                written.append(group)
+            write = self._write_args(
+                {u: updates[u] for u in group}, [states_read[u] for u in group]
+            )
+            if write is not None:  # only duplicates or late events: nothing to write
+                calls.append(write[0])
+                written.append((group, write[1]))
         results = self._run(WRITE_BATCH, calls)
-        return [group for group, ok in zip(written, results, strict=True) if ok != 1]
+        lost = []
+        for (group, left), ok in zip(written, results, strict=True):
+            if ok == 1:
+                self._remember(left)
+            else:
+                lost.append(group)
+        return lost
 
     def _add_popular(
         self, events_by_user: Mapping[str, Sequence[Event]], updates: Mapping[str, UserUpdate]
@@ -326,7 +391,16 @@ class FeatureStore:
                 return results
             if script not in self._loaded:  # a cluster client loads it on every primary
                 self._loaded[script] = str(self.client.script_load(script))
-            replies = self._send(self._loaded[script], [calls[n] for n in todo])
+            sha = self._loaded[script]
+            replies = self._send(
+                [
+                    (
+                        calls[n].keys[0],
+                        ("EVALSHA", sha, len(calls[n].keys), *calls[n].keys, *calls[n].args),
+                    )
+                    for n in todo
+                ]
+            )
             forgotten = []
             for n, reply in zip(todo, replies, strict=True):
                 if isinstance(reply, redis.exceptions.NoScriptError):
@@ -342,31 +416,31 @@ class FeatureStore:
             raise redis.exceptions.NoScriptError("the server keeps forgetting the scripts")
         return results
 
-    def _send(self, sha: str, calls: Sequence[ScriptCall]) -> list[Any]:
-        """One pipeline per node; replies (or the error of each call) in order.
+    def _send(self, commands: Sequence[Command]) -> list[Any]:
+        """One pipeline per node; replies (or the error of each command) in order.
 
-        On a cluster, each node's calls go down that node's own connection, as the slot
-        map says: redis-py's cluster pipeline routes and wraps every command in Python,
-        ten times the cost. A call the node refuses (MOVED or ASK: the slot moved; the
-        cluster busy) or a node that fails goes again through the cluster pipeline,
-        which follows the redirect and refreshes the map. Repeating a call is safe: it
-        was not run, or a WRITE_BATCH finds its states changed, or POPULAR_ADD finds its
-        events recorded."""
+        On a cluster, each node's commands go down that node's own connection, as the
+        slot map says: redis-py's cluster pipeline routes and wraps every command in
+        Python, ten times the cost. A command the node refuses (MOVED or ASK: the slot
+        moved; the cluster busy) or a node that fails goes again through the cluster
+        pipeline, which follows the redirect and refreshes the map. Repeating one is
+        safe: it was not run, or it is a read, or a WRITE_BATCH finds its states changed,
+        or POPULAR_ADD finds its events recorded."""
         cluster = self.client
         if not isinstance(cluster, RedisCluster):
-            return _pipelined(cluster, sha, calls)
+            return _pipelined(cluster, commands)
         by_node: dict[str, list[int]] = {}
         nodes = {}
-        for n, call in enumerate(calls):
-            node = cluster.get_node_from_key(call.keys[0])
+        for n, (key, _) in enumerate(commands):
+            node = cluster.get_node_from_key(key)
             by_node.setdefault(node.name, []).append(n)
             nodes[node.name] = node
-        replies: list[Any] = [None] * len(calls)
+        replies: list[Any] = [None] * len(commands)
         again: list[int] = []
         for name, indexes in by_node.items():
             connection = cluster.get_redis_connection(nodes[name])
             try:
-                node_replies = _pipelined(connection, sha, [calls[n] for n in indexes])
+                node_replies = _pipelined(connection, [commands[n] for n in indexes])
             except (redis.ConnectionError, redis.TimeoutError):
                 again += indexes
                 continue
@@ -376,7 +450,7 @@ class FeatureStore:
                 else:
                     replies[n] = reply
         if again:
-            redone = _pipelined(cluster, sha, [calls[n] for n in again])
+            redone = _pipelined(cluster, [commands[n] for n in again])
             for n, reply in zip(again, redone, strict=True):
                 replies[n] = reply
         return replies
@@ -398,9 +472,11 @@ class FeatureStore:
 
     def _write_args(
         self, updates: dict[str, UserUpdate], states_read: Sequence[bytes | None]
-    ) -> ScriptCall | None:
-        """WRITE_BATCH for the changed users (of one slot); None when no user changed."""
+    ) -> tuple[ScriptCall, list[tuple[str, Written]]] | None:
+        """WRITE_BATCH for the changed users (of one slot), and what they will hold once it
+        committed; None when no user changed."""
         system = self.layout.system
+        names = self.params.field_names
         blob: list[bytes] = []
         offset = 0
 
@@ -412,6 +488,7 @@ class FeatureStore:
 
         all_keys: list[str] = []
         plan_users: list[dict[str, Any]] = []
+        written: list[tuple[str, Written]] = []
         for (user, update), read in zip(updates.items(), states_read, strict=True):
             if not update.changed:
                 continue  # only duplicates or late events: nothing to write
@@ -420,27 +497,79 @@ class FeatureStore:
                 keys.recent_items_key(system, user),
                 keys.features_key(system, user),
             ]
-            values = [put(encode_state(update.state))]
+            state = encode_state(update.state)
+            values = [put(state)]
             for version, vector in update.embeddings.items():
                 user_keys.append(keys.embedding_key(system, user, version))
                 values.append(put(keys.encode_embedding(vector)))
             user_keys.append(keys.seen_items_key(system, user))  # last: the script finds it there
-            fields, recent = reader_values(update.state, self.params)
+            field_values, recent_list = reader_field_values(update.state, self.params)
+            plan: dict[str, Any] = {
+                "keys": len(user_keys),
+                "read": hashlib.sha1(read).hexdigest() if read else _NOTHING_SHA1,
+                "values": values,
+                "seen": sorted({item_id for item_id, _ in update.touched_items}),
+                "length": len(recent_list),
+            }
+            before = self._written.get(user)
+            if before is not None and read == before.state:  # the keys hold `before`
+                changed: list[str] = []
+                old = before.fields.split(_SEPARATOR)
+                for name, now, then in zip(names, field_values, old, strict=True):
+                    if now != then:
+                        changed += (name, now)
+                plan["features"] = changed
+                stored = before.recent.split(_SEPARATOR) if before.recent else []
+                new_items = _new_head(stored, recent_list)
+                plan["recent"] = recent_list[new_items - 1 :: -1] if new_items else ()
+                keep = len(recent_list) - new_items
+                plan["keep"], plan["trim"] = keep, int(len(stored) > keep)
+            else:
+                plan["features"] = list(chain.from_iterable(zip(names, field_values, strict=True)))
+                plan["recent"], plan["keep"], plan["trim"] = recent_list, -1, 0
             all_keys += user_keys
-            plan_users.append(
-                {
-                    "keys": len(user_keys),
-                    "read": hashlib.sha1(read).hexdigest() if read else _NOTHING_SHA1,
-                    "values": values,
-                    "recent": recent,
-                    "features": list(chain.from_iterable(fields.items())),
-                    "seen": sorted({item_id for item_id, _ in update.touched_items}),
-                }
-            )
+            plan_users.append(plan)
+            remembered = _written(state, field_values, recent_list)
+            if remembered is not None:
+                written.append((user, remembered))
         if not plan_users:
             return None
-        plan = {"users": plan_users}
-        return ScriptCall(all_keys, (self.layout.ttl_ms, orjson.dumps(plan), b"".join(blob)))
+        args = (self.layout.ttl_ms, orjson.dumps({"users": plan_users}), b"".join(blob))
+        return ScriptCall(all_keys, args), written
+
+    def _remember(self, written: Sequence[tuple[str, Written]]) -> None:
+        """Keep what a committed write left, for the newest WRITTEN_CACHE_USERS users."""
+        cache = self._written
+        for user, entry in written:
+            cache[user] = entry
+            cache.move_to_end(user)
+        while len(cache) > WRITTEN_CACHE_USERS:
+            cache.popitem(last=False)
+
+
+_SEPARATOR = "\x1f"
+
+
+def _written(state: bytes, fields: Sequence[str], recent: Sequence[str]) -> Written | None:
+    """What to remember of a write; None when a value holds the separator (ids do not,
+    by the event schema; then the next write is whole)."""
+    joined_fields, joined_recent = _SEPARATOR.join(fields), _SEPARATOR.join(recent)
+    if joined_fields.count(_SEPARATOR) != len(fields) - 1 or (
+        recent and joined_recent.count(_SEPARATOR) != len(recent) - 1
+    ):
+        return None
+    return Written(state, joined_fields, joined_recent)
+
+
+def _new_head(before: Sequence[str], after: Sequence[str]) -> int:
+    """How many items at the head of the `recent` list `after` are new to the stored
+    `before`: the fewest k such that the rest of `after` is what `before` starts with
+    (len(after) when nothing is shared, or an event within the lateness went in between)."""
+    n = len(after)
+    k = 0
+    while after[k:] != before[: n - k]:
+        k += 1
+    return k
 
 
 # Replies of a node that does not (or not now) serve the call's slot.
@@ -452,14 +581,14 @@ _ELSEWHERE = (
 )
 
 
-def _pipelined(client: Any, sha: str, calls: Sequence[ScriptCall]) -> list[Any]:
-    """EVALSHA per call in one non-transactional pipeline of `client` (a node or the
-    cluster client); an error is returned in its call's place, not raised."""
+def _pipelined(client: Any, commands: Sequence[Command]) -> list[Any]:
+    """`commands` in one non-transactional pipeline of `client` (a node or the cluster
+    client); an error is returned in its command's place, not raised."""
     pipe = client.pipeline(transaction=False)
-    for call in calls:
+    for _, args in commands:
         # execute_command: the cluster pipeline blocks its evalsha() method, not the
         # command, which it routes by the keys' slot
-        pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+        pipe.execute_command(*args)
     return list(pipe.execute(raise_on_error=False))
 
 

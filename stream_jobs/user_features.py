@@ -360,9 +360,16 @@ def feature_fields(state: UserState, params: FeatureParams) -> dict[str, str]:
 
 
 def reader_values(state: UserState, params: FeatureParams) -> tuple[dict[str, str], list[str]]:
-    """(`feature_fields`, `recent_item_ids`) of `state` in one pass: the pending events are
-    folded on for the scalars and counted into the window totals directly, without the
-    view's copy of the buckets (the same totals: the view trims to the same windows)."""
+    """(`feature_fields`, `recent_item_ids`) of `state` in one pass."""
+    values, recent = reader_field_values(state, params)
+    return dict(zip(params.field_names, values, strict=True)), recent
+
+
+def reader_field_values(state: UserState, params: FeatureParams) -> tuple[list[str], list[str]]:
+    """The values of the `features` hash (in `params.field_names` order) and
+    `recent_item_ids` of `state`, in one pass: the pending events are folded on for the
+    scalars and counted into the window totals directly, without the view's copy of the
+    buckets (the same totals: the view trims to the same windows)."""
     if state.pending:
         scalars, recent, added = _fold_parts(state, state.pending, params)
         recent = sorted(recent, reverse=True)[: params.last_n]
@@ -393,8 +400,7 @@ def reader_values(state: UserState, params: FeatureParams) -> tuple[dict[str, st
         str(scalars["session_events"]),
         str(scalars["events_applied"]),
     )  # in SCALAR_FIELDS order
-    fields = dict(zip(params.field_names, values, strict=True))
-    return fields, [item_id for _, item_id in recent]
+    return values, [item_id for _, item_id in recent]
 
 
 SCALAR_FIELDS = (

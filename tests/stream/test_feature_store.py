@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import redis
-from stream_support import BASE_TS
+from stream_support import BASE_TS, store_content
 
 from recsys_contracts import feature_keys as keys
 from recsys_contracts.events import Event
-from stream_jobs.feature_store import FeatureStore, StoreLayout
+from stream_jobs.feature_store import WRITE_BATCH, FeatureStore, StoreLayout
 from stream_jobs.features import store_persistence
 from stream_jobs.item_embeddings import ItemEmbeddings
 from stream_jobs.user_features import FeatureParams, decode_state, view
@@ -93,6 +93,47 @@ def test_a_concurrent_writer_makes_the_batch_retry_instead_of_losing_its_update(
     first.apply({"u": [click(1)]}, ITEMS)
     state = view(decode_state(store.get(keys.state_key(system, "u"))), PARAMS)
     assert set(state.seen) == {"e1", "e7"} and state.events_applied == 2
+
+
+def test_writes_of_only_what_changed_leave_what_whole_writes_leave(
+    store: redis.Redis, system: str
+) -> None:
+    """A store sends only the changed fields and the new recent items of a user whose
+    state is still the one it wrote; the keys then hold what a store that rewrites
+    every key leaves, through new items, items falling off the last N, an event within
+    the lateness going in between, impressions, and another writer in between."""
+    remembering, other = feature_store(store, system), feature_store(store, system)
+    whole = f"{system}-whole"
+    sent: list[object] = []
+    run = remembering._run
+
+    def spy(script: str, calls: list) -> list:  # type: ignore[type-arg]
+        if script == WRITE_BATCH:
+            sent.extend(calls)
+        return run(script, calls)
+
+    remembering._run = spy  # type: ignore[method-assign]
+    impression = Event(event_id="imp", user_id="u", item_id="i2", type="impression", ts=BASE_TS + 9)
+    steps: list[tuple[FeatureStore, list[Event]]] = [
+        (remembering, [click(1), click(2, item="i2")]),
+        (remembering, [impression, click(10, item="i3")]),
+        (remembering, [click(5, item="i4")]),  # before the newest: goes in between
+        (remembering, [click(20 + n, item=f"i{n}") for n in range(30)]),
+        (remembering, [click(60 + n, item=f"j{n}") for n in range(30)]),  # past last_n
+        (other, [click(100, item="k1")]),  # another writer: the next write is whole
+        (remembering, [click(101, item="k2"), click(102, item="k3")]),
+        (remembering, [click(103, item="k3")]),
+    ]
+    for writer, events in steps:
+        writer.apply({"u": events}, ITEMS)
+        feature_store(store, whole).apply({"u": events}, ITEMS)  # remembers nothing
+        mine, reference = (
+            store_content(store, s, ["u"], ["v1"]).users["u"] for s in (system, whole)
+        )
+        assert mine == reference, events
+    assert store.llen(keys.recent_items_key(system, "u")) == PARAMS.last_n
+    partial = [c for c in sent if b'"keep":-1' not in c.args[1]]  # type: ignore[attr-defined]
+    assert len(partial) >= 5  # the partial writes were taken, not only whole ones
 
 
 def test_ids_with_quotes_backslashes_and_non_ascii_characters_survive(
