@@ -71,6 +71,7 @@ NAMESPACE_RULES: tuple[Rule, ...] = (
     # Runs a training trigger starts: Jobs from the CronJob's template (and the Jobs
     # listed, to start none while one runs).
     Rule("batch", ("jobs",), ("list", "create")),
+    Rule("ray.io", ("rayjobs",), ("list", "create")),  # the same with engine RayJob
     # Children carry ownerReferences with blockOwnerDeletion: where the API server runs the
     # OwnerReferencesPermissionEnforcement admission plugin, that needs update here.
     Rule(GROUP, ("recommendersystems/finalizers",), ("update",)),

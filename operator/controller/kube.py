@@ -50,6 +50,7 @@ KNOWN_KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("apps/v1", "Deployment"): ("deployments", True),
     ("batch/v1", "CronJob"): ("cronjobs", True),
     ("ray.io/v1", "RayCronJob"): ("raycronjobs", True),
+    ("ray.io/v1", "RayJob"): ("rayjobs", True),
     ("batch/v1", "Job"): ("jobs", True),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("horizontalpodautoscalers", True),
     ("policy/v1", "PodDisruptionBudget"): ("poddisruptionbudgets", True),

@@ -8,7 +8,11 @@ arguments, the same verdict read into status.training), the CronJob's history li
 and garbage collection cover it, and concurrencyPolicy Forbid holds the next scheduled
 run while it is active.
 
-No run starts while one of the system's training Jobs is active, nor within the cooldown
+With `engine: RayJob` there is no CronJob: the run is a RayJob made from the training
+RayCronJob's jobTemplate, as the RayCronJob controller makes one on a tick, owned by the
+RayCronJob.
+
+No run starts while one of the system's training Jobs (or RayJobs) is active, nor within the cooldown
 after the newest one started (scheduled or triggered). What was read, the last run
 started and why a fired trigger waits go to status.trainingTriggers, with the
 TrainingTriggers condition; each run started is announced in an Event.
@@ -28,6 +32,7 @@ from recsys_contracts.field_issues import InvalidResource
 from recsys_operator.api.reasons import ConditionReason, EventReason
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.api.status import ConditionType
+from recsys_operator.api.training import TrainingEngine
 from recsys_operator.api.trigger_status import (
     DriftReading,
     TrainingTriggersStatus,
@@ -38,6 +43,7 @@ from recsys_operator.controller.kube import KubeClient
 from recsys_operator.controller.reconcile import parse_system
 from recsys_operator.controller.rollout_driver import blocking_reason
 from recsys_operator.render.naming import Component, selector_labels, system_id
+from recsys_operator.render.ray_training import RAY_API_VERSION, RAY_SCHEDULE_KIND
 from recsys_operator.render.training import training_name
 from recsys_operator.retraining.trigger_metrics import PrometheusTriggerMetrics
 from recsys_operator.retraining.triggers import (
@@ -54,6 +60,9 @@ INSTANTIATE_ANNOTATION = "cronjob.kubernetes.io/instantiate"
 TRIGGER_ANNOTATION = "recsys.dev/training-trigger"
 """On a triggered Job: which trigger and check started it, e.g. `Drift/PSI`."""
 MAX_NAME = 63  # the Job controller puts the Job's name in a label value
+RAY_RUN_KIND = "RayJob"
+RAY_FINISHED = frozenset({"Complete", "Failed", "ValidationFailed"})
+"""RayJob `status.jobDeploymentStatus` values after which KubeRay does nothing more."""
 
 
 def _rfc3339(moment: datetime) -> str:
@@ -99,16 +108,45 @@ def job_from_cronjob(cronjob: dict[str, Any], name: str, trigger: str) -> dict[s
     }
 
 
+def rayjob_from_raycronjob(raycronjob: dict[str, Any], name: str, trigger: str) -> dict[str, Any]:
+    """The RayJob of one run from the RayCronJob's jobTemplate (a RayJob spec), owned by
+    the RayCronJob and labelled as it is, marked with the trigger."""
+    cron_meta = raycronjob["metadata"]
+    return {
+        "apiVersion": RAY_API_VERSION,
+        "kind": RAY_RUN_KIND,
+        "metadata": {
+            "name": name,
+            "namespace": cron_meta["namespace"],
+            "labels": dict(cron_meta.get("labels") or {}),
+            "annotations": {TRIGGER_ANNOTATION: trigger},
+            "ownerReferences": [
+                {
+                    "apiVersion": RAY_API_VERSION,
+                    "kind": RAY_SCHEDULE_KIND,
+                    "name": cron_meta["name"],
+                    "uid": cron_meta["uid"],
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": copy.deepcopy(raycronjob["spec"]["jobTemplate"]),
+    }
+
+
 def triggered_job_name(cronjob_name: str, firing: Firing, now: datetime) -> str:
     suffix = f"-{firing.trigger.value.lower()}-{int(now.timestamp())}"
     return cronjob_name[: MAX_NAME - len(suffix)].rstrip("-") + suffix
 
 
 def job_active(job: dict[str, Any]) -> bool:
-    """Not finished: neither a completion time nor a true Complete or Failed condition."""
+    """Not finished: neither a completion time nor a true Complete or Failed condition
+    (a RayJob: neither an end time nor a final deployment status)."""
     status = job.get("status") or {}
-    if status.get("completionTime"):
+    if status.get("completionTime") or status.get("endTime"):
         return False
+    if job.get("kind") == RAY_RUN_KIND:
+        return status.get("jobDeploymentStatus") not in RAY_FINISHED
     return not any(
         c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
         for c in status.get("conditions") or []
@@ -181,16 +219,40 @@ def _start_run(
 ) -> tuple[str | None, str | None]:
     """(the Job created, None) or (None, why none was)."""
     namespace = system.metadata.namespace or "default"
-    cronjob = kube.get("batch/v1", "CronJob", namespace, training_name(system))
-    if cronjob is None:
-        return None, "the training CronJob is not created yet"
-    name = triggered_job_name(cronjob["metadata"]["name"], firing, now)
-    job = job_from_cronjob(cronjob, name, f"{firing.trigger.value}/{firing.check}")
+    trigger = f"{firing.trigger.value}/{firing.check}"
+    api_version, schedule_kind = _schedule_kind(system)
+    schedule = kube.get(api_version, schedule_kind, namespace, training_name(system))
+    if schedule is None:
+        return None, f"the training {schedule_kind} is not created yet"
+    name = triggered_job_name(schedule["metadata"]["name"], firing, now)
+    if schedule_kind == RAY_SCHEDULE_KIND:
+        run = rayjob_from_raycronjob(schedule, name, trigger)
+    else:
+        run = job_from_cronjob(schedule, name, trigger)
     try:
-        kube.create(job)
+        kube.create(run)
     except ApiException as exc:  # forbidden (RBAC older than triggers), a lost answer, ...
-        return None, f"creating Job {name} failed: {exc.status} {exc.reason}"
+        return None, f"creating {run['kind']} {name} failed: {exc.status} {exc.reason}"
     return name, None
+
+
+def _schedule_kind(system: RecommenderSystem) -> tuple[str, str]:
+    """(apiVersion, kind) of the object whose template a triggered run is made from."""
+    training = system.spec.training
+    if training is not None and training.engine is TrainingEngine.RAY_JOB:
+        return RAY_API_VERSION, RAY_SCHEDULE_KIND
+    return "batch/v1", "CronJob"
+
+
+def _runs(kube: KubeClient, system: RecommenderSystem, selector: str) -> list[dict[str, Any]]:
+    """The system's training runs that hold or delay a triggered one: its Jobs, and with
+    the Ray engine its RayJobs (listed by the labels the triggered ones carry)."""
+    namespace = system.metadata.namespace or "default"
+    runs = kube.list_objects("batch/v1", "Job", namespace, selector)
+    if _schedule_kind(system)[1] == RAY_SCHEDULE_KIND:
+        for ray_job in kube.list_objects(RAY_API_VERSION, RAY_RUN_KIND, namespace, selector):
+            runs.append({"kind": RAY_RUN_KIND, **ray_job})
+    return runs
 
 
 async def evaluate_triggers(
@@ -230,11 +292,10 @@ async def evaluate_triggers(
     outcome = TriggerOutcome(system=system_id(system), drift=readings.drift)
     if readings.firings:
         firing = readings.firings[0]
-        namespace = system.metadata.namespace or "default"
         selector = ",".join(
             f"{k}={v}" for k, v in selector_labels(system, Component.TRAINING).items()
         )
-        jobs = await asyncio.to_thread(kube.list_objects, "batch/v1", "Job", namespace, selector)
+        jobs = await asyncio.to_thread(_runs, kube, system, selector)
         starts = [s for j in jobs if (s := job_started_s(j)) is not None]
         if previous.last_trigger is not None:
             starts.append(_seconds(previous.last_trigger.time) or 0.0)

@@ -61,6 +61,8 @@ NOT_EXERCISED_HERE = {
     # Runs started by spec.training.triggers: tests/controller/test_training_triggers.py.
     ("batch", "jobs", "list"),
     ("batch", "jobs", "create"),
+    ("ray.io", "rayjobs", "list"),
+    ("ray.io", "rayjobs", "create"),
     # Checked by the OwnerReferencesPermissionEnforcement admission plugin, which the
     # emulator does not run (children's ownerReferences set blockOwnerDeletion).
     ("recsys.dev", "recommendersystems/finalizers", "update"),

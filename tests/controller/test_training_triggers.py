@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from kubemock.fixtures import KubeHandle, PulsarAdminHandle, wait_for
+from kubemock.fixtures import KubeHandle, PulsarAdminHandle, minimal_crd, wait_for
 
 from recsys_contracts.metric_names import (
     CLICKS,
@@ -34,6 +34,7 @@ from recsys_contracts.metric_names import (
 )
 from recsys_operator.api.reasons import ConditionReason, EventReason
 from recsys_operator.controller import handlers
+from recsys_operator.controller.reconcile import Reconciler
 from recsys_operator.controller.training_triggers import (
     INSTANTIATE_ANNOTATION,
     TRIGGER_ANNOTATION,
@@ -42,16 +43,19 @@ from recsys_operator.controller.training_triggers import (
 )
 from recsys_operator.launchers.process import free_port
 from recsys_operator.launchers.prometheus import prometheus_process, prometheus_url
+from recsys_operator.render import RenderOptions
 from recsys_operator.retraining.trigger_metrics import PrometheusTriggerMetrics
 from recsys_operator.tools import find_tool
 
 from .test_pruning import ROOT, World
 from .test_training_cronjob import retraining_doc
+from .test_training_rayjob import ray_doc
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.xdist_group("training-triggers")]
 
 SYSTEM = "/apis/recsys.dev/v1alpha1/namespaces/default/recommendersystems/quickstart"
 JOBS = "/apis/batch/v1/namespaces/default/jobs"
+RAY = "/apis/ray.io/v1/namespaces/default"
 STEP_S = 60
 SPAN_S = 4 * 3600
 RECENT_S = 3600  # the triggers' window in these tests: the last hour
@@ -433,3 +437,49 @@ def test_the_operator_starts_a_run_and_announces_it(
     assert last["job"] == job["metadata"]["name"]
     time.sleep(3)  # three more ticks: the run is active, so no second Job
     assert len(kube.get(JOBS)["items"]) == 1
+
+
+def test_with_the_ray_engine_a_trigger_starts_a_rayjob_from_the_raycronjob(
+    kube: KubeHandle, pulsar_admin: PulsarAdminHandle, prometheus: str
+) -> None:
+    world = World(kube, pulsar_admin)
+    kube.install_crds(
+        minimal_crd("ray.io", "v1", "RayCronJob", "raycronjobs"),
+        minimal_crd("ray.io", "v1", "RayJob", "rayjobs"),
+    )
+    training = ray_doc()["spec"]["training"] | {
+        "window": "2h",
+        "triggers": {"performance": {"minCtr": 0.05, "window": "1h"}},
+    }
+    world.patch(
+        "RecommenderSystem",
+        "quickstart",
+        {
+            "spec": {
+                "model": {"archiveUri": "pvc://models/retrieval/retrieval-1.mar"},
+                "training": training,
+            }
+        },
+    )
+    body = world.kube.get(SYSTEM)
+    reconciler = Reconciler(world.client, RenderOptions(monitoring=True, ray=True))
+    write_status(world, asyncio.run(reconciler.reconcile(body)).status)
+
+    first = evaluate(world, prometheus, "t.low-ctr").job
+    assert first is not None and jobs(world) == []  # no batch Job with this engine
+    raycronjob = world.kube.get(f"{RAY}/raycronjobs/quickstart-training")
+    run = world.kube.get(f"{RAY}/rayjobs/{first}")
+    assert run["spec"] == raycronjob["spec"]["jobTemplate"]  # the run a tick would start
+    assert run["metadata"]["annotations"][TRIGGER_ANNOTATION] == "Performance/minCtr"
+    (owner,) = run["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"]) == ("RayCronJob", raycronjob["metadata"]["uid"])
+
+    assert evaluate(world, prometheus, "t.low-ctr").job is None  # the RayJob runs
+    assert "is still active" in trigger_status(world)["waiting"]
+    finished = {"jobDeploymentStatus": "Complete", "endTime": datetime.now(UTC).isoformat()}
+    world.client.merge_patch(
+        "ray.io/v1", "RayJob", "default", first, {"status": finished}, "status"
+    )
+    later = datetime.now(UTC) + timedelta(minutes=61)
+    second = evaluate(world, prometheus, "t.low-ctr", now=later).job
+    assert second is not None and second != first

@@ -44,6 +44,13 @@
   - list
   - create
 - apiGroups:
+  - ray.io
+  resources:
+  - rayjobs
+  verbs:
+  - list
+  - create
+- apiGroups:
   - recsys.dev
   resources:
   - recommendersystems/finalizers
@@ -236,6 +243,13 @@
   - batch
   resources:
   - jobs
+  verbs:
+  - list
+  - create
+- apiGroups:
+  - ray.io
+  resources:
+  - rayjobs
   verbs:
   - list
   - create
