@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,48 @@ def test_impressions_and_client_events_arrive_keyed_by_user(
     metrics = http.get(metrics_url, timeout=10).text
     assert metric_value(metrics, "recsys_gateway_events_sent_total", stream="impressions") == 4
     assert metric_value(metrics, "recsys_gateway_events_dropped_total") == 0
+
+
+def test_impressions_under_load_arrive_batched_each_exactly_once(
+    serving: ServingStub,
+    start_gateway: StartGateway,
+    pulsar_broker: ManagedProcess,
+    pulsar_client: pulsar.Client,
+    topics: tuple[str, str],
+) -> None:
+    """Concurrent requests: their impressions go several to a message (fewer messages
+    than events), and every one arrives once, with the request id its answer had."""
+    impressions = subscribe(pulsar_client, topics[1])
+    gateway = start_gateway(
+        routing_document(
+            serving, pulsar=service_url(pulsar_broker), topics=topics, timeout_ms=5000
+        )  # the model's answers, not the fallback's, even on a loaded machine
+    )
+
+    def recommend(n: int) -> str:
+        with requests.Session() as session:
+            answer = session.post(
+                f"{gateway.url}/v1/recommend", json={"user_id": f"u{n}", "k": 2}, timeout=10
+            )
+        assert answer.status_code == 200
+        return str(answer.json()["request_id"])
+
+    with ThreadPoolExecutor(8) as pool:
+        request_ids = list(pool.map(recommend, range(120)))
+    got = receive_events(impressions, 120, timeout_s=30)
+    events = [event for _, decoded in got for event, _ in decoded]
+    assert sorted(e.request_id for e in events) == sorted(request_ids)
+    assert len({e.event_id for e in events}) == 120
+    assert len(got) < 120  # batched
+    wait_until(
+        lambda: (
+            metric_value(
+                requests.get(f"{gateway.url}/metrics", timeout=10).text,
+                "recsys_gateway_events_sent_total",
+            )
+            == 120
+        )
+    )
 
 
 def test_with_the_broker_down_requests_succeed_and_losses_are_counted(
