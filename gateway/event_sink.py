@@ -91,9 +91,10 @@ BATCH_DELAY_MS = 5
 GATHER_S = 0.025
 # Takes closer together than this mean events come often enough to pause and gather.
 FREQUENT_GAP_S = 4 * GATHER_S
-# At most this many impressions in one message (about 300 bytes each: 80 KB, well
-# under Pulsar's 5 MB message limit).
+# At most this many impressions, and about this many bytes, in one message (an
+# impression of 10 items is about 300 bytes; Pulsar refuses messages over 5 MB).
 MAX_BATCH_EVENTS = 256
+MAX_BATCH_BYTES = 1024 * 1024
 # Events the sender takes from the buffer at once (then sends before taking more).
 MAX_TAKEN = 4 * MAX_BATCH_EVENTS
 # How long `close` keeps sending what is buffered.
@@ -149,17 +150,22 @@ class OutgoingMessage:
         """`events` as messages: impressions (Avro) batched per system and topic, in
         the order taken, everything else one to a message."""
         out: list[OutgoingMessage] = []
-        batches: dict[tuple[str, str, str], list[OutgoingEvent]] = {}
+        open_batches: dict[tuple[str, str, str], list[OutgoingEvent]] = {}
+        sizes: dict[tuple[str, str, str], int] = {}  # their payloads' bytes
         for event in events:
             if event.stream != BATCHED_STREAM or not event.payload.startswith(_AVRO_V1):
                 out.append(cls([event], event.payload, event.key))
                 continue
-            batch = batches.setdefault((event.system, event.service_url, event.topic), [])
+            key = (event.system, event.service_url, event.topic)
+            batch = open_batches.setdefault(key, [])
+            if batch and sizes[key] + len(event.payload) > MAX_BATCH_BYTES:
+                out.append(cls.batch(open_batches.pop(key)))
+                batch = open_batches[key] = []
             batch.append(event)
+            sizes[key] = (sizes[key] if len(batch) > 1 else 0) + len(event.payload)
             if len(batch) >= MAX_BATCH_EVENTS:
-                out.append(cls.batch(batch))
-                batch.clear()
-        out.extend(cls.batch(batch) for batch in batches.values() if batch)
+                out.append(cls.batch(open_batches.pop(key)))
+        out.extend(cls.batch(batch) for batch in open_batches.values())
         return out
 
     @classmethod
