@@ -49,7 +49,7 @@ from gateway.api_models import (
     RecommendRequest,
     RecommendResponse,
 )
-from gateway.attribution import Attribution, RequestIds, UnverifiedRequestId
+from gateway.attribution import Attribution, NonceSource, RequestIds, UnverifiedRequestId
 from gateway.event_sink import DEFAULT_CAPACITY, OPERATION_TIMEOUT_S, DropReason, EventSink
 from gateway.events import impression_payload, interaction_payload
 from gateway.fallback import PopularityFallback
@@ -265,6 +265,7 @@ class Gateway:
         )
         self.openapi = build_openapi(__version__)
         self.body_read_timeout_s = settings.body_read_timeout_s
+        self.event_ids = NonceSource(16)  # an impression's event_id: 32 hex digits
         self.request_ids = (
             RequestIds.with_keys(settings.request_id_keys)
             if settings.request_id_keys
@@ -438,6 +439,7 @@ class Gateway:
                 "impressions",
                 ask.user_id,
                 lambda: impression_payload(
+                    event_id=self.event_ids.next_hex(),
                     user_id=ask.user_id,
                     item_ids=item_ids,
                     request_id=request_id,
@@ -540,6 +542,9 @@ class Gateway:
             encoded = payload()
         except ValidationError as exc:
             self.events.drop(routing.system, DropReason.INVALID_EVENT, str(exc.errors()[0]["msg"]))
+            return
+        except InvalidEvent as exc:
+            self.events.drop(routing.system, DropReason.INVALID_EVENT, exc.reason)
             return
         topic = routing.impressions_topic if stream == "impressions" else routing.interactions_topic
         self.events.publish(

@@ -6,12 +6,23 @@ buffer and hands them to the Pulsar client's asynchronous, batching producer; th
 client's own threads report each send's outcome. The event loop never waits for
 Pulsar, so a slow or absent broker costs events, never latency or availability.
 
+Impressions (one per recommendation: the bulk of the traffic) go several to a
+message, as an event batch (`recsys_contracts.event_wire.encode_batch`): everything
+the sender took from the buffer at once, per topic, up to `MAX_BATCH_EVENTS`. Per
+message the Pulsar client costs a send call and a callback on its own thread that
+has to take the GIL from the event loop; per batch instead of per event, that
+hand-over stops being most of what an impression costs. A batch carries no partition
+key (its events are several users'): the impressions' one consumer, the event-log
+sink, joins by request id and needs no per-user order. Interactions, which the
+feature job applies in each user's order, still go one to a message, keyed by user.
+
 Every accepted event is accounted for: it is sent (`recsys_gateway_events_sent_total`),
 counted as dropped, exactly one count per event
 (`recsys_gateway_events_dropped_total{reason}`), or spilled to a file at shutdown and
 sent again by the next gateway that starts with the same file
 (`recsys_gateway_events_spilled_total`, `..._restored_total`).
-`recsys_gateway_events_buffered` is the depth of the buffer: growing, it says the
+`recsys_gateway_events_buffered` counts the events the broker has not acknowledged yet
+(in the buffer, in the sender's hands or sent and unconfirmed): growing, it says the
 broker is not taking events.
 
 - `buffer_full`        the buffer is full (the broker is down or slower than traffic);
@@ -36,7 +47,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import logging
 import os
 import queue
 import threading
@@ -52,6 +62,7 @@ from prometheus_client import Counter, Gauge
 from gateway.log_rate_limit import rate_limited_logger
 from gateway.metrics import GatewayMetrics
 from recsys_contracts.env_vars import GatewayEnv
+from recsys_contracts.event_wire import MAGIC, SCHEMA_VERSION, encode_batch
 from recsys_contracts.metric_names import (
     GATEWAY_EVENTS_BUFFERED,
     GATEWAY_EVENTS_RESTORED,
@@ -59,9 +70,12 @@ from recsys_contracts.metric_names import (
 )
 
 log = rate_limited_logger(__name__)
-# The Pulsar client reports each reconnect attempt; keep them, but rate-limited.
-pulsar_log = rate_limited_logger("gateway.pulsar")
-pulsar_log.setLevel(logging.WARNING)
+# The Pulsar client's own log: warnings and errors (each reconnect attempt, backed
+# off by the client up to a minute apart), written by the client itself to the
+# gateway's output. Not a Python logger: the client hands a Python logger every line
+# it writes, debug lines included (several per message sent), each taking the GIL from
+# the event loop, which cost more than the sends themselves.
+PULSAR_LOG = pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn)
 
 DEFAULT_CAPACITY = 10_000
 DEFAULT_MAX_ATTEMPTS = 3
@@ -70,9 +84,19 @@ DEFAULT_MAX_ATTEMPTS = 3
 OPERATION_TIMEOUT_S = 5
 SEND_TIMEOUT_MS = 5_000
 BATCH_DELAY_MS = 5
-# How long the sender thread lets events gather after it has sent all it had (well
-# under the producer's own batching delay).
-GATHER_S = 0.002
+# How long the sender thread lets impressions gather after it has sent all it had,
+# while they come often: what sets the size of a batch (25 at 1 000 requests a
+# second), and what an impression waits at most before it is handed to the client.
+# An interaction cuts the pause short (the feature job's freshness counts from it).
+GATHER_S = 0.025
+# Takes closer together than this mean events come often enough to pause and gather.
+FREQUENT_GAP_S = 4 * GATHER_S
+# At most this many impressions, and about this many bytes, in one message (an
+# impression of 10 items is about 300 bytes; Pulsar refuses messages over 5 MB).
+MAX_BATCH_EVENTS = 256
+MAX_BATCH_BYTES = 1024 * 1024
+# Events the sender takes from the buffer at once (then sends before taking more).
+MAX_TAKEN = 4 * MAX_BATCH_EVENTS
 # How long `close` keeps sending what is buffered.
 DRAIN_TIMEOUT_S = 5.0
 TOKEN_ENV = GatewayEnv.PULSAR_TOKEN
@@ -109,6 +133,52 @@ class OutgoingEvent:
         return cls(**record)
 
 
+_AVRO_V1 = MAGIC + bytes((SCHEMA_VERSION,))
+BATCHED_STREAM = "impressions"
+
+
+@dataclass
+class OutgoingMessage:
+    """What one send carries: one event, or a batch of one stream's events for one topic."""
+
+    events: list[OutgoingEvent]
+    payload: bytes
+    key: str | None  # None for a batch: no one user's
+
+    @classmethod
+    def messages(cls, events: list[OutgoingEvent]) -> list[OutgoingMessage]:
+        """`events` as messages: impressions (Avro) batched per system and topic, in
+        the order taken, everything else one to a message."""
+        out: list[OutgoingMessage] = []
+        open_batches: dict[tuple[str, str, str], list[OutgoingEvent]] = {}
+        sizes: dict[tuple[str, str, str], int] = {}  # their payloads' bytes
+        for event in events:
+            if event.stream != BATCHED_STREAM or not event.payload.startswith(_AVRO_V1):
+                out.append(cls([event], event.payload, event.key))
+                continue
+            key = (event.system, event.service_url, event.topic)
+            batch = open_batches.setdefault(key, [])
+            if batch and sizes[key] + len(event.payload) > MAX_BATCH_BYTES:
+                out.append(cls.batch(open_batches.pop(key)))
+                batch = open_batches[key] = []
+            batch.append(event)
+            sizes[key] = (sizes[key] if len(batch) > 1 else 0) + len(event.payload)
+            if len(batch) >= MAX_BATCH_EVENTS:
+                out.append(cls.batch(open_batches.pop(key)))
+        out.extend(cls.batch(batch) for batch in open_batches.values())
+        return out
+
+    @classmethod
+    def batch(cls, events: list[OutgoingEvent]) -> OutgoingMessage:
+        if len(events) == 1:  # a batch of one would only cost a consumer more
+            return cls([events[0]], events[0].payload, events[0].key)
+        return cls(list(events), encode_batch([e.payload for e in events]), None)
+
+    @property
+    def first(self) -> OutgoingEvent:
+        return self.events[0]
+
+
 # Send results that mean "the broker is not reachable now", not "it refused this event".
 _UNREACHABLE = frozenset(
     {pulsar.Result.Timeout, pulsar.Result.ConnectError, pulsar.Result.AlreadyClosed}
@@ -135,6 +205,7 @@ class EventSink:
         self._token = token if token is not None else os.environ.get(TOKEN_ENV)
         self._buffer: queue.Queue[OutgoingEvent] = queue.Queue(maxsize=capacity)
         self._closing = threading.Event()
+        self._wake = threading.Event()  # ends the sender's pause: an interaction, or close
         self._drain_deadline = float("inf")
         self._thread = threading.Thread(target=self._run, name="gateway-event-sink", daemon=True)
         # Touched by the sender thread only.
@@ -150,9 +221,10 @@ class EventSink:
         r = metrics.registry
         Gauge(
             GATEWAY_EVENTS_BUFFERED,
-            "Events waiting in the gateway's buffer for the broker.",
+            "Events the broker has not acknowledged yet: buffered, in the sender's hands, "
+            "or sent and unconfirmed.",
             registry=r,
-        ).set_function(self._buffer.qsize)
+        ).set_function(lambda: self._buffer.qsize() + len(self._unresolved))
         self._spilled = Counter(
             GATEWAY_EVENTS_SPILLED,
             "Events written to the spill file at shutdown, to be sent by the next start.",
@@ -202,7 +274,10 @@ class EventSink:
                 "the routing names no Pulsar service URL or topic",
             )
             return False
-        return self._enqueue(OutgoingEvent(system, stream, service_url, topic, key, payload))
+        queued = self._enqueue(OutgoingEvent(system, stream, service_url, topic, key, payload))
+        if stream != BATCHED_STREAM:
+            self._wake.set()  # sent now, not after the impressions' pause
+        return queued
 
     def close(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
         """Send what is buffered for up to `timeout_s`, then stop, spilling (or counting
@@ -211,6 +286,7 @@ class EventSink:
         thread when on an event loop."""
         self._drain_deadline = time.monotonic() + timeout_s
         self._closing.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s + 2)
         with self._lock:
@@ -267,33 +343,46 @@ class EventSink:
     # --- the sender thread ------------------------------------------------------
 
     def _run(self) -> None:
-        last_event_at, gap = 0.0, float("inf")  # gap: between the last two events taken
+        last_event_at, gap = 0.0, float("inf")  # gap: between the last two takes
         while True:
-            if gap < GATHER_S and self._buffer.empty():
+            # (The gap includes the previous pause: events come often when the next
+            # one was there within a few pauses.)
+            if gap < FREQUENT_GAP_S and self._buffer.empty():
                 # Events come often: let some gather before waiting for the next one.
                 # A thread waiting on the buffer is woken by every put, one thread
                 # switch (and a fight for the GIL with the event loop) per event; the
                 # pause makes it one per batch. (When events are rare it would be one
                 # more wake per event, so then it waits on the buffer at once.)
-                self._closing.wait(GATHER_S)
+                self._wake.wait(GATHER_S)
+            if not self._closing.is_set():
+                self._wake.clear()  # (what it was set for is in the buffer: taken next)
             try:
-                event = self._buffer.get(timeout=0.1)
+                taken = [self._buffer.get(timeout=0.1)]
                 taken_at = time.monotonic()
                 gap, last_event_at = taken_at - last_event_at, taken_at
             except queue.Empty:
                 if self._closing.is_set():
                     break
                 continue
+            with contextlib.suppress(queue.Empty):
+                while len(taken) < MAX_TAKEN:
+                    taken.append(self._buffer.get_nowait())
             with self._lock:
                 if self._abandoned:
                     return  # close has taken over what is left
-                self._unresolved[id(event)] = event
-            if self._closing.is_set() and time.monotonic() > self._drain_deadline:
-                break  # close spills (or counts) it with the rest
-            self._send(event)
+                for event in taken:
+                    self._unresolved[id(event)] = event
+            for message in OutgoingMessage.messages(taken):
+                if self._closing.is_set() and time.monotonic() > self._drain_deadline:
+                    break  # close spills (or counts) these with the rest
+                self._send(message)
+            else:
+                continue
+            break
         self._disconnect()
 
-    def _send(self, event: OutgoingEvent) -> None:
+    def _send(self, message: OutgoingMessage) -> None:
+        event = message.first  # all of a message's events share the topic
         failures = 0
         while True:
             try:
@@ -310,30 +399,46 @@ class EventSink:
                 # Back off; the buffer absorbs new events meanwhile (or drops, counted).
                 self._closing.wait(min(2.0, 0.2 * 2**failures))
         try:
-            producer.send_async(
-                event.payload,
-                lambda result, _message_id: self._on_sent(event, result),
-                partition_key=event.key,
-            )
+            if message.key is None:
+                producer.send_async(
+                    message.payload,
+                    lambda result, _message_id: self._on_sent(message.events, result),
+                )
+            else:
+                producer.send_async(
+                    message.payload,
+                    lambda result, _message_id: self._on_sent(message.events, result),
+                    partition_key=message.key,
+                )
         except Exception as exc:
-            self._on_sent(event, exc)
+            self._on_sent(message.events, exc)
 
-    def _on_sent(self, event: OutgoingEvent, result: Any) -> None:
-        """Runs on a Pulsar client thread (or the sender's, for synchronous errors)."""
+    def _on_sent(self, events: list[OutgoingEvent], result: Any) -> None:
+        """Runs on a Pulsar client thread (or the sender's, for synchronous errors).
+        The events of one message share its outcome (a batch is stored whole or not)."""
         with self._lock:
-            if self._abandoned or self._unresolved.pop(id(event), None) is None:
-                return  # close already spilled or counted it
+            if self._abandoned:
+                return  # close already spilled or counted them
+            events = [e for e in events if self._unresolved.pop(id(e), None) is not None]
+        if not events:
+            return
         if result == pulsar.Result.Ok:
-            self.metrics.child(self.metrics.events_sent, event.system, event.stream).inc()
+            first = events[0]
+            self.metrics.child(self.metrics.events_sent, first.system, first.stream).inc(
+                len(events)
+            )
             return
         if result not in _UNREACHABLE:
-            event.attempts += 1  # the broker refused this event: only so many tries
+            for event in events:
+                event.attempts += 1  # the broker refused this event: only so many tries
         if self._closing.is_set():
-            self._keep_or_drop([event])
-        elif event.attempts < self.max_attempts:
-            self._enqueue(event)
-        else:
-            self.drop(event.system, DropReason.SEND_FAILED, f"{event.topic}: {result}")
+            self._keep_or_drop(events)
+            return
+        for event in events:
+            if event.attempts < self.max_attempts:
+                self._enqueue(event)  # batched again with whatever is buffered then
+            else:
+                self.drop(event.system, DropReason.SEND_FAILED, f"{event.topic}: {result}")
 
     def _producer(self, service_url: str, topic: str) -> pulsar.Producer:
         if service_url != self._client_url:
@@ -343,7 +448,7 @@ class EventSink:
                 service_url,
                 authentication=pulsar.AuthenticationToken(self._token) if self._token else None,
                 operation_timeout_seconds=self.operation_timeout_s,
-                logger=pulsar_log,
+                logger=PULSAR_LOG,
             )
             self._client_url = service_url
         producer = self._producers.get(topic)

@@ -1,8 +1,8 @@
 """Logging that stays readable when something fails thousands of times a second.
 
-A broker outage makes every event fail and the Pulsar client report every
-reconnect; logging each would bury everything else (and cost more than the
-requests). `RateLimitFilter` lets one record of a kind through per interval and
+A broker outage makes every event fail; logging each would bury everything else
+(and cost more than the requests). (The Pulsar client's own reconnect warnings are
+written by the client itself, backed off by it: `gateway.event_sink.PULSAR_LOG`.) `RateLimitFilter` lets one record of a kind through per interval and
 tells, on the next one let through, how many were held back. Nothing is lost that
 matters: the counts live in the metrics.
 """
@@ -18,7 +18,7 @@ class RateLimitFilter(logging.Filter):
     def __init__(self, interval_s: float = 10.0) -> None:
         super().__init__()
         self.interval_s = interval_s
-        self._lock = threading.Lock()  # the Pulsar client logs from its own threads
+        self._lock = threading.Lock()  # send outcomes are logged on the Pulsar client's threads
         self._last: dict[tuple[str, int, str], float] = {}
         self._held_back: dict[tuple[str, int, str], int] = {}
 

@@ -62,21 +62,33 @@ def _is_json(media_type: str) -> bool:
     )
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicates(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen = set()
+    for key, _ in items:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(items)
+
+
+# Built once: `json.loads(..., object_pairs_hook=...)` builds a decoder on every call,
+# which cost more than parsing a recommend request.
+_DECODER = json.JSONDecoder(object_pairs_hook=_refuse_duplicates)
+
+
 def duplicate_key(raw: bytes) -> str | None:
     """The first key some object in the JSON `raw` names twice; None when there is none
     (or `raw` is not JSON: the validation reports that)."""
-    found: list[str] = []
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen = set()
-        for key, _ in items:
-            if key in seen and not found:
-                found.append(key)
-            seen.add(key)
-        return dict(items)
-
     try:
-        json.loads(raw, object_pairs_hook=pairs)
-    except ValueError:
+        _DECODER.decode(raw.decode("utf-8"))
+    except _DuplicateKey as found:
+        return found.key
+    except ValueError:  # not UTF-8 (UnicodeDecodeError) or not JSON
         return None
-    return found[0] if found else None
+    return None

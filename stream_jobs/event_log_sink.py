@@ -6,7 +6,10 @@
 The loop:
 
 1. receive a batch from both topics; a malformed event, or one from the future, is
-   dead-lettered (published, then acked);
+   dead-lettered (published, then acked); a message may hold several events (the
+   gateway batches its impressions: `recsys_contracts.event_wire`), valid as a whole
+   (else the whole message is dead-lettered) and acked once every one of its events
+   is written or dropped as a duplicate (`SharedMessage`);
 2. drop events whose `event_id` was already written (a redelivery after a crash, a
    client's retry); buffer the rest; impressions wait in the join for their clicks
    (`impression_join`);
@@ -36,7 +39,7 @@ import pyarrow as pa
 
 from recsys_contracts import event_log_layout as layout
 from recsys_contracts.event_log_settings import EventLogSettings
-from recsys_contracts.event_wire import decode_event
+from recsys_contracts.event_wire import decode_records
 from recsys_contracts.events import (
     Event,
     EventType,
@@ -48,7 +51,7 @@ from recsys_contracts.feature_job_settings import duration_ms
 from stream_jobs.dead_letters import DeadLetter, DeadLetterPublisher
 from stream_jobs.event_log_metrics import EventLogMetrics
 from stream_jobs.event_log_store import EventLogStore, WrittenFile
-from stream_jobs.impression_join import ImpressionJoin, PendingImpression, shown_items
+from stream_jobs.impression_join import ImpressionJoin, PendingImpression, listed_items
 from stream_jobs.subscription import subscribe_batches
 from stream_jobs.until_signalled import run_until_signalled
 
@@ -81,6 +84,19 @@ class SeenIds:
         self._ids[event_id] = None
         if len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
+
+
+@dataclass
+class SharedMessage:
+    """A message holding several events: acknowledged when the last of them is done."""
+
+    message: Any
+    left: int
+
+    def settle_one(self) -> bool:
+        """One of its events is done; True when that was the last (ack it now)."""
+        self.left -= 1
+        return self.left == 0
 
 
 @dataclass
@@ -233,31 +249,15 @@ class EventLogSink:
         now = now_ms()
         for message in messages:
             try:
-                event = decode_event(message.data())
-                check_event_ts(event.ts, now, self._max_future_ms, PAST_FOR_LOG_MS)
+                decoded = decode_records(message.data())
+                for event, _ in decoded:
+                    check_event_ts(event.ts, now, self._max_future_ms, PAST_FOR_LOG_MS)
             except InvalidEvent as problem:
                 invalid.append(DeadLetter(message, problem))
                 continue
-            table = (
-                layout.IMPRESSIONS_TABLE
-                if event.type is EventType.IMPRESSION
-                else layout.INTERACTIONS_TABLE
-            )
-            if event.event_id in self.seen[table]:
-                self.metrics.duplicates.labels(**self._m, table=table, stage="sink").inc()
-                consumer.acknowledge(message)
-                continue
-            if event.event_id in self.in_flight[table]:
-                self.metrics.duplicates.labels(**self._m, table=table, stage="sink").inc()
-                continue  # the copy in hand is acked once written (a resent id: redelivered)
-            self.in_flight[table].add(event.event_id)
-            self.join.observe(event.ts)
-            if table == layout.IMPRESSIONS_TABLE:
-                items = shown_items(event, message.data())
-                self.join.add_impression(PendingImpression(event, items, message))
-            else:
-                self.buffer.add(event, message)
-                self.join.add_click(event)
+            handle = message if len(decoded) == 1 else SharedMessage(message, len(decoded))
+            for event, record in decoded:
+                self._receive_one(consumer, event, record, handle)
         self.metrics.pending_impressions.labels(**self._m).set(self.join.pending)
         if invalid:
             accepted = dead_letters.publish(invalid, now_ms())
@@ -267,6 +267,38 @@ class EventLogSink:
                     self.metrics.dead_letters.labels(**self._m, reason=letter.problem.code).inc()
                 else:
                     log.error("the dead-letter topic refused a message; it stays unacked")
+
+    def _receive_one(
+        self, consumer: Any, event: Event, record: dict[str, Any], handle: Any
+    ) -> None:
+        table = (
+            layout.IMPRESSIONS_TABLE
+            if event.type is EventType.IMPRESSION
+            else layout.INTERACTIONS_TABLE
+        )
+        if event.event_id in self.seen[table]:
+            self.metrics.duplicates.labels(**self._m, table=table, stage="sink").inc()
+            self.settle(consumer, handle)
+            return
+        if event.event_id in self.in_flight[table]:
+            self.metrics.duplicates.labels(**self._m, table=table, stage="sink").inc()
+            return  # the copy in hand is acked once written (a resent id: redelivered)
+        self.in_flight[table].add(event.event_id)
+        self.join.observe(event.ts)
+        if table == layout.IMPRESSIONS_TABLE:
+            items = listed_items(event, record)
+            self.join.add_impression(PendingImpression(event, items, handle))
+        else:
+            self.buffer.add(event, handle)
+            self.join.add_click(event)
+
+    def settle(self, consumer: Any, handle: Any) -> None:
+        """One event of `handle` (a message, or a SharedMessage) is written or dropped:
+        ack the message, or a shared one once all its events are."""
+        if not isinstance(handle, SharedMessage):
+            self.acknowledge(consumer, handle)
+        elif handle.settle_one():
+            self.acknowledge(consumer, handle.message)
 
     def _flush_due(self) -> bool:
         """A full buffer, or `flush_interval` since the oldest buffered event arrived or
@@ -307,9 +339,9 @@ class EventLogSink:
                 self.seen[table].add(event_id)
                 self.in_flight[table].discard(event_id)
         for message in self.buffer.messages:
-            self.acknowledge(consumer, message)
+            self.settle(consumer, message)
         for impression in impressions:
-            self.acknowledge(consumer, impression.message)
+            self.settle(consumer, impression.message)
         self.buffer = Buffer()
         self.metrics.pending_impressions.labels(**self._m).set(self.join.pending)
         return True

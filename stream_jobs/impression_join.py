@@ -26,7 +26,7 @@ from recsys_contracts.events import Event, EventType, InvalidEvent
 class PendingImpression:
     event: Event
     item_ids: list[str]
-    message: Any  # acknowledged once its rows are written
+    message: Any  # acknowledged once its rows are written (a SharedMessage: once all its events')
     received_at: float = field(default_factory=time.monotonic)
 
 
@@ -35,9 +35,15 @@ def shown_items(event: Event, payload: bytes) -> list[str]:
     payload (Avro or JSON) has them (the event model ignores that field), else just
     `item_id`."""
     try:
-        listed = decode_record(payload).get("item_ids")
+        record = decode_record(payload)
     except (InvalidEvent, ValueError, AttributeError):
-        listed = None
+        record = {}
+    return listed_items(event, record)
+
+
+def listed_items(event: Event, record: dict[str, Any]) -> list[str]:
+    """`shown_items` for a record already decoded (`event_wire.decode_records`)."""
+    listed = record.get("item_ids")
     if isinstance(listed, list) and listed and all(isinstance(i, str) for i in listed):
         return list(dict.fromkeys(listed))  # a repeated item is one impression
     return [event.item_id]

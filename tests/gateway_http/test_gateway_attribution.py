@@ -3,13 +3,16 @@ and a signature, so only ids a gateway issued count."""
 
 from __future__ import annotations
 
+import hmac
 import re
+import secrets
 
 import pytest
 
 from gateway.attribution import (
     REQUEST_ID_PATTERN,
     Attribution,
+    HmacSha256,
     RequestIds,
     UnverifiedRequestId,
     parse_request_id,
@@ -105,3 +108,13 @@ def test_keys_come_from_the_environment_and_must_be_long_enough() -> None:
     one, other = RequestIds.from_env({}), RequestIds.from_env({})
     with pytest.raises(UnverifiedRequestId):
         other.verify(one.issue(Variant.STABLE, "1"))
+
+
+@pytest.mark.parametrize("key_bytes", [16, 32, 64, 65, 200])
+def test_the_signature_is_hmac_sha256_so_replicas_and_older_gateways_agree(key_bytes: int) -> None:
+    """The precomputed HMAC must be exactly HMAC-SHA256: ids signed by a gateway of an
+    earlier release (hmac.digest) still verify during a rolling update."""
+    key = secrets.token_bytes(key_bytes)
+    for size in (0, 1, 63, 64, 90, 1000):
+        message = secrets.token_bytes(size)
+        assert HmacSha256(key).digest(message) == hmac.digest(key, message, "sha256")

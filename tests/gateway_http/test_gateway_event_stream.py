@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,12 @@ from gateway_testing import StartGateway, metric_value, routing_document, wait_u
 from serving_stub import ServingStub
 
 from gateway.log_rate_limit import RateLimitFilter
-from recsys_contracts.event_wire import WireFormat, decode_event, decode_record, wire_format_of
+from recsys_contracts.event_wire import (
+    WireFormat,
+    decode_event,
+    decode_records,
+    wire_format_of,
+)
 from recsys_contracts.events import EventType, now_ms
 from recsys_operator.launchers.process import ManagedProcess, free_port
 from recsys_operator.launchers.pulsar_broker import broker_process, service_url
@@ -68,6 +74,24 @@ def receive(consumer: pulsar.Consumer, count: int, timeout_s: float = 15.0) -> l
     return messages
 
 
+def receive_events(
+    consumer: pulsar.Consumer, count: int, timeout_s: float = 15.0
+) -> list[tuple[pulsar.Message, list[tuple[Any, dict[str, Any]]]]]:
+    """Messages until they hold `count` events (impressions come batched), each with
+    its decoded events (and their records)."""
+    got: list[tuple[pulsar.Message, list[tuple[Any, dict[str, Any]]]]] = []
+    deadline = time.monotonic() + timeout_s
+    while sum(len(events) for _, events in got) < count and time.monotonic() < deadline:
+        try:
+            message = consumer.receive(timeout_millis=500)
+        except pulsar.Timeout:
+            continue
+        consumer.acknowledge(message)
+        got.append((message, decode_records(message.data())))
+    assert sum(len(events) for _, events in got) == count, f"received {got!r}"
+    return got
+
+
 def test_impressions_and_client_events_arrive_keyed_by_user(
     serving: ServingStub,
     start_gateway: StartGateway,
@@ -87,25 +111,29 @@ def test_impressions_and_client_events_arrive_keyed_by_user(
     started_ms = now_ms()
 
     served: dict[str, dict[str, Any]] = {}
+    shown: dict[str | None, dict[str, Any]] = {}
     for user in ("alice", "bob", "carol", "dave"):
         body = http.post(
             f"{gateway.url}/v1/recommend", json={"user_id": user, "k": 3}, timeout=10
         ).json()
         served[body["request_id"]] = body | {"user_id": user}
 
-    for message in receive(impressions, 4):
+    for message, decoded in receive_events(impressions, 4):
         assert wire_format_of(message.data()) is WireFormat.AVRO  # the default
-        record = decode_record(message.data())
-        event = decode_event(message.data())  # a valid event for the stream jobs
-        response = served[event.request_id or ""]
-        assert message.partition_key() == response["user_id"] == event.user_id
-        assert event.type is EventType.IMPRESSION
-        assert event.model_version == response["model_version"]
-        assert record["item_ids"] == response["item_ids"]
-        assert event.item_id == response["item_ids"][0]
-        assert started_ms - 1000 <= event.ts <= now_ms() + 1000
+        for event, record in decoded:  # valid events for the stream jobs
+            response = served.pop(event.request_id or "")  # each impression once
+            # A lone impression is keyed by its user; a batch of several users' by none.
+            assert message.partition_key() == (response["user_id"] if len(decoded) == 1 else "")
+            assert event.user_id == response["user_id"]
+            assert event.type is EventType.IMPRESSION
+            assert event.model_version == response["model_version"]
+            assert record["item_ids"] == response["item_ids"]
+            assert event.item_id == response["item_ids"][0]
+            assert started_ms - 1000 <= event.ts <= now_ms() + 1000
+            shown[event.request_id] = response
+    assert not served
 
-    clicked = next(iter(served.values()))
+    clicked = next(iter(shown.values()))
     client_events = [
         {"type": "click", "user_id": clicked["user_id"], "item_id": clicked["item_ids"][1], "request_id": clicked["request_id"]},
         {"type": "view", "user_id": "erin", "item_id": "item-9"},
@@ -141,6 +169,48 @@ def test_impressions_and_client_events_arrive_keyed_by_user(
     metrics = http.get(metrics_url, timeout=10).text
     assert metric_value(metrics, "recsys_gateway_events_sent_total", stream="impressions") == 4
     assert metric_value(metrics, "recsys_gateway_events_dropped_total") == 0
+
+
+def test_impressions_under_load_arrive_batched_each_exactly_once(
+    serving: ServingStub,
+    start_gateway: StartGateway,
+    pulsar_broker: ManagedProcess,
+    pulsar_client: pulsar.Client,
+    topics: tuple[str, str],
+) -> None:
+    """Concurrent requests: their impressions go several to a message (fewer messages
+    than events), and every one arrives once, with the request id its answer had."""
+    impressions = subscribe(pulsar_client, topics[1])
+    gateway = start_gateway(
+        routing_document(
+            serving, pulsar=service_url(pulsar_broker), topics=topics, timeout_ms=5000
+        )  # the model's answers, not the fallback's, even on a loaded machine
+    )
+
+    def recommend(n: int) -> str:
+        with requests.Session() as session:
+            answer = session.post(
+                f"{gateway.url}/v1/recommend", json={"user_id": f"u{n}", "k": 2}, timeout=10
+            )
+        assert answer.status_code == 200
+        return str(answer.json()["request_id"])
+
+    with ThreadPoolExecutor(8) as pool:
+        request_ids = list(pool.map(recommend, range(120)))
+    got = receive_events(impressions, 120, timeout_s=30)
+    events = [event for _, decoded in got for event, _ in decoded]
+    assert sorted(e.request_id for e in events) == sorted(request_ids)
+    assert len({e.event_id for e in events}) == 120
+    assert len(got) < 120  # batched
+    wait_until(
+        lambda: (
+            metric_value(
+                requests.get(f"{gateway.url}/metrics", timeout=10).text,
+                "recsys_gateway_events_sent_total",
+            )
+            == 120
+        )
+    )
 
 
 def test_with_the_broker_down_requests_succeed_and_losses_are_counted(
@@ -232,11 +302,11 @@ def test_with_the_broker_down_for_good_every_accepted_event_is_spilled_then_deli
         )
         try:
             interactions = receive(subscribe(client, topics[0]), 20, timeout_s=30)
-            impressions = receive(subscribe(client, topics[1]), 20, timeout_s=30)
+            impressions = receive_events(subscribe(client, topics[1]), 20, timeout_s=30)
         finally:
             client.close()
         assert {decode_event(m.data()).event_id for m in interactions} == sent_ids
-        assert len({decode_event(m.data()).event_id for m in impressions}) == 20
+        assert len({e.event_id for _, events in impressions for e, _ in events}) == 20
         text = http.get(f"{second.url}/metrics", timeout=10).text
         assert metric_value(text, "recsys_gateway_events_restored_total") == 40
         wait_until(

@@ -15,7 +15,7 @@ ENCODE = textwrap.dedent(
     from recsys_contracts.event_wire import decode_record, wire_format_of
 
     payload = impression_payload(
-        user_id="u1", item_ids=["i3", "i1"], request_id="r1", model_version="v2",
+        event_id="e1", user_id="u1", item_ids=["i3", "i1"], request_id="r1", model_version="v2",
         ts_ms=1767225600000,
     )
     record = decode_record(payload)

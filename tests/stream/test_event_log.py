@@ -36,6 +36,7 @@ from stream_support import (
 from recsys_contracts import event_log_layout as layout
 from recsys_contracts import metric_names as names
 from recsys_contracts.event_log_settings import EventLogSettings
+from recsys_contracts.event_wire import encode_batch, encode_event, encode_impression
 from recsys_contracts.events import Event, EventType
 from stream_jobs.event_log_sink import EventLogSink, compact_log
 from stream_jobs.event_log_store import EventLogStore
@@ -446,6 +447,75 @@ def test_impressions_are_joined_with_their_clicks_within_the_window(
     first = got[("r-clicked", "a")]
     assert (first["user_id"], first["ts"], first["model_version"]) == ("u1", t, "v1")
     assert [got[("r-clicked", i)]["position"] for i in "abc"] == [0, 1, 2]
+
+
+def gateway_impression(request_id: str, user: str, items: list[str], ts: int) -> bytes:
+    """An impression as the gateway encodes it (Avro, `encode_impression`)."""
+    return encode_impression(
+        event_id=f"imp-{request_id}",
+        user_id=user,
+        item_ids=items,
+        ts=ts,
+        request_id=request_id,
+        model_version="v1",
+    )
+
+
+def test_a_batch_of_impressions_is_joined_and_acked_once_all_its_rows_are_written(
+    pulsar_url: str, topic: str, impressions_topic: str, tmp_path: Path
+) -> None:
+    """The gateway sends impressions several to a message: each is joined on its own,
+    and the message is acked only once every one of them is written (a crash before
+    that redelivers it: duplicates, never losses). A batch with one invalid event is
+    dead-lettered whole."""
+    uri = str(tmp_path / "log")
+    t = BASE_TS + 3 * MINUTE
+    batch = encode_batch(
+        [
+            gateway_impression("r-early", "u1", ["a", "b"], t),
+            gateway_impression("r-later", "u2", ["c", "d"], t + 12 * MINUTE),
+        ]
+    )
+    invalid = encode_event(
+        Event.model_construct(
+            event_id="bad", user_id="u 3", item_id="x", type=EventType.VIEW, ts=t,
+            dwell_ms=None, request_id=None, model_version=None,
+        )
+    )  # fmt: skip
+    broken = encode_batch([gateway_impression("r-lost", "u3", ["e"], t), invalid])
+    produce(pulsar_url, impressions_topic, [("", batch), ("", broken)])
+    produce_events(pulsar_url, topic, [click("r-early", "u1", "b", t + MINUTE)])
+    acked: list[bytes] = []
+
+    class RecordsAcks(EventLogSink):
+        def acknowledge(self, consumer: Any, message: Any) -> None:
+            acked.append(message.data())
+            super().acknowledge(consumer, message)
+
+    settings = sink_settings(pulsar_url, topic, uri, impressions_topic=impressions_topic)
+    store = LogStore(uri, {})
+    sink = RecordsAcks(settings)
+    with running_sink(sink):
+        # An event 11 minutes after r-early closes its window, not r-later's.
+        produce_events(pulsar_url, topic, [click("r-x", "u9", "z", t + 11 * MINUTE)])
+        wait_until(lambda: store.raw(layout.IMPRESSIONS_TABLE).num_rows == 2, 30, "r-early")
+        time.sleep(0.3)  # a few flushes
+        assert sink.join.pending == 1
+        assert batch not in acked  # r-later is not written yet
+        produce_events(pulsar_url, topic, [click("r-y", "u9", "z", t + 23 * MINUTE)])
+        wait_until(lambda: store.raw(layout.IMPRESSIONS_TABLE).num_rows == 4, 30, "r-later")
+        wait_until(lambda: batch in acked, 10, "the batch acked")
+    assert acked.count(batch) == 1
+    rows = layout.read_impressions(uri, BASE_TS, BASE_TS + 86_400_000).to_pylist()
+    got = {(r["request_id"], r["item_id"]): r["clicked"] for r in rows}
+    assert got == {
+        ("r-early", "a"): False,
+        ("r-early", "b"): True,
+        ("r-later", "c"): False,
+        ("r-later", "d"): False,
+    }  # r-lost is not there: its batch was invalid as a whole
+    letters = consume(pulsar_url, settings.dead_letters, count=1, timeout=10)
+    assert json.loads(letters[0].data())["code"] == "invalid_field"
 
 
 # --- compaction -------------------------------------------------------------------

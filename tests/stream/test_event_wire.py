@@ -3,18 +3,29 @@ malformed payload is refused with a code and a reason (never an unexpected excep
 
 from __future__ import annotations
 
+import io
 import itertools
+from typing import Any
 
+import fastavro
 import pytest
+from pydantic import ValidationError
 
 from recsys_contracts.event_wire import (
+    BATCH_SCHEMA_VERSION,
     EVENT_SCHEMA_V1,
+    HEADER_SIZE,
     MAGIC,
     SCHEMA_VERSION,
+    SCHEMAS,
     WireFormat,
     decode_event,
+    decode_events,
     decode_record,
+    decode_records,
+    encode_batch,
     encode_event,
+    encode_impression,
     wire_format_from_env,
     wire_format_of,
 )
@@ -121,10 +132,11 @@ def test_a_corrupt_avro_payload_is_refused_as_not_avro() -> None:
 
 def test_an_unknown_schema_version_is_refused_with_the_versions_this_reader_knows() -> None:
     payload = encode_event(events()[-1])
-    problem = refusal(MAGIC + bytes((SCHEMA_VERSION + 1,)) + payload[3:])
+    newer = max(SCHEMAS) + 1
+    problem = refusal(MAGIC + bytes((newer,)) + payload[3:])
     assert problem.code == "unknown_schema"
-    assert f"schema version {SCHEMA_VERSION + 1} is unknown to this reader" in problem.reason
-    assert f"it reads {SCHEMA_VERSION}" in problem.reason
+    assert f"schema version {newer} is unknown to this reader" in problem.reason
+    assert "it reads 1, 2" in problem.reason
 
 
 def test_bytes_without_the_header_are_read_as_json() -> None:
@@ -145,3 +157,132 @@ def test_the_environment_can_keep_json_and_a_typo_is_named() -> None:
     assert wire_format_from_env({"RECSYS_EVENT_WIRE_FORMAT": "JSON"}) is WireFormat.JSON
     with pytest.raises(ValueError, match="RECSYS_EVENT_WIRE_FORMAT='jsn': expected one of"):
         wire_format_from_env({"RECSYS_EVENT_WIRE_FORMAT": "jsn"})
+
+
+# --- the hand-written version-1 writer, impressions and batches ------------------------
+
+
+@pytest.mark.parametrize("event", events(), ids=lambda e: e.event_id)
+@pytest.mark.parametrize(
+    "item_ids",
+    [None, [], ["i7"], ["i7", "ü" * 40, "x" * 256], [f"i{n}" for n in range(200)]],
+    ids=["none", "empty", "one", "long-and-unicode", "200"],
+)
+def test_the_writer_writes_the_bytes_fastavro_writes(
+    event: Event, item_ids: list[str] | None
+) -> None:
+    """Readers use fastavro: the hand-written encoder must be its exact equal."""
+    record = event.model_dump(mode="json") | {"item_ids": item_ids}
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, SCHEMAS[SCHEMA_VERSION], record)
+    assert encode_event(event, item_ids=item_ids)[HEADER_SIZE:] == out.getvalue()
+
+
+def impression(**overrides: object) -> bytes:
+    fields: dict[str, Any] = {
+        "event_id": "e1",
+        "user_id": "u1",
+        "item_ids": ["i3", "i1"],
+        "ts": TS,
+        "request_id": "r1",
+        "model_version": "v2",
+    }
+    return encode_impression(**(fields | overrides))
+
+
+def test_an_impression_encoded_without_the_model_is_the_models_event() -> None:
+    event, record = decode_records(impression())[0]
+    assert event == Event(
+        event_id="e1",
+        user_id="u1",
+        item_id="i3",
+        type=EventType.IMPRESSION,
+        ts=TS,
+        request_id="r1",
+        model_version="v2",
+    )
+    assert record["item_ids"] == ["i3", "i1"]
+    assert impression() == encode_event(event, item_ids=["i3", "i1"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"item_ids": ["i3", "has space"]},
+        {"item_ids": ["i3", "trailing\n"]},
+        {"item_ids": ["i3", ""]},
+        {"item_ids": []},
+        {"item_ids": ["i3", "x" * 257]},
+        {"user_id": "{brace}"},
+        {"event_id": "zero\u200bwidth"},
+        {"model_version": "-v2"},
+        {"request_id": "r" * 257},
+        {"ts": 1_767_225_600},  # seconds, not milliseconds
+    ],
+    ids=repr,
+)
+def test_an_impression_the_contract_refuses_is_refused_before_it_is_sent(
+    overrides: dict[str, object],
+) -> None:
+    fields: dict[str, Any] = {
+        "event_id": "e1",
+        "user_id": "u1",
+        "ts": TS,
+        "request_id": "r1",
+        "model_version": "v2",
+        "item_ids": ["i3"],
+    } | overrides
+    items = fields.pop("item_ids")
+    # The model refuses the same event (one event per item shown, as the join writes them).
+    with pytest.raises(ValidationError):
+        for item in items or [""]:
+            Event(type=EventType.IMPRESSION, item_id=item, **fields)
+    with pytest.raises(InvalidEvent) as info:
+        impression(**overrides)
+    assert info.value.code == "invalid_field"
+
+
+def test_a_batch_holds_events_in_order_and_single_payloads_read_alike() -> None:
+    singles = [encode_event(e) for e in events()[:5]] + [impression()]
+    batch = encode_batch(singles)
+    assert batch.startswith(MAGIC + bytes((BATCH_SCHEMA_VERSION,)))
+    expected = [decode_event(p) for p in singles]
+    assert decode_events(batch) == expected
+    assert [event for event, _ in decode_records(batch)] == expected
+    assert decode_records(batch)[-1][1]["item_ids"] == ["i3", "i1"]
+    # The same bytes fastavro writes for schema 2.
+    out = io.BytesIO()
+    records = [decode_records(p)[0][1] for p in singles]
+    fastavro.schemaless_writer(out, SCHEMAS[BATCH_SCHEMA_VERSION], {"events": records})
+    assert batch[HEADER_SIZE:] == out.getvalue()
+    # A single payload, Avro or JSON, is a list of one.
+    for payload in (singles[0], encode_event(expected[0], WireFormat.JSON)):
+        assert decode_events(payload) == [expected[0]]
+
+
+def test_a_reader_of_one_event_refuses_a_batch_and_says_how_to_read_it() -> None:
+    batch = encode_batch([impression(), impression(event_id="e2")])
+    for read in (decode_event, decode_record):
+        with pytest.raises(InvalidEvent) as info:
+            read(batch)
+        assert info.value.code == "unknown_schema"
+        assert "a batch of 2 events" in info.value.reason and "decode_events" in info.value.reason
+
+
+def test_a_batch_with_one_invalid_event_is_invalid_as_a_whole() -> None:
+    bad = encode_event(
+        unchecked(event_id="e9", user_id="u 9", item_id="i", type=EventType.VIEW, ts=TS)
+    )
+    with pytest.raises(InvalidEvent) as info:
+        decode_events(encode_batch([impression(), bad]))
+    assert info.value.code == "invalid_field"
+    with pytest.raises(InvalidEvent) as info:
+        decode_events(encode_batch([impression(), impression()])[:-3])  # cut short
+    assert info.value.code == "not_avro"
+
+
+def test_only_avro_events_can_be_batched() -> None:
+    with pytest.raises(ValueError, match="only Avro version-1"):
+        encode_batch([impression(), encode_event(events()[0], WireFormat.JSON)])
+    with pytest.raises(ValueError, match="at least one"):
+        encode_batch([])

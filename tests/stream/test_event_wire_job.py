@@ -29,7 +29,7 @@ from stream_support import (
 
 from recsys_contracts.event_wire import (
     MAGIC,
-    SCHEMA_VERSION,
+    SCHEMAS,
     WireFormat,
     decode_event,
     encode_event,
@@ -108,7 +108,7 @@ def test_broken_avro_and_an_unknown_schema_version_are_dead_lettered_with_reason
     good = known_stream(users=2, per_user=8, seed=5)
     sample_avro = encode_event(good[0])
     truncated = sample_avro[:-5]
-    newer = MAGIC + bytes((SCHEMA_VERSION + 1,)) + sample_avro[3:]
+    newer = MAGIC + bytes((max(SCHEMAS) + 1,)) + sample_avro[3:]
     bad = [("user-0", truncated), ("user-1", newer), ("user-0", b"{not json")]
     # the bad payloads first, then the good ones (in Avro) behind them
     produce(pulsar_url, topic, [*bad, *((e.user_id, encode_event(e)) for e in good)])
@@ -125,7 +125,7 @@ def test_broken_avro_and_an_unknown_schema_version_are_dead_lettered_with_reason
     assert dead == {"not_avro": 1, "unknown_schema": 1, "not_json": 1}
     letters = {letter["code"]: letter for letter in map(dead_letter, messages)}
     assert "does not decode" in letters["not_avro"]["reason"]
-    assert f"schema version {SCHEMA_VERSION + 1} is unknown" in letters["unknown_schema"]["reason"]
+    assert f"schema version {max(SCHEMAS) + 1} is unknown" in letters["unknown_schema"]["reason"]
     for code, original in (("not_avro", truncated), ("unknown_schema", newer)):
         letter = letters[code]
         assert letter["payload_format"] == "avro"
