@@ -143,12 +143,16 @@ def _copy(source: Path, target: Path) -> None:
 
 
 def _linked(folder: RunFolder, prepared: PreparedModel) -> PreparedModel:
+    link_embeddings(folder, prepared.version, prepared.archive)
+    return prepared
+
+
+def link_embeddings(folder: RunFolder, version: str, archive: Path) -> None:
     """The feature job finds each served version's item vectors as embeddings/<version>.mar."""
     folder.embeddings.mkdir(parents=True, exist_ok=True)
-    link = folder.embeddings / f"{prepared.version}.mar"
+    link = folder.embeddings / f"{version}.mar"
     link.unlink(missing_ok=True)
-    link.symlink_to(prepared.archive.resolve())
-    return prepared
+    link.symlink_to(archive.resolve())
 
 
 def _fetch(uri: str, target: Path) -> str | None:
