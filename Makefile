@@ -27,7 +27,7 @@ test: setup lint  ## set up, lint, then the whole test suite
 crds: setup  ## regenerate crds/ from the API models
 	$(VENV)/bin/recsys crds
 
-demo: setup  ## set up, then run the system locally: promote a good canary, roll back a broken one
+demo: setup  ## set up, then run the continuous-learning loop locally (drift, retrain, gate, canary)
 	$(VENV)/bin/recsys validate -f examples/demo.yaml
 	$(VENV)/bin/recsys demo -f examples/demo.yaml
 

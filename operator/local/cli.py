@@ -524,10 +524,11 @@ def demo(
     rate: Annotated[float, typer.Option(help="Simulated requests per second.")] = 30.0,
     dashboard: Annotated[bool, typer.Option(help="Show the live dashboard.")] = True,
 ) -> None:
-    """Run the demo: start locally, promote a good canary, roll back a broken one, stop.
+    """Run the continuous-learning demo: a stale model, drifting users, retraining
+    from the logged events, a gated-out run, a passing one rolled out by itself, stop.
 
     Leaves summary.md, timeline.csv and demo.png in .runs/default.demo/demo/.
-    Exits 0 only when version 2 was promoted and version 3 rolled back.
+    Exits 0 only when a run was gated out and a retrained candidate was promoted.
     """
     from recsys_operator.local.demo import run_demo
 

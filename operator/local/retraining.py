@@ -3,7 +3,7 @@
 In a cluster a CronJob runs `recsys retrain` on `spec.training.schedule`. A local system
 lives for minutes, not days, so here the supervisor starts the same command as a child
 process every `--retrain-every` (`recsys up`; the cron schedule is not read locally),
-one run at a time, against the run folder: the log the event-log sink writes
+one run at a time and none during a rollout, against the run folder: the log the event-log sink writes
 (`event-log/`) and the model store TorchServe loads (`model-store/`). The stable version
 it is compared with is the one serving as stable at the moment the run starts.
 
@@ -97,8 +97,10 @@ class LocalTraining:
 
     # -- the schedule --------------------------------------------------------------
 
-    def step(self, system: RecommenderSystem, stable_version: str) -> None:
-        """Finish a run that ended; start one when it is due and none is going."""
+    def step(self, system: RecommenderSystem, stable_version: str, rolling_out: bool) -> None:
+        """Finish a run that ended; start one when it is due, none is going and no
+        canary is being analysed (`rolling_out`: the stable a run would be compared with
+        is about to change, and a new verdict would replace the candidate on its way)."""
         if self._process is not None and self._process.poll() is not None:
             self._finish(system)
         training = system.spec.training
@@ -106,7 +108,7 @@ class LocalTraining:
             return
         if self._next_at is None:
             self._next_at = self._clock() + self.every_s
-        if self._process is None and self._clock() >= self._next_at:
+        if self._process is None and not rolling_out and self._clock() >= self._next_at:
             self._next_at = self._clock() + self.every_s
             self._start(system, stable_version)
 

@@ -138,7 +138,11 @@ class LocalSystem:
             serving, reroute=lambda: self.router.write(serving, rollout.plan(serving))
         )
         self._reload_desired_state(desired)
-        self.training.step(desired.system, rollout.state.stable_version)
+        self.training.step(
+            desired.system,
+            rollout.state.stable_version,
+            rolling_out=rollout.state.canary is not None,
+        )
         # With autoRollout, a passing candidate takes spec.model's place (the operator's
         # rule): the rollout canaries it as it would a version a person set.
         rollout.step(self.training.serving(desired.system))
