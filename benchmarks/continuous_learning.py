@@ -6,7 +6,9 @@ two-tower model trained on the first 30% of the synthetic world's period, and th
 log holds the events it learned from. Simulated users come with their interests as
 they are at the end of the period (drifted since), at `--rate` visits per second:
 
-1. **Stale**: every answer is version 1's; their views and clicks are logged.
+1. **Stale**: every answer is version 1's; their views and clicks are logged. Measured
+   over the `--measure` seconds before a run passes (the feature job has had minutes
+   of these users' events by then, as it has for the retrained arm).
 2. The supervisor retrains every `--retrain-every` from the event log (spec.training,
    autoRollout). The benchmark waits until a run passes the gate, its canary is
    analysed on these users' CTR, and promoted (or rolled back: then it reports that).
@@ -136,10 +138,11 @@ def main() -> int:
 
     with users.stats.lock:
         samples = list(users.stats.samples)
-    # The stale arm: version 1's answers until the passing run finished (the users'
-    # events until then are what it was trained on, and more); the retrained arm: the
-    # candidate's answers once its rollout was decided.
-    stale_arm = ctr([s for s in samples if s.version == "1" and s.at < passed_at])
+    # The stale arm: version 1's answers in the last `measure` seconds before a run
+    # passed; the retrained arm: the candidate's for as long once its rollout was decided.
+    stale_arm = ctr(
+        [s for s in samples if s.version == "1" and passed_at - args.measure <= s.at < passed_at]
+    )
     new_arm = ctr([s for s in samples if s.version == version and decided_at <= s.at < ended])
     print("\ntraining runs:")
     for v in read_verdicts(folder, model.name):

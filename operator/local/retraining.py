@@ -97,12 +97,17 @@ class LocalTraining:
 
     # -- the schedule --------------------------------------------------------------
 
-    def step(self, system: RecommenderSystem, stable_version: str, rolling_out: bool) -> None:
-        """Finish a run that ended; start one when it is due, none is going and no
-        canary is being analysed (`rolling_out`: the stable a run would be compared with
-        is about to change, and a new verdict would replace the candidate on its way)."""
+    def collect(self, system: RecommenderSystem) -> None:
+        """Read the verdict of a run that ended."""
         if self._process is not None and self._process.poll() is not None:
             self._finish(system)
+
+    def start_when_due(
+        self, system: RecommenderSystem, stable_version: str, rolling_out: bool
+    ) -> None:
+        """Start a run when one is due, none is going and no rollout is pending or in
+        progress (`rolling_out`: the stable a run would be compared with is about to
+        change, and its verdict would replace the candidate on its way)."""
         training = system.spec.training
         if training is None or training.suspend or not self.every_s:
             return

@@ -138,14 +138,17 @@ class LocalSystem:
             serving, reroute=lambda: self.router.write(serving, rollout.plan(serving))
         )
         self._reload_desired_state(desired)
-        self.training.step(
-            desired.system,
-            rollout.state.stable_version,
-            rolling_out=rollout.state.canary is not None,
-        )
+        self.training.collect(desired.system)
         # With autoRollout, a passing candidate takes spec.model's place (the operator's
         # rule): the rollout canaries it as it would a version a person set.
-        rollout.step(self.training.serving(desired.system))
+        serving = self.training.serving(desired.system)
+        stable = rollout.state.stable_version
+        self.training.start_when_due(
+            desired.system,
+            stable,
+            rolling_out=rollout.state.canary is not None or serving.spec.model.version != stable,
+        )
+        rollout.step(serving)
 
     def _reload_desired_state(self, desired: DesiredState) -> None:
         old = desired.system.spec.model.version

@@ -154,3 +154,16 @@ def test_enough_logged_events_publish_a_candidate_and_auto_rollout_canaries_it(
     assert read_manifest(system.manifest)["spec"]["model"]["version"] == "1"
     status = recsys("status", "--run-dir", str(system.root), cwd=Path(system.root).parent)
     assert f"last run Passed: candidate {candidate}" in status.stdout, status.stdout
+
+
+def test_a_bad_retrain_interval_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(MANIFEST))
+    folder = RunFolder(tmp_path / "run")
+    result = recsys(
+        "up", "-f", str(manifest), "--run-dir", str(folder.root), "--retrain-every", "soon",
+        cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "--retrain-every 'soon'" in result.stderr
+    assert not folder.state_file.exists()
