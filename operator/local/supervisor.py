@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.launchers.process import LOOPBACK
 from recsys_operator.launchers.prometheus import prometheus_url
 from recsys_operator.launchers.pulsar_broker import broker_process, service_url
@@ -142,11 +143,8 @@ class LocalSystem:
         # With autoRollout, a passing candidate takes spec.model's place (the operator's
         # rule): the rollout canaries it as it would a version a person set.
         serving = self.training.serving(desired.system)
-        stable = rollout.state.stable_version
         self.training.start_when_due(
-            desired.system,
-            stable,
-            rolling_out=rollout.state.canary is not None or serving.spec.model.version != stable,
+            desired.system, rollout.state.stable_version, rolling_out=_rolling_out(rollout, serving)
         )
         rollout.step(serving)
 
@@ -215,6 +213,15 @@ class LocalSystem:
         for version, server in self.servers.by_version.items():
             urls[f"torchserve-{version}"] = server.predictions_url(version)
         return urls
+
+
+def _rolling_out(rollout: LocalRollout, serving: RecommenderSystem) -> bool:
+    """A canary is being analysed, or the version to serve differs from the stable and
+    its rollout has not been decided yet (it starts with the next step)."""
+    state = rollout.state
+    version = serving.spec.model.version
+    decided = state.last_rollout is not None and state.last_rollout.version == version
+    return state.canary is not None or (version != state.stable_version and not decided)
 
 
 def supervise(folder: RunFolder, options: Options, stop: threading.Event) -> int:
