@@ -27,8 +27,8 @@ test: setup lint  ## set up, lint, then the whole test suite
 crds: setup  ## regenerate crds/ from the API models
 	$(VENV)/bin/recsys crds
 
-demo: setup  ## set up, then run the system locally: promote a good canary, roll back a broken one
-	$(VENV)/bin/recsys validate -f examples/demo.yaml
+demo: setup  ## set up, then run the continuous-learning loop locally (drift, retrain, gate, canary)
+	$(VENV)/bin/recsys validate --local -f examples/demo.yaml
 	$(VENV)/bin/recsys demo -f examples/demo.yaml
 
 # Full runs, one after the other (tens of minutes in all; serving.py alone builds 1M-item

@@ -111,13 +111,23 @@ def up(
             help="The feature store is a 3-primary Redis Cluster on loopback (one node otherwise)."
         ),
     ] = False,
+    retrain_every: Annotated[
+        str,
+        typer.Option(
+            help="With spec.training: retrain from the local event log this often (e.g. 3m, "
+            "90s; 0: never). The cron schedule is for clusters; a local system lives minutes."
+        ),
+    ] = "5m",
 ) -> None:
     """Run the RecommenderSystem in FILE on this machine, every part on 127.0.0.1.
 
     Starts pulsar-lite, Redis, TorchServe (configured by the operator's renderer), the
     stream feature job, the gateway and Prometheus; logs and PIDs go to the run folder.
-    Running `up` again with a new spec.model.version starts a rollout instead.
+    Running `up` again with a new spec.model.version starts a rollout instead. With
+    spec.training, retraining runs every --retrain-every against the run folder's event
+    log; with autoRollout a candidate that passes the gate is rolled out by itself.
     """
+    from recsys_contracts.api_base import parse_duration
     from recsys_operator.local.desired_state import (
         ManifestError,
         load_system_manifest,
@@ -127,6 +137,10 @@ def up(
     from recsys_operator.local.model_source import ModelSourceError, prepare_model
     from recsys_operator.render.naming import system_id
 
+    try:
+        retrain_every_s = 0.0 if retrain_every.strip() == "0" else parse_duration(retrain_every)
+    except ValueError as exc:
+        raise fail(f"--retrain-every {retrain_every!r}: {exc}") from None
     try:
         body = load_system_manifest(filename)
         system = parse_system(body)
@@ -164,6 +178,7 @@ def up(
         write_manifest(folder.manifest, body)
         args = [str(folder.root)] + ([] if features else ["--no-features"])
         args += ["--redis-cluster"] if redis_cluster else []
+        args += ["--retrain-every", str(retrain_every_s)]
         if foreground:
             from recsys_operator.local.supervisor import main as supervise
 
@@ -311,6 +326,7 @@ def render_status(state: dict[str, Any], supervisor_alive: bool) -> str:
         lines.append(
             f"last    version {last.get('version')} {last.get('outcome')}: {last.get('reason')}"
         )
+    lines += _training_lines(state.get("training"))
     events = state.get("events") or []
     if events:
         lines.append("\nrecent events:")
@@ -318,6 +334,24 @@ def render_status(state: dict[str, Any], supervisor_alive: bool) -> str:
             mark = "!" if event.get("warning") else " "
             lines.append(f" {mark} {event['time'][11:19]} {event['reason']}: {event['message']}")
     return "\n".join(lines)
+
+
+def _training_lines(training: dict[str, Any] | None) -> list[str]:
+    """Retraining: the schedule, and the last run's verdict (status.training)."""
+    if not training:
+        return []
+    if training.get("running"):
+        when = f"run {training.get('runs')} going for {training.get('runningForSeconds')}s"
+    else:
+        when = f"next run in {training.get('nextRunInSeconds')}s"
+    lines = [f"training every {training.get('everySeconds'):.0f}s, {when}"]
+    last = training.get("status")
+    if last:
+        lines.append(
+            f"        last run {last.get('result')}: candidate {last.get('candidateVersion')}, "
+            f"{last.get('reason')}"
+        )
+    return lines
 
 
 # -- down -----------------------------------------------------------------------------
@@ -490,10 +524,11 @@ def demo(
     rate: Annotated[float, typer.Option(help="Simulated requests per second.")] = 30.0,
     dashboard: Annotated[bool, typer.Option(help="Show the live dashboard.")] = True,
 ) -> None:
-    """Run the demo: start locally, promote a good canary, roll back a broken one, stop.
+    """Run the continuous-learning demo: a stale model, drifting users, retraining
+    from the logged events, a gated-out run, a passing one rolled out by itself, stop.
 
     Leaves summary.md, timeline.csv and demo.png in .runs/default.demo/demo/.
-    Exits 0 only when version 2 was promoted and version 3 rolled back.
+    Exits 0 only when a run was gated out and a retrained candidate was promoted.
     """
     from recsys_operator.local.demo import run_demo
 

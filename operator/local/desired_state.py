@@ -16,6 +16,7 @@ import yaml
 
 from recsys_contracts.field_issues import InvalidResource
 from recsys_operator.api.resources import RecommenderSystem
+from recsys_operator.local.run_folder import RunFolder
 from recsys_operator.manifests import load_documents, parse_resource, validate_documents
 
 
@@ -69,11 +70,22 @@ def parse_system(body: dict[str, Any]) -> RecommenderSystem:
 
 
 def localize(
-    body: dict[str, Any], *, pulsar_url: str, redis_url: str, redis_mode: str = "single"
+    body: dict[str, Any],
+    *,
+    pulsar_url: str,
+    redis_url: str,
+    redis_mode: str = "single",
+    run_root: Path | None = None,
 ) -> RecommenderSystem:
-    """The system with its broker and feature store (one node, or a cluster) on this machine."""
+    """The system with its broker and feature store (one node, or a cluster) on this
+    machine, and (given `run_root`) retraining on the run folder's event log and model
+    store, whatever URIs spec.training names for the cluster."""
     local = copy.deepcopy(body)  # the caller's body stays as it was
     spec = local["spec"]
+    if run_root is not None and isinstance(spec.get("training"), dict):
+        folder = RunFolder(run_root.resolve())
+        spec["training"]["logUri"] = f"file://{folder.event_log}"
+        spec["training"]["modelStoreUri"] = f"file://{folder.model_store}"
     spec.setdefault("events", {})["serviceUrl"] = pulsar_url
     # Locally there are no Secrets: the broker and the store run without authentication.
     spec["events"].pop("authSecretRef", None)
@@ -114,7 +126,11 @@ class DesiredState:
         self, *, pulsar_url: str, redis_url: str, redis_mode: str = "single"
     ) -> RecommenderSystem:
         self._system = localize(
-            self.body, pulsar_url=pulsar_url, redis_url=redis_url, redis_mode=redis_mode
+            self.body,
+            pulsar_url=pulsar_url,
+            redis_url=redis_url,
+            redis_mode=redis_mode,
+            run_root=self.path.parent,
         )
         return self._system
 
@@ -135,6 +151,7 @@ class DesiredState:
             pulsar_url=self.system.spec.events.service_url,
             redis_url=self.system.spec.features.store.url,
             redis_mode=self.system.spec.features.store.mode.value,
+            run_root=self.path.parent,
         )
         self.body, self._system = body, system
         return system

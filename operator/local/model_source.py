@@ -11,6 +11,8 @@ For each version `recsys up` needs `<run>/model-store/<name>-<version>.mar`:
 
 `--random-embeddings` builds a deliberately broken version (the trained model with
 random item vectors): it ranks at random, which is how the demo shows a rollback.
+`history_fraction` below 1 trains on the first part of the synthetic period only: a
+stale model, as the continuous-learning demo starts with.
 """
 
 from __future__ import annotations
@@ -72,11 +74,21 @@ def prepare_model(
     archive: Path | None = None,
     random_embeddings: bool = False,
     train: bool = False,
+    history_fraction: float = 1.0,
     say: Say = print,
 ) -> PreparedModel:
     """Make sure `model.version` has an archive in the run folder's model store."""
     target = folder.archive(model.name, model.version)
     folder.model_store.mkdir(parents=True, exist_ok=True)
+    if history_fraction < 1.0:
+        target.with_suffix(".spec.json").unlink(missing_ok=True)  # not the spec's model
+        _build(_trained_model(folder, model, say, history_fraction), folder, model, say)
+        return _linked(
+            folder,
+            PreparedModel(
+                model.version, target, f"trained on the first {history_fraction:.0%} of the period"
+            ),
+        )
     if archive is not None or random_embeddings:
         # Not what the spec describes: never reused for it by a later run.
         target.with_suffix(".spec.json").unlink(missing_ok=True)
@@ -143,12 +155,16 @@ def _copy(source: Path, target: Path) -> None:
 
 
 def _linked(folder: RunFolder, prepared: PreparedModel) -> PreparedModel:
+    link_embeddings(folder, prepared.version, prepared.archive)
+    return prepared
+
+
+def link_embeddings(folder: RunFolder, version: str, archive: Path) -> None:
     """The feature job finds each served version's item vectors as embeddings/<version>.mar."""
     folder.embeddings.mkdir(parents=True, exist_ok=True)
-    link = folder.embeddings / f"{prepared.version}.mar"
+    link = folder.embeddings / f"{version}.mar"
     link.unlink(missing_ok=True)
-    link.symlink_to(prepared.archive.resolve())
-    return prepared
+    link.symlink_to(archive.resolve())
 
 
 def _fetch(uri: str, target: Path) -> str | None:
@@ -173,8 +189,20 @@ def _fetch(uri: str, target: Path) -> str | None:
     return f"{parsed.scheme}:// archives are fetched only in a cluster"
 
 
-def _trained_model(folder: RunFolder, model: ModelSpec, say: Say) -> Path:
-    """A model trained on the synthetic world, reused when one of this shape exists."""
+def history_cut_ms(model: ModelSpec, history_fraction: float) -> int:
+    """The moment `history_fraction` of the synthetic period has passed."""
+    from model_handlers.synthetic import SyntheticWorld
+
+    world = SyntheticWorld(synthetic_world_config(model))
+    start = world.config.start_ms
+    return start + int(history_fraction * (world.end_ms - start))
+
+
+def _trained_model(
+    folder: RunFolder, model: ModelSpec, say: Say, history_fraction: float = 1.0
+) -> Path:
+    """A model trained on the synthetic world (its first `history_fraction` of the
+    period), reused when one of this shape exists."""
     from model_handlers.model_directory import missing_files, write_trained_model
     from model_handlers.synthetic import SyntheticWorld
     from model_handlers.training import TrainingConfig, train_two_tower
@@ -183,10 +211,15 @@ def _trained_model(folder: RunFolder, model: ModelSpec, say: Say) -> Path:
     seed = zlib.crc32(model.version.encode()) % 10_000
     config = synthetic_world_config(model)
     model_dir = folder.trained / f"items{config.items}-dim{model.embedding_dim}-seed{seed}"
+    if history_fraction < 1.0:
+        model_dir = model_dir.with_name(f"{model_dir.name}-first{history_fraction:g}")
     if model_dir.is_dir() and not missing_files(model_dir):
         return model_dir
     say(f"training a model on synthetic data ({SYNTHETIC_USERS} users, {config.items} items)")
     interactions = SyntheticWorld(config).interactions()
+    if history_fraction < 1.0:
+        cut = history_cut_ms(model, history_fraction)
+        interactions = interactions.select(interactions.timestamp_ms < cut)
 
     def on_epoch(report: EpochReport) -> None:
         if report.refit:  # the refit on all data has no validation

@@ -95,6 +95,7 @@ class Report:
         urls: dict[str, str],
         topics: dict[str, str],
         rollout: dict[str, Any] | None,
+        training: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """`given_up`: parts left stopped past their restart budget; `unhealthy`: parts
         failing their probes now (restarted once they fail enough in a row). Either makes
@@ -117,6 +118,8 @@ class Report:
             "topics": topics,
             "desiredVersion": desired_version,
             "rollout": rollout,
+            # Retraining (spec.training): the schedule and status.training of the last run.
+            "training": training,
             "events": [vars(e) for e in self.events],
         }
 

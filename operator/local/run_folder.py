@@ -11,6 +11,7 @@
       embeddings/       <version>.mar links: the feature job keeps every served version fresh
       trained/          models trained on synthetic data (reused across runs)
       event-log/        the offline event log: Parquet by date and hour (docs/event-log.md)
+      training-verdict.json  the verdict of the last retraining run (spec.training)
       logs/             one log per part
 
 The supervisor is the only writer of state.json; the CLI reads it, and writes only
@@ -116,6 +117,15 @@ class RunFolder:
     def event_log(self) -> Path:
         """Root of the offline event log (`recsys_contracts.event_log_layout`)."""
         return self.root / "event-log"
+
+    @property
+    def training_verdict(self) -> Path:
+        """Where the running retraining run writes its verdict (`retraining`)."""
+        return self.root / "training-verdict.json"
+
+    @property
+    def training_log(self) -> Path:
+        return self.logs / "training.log"
 
     @property
     def trained(self) -> Path:

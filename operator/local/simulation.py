@@ -2,6 +2,8 @@
 
 Users come from the synthetic world the local model was trained on, at the end of its
 period: their interests have drifted since the interactions the model learned from.
+With a `Drift` (the demo's), they start earlier in the period and their interests move
+on while the simulation runs: the world's clock runs from there to the period's end.
 Each visit is a user viewing an item drawn from their current interests (an event the
 stream job turns into fresh features), asking for recommendations, and clicking at
 most one recommended item with the probability the ground truth gives. Requests are
@@ -37,6 +39,19 @@ WINDOW_S = 10.0
 WORKERS = 16
 REQUEST_TIMEOUT_S = 5.0
 MAX_QUEUED = 200  # visits waiting for a worker; beyond this they are counted as shed
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Interests that move while users visit: the world's clock goes from
+    `start_fraction` of its period to its end over `seconds` of the simulation, then stays."""
+
+    start_fraction: float
+    seconds: float
+
+
+DRIFT_REFRESH_S = 2.0
+"""How often moving interests are recomputed (all users over all items)."""
 
 
 @dataclass
@@ -92,12 +107,20 @@ class Stats:
 
 
 class SimulatedUsers:
-    def __init__(self, folder: RunFolder, gateway_url: str, rate: float, seed: int) -> None:
+    def __init__(
+        self,
+        folder: RunFolder,
+        gateway_url: str,
+        rate: float,
+        seed: int,
+        drift: Drift | None = None,
+    ) -> None:
         from model_handlers.synthetic import SyntheticWorld
 
         system = parse_system(read_manifest(folder.manifest))
         self.world = SyntheticWorld(synthetic_world_config(system.spec.model))
-        self.now_ms = self.world.end_ms  # interests as they are now, after the drift
+        self.drift = drift
+        self._started = time.monotonic()
         self.gateway_url = gateway_url
         self.rate = rate
         self.rng = random.Random(seed)
@@ -108,14 +131,43 @@ class SimulatedUsers:
         self.stop = threading.Event()
         self._local = threading.local()
         self._known_items = set(self.world.item_ids)  # fallback answers may name others
-        # Current interest of every user over every item: what they view.
+        self.now_ms = self.world_ms()
+        self._view_cdf = self._interests(self.now_ms)
+        self._refreshed = time.monotonic()
+        self._refresh_lock = threading.Lock()
+
+    def world_ms(self) -> int:
+        """The world's clock: the end of its period (interests as they are now, after the
+        drift), or with a `Drift` the point its interests have moved to by now."""
+        world = self.world
+        if self.drift is None:
+            return world.end_ms
+        span = world.end_ms - world.config.start_ms
+        progress = min(1.0, (time.monotonic() - self._started) / max(self.drift.seconds, 1e-9))
+        fraction = self.drift.start_fraction + (1.0 - self.drift.start_fraction) * progress
+        return world.config.start_ms + int(fraction * span)
+
+    def _interests(self, at_ms: int) -> np.ndarray:
+        """Current interest of every user over every item (a CDF per user): what they view."""
         users = np.arange(self.world.config.users)
-        prefs = self.world.preference_vectors(users, self.now_ms)
+        prefs = self.world.preference_vectors(users, at_ms)
         logits = self.world.config.affinity_sharpness * prefs @ self.world.item_vectors.T
         logits += 0.5 * self.world.item_log_popularity
         logits -= logits.max(axis=1, keepdims=True)
         weights = np.exp(logits)
-        self._view_cdf = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
+        return np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
+
+    def _follow_drift(self) -> None:
+        if self.drift is None or time.monotonic() - self._refreshed < DRIFT_REFRESH_S:
+            return
+        if not self._refresh_lock.acquire(blocking=False):
+            return  # another worker is recomputing
+        try:
+            now_ms = self.world_ms()
+            self._view_cdf, self.now_ms = self._interests(now_ms), now_ms
+            self._refreshed = time.monotonic()
+        finally:
+            self._refresh_lock.release()
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -124,9 +176,11 @@ class SimulatedUsers:
         return session
 
     def visit(self, user_index: int, rng: random.Random) -> None:
+        self._follow_drift()
+        now_ms, view_cdf = self.now_ms, self._view_cdf
         user = self.world.user_ids[user_index]
         session = self._session()
-        viewed = int(np.searchsorted(self._view_cdf[user_index], rng.random()))
+        viewed = int(np.searchsorted(view_cdf[user_index], rng.random()))
         viewed = min(viewed, self.world.config.items - 1)
         try:
             session.post(
@@ -157,7 +211,7 @@ class SimulatedUsers:
         items = [i for i in answer.get("item_ids") or [] if i in self._known_items]
         clicked = False
         if items:
-            probabilities = self.world.click_probability([user] * len(items), items, self.now_ms)
+            probabilities = self.world.click_probability([user] * len(items), items, now_ms)
             for item, p in zip(items, probabilities, strict=True):
                 if rng.random() < p:
                     clicked = True
@@ -302,11 +356,12 @@ def run_simulation(
     dashboard: bool = True,
     record: Path | None = None,
     seed: int = 1,
+    drift: Drift | None = None,
 ) -> str:
     """Run simulated users; returns a one-paragraph summary."""
     state = folder.read_state() or {}
     urls = state.get("urls") or {}
-    users = SimulatedUsers(folder, urls["gateway"], rate, seed)
+    users = SimulatedUsers(folder, urls["gateway"], rate, seed, drift)
     thread = threading.Thread(target=users.run, args=(duration, stop), daemon=True)
     started = time.monotonic()
     thread.start()

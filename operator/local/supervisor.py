@@ -9,12 +9,13 @@ with its log tail and everything already started is stopped.
 
 Afterwards, every tick it probes every part and restarts those that died or hung
 (`liveness`), re-reads the desired state
-(system.yaml), drives the rollout one step with the operator's own driver
+(system.yaml), starts or finishes a retraining run when spec.training asks for one
+(`retraining`), drives the rollout one step with the operator's own driver
 (`recsys_operator.rollout.driver`) against the local Prometheus and the local traffic
 router (model servers, routing file), and writes state.json.
 
 Each job is a part of its own: `parts` (process lifecycle), `desired_state` (reload),
-`rollout` (driving), `traffic` (routing writes), `scrape_targets` (Prometheus) and
+`retraining` (runs and their verdicts), `rollout` (driving), `traffic` (routing writes), `scrape_targets` (Prometheus) and
 `report` (state.json). This module only wires them together, in that order.
 """
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.launchers.process import LOOPBACK
 from recsys_operator.launchers.prometheus import prometheus_url
 from recsys_operator.launchers.pulsar_broker import broker_process, service_url
@@ -35,6 +37,7 @@ from recsys_operator.launchers.redis_server import redis_cluster, redis_process,
 from recsys_operator.local.desired_state import DesiredState, ManifestError, parse_system
 from recsys_operator.local.parts import Parts
 from recsys_operator.local.report import Phase, Report
+from recsys_operator.local.retraining import DEFAULT_EVERY_S, LocalTraining
 from recsys_operator.local.rollout import LocalRollout
 from recsys_operator.local.run_folder import RunFolder
 from recsys_operator.local.scrape_targets import ScrapeTargets
@@ -52,6 +55,8 @@ class Options:
     """Run the stream feature job (off: static user state, for the value-of-real-time benchmark)."""
     redis_cluster: bool = False
     """The feature store is a Redis Cluster of three primaries instead of one redis-server."""
+    retrain_every_s: float | None = DEFAULT_EVERY_S
+    """With spec.training: seconds between retraining runs (None: no runs)."""
 
 
 @dataclass
@@ -64,6 +69,7 @@ class LocalSystem:
     def __post_init__(self) -> None:
         self.report = Report(self.folder)
         record = self.report.record
+        self.training = LocalTraining(self.folder, self.options.retrain_every_s, record)
         self.targets = ScrapeTargets(self.folder)
         self.servers = ModelServers(self.folder, on_change=self._servers_changed)
         self.parts = Parts(self.folder, self.servers, record, on_change=self.write_state)
@@ -128,12 +134,19 @@ class LocalSystem:
     def step(self) -> None:
         assert self.desired is not None and self.rollout is not None
         desired, rollout = self.desired, self.rollout
+        serving = self.training.serving(desired.system)
         self.parts.restart_failed(
-            desired.system,
-            reroute=lambda: self.router.write(desired.system, rollout.plan(desired.system)),
+            serving, reroute=lambda: self.router.write(serving, rollout.plan(serving))
         )
         self._reload_desired_state(desired)
-        rollout.step(desired.system)
+        self.training.collect(desired.system)
+        # With autoRollout, a passing candidate takes spec.model's place (the operator's
+        # rule): the rollout canaries it as it would a version a person set.
+        serving = self.training.serving(desired.system)
+        self.training.start_when_due(
+            desired.system, rollout.state.stable_version, rolling_out=_rolling_out(rollout, serving)
+        )
+        rollout.step(serving)
 
     def _reload_desired_state(self, desired: DesiredState) -> None:
         old = desired.system.spec.model.version
@@ -159,6 +172,7 @@ class LocalSystem:
         """Stop everything this supervisor started, in reverse start order."""
         self.report.phase = Phase.STOPPING
         self.write_state()
+        self.training.stop()
         self.parts.stop()
         self.report.phase = Phase.STOPPED if self.report.error is None else Phase.FAILED
         self.write_state()
@@ -170,15 +184,17 @@ class LocalSystem:
 
     def _document(self) -> dict[str, Any]:
         system = self.desired.localized if self.desired else None
+        serving = self.training.serving(system) if system else None
         return self.report.document(
             system=system_id(system) if system else None,
-            desired_version=system.spec.model.version if system else None,
+            desired_version=serving.spec.model.version if serving else None,
             parts=self.parts.all(),
             given_up=self.parts.given_up,
             unhealthy=self.parts.liveness.unhealthy(),
             urls=self._urls(),
             topics={k: topic_url(system, v) for k, v in TOPIC_NAMES.items()} if system else {},
             rollout=self.rollout.describe() if self.rollout else None,
+            training=self.training.describe() if system and system.spec.training else None,
         )
 
     def _urls(self) -> dict[str, str]:
@@ -197,6 +213,15 @@ class LocalSystem:
         for version, server in self.servers.by_version.items():
             urls[f"torchserve-{version}"] = server.predictions_url(version)
         return urls
+
+
+def _rolling_out(rollout: LocalRollout, serving: RecommenderSystem) -> bool:
+    """A canary is being analysed, or the version to serve differs from the stable and
+    its rollout has not been decided yet (it starts with the next step)."""
+    state = rollout.state
+    version = serving.spec.model.version
+    decided = state.last_rollout is not None and state.last_rollout.version == version
+    return state.canary is not None or (version != state.stable_version and not decided)
 
 
 def supervise(folder: RunFolder, options: Options, stop: threading.Event) -> int:
@@ -224,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         print(
             "usage: python -m recsys_operator.local.supervisor RUN_DIR [--no-features] "
-            "[--redis-cluster]",
+            "[--redis-cluster] [--retrain-every SECONDS]",
             file=sys.stderr,
         )
         return 2
@@ -234,8 +259,20 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    options = Options(features="--no-features" not in args, redis_cluster="--redis-cluster" in args)
+    options = Options(
+        features="--no-features" not in args,
+        redis_cluster="--redis-cluster" in args,
+        retrain_every_s=_retrain_every(args),
+    )
     return supervise(RunFolder(Path(args[0]).resolve()), options, stop)
+
+
+def _retrain_every(args: list[str]) -> float | None:
+    """`--retrain-every SECONDS` (0: no runs); the default when it is not given."""
+    if "--retrain-every" not in args:
+        return DEFAULT_EVERY_S
+    seconds = float(args[args.index("--retrain-every") + 1])
+    return seconds if seconds > 0 else None
 
 
 if __name__ == "__main__":
