@@ -6,11 +6,12 @@ the edit, or fight the operator over it): the candidate is read from status.trai
 takes the place of spec.model's version and archive in memory, for the renderers and the
 rollout driver alike. The person who wrote the spec stays in charge: once they change
 spec.model.version, the version they name is served again, whatever training said.
+The candidate served is the newest that passed (`status.training.rolloutCandidate`): a
+later run that is gated out or fails leaves it in place.
 """
 
 from __future__ import annotations
 
-from recsys_contracts.training_report import GateResult
 from recsys_operator.api.recommender_system import ModelSpec
 from recsys_operator.api.resources import RecommenderSystem
 
@@ -22,13 +23,12 @@ def auto_rollout_candidate(system: RecommenderSystem) -> ModelSpec | None:
     last_run = system.status.training if system.status else None
     if training is None or not training.auto_rollout or last_run is None:
         return None
-    if last_run.result is not GateResult.PASSED or last_run.archive_uri is None:
-        return None
+    candidate = last_run.rollout_candidate
     model = system.spec.model
-    if last_run.spec_model_version != model.version:
-        return None  # the spec changed since the run (or the verdict predates the field)
+    if candidate is None or candidate.spec_model_version != model.version:
+        return None  # nothing passed yet, or a person changed the spec since
     return model.model_copy(
-        update={"version": last_run.candidate_version, "archive_uri": last_run.archive_uri}
+        update={"version": candidate.version, "archive_uri": candidate.archive_uri}
     )
 
 

@@ -247,6 +247,17 @@ class RolloutActionRecord(ApiModel):
     """When it was acted on (RFC 3339)."""
 
 
+class RolloutCandidate(ApiModel):
+    """A published candidate, and the spec it was published under."""
+
+    version: str
+    """The candidate's model version."""
+    archive_uri: str
+    """Its archive in the model store."""
+    spec_model_version: str
+    """spec.model.version when it passed. autoRollout serves the candidate while the spec still names this version; a person who changes spec.model.version takes over."""
+
+
 class TrainingStatus(ApiModel):
     """The last finished training run, as its verdict says (the run's pod reports it)."""
 
@@ -274,8 +285,8 @@ class TrainingStatus(ApiModel):
     """Where the published candidate lies (Passed only): what spec.model.archiveUri names to roll it out."""
     paired: PairedComparison | None = None
     """Candidate − stable user by user on the same slice, with its 95% interval (the gate asks for its low end above 0)."""
-    spec_model_version: str | None = None
-    """spec.model.version when this verdict was first recorded. With spec.training.autoRollout, a Passed candidate is rolled out while the spec still names this version; a person who changes spec.model.version takes over."""
+    rollout_candidate: RolloutCandidate | None = None
+    """The newest candidate that passed since spec.model.version last changed: what spec.training.autoRollout serves. Kept when later runs are gated out or fail, so they never touch serving."""
 
 
 class Endpoints(ApiModel):

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from recsys_contracts.training_report import GateResult, TrainingVerdict
 from recsys_operator.api.resources import RecommenderSystem
-from recsys_operator.api.status import TrainingStatus
+from recsys_operator.api.status import RolloutCandidate, TrainingStatus
 from recsys_operator.controller.kube import KubeClient
 from recsys_operator.render.naming import Component, selector_labels
 from recsys_operator.render.training import candidate_archive_uri
@@ -38,10 +38,9 @@ def _verdict(pod: dict[str, Any]) -> TrainingVerdict | None:
 def latest_training_status(kube: KubeClient, system: RecommenderSystem) -> TrainingStatus | None:
     """status.training from the newest verdict among the system's training pods.
 
-    `system` as the user wrote it (not `serving_system`'s): a new verdict records the
-    spec's model version, which decides whether autoRollout may serve its candidate."""
-    training = system.spec.training
-    if training is None:
+    `system` as the user wrote it (not `serving_system`'s): a new passing verdict records
+    the spec's model version, which decides whether autoRollout may serve its candidate."""
+    if system.spec.training is None:
         return None
     labels = selector_labels(system, Component.TRAINING)
     selector = ",".join(f"{k}={v}" for k, v in labels.items())
@@ -50,15 +49,44 @@ def latest_training_status(kube: KubeClient, system: RecommenderSystem) -> Train
     if not found:
         return None
     verdict, pod = max(found, key=lambda pair: pair[0].finished_at)
-    passed = verdict.result is GateResult.PASSED
     previous = system.status.training if system.status else None
-    if previous is not None and previous.job == pod and previous.last_run == verdict.finished_at:
-        spec_version = previous.spec_model_version  # the spec as it was when it was first seen
+    return training_status(verdict, pod, system, previous)
+
+
+def training_status(
+    verdict: TrainingVerdict,
+    job: str,
+    system: RecommenderSystem,
+    previous: TrainingStatus | None,
+) -> TrainingStatus:
+    """status.training for `verdict` (of the run `job`), given the one recorded before it.
+
+    The candidate autoRollout serves (`rolloutCandidate`) is this verdict's when it passed,
+    stamped with the spec's model version the first time the verdict is seen; a verdict that
+    did not pass keeps the one before, unless the spec changed since (a person took over).
+    Local mode records its runs' verdicts with this function too."""
+    training = system.spec.training
+    assert training is not None
+    passed = verdict.result is GateResult.PASSED
+    archive = (
+        candidate_archive_uri(training, verdict.model_name, verdict.candidate_version)
+        if passed
+        else None
+    )
+    spec_version = system.spec.model.version
+    seen = previous is not None and previous.job == job and previous.last_run == verdict.finished_at
+    kept = previous.rollout_candidate if previous is not None else None
+    if seen:
+        candidate = kept  # stamped when first seen; the spec may have changed since
+    elif archive is not None:
+        candidate = RolloutCandidate(
+            version=verdict.candidate_version, archive_uri=archive, spec_model_version=spec_version
+        )
     else:
-        spec_version = system.spec.model.version
+        candidate = kept if kept is not None and kept.spec_model_version == spec_version else None
     return TrainingStatus(
         last_run=verdict.finished_at,
-        job=pod,
+        job=job,
         result=verdict.result,
         reason=verdict.reason,
         candidate_version=verdict.candidate_version,
@@ -67,11 +95,7 @@ def latest_training_status(kube: KubeClient, system: RecommenderSystem) -> Train
         candidate_score=verdict.candidate.value if verdict.candidate else None,
         stable_score=verdict.stable.value if verdict.stable else None,
         relative_improvement=verdict.relative_improvement,
-        archive_uri=(
-            candidate_archive_uri(training, verdict.model_name, verdict.candidate_version)
-            if passed
-            else None
-        ),
+        archive_uri=archive,
         paired=verdict.paired,
-        spec_model_version=spec_version,
+        rollout_candidate=candidate,
     )

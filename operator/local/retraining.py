@@ -32,10 +32,10 @@ from recsys_contracts.training_report import GateResult, TrainingVerdict
 from recsys_operator.api.desired_model import serving_system
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.api.status import RecommenderSystemStatus, TrainingStatus
+from recsys_operator.controller.training_runs import training_status
 from recsys_operator.local.model_source import link_embeddings
 from recsys_operator.local.run_folder import RunFolder
 from recsys_operator.local.traffic import Say
-from recsys_operator.render.training import candidate_archive_uri
 
 log = logging.getLogger("recsys.local")
 
@@ -153,7 +153,7 @@ class LocalTraining:
                 warning=True,
             )
             return
-        self.status = training_status(verdict, system)
+        self.status = training_status(verdict, "local", system, self.status)
         if verdict.result is GateResult.PASSED and verdict.archive:
             link_embeddings(
                 self.folder, verdict.candidate_version, self.folder.model_store / verdict.archive
@@ -211,28 +211,3 @@ class LocalTraining:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
-
-
-def training_status(verdict: TrainingVerdict, system: RecommenderSystem) -> TrainingStatus:
-    """status.training as the operator records a verdict (controller.training_runs),
-    with the spec's model version of the moment it is first seen."""
-    training = system.spec.training
-    passed = verdict.result is GateResult.PASSED
-    return TrainingStatus(
-        last_run=verdict.finished_at,
-        job="local",
-        result=verdict.result,
-        reason=verdict.reason,
-        candidate_version=verdict.candidate_version,
-        stable_version=verdict.stable_version,
-        metric=verdict.gate.metric,
-        candidate_score=verdict.candidate.value if verdict.candidate else None,
-        stable_score=verdict.stable.value if verdict.stable else None,
-        relative_improvement=verdict.relative_improvement,
-        archive_uri=(
-            candidate_archive_uri(training, verdict.model_name, verdict.candidate_version)
-            if passed and training is not None
-            else None
-        ),
-        spec_model_version=system.spec.model.version,
-    )

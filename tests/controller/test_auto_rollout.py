@@ -93,11 +93,24 @@ def trained_world(kube: KubeHandle, pulsar: PulsarAdminHandle, *, auto: bool) ->
     return world
 
 
-def finish_run(world: TrainedWorld, result: GateResult) -> None:
+def finish_run(
+    world: TrainedWorld,
+    result: GateResult,
+    version: str = CANDIDATE,
+    pod: str = "quickstart-training-1-abc",
+    finished: str = "2026-01-30T03:20:00+00:00",
+) -> None:
     score = 0.33 if result is GateResult.PASSED else 0.29
-    run = verdict(CANDIDATE, result, "2026-01-30T03:20:00+00:00", score)
-    finish_pod(world, "quickstart-training-1-abc", run.model_dump_json(by_alias=True))
+    run = verdict(version, result, finished, score)
+    finish_pod(world, pod, run.model_dump_json(by_alias=True))
     world.reconcile_and_record()
+
+
+def promote(world: TrainedWorld) -> None:
+    for tick in range(12):  # steps 20/50/100 two minutes apart, analysis passing
+        world.rollout_tick(minute=5 * tick)
+        if world.canary() is None:
+            return
 
 
 @pytest.fixture
@@ -132,10 +145,7 @@ def test_after_promotion_the_candidate_stays_stable_and_the_spec_version_is_not_
     auto: TrainedWorld,
 ) -> None:
     finish_run(auto, GateResult.PASSED)
-    for tick in range(12):  # steps 20/50/100 two minutes apart, analysis passing
-        auto.rollout_tick(minute=5 * tick)
-        if auto.canary() is None:
-            break
+    promote(auto)
     status = auto.body()["status"]
     assert status["stableVersion"] == CANDIDATE and status.get("canary") is None
     assert status["stableArchiveUri"] == f"pvc://models/retrieval/retrieval-{CANDIDATE}.mar"
@@ -178,3 +188,22 @@ def test_a_person_who_changes_spec_model_version_takes_over(auto: TrainedWorld) 
     auto.rollout_tick()
     canary = auto.canary()
     assert canary is not None and canary["version"] == "7"
+
+
+def test_a_run_gated_out_after_a_promotion_leaves_the_promoted_candidate_serving(
+    auto: TrainedWorld,
+) -> None:
+    finish_run(auto, GateResult.PASSED)
+    promote(auto)
+    assert auto.body()["status"]["stableVersion"] == CANDIDATE
+    for result, pod, finished in (
+        (GateResult.GATED_OUT, "quickstart-training-2-def", "2026-01-31T03:20:00+00:00"),
+        (GateResult.FAILED, "quickstart-training-3-ghi", "2026-02-01T03:20:00+00:00"),
+    ):
+        finish_run(auto, result, version=f"later-{pod[-3:]}", pod=pod, finished=finished)
+        training = auto.body()["status"]["training"]
+        assert training["result"] == result.value
+        assert training["rolloutCandidate"]["version"] == CANDIDATE  # still what is served
+        auto.rollout_tick(minute=200)
+        assert auto.canary() is None  # no rollout "back" to the spec's version 1
+        assert auto.body()["status"]["stableVersion"] == CANDIDATE

@@ -108,7 +108,11 @@ def test_the_newest_verdict_reaches_status_and_is_announced_once(world: World) -
         "stableScore": 0.3,
         "relativeImprovement": 0.1,
         "archiveUri": "pvc://models/retrieval/retrieval-20260130-030000.mar",
-        "specModelVersion": "1",
+        "rolloutCandidate": {
+            "version": "20260130-030000",
+            "archiveUri": "pvc://models/retrieval/retrieval-20260130-030000.mar",
+            "specModelVersion": "1",
+        },
     }
     assert any(
         c.startswith("training run quickstart-training-1-abc: Passed") for c in outcome.changes
