@@ -368,10 +368,15 @@ class EventSink:
                 while len(taken) < MAX_TAKEN:
                     taken.append(self._buffer.get_nowait())
             with self._lock:
-                if self._abandoned:
-                    return  # close has taken over what is left
-                for event in taken:
-                    self._unresolved[id(event)] = event
+                abandoned = self._abandoned
+                if not abandoned:
+                    for event in taken:
+                        self._unresolved[id(event)] = event
+            if abandoned:
+                # Close has taken over the buffer and the unresolved events; these left
+                # the buffer before it did, so they are neither: spill or count them here.
+                self._keep_or_drop(taken)
+                return
             for message in OutgoingMessage.messages(taken):
                 if self._closing.is_set() and time.monotonic() > self._drain_deadline:
                     break  # close spills (or counts) these with the rest
@@ -399,17 +404,11 @@ class EventSink:
                 # Back off; the buffer absorbs new events meanwhile (or drops, counted).
                 self._closing.wait(min(2.0, 0.2 * 2**failures))
         try:
-            if message.key is None:
-                producer.send_async(
-                    message.payload,
-                    lambda result, _message_id: self._on_sent(message.events, result),
-                )
-            else:
-                producer.send_async(
-                    message.payload,
-                    lambda result, _message_id: self._on_sent(message.events, result),
-                    partition_key=message.key,
-                )
+            producer.send_async(  # a None key: no partition key (a batch of impressions)
+                message.payload,
+                lambda result, _message_id: self._on_sent(message.events, result),
+                partition_key=message.key,
+            )
         except Exception as exc:
             self._on_sent(message.events, exc)
 

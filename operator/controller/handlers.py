@@ -21,6 +21,7 @@ import kopf
 from kubernetes import config as kube_config
 from pydantic import ValidationError
 
+from recsys_contracts import feature_keys
 from recsys_contracts.env_vars import OperatorEnv
 from recsys_contracts.field_issues import InvalidResource, issues_from_validation_error
 from recsys_operator.api.base import GROUP, VERSION
@@ -357,9 +358,12 @@ async def watch_training_triggers(namespace: str | None, name: str, **_: Any) ->
         if body is None or body["metadata"].get("deletionTimestamp") or not body.get("status"):
             return  # not reconciled yet: no CronJob to start a run from
         outcome = await evaluate_triggers(STATE.kube, body, STATE.reconciler.options.prometheus_url)
-        drift = outcome.drift
-        if drift is not None and drift.value is not None:  # what the drift alert compares
-            metrics.TRAINING_DRIFT.labels(outcome.system, drift.source, drift.test).set(drift.value)
+        drift = outcome.drift  # what the drift alert compares; none: the series goes
+        metrics.record_drift(
+            feature_keys.system_id(namespace, name),
+            (drift.source, drift.test) if drift is not None else None,
+            drift.value if drift is not None else None,
+        )
         if outcome.patch is not None:
             await write_status("RecommenderSystem", namespace, name, outcome.patch)
         for reason, message, warning in outcome.events:

@@ -35,3 +35,18 @@ TRAINING_DRIFT = Gauge(
     "The drift statistic (PSI or KS) spec.training.triggers.drift last measured, per system.",
     ["system", "source", "test"],
 )
+
+_DRIFT_SERIES: dict[str, tuple[str, str]] = {}
+"""The labels (source, test) of each system's drift series, to remove it by system."""
+
+
+def record_drift(system: str, series: tuple[str, str] | None, value: float | None) -> None:
+    """Set the system's drift series to the newest reading, or remove it when there is no
+    reading (triggers removed, too few scores, Prometheus unreachable): a stale high value
+    would keep the drift alert firing."""
+    old = _DRIFT_SERIES.pop(system, None)
+    if old is not None and (value is None or old != series):
+        TRAINING_DRIFT.remove(system, *old)
+    if series is not None and value is not None:
+        TRAINING_DRIFT.labels(system, *series).set(value)
+        _DRIFT_SERIES[system] = series

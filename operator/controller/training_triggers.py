@@ -246,12 +246,17 @@ def _schedule_kind(system: RecommenderSystem) -> tuple[str, str]:
 
 def _runs(kube: KubeClient, system: RecommenderSystem, selector: str) -> list[dict[str, Any]]:
     """The system's training runs that hold or delay a triggered one: its Jobs, and with
-    the Ray engine its RayJobs (listed by the labels the triggered ones carry)."""
+    the Ray engine the RayJobs its RayCronJob owns (scheduled ones as well as triggered:
+    KubeRay's carry no labels of the system, only the owner reference)."""
     namespace = system.metadata.namespace or "default"
     runs = kube.list_objects("batch/v1", "Job", namespace, selector)
     if _schedule_kind(system)[1] == RAY_SCHEDULE_KIND:
-        for ray_job in kube.list_objects(RAY_API_VERSION, RAY_RUN_KIND, namespace, selector):
-            runs.append({"kind": RAY_RUN_KIND, **ray_job})
+        schedule = kube.get(RAY_API_VERSION, RAY_SCHEDULE_KIND, namespace, training_name(system))
+        owner = (schedule or {}).get("metadata", {}).get("uid")
+        for ray_job in kube.list_objects(RAY_API_VERSION, RAY_RUN_KIND, namespace):
+            owners = ray_job["metadata"].get("ownerReferences") or []
+            if owner and any(ref.get("uid") == owner for ref in owners):
+                runs.append({"kind": RAY_RUN_KIND, **ray_job})
     return runs
 
 

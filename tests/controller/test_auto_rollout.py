@@ -207,3 +207,21 @@ def test_a_run_gated_out_after_a_promotion_leaves_the_promoted_candidate_serving
         auto.rollout_tick(minute=200)
         assert auto.canary() is None  # no rollout "back" to the spec's version 1
         assert auto.body()["status"]["stableVersion"] == CANDIDATE
+
+
+def test_a_deleted_pod_of_the_newest_run_does_not_bring_back_an_older_candidate(
+    auto: TrainedWorld,
+) -> None:
+    finish_run(auto, GateResult.PASSED)  # the older run, passed
+    newer = ("quickstart-training-2-def", "2026-01-31T03:20:00+00:00")
+    finish_run(auto, GateResult.GATED_OUT, version="later", pod=newer[0], finished=newer[1])
+    auto.patch("RecommenderSystem", "quickstart", {"spec": {"model": {"version": "7", "archiveUri": "pvc://models/retrieval/retrieval-7.mar"}}})  # fmt: skip
+    auto.reconcile_and_record()
+    auto.client.delete("v1", "Pod", "default", newer[0])  # pod GC
+    training = auto.reconcile_and_record()["training"]
+    assert (training["job"], training["result"]) == (newer[0], "GatedOut")
+    # The older run's candidate is not stamped afresh with the spec's new version.
+    assert training["rolloutCandidate"]["specModelVersion"] == "1"
+    auto.rollout_tick()
+    canary = auto.canary()
+    assert canary is not None and canary["version"] == "7"

@@ -465,21 +465,45 @@ def test_with_the_ray_engine_a_trigger_starts_a_rayjob_from_the_raycronjob(
     reconciler = Reconciler(world.client, RenderOptions(monitoring=True, ray=True))
     write_status(world, asyncio.run(reconciler.reconcile(body)).status)
 
-    first = evaluate(world, prometheus, "t.low-ctr").job
-    assert first is not None and jobs(world) == []  # no batch Job with this engine
     raycronjob = world.kube.get(f"{RAY}/raycronjobs/quickstart-training")
+    # A run the schedule started, as KubeRay creates it: owned, none of the system's labels.
+    scheduled = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {
+            "name": "quickstart-training-29000000",
+            "namespace": "default",
+            "ownerReferences": [
+                {
+                    "apiVersion": "ray.io/v1",
+                    "kind": "RayCronJob",
+                    "name": "quickstart-training",
+                    "uid": raycronjob["metadata"]["uid"],
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": raycronjob["spec"]["jobTemplate"],
+    }
+    world.kube.post(f"{RAY}/rayjobs", scheduled)
+    assert evaluate(world, prometheus, "t.low-ctr").job is None
+    assert "is still active" in trigger_status(world)["waiting"]
+    done = {"jobDeploymentStatus": "Complete", "endTime": datetime.now(UTC).isoformat()}
+    name = scheduled["metadata"]["name"]
+    world.client.merge_patch("ray.io/v1", "RayJob", "default", name, {"status": done}, "status")
+
+    soon = datetime.now(UTC) + timedelta(minutes=61)  # past the cooldown after that run
+    first = evaluate(world, prometheus, "t.low-ctr", now=soon).job
+    assert first is not None and jobs(world) == []  # no batch Job with this engine
     run = world.kube.get(f"{RAY}/rayjobs/{first}")
     assert run["spec"] == raycronjob["spec"]["jobTemplate"]  # the run a tick would start
     assert run["metadata"]["annotations"][TRIGGER_ANNOTATION] == "Performance/minCtr"
     (owner,) = run["metadata"]["ownerReferences"]
     assert (owner["kind"], owner["uid"]) == ("RayCronJob", raycronjob["metadata"]["uid"])
 
-    assert evaluate(world, prometheus, "t.low-ctr").job is None  # the RayJob runs
+    assert evaluate(world, prometheus, "t.low-ctr", now=soon).job is None  # the RayJob runs
     assert "is still active" in trigger_status(world)["waiting"]
-    finished = {"jobDeploymentStatus": "Complete", "endTime": datetime.now(UTC).isoformat()}
-    world.client.merge_patch(
-        "ray.io/v1", "RayJob", "default", first, {"status": finished}, "status"
-    )
-    later = datetime.now(UTC) + timedelta(minutes=61)
+    world.client.merge_patch("ray.io/v1", "RayJob", "default", first, {"status": done}, "status")
+    later = soon + timedelta(minutes=61)
     second = evaluate(world, prometheus, "t.low-ctr", now=later).job
     assert second is not None and second != first
