@@ -40,8 +40,18 @@ class ConditionStatus(StrEnum):
     UNKNOWN = "Unknown"
 
 
+def rfc3339(moment: datetime) -> str:
+    """`moment` as status writes times: UTC, whole seconds, `Z`."""
+    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """A time as status or Kubernetes writes it (`Z` or an offset)."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def now_rfc3339() -> str:
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return rfc3339(datetime.now(UTC))
 
 
 class Condition(ApiModel):

@@ -11,14 +11,13 @@ limits, so the last verdict stays readable until newer runs replace it.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from recsys_contracts.training_report import GateResult, TrainingVerdict
 from recsys_operator.api.resources import RecommenderSystem
-from recsys_operator.api.status import RolloutCandidate, TrainingStatus
+from recsys_operator.api.status import RolloutCandidate, TrainingStatus, parse_rfc3339
 from recsys_operator.controller.kube import KubeClient
 from recsys_operator.render.naming import Component, selector_labels
 from recsys_operator.render.training import candidate_archive_uri
@@ -49,17 +48,15 @@ def latest_training_status(kube: KubeClient, system: RecommenderSystem) -> Train
     found = [(v, p["metadata"]["name"]) for p in pods if (v := _verdict(p)) is not None]
     if not found:
         return None
-    verdict, pod = max(found, key=lambda pair: _moment(pair[0].finished_at))
+    verdict, pod = max(found, key=lambda pair: parse_rfc3339(pair[0].finished_at))
     previous = system.status.training if system.status else None
-    if previous is not None and _moment(previous.last_run) > _moment(verdict.finished_at):
+    if previous is not None and parse_rfc3339(previous.last_run) > parse_rfc3339(
+        verdict.finished_at
+    ):
         # The newest run's pod is gone (pod GC, by hand): status keeps it rather than go
         # back to an older verdict, whose candidate would be stamped afresh and served.
         return previous
     return training_status(verdict, pod, system, previous)
-
-
-def _moment(rfc3339: str) -> datetime:
-    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))
 
 
 def training_status(

@@ -31,7 +31,7 @@ from kubernetes.client.exceptions import ApiException
 from recsys_contracts.field_issues import InvalidResource
 from recsys_operator.api.reasons import ConditionReason, EventReason
 from recsys_operator.api.resources import RecommenderSystem
-from recsys_operator.api.status import ConditionType
+from recsys_operator.api.status import ConditionType, parse_rfc3339, rfc3339
 from recsys_operator.api.training import TrainingEngine
 from recsys_operator.api.trigger_status import (
     DriftReading,
@@ -65,14 +65,8 @@ RAY_FINISHED = frozenset({"Complete", "Failed", "ValidationFailed"})
 """RayJob `status.jobDeploymentStatus` values after which KubeRay does nothing more."""
 
 
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
 def _seconds(text: str | None) -> float | None:
-    if not text:
-        return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    return parse_rfc3339(text).timestamp() if text else None
 
 
 def job_from_cronjob(cronjob: dict[str, Any], name: str, trigger: str) -> dict[str, Any]:
@@ -285,7 +279,7 @@ async def evaluate_triggers(
     ):
         return _clear(old)
     now = now or datetime.now(UTC)
-    stamp = _rfc3339(now)
+    stamp = rfc3339(now)
     stable = old.get("stableVersion") or system.spec.model.version
     metrics = metrics or PrometheusTriggerMetrics(prometheus_url, system_id(system))
     readings = await take_readings(training, metrics, stable, stamp)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from recsys_contracts.api_base import parse_duration
@@ -35,6 +35,8 @@ from recsys_operator.api.status import (
     RolloutRecord,
     ShadowResult,
     WebhookResult,
+    parse_rfc3339,
+    rfc3339,
 )
 from recsys_operator.rollout.webhooks import WebhookCaller, no_webhooks
 
@@ -115,14 +117,8 @@ class Gates:
     shadow: ShadowSource | None = None
 
 
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
 def _parse(text: str | None, default: datetime) -> datetime:
-    if not text:
-        return default
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return parse_rfc3339(text) if text else default
 
 
 def _finish(
@@ -136,7 +132,7 @@ def _finish(
     record = RolloutRecord(
         version=state.canary.version,
         outcome=outcome,
-        time=_iso(now),
+        time=rfc3339(now),
         reason=reason,
         last_analysis=analysis,
     )
@@ -269,7 +265,7 @@ async def _tick(
     interval = parse_duration(spec.interval)
     waited = (now - step_started).total_seconds()
     if waited < interval:
-        due = _iso(step_started + timedelta(seconds=interval))
+        due = rfc3339(step_started + timedelta(seconds=interval))
         return Transition(
             state,
             Health(
@@ -297,7 +293,7 @@ async def _tick(
                 held = analysed.model_copy(
                     update={
                         "phase": CanaryPhase.AWAITING_PROMOTION,
-                        "step_started_at": _iso(now),
+                        "step_started_at": rfc3339(now),
                         "inconclusive_count": 0,
                     }
                 )
@@ -324,9 +320,9 @@ async def _tick(
             update={
                 "step": canary.step + 1,
                 "weight": weight,
-                "step_started_at": _iso(now),
+                "step_started_at": rfc3339(now),
                 "inconclusive_count": 0,
-                "step_starts": [*canary.step_starts, _iso(now)],
+                "step_starts": [*canary.step_starts, rfc3339(now)],
             }
         )
         message = f"{summary}; advancing to {weight}%"
@@ -338,7 +334,7 @@ async def _tick(
 
     if analysis.decision is AnalysisDecision.FAIL:
         if not spec.auto_rollback:
-            held = analysed.model_copy(update={"step_started_at": _iso(now)})
+            held = analysed.model_copy(update={"step_started_at": rfc3339(now)})
             message = f"{summary}; autoRollback is off: holding at {canary.weight}% for a person to decide"
             return Transition(
                 replace(state, canary=held),
@@ -370,7 +366,9 @@ async def _tick(
             Health(False, "RolledBack", f"version {canary.version} rolled back: {reason}"),
             Event(True, "RolledBack", reason),
         )
-    held = analysed.model_copy(update={"inconclusive_count": count, "step_started_at": _iso(now)})
+    held = analysed.model_copy(
+        update={"inconclusive_count": count, "step_started_at": rfc3339(now)}
+    )
     message = f"{summary}; holding at {canary.weight}% ({count}/{spec.max_inconclusive})"
     return Transition(
         replace(state, canary=held),
@@ -416,7 +414,7 @@ def _acknowledged(
     warning = result is RolloutActionResult.REFUSED
     transition.events.append(Event(warning, reason, message))
     transition.action = RolloutActionRecord(
-        action=action[:63], result=result, message=message, time=_iso(now)
+        action=action[:63], result=result, message=message, time=rfc3339(now)
     )
     return transition
 
@@ -467,7 +465,7 @@ async def _act(
             record = RolloutRecord(
                 version=desired_version,
                 outcome=RolloutOutcome.ABORTED,
-                time=_iso(now),
+                time=rfc3339(now),
                 reason="aborted by a person before it started",
             )
             new = RolloutState(state.stable_version, canary=None, last_rollout=record)
@@ -541,8 +539,8 @@ def _start(
             version=desired_version,
             weight=0,
             step=0,
-            started_at=_iso(now),
-            step_started_at=_iso(now),
+            started_at=rfc3339(now),
+            step_started_at=rfc3339(now),
             phase=CanaryPhase.PRE_ROLLOUT,
         )
         message = f"rollout of {desired_version} started: pre-rollout webhooks before any traffic (stable {state.stable_version})"
@@ -553,13 +551,13 @@ def _start(
         )
     if spec.shadow is not None:
         return _enter_shadow(
-            state, CanaryStatus(version=desired_version, started_at=_iso(now)), spec, now
+            state, CanaryStatus(version=desired_version, started_at=rfc3339(now)), spec, now
         )
     if spec.steps == [100] and not _has_promotion_gates(spec):
         # No canary steps asked for: switch at once (a blue/green without analysis).
         canary_state = replace(
             state,
-            canary=CanaryStatus(version=desired_version, weight=100, started_at=_iso(now)),
+            canary=CanaryStatus(version=desired_version, weight=100, started_at=rfc3339(now)),
         )
         message = f"version {desired_version} promoted directly (rollout.steps is [100])"
         return _end(
@@ -572,7 +570,7 @@ def _start(
             Event(False, "RolloutPromoted", message),
         )
     return _first_step(
-        state, CanaryStatus(version=desired_version, started_at=_iso(now)), spec, now
+        state, CanaryStatus(version=desired_version, started_at=rfc3339(now)), spec, now
     )
 
 
@@ -590,7 +588,7 @@ def _first_step(
     if spec.steps == [100]:
         # Only reached with promotion gates: they run on the next tick.
         promoting = canary.model_copy(
-            update={"phase": CanaryPhase.PROMOTING, "weight": 0, "step_started_at": _iso(now)}
+            update={"phase": CanaryPhase.PROMOTING, "weight": 0, "step_started_at": rfc3339(now)}
         )
         message = f"rollout of {canary.version}: steps is [100], promotion gates next"
         return Transition(
@@ -603,9 +601,9 @@ def _first_step(
             "phase": CanaryPhase.PROGRESSING,
             "weight": spec.steps[0],
             "step": 0,
-            "step_started_at": _iso(now),
+            "step_started_at": rfc3339(now),
             # Where each step's window begins: later looks combine every step so far.
-            "step_starts": [_iso(now)],
+            "step_starts": [rfc3339(now)],
         }
     )
     message = (
@@ -653,7 +651,7 @@ def _enter_shadow(
 ) -> Transition:
     assert spec.shadow is not None
     shadowing = canary.model_copy(
-        update={"phase": CanaryPhase.SHADOW, "weight": 0, "step_started_at": _iso(now)}
+        update={"phase": CanaryPhase.SHADOW, "weight": 0, "step_started_at": rfc3339(now)}
     )
     message = (
         f"rollout of {canary.version}: shadow phase, {spec.shadow.percent}% of requests "
@@ -675,7 +673,7 @@ async def _shadow(
     window = parse_duration(spec.shadow.duration)
     started = _parse(canary.step_started_at, now)
     if (now - started).total_seconds() < window:
-        due = _iso(started + timedelta(seconds=window))
+        due = rfc3339(started + timedelta(seconds=window))
         return Transition(
             state,
             Health(
@@ -688,7 +686,7 @@ async def _shadow(
         result = await gates.shadow(canary, window)
     else:
         result = ShadowResult(
-            time=_iso(now),
+            time=rfc3339(now),
             decision=AnalysisDecision.INCONCLUSIVE,
             reason="this rollout driver cannot judge a shadow phase",
         )
@@ -722,7 +720,7 @@ async def _shadow(
             Health(False, "RolledBack", f"version {canary.version} rolled back: {reason}"),
             Event(True, "RolledBack", reason),
         )
-    held = judged.model_copy(update={"inconclusive_count": count, "step_started_at": _iso(now)})
+    held = judged.model_copy(update={"inconclusive_count": count, "step_started_at": rfc3339(now)})
     message = (
         f"{summary}; mirroring for another {spec.shadow.duration} ({count}/{spec.max_inconclusive})"
     )
@@ -816,7 +814,7 @@ async def _run_gate(
         result = WebhookResult(
             name=hook.name,
             type=hook.type.value,
-            time=_iso(now),
+            time=rfc3339(now),
             passed=answer.passed,
             status_code=answer.status_code,
             message=answer.message,
