@@ -31,9 +31,6 @@ MAX_DRAWS_PER_BLOCK = 4_000_000
 class PairedDifference:
     users: int
     """Users scored by both models (the pairs)."""
-    candidate_mean: float
-    stable_mean: float
-    """Both models' means over the paired users only."""
     mean_difference: float
     """Mean over paired users of candidate − stable."""
     ci95_low: float
@@ -79,8 +76,6 @@ def paired_difference(
     low, high = np.percentile(means, [2.5, 97.5])
     return PairedDifference(
         users=len(differences),
-        candidate_mean=float(candidate.mean()),
-        stable_mean=float(stable.mean()),
         mean_difference=float(differences.mean()),
         ci95_low=float(low),
         ci95_high=float(high),

@@ -18,8 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from recsys_contracts.event_wire import decode_record
-from recsys_contracts.events import Event, EventType, InvalidEvent
+from recsys_contracts.events import Event, EventType
 
 
 @dataclass
@@ -30,19 +29,10 @@ class PendingImpression:
     received_at: float = field(default_factory=time.monotonic)
 
 
-def shown_items(event: Event, payload: bytes) -> list[str]:
-    """The items an impression showed, best first: the gateway's `item_ids` when the
-    payload (Avro or JSON) has them (the event model ignores that field), else just
-    `item_id`."""
-    try:
-        record = decode_record(payload)
-    except (InvalidEvent, ValueError, AttributeError):
-        record = {}
-    return listed_items(event, record)
-
-
 def listed_items(event: Event, record: dict[str, Any]) -> list[str]:
-    """`shown_items` for a record already decoded (`event_wire.decode_records`)."""
+    """The items an impression showed, best first: the gateway's `item_ids` when the
+    record (as `event_wire.decode_records` gives it) has them (the event model ignores
+    that field), else just `item_id`."""
     listed = record.get("item_ids")
     if isinstance(listed, list) and listed and all(isinstance(i, str) for i in listed):
         return list(dict.fromkeys(listed))  # a repeated item is one impression

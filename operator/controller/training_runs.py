@@ -19,7 +19,7 @@ from recsys_contracts.training_report import GateResult, TrainingVerdict
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.api.status import RolloutCandidate, TrainingStatus, parse_rfc3339
 from recsys_operator.controller.kube import KubeClient
-from recsys_operator.render.naming import Component, selector_labels
+from recsys_operator.render.naming import Component, label_selector
 from recsys_operator.render.training import candidate_archive_uri
 
 
@@ -42,8 +42,7 @@ def latest_training_status(kube: KubeClient, system: RecommenderSystem) -> Train
     the spec's model version, which decides whether autoRollout may serve its candidate."""
     if system.spec.training is None:
         return None
-    labels = selector_labels(system, Component.TRAINING)
-    selector = ",".join(f"{k}={v}" for k, v in labels.items())
+    selector = label_selector(system, Component.TRAINING)
     pods = kube.list_objects("v1", "Pod", system.metadata.namespace, selector)
     found = [(v, p["metadata"]["name"]) for p in pods if (v := _verdict(p)) is not None]
     if not found:

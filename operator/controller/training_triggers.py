@@ -42,7 +42,7 @@ from recsys_operator.controller.conditions import condition, merge_conditions
 from recsys_operator.controller.kube import KubeClient
 from recsys_operator.controller.reconcile import parse_system
 from recsys_operator.controller.rollout_driver import blocking_reason
-from recsys_operator.render.naming import Component, selector_labels, system_id
+from recsys_operator.render.naming import Component, label_selector, system_id
 from recsys_operator.render.ray_training import RAY_API_VERSION, RAY_SCHEDULE_KIND
 from recsys_operator.render.training import training_name
 from recsys_operator.retraining.trigger_metrics import PrometheusTriggerMetrics
@@ -291,9 +291,7 @@ async def evaluate_triggers(
     outcome = TriggerOutcome(system=system_id(system), drift=readings.drift)
     if readings.firings:
         firing = readings.firings[0]
-        selector = ",".join(
-            f"{k}={v}" for k, v in selector_labels(system, Component.TRAINING).items()
-        )
+        selector = label_selector(system, Component.TRAINING)
         jobs = await asyncio.to_thread(_runs, kube, system, selector)
         starts = [s for j in jobs if (s := job_started_s(j)) is not None]
         if previous.last_trigger is not None:

@@ -61,6 +61,11 @@ def selector_labels(
     return labels
 
 
+def label_selector(system: RecommenderSystem, component: str, track: str | None = None) -> str:
+    """`selector_labels` as a label-selector query (`k=v,k=v`)."""
+    return ",".join(f"{k}={v}" for k, v in selector_labels(system, component, track).items())
+
+
 def object_labels(
     system: RecommenderSystem,
     component: str,

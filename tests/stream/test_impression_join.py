@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+from recsys_contracts.event_wire import decode_records
 from recsys_contracts.events import Event, EventType
-from stream_jobs.impression_join import ImpressionJoin, PendingImpression, shown_items
+from stream_jobs.impression_join import ImpressionJoin, PendingImpression, listed_items
 
 T = 1_767_225_600_000
 WINDOW = 60_000
@@ -74,5 +75,9 @@ def test_only_clicks_on_the_shown_item_within_the_window_count() -> None:
 def test_the_shown_items_come_from_the_gateway_list_or_the_event() -> None:
     event = impression(1, T).event
     record = {**event.model_dump(mode="json"), "item_ids": ["a", "b", "a", "c"]}
-    assert shown_items(event, json.dumps(record).encode()) == ["a", "b", "c"]
-    assert shown_items(event, event.to_json()) == ["a"]
+    for payload, shown in (
+        (json.dumps(record).encode(), ["a", "b", "c"]),
+        (event.to_json(), ["a"]),
+    ):
+        ((decoded, fields),) = decode_records(payload)
+        assert listed_items(decoded, fields) == shown
