@@ -3,8 +3,8 @@
 The event schema and its bounds, the feature-store key layout and endpoint (one Redis or
 a cluster), the routing document and sticky variant assignment, the archive layout, the
 handler's request, metric names and labels, each deployable's environment variables, the
-model-version pattern, the pydantic base of every API and settings model, and the
-project version.
+model-version pattern, the pydantic base of every API and settings model, how a file
+store named by URI is opened and written durably (`file_store`), and the project version.
 
 This package is the bottom layer: `stream_jobs`, `gateway`, `model_handlers` and the
 operator import it, and it imports none of them (tests/test_layering.py checks).

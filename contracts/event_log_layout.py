@@ -27,6 +27,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from recsys_contracts import file_store
+
 if TYPE_CHECKING:
     import pyarrow as pa
     from fsspec import AbstractFileSystem
@@ -115,18 +117,9 @@ def partition_dir(table: str, date: str, hour: str) -> str:
 
 
 def open_root(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """(fsspec filesystem, root path in it) for a log URI: a path, file:// or s3://.
-
-    For S3, credentials and the endpoint come from `storage_options` (s3fs's: `key`,
-    `secret`, `endpoint_url`, `client_kwargs`) or botocore's usual environment
-    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION).
-    """
-    from fsspec.core import url_to_fs
-
-    if not uri:
-        raise ValueError("the event log URI is empty")
-    fs, root = url_to_fs(uri, **(storage_options or {}))
-    return fs, root.rstrip("/")
+    """(fsspec filesystem, root path in it) for a log URI: a path, file:// or s3://
+    (`file_store.open_root`, which says where S3 credentials come from)."""
+    return file_store.open_root(uri, storage_options, what="event log")
 
 
 def read_interactions(

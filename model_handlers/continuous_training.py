@@ -178,9 +178,10 @@ def run_training(run: TrainingRun, *, say: Say | None = None) -> TrainingVerdict
     """Carry out `run`, publish the candidate only if it passes, and write the verdict."""
     say = say or (lambda message: None)
     started = _now()
+    store = ModelStore(run.model_store, run.storage_options)
     facts: dict[str, object] = {}
     try:
-        result, reason = _train_and_judge(run, facts, say)
+        result, reason = _train_and_judge(run, store, facts, say)
     except (ArchiveError, ValueError, TrainingRunError, pa.ArrowException, *STORE_ERRORS) as exc:
         result, reason = GateResult.FAILED, f"{type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
         facts.pop("archive", None)
@@ -198,7 +199,7 @@ def run_training(run: TrainingRun, *, say: Say | None = None) -> TrainingVerdict
         **facts,
     )
     try:
-        write_verdict(verdict, ModelStore(run.model_store, run.storage_options))
+        write_verdict(verdict, store)
     except STORE_ERRORS as exc:
         # The verdict still reaches the operator (stdout, the termination message).
         problem = f"; the verdict could not be written to the model store: {exc}"
@@ -208,11 +209,10 @@ def run_training(run: TrainingRun, *, say: Say | None = None) -> TrainingVerdict
 
 
 def _train_and_judge(
-    run: TrainingRun, facts: dict[str, object], say: Say
+    run: TrainingRun, store: ModelStore, facts: dict[str, object], say: Say
 ) -> tuple[GateResult, str]:
     """(result, reason); fills `facts` with the verdict's numbers as they become known."""
     gate = run.gate
-    store = ModelStore(run.model_store, run.storage_options)
     stable_archive = None
     if run.stable_version is not None:
         stable_archive = archive_layout.mar_file_name(run.model_name, run.stable_version)

@@ -3,13 +3,12 @@
 A folder of `<name>-<version>.mar` archives and training verdicts
 (`recsys_contracts.archive_layout`, `recsys_contracts.training_report`), named by URI:
 a local path or file:// (local mode, a mounted PVC in a cluster) or s3://BUCKET/PREFIX,
-through fsspec and s3fs as the event log is (`recsys_contracts.event_log_layout`). For
-S3, credentials and the endpoint come from `storage_options` (s3fs's `key`, `secret`,
-`endpoint_url`) or botocore's environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...; in
-a cluster, the pod's service account).
+opened as the event log is (`recsys_contracts.file_store`, which says where S3
+credentials come from).
 
-What a reader must never see is half a file: a local write goes to `<file>.partial`
-and is renamed into place; an S3 object appears whole when its upload completes.
+What a reader must never see is half a file: text is written with
+`file_store.write_durably` (locally a temporary file renamed into place, fsynced; on S3
+one PUT); an archive is moved into a local store whole, or uploaded whole to S3.
 """
 
 from __future__ import annotations
@@ -17,23 +16,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+
+from recsys_contracts import file_store
 
 
 class ModelStore:
     def __init__(self, uri: str | Path, storage_options: dict[str, Any] | None = None):
-        from fsspec.core import url_to_fs
-
         text = str(uri)
-        if not text:
-            raise ValueError("the model store URI is empty")
-        parsed = urlparse(text)
         self.uri = text.rstrip("/")
-        self.local: Path | None = None
-        if not parsed.scheme or parsed.scheme == "file":
-            self.local = Path(parsed.path if parsed.scheme == "file" else text)
-        self._fs, root = url_to_fs(text, **(storage_options or {}))
-        self._root = root.rstrip("/")
+        self._fs, self._root = file_store.open_root(text, storage_options, what="model store")
+        self.local = Path(self._root) if file_store.is_local(self._fs) else None
 
     def location(self, name: str) -> str:
         """Where `name` lies, for messages: a path, or the store's URI and the name."""
@@ -67,17 +59,11 @@ class ModelStore:
         self._fs.put_file(str(source), self._path(name))
 
     def write_text(self, name: str, text: str) -> None:
-        if self.local is not None:
-            path = self.local / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(path.name + ".partial")
-            partial.write_text(text)
-            os.replace(partial, path)
-            return
-        self._fs.pipe_file(self._path(name), text.encode())
+        file_store.write_durably(self._fs, self._path(name), text.encode())
 
     def read_text(self, name: str) -> str | None:
         """The file's text; None when there is none."""
-        if not self.exists(name):
+        try:
+            return bytes(self._fs.cat_file(self._path(name))).decode()
+        except FileNotFoundError:
             return None
-        return bytes(self._fs.cat_file(self._path(name))).decode()

@@ -1,9 +1,9 @@
 """The event log's files: durable writes, the ids of recent files, and compaction.
 
-A write is durable when it returns: in a folder the file is written under a temporary
-name (`.tmp-...`, which readers skip), fsynced, renamed into place and its folder
-fsynced; in an object store the PUT of the whole file has returned. The sink acks
-messages only after that, so a crash loses nothing, and at worst writes a batch twice.
+A write is durable when it returns (`recsys_contracts.file_store.write_durably`: in a
+folder a temporary file, fsynced and renamed into place; in an object store one PUT of
+the whole file). The sink acks messages only after that, so a crash loses nothing, and
+at worst writes a batch twice.
 
 File names carry their write time (`batch-<ms>-<random>.parquet`), so a restarted sink
 finds the files a crash may have left unacknowledged without reading the whole log.
@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys_contracts import event_log_layout as layout
+from recsys_contracts import file_store
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,7 @@ class EventLogStore:
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
         self.uri = uri
         self.fs, self.root = layout.open_root(uri, storage_options)
-        protocol = self.fs.protocol
-        self.is_local = "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
+        self.is_local = file_store.is_local(self.fs)
 
     # --- writing -------------------------------------------------------------------
 
@@ -81,10 +81,7 @@ class EventLogStore:
         folder = f"{self.root}/{layout.partition_dir(table, *partition)}"
         name = f"{prefix}{time.time_ns() // 1_000_000:013d}-{uuid.uuid4().hex[:12]}"
         path = f"{folder}/{name}{layout.PARQUET_SUFFIX}"
-        if self.is_local:
-            _write_local_durably(folder, path, data)
-        else:
-            self.fs.pipe_file(path, data)  # one PUT: the object exists whole or not at all
+        file_store.write_durably(self.fs, path, data)
         return WrittenFile(path, rows.num_rows, len(data))
 
     # --- reading back ---------------------------------------------------------------
@@ -129,29 +126,5 @@ class EventLogStore:
         for path in files:
             self.fs.rm_file(path)
         if self.is_local:
-            _fsync_dir(os.path.dirname(written.path))
+            file_store.fsync_dir(os.path.dirname(written.path))
         return Compaction(table, partition, len(files), rows.num_rows, written)
-
-
-def _write_local_durably(folder: str, path: str, data: bytes) -> None:
-    if not os.path.isdir(folder):
-        os.makedirs(folder, exist_ok=True)
-        # New partition folders are entries of their parents: make those durable too.
-        _fsync_dir(os.path.dirname(folder))
-        _fsync_dir(os.path.dirname(os.path.dirname(folder)))
-    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    """Make a rename or delete in `folder` survive a power cut (its entry is on disk)."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
