@@ -36,6 +36,7 @@ from recsys_operator.controller.training_runs import training_status
 from recsys_operator.local.model_source import link_embeddings
 from recsys_operator.local.run_folder import RunFolder
 from recsys_operator.local.traffic import Say
+from recsys_operator.render.training import retrain_args
 
 log = logging.getLogger("recsys.local")
 
@@ -52,23 +53,21 @@ EVENT_REASONS = {
 
 
 def retrain_command(system: RecommenderSystem, folder: RunFolder, stable_version: str) -> list[str]:
-    """`recsys retrain` with the spec's window and gate, on the run folder's log and store."""
+    """`recsys retrain` with the spec's window and gate on the run folder's log and store:
+    `system` is the localized one (`desired_state.localize` points spec.training's URIs
+    at the run folder, and the candidate's archiveUri follows from the same URI)."""
     training = system.spec.training
     assert training is not None
-    gate = training.gate
     return [
-        sys.executable, "-m", "recsys_operator.cli", "retrain",
-        "--log", f"file://{folder.event_log.resolve()}",
-        "--model-store", str(folder.model_store.resolve()),
-        "--name", system.spec.model.name,
-        "--stable-version", stable_version,
-        "--window", training.window,
-        "--metric", gate.metric,
-        "--min-improvement", str(gate.min_relative_improvement),
-        "--min-users", str(gate.min_users),
-        "--min-interactions", str(training.min_interactions),
-        "--threads", str(TRAINING_THREADS),
-        "--verdict-file", str(folder.training_verdict.resolve()),
+        sys.executable, "-m", "recsys_operator.cli",
+        *retrain_args(
+            system,
+            training.log_uri,
+            training.model_store_uri,
+            stable_version,
+            TRAINING_THREADS,
+            str(folder.training_verdict.resolve()),
+        ),
     ]  # fmt: skip
 
 

@@ -98,25 +98,19 @@ def runnable_stable_version(system: RecommenderSystem) -> str:
     return stable_version
 
 
-def training_args(
-    system: RecommenderSystem, stable_version: str, verdict_file: str | None = TERMINATION_LOG
+def retrain_args(
+    system: RecommenderSystem,
+    log: str,
+    store: str,
+    stable_version: str,
+    threads: int,
+    verdict_file: str | None,
 ) -> list[str]:
-    """`recsys retrain` with the spec's window, gate and locations (and, when given, the
-    file the verdict is also written to)."""
+    """`recsys retrain` (without the program) with the spec's window and gate, on the
+    log and model store at `log` and `store` as the run reaches them (and, when given,
+    the file the verdict is also written to). The cluster's run and local mode's both."""
     training = system.spec.training
     assert training is not None
-    store = training.model_store_uri
-    if not store.startswith("s3://"):
-        claim_path = _pvc(store, "spec.training.modelStoreUri")[1]
-        store = f"{MODEL_STORE_MOUNT}/{claim_path}".rstrip("/")
-    log = training.log_uri
-    if log.startswith("pvc://"):
-        log = f"{EVENT_LOG_MOUNT}/{_pvc(log, 'spec.training.logUri')[1]}".rstrip("/")
-    elif log.startswith("file://"):
-        raise UnsupportedTrainingUri(
-            "spec.training.logUri",
-            f"{log!r}: a cluster run reads s3:// or pvc:// logs (file:// is for local mode)",
-        )
     gate = training.gate
     return [
         "retrain",
@@ -129,11 +123,40 @@ def training_args(
         "--min-improvement", str(gate.min_relative_improvement),
         "--min-users", str(gate.min_users),
         "--min-interactions", str(training.min_interactions),
-        "--threads", str(training_threads(training)),
-    ] + (
-        # The verdict, where the operator can read it: the pod's termination message.
-        ["--verdict-file", verdict_file] if verdict_file else []
-    )  # fmt: skip
+        "--threads", str(threads),
+    ] + (["--verdict-file", verdict_file] if verdict_file else [])  # fmt: skip
+
+
+def cluster_locations(training: TrainingSpec) -> tuple[str, str]:
+    """(log, model store) as a cluster run reaches them: a pvc:// one at its mount, an
+    s3:// one as it is. Raises UnsupportedTrainingUri for one it cannot use."""
+    store = training.model_store_uri
+    if not store.startswith("s3://"):
+        claim_path = _pvc(store, "spec.training.modelStoreUri")[1]
+        store = f"{MODEL_STORE_MOUNT}/{claim_path}".rstrip("/")
+    log = training.log_uri
+    if log.startswith("pvc://"):
+        log = f"{EVENT_LOG_MOUNT}/{_pvc(log, 'spec.training.logUri')[1]}".rstrip("/")
+    elif log.startswith("file://"):
+        raise UnsupportedTrainingUri(
+            "spec.training.logUri",
+            f"{log!r}: a cluster run reads s3:// or pvc:// logs (file:// is for local mode)",
+        )
+    return log, store
+
+
+def training_args(
+    system: RecommenderSystem, stable_version: str, verdict_file: str | None = TERMINATION_LOG
+) -> list[str]:
+    """`recsys retrain` of a cluster run: the spec's locations as mounted or over S3, a
+    thread per requested CPU, and the verdict (by default) where the operator reads it,
+    the pod's termination message."""
+    training = system.spec.training
+    assert training is not None
+    log, store = cluster_locations(training)
+    return retrain_args(
+        system, log, store, stable_version, training_threads(training), verdict_file
+    )
 
 
 def training_threads(training: TrainingSpec) -> int:

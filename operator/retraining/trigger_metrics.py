@@ -9,19 +9,14 @@ answer) is None: the trigger then decides nothing, it never fires on missing dat
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-from prometheus_api_client import PrometheusConnect
-from urllib3.util.retry import Retry
-
 from recsys_contracts.metric_names import CLICKS, IMPRESSIONS, SERVED_TOP_SCORE
-
-log = logging.getLogger(__name__)
+from recsys_operator.rollout.prometheus_reader import PrometheusReader, range_duration
 
 
 def _range(window_s: float, offset_s: float) -> str:
-    text = f"[{max(int(window_s), 15)}s]"
+    text = f"[{range_duration(window_s)}]"
     return f"{text} offset {int(offset_s)}s" if offset_s >= 1 else text
 
 
@@ -44,42 +39,20 @@ class Ctr:
     clicks: float
     impressions: float
 
-    @property
-    def value(self) -> float | None:
-        return self.clicks / self.impressions if self.impressions > 0 else None
-
 
 class PrometheusTriggerMetrics:
     """The triggers' readings of one system from one Prometheus server."""
 
     def __init__(self, url: str, system_id: str, timeout_s: int = 5) -> None:
         # One attempt per query: a Prometheus that is down must not hold the timer.
-        self.prometheus = PrometheusConnect(
-            url=url, disable_ssl=True, timeout=timeout_s, retry=Retry(total=0, connect=0, read=0)
-        )
+        self.reader = PrometheusReader(url, timeout_s)
         self.system_id = system_id
-
-    def _vector(self, query: str) -> list[dict] | None:
-        try:
-            return list(self.prometheus.custom_query(query))
-        except Exception as exc:  # unreachable, timeout, bad answer: all mean "no data"
-            log.warning("Prometheus query failed (%s): %s", exc, query)
-            return None
-
-    def _sum(self, query: str) -> float | None:
-        """The value of a `sum(...)`: 0 for an empty vector (no such series), None on failure."""
-        result = self._vector(query)
-        if result is None:
-            return None
-        try:
-            return float(result[0]["value"][1]) if result else 0.0
-        except (KeyError, IndexError, TypeError, ValueError):
-            return None
 
     def ctr(self, version: str, window_s: float, offset_s: float = 0.0) -> Ctr | None:
         """The version's clicks and impressions over [now - offset - window, now - offset]."""
+        # A `sum(...)` of no series is an empty vector: none of them, not "no answer".
         values = {
-            name: self._sum(query)
+            name: self.reader.value(query, if_empty=0.0)
             for name, query in ctr_queries(self.system_id, version, window_s, offset_s).items()
         }
         if values["clicks"] is None or values["impressions"] is None:
@@ -91,10 +64,5 @@ class PrometheusTriggerMetrics:
     ) -> dict[str, float] | None:
         """`le` -> cumulative count of the version's served top scores over the window;
         {} when it served none; None on failure."""
-        result = self._vector(score_histogram_query(self.system_id, version, window_s, offset_s))
-        if result is None:
-            return None
-        try:
-            return {str(s["metric"]["le"]): float(s["value"][1]) for s in result}
-        except (KeyError, IndexError, TypeError, ValueError):
-            return None
+        query = score_histogram_query(self.system_id, version, window_s, offset_s)
+        return self.reader.values_by("le", query)

@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 from datetime import datetime
-
-from prometheus_api_client import PrometheusConnect
-from urllib3.util.retry import Retry
 
 from recsys_contracts.metric_names import (
     BUCKET_LABEL,
@@ -39,14 +35,13 @@ from recsys_contracts.metric_names import (
 from recsys_operator.api.recommender_system import RolloutSpec
 from recsys_operator.api.status import AnalysisResult, CanaryStatus
 from recsys_operator.rollout.analysis import Look, StepMetrics, VariantMetrics, analyse
-
-log = logging.getLogger(__name__)
+from recsys_operator.rollout.prometheus_reader import PrometheusReader, range_duration
 
 
 def variant_queries(system_id: str, variant: str, version: str, window_s: float) -> dict[str, str]:
     """PromQL for one variant's numbers over the last `window_s` seconds."""
     sel = f'system="{system_id}",variant="{variant}",model_version="{version}"'
-    w = f"{max(int(window_s), 15)}s"
+    w = range_duration(window_s)
     return {
         "p99_ms": f"histogram_quantile(0.99, sum by (le) (rate({GATEWAY_LATENCY}_bucket{{{sel}}}[{w}]))) * 1000",
         "requests": f"sum(increase({GATEWAY_REQUESTS}{{{sel}}}[{w}]))",
@@ -64,7 +59,7 @@ def bucket_queries(
 ) -> dict[str, str]:
     """PromQL for one variant's per-bucket counts over the last `window_s` seconds."""
     sel = f'system="{system_id}",variant="{variant}",model_version="{version}"'
-    w = f"{max(int(window_s), 15)}s"
+    w = range_duration(window_s)
     counters = {"impressions": IMPRESSIONS, "clicks": CLICKS}
     if guardrails:
         counters |= {"dwell_seconds": DWELL_SECONDS, "purchases": PURCHASES}
@@ -99,46 +94,11 @@ class PrometheusSource:
     def __init__(
         self, url: str, system_id: str, stable_version: str, spec: RolloutSpec, timeout_s: int = 5
     ):
-        # One attempt per query: a Prometheus that is down must turn into "inconclusive" quickly.
-        self.prometheus = PrometheusConnect(
-            url=url,
-            disable_ssl=True,
-            timeout=timeout_s,
-            retry=Retry(total=0, connect=0, read=0),
-        )
+        # A Prometheus that is down turns into "inconclusive" quickly (one attempt per query).
+        self.reader = PrometheusReader(url, timeout_s)
         self.system_id = system_id
         self.stable_version = stable_version
         self.spec = spec
-
-    def _query(self, query: str, at: float | None = None) -> list[dict] | None:
-        try:
-            params = None if at is None else {"time": f"{at:.3f}"}
-            return self.prometheus.custom_query(query, params=params)
-        except Exception as exc:  # unreachable, timeout, bad answer: all mean "no data"
-            log.warning("Prometheus query failed (%s): %s", exc, query)
-            return None
-
-    def _scalar(self, query: str) -> float | None:
-        result = self._query(query)
-        if not result:
-            return None
-        try:
-            return float(result[0]["value"][1])
-        except (KeyError, IndexError, TypeError, ValueError):
-            return None
-
-    def _buckets(self, query: str, at: float | None = None) -> dict[str, float] | None:
-        """bucket -> value; {} for an empty vector (no such events); None on failure."""
-        result = self._query(query, at)
-        if result is None:
-            return None
-        try:
-            return {
-                str(series["metric"].get(BUCKET_LABEL, "")): float(series["value"][1])
-                for series in result
-            }
-        except (KeyError, IndexError, TypeError, ValueError):
-            return None
 
     def _bucket_counts(
         self, variant: str, version: str, window_s: float, at: float | None
@@ -146,7 +106,7 @@ class PrometheusSource:
         analysis = self.spec.analysis
         guardrails = analysis.min_dwell_ratio is not None or analysis.min_purchase_ratio is not None
         buckets = {
-            name: self._buckets(query, at)
+            name: self.reader.values_by(BUCKET_LABEL, query, at)
             for name, query in bucket_queries(
                 self.system_id, variant, version, window_s, guardrails
             ).items()
@@ -157,7 +117,7 @@ class PrometheusSource:
 
     def _variant(self, variant: str, version: str, window_s: float) -> VariantMetrics:
         scalars = {
-            name: self._scalar(query)
+            name: self.reader.value(query)
             for name, query in variant_queries(self.system_id, variant, version, window_s).items()
         }
         buckets = self._bucket_counts(variant, version, window_s, None)

@@ -15,12 +15,8 @@ window and `judge_shadow` decides, in this order:
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-
-from prometheus_api_client import PrometheusConnect
-from urllib3.util.retry import Retry
 
 from recsys_contracts.metric_names import (
     GATEWAY_SHADOW_OVERLAP,
@@ -29,8 +25,7 @@ from recsys_contracts.metric_names import (
 )
 from recsys_operator.api.recommender_system import ShadowSpec
 from recsys_operator.api.status import AnalysisDecision, CanaryStatus, ShadowResult
-
-log = logging.getLogger(__name__)
+from recsys_operator.rollout.prometheus_reader import PrometheusReader, range_duration
 
 
 @dataclass(frozen=True)
@@ -103,7 +98,7 @@ def judge_shadow(numbers: ShadowNumbers, spec: ShadowSpec) -> ShadowResult:
 
 def shadow_queries(system_id: str, version: str, window_s: float) -> dict[str, str]:
     sel = f'system="{system_id}",model_version="{version}"'
-    w = f"{max(int(window_s), 15)}s"
+    w = range_duration(window_s)
 
     def mean(metric: str, extra: str = "") -> str:
         return (
@@ -124,23 +119,13 @@ class PrometheusShadowSource:
     """Judges a canary's shadow phase with the gateway's shadow metrics in Prometheus."""
 
     def __init__(self, url: str, system_id: str, spec: ShadowSpec, timeout_s: int = 5) -> None:
-        # One attempt per query: a Prometheus that is down turns into "inconclusive" quickly.
-        self.prometheus = PrometheusConnect(
-            url=url, disable_ssl=True, timeout=timeout_s, retry=Retry(total=0, connect=0, read=0)
-        )
+        # A Prometheus that is down turns into "inconclusive" quickly (one attempt per query).
+        self.reader = PrometheusReader(url, timeout_s)
         self.system_id = system_id
         self.spec = spec
 
     def _scalar(self, query: str) -> float | None:
-        try:
-            result = self.prometheus.custom_query(query)
-        except Exception as exc:  # unreachable, timeout, bad answer: all mean "no data"
-            log.warning("Prometheus query failed (%s): %s", exc, query)
-            return None
-        try:
-            value = float(result[0]["value"][1])
-        except (KeyError, IndexError, TypeError, ValueError):
-            return None
+        value = self.reader.value(query)
         return None if value != value else value  # NaN: no data
 
     def _numbers(self, version: str, window_s: float) -> ShadowNumbers:
