@@ -79,16 +79,7 @@ def trained_world(kube: KubeHandle, pulsar: PulsarAdminHandle, *, auto: bool) ->
     world = TrainedWorld(kube, pulsar)
     training = retraining_doc()["spec"]["training"]
     training["autoRollout"] = auto
-    world.patch(
-        "RecommenderSystem",
-        "quickstart",
-        {
-            "spec": {
-                "model": {"archiveUri": "pvc://models/retrieval/retrieval-1.mar"},
-                "training": training,
-            }
-        },
-    )
+    world.set_training(training)
     world.reconcile_and_record()  # version 1 serving, no run finished yet
     return world
 

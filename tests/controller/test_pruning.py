@@ -47,6 +47,14 @@ class World:
     def patch(self, kind: str, name: str, patch: dict[str, Any]) -> None:
         self.client.merge_patch("recsys.dev/v1alpha1", kind, "default", name, patch)
 
+    def set_training(self, training: dict[str, Any]) -> None:
+        """spec.training, with version 1's archive in the model store (where a run reads
+        the stable version from)."""
+        model = {"archiveUri": "pvc://models/retrieval/retrieval-1.mar"}
+        self.patch(
+            "RecommenderSystem", "quickstart", {"spec": {"model": model, "training": training}}
+        )
+
     def names(self, api_version: str, kind: str) -> list[str]:
         objects = self.client.list_objects(api_version, kind, "default")
         return sorted(obj["metadata"]["name"] for obj in objects)

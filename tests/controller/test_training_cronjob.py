@@ -140,16 +140,7 @@ def test_the_cronjob_is_applied_with_training_and_pruned_without(
 ) -> None:
     world = World(kube, pulsar_admin)
     training = retraining_doc()["spec"]["training"]
-    world.patch(
-        "RecommenderSystem",
-        "quickstart",
-        {
-            "spec": {
-                "model": {"archiveUri": "pvc://models/retrieval/retrieval-1.mar"},
-                "training": training,
-            }
-        },
-    )
+    world.set_training(training)
     outcome = world.reconcile()
     assert not outcome.warnings, outcome.warnings
     assert world.names("batch/v1", "CronJob") == ["quickstart-training"]

@@ -267,10 +267,7 @@ def test_changing_the_engine_swaps_the_cronjob_for_the_raycronjob_and_back(
     world = World(kube, pulsar_admin)
     kube.install_crds(minimal_crd("ray.io", "v1", "RayCronJob", "raycronjobs", status=True))
     training = retraining_doc()["spec"]["training"]
-    archive = {"archiveUri": "pvc://models/retrieval/retrieval-1.mar"}
-    world.patch(
-        "RecommenderSystem", "quickstart", {"spec": {"model": archive, "training": training}}
-    )
+    world.set_training(training)
     outcome = _reconcile(world, ray=True)
     assert not outcome.warnings, outcome.warnings
     assert world.names("batch/v1", "CronJob") == ["quickstart-training"]
@@ -298,10 +295,7 @@ def test_a_cluster_without_ray_io_reports_the_engine_and_applies_nothing(
 ) -> None:
     world = World(kube, pulsar_admin)
     training = ray_doc()["spec"]["training"]
-    archive = {"archiveUri": "pvc://models/retrieval/retrieval-1.mar"}
-    world.patch(
-        "RecommenderSystem", "quickstart", {"spec": {"model": archive, "training": training}}
-    )
+    world.set_training(training)
     outcome = _reconcile(world, ray=False)
     ready = next(c for c in outcome.status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False"

@@ -71,16 +71,7 @@ def finish_pod(world: World, name: str, message: str, labels: dict[str, str] = L
 @pytest.fixture
 def world(kube: KubeHandle, pulsar_admin: PulsarAdminHandle) -> World:
     world = World(kube, pulsar_admin)
-    world.patch(
-        "RecommenderSystem",
-        "quickstart",
-        {
-            "spec": {
-                "model": {"archiveUri": "pvc://models/retrieval/retrieval-1.mar"},
-                "training": retraining_doc()["spec"]["training"],
-            }
-        },
-    )
+    world.set_training(retraining_doc()["spec"]["training"])
     return world
 
 

@@ -158,16 +158,7 @@ def make_world(
 ) -> World:
     world = World(kube, pulsar_admin)
     training = retraining_doc()["spec"]["training"] | {"window": "2h", "triggers": triggers}
-    world.patch(
-        "RecommenderSystem",
-        "quickstart",
-        {
-            "spec": {
-                "model": {"archiveUri": "pvc://models/retrieval/retrieval-1.mar"},
-                "training": training,
-            }
-        },
-    )
+    world.set_training(training)
     write_status(world, world.reconcile().status)  # the CronJob, status.stableVersion
     return world
 
@@ -451,16 +442,7 @@ def test_with_the_ray_engine_a_trigger_starts_a_rayjob_from_the_raycronjob(
         "window": "2h",
         "triggers": {"performance": {"minCtr": 0.05, "window": "1h"}},
     }
-    world.patch(
-        "RecommenderSystem",
-        "quickstart",
-        {
-            "spec": {
-                "model": {"archiveUri": "pvc://models/retrieval/retrieval-1.mar"},
-                "training": training,
-            }
-        },
-    )
+    world.set_training(training)
     body = world.kube.get(SYSTEM)
     reconciler = Reconciler(world.client, RenderOptions(monitoring=True, ray=True))
     write_status(world, asyncio.run(reconciler.reconcile(body)).status)
