@@ -25,13 +25,15 @@ visits of the same users). Also printed: each run's verdict and the canary's ana
 from __future__ import annotations
 
 import argparse
-import math
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ctr_ratio import relative_ctr_change
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "examples" / "demo.yaml"
@@ -40,15 +42,6 @@ MANIFEST = ROOT / "examples" / "demo.yaml"
 def ctr(samples: list[Any]) -> tuple[int, int]:
     ok = [s for s in samples if s.ok]
     return len(ok), sum(s.clicked for s in ok)
-
-
-def relative_change(a: tuple[int, int], b: tuple[int, int]) -> tuple[float, float, float]:
-    """(b/a - 1, low, high): the 95% interval by the delta method on log(pb/pa)."""
-    (na, ca), (nb, cb) = a, b
-    pa, pb = ca / na, cb / nb
-    se = math.sqrt((1 - pa) / (na * pa) + (1 - pb) / (nb * pb))
-    ratio = math.log(pb / pa)
-    return pb / pa - 1, math.exp(ratio - 1.96 * se) - 1, math.exp(ratio + 1.96 * se) - 1
 
 
 def wait_for(folder: Any, check: Any, timeout: float, what: str) -> dict[str, Any]:
@@ -160,7 +153,7 @@ def main() -> int:
     if rollout.get("outcome") != "Promoted" or not new_arm[0]:
         print("the candidate was not promoted: no retrained arm to measure")
         return 1
-    change, low, high = relative_change(stale_arm, new_arm)
+    change, low, high = relative_ctr_change(stale_arm[1], stale_arm[0], new_arm[1], new_arm[0])
     print(f"\nCTR of the drifting users ({args.rate:.0f} visits/s, seed {args.seed}):")
     print(
         f"  stale version 1       {stale_arm[1] / stale_arm[0]:.2%} ({stale_arm[1]}/{stale_arm[0]})"

@@ -58,6 +58,7 @@ import aiohttp
 import numpy as np
 import requests
 import yaml
+from ctr_ratio import Z95, relative_ctr_change
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_NAME = "e2e"
@@ -67,7 +68,6 @@ MAX_OUTSTANDING = 256  # HTTP requests in flight; a visit due beyond this is she
 UP_TIMEOUT_S = 300.0
 DOWN_TIMEOUT_S = 120.0
 SETTLE_S = 4.0  # after a phase: two Prometheus scrapes (every 2 s) see its last events
-Z95 = 1.959964
 QUICK_ITEMS = 500
 
 STARTED = time.monotonic()
@@ -525,8 +525,7 @@ def uplift(on: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
     p1, n1, p0, n0 = on["ctr"], on["n"], off["ctr"], off["n"]
     diff = p1 - p0
     se = math.sqrt(p1 * (1 - p1) / n1 + p0 * (1 - p0) / n0)
-    ratio = p1 / p0
-    se_log = math.sqrt((1 - p1) / (n1 * p1) + (1 - p0) / (n0 * p0))
+    relative, relative_low, relative_high = relative_ctr_change(off["clicks"], n0, on["clicks"], n1)
     both = sorted(set(on["clicked_by_visit"]) & set(off["clicked_by_visit"]))
     d = np.array(
         [int(on["clicked_by_visit"][v]) - int(off["clicked_by_visit"][v]) for v in both],
@@ -544,12 +543,9 @@ def uplift(on: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
         "method": "two-proportion normal approximation (unpooled SE); relative via log ratio",
         "absolute": diff,
         "absolute_ci95": [diff - Z95 * se, diff + Z95 * se],
-        "ratio": ratio,
-        "relative": ratio - 1,
-        "relative_ci95": [
-            ratio * math.exp(-Z95 * se_log) - 1,
-            ratio * math.exp(Z95 * se_log) - 1,
-        ],
+        "ratio": relative + 1,
+        "relative": relative,
+        "relative_ci95": [relative_low, relative_high],
         "paired_visits": len(both),
         "paired_absolute": float(d.mean()) if len(d) else math.nan,
         "paired_absolute_ci95": [
