@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from model_handlers.session_rerank import SessionStage
+from model_handlers.session_rerank import SessionStage, SessionStageError
 from recsys_contracts.archive_layout import ArchiveManifest
 from recsys_contracts.env_vars import ModelServerEnv
 from recsys_contracts.store_endpoint import StoreMode, endpoint_problem
@@ -161,25 +161,29 @@ def _session_stage(get: Callable[[str], str | None]) -> SessionStage | None:
         default=defaults.popularity_weight,
     )
     candidates = _number(get(SESSION_CANDIDATES), SESSION_CANDIDATES, default=defaults.candidates)
-    if weight < 0:
-        raise SettingsError(f"{SESSION_WEIGHT} must be 0 or more, got {weight}")
-    if items < 0 or items != int(items):
-        raise SettingsError(f"{SESSION_ITEMS} must be a whole number, 0 or more, got {items}")
-    if not 0 < decay <= 1:
-        raise SettingsError(f"{SESSION_DECAY} must lie in (0, 1], got {decay}")
-    if popularity < 0:
-        raise SettingsError(f"{SESSION_POPULARITY_WEIGHT} must be 0 or more, got {popularity}")
-    if candidates < 1 or candidates != int(candidates):
-        raise SettingsError(
-            f"{SESSION_CANDIDATES} must be a whole number, 1 or more, got {candidates}"
+    for value, name in ((items, SESSION_ITEMS), (candidates, SESSION_CANDIDATES)):
+        if value != int(value):
+            raise SettingsError(f"{name} must be a whole number, got {value}")
+    try:
+        return SessionStage(
+            weight=weight,
+            items=int(items),
+            decay=decay,
+            popularity_weight=popularity,
+            candidates=int(candidates),
         )
-    return SessionStage(
-        weight=weight,
-        items=int(items),
-        decay=decay,
-        popularity_weight=popularity,
-        candidates=int(candidates),
-    )
+    except SessionStageError as error:  # its bounds, named by the variable that broke them
+        variable = _SESSION_VARIABLES[error.field]
+        raise SettingsError(f"{variable} {error.rule}, got {error.value}") from None
+
+
+_SESSION_VARIABLES = {
+    "weight": SESSION_WEIGHT,
+    "items": SESSION_ITEMS,
+    "decay": SESSION_DECAY,
+    "popularity_weight": SESSION_POPULARITY_WEIGHT,
+    "candidates": SESSION_CANDIDATES,
+}
 
 
 def _number(value: str | None, name: str, *, default: float) -> float:

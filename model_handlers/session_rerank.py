@@ -33,6 +33,14 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class SessionStageError(ValueError):
+    """A knob of the session stage out of its bounds (`field`: the dataclass field)."""
+
+    def __init__(self, field: str, rule: str, value: object) -> None:
+        super().__init__(f"session stage: {field} {rule}, got {value}")
+        self.field, self.rule, self.value = field, rule, value
+
+
 @dataclass(frozen=True)
 class SessionStage:
     """The knobs of the session stage (`handler_settings` reads them from the environment)."""
@@ -49,12 +57,15 @@ class SessionStage:
     """Items fetched with the blended query and re-ranked (at least k)."""
 
     def __post_init__(self) -> None:
-        if self.weight < 0 or self.popularity_weight < 0:
-            raise ValueError("session stage: weights must be 0 or more")
-        if self.items < 0 or self.candidates < 1:
-            raise ValueError("session stage: items must be 0 or more, candidates at least 1")
-        if not 0 < self.decay <= 1:
-            raise ValueError("session stage: decay must lie in (0, 1]")
+        for name, ok, rule in (
+            ("weight", self.weight >= 0, "must be 0 or more"),
+            ("items", self.items >= 0, "must be a whole number, 0 or more"),
+            ("decay", 0 < self.decay <= 1, "must lie in (0, 1]"),
+            ("popularity_weight", self.popularity_weight >= 0, "must be 0 or more"),
+            ("candidates", self.candidates >= 1, "must be a whole number, 1 or more"),
+        ):
+            if not ok:
+                raise SessionStageError(name, rule, getattr(self, name))
 
     @property
     def enabled(self) -> bool:
