@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
+
 if TYPE_CHECKING:
     from recsys_operator.launchers.probes import Probe
 
@@ -33,6 +35,15 @@ def port_open(port: int, host: str = LOOPBACK) -> bool:
             return True
     except OSError:
         return False
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports process `pid` listens on (an empty set when it is gone)."""
+    try:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return set()
+    return {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN}
 
 
 class ProcessFailed(RuntimeError):
@@ -61,6 +72,11 @@ class ManagedProcess:
     """Set once the port answered (and the caller's own readiness checks passed)."""
     probe: Probe | None = None
     """How the supervisor checks, while it runs, that it still answers (None: exit only)."""
+    own_ports: tuple[int, ...] = ()
+    """Ports the process itself (not a child) must listen on before it is ready. A port
+    picked with `free_port` can be taken by another process in between; some servers
+    (pulsar-lite's metrics listener) then log the error and run on without it, and a
+    probe of that port would be answered by the other process."""
 
     @property
     def pid(self) -> int | None:
@@ -90,7 +106,7 @@ class ManagedProcess:
                     f"{self.name} exited with code {self.popen.returncode} before it was ready; "
                     f"log {self.log_path}:\n{log_tail(self.log_path)}"
                 )
-            if port_open(self.port):
+            if port_open(self.port) and self._holds_own_ports():
                 self.ready = True
                 return
             time.sleep(0.1)
@@ -99,6 +115,21 @@ class ManagedProcess:
             f"{self.name} did not listen on {LOOPBACK}:{self.port} within {timeout:.0f}s; "
             f"log {self.log_path}:\n{log_tail(self.log_path)}"
         )
+
+    def _holds_own_ports(self) -> bool:
+        """Whether the process listens on all of `own_ports`; raises ProcessFailed when
+        another process answers on one of them."""
+        if not self.own_ports or self.popen is None:
+            return True
+        missing = [p for p in self.own_ports if p not in listening_ports(self.popen.pid)]
+        taken = [p for p in missing if port_open(p)]
+        if taken and not set(taken) <= listening_ports(self.popen.pid):  # not ours just now
+            self.stop()
+            raise ProcessFailed(
+                f"{self.name}: port {taken[0]} on {LOOPBACK} is held by another process; "
+                f"log {self.log_path}:\n{log_tail(self.log_path)}"
+            )
+        return not missing
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None

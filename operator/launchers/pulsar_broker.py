@@ -45,6 +45,7 @@ def broker_process(
     process.env = {"RUST_LOG": "warn"}
     # Its metrics listener answers HTTP: unlike a bare connect it tells a frozen broker.
     process.probe = HttpProbe("/metrics", port=metrics_port)
+    process.own_ports = (port, metrics_port)
     return process
 
 

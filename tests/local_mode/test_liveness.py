@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 
 from recsys_operator.launchers.probes import HttpProbe, TcpProbe
-from recsys_operator.launchers.process import ManagedProcess, free_port
+from recsys_operator.launchers.process import ManagedProcess, ProcessFailed, free_port
 from recsys_operator.launchers.pulsar_broker import broker_process
 from recsys_operator.launchers.redis_server import redis_process
 from recsys_operator.local.liveness import PROBE_FAILURES, Liveness
@@ -168,3 +170,49 @@ def test_state_json_says_degraded_with_the_failed_part(tmp_path: Path) -> None:
     assert failed["degraded"] is True
     assert failed["parts"]["gateway"]["status"] == "failed"
     assert "after 5 restarts" in failed["failedParts"]["gateway"]
+
+
+LISTENER = """
+import socket, sys, time
+servers = []
+for port in map(int, sys.argv[1:]):
+    s = socket.socket()
+    s.bind(("127.0.0.1", port))
+    s.listen()
+    servers.append(s)
+time.sleep(60)
+"""
+
+
+def listener(tmp_path: Path, listens: list[int], own: tuple[int, ...]) -> ManagedProcess:
+    argv = [sys.executable, "-c", LISTENER, *map(str, listens)]
+    process = ManagedProcess("listener", argv, tmp_path / "listener.log", listens[0])
+    process.own_ports = own
+    return process
+
+
+def test_a_process_is_ready_once_it_holds_its_own_ports(
+    tmp_path: Path, frozen_later: list[ManagedProcess]
+) -> None:
+    main, extra = free_port(), free_port()
+    process = listener(tmp_path, [main, extra], (main, extra))
+    frozen_later.append(process)
+    process.start(ready_timeout=10)
+    assert process.ready
+
+
+def test_a_port_another_process_holds_is_reported_not_probed(
+    tmp_path: Path, frozen_later: list[ManagedProcess]
+) -> None:
+    # What a free-port race does to pulsar-lite: its metrics listener fails, it runs on
+    # without it, and a probe of that port would be answered by someone else.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        main = free_port()
+        process = listener(tmp_path, [main], (main, taken))
+        frozen_later.append(process)
+        with pytest.raises(ProcessFailed, match=f"port {taken} on 127.0.0.1 is held by another"):
+            process.start(ready_timeout=10)
+        assert not process.alive()  # stopped, by its PID
