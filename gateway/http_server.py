@@ -27,9 +27,12 @@ server does what the gateway needs and nothing else:
 - Connections idle longer than `keepalive_s` are closed (one sweep a second, no timer
   per request).
 
+- `Expect: 100-continue` (curl sends it for bodies over 1 KiB) is answered with
+  `100 Continue` when the handler starts reading the body.
+
 What it does not do, because the gateway's clients do not need it: TLS (a cluster
-terminates it in front), HTTP/2, `Expect: 100-continue` (clients send the body
-anyway after a short wait), protocol upgrades (answered, then the connection closed).
+terminates it in front), HTTP/2, protocol upgrades (the request is answered, then the
+connection closed).
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class Request:
         "_complete",
         "_lost",
         "_parts",
+        "_send_continue",
         "_server",
         "_size",
         "_too_large",
@@ -119,6 +123,8 @@ class Request:
         self._too_large = False
         self._lost = False
         self._waiter: asyncio.Future[None] | None = None
+        # `Expect: 100-continue`: the client sends its body once told to.
+        self._send_continue: Callable[[], None] | None = None
 
     @property
     def content_type(self) -> str:
@@ -149,6 +155,9 @@ class Request:
             if declared.isdigit() and int(declared) > self._server.max_body_bytes:
                 self._too_large = True
             else:
+                if self._send_continue is not None:
+                    self._send_continue()
+                    self._send_continue = None
                 self._waiter = asyncio.get_running_loop().create_future()
                 try:
                     async with asyncio.timeout(timeout_s):
@@ -378,6 +387,8 @@ class _Connection(asyncio.Protocol):
         )
         self._parsing = request
         self.idle_since = None
+        if self._headers.get("expect", "").lower() == "100-continue":
+            request._send_continue = self._continue
         if self._current is None:
             self._dispatch(request)
         else:
@@ -392,6 +403,10 @@ class _Connection(asyncio.Protocol):
         if self._parsing is not None:
             self._parsing._finish()
             self._parsing = None
+
+    def _continue(self) -> None:
+        if self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _count_head(self, size: int) -> None:
         self._head_bytes += size

@@ -4,6 +4,8 @@
   without one is read as JSON (curl and scripts often omit it). Anything else is a 415.
 - `Content-Encoding` may be identity, gzip or deflate; another one is a 415, and a body
   that does not decode as the encoding it claims (a plain body sent as gzip) a 400.
+- The body may be at most `max_bytes` (the gateway's 1 MiB), as sent and once decoded:
+  a small gzip body can decode to gigabytes (413).
 - The body must arrive within `BODY_READ_TIMEOUT_S`: a client that opens a request and
   never finishes it would otherwise hold a connection and a task forever (408).
 - A JSON object must not name a key twice: parsers disagree on which one wins, so the

@@ -280,3 +280,19 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive(app: 
         writer.close()
     finally:
         await server.stop(grace_s=1)
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent(
+    server: HttpServer,
+) -> None:
+    reader, writer = await connect(server)
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(b"hello")
+    answer = await read_answer(reader)
+    assert (answer.status, answer.body) == (200, b"hello")
+    writer.close()
