@@ -99,6 +99,7 @@ class Request:
         "_too_large",
         "_waiter",
         "headers",
+        "http_1_0",
         "keep_alive",
         "method",
         "path",
@@ -116,6 +117,7 @@ class Request:
         self.query = query.decode("latin-1")
         self.headers = headers
         self.keep_alive = keep_alive
+        self.http_1_0 = False
         self._server = server
         self._parts: list[bytes] = []
         self._size = 0
@@ -385,6 +387,8 @@ class _Connection(asyncio.Protocol):
             self._headers,
             self.parser.should_keep_alive(),
         )
+        if request.keep_alive and self.parser.get_http_version() == "1.0":
+            request.http_1_0 = True
         self._parsing = request
         self.idle_since = None
         if self._headers.get("expect", "").lower() == "100-continue":
@@ -461,6 +465,8 @@ class _Connection(asyncio.Protocol):
                 head.append(f"{name}: {value}\r\n".encode("latin-1"))
         if close:
             head.append(b"Connection: close\r\n")
+        elif request.http_1_0:  # keep-alive is not its default: say it is kept
+            head.append(b"Connection: keep-alive\r\n")
         head.append(b"\r\n")
         if request.method != "HEAD":
             head.append(body)

@@ -296,3 +296,12 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent(
     answer = await read_answer(reader)
     assert (answer.status, answer.body) == (200, b"hello")
     writer.close()
+
+
+async def test_http_1_0_that_asks_for_keep_alive_is_told_it_is_kept(server: HttpServer) -> None:
+    reader, writer = await connect(server)
+    for _ in range(2):
+        writer.write(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        answer = await read_answer(reader)
+        assert answer.status == 200 and answer.headers["connection"] == "keep-alive"
+    writer.close()
