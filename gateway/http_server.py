@@ -240,6 +240,8 @@ _STATUS_LINES = {
 
 
 class HttpServer:
+    """Serves `routes` on one listening socket; see the module docstring."""
+
     def __init__(
         self,
         routes: Routes,
@@ -323,6 +325,7 @@ class _Connection(asyncio.Protocol):
         self._writing_paused = False
         self._closing = False  # answer nothing more; close when the current answer is out
         self._discarding = False  # lingering after a closing answer: read and drop
+        self._task: asyncio.Task[None] | None = None  # the current request's handler
 
     # --- asyncio.Protocol --------------------------------------------------------
 
@@ -435,7 +438,8 @@ class _Connection(asyncio.Protocol):
             refusal.headers = {"Allow": allowed}
             self._answer(request, refusal)
             return
-        self.loop.create_task(self._run(handler, request))
+        # Held here: the loop keeps only a weak reference to a task.
+        self._task = self.loop.create_task(self._run(handler, request))
 
     async def _run(self, handler: Handler, request: Request) -> None:
         try:
