@@ -353,6 +353,10 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if self._head_too_large:
                 self._refuse(error_response(431, close=True))
+                return
+            if isinstance(exc, httptools.HttpParserCallbackError):  # raised by our code
+                log.error("error while reading a request", exc_info=exc.__context__)
+                self._refuse(error_response(500, "internal error in the gateway", close=True))
             else:
                 self._refuse(error_response(400, f"not an HTTP/1.1 request: {exc}", close=True))
 
