@@ -139,6 +139,17 @@ async def test_pipelined_requests_are_answered_in_the_order_sent(server: HttpSer
     writer.close()
 
 
+async def test_a_long_pipeline_is_answered_whole_and_in_order(server: HttpServer) -> None:
+    # More than the server reads ahead (it stops reading, then resumes as it answers).
+    reader, writer = await connect(server)
+    writer.write(b"".join(post("/echo", b"request %d" % n) for n in range(100)))
+    for n in range(100):
+        assert (await read_answer(reader)).body == b"request %d" % n
+    writer.write(post("/echo", b"after"))
+    assert (await read_answer(reader)).body == b"after"
+    writer.close()
+
+
 async def test_a_chunked_body_arrives_whole(server: HttpServer) -> None:
     reader, writer = await connect(server)
     writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello")
