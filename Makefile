@@ -35,7 +35,7 @@ demo: setup  ## set up, then run the continuous-learning loop locally (drift, re
 # indexes). `make bench BENCHMARKS="gateway stream_features"` runs some. Each script's
 # output is kept in build/bench/NAME.txt; the figures worth keeping are recorded by hand
 # in benchmarks/README.md, with the machine and its load (the tests run each `--quick`).
-BENCHMARKS ?= stream_features gateway operator_reconcile serving quality end_to_end event_codec
+BENCHMARKS ?= stream_features gateway http_server operator_reconcile serving quality end_to_end event_codec
 BENCH_ARGS_operator_reconcile ?= --systems 10
 
 # One recipe line per benchmark, so a failing one stops the run and names itself.

@@ -20,7 +20,9 @@ read them in:
 - `log_rate_limit` logging that stays readable when something fails constantly;
 - `api_models`   request and response bodies (pydantic), the single source of
                  both validation and the OpenAPI document (`openapi`);
-- `app`          the aiohttp handlers that tie these together;
+- `app`          the route handlers that tie these together;
+- `http_server`  a lean HTTP/1.1 server (httptools on uvloop) for those routes;
+- `http_pool`    the keep-alive client pool for the model-server calls;
 - `server`       running it: in the foreground, or on its own loop in a thread;
 - `cli`          `recsys gateway run` (also `python -m gateway run`).
 """

@@ -1,4 +1,4 @@
-"""The gateway's HTTP API (aiohttp): what happens to each request.
+"""The gateway's HTTP API: what happens to each request.
 
     POST /v1/recommend   assign the user's variant (or the one a QA header or cookie
                          pins), call its model, answer (or fall back to popular
@@ -11,9 +11,11 @@
 Every answer the gateway gives itself is JSON; every error is
 `{"error": "...", "field": "..." | null}`. A client mistake is a 4xx, never a 5xx.
 
-Start it with `create_app(GatewaySettings(routing_path=...))` (or
-`routing_configmap=...` in a cluster) and any aiohttp runner, or `gateway.server` (in a
-thread, or as `python -m gateway run`).
+The handlers take a `gateway.http_server.Request` and return its `Response`; the
+server (`gateway.http_server`, HTTP/1.1 on httptools) knows nothing of recommendations.
+Run one with `gateway.server` (in a thread, or as `python -m gateway run`), which serves
+`Gateway(GatewaySettings(routing_path=...)).routes()` (or `routing_configmap=...` in a
+cluster) between `Gateway.open()` and `Gateway.close()`.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ import contextlib
 import functools
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from aiohttp import web
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -53,6 +55,7 @@ from gateway.attribution import Attribution, NonceSource, RequestIds, Unverified
 from gateway.event_sink import DEFAULT_CAPACITY, OPERATION_TIMEOUT_S, DropReason, EventSink
 from gateway.events import impression_payload, interaction_payload
 from gateway.fallback import PopularityFallback
+from gateway.http_server import Request, Response, Routes
 from gateway.log_rate_limit import rate_limited_logger
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import build_openapi
@@ -140,10 +143,9 @@ class BadInput(Exception):
         self.field = field
         self.close = close  # the connection cannot carry another request
 
-    def response(self) -> web.Response:
+    def response(self) -> Response:
         response = json_response(ErrorResponse(error=self.message, field=self.field), self.status)
-        if self.close:
-            response.force_close()
+        response.close = self.close
         return response
 
 
@@ -159,10 +161,9 @@ class Shed(Exception):
         self.reason = reason
 
 
-def json_response(body: BaseModel, status: int = 200) -> web.Response:
-    return web.Response(
-        body=body.model_dump_json().encode(), status=status, content_type="application/json"
-    )
+def json_response(body: BaseModel, status: int = 200) -> Response:
+    # The serializer's own bytes: `model_dump_json()` would make a str to encode again.
+    return Response(status, body.__pydantic_serializer__.to_json(body))
 
 
 Body = TypeVar("Body")
@@ -171,10 +172,10 @@ _EVENT_LIST: TypeAdapter[list[ClientEvent]] = TypeAdapter(ClientEvents)
 _RECOMMEND: TypeAdapter[RecommendRequest] = TypeAdapter(RecommendRequest)
 
 
-async def read_body(request: web.Request, timeout_s: float) -> bytes:
+async def read_body(request: Request, timeout_s: float) -> bytes:
     """The body as `read_json_body` reads it; BadInput when the client got it wrong."""
     try:
-        return await read_json_body(request, timeout_s)
+        return await read_json_body(request, timeout_s, max_bytes=MAX_BODY_BYTES)
     except BodyRefused as exc:
         raise BadInput(exc.status, exc.message, close=exc.close_connection) from None
 
@@ -263,7 +264,8 @@ class Gateway:
             operation_timeout_s=settings.pulsar_timeout_s,
             spill_path=settings.event_spill_path,
         )
-        self.openapi = build_openapi(__version__)
+        self.openapi = orjson.dumps(build_openapi(__version__))
+        self._watcher: asyncio.Task[None] | None = None
         self.body_read_timeout_s = settings.body_read_timeout_s
         self.event_ids = NonceSource(16)  # an impression's event_id: 32 hex digits
         self.request_ids = (
@@ -272,22 +274,35 @@ class Gateway:
             else RequestIds.from_env()
         )
 
-    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        """aiohttp cleanup context: open on startup, close on shutdown."""
+    def routes(self) -> Routes:
+        return {
+            "/v1/recommend": {"POST": self.recommend},
+            "/v1/events": {"POST": self.post_events},
+            "/healthz": {"GET": self.health},
+            "/metrics": {"GET": self.metrics_text},
+            "/openapi.json": {"GET": self.openapi_document},
+        }
+
+    async def open(self) -> None:
+        """Before serving: the model-server pool, the event sink, the routing watcher."""
         await self.serving.open()
         self.events.start()
-        watcher = asyncio.create_task(self.routing.watch(), name="routing-watcher")
-        yield
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        self._watcher = asyncio.create_task(self.routing.watch(), name="routing-watcher")
+
+    async def close(self) -> None:
+        """After serving (the requests in flight done): stop watching, send or spill
+        the buffered events."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await self.shadow.close()
         await self.serving.close()
         await asyncio.to_thread(self.events.close)
 
     # --- POST /v1/recommend ------------------------------------------------------
 
-    async def recommend(self, request: web.Request) -> web.Response:
+    async def recommend(self, request: Request) -> Response:
         started = time.perf_counter()
         # One routing for the whole request, even if it changes meanwhile.
         routing = self.routing.current
@@ -302,7 +317,7 @@ class Gateway:
             self.in_flight.leave()
             in_flight.set(self.in_flight.count)
 
-    def _shed(self, routing: Routing, reason: ShedReason, *, pinned: bool = False) -> web.Response:
+    def _shed(self, routing: Routing, reason: ShedReason, *, pinned: bool = False) -> Response:
         """503 with Retry-After, counted (in the requests counter with no version: no
         model was asked)."""
         self.metrics.child(self.metrics.shed, routing.system, reason.value).inc()
@@ -316,12 +331,10 @@ class Gateway:
             ),
             503,
         )
-        answer.headers["Retry-After"] = str(RETRY_AFTER_S)
+        answer.headers = {"Retry-After": str(RETRY_AFTER_S)}
         return answer
 
-    async def _admitted(
-        self, request: web.Request, routing: Routing, started: float
-    ) -> web.Response:
+    async def _admitted(self, request: Request, routing: Routing, started: float) -> Response:
         try:
             ask = parse_body(await read_body(request, self.body_read_timeout_s), _RECOMMEND)
             k = ask.k if ask.k is not None else routing.default_k
@@ -374,7 +387,7 @@ class Gateway:
                 ErrorResponse(error="serving is unavailable and no fallback items are known yet"),
                 503,
             )
-            answer.headers["Retry-After"] = "1"
+            answer.headers = {"Retry-After": "1"}
         labels = (routing.system, version, variant.value)
         child = self.metrics.child
         if pinned:  # QA traffic: kept out of what the rollout analysis reads
@@ -459,7 +472,7 @@ class Gateway:
 
     # --- POST /v1/events ---------------------------------------------------------
 
-    async def post_events(self, request: web.Request) -> web.Response:
+    async def post_events(self, request: Request) -> Response:
         routing = self.routing.current
         try:
             raw = await read_body(request, self.body_read_timeout_s)
@@ -558,7 +571,7 @@ class Gateway:
 
     # --- GET ---------------------------------------------------------------------
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request) -> Response:
         routing = self.routing.current
         return json_response(
             Health(
@@ -571,55 +584,8 @@ class Gateway:
             )
         )
 
-    async def metrics_text(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(200, self.metrics.exposition(), CONTENT_TYPE_LATEST)
 
-    async def openapi_document(self, request: web.Request) -> web.Response:
-        return web.json_response(self.openapi)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own refusals (404, 405, 413...) as JSON errors, and a bug as a JSON 500."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = json_response(ErrorResponse(error=exc.reason), exc.status)
-        for name, value in exc.headers.items():
-            if name.lower() not in ("content-type", "content-length"):
-                response.headers[name] = value
-        return response
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return json_response(ErrorResponse(error="internal error in the gateway"), 500)
-
-
-GATEWAY = web.AppKey("gateway", Gateway)
-
-
-def create_app(
-    settings: GatewaySettings, *, metrics: GatewayMetrics | None = None
-) -> web.Application:
-    """The gateway as an aiohttp application. Reads the routing now, so a missing or
-    invalid one fails here (`RoutingError`), before anything listens."""
-    gateway = Gateway(settings, metrics)
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
-    app[GATEWAY] = gateway
-    app.cleanup_ctx.append(gateway.lifecycle)
-    app.add_routes(
-        [
-            web.post("/v1/recommend", gateway.recommend),
-            web.post("/v1/events", gateway.post_events),
-            web.get("/healthz", gateway.health),
-            web.get("/metrics", gateway.metrics_text),
-            web.get("/openapi.json", gateway.openapi_document),
-        ]
-    )
-    return app
+    async def openapi_document(self, request: Request) -> Response:
+        return Response(200, self.openapi)

@@ -4,6 +4,8 @@
   without one is read as JSON (curl and scripts often omit it). Anything else is a 415.
 - `Content-Encoding` may be identity, gzip or deflate; another one is a 415, and a body
   that does not decode as the encoding it claims (a plain body sent as gzip) a 400.
+- The body may be at most `max_bytes` (the gateway's 1 MiB), as sent and once decoded:
+  a small gzip body can decode to gigabytes (413).
 - The body must arrive within `BODY_READ_TIMEOUT_S`: a client that opens a request and
   never finishes it would otherwise hold a connection and a task forever (408).
 - A JSON object must not name a key twice: parsers disagree on which one wins, so the
@@ -12,11 +14,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+import zlib
 from typing import Any
 
-from aiohttp import web
+from gateway.http_server import BodyIncomplete, BodyTooLarge, Request
 
 BODY_READ_TIMEOUT_S = 10.0
 DECODABLE_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
@@ -33,27 +35,59 @@ class BodyRefused(Exception):
         """The rest of the body is unread: answer with `Connection: close`."""
 
 
-async def read_json_body(request: web.Request, timeout_s: float = BODY_READ_TIMEOUT_S) -> bytes:
-    """The decoded body bytes of a JSON request, or BodyRefused."""
-    content_type = request.headers.get("Content-Type")
+async def read_json_body(
+    request: Request, timeout_s: float = BODY_READ_TIMEOUT_S, *, max_bytes: int
+) -> bytes:
+    """The decoded body bytes of a JSON request (at most `max_bytes`, decoded), or
+    BodyRefused."""
+    content_type = request.headers.get("content-type")
     if content_type is not None and not _is_json(request.content_type):
         raise BodyRefused(415, f"Content-Type must be application/json, got {content_type!r}")
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    encoding = request.headers.get("content-encoding", "").strip().lower()
     if encoding not in DECODABLE_ENCODINGS:
         raise BodyRefused(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
     try:
-        if request.content.is_eof():  # all of it has arrived: no timer to arm
-            return await request.read()
-        return await asyncio.wait_for(request.read(), timeout_s)
+        raw = await request.body(timeout_s)
     except TimeoutError:
         raise BodyRefused(
             408, f"the body did not arrive within {timeout_s:.0f}s", close_connection=True
         ) from None
-    except web.RequestPayloadError as exc:  # undecodable, or cut short
-        reason = " ".join(str(exc).split())
+    except BodyTooLarge:
+        raise _too_large(max_bytes) from None
+    except BodyIncomplete:
         raise BodyRefused(
-            400, f"the body could not be read ({reason})", close_connection=True
+            400, "the body could not be read (the request ended before it)", close_connection=True
         ) from None
+    if encoding in ("", "identity"):
+        return raw
+    return _decoded(raw, encoding, max_bytes)
+
+
+def _too_large(max_bytes: int) -> BodyRefused:
+    return BodyRefused(413, f"the body is larger than {max_bytes} bytes", close_connection=True)
+
+
+def _decoded(raw: bytes, encoding: str, max_bytes: int) -> bytes:
+    """`raw` decompressed; a body that is not what it claims is a 400, one that
+    decompresses to more than `max_bytes` a 413 (a small gzip can hold gigabytes)."""
+    if encoding == "deflate":
+        # zlib-wrapped as RFC 9110 says; raw deflate as some clients send it
+        wbits = zlib.MAX_WBITS if raw[:2] and int.from_bytes(raw[:2]) % 31 == 0 else -zlib.MAX_WBITS
+    else:
+        wbits = 16 + zlib.MAX_WBITS
+    decoder = zlib.decompressobj(wbits)
+    try:
+        decoded = decoder.decompress(raw, max_bytes + 1)
+        if len(decoded) > max_bytes or decoder.unconsumed_tail:
+            raise _too_large(max_bytes)
+        decoded += decoder.flush()
+    except zlib.error as exc:
+        raise BodyRefused(400, f"the body could not be read (not {encoding}: {exc})") from None
+    if not decoder.eof:
+        raise BodyRefused(400, f"the body could not be read (the {encoding} stream is cut short)")
+    if len(decoded) > max_bytes:
+        raise _too_large(max_bytes)
+    return decoded
 
 
 def _is_json(media_type: str) -> bool:

@@ -180,7 +180,7 @@ class ConfigMapRoutingWatcher:
         self.retry_max_s = retry_max_s
         # The version to resume the watch from; None: list first.
         self._resource_version: str | None = None
-        # The first routing, read before the gateway's event loop runs (create_app is
+        # The first routing, read before the gateway's event loop runs (`Gateway(...)` is
         # synchronous, and may be called where another loop runs): on a loop of its own.
         first = _run_on_own_loop(self._first_routing)
         self._state = RoutingState(first, origin=f"ConfigMap {configmap}", on_reload=on_reload)

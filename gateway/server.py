@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 from types import TracebackType
 
 import uvloop
-from aiohttp import web
 
-from gateway.app import GATEWAY, Gateway, GatewaySettings, create_app
+from gateway.app import MAX_BODY_BYTES, Gateway, GatewaySettings
+from gateway.http_server import HttpServer
 from gateway.metrics import GatewayMetrics
 from recsys_contracts.env_vars import GatewayEnv
 
@@ -31,10 +32,6 @@ DEFAULT_PORT = 8000
 # interfaces), everything else defaults to loopback.
 ADDRESS_ENV = GatewayEnv.ADDRESS
 SHUTDOWN_GRACE_S = 10.0
-# After refusing a body (413), aiohttp keeps reading what the client still sends, so
-# the client sees the answer instead of a reset. Clients that stop sending when they
-# see the 413 would hold the connection for aiohttp's default 10 s (and delay shutdown).
-LINGER_S = 1.0
 
 
 def listen_address(host: str | None, port: int | None) -> tuple[str, int]:
@@ -49,10 +46,28 @@ def listen_address(host: str | None, port: int | None) -> tuple[str, int]:
     return host or env_host, port if port is not None else env_port
 
 
+class _Serving:
+    """A gateway and its HTTP server, started and stopped together on one event loop."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.http = HttpServer(gateway.routes(), max_body_bytes=MAX_BODY_BYTES)
+
+    async def start(self, host: str, port: int) -> int:
+        await self.gateway.open()
+        await self.http.start(host, port)
+        return self.http.port
+
+    async def stop(self) -> None:
+        """Drain: stop listening, let in-flight requests finish, then the buffered events."""
+        await self.http.stop(SHUTDOWN_GRACE_S)
+        await self.gateway.close()
+
+
 def run_gateway(settings: GatewaySettings, *, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM, then drain: in-flight requests, then buffered events."""
-    app = create_app(settings)
-    routing = app[GATEWAY].routing.current
+    serving = _Serving(Gateway(settings))
+    routing = serving.gateway.routing.current
     log.info(
         "gateway for %s on http://%s:%d (stable %s, canary %s at %d%%)",
         routing.system,
@@ -62,18 +77,21 @@ def run_gateway(settings: GatewaySettings, *, host: str, port: int) -> None:
         routing.canary.version if routing.canary else "none",
         routing.effective_canary_weight,
     )
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=SHUTDOWN_GRACE_S,
-        lingering_time=LINGER_S,
-        # uvloop: the event loop's own share of each request (socket reads and writes,
-        # callbacks, timers) costs a fraction of asyncio's pure-Python loop.
-        loop=uvloop.new_event_loop(),
-    )
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serving.start(host, port)
+        await stop.wait()
+        log.info("stopping: draining requests in flight, then events")
+        await serving.stop()
+
+    # uvloop: the event loop's own share of each request (socket reads and writes,
+    # callbacks, timers) costs a fraction of asyncio's pure-Python loop.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve())
 
 
 class GatewayThread:
@@ -87,12 +105,11 @@ class GatewayThread:
         port: int = 0,
         metrics: GatewayMetrics | None = None,
     ) -> None:
-        self.app = create_app(settings, metrics=metrics)
-        self.gateway: Gateway = self.app[GATEWAY]
+        self.gateway = Gateway(settings, metrics)
+        self._serving = _Serving(self.gateway)
         self.host = host
         self.port = port
         self._loop = uvloop.new_event_loop()
-        self._runner = web.AppRunner(self.app, access_log=None, lingering_time=LINGER_S)
         self._thread = threading.Thread(target=self._loop.run_forever, name="gateway", daemon=True)
 
     @property
@@ -101,20 +118,17 @@ class GatewayThread:
 
     def start(self) -> GatewayThread:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        started = asyncio.run_coroutine_threadsafe(
+            self._serving.start(self.host, self.port), self._loop
+        )
+        self.port = started.result(timeout=30)  # the bound one, also when 0 asked for any
         return self
-
-    async def _start(self) -> None:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site.port  # the bound one, also when 0 asked for any
 
     def stop(self) -> None:
         if not self._thread.is_alive():
             return
-        cleanup = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
-        cleanup.result(timeout=SHUTDOWN_GRACE_S + 30)
+        stopped = asyncio.run_coroutine_threadsafe(self._serving.stop(), self._loop)
+        stopped.result(timeout=SHUTDOWN_GRACE_S + 30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()

@@ -67,6 +67,15 @@ BENCHMARKS = [
         timeout_s=60,
     ),
     quick(
+        "benchmarks/http_server.py",
+        figures=[
+            rf"concurrency +{c}: CPU per request lean {NUMBER} ms .* aiohttp {NUMBER} ms .* ratio {NUMBER}"
+            for c in (1, 32)
+        ],
+        marks=[],
+        timeout_s=60,
+    ),
+    quick(
         "benchmarks/stream_features.py",
         figures=[
             rf"raw consume-and-ack loop: {NUMBER} events/s",

@@ -104,3 +104,17 @@ def test_a_body_that_never_finishes_is_a_408_within_the_timeout(
     assert 0.9 <= waited < 5
     metrics = http.get(f"{gateway.url}/metrics", timeout=10).text
     assert metric_value(metrics, "recsys_gateway_requests_total", code="408") == 1
+
+
+def test_a_small_gzip_body_that_decodes_past_the_limit_is_a_413(
+    serving: ServingStub, start_gateway: StartGateway, http: requests.Session
+) -> None:
+    gateway = start_gateway(routing_document(serving))
+    bomb = gzip.compress(b'{"user_id": "' + b"u" * (4 << 20) + b'"}')
+    assert len(bomb) < 64 * 1024  # well under the 1 MiB limit as sent
+    url = f"{gateway.url}/v1/recommend"
+    answer = post(http, url, bomb, **{"Content-Encoding": "gzip"})
+    assert answer.status_code == 413 and "1048576 bytes" in answer.json()["error"]
+    assert not serving.requests
+    metrics = http.get(f"{gateway.url}/metrics", timeout=10).text
+    assert metric_value(metrics, "recsys_gateway_requests_total", code="413") == 1
