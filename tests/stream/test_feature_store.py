@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import redis
@@ -9,7 +11,8 @@ from stream_support import BASE_TS, store_content
 
 from recsys_contracts import feature_keys as keys
 from recsys_contracts.events import Event
-from stream_jobs.feature_store import WRITE_BATCH, FeatureStore, StoreLayout
+from stream_jobs import feature_store as feature_store_module
+from stream_jobs.feature_store import FeatureStore, StoreLayout
 from stream_jobs.features import store_persistence
 from stream_jobs.item_embeddings import ItemEmbeddings
 from stream_jobs.user_features import FeatureParams, decode_state, view
@@ -33,11 +36,13 @@ def test_a_batch_writes_every_key_of_its_users(store: redis.Redis, system: str) 
         {"u": [click(1), click(2, item="i2")], "w": [click(3, "w")]}, ITEMS
     )
     assert set(written.updates) == {"u", "w"}
-    assert store.lrange(keys.recent_items_key(system, "u"), 0, -1) == [b"i2", b"i1"]
-    assert store.hget(keys.features_key(system, "w"), "count:click:1h") == b"1"
-    vector = keys.decode_embedding(store.get(keys.embedding_key(system, "u", "v1")) or b"", 2)
+    user = keys.user_key(system, "u")
+    assert keys.decode_recent(store.hget(user, "recent")) == ["i2", "i1"]
+    assert store.hget(keys.user_key(system, "w"), "count:click:1h") == b"1"
+    vector = keys.decode_embedding(store.hget(user, "emb:v1") or b"", 2)
     assert vector is not None and np.allclose(vector, [0.098, 0.1])
-    assert view(decode_state(store.get(keys.state_key(system, "u"))), PARAMS).events_applied == 2
+    assert view(decode_state(store.hget(user, "state")), PARAMS).events_applied == 2
+    assert 0 < store.pttl(user) <= 60_000
     assert {m for m, _ in store.zrange(keys.popular_items_key(system), 0, -1, withscores=True)} == {
         b"i1",
         b"i2",
@@ -53,28 +58,20 @@ def test_every_item_a_user_touched_stays_seen_beyond_the_last_n(
     last_n = writer.params.last_n
     for n in range(last_n + 5):
         writer.apply({"heavy": [click(10 + n, item=f"i{n}")]}, ITEMS)
-    assert store.llen(keys.recent_items_key(system, "heavy")) == last_n
-    seen = store.smembers(keys.seen_items_key(system, "heavy"))
-    assert seen == {f"i{n}".encode() for n in range(last_n + 5)}
-    assert store.pttl(keys.seen_items_key(system, "heavy")) > 0
+    fields = store.hgetall(keys.user_key(system, "heavy"))
+    assert len(keys.decode_recent(fields[b"recent"])) == last_n
+    assert keys.seen_items(fields) == {f"i{n}" for n in range(last_n + 5)}
+    assert store.pttl(keys.user_key(system, "heavy")) > 0
 
 
 def test_a_batch_of_only_duplicates_writes_nothing(store: redis.Redis, system: str) -> None:
     fs = feature_store(store, system)
     fs.apply({"u": [click(1)]}, ITEMS)
-    store.pexpire(keys.state_key(system, "u"), 5_000)
+    store.pexpire(keys.user_key(system, "u"), 5_000)
     fs.apply({"u": [click(1)]}, ITEMS)
-    assert store.pttl(keys.state_key(system, "u")) <= 5_000  # not even the TTL was touched
-
-
-def test_the_script_is_loaded_again_after_the_server_forgot_it(
-    store: redis.Redis, system: str
-) -> None:
-    fs = feature_store(store, system)
-    fs.apply({"u": [click(1)]}, ITEMS)
-    store.script_flush()
-    fs.apply({"u": [click(2)]}, ITEMS)
-    assert store.hget(keys.features_key(system, "u"), "events") == b"2"
+    assert store.pttl(keys.user_key(system, "u")) <= 5_000  # not even the TTL was touched
+    fs.apply({"u": [click(2)]}, ITEMS)  # the WATCH of the batch that wrote nothing is gone
+    assert store.hget(keys.user_key(system, "u"), "events") == b"2"
 
 
 def test_a_concurrent_writer_makes_the_batch_retry_instead_of_losing_its_update(
@@ -91,28 +88,29 @@ def test_a_concurrent_writer_makes_the_batch_retry_instead_of_losing_its_update(
 
     first._compute = compute_while_another_writes  # type: ignore[method-assign]
     first.apply({"u": [click(1)]}, ITEMS)
-    state = view(decode_state(store.get(keys.state_key(system, "u"))), PARAMS)
+    state = view(decode_state(store.hget(keys.user_key(system, "u"), "state")), PARAMS)
     assert set(state.seen) == {"e1", "e7"} and state.events_applied == 2
 
 
 def test_writes_of_only_what_changed_leave_what_whole_writes_leave(
     store: redis.Redis, system: str
 ) -> None:
-    """A store sends only the changed fields and the new recent items of a user whose
-    state is still the one it wrote; the keys then hold what a store that rewrites
-    every key leaves, through new items, items falling off the last N, an event within
-    the lateness going in between, impressions, and another writer in between."""
+    """A store sends only the changed fields (and `recent` when it changed) of a user
+    whose state is still the one it wrote; the hash then holds what a store that
+    rewrites every field leaves, through new items, items falling off the last N, an
+    event within the lateness going in between, impressions, and another writer in
+    between."""
     remembering, other = feature_store(store, system), feature_store(store, system)
     whole = f"{system}-whole"
-    sent: list[object] = []
-    run = remembering._run
+    sent: list[list[bytes]] = []
+    user_fields = remembering._user_fields
 
-    def spy(script: str, calls: list) -> list:  # type: ignore[type-arg]
-        if script == WRITE_BATCH:
-            sent.extend(calls)
-        return run(script, calls)
+    def spy(*args: Any) -> Any:
+        fields, remembered = user_fields(*args)
+        sent.append(fields)
+        return fields, remembered
 
-    remembering._run = spy  # type: ignore[method-assign]
+    remembering._user_fields = spy  # type: ignore[method-assign]
     impression = Event(event_id="imp", user_id="u", item_id="i2", type="impression", ts=BASE_TS + 9)
     steps: list[tuple[FeatureStore, list[Event]]] = [
         (remembering, [click(1), click(2, item="i2")]),
@@ -131,9 +129,46 @@ def test_writes_of_only_what_changed_leave_what_whole_writes_leave(
             store_content(store, s, ["u"], ["v1"]).users["u"] for s in (system, whole)
         )
         assert mine == reference, events
-    assert store.llen(keys.recent_items_key(system, "u")) == PARAMS.last_n
-    partial = [c for c in sent if b'"keep":-1' not in c.args[1]]  # type: ignore[attr-defined]
+    assert len(keys.decode_recent(store.hget(keys.user_key(system, "u"), "recent"))) == (
+        PARAMS.last_n
+    )
+    every_field = {name.encode() for name in PARAMS.field_names}
+    partial = [fields for fields in sent if not every_field <= set(fields[::2])]
     assert len(partial) >= 5  # the partial writes were taken, not only whole ones
+
+
+def test_a_job_killed_before_exec_leaves_nothing_and_its_retry_counts_popular_once(
+    store: redis.Redis, system: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transaction goes out without its EXEC and the connection dies: Redis drops
+    what was queued. The retried batch then leaves what an uninterrupted run leaves,
+    popular counted once, also when another consumer gets the batch again."""
+    batch = {u: [click(n, u, f"i{1 + n % 2}"), click(n + 9, u, "i2")] for n, u in enumerate("abc")}
+    uninterrupted = f"{system}-ref"
+    feature_store(store, uninterrupted).apply(batch, ITEMS)
+    roundtrip = feature_store_module._roundtrip
+
+    def die_before_exec(connection: Any, commands: list[tuple[bytes, ...]]) -> list[Any]:
+        if commands[-1] == (b"EXEC",):
+            connection.send_packed_command(
+                [b"".join(feature_store_module._pack(c) for c in commands[:-1])]
+            )
+            connection.read_response()  # MULTI's OK: the transaction is open
+            raise redis.ConnectionError("the job died here")
+        return roundtrip(connection, commands)
+
+    crashing = feature_store(store, system)
+    monkeypatch.setattr(feature_store_module, "_roundtrip", die_before_exec)
+    with pytest.raises(redis.ConnectionError):
+        crashing.apply(batch, ITEMS)
+    monkeypatch.setattr(feature_store_module, "_roundtrip", roundtrip)
+    assert not store.exists(keys.popular_items_key(system))
+    assert not any(store.exists(keys.user_key(system, u)) for u in batch)
+    crashing.apply(batch, ITEMS)  # the job retries the batch
+    feature_store(store, system).apply(batch, ITEMS)  # and another consumer gets it again
+    assert store_content(store, system, batch, ["v1"]) == store_content(
+        store, uninterrupted, batch, ["v1"]
+    )
 
 
 def test_ids_with_quotes_backslashes_and_non_ascii_characters_survive(
@@ -141,7 +176,7 @@ def test_ids_with_quotes_backslashes_and_non_ascii_characters_survive(
 ) -> None:
     user, item = 'ü"ser\\1', 'ítem-"ä\\'
     feature_store(store, system).apply({user: [click(1, user, item)]}, ITEMS)
-    assert store.lrange(keys.recent_items_key(system, user), 0, -1) == [item.encode()]
+    assert keys.decode_recent(store.hget(keys.user_key(system, user), "recent")) == [item]
     assert store.zscore(keys.popular_items_key(system), item) is not None
 
 
