@@ -77,6 +77,7 @@ from typing import Any, NamedTuple
 
 import orjson
 import redis
+from redis._parsers.base import BaseParser
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
@@ -101,12 +102,22 @@ fields, the recent items)."""
 POPULAR_REDO_WINDOW_MS = 24 * 3_600_000
 """How long the popular record keeps an event whose users' write never confirmed it (a
 crash): a redelivery within this window is not counted twice."""
+TRANSACTION_USERS = 32
+"""Users one transaction holds at most on a single primary. Redis 7.0's WATCH compares
+each key with every key the connection already watches (500 keys in one WATCH cost it
+4 µs a key), so a batch's users go in transactions of this many, each on its own
+connection, all in flight at once (one round trip per step for the whole batch)."""
+TTL_RENEWAL = 64
+"""A write renews a user's TTL (PEXPIRE) unless this process set it less than
+1/TTL_RENEWAL of the TTL ago (`Written`): a hash expires between 63/64 of the TTL and the
+TTL after the user's last event, and steady writes save a command a user."""
 _NOTHING_SHA1 = hashlib.sha1(b"").hexdigest()
 _UPGRADE_CHUNK = 1000
 
 # KEYS: the users' hashes, all in one slot. ARGV[1]: TTL in ms. ARGV[2]: the JSON plan,
 # per user (in KEYS order) [SHA-1 of the state as read, [field, value, ...] of text,
-# [[field, offset, length], ...] of binary values in ARGV[3]]; ARGV[3]: the binary
+# [[field, offset, length], ...] of binary values in ARGV[3], 1 to renew the TTL];
+# ARGV[3]: the binary
 # values back to back, outside the JSON so that they are neither escaped nor decoded.
 # Returns 0, writing nothing, when a state changed since it was read; else 1.
 WRITE_USERS = """
@@ -128,7 +139,9 @@ for i, user in ipairs(plan) do
   for first = 1, #args, CHUNK do
     redis.call('HSET', KEYS[i], unpack(args, first, math.min(first + CHUNK - 1, #args)))
   end
-  redis.call('PEXPIRE', KEYS[i], ttl)
+  if user[4] == 1 then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
 end
 return 1
 """
@@ -201,6 +214,8 @@ class Written(NamedTuple):
     """The fields' values joined by `_SEPARATOR`: one string instead of a few dozen
     objects for the garbage collector to walk, 20,000 users over."""
     recent: str
+    renewed: float
+    """When (`time.monotonic`) this process last set the hash's TTL."""
 
 
 @dataclass(frozen=True)
@@ -272,7 +287,7 @@ class FeatureStore:
         self._loaded: dict[str, str] = {}  # script text -> SHA-1 the server knows it by
         self._popular_done: list[str] = []  # events whose users' write committed
         self._written: OrderedDict[str, Written] = OrderedDict()  # oldest write first
-        self._connection: Any = None  # single node: the one its transactions run on
+        self._connections: list[Any] = []  # single node: those its transactions run on
         self._upgrade_checked = False
         self._v1_store = False  # the store held v1 data at the first batch
         self._counted_by_v1: set[str] = set()  # single node: the v1 record's events
@@ -280,6 +295,7 @@ class FeatureStore:
         self._popular_key = keys.popular_items_key(system).encode()
         self._field_names = [name.encode() for name in params.field_names]
         self._ttl = str(layout.ttl_ms).encode()
+        self._renewal_s = layout.ttl_ms / 1000 / TTL_RENEWAL
 
     def apply(
         self, events_by_user: Mapping[str, Sequence[Event]], items: Mapping[str, ItemEmbeddings]
@@ -291,106 +307,127 @@ class FeatureStore:
             self._upgrade()
         if self._cluster:
             return self._apply_per_slot(events_by_user, items)
-        return self._apply_in_one_transaction(events_by_user, items)
+        return self._apply_in_transactions(events_by_user, items)
 
-    # --- a single primary: one WATCH-guarded transaction a batch ---------------------
+    # --- a single primary: WATCH-guarded transactions -------------------------------
 
-    def _apply_in_one_transaction(
+    def _apply_in_transactions(
         self, events_by_user: Mapping[str, Sequence[Event]], items: Mapping[str, ItemEmbeddings]
     ) -> BatchWrite:
         versions = list(items)
-        users = list(events_by_user)
         system = self.layout.system
-        names = [keys.user_key(system, u).encode() for u in users]
         fetch = [keys.STATE_FIELD.encode()] + [keys.embedding_field(v).encode() for v in versions]
+        users = list(events_by_user)
+        pending = [
+            users[n : n + TRANSACTION_USERS] for n in range(0, len(users), TRANSACTION_USERS)
+        ]
         updates: dict[str, UserUpdate] = {}
         for _ in range(MAX_CONFLICT_RETRIES):
-            connection = self._transaction_connection()
+            connections = self._transaction_connections(len(pending))
+            names = [[keys.user_key(system, u).encode() for u in chunk] for chunk in pending]
             try:
-                replies = _roundtrip(
-                    connection,
-                    [(b"WATCH", *names), *((b"HMGET", name, *fetch) for name in names)],
+                replies = _exchange(
+                    connections,
+                    [
+                        [(b"WATCH", *chunk), *((b"HMGET", name, *fetch) for name in chunk)]
+                        for chunk in names
+                    ],
                 )
+                _raise_any(replies)
+                values = [reply for chunk in replies for reply in chunk[1:]]
                 read = UsersRead(
-                    [reply[0] for reply in replies[1:]],
-                    {v: [reply[1 + j] for reply in replies[1:]] for j, v in enumerate(versions)},
+                    [value[0] for value in values],
+                    {v: [value[1 + j] for value in values] for j, v in enumerate(versions)},
                 )
+                flat = [user for chunk in pending for user in chunk]
                 if self._v1_store:
-                    self._read_v1(users, versions, read, connection)
-                fresh = self._compute(users, read, events_by_user, items)
+                    self._read_v1(flat, versions, read, connections[0])
+                fresh = self._compute(flat, read, events_by_user, items)
                 updates.update(fresh)
-                committed = self._commit(connection, users, names, events_by_user, fresh, read)
+                commits, remembered = [], []
+                offset = 0
+                for chunk, chunk_names in zip(pending, names, strict=True):
+                    commands, left = self._transaction(
+                        chunk, chunk_names, offset, events_by_user, fresh, read
+                    )
+                    commits.append(commands)
+                    remembered.append(left)
+                    offset += len(chunk)
+                results = _exchange(connections, commits)
+                _raise_any([result[:-1] for result in results])  # MULTI, QUEUED...
             except BaseException:
-                self._drop_connection()
+                self._drop_connections()
                 raise
-            if committed:
+            lost = []
+            for chunk, result, left in zip(pending, results, remembered, strict=True):
+                outcome = result[-1]
+                if outcome is None:
+                    lost.append(chunk)  # a watched hash changed: nothing of it was written
+                    continue
+                _raise_any([outcome if isinstance(outcome, list) else [outcome]])
+                self._remember(left)
+            if not lost:
                 return BatchWrite(events_by_user, updates, time.time() * 1000)
+            pending = lost
         raise TooManyConflicts(
-            f"{len(users)} users changed by another writer {MAX_CONFLICT_RETRIES} times"
+            f"{sum(map(len, pending))} users changed by another writer {MAX_CONFLICT_RETRIES} times"
         )
 
-    def _commit(
+    def _transaction(
         self,
-        connection: Any,
         users: list[str],
         names: list[bytes],
+        offset: int,
         events_by_user: Mapping[str, Sequence[Event]],
         updates: Mapping[str, UserUpdate],
         read: UsersRead,
-    ) -> bool:
-        """MULTI, the changed users' hashes and the popular counts, EXEC; False when a
-        watched hash changed (nothing was written)."""
+    ) -> tuple[list[tuple[bytes, ...]], list[tuple[str, Written]]]:
+        """MULTI, the changed users' hashes and their popular counts, EXEC (or UNWATCH,
+        when no user changed); and what the users' hashes then hold."""
         commands: list[tuple[bytes, ...]] = [(b"MULTI",)]
         written: list[tuple[str, Written]] = []
-        for n, (user, name) in enumerate(zip(users, names, strict=True)):
-            update = updates[user]
-            if not update.changed:
-                continue  # only duplicates or late events: nothing to write
-            fields, remembered = self._user_fields(user, update, read.in_hash[n])
-            commands.append((b"HSET", name, *read.carried.get(n, ()), *fields))  # later wins
-            commands.append((b"PEXPIRE", name, self._ttl))
-            if remembered is not None:
-                written.append((user, remembered))
         sums: dict[str, float] = {}
         half_life = self.layout.popular_half_life_ms
         skip = self._counted_by_v1
-        for user, update in updates.items():
+        for n, (user, name) in enumerate(zip(users, names, strict=True), start=offset):
+            update = updates[user]
+            if not update.changed:
+                continue  # only duplicates or late events: nothing to write
+            fields, remembered, renew = self._user_fields(user, update, read.in_hash[n])
+            commands.append((b"HSET", name, *read.carried.get(n, ()), *fields))  # later wins
+            if renew:
+                commands.append((b"PEXPIRE", name, self._ttl))
+            if remembered is not None:
+                written.append((user, remembered))
             for event, outcome in zip(events_by_user[user], update.outcomes, strict=True):
                 if outcome is Outcome.APPLIED and event.is_interaction:
                     if skip and _event_member(user, event.event_id) in skip:
                         continue  # a v1 job counted it before the upgrade
                     weight = popular_weight(event.ts, keys.POPULAR_EPOCH_MS, half_life)
                     sums[event.item_id] = sums.get(event.item_id, 0.0) + weight
+        if len(commands) == 1:
+            return [(b"UNWATCH",)], written
         for item, weight in sums.items():
             commands.append((b"ZINCRBY", self._popular_key, repr(weight).encode(), item.encode()))
         if sums:
             commands.append((b"PEXPIRE", self._popular_key, self._ttl))
-        if len(commands) == 1:
-            _roundtrip(connection, [(b"UNWATCH",)])
-            return True
         commands.append((b"EXEC",))
-        result = _roundtrip(connection, commands)[-1]
-        if result is None:
-            return False  # a watched hash changed: nothing was written
-        for reply in result:
-            if isinstance(reply, Exception):
-                raise reply
-        self._remember(written)
-        return True
+        return commands, written
 
-    def _transaction_connection(self) -> Any:
-        """The connection this store's transactions run on (WATCH holds per connection)."""
-        if self._connection is None:
-            pool = self.client.connection_pool  # type: ignore[union-attr]
-            self._connection = pool.get_connection()
-        return self._connection
+    def _transaction_connections(self, count: int) -> list[Any]:
+        """`count` connections for transactions (a WATCH holds per connection)."""
+        pool = self.client.connection_pool  # type: ignore[union-attr]
+        while len(self._connections) < count:
+            self._connections.append(pool.get_connection())
+        return self._connections[:count]
 
-    def _drop_connection(self) -> None:
-        """After an error the connection may hold unread replies or a WATCH: close it."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
+    def _drop_connections(self) -> None:
+        """After an error a connection may hold unread replies or a WATCH: close them."""
+        pool = self.client.connection_pool  # type: ignore[union-attr]
+        connections, self._connections = self._connections, []
+        for connection in connections:
             connection.disconnect()
-            self.client.connection_pool.release(connection)  # type: ignore[union-attr]
+            pool.release(connection)
 
     # --- a cluster: one script call a slot group -------------------------------------
 
@@ -468,7 +505,7 @@ class FeatureStore:
                     continue  # only duplicates or late events: nothing to write
                 n = index[user]
                 state_read = read.in_hash[n]
-                fields, remembered = self._user_fields(user, update, state_read)
+                fields, remembered, renew = self._user_fields(user, update, state_read)
                 fields = [*read.carried.get(n, ()), *fields]  # the later value wins
                 text: list[str] = []
                 spans: list[tuple[str, int, int]] = []
@@ -480,7 +517,7 @@ class FeatureStore:
                     else:
                         text += (name.decode(), value.decode())
                 sha = hashlib.sha1(state_read).hexdigest() if state_read else _NOTHING_SHA1
-                plan.append((sha, text, spans))
+                plan.append((sha, text, spans, int(renew)))
                 group_keys.append(keys.user_key(system, user))
                 if remembered is not None:
                     left.append((user, remembered))
@@ -612,15 +649,20 @@ class FeatureStore:
 
     def _user_fields(
         self, user: str, update: UserUpdate, state_read: bytes | None
-    ) -> tuple[list[bytes], Written | None]:
-        """The fields to HSET for a changed user (name, value, ...), and what their hash
-        will hold once the write committed (None: do not remember it)."""
+    ) -> tuple[list[bytes], Written | None, bool]:
+        """The fields to HSET for a changed user (name, value, ...), what their hash will
+        hold once the write committed (None: do not remember it), and whether the write
+        renews the TTL (see TTL_RENEWAL)."""
         state = encode_state(update.state)
+        clock = time.monotonic()
+        renewed = clock
         field_values, recent_list = reader_field_values(update.state, self.params)
         recent = keys.encode_recent(recent_list)
         fields: list[bytes] = [b"state", state]
         before = self._written.get(user)
         if before is not None and state_read == before.state:  # the hash holds `before`
+            if clock - before.renewed < self._renewal_s:
+                renewed = before.renewed  # its TTL is still (nearly) whole
             old = before.fields.split(_SEPARATOR)
             for name, now, then in zip(self._field_names, field_values, old, strict=True):
                 if now != then:
@@ -635,7 +677,7 @@ class FeatureStore:
             fields += (keys.embedding_field(version).encode(), keys.encode_embedding(vector))
         for item in sorted({item_id for item_id, _ in update.touched_items}):
             fields += (keys.seen_field(item).encode(), b"1")
-        return fields, _written(state, field_values, recent)
+        return fields, _written(state, field_values, recent, renewed), renewed == clock
 
     def _upgrade(self) -> None:
         """At the first batch: does the store hold v1 data? Then copy v1's popular scores
@@ -687,9 +729,9 @@ class FeatureStore:
                     (state_key, ("GET", keys.v1_embedding_key(system, users[n], version)))
                 )
         if connection is not None:
-            replies = _roundtrip(
-                connection, [tuple(_bytes(a) for a in args) for _, args in commands]
-            )
+            replies = _exchange(
+                [connection], [[tuple(_bytes(a) for a in args) for _, args in commands]]
+            )[0]
         else:
             replies = self._send(commands)
         for reply in replies:
@@ -722,13 +764,13 @@ class FeatureStore:
 _SEPARATOR = "\x1f"
 
 
-def _written(state: bytes, fields: Sequence[str], recent: str) -> Written | None:
+def _written(state: bytes, fields: Sequence[str], recent: str, renewed: float) -> Written | None:
     """What to remember of a write; None when a value holds the separator (then the
     next write is whole)."""
     joined = _SEPARATOR.join(fields)
     if joined.count(_SEPARATOR) != len(fields) - 1:
         return None
-    return Written(state, joined, recent)
+    return Written(state, joined, recent, renewed)
 
 
 # Replies of a node that does not (or not now) serve the call's slot.
@@ -751,22 +793,110 @@ def _pipelined(client: Any, commands: Sequence[Command]) -> list[Any]:
     return list(pipe.execute(raise_on_error=False))
 
 
-def _roundtrip(connection: Any, commands: Sequence[Sequence[bytes]]) -> list[Any]:
-    """`commands` down one connection in one write, and their replies. An error reply
-    raises (the caller then drops the connection, which may hold unread replies); an
-    error inside EXEC's reply is returned in its place. The commands are packed here,
-    not by redis-py: its encoder costs about a microsecond an argument, and a batch has
-    tens of thousands of them."""
-    connection.send_packed_command([b"".join(map(_pack, commands))])
-    return [connection.read_response() for _ in commands]
+def _exchange(
+    connections: Sequence[Any], commands: Sequence[Sequence[Sequence[bytes]]]
+) -> list[list[Any]]:
+    """Each connection's commands sent in one write, all connections first, then their
+    replies (in order), errors in their place (`_Replies`). The commands are packed and
+    the replies parsed here, not by redis-py: its encoder and parser cost one to two
+    microseconds of Python an argument and a reply, and a batch has tens of thousands."""
+    for connection, batch in zip(connections, commands, strict=True):
+        connection.send_packed_command([b"".join(map(_pack, batch))])
+    return [
+        _Replies(connection).read(len(batch))
+        for connection, batch in zip(connections, commands, strict=True)
+    ]
+
+
+def _raise_any(replies: Sequence[Sequence[Any]]) -> None:
+    """Raise the first error among replies (the job retries the batch)."""
+    for batch in replies:
+        for reply in batch:
+            if isinstance(reply, Exception):
+                raise reply
 
 
 def _pack(command: Sequence[bytes]) -> bytes:
     """One command in the Redis protocol (RESP)."""
-    parts = [b"*%d\r\n" % len(command)]
-    for arg in command:
-        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-    return b"".join(parts)
+    return b"*%d\r\n" % len(command) + b"".join(
+        [b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in command]
+    )
+
+
+class _Incomplete(Exception):
+    """The buffer ends within a reply."""
+
+
+class _Replies:
+    """Replies read straight off a redis-py connection's socket (RESP2 or RESP3), which
+    nothing else reads meanwhile: the store owns its transaction connections, and
+    redis-py's own parser holds no bytes once their handshake was read."""
+
+    def __init__(self, connection: Any) -> None:
+        self.socket = connection._sock  # see the class docstring
+        self.buffer = b""
+
+    def read(self, count: int) -> list[Any]:
+        replies: list[Any] = []
+        position = 0
+        while len(replies) < count:
+            try:
+                reply, position = self._parse(position)
+            except _Incomplete:
+                self._receive(position)
+                position = 0
+                continue
+            replies.append(reply)
+        return replies
+
+    def _receive(self, keep_from: int) -> None:
+        try:
+            data = self.socket.recv(1 << 20)
+        except TimeoutError as exc:
+            raise redis.TimeoutError("timed out reading from the feature store") from exc
+        except OSError as exc:
+            raise redis.ConnectionError(f"reading from the feature store: {exc}") from exc
+        if not data:
+            raise redis.ConnectionError("the feature store closed the connection")
+        self.buffer = self.buffer[keep_from:] + data
+
+    def _parse(self, position: int) -> tuple[Any, int]:
+        buffer = self.buffer
+        end = buffer.find(b"\r\n", position)
+        if end < 0:
+            raise _Incomplete
+        kind, line = buffer[position], buffer[position + 1 : end]
+        if kind == 0x24:  # $ bulk string
+            size = int(line)
+            if size < 0:
+                return None, end + 2
+            stop = end + 2 + size
+            if stop + 2 > len(buffer):
+                raise _Incomplete
+            return buffer[end + 2 : stop], stop + 2
+        if kind == 0x2A or kind == 0x7E:  # * array, ~ set (RESP3)
+            size = int(line)
+            if size < 0:
+                return None, end + 2
+            items = []
+            position = end + 2
+            for _ in range(size):
+                item, position = self._parse(position)
+                items.append(item)
+            return items, position
+        if kind == 0x3A:  # : integer
+            return int(line), end + 2
+        if kind == 0x2B:  # + simple string
+            return line, end + 2
+        if kind == 0x2D:  # - error
+            return BaseParser.parse_error(line.decode(errors="replace")), end + 2
+        if kind == 0x5F:  # _ null (RESP3)
+            return None, end + 2
+        if kind == 0x2C:  # , double (RESP3)
+            return float(line), end + 2
+        if kind == 0x23:  # # boolean (RESP3)
+            return line == b"t", end + 2
+        raise redis.exceptions.InvalidResponse(f"unexpected reply type {chr(kind)!r}")
 
 
 def _bytes(value: bytes | str | int) -> bytes:

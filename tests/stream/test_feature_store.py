@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -106,9 +107,9 @@ def test_writes_of_only_what_changed_leave_what_whole_writes_leave(
     user_fields = remembering._user_fields
 
     def spy(*args: Any) -> Any:
-        fields, remembered = user_fields(*args)
-        sent.append(fields)
-        return fields, remembered
+        result = user_fields(*args)
+        sent.append(result[0])
+        return result
 
     remembering._user_fields = spy  # type: ignore[method-assign]
     impression = Event(event_id="imp", user_id="u", item_id="i2", type="impression", ts=BASE_TS + 9)
@@ -146,22 +147,21 @@ def test_a_job_killed_before_exec_leaves_nothing_and_its_retry_counts_popular_on
     batch = {u: [click(n, u, f"i{1 + n % 2}"), click(n + 9, u, "i2")] for n, u in enumerate("abc")}
     uninterrupted = f"{system}-ref"
     feature_store(store, uninterrupted).apply(batch, ITEMS)
-    roundtrip = feature_store_module._roundtrip
+    exchange = feature_store_module._exchange
 
-    def die_before_exec(connection: Any, commands: list[tuple[bytes, ...]]) -> list[Any]:
-        if commands[-1] == (b"EXEC",):
-            connection.send_packed_command(
-                [b"".join(feature_store_module._pack(c) for c in commands[:-1])]
-            )
-            connection.read_response()  # MULTI's OK: the transaction is open
+    def die_before_exec(connections: list[Any], commands: list[list[tuple[bytes, ...]]]) -> Any:
+        if commands[0][-1] == (b"EXEC",):
+            for connection, batch in zip(connections, commands, strict=True):
+                packed = b"".join(feature_store_module._pack(c) for c in batch[:-1])
+                connection.send_packed_command([packed])
             raise redis.ConnectionError("the job died here")
-        return roundtrip(connection, commands)
+        return exchange(connections, commands)
 
     crashing = feature_store(store, system)
-    monkeypatch.setattr(feature_store_module, "_roundtrip", die_before_exec)
+    monkeypatch.setattr(feature_store_module, "_exchange", die_before_exec)
     with pytest.raises(redis.ConnectionError):
         crashing.apply(batch, ITEMS)
-    monkeypatch.setattr(feature_store_module, "_roundtrip", roundtrip)
+    monkeypatch.setattr(feature_store_module, "_exchange", exchange)
     assert not store.exists(keys.popular_items_key(system))
     assert not any(store.exists(keys.user_key(system, u)) for u in batch)
     crashing.apply(batch, ITEMS)  # the job retries the batch
@@ -169,6 +169,28 @@ def test_a_job_killed_before_exec_leaves_nothing_and_its_retry_counts_popular_on
     assert store_content(store, system, batch, ["v1"]) == store_content(
         store, uninterrupted, batch, ["v1"]
     )
+
+
+def test_a_write_renews_the_ttl_unless_this_process_renewed_it_a_moment_ago(
+    store: redis.Redis, system: str
+) -> None:
+    """Steady writes skip the PEXPIRE while the TTL is still within 1/64 of whole: a
+    user's hash expires between 63/64 of the TTL and the TTL after their last event."""
+    ttl_ms = 6_400  # renewed when 100 ms old
+    writer = FeatureStore(store, StoreLayout(system, ttl_ms, 7 * 86_400_000), PARAMS)
+    user = keys.user_key(system, "u")
+    writer.apply({"u": [click(1)]}, ITEMS)
+    store.pexpire(user, 5_000)  # as if time had passed, within the 100 ms
+    writer.apply({"u": [click(2)]}, ITEMS)
+    assert store.pttl(user) <= 5_000  # not renewed
+    time.sleep(0.15)
+    writer.apply({"u": [click(3)]}, ITEMS)
+    assert ttl_ms - 1_000 < store.pttl(user) <= ttl_ms  # renewed
+    store.pexpire(user, 5_000)
+    feature_store(store, system).apply({"u": [click(4)]}, ITEMS)  # another writer...
+    writer.apply({"u": [click(5)]}, ITEMS)  # ...so this one does not know the TTL: renews
+    assert store.pttl(user) > 5_000
+    assert store.hget(user, "events") == b"5"
 
 
 def test_ids_with_quotes_backslashes_and_non_ascii_characters_survive(
