@@ -6,26 +6,31 @@ embeddings), so a user costs Redis one HSET and one PEXPIRE a write: Redis's CPU
 the number of commands (issue 15's profile: a command called from Lua costs about twice
 the command itself, and v1's five keys a user cost 9-11 calls).
 
-On a single primary a batch is one optimistic transaction, in native commands on one
-connection the store keeps (`_transaction_connection`):
+On a single primary a batch is written as optimistic transactions of
+`TRANSACTION_USERS` users, in native commands, each transaction on its own connection
+(`_transaction_connections`), all of them in flight at once:
 
-1. one round trip: WATCH every user's hash, then HMGET each user's state and
-   embeddings;
+1. one round trip: WATCH the transaction's users' hashes, then HMGET each user's state
+   and embeddings;
 2. the job computes the new values for the whole batch at once (pure functions,
    `user_features`);
 3. one round trip: MULTI, per changed user one HSET (the state and the changed fields)
-   and one PEXPIRE, one ZINCRBY per item the batch's applied interactions touched (and
-   one PEXPIRE of `popular`), EXEC. EXEC runs all of it or, when any watched hash changed
-   since the WATCH (another consumer on the same user: Shared subscriptions,
-   rebalancing; a rebuild; an expiry), nothing: then the batch is read and computed
-   again. A job killed before EXEC leaves nothing; Redis applies a transaction whole
-   (also when loading its AOF), so `state` and what derives from it never disagree.
+   and, unless this process renewed it a moment ago (`TTL_RENEWAL`), one PEXPIRE, one
+   ZINCRBY per item the transaction's applied interactions touched (and one PEXPIRE of
+   `popular`), EXEC. EXEC runs all of it or, when any watched hash changed since the
+   WATCH (another consumer on the same user: Shared subscriptions, rebalancing; a
+   rebuild; an expiry), nothing: then only that transaction's users are read and
+   computed again. A job killed before EXEC leaves nothing of it; Redis applies a
+   transaction whole (also when loading its AOF: an unfinished one at its end is
+   dropped), so `state` and what derives from it never disagree.
 
-Popular counts exactly once per applied interaction on a single primary: an event's
-popular increment is in the same transaction as the state that records the event. A
-crash before EXEC leaves neither (the redelivered event is applied and counted then);
-after it, both (the redelivered event is a duplicate and counts nowhere); a lost race
-leaves neither (the recomputation applies and counts it, or finds it a duplicate).
+Popular counts exactly once per applied interaction on a single primary, with no record
+of counted events: an event's popular increment is in the same transaction as the state
+that records the event. A crash before EXEC leaves neither (the redelivered event is
+applied and counted then); after it, both (the redelivered event is a duplicate and
+counts nowhere); a lost race leaves neither (the recomputation applies and counts it,
+or finds it a duplicate or late, and then counts it nowhere). So the inexact case of
+the cluster below does not arise here.
 
 On a Redis Cluster a transaction may only touch one hash slot, and a connection has one
 WATCH at a time, so the batch is split by slot (every user's hash has its `{user}` hash
@@ -840,13 +845,15 @@ class _Replies:
         replies: list[Any] = []
         position = 0
         while len(replies) < count:
+            start = position
             try:
                 reply, position = self._parse(position)
             except _Incomplete:
                 self._receive(position)
                 position = 0
                 continue
-            replies.append(reply)
+            if self.buffer[start] != 0x3E:  # > a RESP3 push message is no reply: skip it
+                replies.append(reply)
         return replies
 
     def _receive(self, keep_from: int) -> None:
@@ -874,7 +881,7 @@ class _Replies:
             if stop + 2 > len(buffer):
                 raise _Incomplete
             return buffer[end + 2 : stop], stop + 2
-        if kind == 0x2A or kind == 0x7E:  # * array, ~ set (RESP3)
+        if kind == 0x2A or kind == 0x7E or kind == 0x3E:  # * array, ~ set, > push (RESP3)
             size = int(line)
             if size < 0:
                 return None, end + 2

@@ -16,7 +16,14 @@ from stream_jobs import feature_store as feature_store_module
 from stream_jobs.feature_store import FeatureStore, StoreLayout
 from stream_jobs.features import store_persistence
 from stream_jobs.item_embeddings import ItemEmbeddings
-from stream_jobs.user_features import FeatureParams, decode_state, view
+from stream_jobs.user_features import (
+    FeatureParams,
+    UserState,
+    decode_state,
+    encode_state,
+    update_user,
+    view,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -91,6 +98,37 @@ def test_a_concurrent_writer_makes_the_batch_retry_instead_of_losing_its_update(
     first.apply({"u": [click(1)]}, ITEMS)
     state = view(decode_state(store.hget(keys.user_key(system, "u"), "state")), PARAMS)
     assert set(state.seen) == {"e1", "e7"} and state.events_applied == 2
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_the_store_reads_either_protocols_replies(
+    store_url: str, system: str, protocol: int
+) -> None:
+    """The store parses replies itself: RESP2 and RESP3 (redis-py's default) alike,
+    through a lost race (EXEC's null) and a read of a v1 user's seen set (a set)."""
+    client = redis.Redis.from_url(store_url, protocol=protocol)
+    try:
+        client.sadd(keys.v1_seen_items_key(system, "v"), "i9")
+        client.zadd(keys.popular_items_key(system, "v1"), {"i9": 1.0})
+        first, other = feature_store(client, system), feature_store(client, system)
+        compute = first._compute
+
+        def compute_while_another_writes(*args: object) -> object:
+            if not other._written:
+                other.apply({"u": [click(7)]}, ITEMS)
+            return compute(*args)  # type: ignore[arg-type]
+
+        first._compute = compute_while_another_writes  # type: ignore[method-assign]
+        state = encode_state(
+            update_user(UserState(), {"v1": None}, [click(1, "v")], PARAMS, ITEMS).state
+        )
+        client.set(keys.v1_state_key(system, "v"), state)
+        first.apply({"u": [click(1)], "v": [click(2, "v", "i2")]}, ITEMS)
+        assert client.hget(keys.user_key(system, "u"), "events") == b"2"
+        fields = client.hgetall(keys.user_key(system, "v"))
+        assert fields[b"events"] == b"2" and keys.seen_items(fields) == {"i2", "i9"}
+    finally:
+        client.close()
 
 
 def test_writes_of_only_what_changed_leave_what_whole_writes_leave(
