@@ -20,10 +20,21 @@ deleting a system's keys by that prefix deletes it with `popular`).
 
 The user hash carries the store TTL (`spec.features.store.ttl`), renewed by every write.
 
-Fields of the user hash (values are strings unless said otherwise; empty means "not
-known yet"):
+Fields of the user hash:
 
 | field | meaning |
+|---|---|
+| `features` | the user's features, one JSON object (below) |
+| `recent` | the last N item ids, newest first, separated by one space (ids hold no whitespace, by the event schema) |
+| `seen:<item>` | one field (value `1`) per item the user ever interacted with (not only the last N): serving never recommends them |
+| `emb:<model_version>` | online user embedding, little-endian float32 x embeddingDim (bytes) |
+| `state` | the job's private per-user state (compact binary; JSON from older jobs still loads), for idempotence and windows (bytes) |
+
+The `features` object: one JSON object rather than a field each, since Redis's cost of a
+write grows with its fields (a whole write of 18 fields cost it twice one of the same
+features packed). Every value is a string; empty means "not known yet":
+
+| key | meaning |
 |---|---|
 | `count:<type>:<window>` | events of `<type>` (view, click, purchase, dwell, impression) in `<window>` (e.g. `1h`), for every type and window, zeros included |
 | `last_ts` | the user's newest event time, epoch ms (time since last event = now - last_ts) |
@@ -31,10 +42,6 @@ known yet"):
 | `dwell_mean_ms`, `dwell_events` | mean `dwell_ms` over the events that carried one, and how many did |
 | `session_id`, `session_start_ts`, `session_events` | the current session (events less than the session gap apart) |
 | `events` | events applied for this user since the state was created |
-| `recent` | the last N item ids, newest first, separated by one space (ids hold no whitespace, by the event schema) |
-| `seen:<item>` | one field (value `1`) per item the user ever interacted with (not only the last N): serving never recommends them |
-| `emb:<model_version>` | online user embedding, little-endian float32 x embeddingDim (bytes) |
-| `state` | the job's private per-user state (compact binary; JSON from older jobs still loads), for idempotence and windows (bytes) |
 
 Windows end at the user's newest event (event time), not at the time of reading. An
 embedding field of a model version no longer served stays until the hash expires.
@@ -42,7 +49,7 @@ embedding field of a model version no longer served stays until the hash expires
 Idempotence: `state` holds the ids of the user's newest applied events (bounded,
 `dedup_capacity`) and a horizon time; an event whose id is there, or whose `ts` is at or
 before the horizon, changes nothing. `state` and the fields derived from it are one
-hash, written by one command in one transaction, so they never disagree.
+hash, written by one command, so they never disagree.
 
 `popular` scores are forward-decayed counts: each interaction adds
 `2 ** ((ts - POPULAR_EPOCH_MS) / half_life)`. Compare scores, do not read them as
@@ -63,14 +70,16 @@ same upgrade for every user whose events the topic still holds.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 LAYOUT_VERSION = "v2"
 EVENTS_FIELD = "events"
-"""User hash field: events applied for the user (with `last_ts`, the version of their state)."""
+"""Feature: events applied for the user (with `last_ts`, the version of their state)."""
 LAST_TS_FIELD = "last_ts"
+FEATURES_FIELD = "features"
 STATE_FIELD = "state"
 RECENT_FIELD = "recent"
 SEEN_PREFIX = "seen:"
@@ -123,6 +132,14 @@ def decode_recent(value: bytes | str | None) -> list[str]:
         return []
     text = value.decode() if isinstance(value, bytes) else value
     return text.split(" ")
+
+
+def decode_features(value: bytes | str | None) -> dict[str, str]:
+    """The features of a `features` field (empty when there is none)."""
+    if not value:
+        return {}
+    features = json.loads(value)
+    return features if isinstance(features, dict) else {}
 
 
 def seen_items(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> set[str]:

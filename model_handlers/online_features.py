@@ -4,9 +4,9 @@ trip per batch.
 The key layout is the contract in `recsys_contracts.feature_keys`: one hash a user, read
 whole (HGETALL): the user's recent items (newest first), every item they interacted with
 (`seen:<item>` fields), their online embedding for this model version (little-endian
-float32 bytes), and two fields (`events`, `last_ts`) that version the rest: the stream
-job changes them in the same atomic write as every other field, so equal versions mean
-equal features. A store that is down or slow never fails a request: the
+float32 bytes), and two of its features (`events`, `last_ts`) that version the rest: the
+stream job changes them in the same atomic write as every other field, so equal versions
+mean equal features. A store that is down or slow never fails a request: the
 batch goes on without online features and the error is reported for the metrics.
 """
 
@@ -22,9 +22,11 @@ import numpy as np
 
 from recsys_contracts.feature_keys import (
     EVENTS_FIELD,
+    FEATURES_FIELD,
     LAST_TS_FIELD,
     RECENT_FIELD,
     decode_embedding,
+    decode_features,
     decode_recent,
     embedding_field,
     seen_items,
@@ -35,7 +37,7 @@ from recsys_contracts.store_endpoint import StoreEndpoint, StoreMode
 log = logging.getLogger(__name__)
 
 WARNING_INTERVAL_S = 10.0
-_EVENTS, _LAST_TS, _RECENT = (name.encode() for name in (EVENTS_FIELD, LAST_TS_FIELD, RECENT_FIELD))
+_FEATURES, _RECENT = FEATURES_FIELD.encode(), RECENT_FIELD.encode()
 
 
 @dataclass(frozen=True)
@@ -114,15 +116,16 @@ class RedisFeatureReader:
         embedding = embedding_field(self.model_version).encode()
         for user, fields in zip(users, replies, strict=True):
             fields = fields or {}
-            events, last_ts = fields.get(_EVENTS), fields.get(_LAST_TS)
+            packed = fields.get(_FEATURES)
+            version = decode_features(packed) if packed else None
             raw_embedding = fields.get(embedding)
             features = OnlineFeatures(
                 recent_item_ids=tuple(decode_recent(fields.get(_RECENT)))[: self.history_length],
                 embedding=decode_embedding(raw_embedding, self.dim) if raw_embedding else None,
                 seen_item_ids=frozenset(seen_items(fields)),
                 state_version=(
-                    (_text(events or b""), _text(last_ts or b""))
-                    if events is not None or last_ts is not None
+                    (version.get(EVENTS_FIELD, ""), version.get(LAST_TS_FIELD, ""))
+                    if version is not None
                     else None
                 ),
             )
@@ -131,10 +134,6 @@ class RedisFeatureReader:
         return OnlineRead(
             [by_user[u] if u is not None else NO_FEATURES for u in user_ids], misses=misses
         )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
 def connect(

@@ -1,10 +1,12 @@
 """Reading and writing a batch of users' features in Redis (the online feature store),
 one Redis primary or a Redis Cluster alike.
 
-Each user is one hash (`feature_keys.user_key`: state, features, recent and seen items,
-embeddings), so a user costs Redis one HSET and one PEXPIRE a write: Redis's CPU follows
-the number of commands (issue 15's profile: a command called from Lua costs about twice
-the command itself, and v1's five keys a user cost 9-11 calls).
+Each user is one hash (`feature_keys.user_key`: state, the features as one JSON value,
+recent and seen items, embeddings), so a user costs Redis one HSET and one PEXPIRE a
+write: Redis's CPU follows the number of commands and of their arguments (issue 15's
+profile: a command called from Lua costs about twice the command itself, and v1's five
+keys a user cost 9-11 calls; a whole write of 18 feature fields twice one of them
+packed).
 
 On a single primary a batch is written as optimistic transactions of
 `TRANSACTION_USERS` users, in native commands, each transaction on its own connection
@@ -14,7 +16,8 @@ On a single primary a batch is written as optimistic transactions of
    and embeddings;
 2. the job computes the new values for the whole batch at once (pure functions,
    `user_features`);
-3. one round trip: MULTI, per changed user one HSET (the state and the changed fields)
+3. one round trip: MULTI, per changed user one HSET (the state, the features, what else
+   changed)
    and, unless this process renewed it a moment ago (`TTL_RENEWAL`), one PEXPIRE, one
    ZINCRBY per item the transaction's applied interactions touched (and one PEXPIRE of
    `popular`), EXEC. EXEC runs all of it or, when any watched hash changed since the
@@ -102,8 +105,8 @@ from stream_jobs.user_features import (
 
 MAX_CONFLICT_RETRIES = 20
 WRITTEN_CACHE_USERS = 20_000
-"""Users whose last write a store remembers (`Written`): 1-4 KB each (the state, the
-fields, the recent items)."""
+"""Users whose last write a store remembers (`Written`): 0.3-3 KB each (the state and
+the recent items)."""
 POPULAR_REDO_WINDOW_MS = 24 * 3_600_000
 """How long the popular record keeps an event whose users' write never confirmed it (a
 crash): a redelivery within this window is not counted twice."""
@@ -208,16 +211,13 @@ return counted
 
 class Written(NamedTuple):
     """What this process last wrote for a user. While the user's state is still the one
-    it wrote (a read finds `state`), their hash holds exactly `fields` (in
-    `FeatureParams.field_names` order) and `recent`: they are written with the state, in
-    one command. So the next write sends only the changed fields (about 8 of 18 for one
-    event) and `recent` only when it changed. Any other writer (another consumer, a
-    rebuild, an expiry) changes the state, and the write is whole again."""
+    it wrote (a read finds `state`), their hash holds `recent` and the TTL this process
+    set at `renewed`: they are written with the state, in one transaction. So the next
+    write sends `recent` only when it changed, and renews the TTL only when it has aged
+    (`TTL_RENEWAL`). Any other writer (another consumer, a rebuild, an expiry) changes
+    the state, and the write is whole again."""
 
     state: bytes
-    fields: str
-    """The fields' values joined by `_SEPARATOR`: one string instead of a few dozen
-    objects for the garbage collector to walk, 20,000 users over."""
     recent: str
     renewed: float
     """When (`time.monotonic`) this process last set the hash's TTL."""
@@ -298,7 +298,6 @@ class FeatureStore:
         self._counted_by_v1: set[str] = set()  # single node: the v1 record's events
         system = layout.system
         self._popular_key = keys.popular_items_key(system).encode()
-        self._field_names = [name.encode() for name in params.field_names]
         self._ttl = str(layout.ttl_ms).encode()
         self._renewal_s = layout.ttl_ms / 1000 / TTL_RENEWAL
 
@@ -402,8 +401,7 @@ class FeatureStore:
             commands.append((b"HSET", name, *read.carried.get(n, ()), *fields))  # later wins
             if renew:
                 commands.append((b"PEXPIRE", name, self._ttl))
-            if remembered is not None:
-                written.append((user, remembered))
+            written.append((user, remembered))
             for event, outcome in zip(events_by_user[user], update.outcomes, strict=True):
                 if outcome is Outcome.APPLIED and event.is_interaction:
                     if skip and _event_member(user, event.event_id) in skip:
@@ -524,8 +522,7 @@ class FeatureStore:
                 sha = hashlib.sha1(state_read).hexdigest() if state_read else _NOTHING_SHA1
                 plan.append((sha, text, spans, int(renew)))
                 group_keys.append(keys.user_key(system, user))
-                if remembered is not None:
-                    left.append((user, remembered))
+                left.append((user, remembered))
             if plan:
                 args = (self.layout.ttl_ms, orjson.dumps(plan), b"".join(blob))
                 calls.append(ScriptCall(group_keys, args))
@@ -654,35 +651,30 @@ class FeatureStore:
 
     def _user_fields(
         self, user: str, update: UserUpdate, state_read: bytes | None
-    ) -> tuple[list[bytes], Written | None, bool]:
+    ) -> tuple[list[bytes], Written, bool]:
         """The fields to HSET for a changed user (name, value, ...), what their hash will
-        hold once the write committed (None: do not remember it), and whether the write
-        renews the TTL (see TTL_RENEWAL)."""
+        hold once the write committed, and whether the write renews the TTL (see
+        TTL_RENEWAL)."""
         state = encode_state(update.state)
         clock = time.monotonic()
         renewed = clock
         field_values, recent_list = reader_field_values(update.state, self.params)
         recent = keys.encode_recent(recent_list)
-        fields: list[bytes] = [b"state", state]
+        features = orjson.dumps(dict(zip(self.params.field_names, field_values, strict=True)))
+        fields: list[bytes] = [b"state", state, b"features", features]
         before = self._written.get(user)
         if before is not None and state_read == before.state:  # the hash holds `before`
             if clock - before.renewed < self._renewal_s:
                 renewed = before.renewed  # its TTL is still (nearly) whole
-            old = before.fields.split(_SEPARATOR)
-            for name, now, then in zip(self._field_names, field_values, old, strict=True):
-                if now != then:
-                    fields += (name, now.encode())
             if recent != before.recent:
                 fields += (b"recent", recent.encode())
         else:
-            for name, now in zip(self._field_names, field_values, strict=True):
-                fields += (name, now.encode())
             fields += (b"recent", recent.encode())
         for version, vector in update.embeddings.items():
             fields += (keys.embedding_field(version).encode(), keys.encode_embedding(vector))
         for item in sorted({item_id for item_id, _ in update.touched_items}):
             fields += (keys.seen_field(item).encode(), b"1")
-        return fields, _written(state, field_values, recent, renewed), renewed == clock
+        return fields, Written(state, recent, renewed), renewed == clock
 
     def _upgrade(self) -> None:
         """At the first batch: does the store hold v1 data? Then copy v1's popular scores
@@ -764,18 +756,6 @@ class FeatureStore:
             cache.move_to_end(user)
         while len(cache) > WRITTEN_CACHE_USERS:
             cache.popitem(last=False)
-
-
-_SEPARATOR = "\x1f"
-
-
-def _written(state: bytes, fields: Sequence[str], recent: str, renewed: float) -> Written | None:
-    """What to remember of a write; None when a value holds the separator (then the
-    next write is whole)."""
-    joined = _SEPARATOR.join(fields)
-    if joined.count(_SEPARATOR) != len(fields) - 1:
-        return None
-    return Written(state, joined, recent, renewed)
 
 
 # Replies of a node that does not (or not now) serve the call's slot.

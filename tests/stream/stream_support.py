@@ -258,10 +258,11 @@ def store_content(
                 embeddings[version] = data
         seen = {name[len(keys.SEEN_PREFIX) :] for name in fields if name.startswith(b"seen:")}
         recent = fields.pop(keys.RECENT_FIELD.encode(), None)
+        features = keys.decode_features(fields.pop(keys.FEATURES_FIELD.encode(), None))
         content[user] = {
             "state": fields.pop(keys.STATE_FIELD.encode(), None),
             "recent": [item.encode() for item in keys.decode_recent(recent)],
-            "features": {k: v for k, v in fields.items() if not k.startswith(b"seen:")},
+            "features": {k.encode(): v.encode() for k, v in features.items()},
             "embeddings": embeddings,
             "seen": seen,
         }
@@ -273,8 +274,8 @@ def applied_events(client: redis.Redis, system: str, users: Iterable[str]) -> in
     """Events applied so far for `users`, from their `events` feature."""
     total = 0
     for user in users:
-        value = client.hget(keys.user_key(system, user), "events")
-        total += int(value or 0)
+        features = keys.decode_features(client.hget(keys.user_key(system, user), "features"))
+        total += int(features.get("events") or 0)
     return total
 
 

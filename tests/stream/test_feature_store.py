@@ -46,7 +46,7 @@ def test_a_batch_writes_every_key_of_its_users(store: redis.Redis, system: str) 
     assert set(written.updates) == {"u", "w"}
     user = keys.user_key(system, "u")
     assert keys.decode_recent(store.hget(user, "recent")) == ["i2", "i1"]
-    assert store.hget(keys.user_key(system, "w"), "count:click:1h") == b"1"
+    assert _feature(store, keys.user_key(system, "w"), "count:click:1h") == b"1"
     vector = keys.decode_embedding(store.hget(user, "emb:v1") or b"", 2)
     assert vector is not None and np.allclose(vector, [0.098, 0.1])
     assert view(decode_state(store.hget(user, "state")), PARAMS).events_applied == 2
@@ -79,7 +79,7 @@ def test_a_batch_of_only_duplicates_writes_nothing(store: redis.Redis, system: s
     fs.apply({"u": [click(1)]}, ITEMS)
     assert store.pttl(keys.user_key(system, "u")) <= 5_000  # not even the TTL was touched
     fs.apply({"u": [click(2)]}, ITEMS)  # the WATCH of the batch that wrote nothing is gone
-    assert store.hget(keys.user_key(system, "u"), "events") == b"2"
+    assert _feature(store, keys.user_key(system, "u"), "events") == b"2"
 
 
 def test_a_concurrent_writer_makes_the_batch_retry_instead_of_losing_its_update(
@@ -124,9 +124,10 @@ def test_the_store_reads_either_protocols_replies(
         )
         client.set(keys.v1_state_key(system, "v"), state)
         first.apply({"u": [click(1)], "v": [click(2, "v", "i2")]}, ITEMS)
-        assert client.hget(keys.user_key(system, "u"), "events") == b"2"
+        assert _feature(client, keys.user_key(system, "u"), "events") == b"2"
         fields = client.hgetall(keys.user_key(system, "v"))
-        assert fields[b"events"] == b"2" and keys.seen_items(fields) == {"i2", "i9"}
+        features = keys.decode_features(fields[b"features"])
+        assert features["events"] == "2" and keys.seen_items(fields) == {"i2", "i9"}
     finally:
         client.close()
 
@@ -134,19 +135,19 @@ def test_the_store_reads_either_protocols_replies(
 def test_writes_of_only_what_changed_leave_what_whole_writes_leave(
     store: redis.Redis, system: str
 ) -> None:
-    """A store sends only the changed fields (and `recent` when it changed) of a user
-    whose state is still the one it wrote; the hash then holds what a store that
-    rewrites every field leaves, through new items, items falling off the last N, an
-    event within the lateness going in between, impressions, and another writer in
-    between."""
+    """A store sends `recent` only when it changed, and renews the TTL only when it has
+    aged, for a user whose state is still the one it wrote; the hash then holds what a
+    store that rewrites every field leaves, through new items, items falling off the
+    last N, an event within the lateness going in between, impressions, and another
+    writer in between."""
     remembering, other = feature_store(store, system), feature_store(store, system)
     whole = f"{system}-whole"
-    sent: list[list[bytes]] = []
+    sent: list[tuple[list[bytes], object, bool]] = []
     user_fields = remembering._user_fields
 
     def spy(*args: Any) -> Any:
         result = user_fields(*args)
-        sent.append(result[0])
+        sent.append(result)
         return result
 
     remembering._user_fields = spy  # type: ignore[method-assign]
@@ -160,6 +161,14 @@ def test_writes_of_only_what_changed_leave_what_whole_writes_leave(
         (other, [click(100, item="k1")]),  # another writer: the next write is whole
         (remembering, [click(101, item="k2"), click(102, item="k3")]),
         (remembering, [click(103, item="k3")]),
+        (
+            remembering,
+            [
+                Event(
+                    event_id="imp2", user_id="u", item_id="k1", type="impression", ts=BASE_TS + 104
+                )
+            ],
+        ),
     ]
     for writer, events in steps:
         writer.apply({"u": events}, ITEMS)
@@ -171,9 +180,9 @@ def test_writes_of_only_what_changed_leave_what_whole_writes_leave(
     assert len(keys.decode_recent(store.hget(keys.user_key(system, "u"), "recent"))) == (
         PARAMS.last_n
     )
-    every_field = {name.encode() for name in PARAMS.field_names}
-    partial = [fields for fields in sent if not every_field <= set(fields[::2])]
-    assert len(partial) >= 5  # the partial writes were taken, not only whole ones
+    no_renewal = [fields for fields, _, renew in sent if not renew]
+    assert len(no_renewal) >= 5  # the partial writes were taken, not only whole ones
+    assert any(b"recent" not in fields[::2] for fields, _, _ in sent)
 
 
 def test_a_job_killed_before_exec_leaves_nothing_and_its_retry_counts_popular_once(
@@ -228,7 +237,7 @@ def test_a_write_renews_the_ttl_unless_this_process_renewed_it_a_moment_ago(
     feature_store(store, system).apply({"u": [click(4)]}, ITEMS)  # another writer...
     writer.apply({"u": [click(5)]}, ITEMS)  # ...so this one does not know the TTL: renews
     assert store.pttl(user) > 5_000
-    assert store.hget(user, "events") == b"5"
+    assert _feature(store, user, "events") == b"5"
 
 
 def test_ids_with_quotes_backslashes_and_non_ascii_characters_survive(
@@ -257,3 +266,9 @@ def test_the_job_tells_whether_the_store_keeps_its_writes(store: redis.Redis) ->
         store.config_set("save", original["save"])
     down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
     assert store_persistence(down) is None
+
+
+def _feature(client: Any, key: str, name: str) -> bytes | None:
+    """One feature of a user's hash, as bytes (None: no such feature)."""
+    value = keys.decode_features(client.hget(key, "features")).get(name)
+    return None if value is None else value.encode()
