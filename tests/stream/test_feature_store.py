@@ -132,6 +132,31 @@ def test_the_store_reads_either_protocols_replies(
         client.close()
 
 
+def test_a_concurrent_writer_makes_only_its_transaction_retry(
+    store: redis.Redis, system: str
+) -> None:
+    """A batch goes in transactions of TRANSACTION_USERS users: another consumer writing
+    one user makes that user's transaction alone read and compute again."""
+    first, other = feature_store(store, system), feature_store(store, system)
+    size = feature_store_module.TRANSACTION_USERS
+    users = [f"user-{n}" for n in range(size + 5)]  # two transactions
+    computed: list[list[str]] = []
+    compute = first._compute
+
+    def compute_while_another_writes(batch_users: list[str], *args: Any) -> Any:
+        computed.append(list(batch_users))
+        if len(computed) == 1:  # between this batch's read and its write
+            other.apply({users[-1]: [click(50, users[-1])]}, ITEMS)
+        return compute(batch_users, *args)
+
+    first._compute = compute_while_another_writes  # type: ignore[method-assign]
+    first.apply({u: [click(n, u)] for n, u in enumerate(users)}, ITEMS)
+    assert computed == [users, users[size:]]  # the first transaction committed at once
+    for user in users:
+        events = _feature(store, keys.user_key(system, user), "events")
+        assert events == (b"2" if user == users[-1] else b"1"), user
+
+
 def test_writes_of_only_what_changed_leave_what_whole_writes_leave(
     store: redis.Redis, system: str
 ) -> None:
