@@ -1,30 +1,40 @@
 """The online feature store's key layout: the one contract between the stream
 jobs (writers) and the serving handler (reader).
 
-Every key starts with `recsys:v1:<system>:` so several RecommenderSystems can
-share one Redis, and so a future layout change bumps `v1` instead of misreading
-old data. The user id sits inside `{...}`, Redis Cluster's hash tag, so all of
-one user's keys live in one slot and a pipeline per user never crosses nodes.
-`popular` has no tag (it hashes on its whole name); the key kept next to it takes
-that whole name as its tag, so the two share a slot too (and, like every key, it
-starts with `recsys:v1:<system>:`, so deleting a system's keys by that prefix
-deletes it with `popular`).
+Every key starts with `recsys:v2:<system>:` so several RecommenderSystems can
+share one Redis, and so a layout change bumps the version instead of misreading
+old data. A user's features are ONE hash, `recsys:v2:<system>:u:{<user>}`: the user id
+sits inside `{...}`, Redis Cluster's hash tag (and the v1 keys of the same user carry
+the same tag, so an upgrade reads them in the same slot). One key a user means one
+write and one TTL a user: Redis's CPU follows the number of commands (issue 15), and
+the five keys of v1 cost 9-11 of them a user. `popular` has no tag (it hashes on its
+whole name); the key kept next to it takes that whole name as its tag, so the two
+share a slot too (and, like every key, it starts with `recsys:v2:<system>:`, so
+deleting a system's keys by that prefix deletes it with `popular`).
 
 | key | type | written by | content |
 |---|---|---|---|
-| `recsys:v1:<system>:u:{<user>}:recent` | list | stream job | item ids, newest first, trimmed to lastN |
-| `recsys:v1:<system>:u:{<user>}:features` | hash | stream job | counts per type and window, last event ts, mean dwell, session |
-| `recsys:v1:<system>:u:{<user>}:emb:<model_version>` | string | stream job | online user embedding, little-endian float32 x embeddingDim |
-| `recsys:v1:<system>:u:{<user>}:state` | string | stream job | the job's private per-user state (compact binary; JSON from older jobs still loads), for idempotence and windows |
-| `recsys:v1:<system>:u:{<user>}:seen` | set | stream job | every item the user interacted with (not only the last N): serving never recommends them |
-| `recsys:v1:<system>:popular` | zset | stream job | item id -> decayed interaction count (cold-start fallback) |
-| `recsys:v1:<system>:popular-applied:{recsys:v1:<system>:popular}` | zset | stream job | events counted into `popular` whose users' write is not confirmed yet -> server time (ms) they were counted; the job's own (see `stream_jobs.feature_store`) |
+| `recsys:v2:<system>:u:{<user>}` | hash | stream job | the user's features, recent and seen items, embeddings and state: fields below |
+| `recsys:v2:<system>:popular` | zset | stream job | item id -> decayed interaction count (cold-start fallback) |
+| `recsys:v2:<system>:popular-applied:{recsys:v2:<system>:popular}` | zset | stream job (Redis Cluster only) | events counted into `popular` whose users' write is not confirmed yet -> server time (ms) they were counted; the job's own (see `stream_jobs.feature_store`) |
 
-All per-user keys carry the store TTL (`spec.features.store.ttl`).
+The user hash carries the store TTL (`spec.features.store.ttl`), renewed by every write.
 
-Fields of the `features` hash (all values are strings; empty means "not known yet"):
+Fields of the user hash:
 
 | field | meaning |
+|---|---|
+| `features` | the user's features, one JSON object (below) |
+| `recent` | the last N item ids, newest first, separated by one space (ids hold no whitespace, by the event schema) |
+| `seen:<item>` | one field (value `1`) per item the user ever interacted with (not only the last N): serving never recommends them |
+| `emb:<model_version>` | online user embedding, little-endian float32 x embeddingDim (bytes) |
+| `state` | the job's private per-user state (compact binary; JSON from older jobs still loads), for idempotence and windows (bytes) |
+
+The `features` object: one JSON object rather than a field each, since Redis's cost of a
+write grows with its fields (a whole write of 18 fields cost it twice one of the same
+features packed). Every value is a string; empty means "not known yet":
+
+| key | meaning |
 |---|---|
 | `count:<type>:<window>` | events of `<type>` (view, click, purchase, dwell, impression) in `<window>` (e.g. `1h`), for every type and window, zeros included |
 | `last_ts` | the user's newest event time, epoch ms (time since last event = now - last_ts) |
@@ -33,26 +43,47 @@ Fields of the `features` hash (all values are strings; empty means "not known ye
 | `session_id`, `session_start_ts`, `session_events` | the current session (events less than the session gap apart) |
 | `events` | events applied for this user since the state was created |
 
-Windows end at the user's newest event (event time), not at the time of reading.
+Windows end at the user's newest event (event time), not at the time of reading. An
+embedding field of a model version no longer served stays until the hash expires.
 
-Idempotence: the `state` key holds the ids of the user's newest applied events
-(bounded, `dedup_capacity`) and a horizon time; an event whose id is there, or
-whose `ts` is at or before the horizon, changes nothing. `state` and the keys
-derived from it are written by one atomic Lua script, so they never disagree.
+Idempotence: `state` holds the ids of the user's newest applied events (bounded,
+`dedup_capacity`) and a horizon time; an event whose id is there, or whose `ts` is at or
+before the horizon, changes nothing. `state` and the fields derived from it are one
+hash, written by one command, so they never disagree.
 
 `popular` scores are forward-decayed counts: each interaction adds
 `2 ** ((ts - POPULAR_EPOCH_MS) / half_life)`. Compare scores, do not read them as
 counts; the ranking equals that of counts decayed to any common time.
+
+Upgrading from v1 (five keys a user: `...:u:{<user>}:state`, `:recent`, `:features`,
+`:emb:<version>`, `:seen`) loses nothing and needs no downtime: the stream job reads a
+user's v1 `state`, `seen` and embeddings when the user has no v2 hash yet, and writes
+them into the v2 hash with the user's next events (so windows, idempotence, the seen
+set and the embeddings carry over); the v1 `popular` scores are copied into the v2
+zset (members not there yet) by the first batch of a job that finds no v2 `popular`,
+and the v1 record of counted events is honoured, so an event counted by a v1 job just
+before it stopped is not counted again. The v1 keys are left to their TTL. Until a
+user's next event the serving handler, which reads v2 only, has no online features for
+them (it serves them as a cold user). `recsys features rebuild` over a v1 store does the
+same upgrade for every user whose events the topic still holds.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Mapping
+
 import numpy as np
 
-LAYOUT_VERSION = "v1"
+LAYOUT_VERSION = "v2"
 EVENTS_FIELD = "events"
-"""`features` hash field: events applied for the user (with `last_ts`, the version of their state)."""
+"""Feature: events applied for the user (with `last_ts`, the version of their state)."""
 LAST_TS_FIELD = "last_ts"
+FEATURES_FIELD = "features"
+STATE_FIELD = "state"
+RECENT_FIELD = "recent"
+SEEN_PREFIX = "seen:"
+EMBEDDING_PREFIX = "emb:"
 POPULAR_EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, the landmark of popular scores
 
 
@@ -61,44 +92,64 @@ def system_id(namespace: str, name: str) -> str:
     return f"{namespace}.{name}"
 
 
-def _user(system: str, user_id: str) -> str:
+def user_key(system: str, user_id: str) -> str:
+    """The hash holding everything the store knows of one user."""
     return f"recsys:{LAYOUT_VERSION}:{system}:u:{{{user_id}}}"
 
 
-def user_keys_pattern(system: str) -> str:
-    """A Redis SCAN/KEYS pattern of every per-user key of `system`."""
-    return f"recsys:{LAYOUT_VERSION}:{system}:u:*"
+def user_keys_pattern(system: str, version: str = LAYOUT_VERSION) -> str:
+    """A Redis SCAN/KEYS pattern of every per-user key of `system` (of layout `version`)."""
+    return f"recsys:{version}:{system}:u:*"
 
 
-def recent_items_key(system: str, user_id: str) -> str:
-    return f"{_user(system, user_id)}:recent"
+def embedding_field(model_version: str) -> str:
+    return f"{EMBEDDING_PREFIX}{model_version}"
 
 
-def features_key(system: str, user_id: str) -> str:
-    return f"{_user(system, user_id)}:features"
+def seen_field(item_id: str) -> str:
+    return f"{SEEN_PREFIX}{item_id}"
 
 
-def embedding_key(system: str, user_id: str, model_version: str) -> str:
-    return f"{_user(system, user_id)}:emb:{model_version}"
+def popular_items_key(system: str, version: str = LAYOUT_VERSION) -> str:
+    return f"recsys:{version}:{system}:popular"
 
 
-def seen_items_key(system: str, user_id: str) -> str:
-    return f"{_user(system, user_id)}:seen"
-
-
-def state_key(system: str, user_id: str) -> str:
-    return f"{_user(system, user_id)}:state"
-
-
-def popular_items_key(system: str) -> str:
-    return f"recsys:{LAYOUT_VERSION}:{system}:popular"
-
-
-def popular_applied_key(system: str) -> str:
+def popular_applied_key(system: str, version: str = LAYOUT_VERSION) -> str:
     """The record of events counted into `popular`, in the same hash slot as it: its hash
     tag is the popular key's whole name (system ids hold no braces)."""
-    popular = popular_items_key(system)
+    popular = popular_items_key(system, version)
     return f"{popular}-applied:{{{popular}}}"
+
+
+def encode_recent(item_ids: Iterable[str]) -> str:
+    """The `recent` field of items newest first."""
+    return " ".join(item_ids)
+
+
+def decode_recent(value: bytes | str | None) -> list[str]:
+    """The item ids of a `recent` field, newest first."""
+    if not value:
+        return []
+    text = value.decode() if isinstance(value, bytes) else value
+    return text.split(" ")
+
+
+def decode_features(value: bytes | str | None) -> dict[str, str]:
+    """The features of a `features` field (empty when there is none)."""
+    if not value:
+        return {}
+    features = json.loads(value)
+    return features if isinstance(features, dict) else {}
+
+
+def seen_items(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> set[str]:
+    """The seen items among a user hash's fields (as HGETALL gives them)."""
+    found = set()
+    for name in fields:
+        text = name.decode("utf-8", errors="replace") if isinstance(name, bytes) else name
+        if text.startswith(SEEN_PREFIX):
+            found.add(text[len(SEEN_PREFIX) :])
+    return found
 
 
 def encode_embedding(vector: np.ndarray) -> bytes:
@@ -114,5 +165,22 @@ def decode_embedding(data: bytes, dim: int) -> np.ndarray | None:
 
 
 def count_field(event_type: str, window: str) -> str:
-    """The `features` hash field holding the count of `event_type` events in `window`."""
+    """The user hash field holding the count of `event_type` events in `window`."""
     return f"count:{event_type}:{window}"
+
+
+def _v1_user(system: str, user_id: str) -> str:
+    return f"recsys:v1:{system}:u:{{{user_id}}}"
+
+
+def v1_state_key(system: str, user_id: str) -> str:
+    """Layout v1's state key, read only to upgrade a store (see above); likewise below."""
+    return f"{_v1_user(system, user_id)}:state"
+
+
+def v1_seen_items_key(system: str, user_id: str) -> str:
+    return f"{_v1_user(system, user_id)}:seen"
+
+
+def v1_embedding_key(system: str, user_id: str, model_version: str) -> str:
+    return f"{_v1_user(system, user_id)}:emb:{model_version}"

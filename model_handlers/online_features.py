@@ -1,11 +1,12 @@
 """Reading users' online features from the feature store (Redis), one pipelined round
 trip per batch.
 
-The key layout is the contract in `recsys_contracts.feature_keys`: the user's recent items
-(a list, newest first), every item they interacted with (a set), their online
-embedding for this model version (little-endian float32 bytes), and two fields of their
-features hash (`events`, `last_ts`) that version the rest: the stream job changes them in
-the same atomic write as every other key, so equal versions mean equal features. A store that is down or slow never fails a request: the
+The key layout is the contract in `recsys_contracts.feature_keys`: one hash a user, read
+whole (HGETALL): the user's recent items (newest first), every item they interacted with
+(`seen:<item>` fields), their online embedding for this model version (little-endian
+float32 bytes), and two of its features (`events`, `last_ts`) that version the rest: the
+stream job changes them in the same atomic write as every other field, so equal versions
+mean equal features. A store that is down or slow never fails a request: the
 batch goes on without online features and the error is reported for the metrics.
 """
 
@@ -21,19 +22,22 @@ import numpy as np
 
 from recsys_contracts.feature_keys import (
     EVENTS_FIELD,
+    FEATURES_FIELD,
     LAST_TS_FIELD,
+    RECENT_FIELD,
     decode_embedding,
-    embedding_key,
-    features_key,
-    recent_items_key,
-    seen_items_key,
+    decode_features,
+    decode_recent,
+    embedding_field,
+    seen_items,
+    user_key,
 )
 from recsys_contracts.store_endpoint import StoreEndpoint, StoreMode
 
 log = logging.getLogger(__name__)
 
 WARNING_INTERVAL_S = 10.0
-READS_PER_USER = 4  # recent, embedding, seen, state version: one pipeline for the batch
+_FEATURES, _RECENT = FEATURES_FIELD.encode(), RECENT_FIELD.encode()
 
 
 @dataclass(frozen=True)
@@ -94,10 +98,7 @@ class RedisFeatureReader:
             return OnlineRead([NO_FEATURES] * len(user_ids))
         pipe = self.client.pipeline(transaction=False)
         for user in users:
-            pipe.lrange(recent_items_key(self.system, user), 0, self.history_length - 1)
-            pipe.get(embedding_key(self.system, user, self.model_version))
-            pipe.smembers(seen_items_key(self.system, user))
-            pipe.hmget(features_key(self.system, user), EVENTS_FIELD, LAST_TS_FIELD)
+            pipe.hgetall(user_key(self.system, user))
         try:
             replies = pipe.execute()
         except Exception as exc:  # the store must never fail a request
@@ -112,17 +113,19 @@ class RedisFeatureReader:
             )
         by_user: dict[str, OnlineFeatures] = {}
         misses = 0
-        for n, user in enumerate(users):
-            recent, raw_embedding, seen, (events, last_ts) = replies[
-                READS_PER_USER * n : READS_PER_USER * (n + 1)
-            ]
+        embedding = embedding_field(self.model_version).encode()
+        for user, fields in zip(users, replies, strict=True):
+            fields = fields or {}
+            packed = fields.get(_FEATURES)
+            version = decode_features(packed) if packed else None
+            raw_embedding = fields.get(embedding)
             features = OnlineFeatures(
-                recent_item_ids=tuple(_text(item) for item in recent or ()),
+                recent_item_ids=tuple(decode_recent(fields.get(_RECENT)))[: self.history_length],
                 embedding=decode_embedding(raw_embedding, self.dim) if raw_embedding else None,
-                seen_item_ids=frozenset(_text(item) for item in seen or ()),
+                seen_item_ids=frozenset(seen_items(fields)),
                 state_version=(
-                    (_text(events or b""), _text(last_ts or b""))
-                    if events is not None or last_ts is not None
+                    (version.get(EVENTS_FIELD, ""), version.get(LAST_TS_FIELD, ""))
+                    if version is not None
                     else None
                 ),
             )
@@ -131,10 +134,6 @@ class RedisFeatureReader:
         return OnlineRead(
             [by_user[u] if u is not None else NO_FEATURES for u in user_ids], misses=misses
         )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
 def connect(

@@ -55,12 +55,16 @@ class RebuildReport:
 
 
 def store_is_empty(client: StoreClient, system: str) -> bool:
-    """True when the store holds no per-user key and no popular items of `system`."""
-    if client.exists(keys.popular_items_key(system)):
-        return False
-    return (
-        next(iter(client.scan_iter(match=keys.user_keys_pattern(system), count=1000)), None) is None
-    )
+    """True when the store holds no per-user key and no popular items of `system`, of
+    this layout or of v1 (a v1 store is upgraded as its users' events arrive, see
+    `feature_keys`, not rebuilt)."""
+    for version in (keys.LAYOUT_VERSION, "v1"):
+        if client.exists(keys.popular_items_key(system, version)):
+            return False
+        pattern = keys.user_keys_pattern(system, version)
+        if next(iter(client.scan_iter(match=pattern, count=1000)), None) is not None:
+            return False
+    return True
 
 
 def retained_messages(client: pulsar.Client, topic: str, idle_ms: int = IDLE_MS) -> Iterator[bytes]:

@@ -12,10 +12,12 @@ import redis
 from model_handlers.online_features import NO_FEATURES, RedisFeatureReader, connect
 from recsys_contracts.events import Event
 from recsys_contracts.feature_keys import (
-    embedding_key,
+    LAYOUT_VERSION,
+    embedding_field,
     encode_embedding,
-    recent_items_key,
-    seen_items_key,
+    encode_recent,
+    seen_field,
+    user_key,
 )
 from recsys_contracts.store_endpoint import StoreEndpoint, StoreMode
 from recsys_operator.launchers.process import ManagedProcess, free_port
@@ -53,17 +55,19 @@ class CountingClient:
 def client(redis_server: ManagedProcess) -> Iterator[redis.Redis]:
     c = redis.Redis(host="127.0.0.1", port=redis_server.port)
     yield c
-    for key in c.scan_iter(f"recsys:v1:{SYSTEM}:*"):
+    for key in c.scan_iter(f"recsys:{LAYOUT_VERSION}:{SYSTEM}:*"):
         c.delete(key)
     c.close()
 
 
 def test_a_batch_is_read_in_one_round_trip(client: redis.Redis) -> None:
     vector = np.arange(8, dtype=np.float32)
-    client.rpush(recent_items_key(SYSTEM, "alice"), "i3", "i2", "i1")
-    client.set(embedding_key(SYSTEM, "alice", "7"), encode_embedding(vector))
-    client.set(embedding_key(SYSTEM, "bob", "7"), encode_embedding(np.ones(5)))  # wrong dimension
-    client.rpush(recent_items_key(SYSTEM, "bob"), "i9")
+    client.hset(
+        user_key(SYSTEM, "alice"),
+        mapping={"recent": encode_recent(["i3", "i2", "i1"]), "emb:7": encode_embedding(vector)},
+    )
+    wrong_dimension = encode_embedding(np.ones(5))
+    client.hset(user_key(SYSTEM, "bob"), mapping={"recent": "i9", "emb:7": wrong_dimension})
     counting = CountingClient(client)
     reader = RedisFeatureReader(counting, system=SYSTEM, model_version="7", dim=8, history_length=2)
     read = reader.read(["alice", None, "bob", "carol", "alice"])
@@ -77,8 +81,8 @@ def test_a_batch_is_read_in_one_round_trip(client: redis.Redis) -> None:
 
 
 def test_every_item_the_user_touched_is_read_with_the_recent_ones(client: redis.Redis) -> None:
-    client.rpush(recent_items_key(SYSTEM, "heavy"), "i99")
-    client.sadd(seen_items_key(SYSTEM, "heavy"), *[f"i{n}" for n in range(100)])
+    client.hset(user_key(SYSTEM, "heavy"), "recent", "i99")
+    client.hset(user_key(SYSTEM, "heavy"), mapping={seen_field(f"i{n}"): "1" for n in range(100)})
     reader = RedisFeatureReader(client, system=SYSTEM, model_version="7", dim=8, history_length=2)
     (heavy,) = reader.read(["heavy"]).features
     assert heavy.recent_item_ids == ("i99",)
@@ -86,7 +90,7 @@ def test_every_item_the_user_touched_is_read_with_the_recent_ones(client: redis.
 
 
 def test_another_model_version_reads_its_own_embedding(client: redis.Redis) -> None:
-    client.set(embedding_key(SYSTEM, "alice", "7"), encode_embedding(np.ones(4)))
+    client.hset(user_key(SYSTEM, "alice"), embedding_field("7"), encode_embedding(np.ones(4)))
     reader = RedisFeatureReader(client, system=SYSTEM, model_version="8", dim=4, history_length=5)
     assert reader.read(["alice"]).features[0].embedding is None
 
@@ -115,7 +119,7 @@ def cluster_writer(redis_cluster_nodes: RedisClusterProcesses) -> Iterator[Any]:
     endpoint = StoreEndpoint(redis_cluster_nodes.url, StoreMode.CLUSTER)
     c = endpoint.connect(socket_timeout=2, socket_connect_timeout=2)
     yield c
-    for key in c.scan_iter(f"recsys:v1:{SYSTEM}:*"):  # every primary
+    for key in c.scan_iter(f"recsys:{LAYOUT_VERSION}:{SYSTEM}:*"):  # every primary
         c.delete(key)
     c.close()
 
@@ -139,7 +143,7 @@ def test_the_handler_reads_what_the_feature_job_wrote_to_a_redis_cluster(
         ]
         for n, user in enumerate(users)
     }
-    nodes = {cluster_writer.get_node_from_key(seen_items_key(SYSTEM, u)).name for u in users}
+    nodes = {cluster_writer.get_node_from_key(user_key(SYSTEM, u)).name for u in users}
     assert len(nodes) == 3
     handler_client = connect(redis_cluster_nodes.url, timeout_s=2.0, mode="cluster")
     reads = []

@@ -21,7 +21,7 @@ from model_handlers.retriever import Recommendation, RetrievalBatch, Retriever, 
 from model_handlers.torchserve_handler import RetrievalHandler
 from recsys_contracts import handler_metrics
 from recsys_contracts.events import Event
-from recsys_contracts.feature_keys import recent_items_key
+from recsys_contracts.feature_keys import LAYOUT_VERSION, user_key
 from recsys_contracts.retrieval_request import RetrievalRequest
 from recsys_operator.launchers.process import ManagedProcess, free_port
 from stream_jobs.feature_store import FeatureStore, StoreLayout
@@ -82,7 +82,7 @@ def test_an_entry_expires_after_its_ttl() -> None:
 def store(redis_server: ManagedProcess) -> Iterator[redis.Redis]:
     client = redis.Redis(host="127.0.0.1", port=redis_server.port)
     yield client
-    for key in client.scan_iter(f"recsys:v1:{SYSTEM}:*"):
+    for key in client.scan_iter(f"recsys:{LAYOUT_VERSION}:{SYSTEM}:*"):
         client.delete(key)
     client.close()
 
@@ -189,9 +189,9 @@ def test_requests_without_a_user_and_failed_store_reads_are_not_cached(
 def test_a_user_the_store_holds_no_state_version_for_is_not_cached(
     store: redis.Redis, retriever: Retriever
 ) -> None:
-    """Keys written without the features hash (not by the stream job) carry no version."""
+    """A hash written without the version fields (not by the stream job) carries no version."""
     user = "u-without-state"
-    store.rpush(recent_items_key(SYSTEM, user), retriever.item_ids[3])
+    store.hset(user_key(SYSTEM, user), "recent", retriever.item_ids[3])
     reader = RedisFeatureReader(
         store, system=SYSTEM, model_version="1", dim=retriever.dim,
         history_length=retriever.history_length,

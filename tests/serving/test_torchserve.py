@@ -20,7 +20,13 @@ import numpy as np
 import pytest
 import redis
 
-from recsys_contracts.feature_keys import embedding_key, encode_embedding, recent_items_key
+from recsys_contracts.feature_keys import (
+    LAYOUT_VERSION,
+    embedding_field,
+    encode_embedding,
+    encode_recent,
+    user_key,
+)
 from recsys_contracts.retrieval_request import DEADLINE_HEADER
 from recsys_operator.api.recommender_system import ModelSpec, ServingSpec
 from recsys_operator.launchers.process import ManagedProcess
@@ -66,7 +72,7 @@ def server(
 def store(redis_server: ManagedProcess) -> Iterator[redis.Redis]:
     client = redis.Redis(host="127.0.0.1", port=redis_server.port)
     yield client
-    for key in client.scan_iter(f"recsys:v1:{SYSTEM}:*"):
+    for key in client.scan_iter(f"recsys:{LAYOUT_VERSION}:{SYSTEM}:*"):
         client.delete(key)
     client.close()
 
@@ -158,7 +164,7 @@ def test_online_features_from_redis_are_used_when_present(
 
     # Recent items written by the stream job (newest first) replace the request's.
     recent = [truth.items[i] for i in (5, 50, 500)]
-    store.rpush(recent_items_key(SYSTEM, user), *recent)
+    store.hset(user_key(SYSTEM, user), "recent", encode_recent(recent))
     _, with_recent = post(server, {"user_id": user, "k": 10, "recent_item_ids": ["i0001"]}, "1")
     assert with_recent["item_ids"] == truth.answer(user, k=10, recent=recent)
     assert with_recent["item_ids"] != before["item_ids"]
@@ -166,11 +172,11 @@ def test_online_features_from_redis_are_used_when_present(
     # The tower, knowing the user and fed the fresh recent items, comes before the
     # online embedding (it measured better); the embedding serves users it cannot embed.
     target = truth.embeddings[1234]
-    store.set(embedding_key(SYSTEM, user, "1"), encode_embedding(target))
+    store.hset(user_key(SYSTEM, user), embedding_field("1"), encode_embedding(target))
     _, with_embedding = post(server, {"user_id": user, "k": 10}, "1")
     assert with_embedding["item_ids"] == with_recent["item_ids"]
     stranger = "not-in-training"
-    store.set(embedding_key(SYSTEM, stranger, "1"), encode_embedding(target))
+    store.hset(user_key(SYSTEM, stranger), embedding_field("1"), encode_embedding(target))
     _, from_embedding = post(server, {"user_id": stranger, "k": 10}, "1")
     expected, _ = truth.top_k(target, 10, [])
     assert from_embedding["item_ids"] == expected

@@ -245,20 +245,26 @@ def expected_content(
 def store_content(
     client: redis.Redis, system: str, users: Iterable[str], versions: Iterable[str]
 ) -> StoreContent:
-    """What Redis holds for `users` of `system` (missing embeddings left out)."""
+    """What Redis holds for `users` of `system` (missing embeddings left out), in the
+    shape of `expected_content`: the user hash split into its parts."""
+    versions = list(versions)
     content: dict[str, dict[str, Any]] = {}
     for user in users:
+        fields = client.hgetall(keys.user_key(system, user))
         embeddings = {}
         for version in versions:
-            data = client.get(keys.embedding_key(system, user, version))
+            data = fields.pop(keys.embedding_field(version).encode(), None)
             if data is not None:
                 embeddings[version] = data
+        seen = {name[len(keys.SEEN_PREFIX) :] for name in fields if name.startswith(b"seen:")}
+        recent = fields.pop(keys.RECENT_FIELD.encode(), None)
+        features = keys.decode_features(fields.pop(keys.FEATURES_FIELD.encode(), None))
         content[user] = {
-            "state": client.get(keys.state_key(system, user)),
-            "recent": client.lrange(keys.recent_items_key(system, user), 0, -1),
-            "features": client.hgetall(keys.features_key(system, user)),
+            "state": fields.pop(keys.STATE_FIELD.encode(), None),
+            "recent": [item.encode() for item in keys.decode_recent(recent)],
+            "features": {k.encode(): v.encode() for k, v in features.items()},
             "embeddings": embeddings,
-            "seen": client.smembers(keys.seen_items_key(system, user)),
+            "seen": seen,
         }
     popular = dict(client.zrange(keys.popular_items_key(system), 0, -1, withscores=True))
     return StoreContent(content, popular)
@@ -268,8 +274,8 @@ def applied_events(client: redis.Redis, system: str, users: Iterable[str]) -> in
     """Events applied so far for `users`, from their `events` feature."""
     total = 0
     for user in users:
-        value = client.hget(keys.features_key(system, user), "events")
-        total += int(value or 0)
+        features = keys.decode_features(client.hget(keys.user_key(system, user), "features"))
+        total += int(features.get("events") or 0)
     return total
 
 

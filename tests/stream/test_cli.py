@@ -174,7 +174,7 @@ def test_features_rebuild_replays_the_topic_into_the_store_and_reports_what_it_d
     again = runner.invoke(app, args, env=env)
     assert "3 duplicate" in again.stdout and "applied" not in again.stdout
     store = redis.Redis.from_url(store_url)
-    assert store.lrange(keys.recent_items_key(system, "u1"), 0, -1) == [b"i1"]
+    assert store.hget(keys.user_key(system, "u1"), "recent") == b"i1"
 
 
 def test_events_send_without_a_target_says_what_it_could_not_find(

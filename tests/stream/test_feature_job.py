@@ -104,14 +104,10 @@ def test_the_store_holds_the_reference_computation_of_a_known_stream(
     assert set(user["embeddings"]) == {"v1", "v2"}
     assert int(user["features"][b"count:click:24h"]) > int(user["features"][b"count:click:1h"])
     assert user["features"][b"dwell_mean_ms"] != b""
-    # every per-user key expires, with the configured TTL
+    # every user's hash expires, with the configured TTL
     ttl_ms = job_settings.store_ttl_seconds * 1000
-    for key in (
-        keys.state_key(job_settings.system_id, "user-0"),
-        keys.recent_items_key(job_settings.system_id, "user-0"),
-        keys.features_key(job_settings.system_id, "user-0"),
-        keys.embedding_key(job_settings.system_id, "user-0", "v1"),
-    ):
+    for user_id in expected.users:
+        key = keys.user_key(job_settings.system_id, user_id)
         assert ttl_ms - 60_000 < store.pttl(key) <= ttl_ms, key
 
 
@@ -287,18 +283,18 @@ def test_a_new_model_version_on_disk_is_loaded_as_soon_as_events_name_it(
     with running_job(settings) as job:
         produce_events(pulsar_url, topic, [event(1, "a", "v1")])
         wait_until(
-            lambda: store.exists(keys.embedding_key(system, "a", "v1")), 30, "v1's embedding"
+            lambda: store.hexists(keys.user_key(system, "a"), "emb:v1"), 30, "v1's embedding"
         )
         write_item_embeddings(root / "v2", ["i1"], dim=3, seed=2)  # a rollout starts
         produce_events(pulsar_url, topic, [event(2, "b", "v2")])
         wait_until(
-            lambda: store.exists(keys.embedding_key(system, "b", "v2")), 30, "v2's embedding"
+            lambda: store.hexists(keys.user_key(system, "b"), "emb:v2"), 30, "v2's embedding"
         )
         assert (
             sample(job.metrics.registry, "recsys_feature_item_embeddings", {"model_version": "v2"})
             == 1
         )
-    assert len(store.get(keys.embedding_key(system, "b", "v2")) or b"") == 3 * 4
+    assert len(store.hget(keys.user_key(system, "b"), "emb:v2") or b"") == 3 * 4
 
 
 def test_an_idle_job_reopens_its_subscription_and_misses_nothing(
@@ -354,10 +350,9 @@ def test_events_within_the_lateness_apply_in_place_and_later_ones_are_dead_lette
     assert dead == {"late": 1, "past_ts": 1} and late_outcomes == 1
     by_code = {letter["code"]: json.loads(letter["payload"]) for letter in letters}
     assert by_code["late"]["event_id"] == "t3" and by_code["past_ts"]["event_id"] == "t4"
-    recent = [
-        i.decode()
-        for i in store.lrange(keys.recent_items_key(settings.system_id, "late-user"), 0, -1)
-    ]
+    recent = keys.decode_recent(
+        store.hget(keys.user_key(settings.system_id, "late-user"), "recent")
+    )
     assert recent == ["i1", "i2"]
 
 
@@ -399,7 +394,9 @@ def test_a_wiped_store_is_rebuilt_from_the_topic_equal_to_an_uninterrupted_run(
     uninterrupted = content(store, job_settings, expected)
 
     def wipe() -> None:
-        for key in store.scan_iter(match=f"recsys:v1:{job_settings.system_id}:*"):
+        for key in store.scan_iter(
+            match=f"recsys:{keys.LAYOUT_VERSION}:{job_settings.system_id}:*"
+        ):
             store.delete(key)
 
     wipe()

@@ -35,7 +35,16 @@ from stream_jobs.feature_store import FeatureStore, StoreLayout
 from stream_jobs.features import STORE_ERRORS, store_persistence
 from stream_jobs.item_embeddings import EmbeddingCatalog, ItemEmbeddings
 from stream_jobs.rebuild import store_is_empty
-from stream_jobs.user_features import FeatureParams, Outcome
+from stream_jobs.user_features import (
+    FeatureParams,
+    Outcome,
+    UserState,
+    decode_state,
+    encode_state,
+    popular_weight,
+    update_user,
+    view,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -122,15 +131,17 @@ def test_a_batch_spanning_many_slots_leaves_what_the_single_node_holds(
 ) -> None:
     events = stream(users=120, per_user=6, seed=11)
     users = {e.user_id for e in events}
-    slots = {key_slot(keys.state_key(system, u).encode()) for u in users}
-    nodes = {cluster.get_node_from_key(keys.state_key(system, u)).name for u in users}
+    slots = {key_slot(keys.user_key(system, u).encode()) for u in users}
+    nodes = {cluster.get_node_from_key(keys.user_key(system, u)).name for u in users}
     assert len(slots) > 100 and len(nodes) == 3  # the batches really cross slots and nodes
     for client in (cluster, store):
         writer = feature_store(client, system)
         for batch in batches(events, 250):
             writer.apply(batch, items)
     on_cluster = content(cluster, system, events)
-    assert on_cluster == content(store, system, events)  # exactly, popular scores included
+    on_single = content(store, system, events)
+    assert on_cluster.users == on_single.users  # exactly
+    assert on_cluster.same_as(on_single)  # popular: sums in another order (transactions)
     assert on_cluster.same_as(reference(system, events, embeddings_root))
     for node in cluster.get_primaries():  # every primary holds its share of the users
         assert cluster.dbsize(target_nodes=node) > 0
@@ -151,8 +162,11 @@ def test_a_replay_changes_nothing_on_the_cluster(
 
 
 def test_popular_is_exact_after_a_crash_between_the_popular_and_the_users_write(
-    any_store: Any, system: str, items: Mapping[str, ItemEmbeddings]
+    cluster: RedisCluster, system: str, items: Mapping[str, ItemEmbeddings]
 ) -> None:
+    """On a cluster popular is its own write, before the users' (on one primary it is in
+    the users' transaction: tests/stream/test_feature_store.py)."""
+    any_store = cluster
     events = stream(users=40, per_user=5, seed=5)
     batch = batches(events, len(events))[0]
     uninterrupted = f"{system}-ref"
@@ -169,7 +183,7 @@ def test_popular_is_exact_after_a_crash_between_the_popular_and_the_users_write(
         crashing.apply(batch, items)
     popular = keys.popular_items_key(system)
     assert any_store.zcard(popular) > 0  # popular was counted...
-    assert not any(any_store.exists(keys.state_key(system, u)) for u in batch)  # ...users not
+    assert not any(any_store.exists(keys.user_key(system, u)) for u in batch)  # ...users not
 
     crashing._write = write  # type: ignore[method-assign]
     crashing.apply(batch, items)  # the job retries the batch
@@ -182,8 +196,50 @@ def test_popular_is_exact_after_a_crash_between_the_popular_and_the_users_write(
     later = Event(event_id="late", user_id="user-0", item_id="i1", type="click", ts=BASE_TS * 2)
     crashing.apply({"user-0": [later]}, items)
     assert any_store.zrange(record, 0, -1) == [b"6:user-0:late"]
-    assert record.startswith(f"recsys:v1:{system}:")  # a wipe by prefix takes it along
+    assert record.startswith(
+        f"recsys:{keys.LAYOUT_VERSION}:{system}:"
+    )  # a wipe by prefix takes it along
     assert 0 < any_store.pttl(record) <= 24 * 3_600_000
+
+
+def test_a_v1_store_is_upgraded_with_nothing_lost(
+    any_store: Any, system: str, items: Mapping[str, ItemEmbeddings]
+) -> None:
+    """What a v1 job left (five keys a user, v1 popular and its record of counted events)
+    carries over: the state's idempotence and windows, the whole seen set, the
+    embeddings, popular's scores; an event a v1 job counted just before it stopped is
+    applied to its user but not counted again."""
+    ttl = 600_000
+    earlier = [_click("e1", "u", 1), _click("e2", "u", 2)]
+    v1 = update_user(UserState(), dict.fromkeys(items), earlier, PARAMS, items)
+    any_store.set(keys.v1_state_key(system, "u"), encode_state(v1.state), px=ttl)
+    any_store.sadd(keys.v1_seen_items_key(system, "u"), "i1", "old-item")
+    for version, vector in v1.embeddings.items():
+        any_store.set(keys.v1_embedding_key(system, "u", version), keys.encode_embedding(vector))
+    any_store.zadd(keys.popular_items_key(system, "v1"), {"i1": 5.0, "old-item": 3.0})
+    now_ms = any_store.time()[0] * 1000
+    counted = "1:w:ew"  # w's event, counted into v1 popular; w's write never committed
+    any_store.zadd(keys.popular_applied_key(system, "v1"), {counted: now_ms})
+    assert not store_is_empty(any_store, system)  # upgraded, not rebuilt from the topic
+
+    later = _click("e3", "u", 3)
+    written = feature_store(any_store, system).apply(
+        {"u": [earlier[1], later], "w": [_view("ew", "w")]}, items
+    )
+    assert written.updates["u"].outcomes == [Outcome.DUPLICATE, Outcome.APPLIED]
+    assert written.updates["w"].outcomes == [Outcome.APPLIED]
+    stored = store_content(any_store, system, ["u"], ["v1", "v2"]).users["u"]
+    assert stored["seen"] == {b"i1", b"old-item"}
+    assert view(decode_state(stored["state"]), PARAMS).events_applied == 3
+    uninterrupted = update_user(UserState(), dict.fromkeys(items), [*earlier, later], PARAMS, items)
+    assert stored["embeddings"] == {
+        v: keys.encode_embedding(vector) for v, vector in uninterrupted.embeddings.items()
+    }
+    popular = dict(any_store.zrange(keys.popular_items_key(system), 0, -1, withscores=True))
+    weight = popular_weight(later.ts, keys.POPULAR_EPOCH_MS, HALF_LIFE_MS)
+    assert popular.keys() == {b"i1", b"old-item"}  # w's view of i2 was counted by v1
+    assert popular[b"i1"] == pytest.approx(5.0 + weight) and popular[b"old-item"] == 3.0
+    assert 0 < any_store.pttl(keys.user_key(system, "u")) <= 600_000
 
 
 def test_a_concurrent_writer_makes_only_its_slot_group_retry(
@@ -191,7 +247,7 @@ def test_a_concurrent_writer_makes_only_its_slot_group_retry(
 ) -> None:
     first, other = feature_store(cluster, system), feature_store(cluster, system)
     users = [f"user-{n}" for n in range(12)]
-    assert len({key_slot(keys.state_key(system, u).encode()) for u in users}) == len(users)
+    assert len({key_slot(keys.user_key(system, u).encode()) for u in users}) == len(users)
     computed: list[list[str]] = []
     compute = first._compute
 
@@ -205,7 +261,7 @@ def test_a_concurrent_writer_makes_only_its_slot_group_retry(
     first.apply({u: [_click(f"e{n}", u, n)] for n, u in enumerate(users)}, items)
     assert computed == [users, ["user-3"]]  # the other eleven slots committed the first time
     for user in users:
-        events = int(cluster.hget(keys.features_key(system, user), "events") or 0)
+        events = int(_feature(cluster, keys.user_key(system, user), "events") or 0)
         assert events == (2 if user == "user-3" else 1), user
 
 
@@ -219,8 +275,8 @@ def test_a_stale_slot_map_is_followed_to_the_node_that_owns_the_slot(
     )
     try:
         users = [f"user-{n}" for n in range(6)]
-        slot = key_slot(keys.state_key(system, "user-0").encode())
-        owner = client.get_node_from_key(keys.state_key(system, "user-0"))
+        slot = key_slot(keys.user_key(system, "user-0").encode())
+        owner = client.get_node_from_key(keys.user_key(system, "user-0"))
         wrong = next(n for n in client.get_primaries() if n.name != owner.name)
         client.nodes_manager.slots_cache[slot] = [wrong]
         written = feature_store(client, system).apply(
@@ -228,8 +284,8 @@ def test_a_stale_slot_map_is_followed_to_the_node_that_owns_the_slot(
         )
         assert set(written.updates) == set(users)
         for user in users:
-            assert client.hget(keys.features_key(system, user), "events") == b"1", user
-        assert client.get_node_from_key(keys.state_key(system, "user-0")).name == owner.name
+            assert _feature(client, keys.user_key(system, user), "events") == b"1", user
+        assert client.get_node_from_key(keys.user_key(system, "user-0")).name == owner.name
     finally:
         client.close()
 
@@ -248,9 +304,7 @@ def test_a_primary_that_dies_fails_the_batch_for_a_retry_that_succeeds_once_it_i
         users = [f"user-{n}" for n in range(20)]
         writer.apply({u: [_click("e1", u, 1)] for u in users}, items)
         victim = f"127.0.0.1:{nodes.nodes[1].port}"
-        assert any(
-            client.get_node_from_key(keys.state_key(system, u)).name == victim for u in users
-        )
+        assert any(client.get_node_from_key(keys.user_key(system, u)).name == victim for u in users)
         nodes.nodes[1].kill()
         second = {u: [_click("e2", u, 2)] for u in users}
         with pytest.raises(STORE_ERRORS):  # the job backs off and retries the batch
@@ -259,7 +313,7 @@ def test_a_primary_that_dies_fails_the_batch_for_a_retry_that_succeeds_once_it_i
         nodes.join()
         writer.apply(second, items)
         for user in users:  # the killed node's users kept their first event, and got the second
-            assert client.hget(keys.features_key(system, user), "events") == b"2", user
+            assert _feature(client, keys.user_key(system, user), "events") == b"2", user
     finally:
         client.close()
         nodes.stop()
@@ -272,8 +326,8 @@ def test_the_scripts_are_loaded_again_after_the_cluster_forgot_them(
     writer.apply({"a": [_click("e1", "a", 1)]}, items)
     cluster.script_flush()  # every primary
     writer.apply({u: [_click("e2", u, 2)] for u in ("a", "b", "c", "d")}, items)
-    assert cluster.hget(keys.features_key(system, "a"), "events") == b"2"
-    assert cluster.hget(keys.features_key(system, "d"), "events") == b"1"
+    assert _feature(cluster, keys.user_key(system, "a"), "events") == b"2"
+    assert _feature(cluster, keys.user_key(system, "d"), "events") == b"1"
 
 
 def test_the_job_checks_of_an_empty_store_and_persistence_work_on_the_cluster(
@@ -316,3 +370,9 @@ def _click(event_id: str, user: str, n: int) -> Event:
 
 def _view(event_id: str, user: str) -> Event:
     return Event(event_id=event_id, user_id=user, item_id="i2", type="view", ts=BASE_TS)
+
+
+def _feature(client: Any, key: str, name: str) -> bytes | None:
+    """One feature of a user's hash, as bytes (None: no such feature)."""
+    value = keys.decode_features(client.hget(key, "features")).get(name)
+    return None if value is None else value.encode()
