@@ -40,6 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
+from operator import add
 from typing import Any
 
 import msgpack
@@ -404,37 +405,57 @@ def reader_field_values(state: UserState, params: FeatureParams) -> tuple[list[s
     else:
         gap_ms = params.session_gap_ms
         items = list(state.recent)
+        per_type = [0] * _TYPES
         for ts, event_id, event_type, item_id, dwell_ms in pending:  # as `_fold_parts`
             if last_ts is None or session_id is None or ts - last_ts > gap_ms:
                 session_id, start, session_events = event_id, ts, 1
             else:
-                start = ts if start is None else min(start, ts)
+                if start is None or ts < start:
+                    start = ts
                 session_events += 1
-            gap = None if last_ts is None else ts - last_ts
-            last_ts = ts if last_ts is None else max(last_ts, ts)
+            if last_ts is None:
+                gap = None
+                last_ts = ts
+            else:
+                gap = ts - last_ts
+                if ts > last_ts:
+                    last_ts = ts
             if dwell_ms is not None:
                 dwell_total += dwell_ms
                 dwell_events += 1
             if event_type != _IMPRESSION:
                 items.append((ts, item_id))
-            column = TYPE_INDEX[event_type]
-            for width, oldest, totals in windows:
+            per_type[TYPE_INDEX[event_type]] += 1
+        first = pending[0][0]  # the oldest: pending is sorted
+        for width, oldest, totals in windows:
+            if first // width >= oldest:  # the common case: every pending event in the window
+                totals[:] = map(add, totals, per_type)
+                continue
+            for ts, _, event_type, _, _ in pending:
                 if ts // width >= oldest:
-                    totals[column] += 1
+                    totals[TYPE_INDEX[event_type]] += 1
         items.sort(reverse=True)
         recent = [item_id for _, item_id in items[: params.last_n]]
-    values = [str(n) for _, _, totals in windows for n in totals]
+    # Counts are small: their texts come from a table (str() of an int cost four times more).
+    values = [
+        _TEXTS[n] if 0 <= n < _TEXTS_COUNT else str(n) for _, _, totals in windows for n in totals
+    ]
+    applied = state.events_applied + len(pending)
     values += (
         "" if last_ts is None else str(last_ts),
         "" if gap is None else str(gap),
         f"{dwell_total / dwell_events:.1f}" if dwell_events else "",
-        str(dwell_events),
+        _TEXTS[dwell_events] if 0 <= dwell_events < _TEXTS_COUNT else str(dwell_events),
         session_id or "",
         "" if start is None else str(start),
-        str(session_events),
-        str(state.events_applied + len(pending)),
+        _TEXTS[session_events] if 0 <= session_events < _TEXTS_COUNT else str(session_events),
+        _TEXTS[applied] if 0 <= applied < _TEXTS_COUNT else str(applied),
     )  # in SCALAR_FIELDS order
     return values, recent
+
+
+_TEXTS_COUNT = 1024
+_TEXTS = tuple(str(n) for n in range(_TEXTS_COUNT))
 
 
 SCALAR_FIELDS = (
