@@ -40,7 +40,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
-from operator import add
 from typing import Any
 
 import msgpack
@@ -429,7 +428,7 @@ def reader_field_values(state: UserState, params: FeatureParams) -> tuple[list[s
         first = pending[0][0]  # the oldest: pending is sorted
         for width, oldest, totals in windows:
             if first // width >= oldest:  # the common case: every pending event in the window
-                totals[:] = map(add, totals, per_type)
+                totals[:] = [n + m for n, m in zip(totals, per_type, strict=True)]
                 continue
             for ts, _, event_type, _, _ in pending:
                 if ts // width >= oldest:
