@@ -386,26 +386,12 @@ def reader_field_values(state: UserState, params: FeatureParams) -> tuple[list[s
     )
     dwell_total, dwell_events = state.dwell_total_ms, state.dwell_events
     pending = state.pending
-    newest = last_ts
-    if pending and (newest is None or pending[-1][0] > newest):
-        newest = pending[-1][0]  # pending is sorted: its last is its newest
-    counts = state.counts
-    span = params.buckets_per_window
-    windows = []  # per window: bucket width, oldest bucket in it, totals per type
-    for window, width in params.window_buckets:
-        if newest is None:  # no event yet
-            windows.append((width, 0, [0] * _TYPES))
-            continue
-        oldest = newest // width - span + 1
-        rows = [c for b, c in counts.get(window, _NO_BUCKETS).items() if b >= oldest]
-        totals = [sum(column) for column in zip(*rows, strict=True)] if rows else [0] * _TYPES
-        windows.append((width, oldest, totals))
+    per_type = [0] * _TYPES  # the pending events per type
     if not pending:
         recent = [item_id for _, item_id in state.recent]
     else:
         gap_ms = params.session_gap_ms
         items = list(state.recent)
-        per_type = [0] * _TYPES
         for ts, event_id, event_type, item_id, dwell_ms in pending:  # as `_fold_parts`
             if last_ts is None or session_id is None or ts - last_ts > gap_ms:
                 session_id, start, session_events = event_id, ts, 1
@@ -426,20 +412,33 @@ def reader_field_values(state: UserState, params: FeatureParams) -> tuple[list[s
             if event_type != _IMPRESSION:
                 items.append((ts, item_id))
             per_type[TYPE_INDEX[event_type]] += 1
-        first = pending[0][0]  # the oldest: pending is sorted
-        for width, oldest, totals in windows:
-            if first // width >= oldest:  # the common case: every pending event in the window
-                totals[:] = [n + m for n, m in zip(totals, per_type, strict=True)]
-                continue
-            for ts, _, event_type, _, _ in pending:
-                if ts // width >= oldest:
-                    totals[TYPE_INDEX[event_type]] += 1
         items.sort(reverse=True)
         recent = [item_id for _, item_id in items[: params.last_n]]
     # Counts are small: their texts come from a table (str() of an int cost four times more).
-    values = [
-        _TEXTS[n] if 0 <= n < _TEXTS_COUNT else str(n) for _, _, totals in windows for n in totals
-    ]
+    values: list[str] = []
+    span = params.buckets_per_window
+    for window, width in params.window_buckets:
+        if last_ts is None:  # no event yet
+            values += _ZERO_TEXTS
+            continue
+        oldest = last_ts // width - span + 1  # the window ends at the newest event's bucket
+        buckets = state.counts.get(window)
+        rows = [c for b, c in buckets.items() if b >= oldest] if buckets else None
+        if rows:
+            totals = [sum(column) for column in zip(*rows, strict=True)]
+            if pending:
+                totals = [
+                    n + m
+                    for n, m in zip(
+                        totals, _in_window(pending, width, oldest, per_type), strict=True
+                    )
+                ]
+        elif pending:
+            totals = _in_window(pending, width, oldest, per_type)
+        else:
+            values += _ZERO_TEXTS
+            continue
+        values += [_TEXTS[n] if 0 <= n < _TEXTS_COUNT else str(n) for n in totals]
     applied = state.events_applied + len(pending)
     values += (
         "" if last_ts is None else str(last_ts),
@@ -452,6 +451,20 @@ def reader_field_values(state: UserState, params: FeatureParams) -> tuple[list[s
         _TEXTS[applied] if 0 <= applied < _TEXTS_COUNT else str(applied),
     )  # in SCALAR_FIELDS order
     return values, recent
+
+
+def _in_window(
+    pending: Sequence[PendingEvent], width: int, oldest: int, per_type: list[int]
+) -> list[int]:
+    """The pending events per type in the window whose oldest bucket is `oldest`: all of
+    them (`per_type`) when the oldest is in it, as it nearly always is."""
+    if pending[0][0] // width >= oldest:  # pending is sorted: its first is its oldest
+        return per_type
+    counted = [0] * _TYPES
+    for ts, _, event_type, _, _ in pending:
+        if ts // width >= oldest:
+            counted[TYPE_INDEX[event_type]] += 1
+    return counted
 
 
 _TEXTS_COUNT = 1024
