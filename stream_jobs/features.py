@@ -43,7 +43,7 @@ from stream_jobs.feature_store import (
     TooManyConflicts,
 )
 from stream_jobs.item_embeddings import EmbeddingCatalog, EmbeddingsError
-from stream_jobs.metrics import FeatureJobMetrics
+from stream_jobs.metrics import FeatureJobMetrics, observe_all
 from stream_jobs.rebuild import rebuild, store_is_empty
 from stream_jobs.subscription import subscribe_batches
 from stream_jobs.until_signalled import run_until_signalled
@@ -361,9 +361,7 @@ class FeatureJob:
                 for event, outcome in zip(events, outcomes, strict=True)
                 if outcome is applied
             ]
-        observe = self.metrics.freshness.observe
-        for age_ms in ages_ms:
-            observe(max(0.0, age_ms / 1000))
+        observe_all(self.metrics.freshness, [max(0.0, age_ms / 1000) for age_ms in ages_ms])
         for (event_type, result), n in Counter(pairs).items():
             self.metrics.events.labels(type=event_type.value, outcome=result.value).inc(n)
         for version, n in unknown.items():
