@@ -720,8 +720,15 @@ _PACKER = msgpack.Packer()
 def encode_state(state: UserState) -> bytes:
     """The compact binary form of `state` (the job's private `state` key)."""
     attributes = state.__dict__
+    # A state's attributes are in field order (made by __init__, `_with` or decode_state),
+    # so they are taken as they are; in any other order, field by field.
+    values = (
+        list(attributes.values())
+        if tuple(attributes) == _STATE_FIELDS
+        else [attributes[name] for name in _STATE_FIELDS]
+    )
     try:
-        packed = _PACKER.pack([attributes[name] for name in _STATE_FIELDS])
+        packed = _PACKER.pack(values)
     except (OverflowError, ValueError, TypeError):
         _PACKER.reset()
         return encode_state_json(state)  # a number beyond 64 bits, or text with a lone surrogate
