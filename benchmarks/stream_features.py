@@ -88,7 +88,7 @@ WIRE_FORMAT = WireFormat.AVRO
 """How the events are encoded (`--wire`): Avro, as producers send them by default."""
 
 
-def payload(event: Event) -> bytes:
+def encoded(event: Event) -> bytes:
     return encode_event(event, WIRE_FORMAT)
 
 
@@ -97,7 +97,7 @@ def prefill(url: str, topic: str, count: int, seed: int) -> None:
     rng = random.Random(seed)
     start = now_ms() - count
     events = [random_event(rng, start + n) for n in range(count)]
-    payloads = [(payload(event), event.user_id) for event in events]
+    payloads = [(encoded(event), event.user_id) for event in events]
     c = client(url)
     producer = c.create_producer(
         topic, batching_enabled=True, batching_max_publish_delay_ms=5, block_if_queue_full=True
@@ -261,7 +261,7 @@ def freshness(
         due = int(elapsed * rate)
         while sent < due:
             event = random_event(rng, now_ms())
-            producer.send_async(payload(event), None, partition_key=event.user_id)
+            producer.send_async(encoded(event), None, partition_key=event.user_id)
             sent += 1
         producer.flush()
         time.sleep(max(0.0, started + (int(elapsed / tick) + 1) * tick - time.perf_counter()))
@@ -360,7 +360,7 @@ def batch_path(store: str, embeddings: Path, count: int) -> tuple[float, float]:
     gc.set_threshold(GC_ALLOCATIONS, 20, 20)  # as in a job process (`stream_jobs.features.main`)
     rng = random.Random(5)
     start = now_ms() - count
-    messages = [_Message(payload(random_event(rng, start + n))) for n in range(count)]
+    messages = [_Message(encoded(random_event(rng, start + n))) for n in range(count)]
     batches = [messages[i : i + BATCH] for i in range(0, count, BATCH)]
     warm, timed = batches[: max(1, len(batches) // 5)], batches[max(1, len(batches) // 5) :]
     stop, consumer = threading.Event(), _NoAcks()
