@@ -130,7 +130,7 @@ Counts = Mapping[str, Mapping[int, tuple[int, ...]]]
 
 @dataclass(frozen=True)
 class UserState:
-    """Everything the job remembers about one user (stored as JSON under `state`).
+    """Everything the job remembers about one user (stored under `state`: `encode_state`).
 
     The fields up to `events_applied` are the *settled* part: the fold of the events
     before the watermark. `pending` holds the rest; `view` folds them on.
