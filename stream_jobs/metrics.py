@@ -112,12 +112,12 @@ class FeatureJobMetrics:
 def observe_all(histogram: Histogram, amounts: Sequence[float]) -> None:
     """`histogram.observe(amount)` for each of `amounts` (an unlabelled histogram, no
     exemplars), with one increment per bucket they fall in instead of a lock and a
-    search of the bounds per amount: the freshness of a batch's events cost 2-3 us an
-    event observed one by one (benchmarks/README.md, stream_features.py). The counts
-    are the same; the sum may differ in its last bits (added once, not one by one).
+    search of the bounds per amount (0.15 us a value against 1.2-1.3 for `observe`, on
+    the freshness buckets). The counts are the same; the sum may differ in its last bits
+    (added once, not one by one).
 
-    It uses prometheus_client's histogram internals (`_upper_bounds`, `_buckets`,
-    `_sum`, the same since 0.4); without them it observes one by one."""
+    It uses prometheus_client's histogram internals (`_upper_bounds`, `_buckets`, `_sum`);
+    without them it observes one by one."""
     bounds = getattr(histogram, "_upper_bounds", None)
     buckets = getattr(histogram, "_buckets", None)
     total = getattr(histogram, "_sum", None)
