@@ -39,7 +39,8 @@ old ones for as long as topics may hold them (their retention).
 
 `encode_event` and `encode_impression` write version 1 with a hand-written encoder
 for this one schema (a tenth of `fastavro.schemaless_writer`'s cost per event; the
-tests check the bytes are the same); readers use fastavro.
+tests check the bytes are the same); readers read version 1 with its hand-written
+mirror and leave anything else (other versions, a payload it cannot read) to fastavro.
 """
 
 from __future__ import annotations
@@ -412,8 +413,8 @@ def _avro_record(payload: bytes) -> dict[str, Any]:
 
 
 # --- the version-1 reader ------------------------------------------------------
-# The mirror of the writer above, for the consumers' hot path (a fifth of
-# fastavro.schemaless_reader's cost per event here). It reads what a valid version-1
+# The mirror of the writer above, for the consumers' hot path (3.3 us an event against
+# fastavro.schemaless_reader's 5.5 on a dev-2c core). It reads what a valid version-1
 # payload holds, in the dict fastavro makes of it (the tests check both agree); on
 # anything else (a truncated or malformed body, bytes left over, a varint beyond 63
 # bits, an array in blocks with byte sizes, text that is not UTF-8) it gives up and
