@@ -26,6 +26,7 @@ broker:
    messages, no broker): job and Redis CPU per event, the steadiest figure on a
    shared machine.
 
+Events are Avro (`--wire avro`, what producers send by default) or JSON (`--wire json`).
 The job-to-floor and two-to-one ratios are the figures to compare across machines;
 the load average is printed at the start and the end.
 """
@@ -50,6 +51,7 @@ import numpy as np
 import pulsar
 import redis
 
+from recsys_contracts.event_wire import WireFormat, encode_event
 from recsys_contracts.events import Event, EventType, now_ms
 from recsys_contracts.feature_job_settings import FeatureJobSettings, env_name
 from recsys_operator.launchers.process import ManagedProcess, free_port
@@ -82,12 +84,20 @@ def random_event(rng: random.Random, ts: int) -> Event:
     )
 
 
+WIRE_FORMAT = WireFormat.AVRO
+"""How the events are encoded (`--wire`): Avro, as producers send them by default."""
+
+
+def encoded(event: Event) -> bytes:
+    return encode_event(event, WIRE_FORMAT)
+
+
 def prefill(url: str, topic: str, count: int, seed: int) -> None:
     """Send `count` random events (made before the first send, so the sending is fast)."""
     rng = random.Random(seed)
     start = now_ms() - count
     events = [random_event(rng, start + n) for n in range(count)]
-    payloads = [(event.to_json(), event.user_id) for event in events]
+    payloads = [(encoded(event), event.user_id) for event in events]
     c = client(url)
     producer = c.create_producer(
         topic, batching_enabled=True, batching_max_publish_delay_ms=5, block_if_queue_full=True
@@ -251,7 +261,7 @@ def freshness(
         due = int(elapsed * rate)
         while sent < due:
             event = random_event(rng, now_ms())
-            producer.send_async(event.to_json(), None, partition_key=event.user_id)
+            producer.send_async(encoded(event), None, partition_key=event.user_id)
             sent += 1
         producer.flush()
         time.sleep(max(0.0, started + (int(elapsed / tick) + 1) * tick - time.perf_counter()))
@@ -350,7 +360,7 @@ def batch_path(store: str, embeddings: Path, count: int) -> tuple[float, float]:
     gc.set_threshold(GC_ALLOCATIONS, 20, 20)  # as in a job process (`stream_jobs.features.main`)
     rng = random.Random(5)
     start = now_ms() - count
-    messages = [_Message(random_event(rng, start + n).to_json()) for n in range(count)]
+    messages = [_Message(encoded(random_event(rng, start + n))) for n in range(count)]
     batches = [messages[i : i + BATCH] for i in range(0, count, BATCH)]
     warm, timed = batches[: max(1, len(batches) // 5)], batches[max(1, len(batches) // 5) :]
     stop, consumer = threading.Event(), _NoAcks()
@@ -384,11 +394,19 @@ def main() -> None:
     parser.add_argument(
         "--cluster", action="store_true", help="also the job against a 3-primary Redis Cluster"
     )
+    parser.add_argument(
+        "--wire",
+        choices=[f.value for f in WireFormat],
+        default=WireFormat.AVRO.value,
+        help="the events' wire format (default avro, what producers send)",
+    )
     args = parser.parse_args()
+    global WIRE_FORMAT
+    WIRE_FORMAT = WireFormat(args.wire)
     if args.quick:
         args.events, args.rate, args.seconds = 2_000, 500, 2.0
     scale_events = args.scale_events or args.events
-    print(f"start: {load()}", flush=True)
+    print(f"start: {load()}; events in {WIRE_FORMAT.value}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
         root = Path(tmp)

@@ -43,7 +43,7 @@ from stream_jobs.feature_store import (
     TooManyConflicts,
 )
 from stream_jobs.item_embeddings import EmbeddingCatalog, EmbeddingsError
-from stream_jobs.metrics import FeatureJobMetrics
+from stream_jobs.metrics import FeatureJobMetrics, observe_all
 from stream_jobs.rebuild import rebuild, store_is_empty
 from stream_jobs.subscription import subscribe_batches
 from stream_jobs.until_signalled import run_until_signalled
@@ -285,13 +285,8 @@ class FeatureJob:
     @staticmethod
     def _outcomes(valid: list[tuple[Any, Event]], written: BatchWrite) -> list[tuple[Any, Outcome]]:
         """Each valid message with what its event did (per user, in arrival order)."""
-        position: Counter[str] = Counter()
-        result = []
-        for message, event in valid:
-            update = written.updates[event.user_id]
-            result.append((message, update.outcomes[position[event.user_id]]))
-            position[event.user_id] += 1
-        return result
+        outcomes = {user: iter(update.outcomes) for user, update in written.updates.items()}
+        return [(message, next(outcomes[event.user_id])) for message, event in valid]
 
     def _parse(self, messages: Sequence[Any]) -> tuple[list[tuple[Any, Event]], list[DeadLetter]]:
         valid, invalid = [], []
@@ -351,19 +346,23 @@ class FeatureJob:
         return time.monotonic() - self._stop_since >= self._drain_s
 
     def _record(self, written: BatchWrite) -> None:
-        counts: Counter[tuple[EventType, Outcome]] = Counter()
+        pairs: list[tuple[EventType, Outcome]] = []
+        ages_ms: list[float] = []
         unknown: Counter[str] = Counter()
-        observe = self.metrics.freshness.observe
         written_at_ms = written.written_at_ms
         applied = Outcome.APPLIED
         for user, update in written.updates.items():
             if update.unknown_items:
                 unknown.update(update.unknown_items)
-            for event, outcome in zip(written.events[user], update.outcomes, strict=True):
-                counts[(event.type, outcome)] += 1
-                if outcome is applied:
-                    observe(max(0.0, (written_at_ms - event.ts) / 1000))
-        for (event_type, result), n in counts.items():
+            events, outcomes = written.events[user], update.outcomes
+            pairs += zip([event.type for event in events], outcomes, strict=True)
+            ages_ms += [
+                written_at_ms - event.ts
+                for event, outcome in zip(events, outcomes, strict=True)
+                if outcome is applied
+            ]
+        observe_all(self.metrics.freshness, [max(0.0, age_ms / 1000) for age_ms in ages_ms])
+        for (event_type, result), n in Counter(pairs).items():
             self.metrics.events.labels(type=event_type.value, outcome=result.value).inc(n)
         for version, n in unknown.items():
             self.metrics.unknown_items.labels(model_version=version).inc(n)

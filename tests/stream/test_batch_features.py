@@ -20,7 +20,9 @@ from stream_jobs.item_embeddings import ItemEmbeddings
 from stream_jobs.user_features import (
     BINARY_MAGIC,
     EVENT_TYPE_NAMES,
+    SCALAR_FIELDS,
     FeatureParams,
+    Outcome,
     UserState,
     decode_state,
     encode_state,
@@ -36,6 +38,9 @@ from stream_jobs.user_features import (
 T0 = 1_767_225_600_000
 MIN = 60_000
 PARAMS = FeatureParams(last_n=4, allowed_lateness_ms=30 * MIN)
+SHORT_WINDOW = FeatureParams(
+    last_n=4, allowed_lateness_ms=30 * MIN, windows=(("10m", 10 * MIN), ("1h", 60 * MIN))
+)
 
 
 def event(n: int, user: str, ts: int, kind: str, item: str) -> Event:
@@ -84,14 +89,60 @@ def test_a_json_state_written_before_the_binary_codec_still_loads() -> None:
     assert decode_state(encode_state(state), FeatureParams()) == state
 
 
+def test_a_format_3_state_written_before_the_msgpack_codec_still_loads() -> None:
+    # Verbatim what the format-3 codec (8c8341d) stored for seven events of one user.
+    stored = bytes.fromhex(
+        "00033a000000a010e1769b010000a0680600000000000000000000000000000000000000000000a8da769b01"
+        "000002000000000000000200000000000000c01b01779b010000010000000000000002000000000000000200"
+        "000000000000070000000000000005000000000000000500000000000000a010e1769b01000000a8da769b01"
+        "00000200000000000000c06dc101000000000100000000000000000000000000000000000000000000000000"
+        "0000000000000000000000000000c76dc1010000000000000000000000000100000000000000000000000000"
+        "0000000000000000000000000000000000000100000000000000e8b912000000000001000000000000000100"
+        "00000000000000000000000000000000000000000000000000000000000000a8da769b010000a010e1769b01"
+        "00004079e7769b010000e0e1ed769b010000804af4769b01000020b3fa769b010000c01b01779b0100004079"
+        "e7769b0100000300000000000000f401000000000000e0e1ed769b0100000400000000000000000000000000"
+        "0080804af4769b0100000200000000000000000000000000008020b3fa769b01000000000000000000000000"
+        "000000000080c01b01779b0100000100000000000000000000000000008065301f69311f69301f31681f3234"
+        "681f65301f65311f65321f65331f65341f65351f65361f65321f69321f65331f69301f65341f69311f65351f"
+        "69321f65361f6930"
+    )
+    state = decode_state(stored, PARAMS)
+    assert state.recent == ((T0 + 7 * MIN, "i1"), (T0, "i0"))
+    assert state.counts == {
+        "1h": {29453760: (1, 0, 0, 0, 0), 29453767: (0, 1, 0, 0, 0)},
+        "24h": {1227240: (1, 1, 0, 0, 0)},
+    }
+    assert state.session_id == "e0" and state.events_applied == 2
+    assert list(state.seen) == [f"e{n}" for n in range(7)]
+    assert state.pending[0] == (T0 + 14 * MIN, "e2", "dwell", "i2", 500)
+    assert state.pending[1] == (T0 + 21 * MIN, "e3", "impression", "i0", None)
+    assert state.clock_ts == T0 + 42 * MIN
+    # Written back, it takes the current binary form and reads as the same state.
+    assert encode_state(state).startswith(BINARY_MAGIC)
+    assert decode_state(encode_state(state), PARAMS) == state
+
+
 def test_a_state_the_binary_form_cannot_hold_is_written_as_json_and_reads_back() -> None:
-    for odd in (
-        UserState(last_ts=T0, clock_ts=T0, seen={"id\x1fwith a separator": T0}),
-        UserState(last_ts=T0, clock_ts=T0, dwell_total_ms=2**70, dwell_events=1),  # > int64
-    ):
-        data = encode_state(odd)
-        assert data.startswith(b"{")
-        assert decode_state(data) == odd
+    odd = UserState(last_ts=T0, clock_ts=T0, dwell_total_ms=2**70, dwell_events=1)  # > 64 bits
+    data = encode_state(odd)
+    assert data.startswith(b"{")
+    assert decode_state(data) == odd
+    # Any text is fine in the binary form (format 3 could not hold its separator).
+    separator = UserState(last_ts=T0, clock_ts=T0, seen={"id\x1fwith a separator": T0})
+    assert encode_state(separator).startswith(BINARY_MAGIC)
+    assert decode_state(encode_state(separator)) == separator
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32 - 1))
+def test_any_state_reads_back_as_written_down_to_its_order_and_bytes(seed: int) -> None:
+    rng = random.Random(seed)
+    state, _ = fold_events(UserState(), random_events(rng, "u", rng.randrange(80)), PARAMS)
+    data = encode_state(state)
+    back = decode_state(data, PARAMS)
+    assert back == state
+    assert list(back.seen.items()) == list(state.seen.items())  # the eviction order too
+    assert encode_state(back) == data
 
 
 def test_the_binary_state_is_smaller_than_the_json_one() -> None:
@@ -143,16 +194,53 @@ def test_the_batch_update_gives_each_user_the_bits_of_the_one_user_update(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(0, 2**32 - 1))
-def test_the_readers_fields_equal_those_of_the_folded_view(seed: int) -> None:
+@given(st.integers(0, 2**32 - 1), st.integers(1, 120), st.sampled_from([4, 64]))
+def test_the_batch_rules_give_each_user_the_state_and_outcomes_of_apply_event(
+    seed: int, count: int, capacity: int
+) -> None:
+    # The reference: `apply_event` one event at a time, a new state each. Streams long
+    # enough to settle events, evict seen ids (capacity 4) and redeliver some.
+    params = FeatureParams(last_n=4, allowed_lateness_ms=30 * MIN, dedup_capacity=capacity)
     rng = random.Random(seed)
-    state, _ = fold_events(UserState(), random_events(rng, "u", rng.randrange(30)), PARAMS)
-    fields, recent = reader_values(state, PARAMS)
-    seen = view(state, PARAMS)
+    earlier, _ = fold_events(UserState(), random_events(rng, "u", rng.randrange(20)), params)
+    events = random_events(rng, "u", count)
+    events += rng.sample(events, k=min(10, len(events)))
+    expected, outcomes = fold_events(earlier, events, params)
+    [update] = update_users([earlier], {}, [events], params, {})
+    assert update.outcomes == outcomes
+    assert update.state == expected
+    assert list(update.state.seen.items()) == list(expected.seen.items())
+    assert encode_state(update.state) == encode_state(expected)
+    assert update.touched_items == [
+        (e.item_id, e.ts)
+        for e, outcome in zip(events, outcomes, strict=True)
+        if outcome is Outcome.APPLIED and e.is_interaction
+    ]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# A 10-minute window, shorter than the lateness: pending events fall out of it too.
+@given(st.integers(0, 2**32 - 1), st.sampled_from([PARAMS, SHORT_WINDOW]))
+def test_the_readers_fields_equal_those_of_the_folded_view(
+    seed: int, params: FeatureParams
+) -> None:
+    rng = random.Random(seed)
+    state, _ = fold_events(UserState(), random_events(rng, "u", rng.randrange(30)), params)
+    fields, recent = reader_values(state, params)
+    seen = view(state, params)
     assert recent == [item for _, item in seen.recent]
-    for (window, _), totals in zip(PARAMS.windows, window_totals(state, PARAMS), strict=True):
+    for (window, _), totals in zip(params.windows, window_totals(state, params), strict=True):
         for event_type, n in zip(EVENT_TYPE_NAMES, totals, strict=True):
             assert fields[f"count:{event_type}:{window}"] == str(n)
-    assert fields["last_ts"] == ("" if seen.last_ts is None else str(seen.last_ts))
-    assert fields["session_events"] == str(seen.session_events)
-    assert fields["events"] == str(seen.events_applied)
+    dwell = f"{seen.dwell_total_ms / seen.dwell_events:.1f}" if seen.dwell_events else ""
+    assert {name: fields[name] for name in SCALAR_FIELDS} == {
+        "last_ts": "" if seen.last_ts is None else str(seen.last_ts),
+        "previous_gap_ms": "" if seen.previous_gap_ms is None else str(seen.previous_gap_ms),
+        "dwell_mean_ms": dwell,
+        "dwell_events": str(seen.dwell_events),
+        "session_id": seen.session_id or "",
+        "session_start_ts": "" if seen.session_start_ts is None else str(seen.session_start_ts),
+        "session_events": str(seen.session_events),
+        "events": str(seen.events_applied),
+    }
+    assert list(fields) == list(params.field_names)

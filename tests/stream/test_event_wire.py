@@ -6,11 +6,15 @@ from __future__ import annotations
 import io
 import itertools
 from typing import Any
+from unittest.mock import patch
 
 import fastavro
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from recsys_contracts import event_wire
 from recsys_contracts.event_wire import (
     BATCH_SCHEMA_VERSION,
     EVENT_SCHEMA_V1,
@@ -19,6 +23,7 @@ from recsys_contracts.event_wire import (
     SCHEMA_VERSION,
     SCHEMAS,
     WireFormat,
+    _read_v1_payload,
     decode_event,
     decode_events,
     decode_record,
@@ -286,3 +291,64 @@ def test_only_avro_events_can_be_batched() -> None:
         encode_batch([impression(), encode_event(events()[0], WireFormat.JSON)])
     with pytest.raises(ValueError, match="at least one"):
         encode_batch([])
+
+
+# --- the hand-written version-1 reader ---------------------------------------------
+
+texts = st.text(max_size=90)  # past 63 bytes, a string's length takes two bytes
+
+
+def records(longs: st.SearchStrategy[int]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries(
+        {
+            "event_id": texts,
+            "user_id": texts,
+            "item_id": texts,
+            "type": st.sampled_from([t.value for t in EventType]),
+            "ts": longs,
+            "dwell_ms": st.none() | longs,
+            "request_id": st.none() | texts,
+            "model_version": st.none() | texts,
+            "item_ids": st.none() | st.lists(texts, max_size=70),
+        }
+    )
+
+
+# The reader reads longs of up to 9 bytes (fastavro the 10th, whatever it holds).
+READ_LONGS = st.integers(-(2**62), 2**62 - 1)
+INT64S = st.integers(-(2**63), 2**63 - 1)
+
+
+def outcome_of(payload: bytes) -> tuple[str, Any]:
+    """What `decode_record` makes of `payload`: its record or its refusal."""
+    try:
+        return "record", decode_record(payload)
+    except InvalidEvent as problem:
+        return problem.code, problem.reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(records(READ_LONGS))
+def test_the_reader_reads_the_record_fastavro_reads(record: dict[str, Any]) -> None:
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, SCHEMAS[SCHEMA_VERSION], record)
+    payload = MAGIC + bytes((SCHEMA_VERSION,)) + out.getvalue()
+    body = io.BytesIO(payload[HEADER_SIZE:])
+    assert _read_v1_payload(payload) == fastavro.schemaless_reader(body, SCHEMAS[1], None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(records(INT64S), st.binary(max_size=12), st.integers(0, 200))
+def test_a_payload_reads_as_through_fastavro_alone_whatever_its_bytes(
+    record: dict[str, Any], junk: bytes, cut: int
+) -> None:
+    # Valid payloads, truncated ones and ones with junk spliced in: the same record or the
+    # same refusal (code and reason) as when fastavro reads every payload.
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, SCHEMAS[SCHEMA_VERSION], record)
+    body = out.getvalue()
+    for payload in (body, body[:cut], body[:cut] + junk + body[cut:], body[:cut] + junk):
+        payload = MAGIC + bytes((SCHEMA_VERSION,)) + payload
+        with patch.object(event_wire, "_read_v1_payload", return_value=None):
+            expected = outcome_of(payload)
+        assert outcome_of(payload) == expected
