@@ -1,12 +1,16 @@
 """The gateway's HTTP/1.1 server (`gateway.http_server`) over real sockets on 127.0.0.1:
 keep-alive, pipelining, chunked bodies, the body limit and timeout, broken requests,
-many clients at once, and a shutdown that lets the request in progress finish.
+many clients at once, a shutdown that lets the request in progress finish, and the
+clients that must not hold the server: a head that never ends, a client that never
+reads, an answer sent before an expected body, a handler whose answer cannot be written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -14,6 +18,7 @@ import pytest
 from gateway.http_server import BodyTooLarge, HttpServer, Request, Response
 
 MAX_BODY = 1000
+BIG_ANSWER = 4 * 1024 * 1024  # more than loopback's socket buffers hold
 
 
 class Answer:
@@ -83,6 +88,15 @@ class App:
     async def health(self, request: Request) -> Response:
         return Response(200, b'{"status":"ok"}')
 
+    async def big(self, request: Request) -> Response:
+        return Response(200, b"x" * BIG_ANSWER)
+
+    async def bad_header(self, request: Request) -> Response:
+        return Response(200, b"{}", headers={"X-Name": "Zoë ☃"})  # not latin-1
+
+    async def not_a_response(self, request: Request) -> Response:
+        return b"{}"  # type: ignore[return-value]  # the bug under test
+
 
 @pytest.fixture
 async def app() -> App:
@@ -97,6 +111,8 @@ async def server(app: App) -> AsyncIterator[HttpServer]:
             "/slow": {"POST": app.slow},
             "/fail": {"GET": app.fail},
             "/healthz": {"GET": app.health},
+            "/bad-header": {"GET": app.bad_header},
+            "/not-a-response": {"GET": app.not_a_response},
         },
         max_body_bytes=MAX_BODY,
         linger_s=0.2,
@@ -306,6 +322,8 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent(
     writer.write(b"hello")
     answer = await read_answer(reader)
     assert (answer.status, answer.body) == (200, b"hello")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")  # the connection is kept
+    assert (await read_answer(reader)).status == 200
     writer.close()
 
 
@@ -315,4 +333,95 @@ async def test_http_1_0_that_asks_for_keep_alive_is_told_it_is_kept(server: Http
         writer.write(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
         answer = await read_answer(reader)
         assert answer.status == 200 and answer.headers["connection"] == "keep-alive"
+    writer.close()
+
+
+async def test_one_header_that_never_ends_is_a_431_and_others_are_still_served(
+    server: HttpServer,
+) -> None:
+    reader, writer = await connect(server)
+    # 1 MB of one header value, never ended: httptools holds it until its end.
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 1_000_000)
+    answer = await read_answer(reader)
+    assert answer.status == 431 and answer.json()["error"]
+    assert answer.headers["connection"] == "close"
+    assert await closed_by_server(reader)
+    writer.close()
+    other_reader, other_writer = await connect(server)
+    other_writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert (await read_answer(other_reader)).status == 200
+    other_writer.close()
+
+
+def client_that_never_reads(server: HttpServer) -> socket.socket:
+    """Asks for 16 MiB of answers through a 4 KiB receive buffer and reads none."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", server.port))
+    client.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n" * 4)
+    return client
+
+
+async def connections_gone(server: HttpServer, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while server.connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return not server.connections
+
+
+async def test_a_client_that_never_reads_is_dropped_by_the_keepalive_sweep(app: App) -> None:
+    server = HttpServer({"/big": {"GET": app.big}}, keepalive_s=0.3)
+    await server.start("127.0.0.1", 0)
+    client = client_that_never_reads(server)
+    try:
+        await asyncio.sleep(0.2)
+        assert len(server.connections) == 1  # answered, its answers still unread
+        assert await connections_gone(server, within_s=3)  # 0.3 s idle, then the sweep
+    finally:
+        client.close()
+        await server.stop(grace_s=1)
+
+
+async def test_a_client_that_never_reads_is_dropped_by_stop(app: App) -> None:
+    server = HttpServer({"/big": {"GET": app.big}})  # the sweep would wait 75 s
+    await server.start("127.0.0.1", 0)
+    client = client_that_never_reads(server)
+    try:
+        await asyncio.sleep(0.2)
+        assert len(server.connections) == 1
+        await asyncio.wait_for(server.stop(grace_s=0.3), 5)
+        assert await connections_gone(server, within_s=1)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("path", "status"), [("/nope", 404), ("/healthz", 405)])
+async def test_an_answer_before_an_expected_body_closes_the_connection(
+    server: HttpServer, path: str, status: int
+) -> None:
+    """The client waits for `100 Continue` and never sends its body: were the
+    connection kept, the server would read the client's next request as that body."""
+    reader, writer = await connect(server)
+    writer.write(
+        b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: 40\r\nExpect: 100-continue\r\n\r\n"
+        % path.encode()
+    )
+    answer = await read_answer(reader)
+    assert answer.status == status and answer.headers["connection"] == "close"
+    assert await closed_by_server(reader)
+    writer.close()
+    reader, writer = await connect(server)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert (await read_answer(reader)).status == 200
+    writer.close()
+
+
+@pytest.mark.parametrize("path", ["/bad-header", "/not-a-response"])
+async def test_an_answer_that_cannot_be_written_is_a_500(server: HttpServer, path: str) -> None:
+    reader, writer = await connect(server)
+    writer.write(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode())
+    answer = await read_answer(reader)
+    assert (answer.status, answer.json()["error"]) == (500, "internal error in the gateway")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")  # still in step
+    assert (await read_answer(reader)).status == 200
     writer.close()
