@@ -19,16 +19,22 @@ server does what the gateway needs and nothing else:
   (the handler answers 413), one that has not fully arrived in time `TimeoutError`.
 - An unknown path is a 404, a method the path does not take a 405 with `Allow` (HEAD
   is answered for GET routes, without the body), a request that is not HTTP a 400, a
-  head over 64 KiB a 431: each a JSON error (`{"error": ..., "field": null}`), the
-  last two closing the connection. A handler that raises is a logged JSON 500.
-- An answer that closes the connection while the client is still sending its body
-  (a 413, a 408) keeps reading and discarding for `LINGER_S` first, so that the client
-  sees the answer instead of a connection reset.
-- Connections idle longer than `keepalive_s` are closed (one sweep a second, no timer
-  per request).
+  head over 64 KiB a 431 (counted as its bytes arrive, so a header that never ends is
+  refused too): each a JSON error (`{"error": ..., "field": null}`), the last two
+  closing the connection. A handler that raises, or whose answer cannot be written (not
+  a `Response`, a header that is not latin-1), is a logged JSON 500.
+- An answer that closes the connection while the client may still be sending (a 413, a
+  408, a refused stream) keeps reading and discarding for `LINGER_S` first, so that the
+  client sees the answer instead of a connection reset.
+- Connections idle longer than `keepalive_s` are dropped (one sweep a second, no timer
+  per request). Where the server gives up on a connection (that sweep, the end of a
+  linger, the end of `stop`'s grace) it aborts it, dropping unsent answers: a client
+  that never reads them would otherwise hold it for ever.
 
 - `Expect: 100-continue` (curl sends it for bodies over 1 KiB) is answered with
-  `100 Continue` when the handler starts reading the body.
+  `100 Continue` when the handler starts reading the body; an answer sent before that
+  (a 404, a 405, a shed 503) closes the connection, since the client never sends the
+  body it announced.
 
 What it does not do, because the gateway's clients do not need it: TLS (a cluster
 terminates it in front), HTTP/2, protocol upgrades (the request is answered, then the
@@ -316,7 +322,10 @@ class _Connection(asyncio.Protocol):
         self.idle_since: float | None = time.monotonic()
         self._target = b""
         self._headers = Headers()
-        self._head_bytes = 0
+        self._head_bytes = 0  # what the parser has handed us of the head: URL, headers
+        # Raw bytes of the head in progress that arrived after the read it began in
+        # (None between heads): a header still arriving is in no callback.
+        self._head_arrived: int | None = None
         self._head_too_large = False
         self._parsing: Request | None = None  # the request whose bytes are arriving
         self._current: Request | None = None  # the request being answered
@@ -346,6 +355,8 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
+        if self._head_arrived is not None:
+            self._head_arrived += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -359,6 +370,12 @@ class _Connection(asyncio.Protocol):
                 self._refuse(error_response(500, "internal error in the gateway", close=True))
             else:
                 self._refuse(error_response(400, f"not an HTTP/1.1 request: {exc}", close=True))
+            return
+        # httptools holds a header until its line ends and only calls on_header then, so
+        # one that never ends would be buffered (and copied again on every read) without
+        # bound: the raw count refuses it once over MAX_HEAD_BYTES.
+        if self._head_arrived is not None and self._head_arrived > MAX_HEAD_BYTES:
+            self._refuse(error_response(431, close=True))
 
     def pause_writing(self) -> None:  # the client does not read its answers
         self._writing_paused = True
@@ -374,6 +391,7 @@ class _Connection(asyncio.Protocol):
         self._target = b""
         self._headers = Headers()
         self._head_bytes = 0
+        self._head_arrived = 0  # this read is counted by the callbacks alone
 
     def on_url(self, url: bytes) -> None:
         self._target += url
@@ -387,6 +405,7 @@ class _Connection(asyncio.Protocol):
         dict.__setitem__(self._headers, key, text if previous is None else f"{previous}, {text}")
 
     def on_headers_complete(self) -> None:
+        self._head_arrived = None
         request = Request(
             self.server,
             self.parser.get_method().decode("latin-1"),
@@ -448,17 +467,27 @@ class _Connection(asyncio.Protocol):
     async def _run(self, handler: Handler, request: Request) -> None:
         try:
             response = await handler(request)
+            answer = self._encode(request, response)  # a bad Response raises here
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path)
-            response = error_response(500, "internal error in the gateway")
-        self._answer(request, response)
+            answer = self._encode(request, error_response(500, "internal error in the gateway"))
+        try:
+            self._send(request, *answer)
+        except Exception:  # a bug of ours: do not leave the client waiting for ever
+            log.exception("could not answer %s %s", request.method, request.path)
+            self.abort()
 
     def _answer(self, request: Request, response: Response) -> None:
-        transport = self.transport
-        self._current = None
-        if transport is None:
-            return  # the client went away meanwhile
+        self._send(request, *self._encode(request, response))
+
+    def _encode(self, request: Request, response: Response) -> tuple[bytes, bool]:
+        """The answer's bytes, and whether the connection closes after it."""
         close = response.close or not request.keep_alive or self._closing or self.server.stopping
+        if request._send_continue is not None and not request.body_complete:
+            # The client still waits for `100 Continue` before it sends its body: on a
+            # kept connection its next request would be read as that body (RFC 9110
+            # §10.1.1 lets a server close instead of reading it).
+            close = True
         body = response.body
         head = [
             _STATUS_LINES.get(response.status)
@@ -478,7 +507,14 @@ class _Connection(asyncio.Protocol):
         head.append(b"\r\n")
         if request.method != "HEAD":
             head.append(body)
-        transport.write(b"".join(head))
+        return b"".join(head), close
+
+    def _send(self, request: Request, answer: bytes, close: bool) -> None:
+        transport = self.transport
+        self._current = None
+        if transport is None:
+            return  # the client went away meanwhile
+        transport.write(answer)
         if close:
             self._close_after(request)
         elif self._waiting:
@@ -488,8 +524,10 @@ class _Connection(asyncio.Protocol):
             self.idle_since = time.monotonic()
 
     def _refuse(self, response: Response) -> None:
-        """The byte stream is broken: answer (after what is in progress) and close."""
+        """The byte stream is broken: answer (after what is in progress), read no more
+        of it, and close."""
         self._closing = True
+        self._discarding = True
         self._waiting.clear()
         if self._parsing is not None:
             self._parsing._lose()  # its handler answers that the body could not be read
@@ -510,10 +548,13 @@ class _Connection(asyncio.Protocol):
         )
 
     def _close_after(self, request: Request | None) -> None:
-        """Close once the answer is out; linger first while the client is still sending."""
+        """Close once the answer is out; linger first while the client may still be
+        sending (a body, or a stream we refused)."""
         assert self.transport is not None
         self._closing = True
-        if request is not None and not request.body_complete and self._parsing is request:
+        if self._discarding or (
+            request is not None and not request.body_complete and self._parsing is request
+        ):
             self._discarding = True  # what else arrives is dropped; the timer closes it
             self.loop.call_later(self.server.linger_s, self.abort)
         else:
@@ -526,8 +567,10 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
+        """Give up on the connection now: `close()` would wait for the client to read
+        what is still buffered, and one that never reads would keep it for ever."""
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     def _update_reading(self) -> None:
         if self.transport is None:
