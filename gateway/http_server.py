@@ -323,9 +323,11 @@ class _Connection(asyncio.Protocol):
         self._target = b""
         self._headers = Headers()
         self._head_bytes = 0  # what the parser has handed us of the head: URL, headers
-        # Raw bytes of the head in progress that arrived after the read it began in
-        # (None between heads): a header still arriving is in no callback.
+        # Raw bytes of the head in progress (None between heads), since a header still
+        # arriving is in no callback. Exact when the head began a read; one that began
+        # mid-read (after a pipelined request) is counted from the next read on.
         self._head_arrived: int | None = None
+        self._read_size = 0  # the read now parsed, while it began between requests
         self._head_too_large = False
         self._parsing: Request | None = None  # the request whose bytes are arriving
         self._current: Request | None = None  # the request being answered
@@ -357,6 +359,8 @@ class _Connection(asyncio.Protocol):
             return
         if self._head_arrived is not None:
             self._head_arrived += len(data)
+        between_requests = self._head_arrived is None and self._parsing is None
+        self._read_size = len(data) if between_requests else 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -391,7 +395,9 @@ class _Connection(asyncio.Protocol):
         self._target = b""
         self._headers = Headers()
         self._head_bytes = 0
-        self._head_arrived = 0  # this read is counted by the callbacks alone
+        # A head that began this read is all of it, if still open at its end.
+        self._head_arrived = self._read_size
+        self._read_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._target += url

@@ -336,12 +336,13 @@ async def test_http_1_0_that_asks_for_keep_alive_is_told_it_is_kept(server: Http
     writer.close()
 
 
+@pytest.mark.parametrize("size", [70_000, 1_000_000])  # in one read, and in several
 async def test_one_header_that_never_ends_is_a_431_and_others_are_still_served(
-    server: HttpServer,
+    server: HttpServer, size: int
 ) -> None:
     reader, writer = await connect(server)
-    # 1 MB of one header value, never ended: httptools holds it until its end.
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 1_000_000)
+    # One header value, never ended: httptools holds it until its end.
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * size)
     answer = await read_answer(reader)
     assert answer.status == 431 and answer.json()["error"]
     assert answer.headers["connection"] == "close"
@@ -351,6 +352,21 @@ async def test_one_header_that_never_ends_is_a_431_and_others_are_still_served(
     other_writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
     assert (await read_answer(other_reader)).status == 200
     other_writer.close()
+
+
+async def test_a_head_under_the_limit_is_served_however_it_arrives(server: HttpServer) -> None:
+    reader, writer = await connect(server)
+    writer.write(post("/echo", b"first"))  # the big head begins mid-read after it
+    head = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 60_000 + b"\r\n\r\n"
+    for start in range(0, len(head), 10_000):  # one read each
+        writer.write(head[start : start + 10_000])
+        await writer.drain()
+        await asyncio.sleep(0.02)
+    assert (await read_answer(reader)).body == b"first"
+    assert (await read_answer(reader)).status == 200
+    writer.write(head)  # now beginning a read
+    assert (await read_answer(reader)).status == 200
+    writer.close()
 
 
 def client_that_never_reads(server: HttpServer) -> socket.socket:
