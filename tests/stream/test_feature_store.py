@@ -223,9 +223,9 @@ def test_a_job_killed_before_exec_leaves_nothing_and_its_retry_counts_popular_on
 
     def die_before_exec(connections: list[Any], commands: list[list[tuple[bytes, ...]]]) -> Any:
         if commands[0][-1] == (b"EXEC",):
-            for connection, batch in zip(connections, commands, strict=True):
+            for reader, batch in zip(connections, commands, strict=True):
                 packed = b"".join(feature_store_module._pack(c) for c in batch[:-1])
-                connection.send_packed_command([packed])
+                reader.connection.send_packed_command([packed])
             raise redis.ConnectionError("the job died here")
         return exchange(connections, commands)
 
