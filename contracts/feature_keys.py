@@ -76,9 +76,10 @@ No v1 job may write while a v2 job runs: the v2 job reads v1 keys without watchi
 and copies the v1 popular scores once, so what a v1 job writes after that is lost to v2.
 The operator rolls the feature job's Deployment with a surge (a new pod is ready before
 an old one goes), so a v1 and a v2 pod would overlap for a while: stop the v1 job first
-(`kubectl scale deployment <name>-features --replicas=0`), then upgrade the operator and
-check that its reconcile brought the Deployment back to its replicas with the v2 image
-(the events that arrived meanwhile wait in the subscription).
+(`kubectl scale deployment <name>-features --replicas=0`), then upgrade the operator,
+whose reconcile sets the replicas again with the v2 image (an autoscaled job: scale it
+back yourself, as an autoscaler leaves a Deployment at zero alone); the events that
+arrived meanwhile wait in the subscription.
 """
 
 from __future__ import annotations
