@@ -320,6 +320,7 @@ class FeatureStore:
         self._popular_done: list[str] = []  # events whose users' write committed
         self._written: OrderedDict[str, Written] = OrderedDict()  # oldest write first
         self._connections: list[_Replies] = []  # single node: its transactions' connections
+        self._versions_encoded: dict[tuple[str, ...], bytes] = {}  # `embedding-versions`
         self._upgrade_checked = False
         self._v1_store = False  # the store held v1 data at the first batch
         self._counted_by_v1: set[str] = set()  # single node: the v1 record's events
@@ -441,9 +442,9 @@ class FeatureStore:
             if not update.changed:
                 continue  # only duplicates or late events: nothing to write
             fields, remembered, renew = self._user_fields(user, update, read.in_hash[n])
-            fields += self._embedding_versions(n, update, read)
+            versions_field, stale = self._embedding_changes(n, update, read)
+            fields += versions_field
             commands.append((b"HSET", name, *read.carried.get(n, ()), *fields))  # later wins
-            stale = self._stale_embeddings(n, read)
             if stale:
                 commands.append((b"HDEL", name, *stale))
             if renew:
@@ -562,7 +563,8 @@ class FeatureStore:
                 n = index[user]
                 state_read = read.in_hash[n]
                 fields, remembered, renew = self._user_fields(user, update, state_read)
-                fields += self._embedding_versions(n, update, read)
+                versions_field, stale_fields = self._embedding_changes(n, update, read)
+                fields += versions_field
                 fields = [*read.carried.get(n, ()), *fields]  # the later value wins
                 text: list[str] = []
                 spans: list[tuple[str, int, int]] = []
@@ -574,7 +576,7 @@ class FeatureStore:
                     else:
                         text += (name.decode(), value.decode())
                 sha = hashlib.sha1(state_read).hexdigest() if state_read else _NOTHING_SHA1
-                stale = [name.decode() for name in self._stale_embeddings(n, read)]
+                stale = [name.decode() for name in stale_fields]
                 plan.append((sha, text, spans, int(renew), stale))
                 group_keys.append(keys.user_key(system, user))
                 left.append((user, remembered))
@@ -731,26 +733,31 @@ class FeatureStore:
             fields += (keys.seen_field(item).encode(), b"1")
         return fields, Written(state, recent, renewed), renewed == clock
 
-    def _embedding_versions(self, n: int, update: UserUpdate, read: UsersRead) -> list[bytes]:
-        """The `embedding-versions` field to write for the `n`th user read (name and
-        value), or nothing when it stays as it is (the steady case: no version change)."""
-        held = _versions(read.embedding_versions[n])
-        after = sorted(
+    def _embedding_changes(
+        self, n: int, update: UserUpdate, read: UsersRead
+    ) -> tuple[list[bytes], list[bytes]]:
+        """For the `n`th user read: the `embedding-versions` field to write (name and
+        value; nothing when it stays as it is) and the embedding fields of model versions
+        no longer among the job's (`items`) to delete. The read tells which versions the
+        hash holds, so this costs nothing in the steady case and a command only when a
+        version went. (A hash written before `embedding-versions` existed keeps its old
+        embeddings until it expires.)"""
+        after = tuple(
             v
             for v, stored in read.embeddings.items()
             if stored[n] is not None or v in update.embeddings
         )
-        if after == sorted(held):
-            return []
-        return [keys.EMBEDDING_VERSIONS_FIELD.encode(), orjson.dumps(after)]
-
-    def _stale_embeddings(self, n: int, read: UsersRead) -> list[bytes]:
-        """The embedding fields of the `n`th user read whose model versions are no longer
-        among the job's (`items`): the read tells which the hash holds, so this costs a
-        command only when a version went. (A hash written before `embedding-versions`
-        existed keeps its old embeddings until it expires.)"""
-        held = _versions(read.embedding_versions[n])
-        return [keys.embedding_field(v).encode() for v in sorted(held - set(read.embeddings))]
+        encoded = self._versions_encoded.get(after)
+        if encoded is None:
+            encoded = self._versions_encoded[after] = orjson.dumps(sorted(after))
+        held_field = read.embedding_versions[n]
+        if held_field == encoded:
+            return [], []  # the steady case
+        held = _versions(held_field)
+        stale = [keys.embedding_field(v).encode() for v in sorted(held - set(read.embeddings))]
+        if held == set(after):
+            return [], stale
+        return [keys.EMBEDDING_VERSIONS_FIELD.encode(), encoded], stale
 
     def _upgrade(self) -> None:
         """At the first batch: does the store hold v1 data? Then copy v1's popular scores

@@ -209,7 +209,7 @@ def test_the_reader_takes_only_its_fields_not_the_state_or_old_embeddings(
     )
     (user,) = reader.read(["u"]).features
     assert recording.round_trips == 1
-    stored = client.hgetall(user_key(SYSTEM, "u"))
+    stored: dict[bytes, bytes] = client.hgetall(user_key(SYSTEM, "u"))  # type: ignore[assignment]
     np.testing.assert_array_equal(user.embedding, np.frombuffer(stored[b"emb:b"], dtype="<f4"))
     assert user.recent_item_ids == ("i1", "i3", "i2", "i1")
     assert user.seen_item_ids == {"i1", "i2", "i3"}
