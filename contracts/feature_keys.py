@@ -28,6 +28,7 @@ Fields of the user hash:
 | `recent` | the last N item ids, newest first, separated by one space (ids hold no whitespace, by the event schema) |
 | `seen:<item>` | one field (value `1`) per item the user ever interacted with (not only the last N): serving never recommends them |
 | `emb:<model_version>` | online user embedding, little-endian float32 x embeddingDim (bytes) |
+| `embedding-versions` | the model versions the hash holds an `emb:` field of, one JSON list: a write deletes the embeddings of versions the job no longer serves |
 | `state` | the job's private per-user state (compact binary; JSON from older jobs still loads), for idempotence and windows (bytes) |
 
 The `features` object: one JSON object rather than a field each, since Redis's cost of a
@@ -44,7 +45,11 @@ features packed). Every value is a string; empty means "not known yet":
 | `events` | events applied for this user since the state was created |
 
 Windows end at the user's newest event (event time), not at the time of reading. An
-embedding field of a model version no longer served stays until the hash expires.
+embedding field of a model version the job no longer serves is deleted by the user's next
+write (`embedding-versions` tells which the hash holds, without another read).
+Readers take the fields they need (HMGET of `features`, `recent`, their `emb:` field, and
+an HSCAN of `seen:*` in the same pipeline), not the whole hash: `state` and other
+versions' embeddings stay on the server.
 
 Idempotence: `state` holds the ids of the user's newest applied events (bounded,
 `dedup_capacity`) and a horizon time; an event whose id is there, or whose `ts` is at or
@@ -66,6 +71,15 @@ before it stopped is not counted again. The v1 keys are left to their TTL. Until
 user's next event the serving handler, which reads v2 only, has no online features for
 them (it serves them as a cold user). `recsys features rebuild` over a v1 store does the
 same upgrade for every user whose events the topic still holds.
+
+No v1 job may write while a v2 job runs: the v2 job reads v1 keys without watching them
+and copies the v1 popular scores once, so what a v1 job writes after that is lost to v2.
+The operator rolls the feature job's Deployment with a surge (a new pod is ready before
+an old one goes), so a v1 and a v2 pod would overlap for a while: stop the v1 job first
+(`kubectl scale deployment <name>-features --replicas=0`), then upgrade the operator,
+whose reconcile sets the replicas again with the v2 image (an autoscaled job: scale it
+back yourself, as an autoscaler leaves a Deployment at zero alone); the events that
+arrived meanwhile wait in the subscription.
 """
 
 from __future__ import annotations
@@ -84,6 +98,7 @@ STATE_FIELD = "state"
 RECENT_FIELD = "recent"
 SEEN_PREFIX = "seen:"
 EMBEDDING_PREFIX = "emb:"
+EMBEDDING_VERSIONS_FIELD = "embedding-versions"
 POPULAR_EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, the landmark of popular scores
 
 

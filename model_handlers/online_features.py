@@ -1,12 +1,17 @@
 """Reading users' online features from the feature store (Redis), one pipelined round
 trip per batch.
 
-The key layout is the contract in `recsys_contracts.feature_keys`: one hash a user, read
-whole (HGETALL): the user's recent items (newest first), every item they interacted with
-(`seen:<item>` fields), their online embedding for this model version (little-endian
-float32 bytes), and two of its features (`events`, `last_ts`) that version the rest: the
-stream job changes them in the same atomic write as every other field, so equal versions
-mean equal features. A store that is down or slow never fails a request: the
+The key layout is the contract in `recsys_contracts.feature_keys`: one hash a user, of
+which a read takes only what serving needs: HMGET of the user's recent items (newest
+first), their online embedding for this model version (little-endian float32 bytes) and
+the features, two of which (`events`, `last_ts`) version the rest (the stream job
+changes them in the same atomic write as every other field, so equal versions mean equal
+features); and, in the same pipeline, an HSCAN of every item they interacted with
+(`seen:<item>` fields). Not HGETALL: the hash also holds the job's `state` and maybe
+embeddings of other model versions, which a request would transfer for nothing. The seen
+items stay one field each (the job adds one without reading the others), and one HSCAN
+with a COUNT above the hash's size returns them all, so a batch is still one round trip
+(a hash of more than SEEN_SCAN_COUNT fields takes more). A store that is down or slow never fails a request: the
 batch goes on without online features and the error is reported for the metrics.
 """
 
@@ -25,6 +30,7 @@ from recsys_contracts.feature_keys import (
     FEATURES_FIELD,
     LAST_TS_FIELD,
     RECENT_FIELD,
+    SEEN_PREFIX,
     decode_embedding,
     decode_features,
     decode_recent,
@@ -37,7 +43,11 @@ from recsys_contracts.store_endpoint import StoreEndpoint, StoreMode
 log = logging.getLogger(__name__)
 
 WARNING_INTERVAL_S = 10.0
-_FEATURES, _RECENT = FEATURES_FIELD.encode(), RECENT_FIELD.encode()
+SEEN_SCAN_COUNT = 100_000
+"""HSCAN's COUNT: a hash of at most this many fields is scanned in one call."""
+MAX_SEEN_SCANS = 100
+"""HSCAN calls a user's seen items take at most (a bounded loop)."""
+_SEEN_MATCH = f"{SEEN_PREFIX}*"
 
 
 @dataclass(frozen=True)
@@ -96,11 +106,9 @@ class RedisFeatureReader:
         users = list(dict.fromkeys(u for u in user_ids if u is not None))
         if not users:
             return OnlineRead([NO_FEATURES] * len(user_ids))
-        pipe = self.client.pipeline(transaction=False)
-        for user in users:
-            pipe.hgetall(user_key(self.system, user))
+        embedding = embedding_field(self.model_version)
         try:
-            replies = pipe.execute()
+            replies, seen = self._fetch(users, [FEATURES_FIELD, RECENT_FIELD, embedding])
         except Exception as exc:  # the store must never fail a request
             now = time.monotonic()
             if now - self._last_warning >= WARNING_INTERVAL_S:  # a dead store must not flood logs
@@ -113,16 +121,14 @@ class RedisFeatureReader:
             )
         by_user: dict[str, OnlineFeatures] = {}
         misses = 0
-        embedding = embedding_field(self.model_version).encode()
-        for user, fields in zip(users, replies, strict=True):
-            fields = fields or {}
-            packed = fields.get(_FEATURES)
+        for user, (packed, recent, raw_embedding), seen_fields in zip(
+            users, replies, seen, strict=True
+        ):
             version = decode_features(packed) if packed else None
-            raw_embedding = fields.get(embedding)
             features = OnlineFeatures(
-                recent_item_ids=tuple(decode_recent(fields.get(_RECENT)))[: self.history_length],
+                recent_item_ids=tuple(decode_recent(recent))[: self.history_length],
                 embedding=decode_embedding(raw_embedding, self.dim) if raw_embedding else None,
-                seen_item_ids=frozenset(seen_items(fields)),
+                seen_item_ids=frozenset(seen_items(seen_fields)),
                 state_version=(
                     (version.get(EVENTS_FIELD, ""), version.get(LAST_TS_FIELD, ""))
                     if version is not None
@@ -134,6 +140,40 @@ class RedisFeatureReader:
         return OnlineRead(
             [by_user[u] if u is not None else NO_FEATURES for u in user_ids], misses=misses
         )
+
+    def _fetch(
+        self, users: list[str], fields: list[str]
+    ) -> tuple[list[list[Any]], list[dict[Any, Any]]]:
+        """Each user's `fields` (HMGET) and seen fields (HSCAN), in one pipeline; a user
+        whose HSCAN did not reach the end is scanned on (a hash of more fields than
+        SEEN_SCAN_COUNT)."""
+        names = [user_key(self.system, user) for user in users]
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hmget(name, fields)
+            pipe.hscan(name, 0, match=_SEEN_MATCH, count=SEEN_SCAN_COUNT)
+        replies = pipe.execute()
+        values = replies[0::2]
+        seen: list[dict[Any, Any]] = []
+        unfinished: dict[int, int] = {}  # user index -> the cursor to scan on from
+        for n, (cursor, found) in enumerate(replies[1::2]):
+            seen.append(dict(found))
+            if int(cursor):
+                unfinished[n] = int(cursor)
+        for _ in range(MAX_SEEN_SCANS):
+            if not unfinished:
+                break
+            pipe = self.client.pipeline(transaction=False)
+            order = list(unfinished)
+            for n in order:
+                pipe.hscan(names[n], unfinished[n], match=_SEEN_MATCH, count=SEEN_SCAN_COUNT)
+            for n, (cursor, found) in zip(order, pipe.execute(), strict=True):
+                seen[n].update(found)
+                if int(cursor):
+                    unfinished[n] = int(cursor)
+                else:
+                    del unfinished[n]
+        return values, seen
 
 
 def connect(

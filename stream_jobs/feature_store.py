@@ -10,7 +10,8 @@ packed).
 
 On a single primary a batch is written as optimistic transactions of
 `TRANSACTION_USERS` users, in native commands, each transaction on its own connection
-(`_transaction_connections`), all of them in flight at once:
+(`_transaction_connections`), up to `TRANSACTION_CONNECTIONS` of them in flight at once
+(a wave; a larger batch goes in several waves, each as below):
 
 1. one round trip: WATCH the transaction's users' hashes, then HMGET each user's state
    and embeddings;
@@ -71,7 +72,8 @@ the first batch, so a v2 store pays nothing), and the first batch copies the v1 
 scores and honours the v1 record of counted events (`_upgrade`).
 
 Redis errors are not handled here: the job retries the whole batch (every step above
-is safe to repeat).
+is safe to repeat). A reply the store cannot parse is raised as a `redis.ConnectionError`
+(the connection it came on is closed), so that the job retries too.
 """
 
 from __future__ import annotations
@@ -115,6 +117,11 @@ TRANSACTION_USERS = 32
 each key with every key the connection already watches (500 keys in one WATCH cost it
 4 µs a key), so a batch's users go in transactions of this many, each on its own
 connection, all in flight at once (one round trip per step for the whole batch)."""
+TRANSACTION_CONNECTIONS = 16
+"""Connections a store holds for its transactions at most (single primary): a batch of
+more than this many transactions goes in waves of this many. They come from the client's
+pool, which the job's other commands share and which holds 100 connections by default,
+while a batch may hold 10,000 users (313 transactions)."""
 TTL_RENEWAL = 64
 """A write renews a user's TTL (PEXPIRE) unless this process set it less than
 1/TTL_RENEWAL of the TTL ago (`Written`): a hash expires between 63/64 of the TTL and the
@@ -124,7 +131,8 @@ _UPGRADE_CHUNK = 1000
 
 # KEYS: the users' hashes, all in one slot. ARGV[1]: TTL in ms. ARGV[2]: the JSON plan,
 # per user (in KEYS order) [SHA-1 of the state as read, [field, value, ...] of text,
-# [[field, offset, length], ...] of binary values in ARGV[3], 1 to renew the TTL];
+# [[field, offset, length], ...] of binary values in ARGV[3], 1 to renew the TTL,
+# [field, ...] to delete (embeddings of versions no longer served)];
 # ARGV[3]: the binary
 # values back to back, outside the JSON so that they are neither escaped nor decoded.
 # Returns 0, writing nothing, when a state changed since it was read; else 1.
@@ -146,6 +154,9 @@ for i, user in ipairs(plan) do
   end
   for first = 1, #args, CHUNK do
     redis.call('HSET', KEYS[i], unpack(args, first, math.min(first + CHUNK - 1, #args)))
+  end
+  if #user[5] > 0 then
+    redis.call('HDEL', KEYS[i], unpack(user[5]))
   end
   if user[4] == 1 then
     redis.call('PEXPIRE', KEYS[i], ttl)
@@ -206,6 +217,19 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
 end
 return counted
+"""
+
+
+# KEYS[1]: layout v1's popular zset; KEYS[2]: v1's record of counted events (same slot).
+# ARGV[1]: the oldest record time (ms) to return. Returns {whether either exists, popular
+# as member, score, ..., the record from ARGV[1] as member, time, ...}, read at one
+# instant: an event a v1 job counts is in both or in neither.
+V1_POPULAR_READ = """
+return {
+  redis.call('EXISTS', KEYS[1], KEYS[2]),
+  redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'),
+  redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], '+inf', 'WITHSCORES')
+}
 """
 
 
@@ -272,6 +296,9 @@ class UsersRead:
     """The states to compute from (from v1 keys for a user without a v2 hash yet)."""
     embeddings: dict[str, list[bytes | None]]
     """model version -> each user's stored embedding (None: none)."""
+    embedding_versions: list[bytes | None]
+    """Each user's `embedding-versions` field: the versions their hash holds an
+    embedding of (None: no such field)."""
     carried: dict[int, list[bytes]] = field(default_factory=dict)
     """index of a user upgraded from v1 -> fields to write with them (seen items,
     embeddings), name and value one after the other, written before the batch's own
@@ -292,7 +319,8 @@ class FeatureStore:
         self._loaded: dict[str, str] = {}  # script text -> SHA-1 the server knows it by
         self._popular_done: list[str] = []  # events whose users' write committed
         self._written: OrderedDict[str, Written] = OrderedDict()  # oldest write first
-        self._connections: list[Any] = []  # single node: those its transactions run on
+        self._connections: list[_Replies] = []  # single node: its transactions' connections
+        self._versions_encoded: dict[tuple[str, ...], bytes] = {}  # `embedding-versions`
         self._upgrade_checked = False
         self._v1_store = False  # the store held v1 data at the first batch
         self._counted_by_v1: set[str] = set()  # single node: the v1 record's events
@@ -318,18 +346,33 @@ class FeatureStore:
     def _apply_in_transactions(
         self, events_by_user: Mapping[str, Sequence[Event]], items: Mapping[str, ItemEmbeddings]
     ) -> BatchWrite:
-        versions = list(items)
-        system = self.layout.system
-        fetch = [keys.STATE_FIELD.encode()] + [keys.embedding_field(v).encode() for v in versions]
         users = list(events_by_user)
-        pending = [
+        transactions = [
             users[n : n + TRANSACTION_USERS] for n in range(0, len(users), TRANSACTION_USERS)
         ]
         updates: dict[str, UserUpdate] = {}
+        for first in range(0, len(transactions), TRANSACTION_CONNECTIONS):
+            wave = transactions[first : first + TRANSACTION_CONNECTIONS]
+            self._write_wave(wave, events_by_user, items, updates)
+        return BatchWrite(events_by_user, updates, time.time() * 1000)
+
+    def _write_wave(
+        self,
+        pending: list[list[str]],
+        events_by_user: Mapping[str, Sequence[Event]],
+        items: Mapping[str, ItemEmbeddings],
+        updates: dict[str, UserUpdate],
+    ) -> None:
+        """Write transactions (at most TRANSACTION_CONNECTIONS), each on its own
+        connection, until none loses a race; adds what they did to `updates`."""
+        versions = list(items)
+        system = self.layout.system
+        fetch = [keys.STATE_FIELD.encode(), keys.EMBEDDING_VERSIONS_FIELD.encode()]
+        fetch += [keys.embedding_field(v).encode() for v in versions]
         for _ in range(MAX_CONFLICT_RETRIES):
-            connections = self._transaction_connections(len(pending))
             names = [[keys.user_key(system, u).encode() for u in chunk] for chunk in pending]
             try:
+                connections = self._transaction_connections(len(pending))
                 replies = _exchange(
                     connections,
                     [
@@ -341,7 +384,8 @@ class FeatureStore:
                 values = [reply for chunk in replies for reply in chunk[1:]]
                 read = UsersRead(
                     [value[0] for value in values],
-                    {v: [value[1 + j] for value in values] for j, v in enumerate(versions)},
+                    {v: [value[2 + j] for value in values] for j, v in enumerate(versions)},
+                    [value[1] for value in values],
                 )
                 flat = [user for chunk in pending for user in chunk]
                 if self._v1_store:
@@ -371,7 +415,7 @@ class FeatureStore:
                 _raise_any([outcome if isinstance(outcome, list) else [outcome]])
                 self._remember(left)
             if not lost:
-                return BatchWrite(events_by_user, updates, time.time() * 1000)
+                return
             pending = lost
         raise TooManyConflicts(
             f"{sum(map(len, pending))} users changed by another writer {MAX_CONFLICT_RETRIES} times"
@@ -398,7 +442,11 @@ class FeatureStore:
             if not update.changed:
                 continue  # only duplicates or late events: nothing to write
             fields, remembered, renew = self._user_fields(user, update, read.in_hash[n])
+            versions_field, stale = self._embedding_changes(n, update, read)
+            fields += versions_field
             commands.append((b"HSET", name, *read.carried.get(n, ()), *fields))  # later wins
+            if stale:
+                commands.append((b"HDEL", name, *stale))
             if renew:
                 commands.append((b"PEXPIRE", name, self._ttl))
             written.append((user, remembered))
@@ -417,20 +465,24 @@ class FeatureStore:
         commands.append((b"EXEC",))
         return commands, written
 
-    def _transaction_connections(self, count: int) -> list[Any]:
-        """`count` connections for transactions (a WATCH holds per connection)."""
+    def _transaction_connections(self, count: int) -> list[_Replies]:
+        """`count` (at most TRANSACTION_CONNECTIONS) connections for transactions (a
+        WATCH holds per connection), kept from batch to batch with what each has read."""
         pool = self.client.connection_pool  # type: ignore[union-attr]
         while len(self._connections) < count:
-            self._connections.append(pool.get_connection())
+            self._connections.append(_Replies(pool.get_connection()))
         return self._connections[:count]
 
     def _drop_connections(self) -> None:
-        """After an error a connection may hold unread replies or a WATCH: close them."""
+        """After an error a connection may hold unread replies or a WATCH: close them,
+        and give them back to the pool."""
         pool = self.client.connection_pool  # type: ignore[union-attr]
-        connections, self._connections = self._connections, []
-        for connection in connections:
-            connection.disconnect()
-            pool.release(connection)
+        readers, self._connections = self._connections, []
+        for reader in readers:
+            try:
+                reader.connection.disconnect()
+            finally:
+                pool.release(reader.connection)
 
     # --- a cluster: one script call a slot group -------------------------------------
 
@@ -467,7 +519,8 @@ class FeatureStore:
     def _read(self, users: list[str], versions: list[str]) -> UsersRead:
         """Every user's state and embeddings, one HMGET a user, pipelined per node."""
         system = self.layout.system
-        fetch = [keys.STATE_FIELD] + [keys.embedding_field(v) for v in versions]
+        fetch = [keys.STATE_FIELD, keys.EMBEDDING_VERSIONS_FIELD]
+        fetch += [keys.embedding_field(v) for v in versions]
         reads: list[Command] = []
         for user in users:
             name = keys.user_key(system, user)
@@ -478,7 +531,8 @@ class FeatureStore:
                 raise reply
         read = UsersRead(
             [reply[0] for reply in replies],
-            {v: [reply[1 + j] for reply in replies] for j, v in enumerate(versions)},
+            {v: [reply[2 + j] for reply in replies] for j, v in enumerate(versions)},
+            [reply[1] for reply in replies],
         )
         if self._v1_store:
             self._read_v1(users, versions, read, None)
@@ -509,6 +563,8 @@ class FeatureStore:
                 n = index[user]
                 state_read = read.in_hash[n]
                 fields, remembered, renew = self._user_fields(user, update, state_read)
+                versions_field, stale_fields = self._embedding_changes(n, update, read)
+                fields += versions_field
                 fields = [*read.carried.get(n, ()), *fields]  # the later value wins
                 text: list[str] = []
                 spans: list[tuple[str, int, int]] = []
@@ -520,7 +576,8 @@ class FeatureStore:
                     else:
                         text += (name.decode(), value.decode())
                 sha = hashlib.sha1(state_read).hexdigest() if state_read else _NOTHING_SHA1
-                plan.append((sha, text, spans, int(renew)))
+                stale = [name.decode() for name in stale_fields]
+                plan.append((sha, text, spans, int(renew), stale))
                 group_keys.append(keys.user_key(system, user))
                 left.append((user, remembered))
             if plan:
@@ -676,26 +733,55 @@ class FeatureStore:
             fields += (keys.seen_field(item).encode(), b"1")
         return fields, Written(state, recent, renewed), renewed == clock
 
+    def _embedding_changes(
+        self, n: int, update: UserUpdate, read: UsersRead
+    ) -> tuple[list[bytes], list[bytes]]:
+        """For the `n`th user read: the `embedding-versions` field to write (name and
+        value; nothing when it stays as it is) and the embedding fields of model versions
+        no longer among the job's (`items`) to delete. The read tells which versions the
+        hash holds, so this costs nothing in the steady case and a command only when a
+        version went. (A hash written before `embedding-versions` existed keeps its old
+        embeddings until it expires.)"""
+        after = tuple(
+            v
+            for v, stored in read.embeddings.items()
+            if stored[n] is not None or v in update.embeddings
+        )
+        encoded = self._versions_encoded.get(after)
+        if encoded is None:
+            encoded = self._versions_encoded[after] = orjson.dumps(sorted(after))
+        held_field = read.embedding_versions[n]
+        if held_field == encoded:
+            return [], []  # the steady case
+        held = _versions(held_field)
+        stale = [keys.embedding_field(v).encode() for v in sorted(held - set(read.embeddings))]
+        if held == set(after):
+            return [], stale
+        return [keys.EMBEDDING_VERSIONS_FIELD.encode(), encoded], stale
+
     def _upgrade(self) -> None:
         """At the first batch: does the store hold v1 data? Then copy v1's popular scores
         into v2's (members it does not hold yet: a copy by another job, or a count already
-        made into v2, is not overwritten) and honour v1's record of counted events."""
+        made into v2, is not overwritten) and honour v1's record of counted events. Both
+        are read in one script: an event counted between two reads would be in the record
+        and not in the copy, counted nowhere. (No v1 job may still write then: see
+        `feature_keys`.)"""
         system = self.layout.system
         v1_popular = keys.popular_items_key(system, "v1")
         v1_record = keys.popular_applied_key(system, "v1")
-        self._v1_store = bool(self.client.exists(v1_popular) or self.client.exists(v1_record))
+        now_ms = int(time.time() * 1000)
+        call = ScriptCall([v1_popular, v1_record], (now_ms - POPULAR_REDO_WINDOW_MS,))
+        ((exists, flat_scores, flat_record),) = self._run(V1_POPULAR_READ, [call])
+        self._v1_store = exists > 0
         if self._v1_store:
             popular: Any = keys.popular_items_key(system)
-            scores: Any = self.client.zrange(v1_popular, 0, -1, withscores=True)
+            scores: Any = _pairs(flat_scores)
             for first in range(0, len(scores), _UPGRADE_CHUNK):
                 chunk = scores[first : first + _UPGRADE_CHUNK]
                 self.client.zadd(popular, dict(chunk), nx=True)
             if scores:
                 self.client.pexpire(popular, self.layout.ttl_ms)
-            now_ms = int(time.time() * 1000)
-            record: Any = self.client.zrangebyscore(
-                v1_record, now_ms - POPULAR_REDO_WINDOW_MS, "+inf", withscores=True
-            )
+            record: Any = _pairs(flat_record)
             if self._cluster and record:  # POPULAR_ADD consults v2's record
                 v2_record: Any = keys.popular_applied_key(system)
                 for first in range(0, len(record), _UPGRADE_CHUNK):
@@ -779,18 +865,17 @@ def _pipelined(client: Any, commands: Sequence[Command]) -> list[Any]:
 
 
 def _exchange(
-    connections: Sequence[Any], commands: Sequence[Sequence[Sequence[bytes]]]
+    connections: Sequence[_Replies], commands: Sequence[Sequence[Sequence[bytes]]]
 ) -> list[list[Any]]:
     """Each connection's commands sent in one write, all connections first, then their
     replies (in order), errors in their place (`_Replies`). The commands are packed and
     the replies parsed here, not by redis-py: its encoder and parser cost one to two
     microseconds of Python an argument and a reply, and a batch has tens of thousands."""
-    for connection, batch in zip(connections, commands, strict=True):
-        connection.send_packed_command([b"".join(map(_pack, batch))])
-    return [
-        _Replies(connection).read(len(batch))
-        for connection, batch in zip(connections, commands, strict=True)
-    ]
+    for reader, batch in zip(connections, commands, strict=True):
+        # no health check: its PING would be read by redis-py's parser, past bytes this
+        # store may still hold (`_Replies`); a dead connection fails the read instead
+        reader.connection.send_packed_command([b"".join(map(_pack, batch))], check_health=False)
+    return [reader.read(len(batch)) for reader, batch in zip(connections, commands, strict=True)]
 
 
 def _raise_any(replies: Sequence[Sequence[Any]]) -> None:
@@ -815,13 +900,30 @@ class _Incomplete(Exception):
 class _Replies:
     """Replies read straight off a redis-py connection's socket (RESP2 or RESP3), which
     nothing else reads meanwhile: the store owns its transaction connections, and
-    redis-py's own parser holds no bytes once their handshake was read."""
+    redis-py's own parser holds no bytes once their handshake was read. What a read
+    received past the replies it wanted (a RESP3 push message, whole or in part) is kept
+    for the next read of the same connection."""
 
     def __init__(self, connection: Any) -> None:
-        self.socket = connection._sock  # see the class docstring
+        self.connection = connection
         self.buffer = b""
+        self._socket: Any = None  # the socket `buffer` came from
 
     def read(self, count: int) -> list[Any]:
+        """The next `count` replies (push messages skipped). A reply that is no RESP
+        raises a `redis.ConnectionError`: the connection is out of step, and the job
+        retries on a fresh one."""
+        socket = self.connection._sock  # see the class docstring
+        if socket is None:
+            raise redis.ConnectionError("the feature store connection is closed")
+        if socket is not self._socket:  # (re)connected: nothing is left of the old one
+            self._socket, self.buffer = socket, b""
+        try:
+            return self._read(count)
+        except (ValueError, TypeError, IndexError, redis.exceptions.InvalidResponse) as exc:
+            raise redis.ConnectionError(f"unreadable reply from the feature store: {exc}") from exc
+
+    def _read(self, count: int) -> list[Any]:
         replies: list[Any] = []
         position = 0
         while len(replies) < count:
@@ -834,11 +936,12 @@ class _Replies:
                 continue
             if self.buffer[start] != 0x3E:  # > a RESP3 push message is no reply: skip it
                 replies.append(reply)
+        self.buffer = self.buffer[position:]  # the start of what comes next
         return replies
 
     def _receive(self, keep_from: int) -> None:
         try:
-            data = self.socket.recv(1 << 20)
+            data = self._socket.recv(1 << 20)
         except TimeoutError as exc:
             raise redis.TimeoutError("timed out reading from the feature store") from exc
         except OSError as exc:
@@ -853,14 +956,21 @@ class _Replies:
         if end < 0:
             raise _Incomplete
         kind, line = buffer[position], buffer[position + 1 : end]
-        if kind == 0x24:  # $ bulk string
+        if kind == 0x24 or kind == 0x3D or kind == 0x21:  # $ bulk, = verbatim, ! blob error
             size = int(line)
             if size < 0:
                 return None, end + 2
             stop = end + 2 + size
             if stop + 2 > len(buffer):
                 raise _Incomplete
-            return buffer[end + 2 : stop], stop + 2
+            if buffer[stop : stop + 2] != b"\r\n":
+                raise redis.exceptions.InvalidResponse("a bulk string of the wrong length")
+            value = buffer[end + 2 : stop]
+            if kind == 0x3D:
+                return value[4:], stop + 2  # after its format, "txt:"
+            if kind == 0x21:
+                return BaseParser.parse_error(value.decode(errors="replace")), stop + 2
+            return value, stop + 2
         if kind == 0x2A or kind == 0x7E or kind == 0x3E:  # * array, ~ set, > push (RESP3)
             size = int(line)
             if size < 0:
@@ -871,7 +981,16 @@ class _Replies:
                 item, position = self._parse(position)
                 items.append(item)
             return items, position
-        if kind == 0x3A:  # : integer
+        if kind == 0x25 or kind == 0x7C:  # % map, | attribute (RESP3)
+            pairs = {}
+            position = end + 2
+            for _ in range(int(line)):
+                name, position = self._parse(position)
+                pairs[name], position = self._parse(position)
+            if kind == 0x7C:  # what an attribute annotates comes next: that is the reply
+                return self._parse(position)
+            return pairs, position
+        if kind == 0x3A or kind == 0x28:  # : integer, ( big number (RESP3)
             return int(line), end + 2
         if kind == 0x2B:  # + simple string
             return line, end + 2
@@ -884,6 +1003,22 @@ class _Replies:
         if kind == 0x23:  # # boolean (RESP3)
             return line == b"t", end + 2
         raise redis.exceptions.InvalidResponse(f"unexpected reply type {chr(kind)!r}")
+
+
+def _pairs(flat: Sequence[bytes]) -> list[tuple[bytes, float]]:
+    """A zset's members and scores as a script returns them: member, score, ..."""
+    return [(member, float(score)) for member, score in zip(flat[::2], flat[1::2], strict=True)]
+
+
+def _versions(field_value: bytes | None) -> set[str]:
+    """The model versions in an `embedding-versions` field (a JSON list)."""
+    if not field_value:
+        return set()
+    try:
+        versions = orjson.loads(field_value)
+    except orjson.JSONDecodeError:
+        return set()  # not this job's: the next write sets it again
+    return {v for v in versions if isinstance(v, str)} if isinstance(versions, list) else set()
 
 
 def _bytes(value: bytes | str | int) -> bytes:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import redis
 
+from model_handlers import online_features
 from model_handlers.online_features import NO_FEATURES, RedisFeatureReader, connect
 from recsys_contracts.events import Event
 from recsys_contracts.feature_keys import (
@@ -162,3 +163,69 @@ def test_the_handler_reads_what_the_feature_job_wrote_to_a_redis_cluster(
         assert got.seen_item_ids == {e.item_id for e in batch[user]}, user
         assert got.embedding is not None and wanted.embedding is not None
         assert np.array_equal(got.embedding, wanted.embedding), user
+
+
+class RecordingClient(CountingClient):
+    """Also keeps every reply a pipeline brought back."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        super().__init__(client)
+        self.replies: list[Any] = []
+
+    def pipeline(self, transaction: bool = True) -> Any:
+        pipe = super().pipeline(transaction)
+        execute = pipe.execute
+
+        def recorded() -> Any:
+            replies = execute()
+            self.replies.append(replies)
+            return replies
+
+        pipe.execute = recorded  # type: ignore[method-assign]
+        return pipe
+
+
+def test_the_reader_takes_only_its_fields_not_the_state_or_old_embeddings(
+    client: redis.Redis,
+) -> None:
+    """After the job moved from model version a to b, the reader for b gets its
+    embedding, recent and seen items and state version in one round trip, and neither
+    the job's `state` nor another version's embedding crosses the network."""
+    items = {
+        v: ItemEmbeddings.from_arrays(v, ["i1", "i2", "i3"], scale * np.eye(3))
+        for v, scale in (("a", 1.0), ("b", 2.0))
+    }
+    writer = FeatureStore(client, StoreLayout(SYSTEM, 60_000, 86_400_000), FeatureParams())
+    events = [
+        Event(event_id=f"e{k}", user_id="u", item_id=f"i{1 + k % 3}", type="click", ts=BASE_TS + k)
+        for k in range(4)
+    ]
+    writer.apply({"u": events[:2]}, {"a": items["a"]})
+    client.hset(user_key(SYSTEM, "u"), embedding_field("old"), encode_embedding(np.ones(3)))
+    writer.apply({"u": events[2:]}, {"a": items["a"], "b": items["b"]})
+    recording = RecordingClient(client)
+    reader = RedisFeatureReader(
+        recording, system=SYSTEM, model_version="b", dim=3, history_length=5
+    )
+    (user,) = reader.read(["u"]).features
+    assert recording.round_trips == 1
+    stored: dict[bytes, bytes] = client.hgetall(user_key(SYSTEM, "u"))  # type: ignore[assignment]
+    np.testing.assert_array_equal(user.embedding, np.frombuffer(stored[b"emb:b"], dtype="<f4"))
+    assert user.recent_item_ids == ("i1", "i3", "i2", "i1")
+    assert user.seen_item_ids == {"i1", "i2", "i3"}
+    assert user.state_version == ("4", str(BASE_TS + 3))
+    received = repr(recording.replies)
+    for unwanted in (b"state", b"emb:a", b"emb:old"):
+        assert repr(stored[unwanted]) not in received, unwanted
+
+
+def test_a_user_with_more_fields_than_one_scan_takes_is_read_whole(
+    client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hash larger than the HSCAN count is scanned on until its end."""
+    monkeypatch.setattr(online_features, "SEEN_SCAN_COUNT", 10)
+    seen = {f"i{n}" for n in range(300)}
+    client.hset(user_key(SYSTEM, "heavy"), mapping={seen_field(i): "1" for i in seen})
+    reader = RedisFeatureReader(client, system=SYSTEM, model_version="7", dim=8, history_length=2)
+    (heavy,) = reader.read(["heavy", "nobody"]).features[:1]
+    assert heavy.seen_item_ids == seen

@@ -223,9 +223,9 @@ def test_a_job_killed_before_exec_leaves_nothing_and_its_retry_counts_popular_on
 
     def die_before_exec(connections: list[Any], commands: list[list[tuple[bytes, ...]]]) -> Any:
         if commands[0][-1] == (b"EXEC",):
-            for connection, batch in zip(connections, commands, strict=True):
+            for reader, batch in zip(connections, commands, strict=True):
                 packed = b"".join(feature_store_module._pack(c) for c in batch[:-1])
-                connection.send_packed_command([packed])
+                reader.connection.send_packed_command([packed])
             raise redis.ConnectionError("the job died here")
         return exchange(connections, commands)
 
@@ -297,3 +297,130 @@ def _feature(client: Any, key: str, name: str) -> bytes | None:
     """One feature of a user's hash, as bytes (None: no such feature)."""
     value = keys.decode_features(client.hget(key, "features")).get(name)
     return None if value is None else value.encode()
+
+
+def test_a_batch_of_10000_users_is_written_on_a_bounded_number_of_connections(
+    store_url: str, system: str
+) -> None:
+    """The CRD allows batches of 10,000 users (313 transactions); the client's pool holds
+    100 connections by default, shared with the job's other commands. The store keeps
+    at most TRANSACTION_CONNECTIONS of them and sends its transactions in waves."""
+    client = redis.Redis.from_url(store_url)  # the default pool, as the job opens it
+    try:
+        writer = feature_store(client, system)
+        users = [f"user-{n}" for n in range(10_000)]
+        writer.apply({u: [click(n, u, f"i{1 + n % 2}")] for n, u in enumerate(users)}, ITEMS)
+        cap = feature_store_module.TRANSACTION_CONNECTIONS
+        assert len(client.connection_pool._in_use_connections) <= cap
+        assert client.ping()  # the job's own commands still get a connection
+        for n in [*range(0, 10_000, 997), 9_999]:
+            user = keys.user_key(system, users[n])
+            assert _feature(client, user, "events") == b"1", n
+            assert keys.decode_recent(client.hget(user, "recent")) == [f"i{1 + n % 2}"]
+        assert client.zcard(keys.popular_items_key(system)) == 2
+        writer.apply({users[5]: [click(10_005, users[5])]}, ITEMS)  # and the next batch
+        assert _feature(client, keys.user_key(system, users[5]), "events") == b"2"
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_reply_the_store_cannot_parse_drops_the_connection_for_a_retry(
+    store_url: str, system: str, protocol: int
+) -> None:
+    """Garbage on a transaction connection (out of step) is a ConnectionError, which the
+    job retries (STORE_ERRORS), not a crash; the connections go back to the pool closed,
+    and the retry writes the batch."""
+    client = redis.Redis.from_url(store_url, protocol=protocol)
+    try:
+        writer = feature_store(client, system)
+        writer.apply({"u": [click(1)]}, ITEMS)
+        (reader,) = writer._connections
+        reader.buffer = b"?not a reply\r\n"  # as if the server had sent it
+        with pytest.raises(redis.ConnectionError):
+            writer.apply({"u": [click(2)]}, ITEMS)
+        assert writer._connections == [] and not client.connection_pool._in_use_connections
+        writer.apply({"u": [click(2)]}, ITEMS)
+        assert _feature(client, keys.user_key(system, "u"), "events") == b"2"
+    finally:
+        client.close()
+
+
+def test_a_new_model_version_deletes_the_old_versions_embedding(
+    store: redis.Redis, system: str
+) -> None:
+    """The job moves from model version a to b: a user's next write deletes `emb:a`,
+    also when written by a restarted job (which remembers nothing)."""
+    items_a = {"a": ItemEmbeddings.from_arrays("a", ["i1", "i2"], np.eye(2))}
+    items_ab = {**items_a, "b": ItemEmbeddings.from_arrays("b", ["i1", "i2"], 2 * np.eye(2))}
+    items_b = {"b": items_ab["b"]}
+    feature_store(store, system).apply({"u": [click(1)], "w": [click(2, "w")]}, items_a)
+    user, other = keys.user_key(system, "u"), keys.user_key(system, "w")
+    assert store.hexists(user, "emb:a")
+    feature_store(store, system).apply({"u": [click(3, item="i2")]}, items_ab)  # both served
+    assert store.hexists(user, "emb:a") and store.hexists(user, "emb:b")
+    restarted = feature_store(store, system)
+    restarted.apply({"u": [click(4)], "w": [click(5, "w", "i2")]}, items_b)
+    for name in (user, other):
+        fields = store.hgetall(name)
+        assert b"emb:a" not in fields and b"emb:b" in fields, name
+    restarted.apply({"u": [click(6)]}, items_b)
+    assert {k for k in store.hkeys(user) if k.startswith(b"emb:")} == {b"emb:b"}
+
+
+def test_the_v1_popular_copy_and_its_record_are_read_at_one_instant(
+    store_url: str, system: str
+) -> None:
+    """A v1 job that counts an event while the upgrade reads v1's popular and its record
+    leaves the event in both reads or in neither: never honoured as counted by v1 (so
+    not counted by v2) while missing from the copy."""
+    v1_popular = keys.popular_items_key(system, "v1")
+    v1_record = keys.popular_applied_key(system, "v1")
+    late = feature_store_module._event_member("x", "late")
+    now_ms = int(time.time() * 1000)
+    client, v1_job = redis.Redis.from_url(store_url), redis.Redis.from_url(store_url)
+    client.zadd(v1_popular, {"i1": 3.0})
+    client.zadd(v1_record, {feature_store_module._event_member("x", "e0"): now_ms})
+    interleaved: list[str] = []
+
+    def after_a_read_of_v1(names: list[str]) -> None:
+        if not interleaved and {"ZRANGE", "ZRANGEBYSCORE", "EVALSHA"} & set(names):
+            interleaved.append(names[0])
+            with v1_job.pipeline(transaction=True) as pipe:  # as a v1 job counts an event
+                pipe.zincrby(v1_popular, 1.0, "late-item")
+                pipe.zadd(v1_record, {late: now_ms})
+                pipe.execute()
+
+    execute_command, pipeline = client.execute_command, client.pipeline
+
+    def command(*args: Any, **options: Any) -> Any:
+        result = execute_command(*args, **options)
+        after_a_read_of_v1([str(args[0]).upper()])
+        return result
+
+    def spied_pipeline(*args: Any, **options: Any) -> Any:
+        pipe = pipeline(*args, **options)
+        execute = pipe.execute
+
+        def spied_execute(*a: Any, **k: Any) -> Any:
+            names = [str(entry[0][0]).upper() for entry in pipe.command_stack]
+            result = execute(*a, **k)
+            after_a_read_of_v1(names)
+            return result
+
+        pipe.execute = spied_execute  # type: ignore[method-assign]
+        return pipe
+
+    client.execute_command = command  # type: ignore[method-assign]
+    client.pipeline = spied_pipeline  # type: ignore[method-assign]
+    try:
+        writer = feature_store(client, system)
+        writer.apply({"u": [click(1)]}, ITEMS)
+        assert interleaved  # the v1 job did write during the upgrade's read
+        copied = client.zscore(keys.popular_items_key(system), "late-item") is not None
+        assert copied == (late in writer._counted_by_v1)
+        assert client.zscore(keys.popular_items_key(system), "i1") is not None
+        assert feature_store_module._event_member("x", "e0") in writer._counted_by_v1
+    finally:
+        client.close()
+        v1_job.close()

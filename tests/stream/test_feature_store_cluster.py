@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 from redis.cluster import RedisCluster
@@ -376,3 +377,24 @@ def _feature(client: Any, key: str, name: str) -> bytes | None:
     """One feature of a user's hash, as bytes (None: no such feature)."""
     value = keys.decode_features(client.hget(key, "features")).get(name)
     return None if value is None else value.encode()
+
+
+def test_a_new_model_version_deletes_the_old_embeddings_on_either_topology(
+    any_store: Any, system: str
+) -> None:
+    """The job moves from model version a to b: each user's next write (a slot group's
+    script on the cluster) deletes `emb:a`, and only stale versions."""
+    items_a = {"a": ItemEmbeddings.from_arrays("a", ["i1", "i2"], np.eye(2))}
+    items_b = {"b": ItemEmbeddings.from_arrays("b", ["i1", "i2"], 2 * np.eye(2))}
+    users = [f"user-{n}" for n in range(40)]  # many slots
+    feature_store(any_store, system).apply(
+        {u: [_click(f"e{n}", u, n)] for n, u in enumerate(users)}, items_a
+    )
+    assert all(any_store.hexists(keys.user_key(system, u), "emb:a") for u in users)
+    feature_store(any_store, system).apply(
+        {u: [_click(f"f{n}", u, 100 + n)] for n, u in enumerate(users)}, items_b
+    )
+    for user in users:
+        names = set(any_store.hkeys(keys.user_key(system, user)))
+        assert {n for n in names if n.startswith(b"emb:")} == {b"emb:b"}, user
+        assert b"state" in names and b"recent" in names
