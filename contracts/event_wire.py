@@ -321,10 +321,7 @@ def decode_event(payload: bytes | str) -> Event:
     A batch (several events) is refused: read those with `decode_events`.
     """
     if isinstance(payload, bytes) and payload.startswith(MAGIC):
-        if payload[len(MAGIC) : HEADER_SIZE] == _HEADER[len(MAGIC) :]:  # the common case: v1
-            record = _read_v1_payload(payload)
-            if record is not None:
-                return event_from_record(record)
+        # _avro_record tries the fast version-1 reader first, then fastavro
         return event_from_record(_single(_avro_record(payload)))
     return parse_event(payload)
 
