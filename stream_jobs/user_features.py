@@ -857,7 +857,7 @@ def decode_state_json(data: bytes | str, params: FeatureParams | None = None) ->
     document = _DECODER.decode(data.decode() if isinstance(data, bytes) else data)
     if document.get("format") not in (1, JSON_STATE_FORMAT):
         return UserState()
-    names = None if params is None else {name for name, _ in params.windows}
+    names = None if params is None else params.window_names
     session_id, session_start, session_events = document["session"]
     return UserState(
         last_ts=document["last_ts"],
