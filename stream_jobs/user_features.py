@@ -711,7 +711,6 @@ def popular_weight(ts: int, epoch_ms: int, half_life_ms: int) -> float:
 # stores written by earlier jobs still load: JSON starts with `{`, format 3 with
 # FORMAT_3_MAGIC (see `_decode_state_format_3`).
 STATE_MAGIC = b"\x00\x04"
-BINARY_MAGIC = STATE_MAGIC
 """The first bytes of the binary form `encode_state` writes."""
 _STATE_FIELDS = tuple(UserState.__dataclass_fields__)
 

@@ -18,9 +18,9 @@ from recsys_contracts import feature_keys as keys
 from recsys_contracts.events import Event, EventType
 from stream_jobs.item_embeddings import ItemEmbeddings
 from stream_jobs.user_features import (
-    BINARY_MAGIC,
     EVENT_TYPE_NAMES,
     SCALAR_FIELDS,
+    STATE_MAGIC,
     FeatureParams,
     Outcome,
     UserState,
@@ -85,7 +85,7 @@ def test_a_json_state_written_before_the_binary_codec_still_loads() -> None:
     assert state.session_id == "e1" and state.events_applied == 2
     assert state.pending == ((1767225720000, "e3", "dwell", "i3", 500),)
     # Written back, it takes the binary form and reads as the same state.
-    assert encode_state(state).startswith(BINARY_MAGIC)
+    assert encode_state(state).startswith(STATE_MAGIC)
     assert decode_state(encode_state(state), FeatureParams()) == state
 
 
@@ -118,7 +118,7 @@ def test_a_format_3_state_written_before_the_msgpack_codec_still_loads() -> None
     assert state.pending[1] == (T0 + 21 * MIN, "e3", "impression", "i0", None)
     assert state.clock_ts == T0 + 42 * MIN
     # Written back, it takes the current binary form and reads as the same state.
-    assert encode_state(state).startswith(BINARY_MAGIC)
+    assert encode_state(state).startswith(STATE_MAGIC)
     assert decode_state(encode_state(state), PARAMS) == state
 
 
@@ -129,7 +129,7 @@ def test_a_state_the_binary_form_cannot_hold_is_written_as_json_and_reads_back()
     assert decode_state(data) == odd
     # Any text is fine in the binary form (format 3 could not hold its separator).
     separator = UserState(last_ts=T0, clock_ts=T0, seen={"id\x1fwith a separator": T0})
-    assert encode_state(separator).startswith(BINARY_MAGIC)
+    assert encode_state(separator).startswith(STATE_MAGIC)
     assert decode_state(encode_state(separator)) == separator
 
 
