@@ -306,12 +306,18 @@ def _remember(
     newer than every settled one, stay: a redelivered pending event is a duplicate)."""
     updated = dict(seen)
     updated[event_id] = ts
-    if len(updated) > capacity and settled_ts is not None:
-        # Oldest first, ties by id, so the result does not depend on arrival order.
-        settled = sorted((t, i) for i, t in updated.items() if t <= settled_ts)
-        for _, old_id in settled[: len(settled) - capacity]:
-            del updated[old_id]
+    _prune_seen(updated, settled_ts, capacity)
     return updated
+
+
+def _prune_seen(seen: dict[str, int], settled_ts: int | None, capacity: int) -> None:
+    """Drop from `seen`, in place, the oldest settled ids (ts up to `settled_ts`) past
+    `capacity`; none while `seen` holds no more than `capacity` ids or nothing settled."""
+    if len(seen) > capacity and settled_ts is not None:
+        # Oldest first, ties by id, so the result does not depend on arrival order.
+        settled = sorted((t, i) for i, t in seen.items() if t <= settled_ts)
+        for _, old_id in settled[: len(settled) - capacity]:
+            del seen[old_id]
 
 
 def _add_counts(
@@ -636,11 +642,7 @@ def _apply_events(
             settled_ts = settled.last_ts
             del new_pending[:ready]
         new_seen[event_id] = ts
-        if len(new_seen) > capacity and settled_ts is not None:
-            # As `_remember`: the oldest settled ids past capacity go, ties by id.
-            old = sorted((t, i) for i, t in new_seen.items() if t <= settled_ts)
-            for _, old_id in old[: len(old) - capacity]:
-                del new_seen[old_id]
+        _prune_seen(new_seen, settled_ts, capacity)
         outcomes.append(applied)
         if event_type != _IMPRESSION:
             touched.append((event.item_id, ts))
