@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,7 @@ from recsys_contracts.events import Event, EventType
 from stream_jobs.item_embeddings import ItemEmbeddings
 from stream_jobs.user_features import (
     EVENT_TYPE_NAMES,
+    MAX_PENDING,
     SCALAR_FIELDS,
     STATE_MAGIC,
     FeatureParams,
@@ -216,6 +218,28 @@ def test_the_batch_rules_give_each_user_the_state_and_outcomes_of_apply_event(
         for e, outcome in zip(events, outcomes, strict=True)
         if outcome is Outcome.APPLIED and e.is_interaction
     ]
+
+
+@pytest.mark.parametrize(("seed", "capacity"), [(1, 64), (2, 4096)])
+def test_the_batch_rules_settle_early_past_max_pending_as_apply_event_does(
+    seed: int, capacity: int
+) -> None:
+    # A lateness longer than the stream's two hours: no event settles by the watermark,
+    # so past MAX_PENDING waiting events the oldest settle early, and events before them
+    # that come later are late.
+    params = FeatureParams(last_n=4, allowed_lateness_ms=180 * MIN, dedup_capacity=capacity)
+    rng = random.Random(seed)
+    earlier, _ = fold_events(UserState(), random_events(rng, "u", 5), params)
+    events = random_events(rng, "u", MAX_PENDING + 200)
+    events += rng.sample(events, k=10)
+    expected, outcomes = fold_events(earlier, events, params)
+    assert len(expected.pending) == MAX_PENDING and expected.last_ts is not None
+    assert Outcome.LATE in outcomes
+    [update] = update_users([earlier], {}, [events], params, {})
+    assert update.outcomes == outcomes
+    assert update.state == expected
+    assert list(update.state.seen.items()) == list(expected.seen.items())
+    assert encode_state(update.state) == encode_state(expected)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
