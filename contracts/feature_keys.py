@@ -149,6 +149,15 @@ def decode_recent(value: bytes | str | None) -> list[str]:
     return text.split(" ")
 
 
+def encode_features(features: dict[str, str]) -> bytes:
+    """The `features` field of the reader features `features` (compact JSON, UTF-8)."""
+    # Imported here, not above: only the feature job writes this field, and the operator
+    # and the serving handler, which import this module, do not install orjson.
+    import orjson
+
+    return orjson.dumps(features)
+
+
 def decode_features(value: bytes | str | None) -> dict[str, str]:
     """The features of a `features` field (empty when there is none)."""
     if not value:

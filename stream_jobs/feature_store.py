@@ -127,6 +127,9 @@ TTL_RENEWAL = 64
 1/TTL_RENEWAL of the TTL ago (`Written`): a hash expires between 63/64 of the TTL and the
 TTL after the user's last event, and steady writes save a command a user."""
 _NOTHING_SHA1 = hashlib.sha1(b"").hexdigest()
+_STATE_FIELD = keys.STATE_FIELD.encode()  # the user hash's fields as the writes name them
+_FEATURES_FIELD = keys.FEATURES_FIELD.encode()
+_RECENT_FIELD = keys.RECENT_FIELD.encode()
 _UPGRADE_CHUNK = 1000
 
 # KEYS: the users' hashes, all in one slot. ARGV[1]: TTL in ms. ARGV[2]: the JSON plan,
@@ -569,7 +572,7 @@ class FeatureStore:
                 text: list[str] = []
                 spans: list[tuple[str, int, int]] = []
                 for name, value in zip(fields[::2], fields[1::2], strict=True):
-                    if name == b"state" or name.startswith(b"emb:"):
+                    if name == _STATE_FIELD or name.startswith(b"emb:"):
                         spans.append((name.decode(), offset, len(value)))
                         blob.append(value)
                         offset += len(value)
@@ -717,16 +720,18 @@ class FeatureStore:
         renewed = clock
         field_values, recent_list = reader_field_values(update.state, self.params)
         recent = keys.encode_recent(recent_list)
-        features = orjson.dumps(dict(zip(self.params.field_names, field_values, strict=True)))
-        fields: list[bytes] = [b"state", state, b"features", features]
+        features = keys.encode_features(
+            dict(zip(self.params.field_names, field_values, strict=True))
+        )
+        fields: list[bytes] = [_STATE_FIELD, state, _FEATURES_FIELD, features]
         before = self._written.get(user)
         if before is not None and state_read == before.state:  # the hash holds `before`
             if clock - before.renewed < self._renewal_s:
                 renewed = before.renewed  # its TTL is still (nearly) whole
             if recent != before.recent:
-                fields += (b"recent", recent.encode())
+                fields += (_RECENT_FIELD, recent.encode())
         else:
-            fields += (b"recent", recent.encode())
+            fields += (_RECENT_FIELD, recent.encode())
         for version, vector in update.embeddings.items():
             fields += (keys.embedding_field(version).encode(), keys.encode_embedding(vector))
         for item in sorted({item_id for item_id, _ in update.touched_items}):
