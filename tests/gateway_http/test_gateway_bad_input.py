@@ -13,6 +13,8 @@ import requests
 from gateway_testing import StartGateway, metric_value, routing_document
 from serving_stub import ServingStub
 
+from gateway.api_models import ErrorResponse
+
 EVENT = {"type": "view", "user_id": "u", "item_id": "i"}
 ASK = {"user_id": "u", "k": 2}
 
@@ -52,6 +54,22 @@ def test_a_body_sent_wrong_is_a_4xx_with_a_reason(
     if path == "/v1/recommend":
         metrics = http.get(f"{gateway.url}/metrics", timeout=10).text
         assert metric_value(metrics, "recsys_gateway_requests_total", code=str(status)) == 1
+
+
+def test_the_servers_refusals_have_the_shape_of_the_apps_errors(
+    serving: ServingStub, start_gateway: StartGateway, http: requests.Session
+) -> None:
+    # The HTTP server writes its own refusals (`error_body`, without the app's models): a
+    # client must read them as the app's ErrorResponse, down to the bytes' layout.
+    gateway = start_gateway(routing_document(serving))
+    from_server = http.get(f"{gateway.url}/nowhere", timeout=10)
+    from_app = post(http, f"{gateway.url}/v1/recommend", b'{"user_id": ')  # not JSON
+    assert (from_server.status_code, from_app.status_code) == (404, 400)
+    for answer in (from_server, from_app):
+        body = answer.json()
+        assert list(body) == list(ErrorResponse.model_fields)
+        assert isinstance(body["error"], str) and body["error"] and body["field"] is None
+        assert answer.content == ErrorResponse.model_validate(body).model_dump_json().encode()
 
 
 def test_bodies_sent_right_are_accepted_however_encoded(
