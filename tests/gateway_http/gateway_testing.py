@@ -29,7 +29,8 @@ def routing_document(
     canary: str | None = None,
     weight: int = 0,
     salt: str = "recs:1",
-    timeout_ms: int = 250,
+    # Generous: the suite shares two cores, and a test that means a timeout sets its own.
+    timeout_ms: int = 1000,
     default_k: int = 10,
     max_k: int = 50,
     pulsar: str | None = None,
