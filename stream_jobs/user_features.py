@@ -379,44 +379,37 @@ def reader_values(state: UserState, params: FeatureParams) -> tuple[dict[str, st
     return dict(zip(params.field_names, values, strict=True)), recent
 
 
+def _count_text(n: int) -> str:
+    return _TEXTS[n] if 0 <= n < _TEXTS_COUNT else str(n)
+
+
 def reader_field_values(state: UserState, params: FeatureParams) -> tuple[list[str], list[str]]:
     """The values of the `features` hash (in `params.field_names` order) and
     `recent_item_ids` of `state`, in one pass: the pending events are folded on for the
-    scalars and counted into the window totals directly, without the view's copy of the
+    scalars by `_fold_parts` (the rules `_fold` applies) and counted into the window
+    totals directly, without the view's copy of the
     buckets (the same totals: the view trims to the same windows; tested equal)."""
-    last_ts, gap = state.last_ts, state.previous_gap_ms
-    session_id, start, session_events = (
-        state.session_id,
-        state.session_start_ts,
-        state.session_events,
-    )
-    dwell_total, dwell_events = state.dwell_total_ms, state.dwell_events
     pending = state.pending
     per_type = [0] * _TYPES  # the pending events per type
     if not pending:
+        last_ts, gap = state.last_ts, state.previous_gap_ms
+        session_id, start, session_events = (
+            state.session_id,
+            state.session_start_ts,
+            state.session_events,
+        )
+        dwell_total, dwell_events = state.dwell_total_ms, state.dwell_events
         recent = [item_id for _, item_id in state.recent]
     else:
-        gap_ms = params.session_gap_ms
-        items = list(state.recent)
-        for ts, event_id, event_type, item_id, dwell_ms in pending:  # as `_fold_parts`
-            if last_ts is None or session_id is None or ts - last_ts > gap_ms:
-                session_id, start, session_events = event_id, ts, 1
-            else:
-                if start is None or ts < start:
-                    start = ts
-                session_events += 1
-            if last_ts is None:
-                gap = None
-                last_ts = ts
-            else:
-                gap = ts - last_ts
-                if ts > last_ts:
-                    last_ts = ts
-            if dwell_ms is not None:
-                dwell_total += dwell_ms
-                dwell_events += 1
-            if event_type != _IMPRESSION:
-                items.append((ts, item_id))
+        scalars, items, added = _fold_parts(state, pending, params)
+        last_ts, gap = scalars["last_ts"], scalars["previous_gap_ms"]
+        session_id, start, session_events = (
+            scalars["session_id"],
+            scalars["session_start_ts"],
+            scalars["session_events"],
+        )
+        dwell_total, dwell_events = scalars["dwell_total_ms"], scalars["dwell_events"]
+        for _, event_type in added:
             per_type[TYPE_INDEX[event_type]] += 1
         items.sort(reverse=True)
         recent = [item_id for _, item_id in items[: params.last_n]]
@@ -445,16 +438,15 @@ def reader_field_values(state: UserState, params: FeatureParams) -> tuple[list[s
             values += _ZERO_TEXTS
             continue
         values += [_TEXTS[n] if 0 <= n < _TEXTS_COUNT else str(n) for n in totals]
-    applied = state.events_applied + len(pending)
     values += (
         "" if last_ts is None else str(last_ts),
         "" if gap is None else str(gap),
         f"{dwell_total / dwell_events:.1f}" if dwell_events else "",
-        _TEXTS[dwell_events] if 0 <= dwell_events < _TEXTS_COUNT else str(dwell_events),
+        _count_text(dwell_events),
         session_id or "",
         "" if start is None else str(start),
-        _TEXTS[session_events] if 0 <= session_events < _TEXTS_COUNT else str(session_events),
-        _TEXTS[applied] if 0 <= applied < _TEXTS_COUNT else str(applied),
+        _count_text(session_events),
+        _count_text(state.events_applied + len(pending)),
     )  # in SCALAR_FIELDS order
     return values, recent
 
