@@ -85,6 +85,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import hiredis
 import orjson
 import redis
 from redis._parsers.base import BaseParser
@@ -870,16 +871,18 @@ def _pipelined(client: Any, commands: Sequence[Command]) -> list[Any]:
 
 
 def _exchange(
-    connections: Sequence[_Replies], commands: Sequence[Sequence[Sequence[bytes]]]
+    connections: Sequence[_Replies], commands: Sequence[Sequence[tuple[bytes, ...]]]
 ) -> list[list[Any]]:
     """Each connection's commands sent in one write, all connections first, then their
     replies (in order), errors in their place (`_Replies`). The commands are packed and
-    the replies parsed here, not by redis-py: its encoder and parser cost one to two
-    microseconds of Python an argument and a reply, and a batch has tens of thousands."""
+    the replies parsed by hiredis (C) here, not through redis-py's connection: its
+    encoder and reply callbacks cost one to two microseconds of Python an argument and a
+    reply, and a batch has tens of thousands."""
     for reader, batch in zip(connections, commands, strict=True):
         # no health check: its PING would be read by redis-py's parser, past bytes this
         # store may still hold (`_Replies`); a dead connection fails the read instead
-        reader.connection.send_packed_command([b"".join(map(_pack, batch))], check_health=False)
+        packed = b"".join([hiredis.pack_command(command) for command in batch])
+        reader.connection.send_packed_command([packed], check_health=False)
     return [reader.read(len(batch)) for reader, batch in zip(connections, commands, strict=True)]
 
 
@@ -891,28 +894,19 @@ def _raise_any(replies: Sequence[Sequence[Any]]) -> None:
                 raise reply
 
 
-def _pack(command: Sequence[bytes]) -> bytes:
-    """One command in the Redis protocol (RESP)."""
-    return b"*%d\r\n" % len(command) + b"".join(
-        [b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in command]
-    )
-
-
-class _Incomplete(Exception):
-    """The buffer ends within a reply."""
-
-
 class _Replies:
-    """Replies read straight off a redis-py connection's socket (RESP2 or RESP3), which
-    nothing else reads meanwhile: the store owns its transaction connections, and
-    redis-py's own parser holds no bytes once their handshake was read. What a read
-    received past the replies it wanted (a RESP3 push message, whole or in part) is kept
-    for the next read of the same connection."""
+    """Replies read straight off a redis-py connection's socket (RESP2 or RESP3) by
+    hiredis's reader, which nothing else reads meanwhile: the store owns its transaction
+    connections, and redis-py's own parser holds no bytes once their handshake was read.
+    What a read received past the replies it wanted (a RESP3 push message, whole or in
+    part) stays in the reader for the next read of the same connection. (hiredis reads
+    every type Redis sends; RESP3's attribute type, which no Redis command sends, it
+    would return as a reply of its own.)"""
 
     def __init__(self, connection: Any) -> None:
         self.connection = connection
-        self.buffer = b""
-        self._socket: Any = None  # the socket `buffer` came from
+        self._reader = _reader()
+        self._socket: Any = None  # the socket `_reader` was fed from
 
     def read(self, count: int) -> list[Any]:
         """The next `count` replies (push messages skipped). A reply that is no RESP
@@ -922,29 +916,25 @@ class _Replies:
         if socket is None:
             raise redis.ConnectionError("the feature store connection is closed")
         if socket is not self._socket:  # (re)connected: nothing is left of the old one
-            self._socket, self.buffer = socket, b""
+            self._socket, self._reader = socket, _reader()
         try:
             return self._read(count)
-        except (ValueError, TypeError, IndexError, redis.exceptions.InvalidResponse) as exc:
+        except (hiredis.ProtocolError, TypeError) as exc:  # TypeError: a map keyed by a list
+            self._reader = _reader()  # what it holds is out of step too
             raise redis.ConnectionError(f"unreadable reply from the feature store: {exc}") from exc
 
     def _read(self, count: int) -> list[Any]:
         replies: list[Any] = []
-        position = 0
+        reader = self._reader
         while len(replies) < count:
-            start = position
-            try:
-                reply, position = self._parse(position)
-            except _Incomplete:
-                self._receive(position)
-                position = 0
-                continue
-            if self.buffer[start] != 0x3E:  # > a RESP3 push message is no reply: skip it
+            reply = reader.gets()
+            if reply is _MORE:
+                self._receive()
+            elif type(reply) is not hiredis.PushNotification:  # a push message is no reply
                 replies.append(reply)
-        self.buffer = self.buffer[position:]  # the start of what comes next
         return replies
 
-    def _receive(self, keep_from: int) -> None:
+    def _receive(self) -> None:
         try:
             data = self._socket.recv(1 << 20)
         except TimeoutError as exc:
@@ -953,61 +943,16 @@ class _Replies:
             raise redis.ConnectionError(f"reading from the feature store: {exc}") from exc
         if not data:
             raise redis.ConnectionError("the feature store closed the connection")
-        self.buffer = self.buffer[keep_from:] + data
+        self._reader.feed(data)
 
-    def _parse(self, position: int) -> tuple[Any, int]:
-        buffer = self.buffer
-        end = buffer.find(b"\r\n", position)
-        if end < 0:
-            raise _Incomplete
-        kind, line = buffer[position], buffer[position + 1 : end]
-        if kind == 0x24 or kind == 0x3D or kind == 0x21:  # $ bulk, = verbatim, ! blob error
-            size = int(line)
-            if size < 0:
-                return None, end + 2
-            stop = end + 2 + size
-            if stop + 2 > len(buffer):
-                raise _Incomplete
-            if buffer[stop : stop + 2] != b"\r\n":
-                raise redis.exceptions.InvalidResponse("a bulk string of the wrong length")
-            value = buffer[end + 2 : stop]
-            if kind == 0x3D:
-                return value[4:], stop + 2  # after its format, "txt:"
-            if kind == 0x21:
-                return BaseParser.parse_error(value.decode(errors="replace")), stop + 2
-            return value, stop + 2
-        if kind == 0x2A or kind == 0x7E or kind == 0x3E:  # * array, ~ set, > push (RESP3)
-            size = int(line)
-            if size < 0:
-                return None, end + 2
-            items = []
-            position = end + 2
-            for _ in range(size):
-                item, position = self._parse(position)
-                items.append(item)
-            return items, position
-        if kind == 0x25 or kind == 0x7C:  # % map, | attribute (RESP3)
-            pairs = {}
-            position = end + 2
-            for _ in range(int(line)):
-                name, position = self._parse(position)
-                pairs[name], position = self._parse(position)
-            if kind == 0x7C:  # what an attribute annotates comes next: that is the reply
-                return self._parse(position)
-            return pairs, position
-        if kind == 0x3A or kind == 0x28:  # : integer, ( big number (RESP3)
-            return int(line), end + 2
-        if kind == 0x2B:  # + simple string
-            return line, end + 2
-        if kind == 0x2D:  # - error
-            return BaseParser.parse_error(line.decode(errors="replace")), end + 2
-        if kind == 0x5F:  # _ null (RESP3)
-            return None, end + 2
-        if kind == 0x2C:  # , double (RESP3)
-            return float(line), end + 2
-        if kind == 0x23:  # # boolean (RESP3)
-            return line == b"t", end + 2
-        raise redis.exceptions.InvalidResponse(f"unexpected reply type {chr(kind)!r}")
+
+_MORE = object()
+"""What the reader returns while it holds no whole reply (`False` is a RESP3 reply)."""
+
+
+def _reader() -> hiredis.Reader:
+    """A RESP reader whose error replies are redis-py's exceptions, as redis-py raises."""
+    return hiredis.Reader(replyError=BaseParser.parse_error, notEnoughData=_MORE)
 
 
 def _pairs(flat: Sequence[bytes]) -> list[tuple[bytes, float]]:

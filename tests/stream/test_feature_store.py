@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import hiredis
 import numpy as np
 import pytest
 import redis
@@ -224,7 +225,7 @@ def test_a_job_killed_before_exec_leaves_nothing_and_its_retry_counts_popular_on
     def die_before_exec(connections: list[Any], commands: list[list[tuple[bytes, ...]]]) -> Any:
         if commands[0][-1] == (b"EXEC",):
             for reader, batch in zip(connections, commands, strict=True):
-                packed = b"".join(feature_store_module._pack(c) for c in batch[:-1])
+                packed = b"".join(hiredis.pack_command(c) for c in batch[:-1])
                 reader.connection.send_packed_command([packed])
             raise redis.ConnectionError("the job died here")
         return exchange(connections, commands)
@@ -336,7 +337,7 @@ def test_a_reply_the_store_cannot_parse_drops_the_connection_for_a_retry(
         writer = feature_store(client, system)
         writer.apply({"u": [click(1)]}, ITEMS)
         (reader,) = writer._connections
-        reader.buffer = b"?not a reply\r\n"  # as if the server had sent it
+        reader._reader.feed(b"?not a reply\r\n")  # as if the server had sent it
         with pytest.raises(redis.ConnectionError):
             writer.apply({"u": [click(2)]}, ITEMS)
         assert writer._connections == [] and not client.connection_pool._in_use_connections

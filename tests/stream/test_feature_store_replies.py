@@ -1,5 +1,6 @@
-"""The feature store's own RESP reader (`feature_store._Replies`): replies split
-anywhere by the network, RESP3 push messages between them, every RESP3 type."""
+"""The feature store's RESP reader (`feature_store._Replies`, hiredis underneath):
+replies split anywhere by the network, RESP3 push messages between them, every RESP3
+type Redis sends (not the attribute type, which no Redis command sends)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ PUSH = b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n"
 FIRST = (
     PUSH
     + b"+OK\r\n$3\r\nabc\r\n*2\r\n:1\r\n$-1\r\n%2\r\n+a\r\n:1\r\n+b\r\n,2.5\r\n"
-    + b"~1\r\n$1\r\nx\r\n|1\r\n+ttl\r\n:3\r\n:7\r\n_\r\n#t\r\n-ERR bad\r\n"
+    + b"~1\r\n$1\r\nx\r\n:7\r\n_\r\n#t\r\n#f\r\n-ERR bad\r\n"
     + b"=8\r\ntxt:some\r\n(12345678901234567890\r\n$0\r\n\r\n*-1\r\n"
     + PUSH
 )
@@ -28,12 +29,13 @@ WANTED = [
     [1, None],
     {b"a": 1, b"b": 2.5},
     [b"x"],
-    7,  # the reply an attribute annotates
+    7,
     None,
     True,
+    False,  # a reply, not "no whole reply yet"
     "error",
     b"some",
-    12345678901234567890,
+    b"12345678901234567890",  # a big number's digits, as redis-py (with hiredis) reads it
     b"",
     None,
 ]
@@ -76,12 +78,19 @@ def test_bytes_past_the_wanted_replies_wait_for_the_next_read() -> None:
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"?what\r\n", b":12a\r\n", b"$3\r\nabcdef\r\n", b"*x\r\n", b"%1\r\n*1\r\n:1\r\n:2\r\n"],
+    [
+        b"?what\r\n",
+        b":12a\r\n",
+        b"$3\r\nabcdef\r\n:1\r\n",  # too long a bulk string: found at the reply after it
+        b"*x\r\n",
+        b"%1\r\n*1\r\n:1\r\n:2\r\n",
+        b"=3\r\nabc\r\n",
+    ],
 )
 def test_a_reply_that_is_no_resp_is_a_connection_error(garbage: bytes) -> None:
     reader = _Replies(SimpleNamespace(_sock=Chunks([garbage])))
     with pytest.raises(redis.ConnectionError):
-        reader.read(1)
+        reader.read(2)
 
 
 def test_a_closed_connection_is_a_connection_error() -> None:
