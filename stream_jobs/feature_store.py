@@ -881,7 +881,8 @@ def _exchange(
     for reader, batch in zip(connections, commands, strict=True):
         # no health check: its PING would be read by redis-py's parser, past bytes this
         # store may still hold (`_Replies`); a dead connection fails the read instead
-        packed = b"".join([hiredis.pack_command(command) for command in batch])
+        # (hiredis's stub types its argument as a tuple of one element)
+        packed = b"".join([hiredis.pack_command(command) for command in batch])  # type: ignore[arg-type]
         reader.connection.send_packed_command([packed], check_health=False)
     return [reader.read(len(batch)) for reader, batch in zip(connections, commands, strict=True)]
 
