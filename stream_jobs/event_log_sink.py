@@ -131,12 +131,14 @@ class EventLogSink:
         self.store = EventLogStore(settings.log_uri, storage_options)
         self.join = ImpressionJoin(duration_ms(settings.click_window))
         # Ids written to the log, and ids received but not yet written: a copy of the
-        # first kind is acked and dropped, a copy of the second only dropped (acking it
-        # would ack the original before its file exists).
+        # first kind is acked and dropped, a copy of the second dropped and acked once
+        # the original is written (acking it now would ack a message before its event's
+        # file exists; never acking it would leave it unacked for good). `in_flight`
+        # maps each such id to the messages of its copies.
         self.seen = {layout.INTERACTIONS_TABLE: SeenIds(), layout.IMPRESSIONS_TABLE: SeenIds()}
-        self.in_flight: dict[str, set[str]] = {
-            layout.INTERACTIONS_TABLE: set(),
-            layout.IMPRESSIONS_TABLE: set(),
+        self.in_flight: dict[str, dict[str, list[Any]]] = {
+            layout.INTERACTIONS_TABLE: {},
+            layout.IMPRESSIONS_TABLE: {},
         }
         self.buffer = Buffer()
         self._flush_s = duration_ms(settings.flush_interval) / 1000
@@ -280,10 +282,12 @@ class EventLogSink:
             self.metrics.duplicates.labels(**self._m, table=table, stage="sink").inc()
             self.settle(consumer, handle)
             return
-        if event.event_id in self.in_flight[table]:
+        copies = self.in_flight[table].get(event.event_id)
+        if copies is not None:
             self.metrics.duplicates.labels(**self._m, table=table, stage="sink").inc()
-            return  # the copy in hand is acked once written (a resent id: redelivered)
-        self.in_flight[table].add(event.event_id)
+            copies.append(handle)  # settled with the original, once it is written
+            return
+        self.in_flight[table][event.event_id] = []
         self.join.observe(event.ts)
         if table == layout.IMPRESSIONS_TABLE:
             items = listed_items(event, record)
@@ -331,17 +335,20 @@ class EventLogSink:
                 self._count(table, "batch", written)
                 self.metrics.rows.labels(**self._m, table=table).inc(written.rows)
                 self._touched.add((table, partition))
+        copies: list[Any] = []  # messages of copies of the written events
         for table, written_ids in (
             (layout.INTERACTIONS_TABLE, [e.event_id for e in self.buffer.events]),
             (layout.IMPRESSIONS_TABLE, [p.event.event_id for p in impressions]),
         ):
             for event_id in written_ids:
                 self.seen[table].add(event_id)
-                self.in_flight[table].discard(event_id)
+                copies += self.in_flight[table].pop(event_id, ())
         for message in self.buffer.messages:
             self.settle(consumer, message)
         for impression in impressions:
             self.settle(consumer, impression.message)
+        for handle in copies:
+            self.settle(consumer, handle)
         self.buffer = Buffer()
         self.metrics.pending_impressions.labels(**self._m).set(self.join.pending)
         return True

@@ -518,6 +518,63 @@ def test_a_batch_of_impressions_is_joined_and_acked_once_all_its_rows_are_writte
     assert json.loads(letters[0].data())["code"] == "invalid_field"
 
 
+def test_a_copy_of_an_event_in_flight_is_acked_once_the_first_is_written(
+    pulsar_url: str, topic: str, impressions_topic: str, tmp_path: Path
+) -> None:
+    """A second message carrying an event that is buffered and not written yet (a
+    client that sends its event twice; a producer resending what the broker did store)
+    is dropped as a duplicate, and acked once the first copy is written: left unacked,
+    it would stay in the subscription's backlog, and each one counts toward the broker's
+    limit of unacked messages a consumer may hold, past which it delivers no more. The
+    same for an impression whose copy is in another batch."""
+    uri = str(tmp_path / "log")
+    t = BASE_TS + 3 * MINUTE
+    twice = click("r-1", "u1", "a", t)
+    produce_events(pulsar_url, topic, [twice, twice])
+    shown, other = (
+        gateway_impression("r-2", "u2", ["b", "c"], t),
+        gateway_impression("r-3", "u3", ["d"], t),
+    )
+    produce(
+        pulsar_url,
+        impressions_topic,
+        [("", encode_batch([shown, other])), ("", encode_batch([other, shown]))],
+    )
+    acked: list[str] = []
+
+    class RecordsAcks(EventLogSink):
+        def acknowledge(self, consumer: Any, message: Any) -> None:
+            acked.append(str(message.message_id()))
+            super().acknowledge(consumer, message)
+
+    settings = sink_settings(
+        pulsar_url, topic, uri, impressions_topic=impressions_topic, click_window="1s"
+    )
+    store = LogStore(uri, {})
+    sink = RecordsAcks(settings)
+    with running_sink(sink):
+        wait_until(
+            lambda: (
+                store.raw(layout.IMPRESSIONS_TABLE).num_rows == 3
+                and store.raw(layout.INTERACTIONS_TABLE).num_rows == 1
+            ),
+            30,
+            "one copy of each event written",
+        )
+        wait_until(lambda: len(set(acked)) == 4, 10, "all four messages acked")
+    assert len(acked) == 4  # each once
+    assert ids(store.raw(layout.INTERACTIONS_TABLE)) == [twice.event_id]
+    duplicates = {
+        table: sample(
+            sink.metrics.registry,
+            names.EVENT_LOG_DUPLICATES,
+            {"system": "test.log", "table": table, "stage": "sink"},
+        )
+        for table in (layout.INTERACTIONS_TABLE, layout.IMPRESSIONS_TABLE)
+    }
+    assert duplicates == {layout.INTERACTIONS_TABLE: 1, layout.IMPRESSIONS_TABLE: 2}
+
+
 # --- compaction -------------------------------------------------------------------
 
 
