@@ -54,11 +54,16 @@ log = logging.getLogger("stream_jobs.features")
 SUBSCRIBE_ATTEMPTS = 5
 
 # Redis errors worth waiting out: the server is down, restarting, loading or unreachable;
-# in a cluster also a cluster without a primary for some slot, or slots moving.
+# at its maxmemory (noeviction: writes are refused until keys expire or it gets more
+# memory); a replica now (READONLY: after a failover the address reaches the new primary
+# once the store's connections, dropped on the error, connect again); in a cluster also
+# a cluster without a primary for some slot, or slots moving.
 STORE_ERRORS = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.BusyLoadingError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
     redis.exceptions.ClusterDownError,
     redis.exceptions.TryAgainError,
     TooManyConflicts,

@@ -20,6 +20,7 @@ import redis
 from stream_support import (
     BASE_TS,
     StoreContent,
+    applied_events,
     consume,
     dead_letter,
     expected_content,
@@ -256,6 +257,52 @@ def test_a_job_stopped_while_redis_is_down_leaves_its_batch_unacked(
         wait_until(
             lambda: matches(client, settings, reference(settings, events)), 30, "every event"
         )
+
+
+@pytest.mark.parametrize("refusal", ["OutOfMemoryError", "ReadOnlyError"])
+def test_a_store_that_refuses_writes_for_a_while_is_waited_out_and_loses_nothing(
+    job_settings: FeatureJobSettings,
+    own_redis: RestartableRedis,
+    pulsar_url: str,
+    topic: str,
+    refusal: str,
+) -> None:
+    """A Redis at its `maxmemory` (noeviction, so that no user's state is evicted) refuses
+    every write with OOM until keys expire or it is given more memory; one made a replica
+    (a failover) refuses them with READONLY. The job retries the batch meanwhile
+    (counted, nothing acked) and applies every event once it can write, instead of dying
+    on the first refusal (restarted, it would meet the same one)."""
+    settings = job_settings.model_copy(update={"redis_url": own_redis.url})
+    events = interleave_users(known_stream(users=3, per_user=10, seed=17))
+    client = redis.Redis.from_url(own_redis.url)
+    if refusal == "OutOfMemoryError":
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")  # less than it already uses: writes refused
+    else:
+        client.replicaof("127.0.0.1", str(free_port()))  # a primary that never answers
+    produce_events(pulsar_url, topic, events)
+    with running_job(settings) as job:
+        wait_until(
+            lambda: (
+                sample(
+                    job.metrics.registry, "recsys_feature_store_errors_total", {"error": refusal}
+                )
+                >= 2
+            ),
+            30,
+            "the job to retry the refused write",
+        )
+        assert applied_events(client, settings.system_id, {e.user_id for e in events}) == 0
+        if refusal == "OutOfMemoryError":
+            client.config_set("maxmemory", "0")
+        else:
+            client.replicaof("NO", "ONE")
+        wait_until(
+            lambda: matches(client, settings, reference(settings, events)),
+            30,
+            "every event once Redis takes writes again",
+        )
+        assert outcome_total(job.metrics.registry, "applied") == len(events)
 
 
 def test_a_new_model_version_on_disk_is_loaded_as_soon_as_events_name_it(
