@@ -181,7 +181,7 @@ class EventLogSink:
                 now = time.monotonic()
                 if messages:
                     last_message = now
-                    self.receive(consumer, dead_letters, list(messages))
+                    self.receive(consumer, dead_letters, list(messages), stop)
                 elif idle_s and now - last_message >= idle_s and self._nothing_in_flight():
                     # Nothing unacked, so nothing is redelivered (see the setting).
                     consumer.close()
@@ -245,7 +245,11 @@ class EventLogSink:
     # --- receiving -----------------------------------------------------------------
 
     def receive(
-        self, consumer: Any, dead_letters: DeadLetterPublisher, messages: Sequence[Any]
+        self,
+        consumer: Any,
+        dead_letters: DeadLetterPublisher,
+        messages: Sequence[Any],
+        stop: threading.Event,
     ) -> None:
         invalid: list[DeadLetter] = []
         now = now_ms()
@@ -262,13 +266,47 @@ class EventLogSink:
                 self._receive_one(consumer, event, record, handle)
         self.metrics.pending_impressions.labels(**self._m).set(self.join.pending)
         if invalid:
-            accepted = dead_letters.publish(invalid, now_ms())
-            for letter, ok in zip(invalid, accepted, strict=True):
+            self._dead_letter_until_done(consumer, dead_letters, invalid, stop)
+
+    def _dead_letter_until_done(
+        self,
+        consumer: Any,
+        dead_letters: DeadLetterPublisher,
+        letters: list[DeadLetter],
+        stop: threading.Event,
+    ) -> None:
+        """Publish `letters`, acking each message once the broker stored its letter; the
+        refused ones are sent again with backoff, unacked meanwhile (a message left
+        unacked with a live consumer would come back only when that consumer goes),
+        until stopped for `drain_timeout`."""
+        delay = BACKOFF_FIRST_S
+        while True:
+            refused = []
+            for letter, ok in zip(letters, dead_letters.publish(letters, now_ms()), strict=True):
                 if ok:
                     consumer.acknowledge(letter.message)
                     self.metrics.dead_letters.labels(**self._m, reason=letter.problem.code).inc()
                 else:
-                    log.error("the dead-letter topic refused a message; it stays unacked")
+                    refused.append(letter)
+            if not refused:
+                return
+            if self._drain_expired(stop):
+                log.error("stopping while the dead-letter topic refuses: %d unacked", len(refused))
+                return
+            log.warning(
+                "the dead-letter topic refused %d messages; retrying in %.1fs", len(refused), delay
+            )
+            time.sleep(delay)
+            delay = min(2 * delay, BACKOFF_MAX_S)
+            letters = refused
+
+    def _drain_expired(self, stop: threading.Event) -> bool:
+        """Stopping, and for `drain_timeout` already: give up what still fails."""
+        if not stop.is_set():
+            return False
+        if self._stop_since is None:
+            self._stop_since = time.monotonic()
+        return time.monotonic() - self._stop_since >= self._drain_s
 
     def _receive_one(
         self, consumer: Any, event: Event, record: dict[str, Any], handle: Any
@@ -372,12 +410,9 @@ class EventLogSink:
                 return self.store.write(table, partition, data)
             except Exception as exc:  # fsspec backends raise their own families (OSError, botocore)
                 self.metrics.write_errors.labels(**self._m, error=type(exc).__name__).inc()
-                if stop.is_set():
-                    if self._stop_since is None:
-                        self._stop_since = time.monotonic()
-                    if time.monotonic() - self._stop_since >= self._drain_s:
-                        log.error("stopping while the store fails (%s): events stay unacked", exc)
-                        return None
+                if self._drain_expired(stop):
+                    log.error("stopping while the store fails (%s): events stay unacked", exc)
+                    return None
                 log.warning("writing to the log failed (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
                 delay = min(2 * delay, BACKOFF_MAX_S)

@@ -260,7 +260,8 @@ class FeatureJob:
         messages: Sequence[Any],
         stop: threading.Event,
     ) -> bool:
-        """Apply, write and ack one batch; False when it was left unacked (stopping)."""
+        """Apply, write, dead-letter and ack one batch; False when some of it was left
+        unacked (stopping)."""
         started = time.monotonic()
         valid, invalid = self._parse(messages)
         if valid:
@@ -274,18 +275,50 @@ class FeatureJob:
                     invalid.append(DeadLetter(message, _too_late(self.settings.allowed_lateness)))
                 else:
                     consumer.acknowledge(message)
-        if invalid:
-            accepted = dead_letters.publish(invalid, now_ms())
-            for letter, ok in zip(invalid, accepted, strict=True):
-                if ok:
-                    consumer.acknowledge(letter.message)
-                    self.metrics.dead_letters.labels(reason=letter.problem.code).inc()
-                else:
-                    log.error("dead-letter topic refused a message; it stays unacked")
+        if invalid and not self._dead_letter_until_done(consumer, dead_letters, invalid, stop):
+            return False
         self.metrics.batch_events.observe(len(messages))
         self.metrics.batch_seconds.observe(time.monotonic() - started)
         self.metrics.last_batch.set_to_current_time()
         return True
+
+    def _dead_letter_until_done(
+        self,
+        consumer: pulsar.Consumer,
+        dead_letters: DeadLetterPublisher,
+        letters: list[DeadLetter],
+        stop: threading.Event,
+    ) -> bool:
+        """Publish `letters`, acking each message once the broker stored its letter; the
+        refused ones are sent again with backoff, unacked meanwhile (a message left
+        unacked with a live consumer would come back only when that consumer goes).
+        False if stopped before all were stored."""
+        delay = BACKOFF_FIRST_S
+        while True:
+            refused = []
+            for letter, ok in zip(letters, dead_letters.publish(letters, now_ms()), strict=True):
+                if ok:
+                    consumer.acknowledge(letter.message)
+                    self.metrics.dead_letters.labels(reason=letter.problem.code).inc()
+                else:
+                    refused.append(letter)
+            if not refused:
+                return True
+            if self._drain_expired(stop):
+                log.error(
+                    "stopping while the dead-letter topic refuses messages: %d left unacked",
+                    len(refused),
+                )
+                return False
+            log.warning(
+                "the dead-letter topic refused %d messages; retrying in %.2fs", len(refused), delay
+            )
+            if stop.is_set():
+                time.sleep(delay)  # draining: keep trying until the deadline
+            else:
+                stop.wait(delay)
+            delay = min(2 * delay, BACKOFF_MAX_S)
+            letters = refused
 
     @staticmethod
     def _outcomes(valid: list[tuple[Any, Event]], written: BatchWrite) -> list[tuple[Any, Outcome]]:

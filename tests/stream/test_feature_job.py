@@ -8,6 +8,7 @@ batching, grouping, writes, acks, dead letters and failures.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from stream_support import (
     known_stream,
     produce,
     produce_events,
+    quiet_client,
     running_job,
     sample,
     store_content,
@@ -40,6 +42,7 @@ from recsys_contracts.events import Event
 from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
 from recsys_operator.launchers.process import ManagedProcess, free_port
 from recsys_operator.launchers.redis_server import redis_process, redis_url
+from stream_jobs.dead_letters import DeadLetterPublisher
 from stream_jobs.features import FeatureJob
 from stream_jobs.item_embeddings import EmbeddingCatalog
 from stream_jobs.rebuild import rebuild, store_is_empty
@@ -167,6 +170,49 @@ def test_malformed_events_are_dead_lettered_with_reasons_and_block_nothing(
         assert letter["topic"].startswith(topic)
         assert letter["message_id"].startswith("(")
         assert letter["subscription"] == job_settings.subscription
+
+
+def test_a_dead_letter_the_broker_refuses_is_sent_again_until_it_is_stored(
+    job_settings: FeatureJobSettings, pulsar_url: str
+) -> None:
+    """The dead-letter producer fails (closed here; a broker refusing or timing out the
+    sends alike): the job keeps the bad message unacked and sends its dead letter again,
+    with backoff, until the broker stores it, then acks it. (A message left unacked with
+    a live consumer is neither dead-lettered nor redelivered until that consumer goes.)"""
+    produce(pulsar_url, job_settings.interactions_topic, [("user-0", b"{not json")])
+    job = FeatureJob(job_settings)
+    client = quiet_client(pulsar_url)
+    stop = threading.Event()
+    try:
+        consumer = job._subscribe(client)
+        refusing = client.create_producer(job_settings.dead_letters)
+        refusing.close()
+        dead_letters = DeadLetterPublisher(refusing, job_settings.subscription)
+        messages = wait_until(lambda: list(consumer.batch_receive()), 10, "the bad message")
+        done: list[bool] = []
+        thread = threading.Thread(
+            target=lambda: done.append(job.process_batch(consumer, dead_letters, messages, stop))
+        )
+        thread.start()
+        time.sleep(0.5)  # a few refused sends
+        dead_letters.producer = client.create_producer(
+            job_settings.dead_letters, batching_enabled=False
+        )
+        thread.join(20)
+        assert done == [True]
+        letters = consume(pulsar_url, job_settings.dead_letters, count=1, timeout=10)
+        assert [dead_letter(m)["code"] for m in letters] == ["not_json"]
+        reason = {"reason": "not_json"}
+        assert sample(job.metrics.registry, "recsys_feature_dead_letters_total", reason) == 1
+        consumer.close()
+        consumer = job._subscribe(client)  # the bad message was acked: it does not come back
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert not list(consumer.batch_receive())
+        consumer.close()
+    finally:
+        stop.set()
+        client.close()
 
 
 def _consume_dead_letters(url: str, settings: FeatureJobSettings, count: int) -> list[Any]:
