@@ -98,11 +98,13 @@ from stream_jobs.item_embeddings import ItemEmbeddings
 from stream_jobs.user_features import (
     FeatureParams,
     Outcome,
+    UnreadableState,
     UserUpdate,
     decode_state,
     encode_state,
     popular_weight,
     reader_field_values,
+    unreadable_update,
     update_users,
 )
 
@@ -704,10 +706,20 @@ class FeatureStore:
         events_by_user: Mapping[str, Sequence[Event]],
         items: Mapping[str, ItemEmbeddings],
     ) -> dict[str, UserUpdate]:
-        states = [decode_state(value, self.params) for value in read.states]
+        states, unreadable = [], {}
+        for n, value in enumerate(read.states):
+            try:
+                states.append(decode_state(value, self.params))
+            except UnreadableState as exc:
+                # Their events are dead-lettered (`Outcome.UNREADABLE_STATE`) and their
+                # hash is left as it is; a fresh state stands in for the computation.
+                states.append(decode_state(None))
+                unreadable[n] = f"the stored state of user {users[n]!r} cannot be read: {exc}"
         batch = update_users(
             states, read.embeddings, [events_by_user[u] for u in users], self.params, items
         )
+        for n, problem in unreadable.items():
+            batch[n] = unreadable_update(events_by_user[users[n]], problem)
         return dict(zip(users, batch, strict=True))
 
     def _user_fields(

@@ -270,9 +270,12 @@ class FeatureJob:
             if written is None:
                 return False
             self._record(written)
-            for message, outcome in self._outcomes(valid, written):
+            for message, event, outcome in self._outcomes(valid, written):
                 if outcome is Outcome.LATE:
                     invalid.append(DeadLetter(message, _too_late(self.settings.allowed_lateness)))
+                elif outcome is Outcome.UNREADABLE_STATE:
+                    problem = written.updates[event.user_id].problem or "unreadable state"
+                    invalid.append(DeadLetter(message, InvalidEvent(outcome.value, problem)))
                 else:
                     consumer.acknowledge(message)
         if invalid and not self._dead_letter_until_done(consumer, dead_letters, invalid, stop):
@@ -321,10 +324,13 @@ class FeatureJob:
             letters = refused
 
     @staticmethod
-    def _outcomes(valid: list[tuple[Any, Event]], written: BatchWrite) -> list[tuple[Any, Outcome]]:
-        """Each valid message with what its event did (per user, in arrival order)."""
+    def _outcomes(
+        valid: list[tuple[Any, Event]], written: BatchWrite
+    ) -> list[tuple[Any, Event, Outcome]]:
+        """Each valid message and its event with what the event did (per user, in
+        arrival order)."""
         outcomes = {user: iter(update.outcomes) for user, update in written.updates.items()}
-        return [(message, next(outcomes[event.user_id])) for message, event in valid]
+        return [(message, event, next(outcomes[event.user_id])) for message, event in valid]
 
     def _parse(self, messages: Sequence[Any]) -> tuple[list[tuple[Any, Event]], list[DeadLetter]]:
         valid, invalid = [], []

@@ -215,6 +215,41 @@ def test_a_dead_letter_the_broker_refuses_is_sent_again_until_it_is_stored(
         client.close()
 
 
+def test_the_events_of_a_user_whose_state_cannot_be_read_are_dead_lettered(
+    job_settings: FeatureJobSettings, store: redis.Redis, pulsar_url: str, topic: str
+) -> None:
+    """A user's hash holds a `state` this job cannot decode (a newer job's format, after
+    a rollback; another writer's bytes): that user's events go to the dead-letter topic
+    with code `unreadable_state` and the reason, their hash stays as it was (for a job
+    that reads it to take the replayed letters), and every other user's events are
+    applied (it ended the job's loop at every batch holding that user)."""
+    events = known_stream(users=3, per_user=8, seed=19)
+    stuck = "user-1"
+    foreign = b"\x00\x05a newer format"
+    key = keys.user_key(job_settings.system_id, stuck)
+    store.hset(key, "state", foreign)
+    produce_events(pulsar_url, topic, events)
+    expected = reference(job_settings, [e for e in events if e.user_id != stuck])
+    theirs = sum(e.user_id == stuck for e in events)
+    unreadable = {"reason": "unreadable_state"}
+    with running_job(job_settings) as job:
+        wait_until(lambda: matches(store, job_settings, expected), 30, "the other users' events")
+        registry = job.metrics.registry
+        wait_until(
+            lambda: sample(registry, "recsys_feature_dead_letters_total", unreadable) == theirs,
+            30,
+            "the stuck user's events dead-lettered",
+        )
+        late = outcome_total(registry, "late")
+    letters = [
+        dead_letter(m) for m in _consume_dead_letters(pulsar_url, job_settings, theirs + int(late))
+    ]
+    stuck_letters = [x for x in letters if x["code"] == "unreadable_state"]
+    assert len(stuck_letters) == theirs
+    assert all(x["key"] == stuck and stuck in x["reason"] for x in stuck_letters)
+    assert store.hgetall(key) == {b"state": foreign}
+
+
 def _consume_dead_letters(url: str, settings: FeatureJobSettings, count: int) -> list[Any]:
     letters = consume(url, settings.dead_letters, count, timeout=20)
     assert len(letters) == count
