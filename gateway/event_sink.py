@@ -31,7 +31,8 @@ broker is not taking events.
 - `invalid_event`      the event contract refuses it (e.g. a model returned an item id
                        with spaces);
 - `shutdown`           still buffered or unacknowledged when the gateway stopped (after
-                       a bounded drain), and there is no spill file to keep it in.
+                       a bounded drain), and there is no spill file to keep it in (or
+                       its line there was cut short: a gateway killed while spilling).
 
 While the broker is unreachable (no producer, or sends time out after
 `SEND_TIMEOUT_MS`) the event in hand is retried without limit and the buffer absorbs
@@ -49,6 +50,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -131,6 +133,21 @@ class OutgoingEvent:
         record["payload"] = base64.b64decode(record["payload"])
         record["attempts"] = 0
         return cls(**record)
+
+
+_SPILLED_SYSTEM = re.compile(r'^\{"system":("(?:[^"\\]|\\.)*")')
+
+
+def _system_of(line: str) -> str:
+    """The system of a spilled line that does not read whole: its first field
+    (`OutgoingEvent.to_line` writes it first), or `unknown`."""
+    found = _SPILLED_SYSTEM.match(line)
+    if found is None:
+        return "unknown"
+    try:
+        return str(json.loads(found.group(1)))
+    except ValueError:
+        return "unknown"
 
 
 _AVRO_V1 = MAGIC + bytes((SCHEMA_VERSION,))
@@ -248,10 +265,16 @@ class EventSink:
         """Buffer again what the previous gateway spilled (then the file is gone)."""
         if self.spill_path is None or not self.spill_path.exists():
             return
-        lines = self.spill_path.read_text().splitlines()
+        lines = self.spill_path.read_text(errors="replace").splitlines()
         self.spill_path.unlink()
         for line in filter(None, lines):
-            event = OutgoingEvent.from_line(line)
+            try:
+                event = OutgoingEvent.from_line(line)
+            except (ValueError, KeyError, TypeError) as exc:
+                # Cut short (a gateway killed while it spilled): the file did not keep it.
+                system = _system_of(line)
+                self.drop(system, DropReason.SHUTDOWN, f"a spilled line cannot be read: {exc}")
+                continue
             if self._enqueue(event):
                 self._restored.labels(system=event.system).inc()
         log.warning("restored %d events spilled by the previous gateway", len(lines))
