@@ -7,6 +7,7 @@ batching, grouping, writes, acks, dead letters and failures.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -42,7 +43,7 @@ from recsys_contracts.events import Event
 from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
 from recsys_operator.launchers.process import ManagedProcess, free_port
 from recsys_operator.launchers.redis_server import redis_process, redis_url
-from stream_jobs.dead_letters import DeadLetterPublisher
+from stream_jobs.dead_letters import MAX_PAYLOAD_BYTES, DeadLetterPublisher
 from stream_jobs.features import FeatureJob
 from stream_jobs.item_embeddings import EmbeddingCatalog
 from stream_jobs.rebuild import rebuild, store_is_empty
@@ -248,6 +249,34 @@ def test_the_events_of_a_user_whose_state_cannot_be_read_are_dead_lettered(
     assert len(stuck_letters) == theirs
     assert all(x["key"] == stuck and stuck in x["reason"] for x in stuck_letters)
     assert store.hgetall(key) == {b"state": foreign}
+
+
+def test_a_message_too_big_for_its_whole_dead_letter_is_dead_lettered_cut_short(
+    job_settings: FeatureJobSettings, store: redis.Redis, pulsar_url: str, topic: str
+) -> None:
+    """4 MiB of junk fit the topic, but not a dead letter holding them (in base64, a third
+    larger): the broker refuses that letter for good (MessageTooBig). The letter keeps the
+    payload's first MAX_PAYLOAD_BYTES and says so, with the payload's size (the message is
+    still in the topic, which the letter names with its id, for the topic's retention),
+    and the job goes on with the events behind it."""
+    junk = bytes(range(256)) * (4 * 4096)  # 4 MiB, not UTF-8
+    good = known_stream(users=1, per_user=3, seed=29)
+    produce(pulsar_url, topic, [("user-0", junk)])
+    produce_events(pulsar_url, topic, good)
+    expected = reference(job_settings, good)
+    with running_job(job_settings) as job:
+        wait_until(lambda: matches(store, job_settings, expected), 30, "the events behind it")
+        reason = {"reason": "not_json"}
+        wait_until(
+            lambda: sample(job.metrics.registry, "recsys_feature_dead_letters_total", reason),
+            30,
+            "the junk dead-lettered",
+        )
+    (letter,) = [dead_letter(m) for m in _consume_dead_letters(pulsar_url, job_settings, 1)]
+    kept = MAX_PAYLOAD_BYTES
+    assert letter["code"] == "not_json" and letter["payload_encoding"] == "base64"
+    assert letter["payload_truncated"] is True and letter["payload_bytes"] == len(junk)
+    assert base64.b64decode(letter["payload"]) == junk[:kept]
 
 
 def _consume_dead_letters(url: str, settings: FeatureJobSettings, count: int) -> list[Any]:
