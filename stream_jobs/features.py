@@ -44,7 +44,7 @@ from stream_jobs.feature_store import (
 )
 from stream_jobs.item_embeddings import EmbeddingCatalog, EmbeddingsError
 from stream_jobs.metrics import FeatureJobMetrics, observe_all
-from stream_jobs.rebuild import rebuild, store_is_empty
+from stream_jobs.rebuild import rebuild, rebuild_unfinished, store_is_empty
 from stream_jobs.subscription import subscribe_batches
 from stream_jobs.until_signalled import run_until_signalled
 from stream_jobs.user_features import FeatureParams, Outcome
@@ -205,9 +205,13 @@ class FeatureJob:
         delay = BACKOFF_FIRST_S
         while not stop.is_set():
             try:
-                if not store_is_empty(self.store.client, self.settings.system_id):
-                    return
-                log.warning("the feature store is empty: rebuilding it from the topic")
+                system = self.settings.system_id
+                if not store_is_empty(self.store.client, system):
+                    if not rebuild_unfinished(self.store.client, system):
+                        return
+                    log.warning("a rebuild of the feature store never ended: rebuilding again")
+                else:
+                    log.warning("the feature store is empty: rebuilding it from the topic")
                 items = self.catalog.versions if self.settings.online_updates else {}
                 report = rebuild(self.settings, client, self.store, items)
                 log.warning("rebuilt the feature store: %s", report.summary())
