@@ -17,6 +17,7 @@ deleting a system's keys by that prefix deletes it with `popular`).
 | `recsys:v2:<system>:u:{<user>}` | hash | stream job | the user's features, recent and seen items, embeddings and state: fields below |
 | `recsys:v2:<system>:popular` | zset | stream job | item id -> decayed interaction count (cold-start fallback) |
 | `recsys:v2:<system>:popular-applied:{recsys:v2:<system>:popular}` | zset | stream job (Redis Cluster only) | events counted into `popular` whose users' write is not confirmed yet -> server time (ms) they were counted; the job's own (see `stream_jobs.feature_store`) |
+| `recsys:v2:<system>:rebuilding` | string | rebuild (`stream_jobs.rebuild`) | set while a rebuild from the topic runs (the epoch ms it began), deleted when it ends: one left behind says the store holds a partial rebuild |
 
 The user hash carries the store TTL (`spec.features.store.ttl`), renewed by every write.
 
@@ -127,6 +128,10 @@ def seen_field(item_id: str) -> str:
 
 def popular_items_key(system: str, version: str = LAYOUT_VERSION) -> str:
     return f"recsys:{version}:{system}:popular"
+
+
+def rebuild_marker_key(system: str) -> str:
+    return f"recsys:{LAYOUT_VERSION}:{system}:rebuilding"
 
 
 def popular_applied_key(system: str, version: str = LAYOUT_VERSION) -> str:

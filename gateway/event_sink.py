@@ -20,7 +20,9 @@ Every accepted event is accounted for: it is sent (`recsys_gateway_events_sent_t
 counted as dropped, exactly one count per event
 (`recsys_gateway_events_dropped_total{reason}`), or spilled to a file at shutdown and
 sent again by the next gateway that starts with the same file
-(`recsys_gateway_events_spilled_total`, `..._restored_total`).
+(`recsys_gateway_events_spilled_total`, `..._restored_total`). That gateway moves the
+file aside (`<file>.restoring`) and deletes it only once each event it read is sent,
+dropped or spilled again, so a gateway killed before that leaves them to the next.
 `recsys_gateway_events_buffered` counts the events the broker has not acknowledged yet
 (in the buffer, in the sender's hands or sent and unconfirmed): growing, it says the
 broker is not taking events.
@@ -31,7 +33,8 @@ broker is not taking events.
 - `invalid_event`      the event contract refuses it (e.g. a model returned an item id
                        with spaces);
 - `shutdown`           still buffered or unacknowledged when the gateway stopped (after
-                       a bounded drain), and there is no spill file to keep it in.
+                       a bounded drain), and there is no spill file to keep it in (or
+                       its line there was cut short: a gateway killed while spilling).
 
 While the broker is unreachable (no producer, or sends time out after
 `SEND_TIMEOUT_MS`) the event in hand is retried without limit and the buffer absorbs
@@ -49,6 +52,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -131,6 +135,21 @@ class OutgoingEvent:
         record["payload"] = base64.b64decode(record["payload"])
         record["attempts"] = 0
         return cls(**record)
+
+
+_SPILLED_SYSTEM = re.compile(r'^\{"system":("(?:[^"\\]|\\.)*")')
+
+
+def _system_of(line: str) -> str:
+    """The system of a spilled line that does not read whole: its first field
+    (`OutgoingEvent.to_line` writes it first), or `unknown`."""
+    found = _SPILLED_SYSTEM.match(line)
+    if found is None:
+        return "unknown"
+    try:
+        return str(json.loads(found.group(1)))
+    except ValueError:
+        return "unknown"
 
 
 _AVRO_V1 = MAGIC + bytes((SCHEMA_VERSION,))
@@ -217,6 +236,9 @@ class EventSink:
         self._unresolved: dict[int, OutgoingEvent] = {}
         self._lock = threading.Lock()
         self._spill_lock = threading.Lock()
+        # Restored events not resolved yet (`_resolved`), kept alive so ids stay theirs.
+        self._restoring: dict[int, OutgoingEvent] = {}
+        self._restoring_lock = threading.Lock()
         self._abandoned = False  # after close: late outcomes are no longer counted
         r = metrics.registry
         Gauge(
@@ -245,16 +267,56 @@ class EventSink:
         self._thread.start()
 
     def _restore(self) -> None:
-        """Buffer again what the previous gateway spilled (then the file is gone)."""
-        if self.spill_path is None or not self.spill_path.exists():
+        """Buffer again what previous gateways spilled, and what one that was killed
+        before it resolved them had read (the `.restoring` file, which stays until
+        each of them is resolved: `_resolved`)."""
+        if self.spill_path is None:
             return
-        lines = self.spill_path.read_text().splitlines()
-        self.spill_path.unlink()
+        restoring = self._restoring_path()
+        if self.spill_path.exists():
+            if not restoring.exists():
+                os.replace(self.spill_path, restoring)
+            else:
+                with restoring.open("a") as out:
+                    out.write("\n" + self.spill_path.read_text(errors="replace"))
+                    out.flush()
+                    os.fsync(out.fileno())
+                self.spill_path.unlink()
+        if not restoring.exists():
+            return
+        lines = restoring.read_text(errors="replace").splitlines()
         for line in filter(None, lines):
-            event = OutgoingEvent.from_line(line)
+            try:
+                event = OutgoingEvent.from_line(line)
+            except (ValueError, KeyError, TypeError) as exc:
+                # Cut short (a gateway killed while it spilled): the file did not keep it.
+                system = _system_of(line)
+                self.drop(system, DropReason.SHUTDOWN, f"a spilled line cannot be read: {exc}")
+                continue
             if self._enqueue(event):
                 self._restored.labels(system=event.system).inc()
+                self._restoring[id(event)] = event
+        if not self._restoring:
+            restoring.unlink()
         log.warning("restored %d events spilled by the previous gateway", len(lines))
+
+    def _restoring_path(self) -> Path:
+        assert self.spill_path is not None
+        return self.spill_path.with_name(self.spill_path.name + ".restoring")
+
+    def _resolved(self, events: list[OutgoingEvent]) -> None:
+        """`events` are sent, dropped or spilled: once every restored event is, the
+        `.restoring` file has nothing left to keep."""
+        if not self._restoring:  # the steady case
+            return
+        with self._restoring_lock:
+            if not self._restoring:
+                return
+            for event in events:
+                self._restoring.pop(id(event), None)
+            if self._restoring:
+                return
+        self._restoring_path().unlink(missing_ok=True)
 
     def publish(
         self,
@@ -304,6 +366,7 @@ class EventSink:
             return
         with self._spill_lock:
             self._spill_or_drop(events)
+        self._resolved(events)
 
     def _spill_or_drop(self, events: list[OutgoingEvent]) -> None:
         if self.spill_path is not None:
@@ -333,6 +396,7 @@ class EventSink:
                 DropReason.BUFFER_FULL,
                 f"buffer of {self._buffer.maxsize} events is full",
             )
+            self._resolved([event])
             return False
 
     def drop(self, system: str, reason: DropReason, detail: str) -> None:
@@ -426,6 +490,7 @@ class EventSink:
             self.metrics.child(self.metrics.events_sent, first.system, first.stream).inc(
                 len(events)
             )
+            self._resolved(events)
             return
         if result not in _UNREACHABLE:
             for event in events:
@@ -438,6 +503,7 @@ class EventSink:
                 self._enqueue(event)  # batched again with whatever is buffered then
             else:
                 self.drop(event.system, DropReason.SEND_FAILED, f"{event.topic}: {result}")
+                self._resolved([event])
 
     def _producer(self, service_url: str, topic: str) -> pulsar.Producer:
         if service_url != self._client_url:

@@ -12,6 +12,10 @@ original message::
 `payload_format` is what the payload's header claims (`avro` or `json`,
 `recsys_contracts.event_wire`). `payload` is the original bytes as text when they
 are UTF-8, otherwise base64 with `"payload_encoding": "base64"` (always for Avro).
+A payload over `MAX_PAYLOAD_BYTES` is kept cut to that many bytes, with
+`"payload_truncated": true` and `"payload_bytes"` (its whole size): whole, its letter
+could exceed the broker's message size (5 MB by default) and be refused for good; the
+message itself stays in its topic (`topic`, `message_id`) for the topic's retention.
 The original message is acked only after its dead letter was accepted by the
 broker, so a failing broker delays, never loses.
 """
@@ -33,6 +37,9 @@ from recsys_contracts.event_wire import wire_format_of
 from recsys_contracts.events import InvalidEvent
 
 SEND_TIMEOUT_S = 30.0
+MAX_PAYLOAD_BYTES = 512 * 1024
+"""Of a payload, the bytes a dead letter keeps at most: escaped as JSON (six bytes a
+character at worst) or in base64, the letter stays well under the broker's limit."""
 
 
 class ReceivedMessage(Protocol):
@@ -49,7 +56,8 @@ def envelope(
     message: ReceivedMessage, problem: InvalidEvent, subscription: str, now_ms: int
 ) -> dict[str, Any]:
     """The dead letter of `message`, which failed with `problem`."""
-    payload = message.data()
+    whole = message.data()
+    payload = whole[:MAX_PAYLOAD_BYTES]
     document: dict[str, Any] = {
         "reason": problem.reason,
         "code": problem.code,
@@ -59,8 +67,11 @@ def envelope(
         "key": message.partition_key() or None,
         "publish_time": message.publish_timestamp(),
         "dead_lettered_at": now_ms,
-        "payload_format": wire_format_of(payload).value,
+        "payload_format": wire_format_of(whole).value,
     }
+    if len(payload) < len(whole):
+        document["payload_truncated"] = True
+        document["payload_bytes"] = len(whole)
     try:
         document["payload"] = payload.decode("utf-8")
     except UnicodeDecodeError:

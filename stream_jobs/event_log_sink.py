@@ -131,12 +131,14 @@ class EventLogSink:
         self.store = EventLogStore(settings.log_uri, storage_options)
         self.join = ImpressionJoin(duration_ms(settings.click_window))
         # Ids written to the log, and ids received but not yet written: a copy of the
-        # first kind is acked and dropped, a copy of the second only dropped (acking it
-        # would ack the original before its file exists).
+        # first kind is acked and dropped, a copy of the second dropped and acked once
+        # the original is written (acking it now would ack a message before its event's
+        # file exists; never acking it would leave it unacked for good). `in_flight`
+        # maps each such id to the messages of its copies.
         self.seen = {layout.INTERACTIONS_TABLE: SeenIds(), layout.IMPRESSIONS_TABLE: SeenIds()}
-        self.in_flight: dict[str, set[str]] = {
-            layout.INTERACTIONS_TABLE: set(),
-            layout.IMPRESSIONS_TABLE: set(),
+        self.in_flight: dict[str, dict[str, list[Any]]] = {
+            layout.INTERACTIONS_TABLE: {},
+            layout.IMPRESSIONS_TABLE: {},
         }
         self.buffer = Buffer()
         self._flush_s = duration_ms(settings.flush_interval) / 1000
@@ -179,7 +181,7 @@ class EventLogSink:
                 now = time.monotonic()
                 if messages:
                     last_message = now
-                    self.receive(consumer, dead_letters, list(messages))
+                    self.receive(consumer, dead_letters, list(messages), stop)
                 elif idle_s and now - last_message >= idle_s and self._nothing_in_flight():
                     # Nothing unacked, so nothing is redelivered (see the setting).
                     consumer.close()
@@ -243,7 +245,11 @@ class EventLogSink:
     # --- receiving -----------------------------------------------------------------
 
     def receive(
-        self, consumer: Any, dead_letters: DeadLetterPublisher, messages: Sequence[Any]
+        self,
+        consumer: Any,
+        dead_letters: DeadLetterPublisher,
+        messages: Sequence[Any],
+        stop: threading.Event,
     ) -> None:
         invalid: list[DeadLetter] = []
         now = now_ms()
@@ -260,13 +266,47 @@ class EventLogSink:
                 self._receive_one(consumer, event, record, handle)
         self.metrics.pending_impressions.labels(**self._m).set(self.join.pending)
         if invalid:
-            accepted = dead_letters.publish(invalid, now_ms())
-            for letter, ok in zip(invalid, accepted, strict=True):
+            self._dead_letter_until_done(consumer, dead_letters, invalid, stop)
+
+    def _dead_letter_until_done(
+        self,
+        consumer: Any,
+        dead_letters: DeadLetterPublisher,
+        letters: list[DeadLetter],
+        stop: threading.Event,
+    ) -> None:
+        """Publish `letters`, acking each message once the broker stored its letter; the
+        refused ones are sent again with backoff, unacked meanwhile (a message left
+        unacked with a live consumer would come back only when that consumer goes),
+        until stopped for `drain_timeout`."""
+        delay = BACKOFF_FIRST_S
+        while True:
+            refused = []
+            for letter, ok in zip(letters, dead_letters.publish(letters, now_ms()), strict=True):
                 if ok:
                     consumer.acknowledge(letter.message)
                     self.metrics.dead_letters.labels(**self._m, reason=letter.problem.code).inc()
                 else:
-                    log.error("the dead-letter topic refused a message; it stays unacked")
+                    refused.append(letter)
+            if not refused:
+                return
+            if self._drain_expired(stop):
+                log.error("stopping while the dead-letter topic refuses: %d unacked", len(refused))
+                return
+            log.warning(
+                "the dead-letter topic refused %d messages; retrying in %.1fs", len(refused), delay
+            )
+            time.sleep(delay)
+            delay = min(2 * delay, BACKOFF_MAX_S)
+            letters = refused
+
+    def _drain_expired(self, stop: threading.Event) -> bool:
+        """Stopping, and for `drain_timeout` already: give up what still fails."""
+        if not stop.is_set():
+            return False
+        if self._stop_since is None:
+            self._stop_since = time.monotonic()
+        return time.monotonic() - self._stop_since >= self._drain_s
 
     def _receive_one(
         self, consumer: Any, event: Event, record: dict[str, Any], handle: Any
@@ -280,10 +320,12 @@ class EventLogSink:
             self.metrics.duplicates.labels(**self._m, table=table, stage="sink").inc()
             self.settle(consumer, handle)
             return
-        if event.event_id in self.in_flight[table]:
+        copies = self.in_flight[table].get(event.event_id)
+        if copies is not None:
             self.metrics.duplicates.labels(**self._m, table=table, stage="sink").inc()
-            return  # the copy in hand is acked once written (a resent id: redelivered)
-        self.in_flight[table].add(event.event_id)
+            copies.append(handle)  # settled with the original, once it is written
+            return
+        self.in_flight[table][event.event_id] = []
         self.join.observe(event.ts)
         if table == layout.IMPRESSIONS_TABLE:
             items = listed_items(event, record)
@@ -331,17 +373,20 @@ class EventLogSink:
                 self._count(table, "batch", written)
                 self.metrics.rows.labels(**self._m, table=table).inc(written.rows)
                 self._touched.add((table, partition))
+        copies: list[Any] = []  # messages of copies of the written events
         for table, written_ids in (
             (layout.INTERACTIONS_TABLE, [e.event_id for e in self.buffer.events]),
             (layout.IMPRESSIONS_TABLE, [p.event.event_id for p in impressions]),
         ):
             for event_id in written_ids:
                 self.seen[table].add(event_id)
-                self.in_flight[table].discard(event_id)
+                copies += self.in_flight[table].pop(event_id, ())
         for message in self.buffer.messages:
             self.settle(consumer, message)
         for impression in impressions:
             self.settle(consumer, impression.message)
+        for handle in copies:
+            self.settle(consumer, handle)
         self.buffer = Buffer()
         self.metrics.pending_impressions.labels(**self._m).set(self.join.pending)
         return True
@@ -365,12 +410,9 @@ class EventLogSink:
                 return self.store.write(table, partition, data)
             except Exception as exc:  # fsspec backends raise their own families (OSError, botocore)
                 self.metrics.write_errors.labels(**self._m, error=type(exc).__name__).inc()
-                if stop.is_set():
-                    if self._stop_since is None:
-                        self._stop_since = time.monotonic()
-                    if time.monotonic() - self._stop_since >= self._drain_s:
-                        log.error("stopping while the store fails (%s): events stay unacked", exc)
-                        return None
+                if self._drain_expired(stop):
+                    log.error("stopping while the store fails (%s): events stay unacked", exc)
+                    return None
                 log.warning("writing to the log failed (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
                 delay = min(2 * delay, BACKOFF_MAX_S)

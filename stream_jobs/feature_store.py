@@ -98,11 +98,13 @@ from stream_jobs.item_embeddings import ItemEmbeddings
 from stream_jobs.user_features import (
     FeatureParams,
     Outcome,
+    UnreadableState,
     UserUpdate,
     decode_state,
     encode_state,
     popular_weight,
     reader_field_values,
+    unreadable_update,
     update_users,
 )
 
@@ -309,9 +311,36 @@ class UsersRead:
     (so that an embedding the batch moved wins)."""
     in_hash: list[bytes | None] = field(default_factory=list)
     """The `state` fields the users' hashes held: what a write checks is still there."""
+    problems: dict[int, str] = field(default_factory=dict)
+    """index of a user whose key is not a hash of this job's (another writer's) -> why:
+    their events are not applied (`Outcome.UNREADABLE_STATE`) and their key not written."""
 
     def __post_init__(self) -> None:
         self.in_hash = list(self.states)
+
+    @classmethod
+    def of_replies(
+        cls, users: Sequence[str], replies: Sequence[Any], versions: list[str]
+    ) -> UsersRead:
+        """The users' HMGET replies (state, embedding-versions, one embedding a version)
+        as a read. A WRONGTYPE reply (the key holds no hash) makes that user a problem,
+        not the batch an error; any other error is raised (the job retries the batch)."""
+        nothing: list[Any] = [None] * (2 + len(versions))
+        rows, problems = [], {}
+        for n, reply in enumerate(replies):
+            if isinstance(reply, redis.ResponseError) and str(reply).startswith("WRONGTYPE"):
+                problems[n] = f"the key of user {users[n]!r} holds no hash (another writer's)"
+                reply = nothing
+            elif isinstance(reply, Exception):
+                raise reply
+            rows.append(reply)
+        read = cls(
+            [row[0] for row in rows],
+            {v: [row[2 + j] for row in rows] for j, v in enumerate(versions)},
+            [row[1] for row in rows],
+        )
+        read.problems = problems
+        return read
 
 
 class FeatureStore:
@@ -384,14 +413,11 @@ class FeatureStore:
                         for chunk in names
                     ],
                 )
-                _raise_any(replies)
-                values = [reply for chunk in replies for reply in chunk[1:]]
-                read = UsersRead(
-                    [value[0] for value in values],
-                    {v: [value[2 + j] for value in values] for j, v in enumerate(versions)},
-                    [value[1] for value in values],
-                )
+                _raise_any([chunk[:1] for chunk in replies])  # WATCH
                 flat = [user for chunk in pending for user in chunk]
+                read = UsersRead.of_replies(
+                    flat, [reply for chunk in replies for reply in chunk[1:]], versions
+                )
                 if self._v1_store:
                     self._read_v1(flat, versions, read, connections[0])
                 fresh = self._compute(flat, read, events_by_user, items)
@@ -529,15 +555,7 @@ class FeatureStore:
         for user in users:
             name = keys.user_key(system, user)
             reads.append((name, ("HMGET", name, *fetch)))
-        replies = self._send(reads)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        read = UsersRead(
-            [reply[0] for reply in replies],
-            {v: [reply[2 + j] for reply in replies] for j, v in enumerate(versions)},
-            [reply[1] for reply in replies],
-        )
+        read = UsersRead.of_replies(users, self._send(reads), versions)
         if self._v1_store:
             self._read_v1(users, versions, read, None)
         return read
@@ -704,10 +722,23 @@ class FeatureStore:
         events_by_user: Mapping[str, Sequence[Event]],
         items: Mapping[str, ItemEmbeddings],
     ) -> dict[str, UserUpdate]:
-        states = [decode_state(value, self.params) for value in read.states]
+        states, unreadable = [], dict(read.problems)
+        for n, value in enumerate(read.states):
+            if n in unreadable:
+                states.append(decode_state(None))
+                continue
+            try:
+                states.append(decode_state(value, self.params))
+            except UnreadableState as exc:
+                # Their events are dead-lettered (`Outcome.UNREADABLE_STATE`) and their
+                # hash is left as it is; a fresh state stands in for the computation.
+                states.append(decode_state(None))
+                unreadable[n] = f"the stored state of user {users[n]!r} cannot be read: {exc}"
         batch = update_users(
             states, read.embeddings, [events_by_user[u] for u in users], self.params, items
         )
+        for n, problem in unreadable.items():
+            batch[n] = unreadable_update(events_by_user[users[n]], problem)
         return dict(zip(users, batch, strict=True))
 
     def _user_fields(

@@ -44,7 +44,7 @@ from stream_jobs.feature_store import (
 )
 from stream_jobs.item_embeddings import EmbeddingCatalog, EmbeddingsError
 from stream_jobs.metrics import FeatureJobMetrics, observe_all
-from stream_jobs.rebuild import rebuild, store_is_empty
+from stream_jobs.rebuild import rebuild, rebuild_unfinished, store_is_empty
 from stream_jobs.subscription import subscribe_batches
 from stream_jobs.until_signalled import run_until_signalled
 from stream_jobs.user_features import FeatureParams, Outcome
@@ -54,11 +54,16 @@ log = logging.getLogger("stream_jobs.features")
 SUBSCRIBE_ATTEMPTS = 5
 
 # Redis errors worth waiting out: the server is down, restarting, loading or unreachable;
-# in a cluster also a cluster without a primary for some slot, or slots moving.
+# at its maxmemory (noeviction: writes are refused until keys expire or it gets more
+# memory); a replica now (READONLY: after a failover the address reaches the new primary
+# once the store's connections, dropped on the error, connect again); in a cluster also
+# a cluster without a primary for some slot, or slots moving.
 STORE_ERRORS = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.BusyLoadingError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
     redis.exceptions.ClusterDownError,
     redis.exceptions.TryAgainError,
     TooManyConflicts,
@@ -200,9 +205,13 @@ class FeatureJob:
         delay = BACKOFF_FIRST_S
         while not stop.is_set():
             try:
-                if not store_is_empty(self.store.client, self.settings.system_id):
-                    return
-                log.warning("the feature store is empty: rebuilding it from the topic")
+                system = self.settings.system_id
+                if not store_is_empty(self.store.client, system):
+                    if not rebuild_unfinished(self.store.client, system):
+                        return
+                    log.warning("a rebuild of the feature store never ended: rebuilding again")
+                else:
+                    log.warning("the feature store is empty: rebuilding it from the topic")
                 items = self.catalog.versions if self.settings.online_updates else {}
                 report = rebuild(self.settings, client, self.store, items)
                 log.warning("rebuilt the feature store: %s", report.summary())
@@ -255,7 +264,8 @@ class FeatureJob:
         messages: Sequence[Any],
         stop: threading.Event,
     ) -> bool:
-        """Apply, write and ack one batch; False when it was left unacked (stopping)."""
+        """Apply, write, dead-letter and ack one batch; False when some of it was left
+        unacked (stopping)."""
         started = time.monotonic()
         valid, invalid = self._parse(messages)
         if valid:
@@ -264,29 +274,67 @@ class FeatureJob:
             if written is None:
                 return False
             self._record(written)
-            for message, outcome in self._outcomes(valid, written):
+            for message, event, outcome in self._outcomes(valid, written):
                 if outcome is Outcome.LATE:
                     invalid.append(DeadLetter(message, _too_late(self.settings.allowed_lateness)))
+                elif outcome is Outcome.UNREADABLE_STATE:
+                    problem = written.updates[event.user_id].problem or "unreadable state"
+                    invalid.append(DeadLetter(message, InvalidEvent(outcome.value, problem)))
                 else:
                     consumer.acknowledge(message)
-        if invalid:
-            accepted = dead_letters.publish(invalid, now_ms())
-            for letter, ok in zip(invalid, accepted, strict=True):
-                if ok:
-                    consumer.acknowledge(letter.message)
-                    self.metrics.dead_letters.labels(reason=letter.problem.code).inc()
-                else:
-                    log.error("dead-letter topic refused a message; it stays unacked")
+        if invalid and not self._dead_letter_until_done(consumer, dead_letters, invalid, stop):
+            return False
         self.metrics.batch_events.observe(len(messages))
         self.metrics.batch_seconds.observe(time.monotonic() - started)
         self.metrics.last_batch.set_to_current_time()
         return True
 
+    def _dead_letter_until_done(
+        self,
+        consumer: pulsar.Consumer,
+        dead_letters: DeadLetterPublisher,
+        letters: list[DeadLetter],
+        stop: threading.Event,
+    ) -> bool:
+        """Publish `letters`, acking each message once the broker stored its letter; the
+        refused ones are sent again with backoff, unacked meanwhile (a message left
+        unacked with a live consumer would come back only when that consumer goes).
+        False if stopped before all were stored."""
+        delay = BACKOFF_FIRST_S
+        while True:
+            refused = []
+            for letter, ok in zip(letters, dead_letters.publish(letters, now_ms()), strict=True):
+                if ok:
+                    consumer.acknowledge(letter.message)
+                    self.metrics.dead_letters.labels(reason=letter.problem.code).inc()
+                else:
+                    refused.append(letter)
+            if not refused:
+                return True
+            if self._drain_expired(stop):
+                log.error(
+                    "stopping while the dead-letter topic refuses messages: %d left unacked",
+                    len(refused),
+                )
+                return False
+            log.warning(
+                "the dead-letter topic refused %d messages; retrying in %.2fs", len(refused), delay
+            )
+            if stop.is_set():
+                time.sleep(delay)  # draining: keep trying until the deadline
+            else:
+                stop.wait(delay)
+            delay = min(2 * delay, BACKOFF_MAX_S)
+            letters = refused
+
     @staticmethod
-    def _outcomes(valid: list[tuple[Any, Event]], written: BatchWrite) -> list[tuple[Any, Outcome]]:
-        """Each valid message with what its event did (per user, in arrival order)."""
+    def _outcomes(
+        valid: list[tuple[Any, Event]], written: BatchWrite
+    ) -> list[tuple[Any, Event, Outcome]]:
+        """Each valid message and its event with what the event did (per user, in
+        arrival order)."""
         outcomes = {user: iter(update.outcomes) for user, update in written.updates.items()}
-        return [(message, next(outcomes[event.user_id])) for message, event in valid]
+        return [(message, event, next(outcomes[event.user_id])) for message, event in valid]
 
     def _parse(self, messages: Sequence[Any]) -> tuple[list[tuple[Any, Event]], list[DeadLetter]]:
         valid, invalid = [], []

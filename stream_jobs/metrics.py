@@ -34,7 +34,7 @@ class FeatureJobMetrics:
         r = self.registry
         self.events = Counter(
             names.FEATURES_EVENTS,
-            "Valid events handled, by type and outcome (applied, duplicate, late).",
+            "Valid events handled, by type and outcome (applied, duplicate, late, unreadable_state).",
             ["type", "outcome"],
             registry=r,
         )

@@ -14,9 +14,11 @@ would dead-letter (malformed, out of the time bounds, late) are counted, not
 dead-lettered again.
 
 The feature job rebuilds by itself at start when the store holds no key of its system
-(`rebuild_when_empty`): after Redis lost its data, or for a new store. How far back it
-reaches is the topic's retention (`spec.events.topics.*.retention`); anything older
-comes back only from the offline event log.
+(`rebuild_when_empty`): after Redis lost its data, or for a new store; and when a
+rebuild began and never ended (`rebuild_unfinished`: a job killed during it leaves
+part of the users, and a store no longer empty). How far back it reaches is the topic's
+retention (`spec.events.topics.*.retention`); anything older comes back only from the
+offline event log.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import pulsar
 
@@ -67,6 +70,12 @@ def store_is_empty(client: StoreClient, system: str) -> bool:
     return True
 
 
+def rebuild_unfinished(client: StoreClient, system: str) -> bool:
+    """True when a rebuild of `system` began and did not end (killed, or failed): the
+    store holds part of what it would write (`rebuild` marks the store while it runs)."""
+    return bool(client.exists(keys.rebuild_marker_key(system)))
+
+
 def retained_messages(client: pulsar.Client, topic: str, idle_ms: int = IDLE_MS) -> Iterator[bytes]:
     """Every message `topic` still holds, oldest first per partition. One Reader on the
     topic itself: readers of the single partitions read nothing on pulsar-lite."""
@@ -103,6 +112,8 @@ def rebuild(
             report.outcomes.update(outcome.value for outcome in update.outcomes)
         batch.clear()
 
+    marker: Any = keys.rebuild_marker_key(settings.system_id)
+    store.client.set(marker, now_ms())  # until the last event is written (no TTL)
     for payload in retained_messages(client, settings.interactions_topic):
         report.read += 1
         try:
@@ -116,5 +127,6 @@ def rebuild(
             flush()
     if batch:
         flush()
+    store.client.delete(marker)
     report.seconds = time.monotonic() - started
     return report

@@ -175,6 +175,8 @@ class Outcome(StrEnum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"
     LATE = "late"
+    UNREADABLE_STATE = "unreadable_state"
+    """The user's stored state cannot be decoded (`UnreadableState`): nothing applied."""
 
 
 def watermark(state: UserState, params: FeatureParams) -> int | None:
@@ -517,6 +519,8 @@ class UserUpdate:
     """(item id, ts) of the applied interactions, for the popular items."""
     unknown_items: dict[str, int]
     """model version -> interactions with items that version has no embedding for."""
+    problem: str | None = None
+    """Why nothing was applied, when the outcomes are UNREADABLE_STATE."""
 
     @property
     def changed(self) -> bool:
@@ -726,12 +730,35 @@ def encode_state(state: UserState) -> bytes:
     return STATE_MAGIC + packed
 
 
+class UnreadableState(ValueError):
+    """Stored state bytes this job cannot decode (another format, another writer's)."""
+
+
 def decode_state(data: bytes | str | None, params: FeatureParams | None = None) -> UserState:
-    """The state stored in `data` (binary or the older JSON); a fresh state when there is none.
+    """The state stored in `data` (binary or the older JSON); a fresh state when there is none;
+    UnreadableState when `data` is none of the forms this job reads.
 
     Windows that are no longer configured are dropped (a configuration change
     then starts those counts afresh rather than misreading old buckets).
     """
+    try:
+        return _decode_state(data, params)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error) as exc:
+        # (msgpack's and json's errors are ValueErrors)
+        head = bytes(data[:4]) if isinstance(data, bytes) else data[:4] if data else b""
+        raise UnreadableState(
+            f"a state of {len(data or b'')} bytes starting {head!r} is in no form this job "
+            f"reads ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def unreadable_update(events: Sequence[Event], problem: str) -> UserUpdate:
+    """What a user's `events` did when their stored state cannot be read: nothing."""
+    outcomes = [Outcome.UNREADABLE_STATE] * len(events)
+    return UserUpdate(_FRESH, outcomes, {}, [], {}, problem)
+
+
+def _decode_state(data: bytes | str | None, params: FeatureParams | None) -> UserState:
     if not data:
         return UserState()
     if isinstance(data, str) or not data.startswith(STATE_MAGIC):

@@ -4,6 +4,7 @@ broker costs counted events, never requests."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,17 +15,27 @@ from typing import Any
 import pulsar
 import pytest
 import requests
-from gateway_testing import StartGateway, metric_value, routing_document, wait_until
+from gateway_testing import (
+    SYSTEM,
+    StartGateway,
+    metric_value,
+    routing_document,
+    wait_until,
+    write_routing,
+)
 from serving_stub import ServingStub
 
+from gateway.event_sink import OutgoingEvent
 from gateway.log_rate_limit import RateLimitFilter
+from gateway.server import ADDRESS_ENV
 from recsys_contracts.event_wire import (
     WireFormat,
     decode_event,
     decode_records,
+    encode_event,
     wire_format_of,
 )
-from recsys_contracts.events import EventType, now_ms
+from recsys_contracts.events import EventType, new_event, now_ms
 from recsys_operator.launchers.process import ManagedProcess, free_port
 from recsys_operator.launchers.pulsar_broker import broker_process, service_url
 
@@ -318,5 +329,108 @@ def test_with_the_broker_down_for_good_every_accepted_event_is_spilled_then_deli
                 == 40
             )
         )
+    finally:
+        broker.stop()
+
+
+def test_a_spill_file_torn_by_a_kill_restores_its_whole_lines_and_counts_the_torn_one(
+    serving: ServingStub,
+    start_gateway: StartGateway,
+    http: requests.Session,
+    tmp_path: Path,
+    topics: tuple[str, str],
+    pulsar_broker: ManagedProcess,
+) -> None:
+    """A gateway killed while it spills leaves a last line cut short. The next gateway
+    sends every whole line and counts the torn one as lost at shutdown (it was: the file
+    did not keep it); reading the file ended the start and lost the lines after it."""
+    url = service_url(pulsar_broker)
+    routing = routing_document(serving, pulsar=url, topics=topics)
+    ids = [f"spilled-{n}-{uuid.uuid4().hex[:8]}" for n in range(3)]
+    lines = [
+        OutgoingEvent(
+            SYSTEM,
+            "interactions",
+            url,
+            topics[0],
+            "u1",
+            encode_event(new_event("u1", "i1", "view").model_copy(update={"event_id": event_id})),
+        ).to_line()
+        for event_id in ids
+    ]
+    spill = tmp_path / "events.spill"
+    spill.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    gateway = start_gateway(routing, event_spill_path=spill)
+    assert not spill.exists()
+    client = pulsar.Client(url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn))
+    try:
+        received = receive(subscribe(client, topics[0]), 2, timeout_s=30)
+    finally:
+        client.close()
+    assert sorted(decode_event(m.data()).event_id for m in received) == sorted(ids[:2])
+    text = http.get(f"{gateway.url}/metrics", timeout=10).text
+    assert metric_value(text, "recsys_gateway_events_restored_total") == 2
+    assert metric_value(text, "recsys_gateway_events_dropped_total", reason="shutdown") == 1
+
+
+def test_spilled_events_survive_a_gateway_killed_before_it_could_send_them(
+    serving: ServingStub,
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    topics: tuple[str, str],
+) -> None:
+    """The spill file is read at start; the broker is still down, and the gateway is
+    killed (kill -9, a node lost) before it sent what it read. The next gateway sends
+    those events: the file was deleted as soon as it was read, and they were lost,
+    counted as restored and never as sent or dropped."""
+    port = free_port()
+    url = f"pulsar://127.0.0.1:{port}"
+    routing = routing_document(serving, pulsar=url, topics=topics)
+    ids = [f"spilled-{n}-{uuid.uuid4().hex[:8]}" for n in range(3)]
+    spill = tmp_path / "events.spill"
+    spill.write_text(
+        "".join(
+            OutgoingEvent(
+                SYSTEM,
+                "interactions",
+                url,
+                topics[0],
+                "u1",
+                encode_event(new_event("u1", "i1", "view").model_copy(update={"event_id": i})),
+            ).to_line()
+            for i in ids
+        )
+    )
+    routing_file = tmp_path / "routing.json"
+    write_routing(routing_file, routing)
+    gateway_port = free_port()
+    process = ManagedProcess(
+        "gateway",
+        [sys.executable, "-m", "gateway", "run", "--routing", str(routing_file),
+         "--event-spill", str(spill)],
+        tmp_path / "gateway.log",
+        gateway_port,
+        env={ADDRESS_ENV: f"127.0.0.1:{gateway_port}"},
+    )  # fmt: skip
+    process.start(ready_timeout=30)
+    try:
+        metrics = requests.get(f"http://127.0.0.1:{gateway_port}/metrics", timeout=10).text
+        assert metric_value(metrics, "recsys_gateway_events_restored_total") == 3
+    finally:
+        assert process.popen is not None
+        process.popen.kill()  # our own child, by its PID
+        process.popen.wait(timeout=10)
+
+    broker = broker_process(tmp_path / "broker", port=port).start()
+    try:
+        start_gateway(routing, event_spill_path=spill)
+        client = pulsar.Client(url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn))
+        try:
+            received = receive(subscribe(client, topics[0]), 3, timeout_s=30)
+        finally:
+            client.close()
+        assert sorted(decode_event(m.data()).event_id for m in received) == sorted(ids)
+        restoring = spill.with_name(spill.name + ".restoring")
+        wait_until(lambda: not restoring.exists())  # each sent: nothing left to keep
     finally:
         broker.stop()

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 
 from recsys_contracts.events import InvalidEvent
-from stream_jobs.dead_letters import envelope
+from stream_jobs.dead_letters import MAX_PAYLOAD_BYTES, envelope
 
 
 @dataclass
@@ -61,3 +61,15 @@ def test_binary_payloads_are_kept_exactly_as_base64() -> None:
     assert letter["payload_encoding"] == "base64"
     assert base64.b64decode(letter["payload"]) == raw
     assert letter["key"] is None
+
+
+def test_a_payload_over_the_bound_is_kept_cut_short_and_says_so() -> None:
+    """Even as JSON escapes (six bytes a control character), the letter stays under
+    the broker's 5 MB message limit."""
+    raw = b"\x01" * (MAX_PAYLOAD_BYTES + 10)
+    letter = envelope(FakeMessage(raw), InvalidEvent("not_json", "Invalid JSON"), "features", 5)
+    assert letter["payload"] == "\x01" * MAX_PAYLOAD_BYTES
+    assert letter["payload_truncated"] is True and letter["payload_bytes"] == len(raw)
+    assert len(json.dumps(letter)) < 5_000_000
+    whole = envelope(FakeMessage(raw[:MAX_PAYLOAD_BYTES]), InvalidEvent("x", "y"), "f", 5)
+    assert "payload_truncated" not in whole and "payload_bytes" not in whole

@@ -29,6 +29,7 @@ from stream_support import (
     known_stream,
     produce,
     produce_events,
+    quiet_client,
     sample,
     wait_until,
 )
@@ -38,6 +39,7 @@ from recsys_contracts import metric_names as names
 from recsys_contracts.event_log_settings import EventLogSettings
 from recsys_contracts.event_wire import encode_batch, encode_event, encode_impression
 from recsys_contracts.events import Event, EventType
+from stream_jobs.dead_letters import DeadLetterPublisher
 from stream_jobs.event_log_sink import EventLogSink, compact_log
 from stream_jobs.event_log_store import EventLogStore
 
@@ -244,6 +246,49 @@ def test_a_sink_restarted_after_writing_but_before_acking_drops_the_redelivered_
     for table, sent in expected.items():
         assert sorted(ids(store.raw(table))) == sorted(e.event_id for e in sent)
         assert len(EventLogStore(uri).files(table)) == files_before[table]
+
+
+def test_a_dead_letter_the_broker_refuses_is_sent_again_until_it_is_stored(
+    pulsar_url: str, topic: str, tmp_path: Path
+) -> None:
+    """The dead-letter producer fails (closed here; a broker refusing or timing out the
+    sends alike): the sink keeps the bad message unacked and sends its dead letter again,
+    with backoff, until the broker stores it, then acks it. (A message left unacked with
+    a live consumer is neither dead-lettered nor redelivered until that consumer goes.)"""
+    produce(pulsar_url, topic, [("u1", b"{not json")])
+    settings = sink_settings(pulsar_url, topic, str(tmp_path / "log"))
+    sink = EventLogSink(settings)
+    client = quiet_client(pulsar_url)
+    stop = threading.Event()
+    try:
+        consumer = sink._subscribe(client)
+        refusing = client.create_producer(settings.dead_letters)
+        refusing.close()
+        dead_letters = DeadLetterPublisher(refusing, settings.subscription)
+        messages = wait_until(lambda: list(consumer.batch_receive()), 10, "the bad message")
+        thread = threading.Thread(
+            target=lambda: sink.receive(consumer, dead_letters, messages, stop)
+        )
+        thread.start()
+        time.sleep(0.5)  # a few refused sends
+        dead_letters.producer = client.create_producer(
+            settings.dead_letters, batching_enabled=False
+        )
+        thread.join(20)
+        assert not thread.is_alive()
+        letters = consume(pulsar_url, settings.dead_letters, count=1, timeout=10)
+        assert [json.loads(m.data())["code"] for m in letters] == ["not_json"]
+        labels = {"system": "test.log", "reason": "not_json"}
+        assert sample(sink.metrics.registry, names.EVENT_LOG_DEAD_LETTERED, labels) == 1
+        consumer.close()
+        consumer = sink._subscribe(client)  # the bad message was acked: it does not come back
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert not list(consumer.batch_receive())
+        consumer.close()
+    finally:
+        stop.set()
+        client.close()
 
 
 def test_the_cli_compacts_a_folder_and_names_a_missing_setting(tmp_path: Path) -> None:
@@ -516,6 +561,63 @@ def test_a_batch_of_impressions_is_joined_and_acked_once_all_its_rows_are_writte
     }  # r-lost is not there: its batch was invalid as a whole
     letters = consume(pulsar_url, settings.dead_letters, count=1, timeout=10)
     assert json.loads(letters[0].data())["code"] == "invalid_field"
+
+
+def test_a_copy_of_an_event_in_flight_is_acked_once_the_first_is_written(
+    pulsar_url: str, topic: str, impressions_topic: str, tmp_path: Path
+) -> None:
+    """A second message carrying an event that is buffered and not written yet (a
+    client that sends its event twice; a producer resending what the broker did store)
+    is dropped as a duplicate, and acked once the first copy is written: left unacked,
+    it would stay in the subscription's backlog, and each one counts toward the broker's
+    limit of unacked messages a consumer may hold, past which it delivers no more. The
+    same for an impression whose copy is in another batch."""
+    uri = str(tmp_path / "log")
+    t = BASE_TS + 3 * MINUTE
+    twice = click("r-1", "u1", "a", t)
+    produce_events(pulsar_url, topic, [twice, twice])
+    shown, other = (
+        gateway_impression("r-2", "u2", ["b", "c"], t),
+        gateway_impression("r-3", "u3", ["d"], t),
+    )
+    produce(
+        pulsar_url,
+        impressions_topic,
+        [("", encode_batch([shown, other])), ("", encode_batch([other, shown]))],
+    )
+    acked: list[str] = []
+
+    class RecordsAcks(EventLogSink):
+        def acknowledge(self, consumer: Any, message: Any) -> None:
+            acked.append(str(message.message_id()))
+            super().acknowledge(consumer, message)
+
+    settings = sink_settings(
+        pulsar_url, topic, uri, impressions_topic=impressions_topic, click_window="1s"
+    )
+    store = LogStore(uri, {})
+    sink = RecordsAcks(settings)
+    with running_sink(sink):
+        wait_until(
+            lambda: (
+                store.raw(layout.IMPRESSIONS_TABLE).num_rows == 3
+                and store.raw(layout.INTERACTIONS_TABLE).num_rows == 1
+            ),
+            30,
+            "one copy of each event written",
+        )
+        wait_until(lambda: len(set(acked)) == 4, 10, "all four messages acked")
+    assert len(acked) == 4  # each once
+    assert ids(store.raw(layout.INTERACTIONS_TABLE)) == [twice.event_id]
+    duplicates = {
+        table: sample(
+            sink.metrics.registry,
+            names.EVENT_LOG_DUPLICATES,
+            {"system": "test.log", "table": table, "stage": "sink"},
+        )
+        for table in (layout.INTERACTIONS_TABLE, layout.IMPRESSIONS_TABLE)
+    }
+    assert duplicates == {layout.INTERACTIONS_TABLE: 1, layout.IMPRESSIONS_TABLE: 2}
 
 
 # --- compaction -------------------------------------------------------------------

@@ -7,7 +7,9 @@ batching, grouping, writes, acks, dead letters and failures.
 
 from __future__ import annotations
 
+import base64
 import json
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import redis
 from stream_support import (
     BASE_TS,
     StoreContent,
+    applied_events,
     consume,
     dead_letter,
     expected_content,
@@ -27,6 +30,7 @@ from stream_support import (
     known_stream,
     produce,
     produce_events,
+    quiet_client,
     running_job,
     sample,
     store_content,
@@ -39,6 +43,7 @@ from recsys_contracts.events import Event
 from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
 from recsys_operator.launchers.process import ManagedProcess, free_port
 from recsys_operator.launchers.redis_server import redis_process, redis_url
+from stream_jobs.dead_letters import MAX_PAYLOAD_BYTES, DeadLetterPublisher
 from stream_jobs.features import FeatureJob
 from stream_jobs.item_embeddings import EmbeddingCatalog
 from stream_jobs.rebuild import rebuild, store_is_empty
@@ -168,6 +173,112 @@ def test_malformed_events_are_dead_lettered_with_reasons_and_block_nothing(
         assert letter["subscription"] == job_settings.subscription
 
 
+def test_a_dead_letter_the_broker_refuses_is_sent_again_until_it_is_stored(
+    job_settings: FeatureJobSettings, pulsar_url: str
+) -> None:
+    """The dead-letter producer fails (closed here; a broker refusing or timing out the
+    sends alike): the job keeps the bad message unacked and sends its dead letter again,
+    with backoff, until the broker stores it, then acks it. (A message left unacked with
+    a live consumer is neither dead-lettered nor redelivered until that consumer goes.)"""
+    produce(pulsar_url, job_settings.interactions_topic, [("user-0", b"{not json")])
+    job = FeatureJob(job_settings)
+    client = quiet_client(pulsar_url)
+    stop = threading.Event()
+    try:
+        consumer = job._subscribe(client)
+        refusing = client.create_producer(job_settings.dead_letters)
+        refusing.close()
+        dead_letters = DeadLetterPublisher(refusing, job_settings.subscription)
+        messages = wait_until(lambda: list(consumer.batch_receive()), 10, "the bad message")
+        done: list[bool] = []
+        thread = threading.Thread(
+            target=lambda: done.append(job.process_batch(consumer, dead_letters, messages, stop))
+        )
+        thread.start()
+        time.sleep(0.5)  # a few refused sends
+        dead_letters.producer = client.create_producer(
+            job_settings.dead_letters, batching_enabled=False
+        )
+        thread.join(20)
+        assert done == [True]
+        letters = consume(pulsar_url, job_settings.dead_letters, count=1, timeout=10)
+        assert [dead_letter(m)["code"] for m in letters] == ["not_json"]
+        reason = {"reason": "not_json"}
+        assert sample(job.metrics.registry, "recsys_feature_dead_letters_total", reason) == 1
+        consumer.close()
+        consumer = job._subscribe(client)  # the bad message was acked: it does not come back
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert not list(consumer.batch_receive())
+        consumer.close()
+    finally:
+        stop.set()
+        client.close()
+
+
+def test_the_events_of_a_user_whose_state_cannot_be_read_are_dead_lettered(
+    job_settings: FeatureJobSettings, store: redis.Redis, pulsar_url: str, topic: str
+) -> None:
+    """A user's hash holds a `state` this job cannot decode (a newer job's format, after
+    a rollback; another writer's bytes): that user's events go to the dead-letter topic
+    with code `unreadable_state` and the reason, their hash stays as it was (for a job
+    that reads it to take the replayed letters), and every other user's events are
+    applied (it ended the job's loop at every batch holding that user)."""
+    events = known_stream(users=3, per_user=8, seed=19)
+    stuck = "user-1"
+    foreign = b"\x00\x05a newer format"
+    key = keys.user_key(job_settings.system_id, stuck)
+    store.hset(key, "state", foreign)
+    produce_events(pulsar_url, topic, events)
+    expected = reference(job_settings, [e for e in events if e.user_id != stuck])
+    theirs = sum(e.user_id == stuck for e in events)
+    unreadable = {"reason": "unreadable_state"}
+    with running_job(job_settings) as job:
+        wait_until(lambda: matches(store, job_settings, expected), 30, "the other users' events")
+        registry = job.metrics.registry
+        wait_until(
+            lambda: sample(registry, "recsys_feature_dead_letters_total", unreadable) == theirs,
+            30,
+            "the stuck user's events dead-lettered",
+        )
+        late = outcome_total(registry, "late")
+    letters = [
+        dead_letter(m) for m in _consume_dead_letters(pulsar_url, job_settings, theirs + int(late))
+    ]
+    stuck_letters = [x for x in letters if x["code"] == "unreadable_state"]
+    assert len(stuck_letters) == theirs
+    assert all(x["key"] == stuck and stuck in x["reason"] for x in stuck_letters)
+    assert store.hgetall(key) == {b"state": foreign}
+
+
+def test_a_message_too_big_for_its_whole_dead_letter_is_dead_lettered_cut_short(
+    job_settings: FeatureJobSettings, store: redis.Redis, pulsar_url: str, topic: str
+) -> None:
+    """4 MiB of junk fit the topic, but not a dead letter holding them (in base64, a third
+    larger): the broker refuses that letter for good (MessageTooBig). The letter keeps the
+    payload's first MAX_PAYLOAD_BYTES and says so, with the payload's size (the message is
+    still in the topic, which the letter names with its id, for the topic's retention),
+    and the job goes on with the events behind it."""
+    junk = bytes(range(256)) * (4 * 4096)  # 4 MiB, not UTF-8
+    good = known_stream(users=1, per_user=3, seed=29)
+    produce(pulsar_url, topic, [("user-0", junk)])
+    produce_events(pulsar_url, topic, good)
+    expected = reference(job_settings, good)
+    with running_job(job_settings) as job:
+        wait_until(lambda: matches(store, job_settings, expected), 30, "the events behind it")
+        reason = {"reason": "not_json"}
+        wait_until(
+            lambda: sample(job.metrics.registry, "recsys_feature_dead_letters_total", reason),
+            30,
+            "the junk dead-lettered",
+        )
+    (letter,) = [dead_letter(m) for m in _consume_dead_letters(pulsar_url, job_settings, 1)]
+    kept = MAX_PAYLOAD_BYTES
+    assert letter["code"] == "not_json" and letter["payload_encoding"] == "base64"
+    assert letter["payload_truncated"] is True and letter["payload_bytes"] == len(junk)
+    assert base64.b64decode(letter["payload"]) == junk[:kept]
+
+
 def _consume_dead_letters(url: str, settings: FeatureJobSettings, count: int) -> list[Any]:
     letters = consume(url, settings.dead_letters, count, timeout=20)
     assert len(letters) == count
@@ -256,6 +367,52 @@ def test_a_job_stopped_while_redis_is_down_leaves_its_batch_unacked(
         wait_until(
             lambda: matches(client, settings, reference(settings, events)), 30, "every event"
         )
+
+
+@pytest.mark.parametrize("refusal", ["OutOfMemoryError", "ReadOnlyError"])
+def test_a_store_that_refuses_writes_for_a_while_is_waited_out_and_loses_nothing(
+    job_settings: FeatureJobSettings,
+    own_redis: RestartableRedis,
+    pulsar_url: str,
+    topic: str,
+    refusal: str,
+) -> None:
+    """A Redis at its `maxmemory` (noeviction, so that no user's state is evicted) refuses
+    every write with OOM until keys expire or it is given more memory; one made a replica
+    (a failover) refuses them with READONLY. The job retries the batch meanwhile
+    (counted, nothing acked) and applies every event once it can write, instead of dying
+    on the first refusal (restarted, it would meet the same one)."""
+    settings = job_settings.model_copy(update={"redis_url": own_redis.url})
+    events = interleave_users(known_stream(users=3, per_user=10, seed=17))
+    client = redis.Redis.from_url(own_redis.url)
+    if refusal == "OutOfMemoryError":
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")  # less than it already uses: writes refused
+    else:
+        client.replicaof("127.0.0.1", str(free_port()))  # a primary that never answers
+    produce_events(pulsar_url, topic, events)
+    with running_job(settings) as job:
+        wait_until(
+            lambda: (
+                sample(
+                    job.metrics.registry, "recsys_feature_store_errors_total", {"error": refusal}
+                )
+                >= 2
+            ),
+            30,
+            "the job to retry the refused write",
+        )
+        assert applied_events(client, settings.system_id, {e.user_id for e in events}) == 0
+        if refusal == "OutOfMemoryError":
+            client.config_set("maxmemory", "0")
+        else:
+            client.replicaof("NO", "ONE")
+        wait_until(
+            lambda: matches(client, settings, reference(settings, events)),
+            30,
+            "every event once Redis takes writes again",
+        )
+        assert outcome_total(job.metrics.registry, "applied") == len(events)
 
 
 def test_a_new_model_version_on_disk_is_loaded_as_soon_as_events_name_it(

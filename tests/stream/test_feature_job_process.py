@@ -173,3 +173,47 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(
             60,
             "the rest of the stream",
         )
+
+
+def test_a_rebuild_killed_midway_is_done_again_at_the_next_start(
+    job_settings: FeatureJobSettings,
+    store: redis.Redis,
+    pulsar_url: str,
+    topic: str,
+    tmp_path: Path,
+    restart_broker: Callable[[], None],
+) -> None:
+    """Redis lost its data while the subscription's cursor is past every event: only a
+    rebuild from the topic brings the users back. A job killed during that rebuild (a
+    node drained, an OOM kill) leaves some of them; then the store is no longer empty, so
+    the next start did not rebuild, and the others stayed missing for good."""
+    settings = job_settings.model_copy(update={"batch_size": 100})
+    events = interleave_users(known_stream(users=10, per_user=25, seed=31))  # 2.5 batches
+    users = sorted({e.user_id for e in events})
+    expected = reference(settings, events)
+    produce_events(pulsar_url, topic, events)
+
+    def rebuilt() -> bool:
+        return store_content(store, settings.system_id, users, ["v1", "v2"]).same_as(expected)
+
+    with running_job(settings):  # every event applied and acked
+        wait_until(rebuilt, 60, "the stream")
+    full = applied_events(store, settings.system_id, users)
+    for key in list(store.scan_iter(match=f"recsys:v2:{settings.system_id}:*")):
+        store.delete(key)  # Redis lost its data
+
+    job = job_process(settings, tmp_path / "job.log").start()  # rebuild_when_empty: default
+    try:
+        wait_until(
+            lambda: applied_events(store, settings.system_id, users) > 0, 60, "a rebuilt batch"
+        )
+        assert job.popen is not None
+        os.kill(job.popen.pid, signal.SIGKILL)  # our own child, by its PID
+        job.popen.wait(timeout=10)
+    finally:
+        job.stop()
+    assert applied_events(store, settings.system_id, users) < full, "killed after the rebuild"
+    restart_broker()  # frees what the killed job held (see the fixture)
+
+    with running_job(settings.model_copy(update={"rebuild_when_empty": True})):
+        wait_until(rebuilt, 60, "the next start to finish the rebuild")

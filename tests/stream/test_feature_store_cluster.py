@@ -398,3 +398,42 @@ def test_a_new_model_version_deletes_the_old_embeddings_on_either_topology(
         names = set(any_store.hkeys(keys.user_key(system, user)))
         assert {n for n in names if n.startswith(b"emb:")} == {b"emb:b"}, user
         assert b"state" in names and b"recent" in names
+
+
+def test_a_user_whose_state_cannot_be_read_is_left_as_it_is_on_either_topology(
+    any_store: Any, system: str, items: Mapping[str, ItemEmbeddings], embeddings_root: Path
+) -> None:
+    """A `state` no form of which this job reads: that user's events are UNREADABLE_STATE
+    (the job dead-letters them), nothing of theirs is written (hash, popular), and the
+    batch's other users are written as without them."""
+    events = stream(users=6, per_user=5, seed=23)
+    stuck = "user-2"
+    key = keys.user_key(system, stuck)
+    any_store.hset(key, "state", b"\x00\x04\xc1")  # the binary form's magic, then no msgpack
+    written = feature_store(any_store, system).apply(batches(events, len(events))[0], items)
+    update = written.updates[stuck]
+    assert set(update.outcomes) == {Outcome.UNREADABLE_STATE}
+    assert update.problem is not None and stuck in update.problem
+    assert any_store.hgetall(key) == {b"state": b"\x00\x04\xc1"}
+    others = [e for e in events if e.user_id != stuck]
+    expected = reference(system, others, embeddings_root)
+    assert content(any_store, system, others).same_as(expected)  # popular: only theirs
+
+
+def test_a_user_whose_key_holds_no_hash_is_left_as_it_is_on_either_topology(
+    any_store: Any, system: str, items: Mapping[str, ItemEmbeddings], embeddings_root: Path
+) -> None:
+    """Another writer's string at a user's key: the read's WRONGTYPE makes that user's
+    events UNREADABLE_STATE (dead-lettered by the job), not the batch an error (which
+    ended the job's loop at every batch holding that user)."""
+    events = stream(users=6, per_user=5, seed=37)
+    stuck = "user-4"
+    key = keys.user_key(system, stuck)
+    any_store.set(key, b"not a hash")
+    written = feature_store(any_store, system).apply(batches(events, len(events))[0], items)
+    update = written.updates[stuck]
+    assert set(update.outcomes) == {Outcome.UNREADABLE_STATE}
+    assert update.problem is not None and stuck in update.problem and "hash" in update.problem
+    assert any_store.get(key) == b"not a hash"
+    others = [e for e in events if e.user_id != stuck]
+    assert content(any_store, system, others).same_as(reference(system, others, embeddings_root))

@@ -16,6 +16,7 @@ from stream_jobs.user_features import (
     MAX_PENDING,
     FeatureParams,
     Outcome,
+    UnreadableState,
     UserState,
     apply_event,
     decode_state,
@@ -189,6 +190,24 @@ def test_state_survives_its_wire_form() -> None:
     assert raw.pending and decode_state(encode_state(raw), PARAMS) == raw
     assert decode_state(None) == UserState()
     assert decode_state(b'{"format": 999}') == UserState()
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        b"\x00\x05a newer binary form",
+        b"\x00\x04\xc1",  # the binary form's magic, then no MessagePack
+        b"\x00\x04\x93\x01\x02\x03",  # MessagePack of the wrong length
+        b"\x00\x03\x05\x00",  # format 3 cut short
+        b'{"format": 2}',  # JSON without its fields
+        b"[1, 2]",
+        b"\xff\xfe",
+    ],
+)
+def test_a_state_in_no_form_this_job_reads_is_an_unreadable_state(stored: bytes) -> None:
+    """Not an error of another kind (the job dead-letters that user's events on it)."""
+    with pytest.raises(UnreadableState, match="in no form this job reads"):
+        decode_state(stored, PARAMS)
 
 
 def test_windows_no_longer_configured_are_dropped_when_state_is_read() -> None:
