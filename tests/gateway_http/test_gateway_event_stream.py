@@ -256,8 +256,9 @@ def test_with_the_broker_down_requests_succeed_and_losses_are_counted(
         text = http.get(f"{gateway.url}/metrics", timeout=10).text
         return metric_value(text, "recsys_gateway_events_dropped_total", **labels)
 
-    # 60 events, 4 buffered, at most one in the sender's hands: the rest are counted now.
-    assert dropped("buffer_full") >= 55
+    # 60 events, 4 buffered, and what the sender took from the buffer at once (up to its
+    # 4 too), retrying: the rest are counted now.
+    assert dropped("buffer_full") >= 60 - 2 * 4
     assert dropped() < 60
     final = gateway.gateway.metrics  # read after stop, from the registry itself
     gateway.stop()  # what is still buffered is given up and counted too
