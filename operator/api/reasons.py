@@ -31,6 +31,7 @@ class ConditionReason(StrEnum):
     # FeaturesReady and ServingReady.
     DEPLOYMENT_AVAILABLE = "DeploymentAvailable"
     DEPLOYMENT_NOT_READY = "DeploymentNotReady"
+    CHILD_APPLY_FAILED = "ChildApplyFailed"  # the API server refused a child (see BLOCKING_REASONS)
     # A ScalingPolicy's Ready.
     VALID = "Valid"
     # RolloutHealthy (the rollout state machine's Health).
@@ -64,6 +65,7 @@ class EventReason(StrEnum):
     RECONCILE_FAILED = "ReconcileFailed"
     TOPICS_KEPT = "TopicsKept"
     TOPICS_DELETED = "TopicsDeleted"
+    TOPICS_LEFT_BEHIND = "TopicsLeftBehind"  # deletionPolicy Delete, but they could not be
     # Rollout decisions (also the `reason` label of the rollout-decisions metric).
     ROLLOUT_STARTED = "RolloutStarted"
     ROLLOUT_ADVANCED = "RolloutAdvanced"
@@ -88,9 +90,11 @@ class EventReason(StrEnum):
     TRAINING_TRIGGER_NOT_SUPPORTED = "TrainingTriggerNotSupported"
 
 
-# Reasons for which the reconcile applies nothing, so a rollout must not move traffic.
+# Reasons for which the reconcile applies nothing (or the API server refused part of
+# it), so a rollout must not move traffic: the routing ConfigMap would not follow.
 BLOCKING_REASONS = frozenset(
     {
+        ConditionReason.CHILD_APPLY_FAILED,
         ConditionReason.INVALID_SPEC,
         ConditionReason.SCALING_POLICY_NOT_FOUND,
         ConditionReason.SCALING_POLICY_INVALID,

@@ -910,3 +910,147 @@ def test_a_partition_decrease_is_refused_with_its_own_permanent_reason(
     assert cluster.condition("Ready")["reason"] == "TopicPartitionsDecreased"
     topic = next(t for n, t in pulsar_admin.emulator.topics.items() if n.endswith("interactions"))
     assert topic.partitions == 2  # nothing was changed
+
+
+# --- failures at deletion and while applying ------------------------------------------
+
+
+def events_about(cluster: Cluster, name: str = "shop") -> list[dict[str, Any]]:
+    items = cluster.kube.get("/api/v1/namespaces/default/events")["items"]
+    return [e for e in items if e["involvedObject"]["name"] == name]
+
+
+def system_gone(cluster: Cluster) -> bool:
+    try:
+        cluster.system()
+    except kubernetes.client.exceptions.ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+def delete_system(cluster: Cluster) -> None:
+    cluster.custom.delete_namespaced_custom_object(
+        GROUP, VERSION, "default", "recommendersystems", "shop"
+    )
+
+
+def test_deletion_is_not_blocked_forever_when_the_pulsar_secret_went_first(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """`kubectl delete -f dir/` (or deleting the namespace) removes the token's Secret with
+    the system: the finalizer cannot delete the topics, says so, and lets the system go."""
+    pulsar_admin.emulator.token = "s3cret"
+    secret = {"metadata": {"name": "pulsar-token"}, "data": {"token": "czNjcmV0"}}
+    cluster.core.create_namespaced_secret("default", secret)
+    cluster.create("scalingpolicies", policy())
+    doc = quickstart(
+        pulsar_admin,
+        events__authSecretRef={"name": "pulsar-token", "key": "token"},
+        events__deletionPolicy="Delete",
+    )
+    cluster.create("recommendersystems", doc)
+    ready(cluster)
+
+    cluster.core.delete_namespaced_secret("pulsar-token", "default")
+    delete_system(cluster)
+
+    wait_for(lambda: system_gone(cluster), timeout=20)
+    assert len(pulsar_admin.emulator.topics) == 3  # nothing could delete them
+    warning = wait_for(
+        lambda: [e for e in events_about(cluster) if e["reason"] == "TopicsLeftBehind"]
+    )[0]
+    assert warning["type"] == "Warning"
+    assert 'Secret "pulsar-token"' in warning["message"]
+    assert "persistent://recsys/default-shop/interactions" in warning["message"]
+
+
+def test_deletion_gives_up_on_an_unreachable_pulsar_after_the_deadline(
+    cluster: Cluster,
+    pulsar_admin: PulsarAdminHandle,
+    operator: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pulsar's admin API down for good: the finalizer retries until the deadline, then
+    releases the system with a Warning naming the topics left in Pulsar."""
+    monkeypatch.setattr(handlers, "TOPIC_DELETION_DEADLINE_S", 3.0)
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin, events__deletionPolicy="Delete"))
+    ready(cluster)
+    pulsar_admin.emulator.fail_next(10_000, method="DELETE", status=503)
+
+    delete_system(cluster)
+
+    wait_for(lambda: system_gone(cluster), timeout=30)
+    assert len(pulsar_admin.emulator.topics) == 3
+    warning = wait_for(
+        lambda: [e for e in events_about(cluster) if e["reason"] == "TopicsLeftBehind"]
+    )[0]
+    assert warning["type"] == "Warning" and "HTTP 503" in warning["message"]
+    assert "persistent://recsys/default-shop/dead-letter" in warning["message"]
+
+
+def test_a_child_the_api_server_refuses_is_a_condition_not_a_traceback(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """An admission refusal (a ResourceQuota, a policy engine, an immutable field) of one
+    child: the system says which child and why in its conditions, warns once, and
+    recovers when the API server accepts it again."""
+    refusal = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "code": 403,
+        "reason": "Forbidden",
+        "message": 'deployments.apps "shop-serving" is forbidden: exceeded quota: compute',
+    }
+    cluster.kube.emulator.fail_next(
+        10_000,
+        method="POST",
+        path="/apis/apps/v1/namespaces/default/deployments",
+        status=403,
+        body=refusal,
+    )
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+
+    cond = wait_for(lambda: cluster.condition("ServingReady"), timeout=30)
+    assert (cond["status"], cond["reason"]) == ("False", "ChildApplyFailed")
+    assert "Deployment/" in cond["message"] and "exceeded quota" in cond["message"]
+    ready_cond = cluster.condition("Ready")
+    assert ready_cond is not None and ready_cond["status"] == "False"
+    assert ready_cond["reason"] == "ChildApplyFailed"
+    warnings = wait_for(
+        lambda: [e for e in events_about(cluster) if e["reason"] == "ReconcileFailed"]
+    )
+    assert "exceeded quota" in warnings[0]["message"]
+
+    cluster.kube.emulator.injected_faults.clear()  # the quota was raised
+    ready(cluster)
+
+
+def test_deletion_cleans_up_the_topics_of_a_spec_made_invalid_after_creation(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """The CRD admits requests above limits (the models refuse it): a system edited that
+    way after its topics were made still deletes them (deletionPolicy Delete)."""
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin, events__deletionPolicy="Delete"))
+    ready(cluster)
+    assert len(pulsar_admin.emulator.topics) == 3
+    cluster.patch_system(
+        {
+            "spec": {
+                "serving": {
+                    "resources": {"requests": {"memory": "4Gi"}, "limits": {"memory": "2Gi"}}
+                }
+            }
+        }
+    )
+    wait_for(lambda: cluster.condition("Ready")["reason"] == "InvalidSpec", timeout=30)
+
+    delete_system(cluster)
+
+    wait_for(lambda: system_gone(cluster), timeout=20)
+    assert pulsar_admin.emulator.topics == {}
+    deleted = [e for e in events_about(cluster) if e["reason"] == "TopicsDeleted"]
+    assert deleted and "interactions" in deleted[0]["message"], events_about(cluster)
