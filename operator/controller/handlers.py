@@ -454,9 +454,22 @@ async def reconcile_policy(body: kopf.Body, namespace: str | None, name: str, **
     }
     if status != _without_kopf(old):
         await write_status("ScalingPolicy", namespace, name, status)
+    await _reconcile_users(namespace, name)
+
+
+@kopf.on.event(*POLICIES, id="policy-deleted")
+async def policy_deleted(type: str, namespace: str | None, name: str, **_: Any) -> None:
+    """A deleted policy: its systems say ScalingPolicyNotFound now, not at the next resync
+    (a watch event: no finalizer, so deleting a policy never waits on the operator)."""
+    if type == "DELETED" and namespace is not None:
+        await _reconcile_users(namespace, name)
+
+
+async def _reconcile_users(namespace: str, policy: str) -> None:
+    """Reconcile every system of `namespace` whose spec.scalingPolicyRef names `policy`."""
     systems = await asyncio.to_thread(
         STATE.kube.list_objects, API_VERSION, "RecommenderSystem", namespace
     )
     for system in systems:
-        if ((system.get("spec") or {}).get("scalingPolicyRef") or {}).get("name") == name:
+        if ((system.get("spec") or {}).get("scalingPolicyRef") or {}).get("name") == policy:
             await reconcile_and_record(namespace, system["metadata"]["name"], trigger="policy")

@@ -1054,3 +1054,25 @@ def test_deletion_cleans_up_the_topics_of_a_spec_made_invalid_after_creation(
     assert pulsar_admin.emulator.topics == {}
     deleted = [e for e in events_about(cluster) if e["reason"] == "TopicsDeleted"]
     assert deleted and "interactions" in deleted[0]["message"], events_about(cluster)
+
+
+def test_deleting_a_policy_rechecks_the_systems_using_it_at_once(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """A deleted ScalingPolicy turns its systems' Ready to ScalingPolicyNotFound on its
+    deletion, not at the next resync (a minute by default)."""
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+    ready(cluster)
+    by_policy = metrics.RECONCILES.labels(trigger="policy")
+    before = by_policy._value.get()
+
+    cluster.custom.delete_namespaced_custom_object(
+        GROUP, VERSION, "default", "scalingpolicies", "default"
+    )
+
+    wait_for(lambda: by_policy._value.get() > before, timeout=10)
+    cond = wait_for(
+        lambda: (c := cluster.condition("Ready")) and c["reason"] == "ScalingPolicyNotFound" and c
+    )
+    assert cond["status"] == "False"
