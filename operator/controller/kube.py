@@ -330,10 +330,12 @@ class KubeClient:
         *,
         namespace: str | None = None,
         prune_kinds: tuple[tuple[str, str], ...] = (),
+        prune_first: tuple[tuple[str, str], ...] = (),
         owner_uid: str | None = None,
     ) -> SyncResult:
         """Apply every object, then delete what `owner_uid` owns (of `prune_kinds`, in
-        `namespace`, matching `label_selector`) that `objects` does not contain.
+        `namespace`, matching `label_selector`) that `objects` does not contain; those
+        of `prune_first` (kinds among `prune_kinds`) before applying anything.
 
         One LIST per kind serves both: no GET per object. A kind the API does not
         serve (no KEDA, no Prometheus operator) has nothing to prune. A read or write
@@ -365,6 +367,23 @@ class KubeClient:
                 )
             return live[(api_version, kind)]
 
+        wanted = {(obj["apiVersion"], obj["kind"], obj["metadata"]["name"]) for obj in objects}
+        deleted: list[str] = []
+
+        def prune(kinds: tuple[tuple[str, str], ...]) -> None:
+            if owner_uid is None:
+                return  # ownership unknown: delete nothing
+            for api_version, kind in kinds:
+                for name, obj in sorted((live_of(api_version, kind, namespace) or {}).items()):
+                    if (api_version, kind, name) in wanted or not owned_by(obj, owner_uid):
+                        continue
+                    try:
+                        if self.delete(api_version, kind, namespace, name):
+                            deleted.append(f"{kind}/{name} deleted")
+                    except ApiException as exc:
+                        refused(f"delete {kind}/{name}", exc)
+
+        prune(tuple(kind for kind in prune_kinds if kind in prune_first))
         applied = []
         for obj in objects:
             kind, name = obj["kind"], obj["metadata"]["name"]
@@ -375,17 +394,5 @@ class KubeClient:
                 applied.append(self.apply(obj, current.get(name), known=True))
             except ApiException as exc:
                 refused(f"apply {kind}/{name}", exc)
-        deleted: list[str] = []
-        if owner_uid is None:
-            return SyncResult(applied, deleted, failed)  # ownership unknown: delete nothing
-        wanted = {(obj["apiVersion"], obj["kind"], obj["metadata"]["name"]) for obj in objects}
-        for api_version, kind in prune_kinds:
-            for name, obj in sorted((live_of(api_version, kind, namespace) or {}).items()):
-                if (api_version, kind, name) in wanted or not owned_by(obj, owner_uid):
-                    continue
-                try:
-                    if self.delete(api_version, kind, namespace, name):
-                        deleted.append(f"{kind}/{name} deleted")
-                except ApiException as exc:
-                    refused(f"delete {kind}/{name}", exc)
+        prune(tuple(kind for kind in prune_kinds if kind not in prune_first))
         return SyncResult(applied, deleted, failed)

@@ -36,7 +36,13 @@ from recsys_operator.controller.conditions import condition, merge_conditions, s
 from recsys_operator.controller.kube import ApplyResult, KubeClient
 from recsys_operator.controller.training_runs import latest_training_status
 from recsys_operator.pulsar_admin import PartitionsDecreased, PulsarAdmin, PulsarAdminError
-from recsys_operator.render import PRUNED_KINDS, RenderOptions, render_system, topic_plan
+from recsys_operator.render import (
+    PRUNED_FIRST_KINDS,
+    PRUNED_KINDS,
+    RenderOptions,
+    render_system,
+    topic_plan,
+)
 from recsys_operator.render.naming import (
     INSTANCE_LABEL,
     MANAGED_BY,
@@ -214,6 +220,7 @@ class Reconciler:
             children_selector(system),
             namespace=system.metadata.namespace,
             prune_kinds=PRUNED_KINDS,
+            prune_first=PRUNED_FIRST_KINDS,
             owner_uid=system.metadata.uid or None,
         )
         return {(r.kind, r.name): r for r in synced.applied}, synced.deleted, synced.failed
