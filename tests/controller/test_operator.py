@@ -1076,3 +1076,18 @@ def test_deleting_a_policy_rechecks_the_systems_using_it_at_once(
         lambda: (c := cluster.condition("Ready")) and c["reason"] == "ScalingPolicyNotFound" and c
     )
     assert cond["status"] == "False"
+
+
+@pytest.mark.parametrize(
+    "admin_url", ["http://pulsar-broker.pulsar:99999", "http://:8080", "http://[::1:8080"]
+)
+def test_an_admin_url_no_client_can_use_is_an_invalid_spec(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any, admin_url: str
+) -> None:
+    """The CRD's pattern admits these; the HTTP client cannot even build a request from
+    them. A condition names the field (before: a traceback per retry, no status at all)."""
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin, events__adminUrl=admin_url))
+    cond = wait_for(lambda: cluster.condition("Ready"), timeout=20)
+    assert (cond["status"], cond["reason"]) == ("False", "InvalidSpec")
+    assert "spec.events.adminUrl" in cond["message"]
