@@ -306,6 +306,25 @@ def _events_only(body: dict[str, Any]) -> RecommenderSystem | None:
     )
 
 
+def _systems_sharing_topics(body: kopf.Body, plan: TopicPlan) -> list[str]:
+    """The other systems of the namespace, not being deleted themselves, whose
+    spec.events names the same Pulsar tenant and namespace: their topics are these."""
+    namespace, name = body["metadata"].get("namespace"), body["metadata"]["name"]
+    others = STATE.kube.list_objects(API_VERSION, "RecommenderSystem", namespace)
+    sharing = []
+    for other in others:
+        meta = other["metadata"]
+        if meta["name"] == name or meta.get("deletionTimestamp"):
+            continue  # systems deleted together (their namespace) delete the topics
+        stand_in = _events_only(other)
+        if stand_in is None:
+            continue
+        theirs = topic_plan(stand_in)
+        if (theirs.tenant, theirs.namespace) == (plan.tenant, plan.namespace):
+            sharing.append(str(meta["name"]))
+    return sorted(sharing)
+
+
 async def _delete_topics(
     body: kopf.Body, system: RecommenderSystem, plan: TopicPlan, waited_s: float
 ) -> None:
@@ -314,6 +333,16 @@ async def _delete_topics(
             dict(body),
             EventReason.TOPICS_KEPT,
             f"deletionPolicy Keep: topics of {plan.tenant}/{plan.namespace} kept",
+        )
+        return
+
+    sharing = await asyncio.to_thread(_systems_sharing_topics, body, plan)
+    if sharing:
+        post_event(
+            dict(body),
+            EventReason.TOPICS_KEPT,
+            f"topics of {plan.tenant}/{plan.namespace} kept: RecommenderSystem "
+            f"{', '.join(sharing)} uses them too (spec.events.namespace)",
         )
         return
 

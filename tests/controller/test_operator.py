@@ -1091,3 +1091,26 @@ def test_an_admin_url_no_client_can_use_is_an_invalid_spec(
     cond = wait_for(lambda: cluster.condition("Ready"), timeout=20)
     assert (cond["status"], cond["reason"]) == ("False", "InvalidSpec")
     assert "spec.events.adminUrl" in cond["message"]
+
+
+def test_deleting_one_of_two_systems_sharing_a_pulsar_namespace_keeps_the_topics(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """Two systems naming the same spec.events.namespace (a blue/green pair) share its
+    topics: deleting one (deletionPolicy Delete) must not delete the other's live topics."""
+    cluster.create("scalingpolicies", policy())
+    for name in ("shop", "shop-green"):
+        doc = quickstart(
+            pulsar_admin, name=name, events__namespace="shop", events__deletionPolicy="Delete"
+        )
+        cluster.create("recommendersystems", doc)
+    ready(cluster)
+    ready(cluster, "shop-green")
+    assert len(pulsar_admin.emulator.topics) == 3
+
+    delete_system(cluster)
+
+    wait_for(lambda: system_gone(cluster), timeout=20)
+    assert len(pulsar_admin.emulator.topics) == 3
+    kept = [e for e in events_about(cluster) if e["reason"] == "TopicsKept"]
+    assert kept and "shop-green" in kept[0]["message"], events_about(cluster)
