@@ -31,7 +31,9 @@ class ConditionReason(StrEnum):
     # FeaturesReady and ServingReady.
     DEPLOYMENT_AVAILABLE = "DeploymentAvailable"
     DEPLOYMENT_NOT_READY = "DeploymentNotReady"
-    CHILD_APPLY_FAILED = "ChildApplyFailed"  # the API server refused a child (see BLOCKING_REASONS)
+    # The API server refused a child. Not blocking: a rollout whose canary cannot be
+    # created must still reach its progressDeadline or inconclusive limit and roll back.
+    CHILD_APPLY_FAILED = "ChildApplyFailed"
     # A ScalingPolicy's Ready.
     VALID = "Valid"
     # RolloutHealthy (the rollout state machine's Health).
@@ -90,11 +92,9 @@ class EventReason(StrEnum):
     TRAINING_TRIGGER_NOT_SUPPORTED = "TrainingTriggerNotSupported"
 
 
-# Reasons for which the reconcile applies nothing (or the API server refused part of
-# it), so a rollout must not move traffic: the routing ConfigMap would not follow.
+# Reasons for which the reconcile applies nothing, so a rollout must not move traffic.
 BLOCKING_REASONS = frozenset(
     {
-        ConditionReason.CHILD_APPLY_FAILED,
         ConditionReason.INVALID_SPEC,
         ConditionReason.SCALING_POLICY_NOT_FOUND,
         ConditionReason.SCALING_POLICY_INVALID,
