@@ -360,10 +360,16 @@ class Reconciler:
             )
 
         namespace = system.metadata.namespace
+        stable_version = old_status.get("stableVersion") or system.spec.model.version
+        stable_archive = old_status.get("stableArchiveUri") or system.spec.model.archive_uri
+        if system.spec.model.version == stable_version and not old_status.get("canary"):
+            # The spec names the stable version: its archiveUri is the stable's (moved to a
+            # new bucket, say). The stable is rendered from status once a rollout starts.
+            stable_archive = system.spec.model.archive_uri or stable_archive
         status = finish(
             [topics, features, serving],
-            stableVersion=old_status.get("stableVersion") or system.spec.model.version,
-            stableArchiveUri=old_status.get("stableArchiveUri") or system.spec.model.archive_uri,
+            stableVersion=stable_version,
+            stableArchiveUri=stable_archive,
             training=training.to_wire() if training else None,
             endpoints={
                 "gateway": f"http://{child_name(system, 'gateway')}.{namespace}.svc:80/v1/recommend",

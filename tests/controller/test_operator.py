@@ -1114,3 +1114,34 @@ def test_deleting_one_of_two_systems_sharing_a_pulsar_namespace_keeps_the_topics
     assert len(pulsar_admin.emulator.topics) == 3
     kept = [e for e in events_about(cluster) if e["reason"] == "TopicsKept"]
     assert kept and "shop-green" in kept[0]["message"], events_about(cluster)
+
+
+def test_a_new_archive_for_the_stable_version_is_what_the_stable_keeps_during_a_rollout(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, run_operator: Callable[..., Any]
+) -> None:
+    """The archive of version 1 moved (a new bucket) and the spec says so: the stable
+    serves it, and still does once version 2's rollout starts (the stable is rendered
+    from status.stableArchiveUri then, which must not keep the old location)."""
+    import json
+
+    moved = "http://models-new.default/retrieval/retrieval-1.mar"
+    handlers.STATE.analysis_source = scripted_source()  # Wait: the canary holds its step
+    with contextlib.ExitStack() as stack:
+        stack.callback(setattr, handlers.STATE, "analysis_source", None)
+        run_operator(HANDLERS)
+        cluster.create("scalingpolicies", policy())
+        cluster.create("recommendersystems", quickstart(pulsar_admin))
+        ready(cluster)
+
+        def stable_template() -> str:
+            deployment = cluster.apps.read_namespaced_deployment("shop-serving", "default")
+            return json.dumps(cluster.kube.api_client.sanitize_for_serialization(deployment.spec))
+
+        cluster.patch_system({"spec": {"model": {"archiveUri": moved}}})
+        wait_for(lambda: moved in stable_template(), timeout=30)
+        wait_for(lambda: cluster.system()["status"].get("stableArchiveUri") == moved, timeout=10)
+
+        start_version_2(cluster)
+        wait_for(lambda: "shop-serving-canary" in cluster.deployments(), timeout=30)
+        template = stable_template()
+        assert moved in template and "models.default/retrieval/retrieval-1.mar" not in template
