@@ -97,6 +97,8 @@ class PulsarAdmin:
                             )
                         return response.status, payload
                     last_status, last_reason = response.status, _reason(payload, text)
+            except aiohttp.InvalidURL as exc:  # no retry can fix the URL itself
+                raise PulsarAdminError(method, path, None, f"invalid URL {exc}") from exc
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 last_status, last_reason = None, f"{type(exc).__name__}: {exc}"
             if attempt < self.retry.attempts:

@@ -31,6 +31,9 @@ class ConditionReason(StrEnum):
     # FeaturesReady and ServingReady.
     DEPLOYMENT_AVAILABLE = "DeploymentAvailable"
     DEPLOYMENT_NOT_READY = "DeploymentNotReady"
+    # The API server refused a child. Not blocking: a rollout whose canary cannot be
+    # created must still reach its progressDeadline or inconclusive limit and roll back.
+    CHILD_APPLY_FAILED = "ChildApplyFailed"
     # A ScalingPolicy's Ready.
     VALID = "Valid"
     # RolloutHealthy (the rollout state machine's Health).
@@ -64,6 +67,7 @@ class EventReason(StrEnum):
     RECONCILE_FAILED = "ReconcileFailed"
     TOPICS_KEPT = "TopicsKept"
     TOPICS_DELETED = "TopicsDeleted"
+    TOPICS_LEFT_BEHIND = "TopicsLeftBehind"  # deletionPolicy Delete, but they could not be
     # Rollout decisions (also the `reason` label of the rollout-decisions metric).
     ROLLOUT_STARTED = "RolloutStarted"
     ROLLOUT_ADVANCED = "RolloutAdvanced"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from enum import StrEnum
 from typing import TYPE_CHECKING, Self
+from urllib.parse import urlsplit
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -37,6 +38,20 @@ ARCHIVE_URI_PATTERN = r"^(https?://|s3://|pvc://|file://).+"
 
 
 # --- events -----------------------------------------------------------------------
+
+
+def url_host_problem(url: str) -> str | None:
+    """Why `url` names no host and port a client could connect to, or None."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port out of range
+    except ValueError as exc:
+        return f"{url!r} is not a usable URL: {exc}"
+    if not parts.hostname:
+        return f"{url!r} names no host"
+    if port == 0:
+        return f"{url!r} names port 0"
+    return None
 
 
 class DeletionPolicy(StrEnum):
@@ -128,6 +143,17 @@ class EventsSpec(ApiModel):
     """What happens to the topics when the RecommenderSystem is deleted."""
     topics: TopicsSpec = Field(default_factory=TopicsSpec)
     """Per-topic partitions, retention and backlog quota."""
+
+    @field_validator("admin_url")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        # The pattern admits what the operator's HTTP client cannot send a request to (no
+        # host, a port past 65535, a broken IPv6 literal, several hosts). serviceUrl may
+        # list several hosts (pulsar://h1:6650,h2:6650): the Pulsar clients take that.
+        problem = url_host_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 # The CEL twin of `endpoint_problem` for mode cluster: no unix socket, no database but 0.

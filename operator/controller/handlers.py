@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any, cast
 
 import kopf
@@ -26,7 +27,8 @@ from recsys_contracts.env_vars import OperatorEnv
 from recsys_contracts.field_issues import InvalidResource, issues_from_validation_error
 from recsys_operator.api.base import GROUP, VERSION
 from recsys_operator.api.reasons import ConditionReason, EventReason
-from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
+from recsys_operator.api.recommender_system import EventsSpec, RecommenderSystemSpec
+from recsys_operator.api.resources import ObjectMeta, RecommenderSystem, ScalingPolicy
 from recsys_operator.api.status import ConditionType
 from recsys_operator.controller import metrics
 from recsys_operator.controller.conditions import condition, merge_conditions
@@ -251,27 +253,81 @@ for _api_version, _kind in CHILD_KINDS:
     kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"child-{_plural}")(_on_child_event)
 
 
+TOPIC_DELETION_DEADLINE_S = 600.0
+"""How long the finalizer retries deleting a system's topics (deletionPolicy Delete)
+while Pulsar's admin API fails, before it lets the system go with a TopicsLeftBehind
+Warning that names them: a finalizer that waits forever on a broken dependency holds up
+`kubectl delete`, Argo CD's prune and the deletion of the whole namespace."""
+TOPIC_DELETION_RETRY_S = 30.0
+
+
 @kopf.on.delete(*RECSYS)
-async def delete_system(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+async def delete_system(
+    body: kopf.Body, namespace: str | None, runtime: timedelta, **_: Any
+) -> None:
     """The finalizer: delete or keep the Pulsar topics as spec.events.deletionPolicy says.
 
     Children are owned (ownerReferences), so Kubernetes garbage-collects them.
     """
     try:
         system = parse_system(dict(body))
-    except Exception as exc:  # an invalid spec created no topics under its name
-        post_event(
-            dict(body), EventReason.TOPICS_KEPT, f"spec invalid ({exc}); nothing to clean up"
-        )
-        return
+    except InvalidResource as exc:
+        # The CRD admits a few things the models refuse (requests above limits): a spec
+        # edited that way after its topics were made still names them in spec.events.
+        events_only = _events_only(dict(body))
+        if events_only is None:
+            post_event(
+                dict(body),
+                EventReason.TOPICS_KEPT,
+                f"spec.events invalid ({exc}); topics, if any, kept",
+                warning=True,
+            )
+            return
+        system = events_only
     plan = topic_plan(system)
     assert namespace is not None
     # Wait for an in-flight reconcile (it may be creating topics); later ones see the deletion.
     async with STATE.locks.setdefault((namespace, str(body["metadata"]["name"])), asyncio.Lock()):
-        await _delete_topics(body, system, plan)
+        await _delete_topics(body, system, plan, runtime.total_seconds())
 
 
-async def _delete_topics(body: kopf.Body, system: RecommenderSystem, plan: TopicPlan) -> None:
+def _events_only(body: dict[str, Any]) -> RecommenderSystem | None:
+    """The system as far as its topics go (metadata and spec.events), or None when
+    spec.events itself is invalid."""
+    try:
+        events = EventsSpec.model_validate((body.get("spec") or {}).get("events") or {})
+    except ValidationError:
+        return None
+    meta = body.get("metadata") or {}
+    # Unvalidated on purpose: only metadata and spec.events are read (topic_plan, the token).
+    spec = RecommenderSystemSpec.model_construct(events=events)  # type: ignore[call-arg]
+    return RecommenderSystem.model_construct(
+        metadata=ObjectMeta(name=meta.get("name"), namespace=meta.get("namespace")), spec=spec
+    )
+
+
+def _systems_sharing_topics(body: kopf.Body, plan: TopicPlan) -> list[str]:
+    """The other systems of the namespace, not being deleted themselves, whose
+    spec.events names the same Pulsar tenant and namespace: their topics are these."""
+    namespace, name = body["metadata"].get("namespace"), body["metadata"]["name"]
+    others = STATE.kube.list_objects(API_VERSION, "RecommenderSystem", namespace)
+    sharing = []
+    for other in others:
+        meta = other["metadata"]
+        if meta["name"] == name or meta.get("deletionTimestamp"):
+            continue  # systems deleted together (their namespace) delete the topics
+        stand_in = _events_only(other)
+        if stand_in is None:
+            continue
+        theirs = topic_plan(stand_in)
+        if (theirs.tenant, theirs.namespace) == (plan.tenant, plan.namespace):
+            sharing.append(str(meta["name"]))
+    return sorted(sharing)
+
+
+async def _delete_topics(
+    body: kopf.Body, system: RecommenderSystem, plan: TopicPlan, waited_s: float
+) -> None:
     if system.spec.events.deletion_policy != "Delete":
         post_event(
             dict(body),
@@ -279,12 +335,40 @@ async def _delete_topics(body: kopf.Body, system: RecommenderSystem, plan: Topic
             f"deletionPolicy Keep: topics of {plan.tenant}/{plan.namespace} kept",
         )
         return
+
+    sharing = await asyncio.to_thread(_systems_sharing_topics, body, plan)
+    if sharing:
+        post_event(
+            dict(body),
+            EventReason.TOPICS_KEPT,
+            f"topics of {plan.tenant}/{plan.namespace} kept: RecommenderSystem "
+            f"{', '.join(sharing)} uses them too (spec.events.namespace)",
+        )
+        return
+
+    def left_behind(why: str) -> None:
+        topics = ", ".join(plan.topic_url(t) for t in plan.topics)
+        message = f"could not delete the topics ({why}); left in Pulsar: {topics}"
+        post_event(dict(body), EventReason.TOPICS_LEFT_BEHIND, message, warning=True)
+
     try:
         token = await asyncio.to_thread(STATE.reconciler.pulsar_token, system)
+    except SecretNotFound as exc:
+        # Deleted with the system (one `kubectl delete -f`, or its namespace): no retry
+        # brings it back.
+        left_behind(str(exc))
+        return
+    try:
         async with PulsarAdmin(system.spec.events.admin_url, token) as admin:
             deleted = await admin.delete_plan(plan)
-    except (PulsarAdminError, SecretNotFound) as exc:
-        raise kopf.TemporaryError(f"could not delete topics: {exc}", delay=30) from exc
+    except PulsarAdminError as exc:
+        remaining = TOPIC_DELETION_DEADLINE_S - waited_s
+        if exc.status in (401, 403) or remaining <= 0:  # refused, or still failing
+            left_behind(str(exc))
+            return
+        raise kopf.TemporaryError(
+            f"could not delete topics: {exc}", delay=min(TOPIC_DELETION_RETRY_S, remaining)
+        ) from exc
     post_event(
         dict(body),
         EventReason.TOPICS_DELETED,
@@ -399,9 +483,22 @@ async def reconcile_policy(body: kopf.Body, namespace: str | None, name: str, **
     }
     if status != _without_kopf(old):
         await write_status("ScalingPolicy", namespace, name, status)
+    await _reconcile_users(namespace, name)
+
+
+@kopf.on.event(*POLICIES, id="policy-deleted")
+async def policy_deleted(type: str, namespace: str | None, name: str, **_: Any) -> None:
+    """A deleted policy: its systems say ScalingPolicyNotFound now, not at the next resync
+    (a watch event: no finalizer, so deleting a policy never waits on the operator)."""
+    if type == "DELETED" and namespace is not None:
+        await _reconcile_users(namespace, name)
+
+
+async def _reconcile_users(namespace: str, policy: str) -> None:
+    """Reconcile every system of `namespace` whose spec.scalingPolicyRef names `policy`."""
     systems = await asyncio.to_thread(
         STATE.kube.list_objects, API_VERSION, "RecommenderSystem", namespace
     )
     for system in systems:
-        if ((system.get("spec") or {}).get("scalingPolicyRef") or {}).get("name") == name:
+        if ((system.get("spec") or {}).get("scalingPolicyRef") or {}).get("name") == policy:
             await reconcile_and_record(namespace, system["metadata"]["name"], trigger="policy")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client
@@ -158,6 +158,16 @@ def owned_by(obj: dict[str, Any], owner_uid: str) -> bool:
     return any(reference.get("uid") == owner_uid for reference in references)
 
 
+def api_message(exc: ApiException) -> str:
+    """The API server's own message (its Status body), else the HTTP reason."""
+    try:
+        body = json.loads(exc.body) if exc.body else {}
+    except (TypeError, ValueError):
+        body = {}
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or exc.reason or "no reason given")
+
+
 @dataclass
 class ApplyResult:
     kind: str
@@ -173,6 +183,9 @@ class ApplyResult:
 class SyncResult:
     applied: list[ApplyResult]
     deleted: list[str]  # "Kind/name deleted"
+    # What the API server refused (an admission webhook, a ResourceQuota, an immutable
+    # field, a missing permission): "apply Kind/name: HTTP 403: its message".
+    failed: list[str] = field(default_factory=list)
 
 
 class KubeClient:
@@ -317,45 +330,69 @@ class KubeClient:
         *,
         namespace: str | None = None,
         prune_kinds: tuple[tuple[str, str], ...] = (),
+        prune_first: tuple[tuple[str, str], ...] = (),
         owner_uid: str | None = None,
     ) -> SyncResult:
         """Apply every object, then delete what `owner_uid` owns (of `prune_kinds`, in
-        `namespace`, matching `label_selector`) that `objects` does not contain.
+        `namespace`, matching `label_selector`) that `objects` does not contain; those
+        of `prune_first` (kinds among `prune_kinds`) before applying anything.
 
         One LIST per kind serves both: no GET per object. A kind the API does not
-        serve (no KEDA, no Prometheus operator) has nothing to prune.
+        serve (no KEDA, no Prometheus operator) has nothing to prune. A read or write
+        the API server refuses is recorded in `failed`, and the other objects are
+        still applied: one refused child does not hold back the rest.
         """
-        live: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        live: dict[tuple[str, str], dict[str, dict[str, Any]] | None] = {}
+        failed: list[str] = []
 
-        def live_of(api_version: str, kind: str, in_namespace: str | None) -> dict[str, Any]:
+        def refused(what: str, exc: ApiException) -> None:
+            failed.append(f"{what}: HTTP {exc.status}: {api_message(exc)}")
+
+        def live_of(
+            api_version: str, kind: str, in_namespace: str | None
+        ) -> dict[str, dict[str, Any]] | None:
+            """The live objects of a kind by name; None when they could not be listed."""
             if (api_version, kind) not in live:
+                items: list[dict[str, Any]] | None
                 try:
                     items = self.list_objects(api_version, kind, in_namespace, label_selector)
                 except ApiException as exc:
-                    if exc.status != 404 or (api_version, kind) not in prune_kinds:
-                        raise
-                    items = []
-                live[(api_version, kind)] = {item["metadata"]["name"]: item for item in items}
+                    items = None
+                    if exc.status == 404 and (api_version, kind) in prune_kinds:
+                        items = []
+                    else:
+                        refused(f"list {KNOWN_KINDS[(api_version, kind)][0]}", exc)
+                live[(api_version, kind)] = (
+                    None if items is None else {item["metadata"]["name"]: item for item in items}
+                )
             return live[(api_version, kind)]
 
-        applied = [
-            self.apply(
-                obj,
-                live_of(obj["apiVersion"], obj["kind"], obj["metadata"].get("namespace")).get(
-                    obj["metadata"]["name"]
-                ),
-                known=True,
-            )
-            for obj in objects
-        ]
-        deleted: list[str] = []
-        if owner_uid is None:
-            return SyncResult(applied, deleted)  # ownership unknown: delete nothing
         wanted = {(obj["apiVersion"], obj["kind"], obj["metadata"]["name"]) for obj in objects}
-        for api_version, kind in prune_kinds:
-            for name, obj in sorted(live_of(api_version, kind, namespace).items()):
-                if (api_version, kind, name) in wanted or not owned_by(obj, owner_uid):
-                    continue
-                if self.delete(api_version, kind, namespace, name):
-                    deleted.append(f"{kind}/{name} deleted")
-        return SyncResult(applied, deleted)
+        deleted: list[str] = []
+
+        def prune(kinds: tuple[tuple[str, str], ...]) -> None:
+            if owner_uid is None:
+                return  # ownership unknown: delete nothing
+            for api_version, kind in kinds:
+                for name, obj in sorted((live_of(api_version, kind, namespace) or {}).items()):
+                    if (api_version, kind, name) in wanted or not owned_by(obj, owner_uid):
+                        continue
+                    try:
+                        if self.delete(api_version, kind, namespace, name):
+                            deleted.append(f"{kind}/{name} deleted")
+                    except ApiException as exc:
+                        refused(f"delete {kind}/{name}", exc)
+
+        prune(tuple(kind for kind in prune_kinds if kind in prune_first))
+        applied = []
+        for obj in objects:
+            kind, name = obj["kind"], obj["metadata"]["name"]
+            current = live_of(obj["apiVersion"], kind, obj["metadata"].get("namespace"))
+            if current is None:
+                continue  # the kind's LIST was refused: recorded once
+            try:
+                applied.append(self.apply(obj, current.get(name), known=True))
+            except ApiException as exc:
+                refused(f"apply {kind}/{name}", exc)
+        prune(tuple(kind for kind in prune_kinds if kind not in prune_first))
+        return SyncResult(applied, deleted, failed)

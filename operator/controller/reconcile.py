@@ -36,7 +36,13 @@ from recsys_operator.controller.conditions import condition, merge_conditions, s
 from recsys_operator.controller.kube import ApplyResult, KubeClient
 from recsys_operator.controller.training_runs import latest_training_status
 from recsys_operator.pulsar_admin import PartitionsDecreased, PulsarAdmin, PulsarAdminError
-from recsys_operator.render import PRUNED_KINDS, RenderOptions, render_system, topic_plan
+from recsys_operator.render import (
+    PRUNED_FIRST_KINDS,
+    PRUNED_KINDS,
+    RenderOptions,
+    render_system,
+    topic_plan,
+)
 from recsys_operator.render.naming import (
     INSTANCE_LABEL,
     MANAGED_BY,
@@ -205,17 +211,19 @@ class Reconciler:
 
     def _sync(
         self, system: RecommenderSystem, objects: list[dict[str, Any]]
-    ) -> tuple[dict[tuple[str, str], ApplyResult], list[str]]:
+    ) -> tuple[dict[tuple[str, str], ApplyResult], list[str], list[str]]:
         """Apply the desired children and delete the owned ones no longer desired
-        (a finished canary, an autoscaler of the other engine, a removed policy's PDBs)."""
+        (a finished canary, an autoscaler of the other engine, a removed policy's PDBs);
+        (applied, deleted, what the API server refused)."""
         synced = self.kube.sync(
             objects,
             children_selector(system),
             namespace=system.metadata.namespace,
             prune_kinds=PRUNED_KINDS,
+            prune_first=PRUNED_FIRST_KINDS,
             owner_uid=system.metadata.uid or None,
         )
-        return {(r.kind, r.name): r for r in synced.applied}, synced.deleted
+        return {(r.kind, r.name): r for r in synced.applied}, synced.deleted, synced.failed
 
     # --- the pipeline ---------------------------------------------------------------
 
@@ -275,7 +283,7 @@ class Reconciler:
         topics, topic_changes = await self._ensure_topics(system, generation)
 
         # 5. Children.
-        results, removed = await asyncio.to_thread(self._sync, system, objects)
+        results, removed, refused = await asyncio.to_thread(self._sync, system, objects)
         changes = (
             [f"Pulsar {c}" for c in topic_changes]
             + [str(r) for r in results.values() if r.action != "unchanged"]
@@ -297,7 +305,13 @@ class Reconciler:
             result = results.get(("Deployment", name))
             return deployment_readiness(result.live if result else None)
 
-        features_ok, features_msg = ready_of(child_name(system, "features"))
+        # A refused child is its part's problem (the stream job's, else serving's): the
+        # part is not ready, whatever the Deployments that did apply say.
+        features_name = child_name(system, "features")
+        features_refused = [r for r in refused if f"/{features_name}:" in r]
+        serving_refused = [r for r in refused if r not in features_refused]
+
+        features_ok, features_msg = ready_of(features_name)
         features = condition(
             ConditionType.FEATURES_READY,
             features_ok,
@@ -309,6 +323,14 @@ class Reconciler:
             f"stream job: {features_msg}",
             generation,
         )
+        if features_refused:
+            features = condition(
+                ConditionType.FEATURES_READY,
+                False,
+                ConditionReason.CHILD_APPLY_FAILED,
+                "; ".join(features_refused),
+                generation,
+            )
         serving_parts = [(Component.GATEWAY, child_name(system, "gateway"))]
         serving_parts += [
             (f"serving {track}", serving_name(system, track))
@@ -328,16 +350,35 @@ class Reconciler:
             "; ".join(f"{label}: {msg}" for label, _, msg in states),
             generation,
         )
+        if serving_refused:
+            serving = condition(
+                ConditionType.SERVING_READY,
+                False,
+                ConditionReason.CHILD_APPLY_FAILED,
+                "; ".join(serving_refused),
+                generation,
+            )
 
         namespace = system.metadata.namespace
+        stable_version = old_status.get("stableVersion") or system.spec.model.version
+        stable_archive = old_status.get("stableArchiveUri") or system.spec.model.archive_uri
+        if system.spec.model.version == stable_version and not old_status.get("canary"):
+            # The spec names the stable version: its archiveUri is the stable's (moved to a
+            # new bucket, say). The stable is rendered from status once a rollout starts.
+            stable_archive = system.spec.model.archive_uri or stable_archive
         status = finish(
             [topics, features, serving],
-            stableVersion=old_status.get("stableVersion") or system.spec.model.version,
-            stableArchiveUri=old_status.get("stableArchiveUri") or system.spec.model.archive_uri,
+            stableVersion=stable_version,
+            stableArchiveUri=stable_archive,
             training=training.to_wire() if training else None,
             endpoints={
                 "gateway": f"http://{child_name(system, 'gateway')}.{namespace}.svc:80/v1/recommend",
                 "serving": f"http://{serving_name(system, Track.STABLE)}.{namespace}.svc:{INFERENCE_PORT}",
             },
         )
-        return Outcome(status, changes=changes, retry=topics.status != ConditionStatus.TRUE)
+        return Outcome(
+            status,
+            changes=changes,
+            warnings=[f"{ConditionReason.CHILD_APPLY_FAILED}: {r}" for r in refused],
+            retry=topics.status != ConditionStatus.TRUE or bool(refused),
+        )

@@ -54,6 +54,7 @@ from recsys_operator.render.training import UnsupportedTrainingUri, build_traini
 __all__ = [
     "ALWAYS_RENDERED_KINDS",
     "CHILD_KINDS",
+    "PRUNED_FIRST_KINDS",
     "PRUNED_KINDS",
     "RenderOptions",
     "TopicPlan",
@@ -94,6 +95,13 @@ ALWAYS_RENDERED_KINDS: frozenset[tuple[str, str]] = frozenset(
     }
 )
 PRUNED_KINDS = tuple(kind for kind in CHILD_KINDS if kind not in ALWAYS_RENDERED_KINDS)
+# Pruned before anything is applied: one workload takes one autoscaler, and KEDA's
+# admission webhook refuses a ScaledObject for a workload an HPA still scales. (Every
+# other kind goes after: a finished canary's Deployment only once the routing has left it.)
+PRUNED_FIRST_KINDS = (
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+)
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,10 @@ from .test_validation import MISTAKES, with_change
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 # Mistakes no standard CEL rule can catch: quantities ("4Gi" vs "2Gi") compare by value
-# only with Kubernetes' quantity() library, which cel-python does not have. The operator
-# (and `recsys validate`) still refuses them.
-NOT_EXPRESSIBLE_IN_CEL = {"exceeds limit"}
+# only with Kubernetes' quantity() library, and a URL's host and port need its url()
+# library, neither of which cel-python has. The operator (and `recsys validate`) still
+# refuses them, as an InvalidSpec condition.
+NOT_EXPRESSIBLE_IN_CEL = {"exceeds limit", "not a usable URL", "names no host"}
 
 _CEL = celpy.Environment()
 

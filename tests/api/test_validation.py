@@ -64,6 +64,13 @@ def test_defaults_fill_an_almost_empty_spec() -> None:
 
 # Each case: a single mistake, the field path the message must name, and a phrase of the reason.
 MISTAKES = [
+    (
+        "spec.events.adminUrl",
+        "http://pulsar-broker.pulsar:99999",
+        "spec.events.adminUrl",
+        "not a usable URL",
+    ),
+    ("spec.events.adminUrl", "http://:8080", "spec.events.adminUrl", "names no host"),
     ("spec.rollout.steps", [10, 50, 25, 100], "spec.rollout.steps", "strictly increasing"),
     ("spec.rollout.steps", [10, 50], "spec.rollout.steps", "must be 100"),
     ("spec.rollout.steps", [0, 100], "spec.rollout.steps", "1..100"),

@@ -910,3 +910,238 @@ def test_a_partition_decrease_is_refused_with_its_own_permanent_reason(
     assert cluster.condition("Ready")["reason"] == "TopicPartitionsDecreased"
     topic = next(t for n, t in pulsar_admin.emulator.topics.items() if n.endswith("interactions"))
     assert topic.partitions == 2  # nothing was changed
+
+
+# --- failures at deletion and while applying ------------------------------------------
+
+
+def events_about(cluster: Cluster, name: str = "shop") -> list[dict[str, Any]]:
+    items = cluster.kube.get("/api/v1/namespaces/default/events")["items"]
+    return [e for e in items if e["involvedObject"]["name"] == name]
+
+
+def system_gone(cluster: Cluster) -> bool:
+    try:
+        cluster.system()
+    except kubernetes.client.exceptions.ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+def delete_system(cluster: Cluster) -> None:
+    cluster.custom.delete_namespaced_custom_object(
+        GROUP, VERSION, "default", "recommendersystems", "shop"
+    )
+
+
+def test_deletion_is_not_blocked_forever_when_the_pulsar_secret_went_first(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """`kubectl delete -f dir/` (or deleting the namespace) removes the token's Secret with
+    the system: the finalizer cannot delete the topics, says so, and lets the system go."""
+    pulsar_admin.emulator.token = "s3cret"
+    secret = {"metadata": {"name": "pulsar-token"}, "data": {"token": "czNjcmV0"}}
+    cluster.core.create_namespaced_secret("default", secret)
+    cluster.create("scalingpolicies", policy())
+    doc = quickstart(
+        pulsar_admin,
+        events__authSecretRef={"name": "pulsar-token", "key": "token"},
+        events__deletionPolicy="Delete",
+    )
+    cluster.create("recommendersystems", doc)
+    ready(cluster)
+
+    cluster.core.delete_namespaced_secret("pulsar-token", "default")
+    delete_system(cluster)
+
+    wait_for(lambda: system_gone(cluster), timeout=20)
+    assert len(pulsar_admin.emulator.topics) == 3  # nothing could delete them
+    warning = wait_for(
+        lambda: [e for e in events_about(cluster) if e["reason"] == "TopicsLeftBehind"]
+    )[0]
+    assert warning["type"] == "Warning"
+    assert 'Secret "pulsar-token"' in warning["message"]
+    assert "persistent://recsys/default-shop/interactions" in warning["message"]
+
+
+def test_deletion_gives_up_on_an_unreachable_pulsar_after_the_deadline(
+    cluster: Cluster,
+    pulsar_admin: PulsarAdminHandle,
+    operator: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pulsar's admin API down for good: the finalizer retries until the deadline, then
+    releases the system with a Warning naming the topics left in Pulsar."""
+    monkeypatch.setattr(handlers, "TOPIC_DELETION_DEADLINE_S", 3.0)
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin, events__deletionPolicy="Delete"))
+    ready(cluster)
+    pulsar_admin.emulator.fail_next(10_000, method="DELETE", status=503)
+
+    delete_system(cluster)
+
+    wait_for(lambda: system_gone(cluster), timeout=30)
+    assert len(pulsar_admin.emulator.topics) == 3
+    warning = wait_for(
+        lambda: [e for e in events_about(cluster) if e["reason"] == "TopicsLeftBehind"]
+    )[0]
+    assert warning["type"] == "Warning" and "HTTP 503" in warning["message"]
+    assert "persistent://recsys/default-shop/dead-letter" in warning["message"]
+
+
+def test_a_child_the_api_server_refuses_is_a_condition_not_a_traceback(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """An admission refusal (a ResourceQuota, a policy engine, an immutable field) of one
+    child: the system says which child and why in its conditions, warns once, and
+    recovers when the API server accepts it again."""
+    refusal = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "code": 403,
+        "reason": "Forbidden",
+        "message": 'deployments.apps "shop-serving" is forbidden: exceeded quota: compute',
+    }
+    cluster.kube.emulator.fail_next(
+        10_000,
+        method="POST",
+        path="/apis/apps/v1/namespaces/default/deployments",
+        status=403,
+        body=refusal,
+    )
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+
+    cond = wait_for(lambda: cluster.condition("ServingReady"), timeout=30)
+    assert (cond["status"], cond["reason"]) == ("False", "ChildApplyFailed")
+    assert "Deployment/" in cond["message"] and "exceeded quota" in cond["message"]
+    ready_cond = cluster.condition("Ready")
+    assert ready_cond is not None and ready_cond["status"] == "False"
+    assert ready_cond["reason"] == "ChildApplyFailed"
+    warnings = wait_for(
+        lambda: [e for e in events_about(cluster) if e["reason"] == "ReconcileFailed"]
+    )
+    assert "exceeded quota" in warnings[0]["message"]
+
+    cluster.kube.emulator.injected_faults.clear()  # the quota was raised
+    ready(cluster)
+
+
+def test_deletion_cleans_up_the_topics_of_a_spec_made_invalid_after_creation(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """The CRD admits requests above limits (the models refuse it): a system edited that
+    way after its topics were made still deletes them (deletionPolicy Delete)."""
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin, events__deletionPolicy="Delete"))
+    ready(cluster)
+    assert len(pulsar_admin.emulator.topics) == 3
+    cluster.patch_system(
+        {
+            "spec": {
+                "serving": {
+                    "resources": {"requests": {"memory": "4Gi"}, "limits": {"memory": "2Gi"}}
+                }
+            }
+        }
+    )
+    wait_for(lambda: cluster.condition("Ready")["reason"] == "InvalidSpec", timeout=30)
+
+    delete_system(cluster)
+
+    wait_for(lambda: system_gone(cluster), timeout=20)
+    assert pulsar_admin.emulator.topics == {}
+    deleted = [e for e in events_about(cluster) if e["reason"] == "TopicsDeleted"]
+    assert deleted and "interactions" in deleted[0]["message"], events_about(cluster)
+
+
+def test_deleting_a_policy_rechecks_the_systems_using_it_at_once(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """A deleted ScalingPolicy turns its systems' Ready to ScalingPolicyNotFound on its
+    deletion, not at the next resync (a minute by default)."""
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin))
+    ready(cluster)
+    by_policy = metrics.RECONCILES.labels(trigger="policy")
+    before = by_policy._value.get()
+
+    cluster.custom.delete_namespaced_custom_object(
+        GROUP, VERSION, "default", "scalingpolicies", "default"
+    )
+
+    wait_for(lambda: by_policy._value.get() > before, timeout=10)
+    cond = wait_for(
+        lambda: (c := cluster.condition("Ready")) and c["reason"] == "ScalingPolicyNotFound" and c
+    )
+    assert cond["status"] == "False"
+
+
+@pytest.mark.parametrize(
+    "admin_url", ["http://pulsar-broker.pulsar:99999", "http://:8080", "http://[::1:8080"]
+)
+def test_an_admin_url_no_client_can_use_is_an_invalid_spec(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any, admin_url: str
+) -> None:
+    """The CRD's pattern admits these; the HTTP client cannot even build a request from
+    them. A condition names the field (before: a traceback per retry, no status at all)."""
+    cluster.create("scalingpolicies", policy())
+    cluster.create("recommendersystems", quickstart(pulsar_admin, events__adminUrl=admin_url))
+    cond = wait_for(lambda: cluster.condition("Ready"), timeout=20)
+    assert (cond["status"], cond["reason"]) == ("False", "InvalidSpec")
+    assert "spec.events.adminUrl" in cond["message"]
+
+
+def test_deleting_one_of_two_systems_sharing_a_pulsar_namespace_keeps_the_topics(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """Two systems naming the same spec.events.namespace (a blue/green pair) share its
+    topics: deleting one (deletionPolicy Delete) must not delete the other's live topics."""
+    cluster.create("scalingpolicies", policy())
+    for name in ("shop", "shop-green"):
+        doc = quickstart(
+            pulsar_admin, name=name, events__namespace="shop", events__deletionPolicy="Delete"
+        )
+        cluster.create("recommendersystems", doc)
+    ready(cluster)
+    ready(cluster, "shop-green")
+    assert len(pulsar_admin.emulator.topics) == 3
+
+    delete_system(cluster)
+
+    wait_for(lambda: system_gone(cluster), timeout=20)
+    assert len(pulsar_admin.emulator.topics) == 3
+    kept = [e for e in events_about(cluster) if e["reason"] == "TopicsKept"]
+    assert kept and "shop-green" in kept[0]["message"], events_about(cluster)
+
+
+def test_a_new_archive_for_the_stable_version_is_what_the_stable_keeps_during_a_rollout(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, run_operator: Callable[..., Any]
+) -> None:
+    """The archive of version 1 moved (a new bucket) and the spec says so: the stable
+    serves it, and still does once version 2's rollout starts (the stable is rendered
+    from status.stableArchiveUri then, which must not keep the old location)."""
+    import json
+
+    moved = "http://models-new.default/retrieval/retrieval-1.mar"
+    handlers.STATE.analysis_source = scripted_source()  # Wait: the canary holds its step
+    with contextlib.ExitStack() as stack:
+        stack.callback(setattr, handlers.STATE, "analysis_source", None)
+        run_operator(HANDLERS)
+        cluster.create("scalingpolicies", policy())
+        cluster.create("recommendersystems", quickstart(pulsar_admin))
+        ready(cluster)
+
+        def stable_template() -> str:
+            deployment = cluster.apps.read_namespaced_deployment("shop-serving", "default")
+            return json.dumps(cluster.kube.api_client.sanitize_for_serialization(deployment.spec))
+
+        cluster.patch_system({"spec": {"model": {"archiveUri": moved}}})
+        wait_for(lambda: moved in stable_template(), timeout=30)
+        wait_for(lambda: cluster.system()["status"].get("stableArchiveUri") == moved, timeout=10)
+
+        start_version_2(cluster)
+        wait_for(lambda: "shop-serving-canary" in cluster.deployments(), timeout=30)
+        template = stable_template()
+        assert moved in template and "models.default/retrieval/retrieval-1.mar" not in template

@@ -11,8 +11,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import kmock
 import pytest
 import yaml
+from kubemock.emulator import KubeEmulator
 from kubemock.fixtures import KEDA_CRDS, PROMETHEUS_OPERATOR_CRDS, KubeHandle, PulsarAdminHandle
 
 from recsys_operator.api.resources import ScalingPolicy
@@ -206,3 +208,52 @@ def test_an_invalid_policy_blocks_with_every_problem_named_once(world: World) ->
         assert path in ready["message"], ready["message"]
     assert "spec.serving.targetGpuUtilization" in ready["message"]
     assert "spec.spec." not in ready["message"]
+
+
+def keda_admission(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KEDA's admission webhook: a ScaledObject is refused while another HPA scales its
+    workload ("the workload ... is already managed by the hpa ...")."""
+    create = KubeEmulator._create
+
+    def refusing(self: KubeEmulator, request: Any, body: Any) -> Any:
+        if request.resource is not None and request.resource.plural == "scaledobjects":
+            target = ((body.get("spec") or {}).get("scaleTargetRef") or {}).get("name")
+            for (resource, _, name), obj in self.objects.items():
+                if resource.plural != "horizontalpodautoscalers" or obj.deleted:
+                    continue
+                if ((obj.raw.get("spec") or {}).get("scaleTargetRef") or {}).get("name") == target:
+                    message = (
+                        'admission webhook "vscaledobject.kb.io" denied the request: the '
+                        f"workload '{target}' of type 'apps/v1.Deployment' is already managed "
+                        f"by the hpa '{name}'"
+                    )
+                    raise kmock.KubernetesError(
+                        status=400,
+                        reason="BadRequest",
+                        message=message,
+                        details={"causes": [{"message": message}]},
+                    )
+        return create(self, request, body)
+
+    monkeypatch.setattr(KubeEmulator, "_create", refusing)
+
+
+def test_a_switch_to_keda_passes_its_admission_webhook_in_one_reconcile(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HPAs go before their ScaledObjects come: KEDA refuses a ScaledObject for a
+    workload another HPA scales, so applying first would fail the switch."""
+    world.reconcile()
+    assert all(
+        k == ["HorizontalPodAutoscaler"] for k in world.autoscalers_per_deployment().values()
+    )
+    keda_admission(monkeypatch)
+    world.patch("ScalingPolicy", "default", {"spec": {"engine": "keda"}})
+
+    outcome = world.reconcile()
+
+    assert not outcome.warnings, outcome.warnings
+    per_deployment = world.autoscalers_per_deployment()
+    assert per_deployment and all(k == ["ScaledObject"] for k in per_deployment.values()), (
+        per_deployment
+    )

@@ -101,3 +101,12 @@ async def test_delete_plan_is_idempotent(pulsar_admin: PulsarAdminHandle) -> Non
         assert await admin.delete_plan(PLAN) == ["interactions", "dead-letter"]
         assert await admin.delete_plan(PLAN) == []
     assert pulsar_admin.emulator.topics == {}
+
+
+async def test_an_unusable_url_is_a_pulsar_admin_error_not_a_client_crash() -> None:
+    """A URL the HTTP client cannot build a request from fails at once, as every other
+    Pulsar failure does (the reconcile turns it into a condition; the finalizer gives up)."""
+    async with PulsarAdmin("http://pulsar:99999", retry=FAST) as admin:
+        with pytest.raises(PulsarAdminError, match="invalid URL") as info:
+            await admin.ensure_plan(PLAN)
+    assert info.value.status is None
