@@ -498,12 +498,23 @@ class EventSink:
         if self._closing.is_set():
             self._keep_or_drop(events)
             return
+        again = []
         for event in events:
             if event.attempts < self.max_attempts:
-                self._enqueue(event)  # batched again with whatever is buffered then
+                again.append(event)
             else:
                 self.drop(event.system, DropReason.SEND_FAILED, f"{event.topic}: {result}")
                 self._resolved([event])
+        # Buffered again (batched with whatever is buffered then) under the lock close()
+        # takes before it empties the buffer: an event put back after that would be in
+        # nobody's hands, neither sent nor counted.
+        with self._lock:
+            abandoned = self._abandoned
+            if not abandoned:
+                for event in again:
+                    self._enqueue(event)
+        if abandoned:
+            self._keep_or_drop(again)
 
     def _producer(self, service_url: str, topic: str) -> pulsar.Producer:
         if service_url != self._client_url:
