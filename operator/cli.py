@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from recsys_contracts.env_vars import OperatorEnv
 from recsys_operator import __version__
 from recsys_operator.render.autoscaling import DEFAULT_PROMETHEUS_URL
+
+if TYPE_CHECKING:
+    from recsys_operator.manifests import Document
 
 app = typer.Typer(
     name="recsys",
@@ -116,6 +119,17 @@ def docs(
     typer.echo(f"wrote {out}")
 
 
+def _load_manifests(paths: list[Path]) -> list[Document]:
+    """The documents of the -f paths; a path with nothing to read is an error (exit 1)."""
+    from recsys_operator.manifests import ManifestPathError, load_documents
+
+    try:
+        return load_documents(paths)
+    except ManifestPathError as exc:
+        typer.echo(f"error: -f {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def validate(
     filename: FilesOption,
@@ -133,9 +147,9 @@ def validate(
     is printed with the path of the field it is about. Without --local, also what the
     operator finds only when it renders the children (e.g. a missing archiveUri).
     """
-    from recsys_operator.manifests import load_documents, validate_documents
+    from recsys_operator.manifests import validate_documents
 
-    report = validate_documents(load_documents(filename), for_cluster=not local)
+    report = validate_documents(_load_manifests(filename), for_cluster=not local)
     for line in report.lines():
         typer.echo(line)
     if not report.ok:
@@ -154,11 +168,11 @@ def render(
 
     Give the RecommenderSystem and, when it references one, its ScalingPolicy.
     """
-    from recsys_operator.manifests import dump_yaml_documents, load_documents, validate_documents
+    from recsys_operator.manifests import dump_yaml_documents, validate_documents
     from recsys_operator.render import render_system
 
     report = validate_documents(
-        load_documents(filename), default_namespace=namespace, for_cluster=True
+        _load_manifests(filename), default_namespace=namespace, for_cluster=True
     )
     if not report.ok:
         for line in report.lines():

@@ -57,22 +57,42 @@ class Document:
         return f"{self.where}: {self.body.get('kind', '?')}/{name}"
 
 
+class ManifestPathError(ValueError):
+    """A manifest path that gives nothing to read; the message names it and says why."""
+
+
 def _yaml_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise ManifestPathError(f"{path}: no such file or folder")
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
+        if not files:
+            # Checking nothing and saying nothing would read as "all valid".
+            raise ManifestPathError(f"{path}: a folder with no .yaml or .yml file")
+        return files
     return [path]
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ManifestPathError(f"{path}: not a text file (not UTF-8)") from None
+    except OSError as exc:
+        raise ManifestPathError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
 def load_documents(paths: Iterable[Path]) -> list[Document]:
-    """Every non-empty YAML document in the given files and folders ('-' is stdin)."""
+    """Every non-empty YAML document in the given files and folders ('-' is stdin).
+
+    Raises ManifestPathError for a path that does not exist, cannot be read, or is a
+    folder without YAML files."""
     documents = []
     for path in paths:
         if str(path) == "-":
             sources = [("<stdin>", sys.stdin.read())]
         else:
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: no such file or folder")
-            sources = [(str(p), p.read_text()) for p in _yaml_files(path)]
+            sources = [(str(p), _read_text(p)) for p in _yaml_files(path)]
         for source, text in sources:
             try:
                 bodies = list(yaml.safe_load_all(text))

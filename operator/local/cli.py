@@ -531,8 +531,13 @@ def demo(
     Exits 0 only when a run was gated out and a retrained candidate was promoted.
     """
     from recsys_operator.local.demo import run_demo
+    from recsys_operator.local.desired_state import ManifestError
 
-    raise typer.Exit(run_demo(filename, rate=rate, dashboard=dashboard))
+    try:
+        code = run_demo(filename, rate=rate, dashboard=dashboard)
+    except ManifestError as exc:
+        raise fail(f"the manifest cannot run:\n{exc}") from None
+    raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:

@@ -69,10 +69,22 @@ def test_validate_reads_stdin_and_reports_bad_yaml() -> None:
     assert "not valid YAML" in result.stdout
 
 
-def test_validate_names_a_missing_file() -> None:
-    result = recsys("validate", "-f", "no/such/file.yaml")
-    assert result.returncode != 0
-    assert "no/such/file.yaml" in result.stdout + result.stderr
+@pytest.mark.parametrize("command", ["validate", "render", "up", "demo"])
+def test_a_manifest_path_that_does_not_exist_is_named_without_a_traceback(
+    command: str, tmp_path: Path
+) -> None:
+    result = recsys(command, "-f", "no/such/file.yaml", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "-f no/such/file.yaml: no such file or folder" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / ".runs").exists()
+
+
+def test_validate_refuses_a_folder_without_manifests(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a manifest")
+    result = recsys("validate", "-f", str(tmp_path))
+    assert result.returncode == 1
+    assert f"-f {tmp_path}: a folder with no .yaml or .yml file" in result.stderr
 
 
 def test_crds_regenerates_byte_for_byte(tmp_path: Path) -> None:
