@@ -91,7 +91,7 @@ def send_events(
     """Send events (JSON lines, keyed by user_id) and report invalid lines.
 
     Exits 1 when any line was not a valid event (the valid ones are still sent), 2 when
-    the broker or topic cannot be reached. A send that timed out may still have been
+    the file cannot be read or the broker or topic cannot be reached. A send that timed out may still have been
     stored: sending the same lines again is safe when they carry their `event_id` (the
     feature job counts an id once); with --fill-missing each run makes new ids.
     """
@@ -109,6 +109,10 @@ def send_events(
     except ValueError:
         typer.echo(f"error: --wire-format {wire_format!r}: expected avro or json", err=True)
         raise typer.Exit(2) from None
+    if source != "-" and not Path(source).is_file():
+        why = "is a folder" if Path(source).is_dir() else "no such file"
+        typer.echo(f"error: cannot read events from {source}: {why}", err=True)
+        raise typer.Exit(2)
     if service_url is None or topic is None:
         try:
             target = running_local_target(system)
@@ -117,7 +121,11 @@ def send_events(
             raise typer.Exit(2) from None
         service_url = service_url or target.service_url
         topic = topic or target.interactions_topic
-    stream = sys.stdin if source == "-" else Path(source).open(encoding="utf-8")  # noqa: SIM115
+    try:
+        stream = sys.stdin if source == "-" else Path(source).open(encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        typer.echo(f"error: cannot read events from {source}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
     try:
         with (
             EventProducer(
@@ -160,6 +168,12 @@ def send_events(
             soft_wrap=True,
         )
     typer.echo(f"sent {report.sent} events to {topic}; {len(report.problems)} invalid lines")
+    if report.without_id_or_time:
+        typer.echo(
+            f"{report.without_id_or_time} of the invalid lines have no event_id or ts: "
+            "--fill-missing gives them a random id and the current time",
+            err=True,
+        )
     if report.problems:
         raise typer.Exit(1)
 

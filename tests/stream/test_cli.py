@@ -116,6 +116,20 @@ def test_events_send_without_fill_refuses_incomplete_events(
     assert result.exit_code == 1
     assert "line 1: event_id: Field required; ts: Field required" in result.stderr
     assert "sent 0 events" in result.stdout
+    assert "1 of the invalid lines have no event_id or ts: --fill-missing" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["no-such-file.jsonl", "."])
+def test_events_send_names_a_file_it_cannot_read_before_looking_for_a_broker(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    nowhere = ["--service-url", f"pulsar://127.0.0.1:{free_port()}", "--topic", "t"]
+    result = runner.invoke(app, ["events", "send", where, *nowhere])
+    assert result.exit_code == 2, result.output
+    why = "no such file" if where != "." else "is a folder"
+    assert f"error: cannot read events from {where}: {why}" in result.stderr
+    assert isinstance(result.exception, SystemExit)  # not a FileNotFoundError
 
 
 def test_features_run_reports_bad_settings_by_field() -> None:
