@@ -384,7 +384,11 @@ def compact_event_log(
     if min_files < 2:
         typer.echo("--min-files must be at least 2", err=True)
         raise typer.Exit(2)
-    done = compact_log(log_uri, min_files)
+    try:
+        done = compact_log(log_uri, min_files)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     for c in done:
         typer.echo(
             f"{c.table} {'/'.join(c.partition)}: {c.files_in} files -> 1, "
