@@ -168,9 +168,12 @@ def render(
 
     Give the RecommenderSystem and, when it references one, its ScalingPolicy.
     """
+    from recsys_contracts.field_issues import InvalidResource
     from recsys_operator.manifests import dump_yaml_documents, validate_documents
     from recsys_operator.render import render_system
 
+    if output not in ("yaml", "json"):
+        raise typer.BadParameter("must be yaml or json", param_hint="--output")
     report = validate_documents(
         _load_manifests(filename), default_namespace=namespace, for_cluster=True
     )
@@ -181,13 +184,28 @@ def render(
     objects = []
     for system in report.systems:
         policy = report.policy_for(system)
-        objects.extend(render_system(system, policy))
+        ref = system.spec.scaling_policy_ref
+        if ref is not None and policy is None:
+            # `validate` may leave the policy to the cluster; the objects depend on it.
+            typer.echo(
+                f"error RecommenderSystem/{system.metadata.name}: spec.scalingPolicyRef names "
+                f'ScalingPolicy "{ref.name}" in namespace {system.metadata.namespace}, which is '
+                "not among the files: give its manifest with another -f "
+                "(e.g. -f examples/scaling-policy.yaml)",
+                err=True,
+            )
+            raise typer.Exit(1)
+        try:
+            objects.extend(render_system(system, policy))
+        except InvalidResource as exc:
+            typer.echo(f"error RecommenderSystem/{system.metadata.name}", err=True)
+            for issue in exc.issues:
+                typer.echo(f"      {issue}", err=True)
+            raise typer.Exit(1) from None
     if output == "json":
         typer.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
-    elif output == "yaml":
-        typer.echo(dump_yaml_documents(objects), nl=False)
     else:
-        raise typer.BadParameter("must be yaml or json", param_hint="--output")
+        typer.echo(dump_yaml_documents(objects), nl=False)
 
 
 operator_app = typer.Typer(help="Run the Kubernetes operator.", no_args_is_help=True)

@@ -30,6 +30,8 @@ from recsys_operator.local.run_folder import (
 )
 
 UP_TIMEOUT_S = 600.0
+# Simulated users: below this a run shows nothing (0 would wait forever for its first visit).
+MIN_RATE = 0.1
 DOWN_TIMEOUT_S = 90.0
 
 FilesOption = Annotated[
@@ -98,9 +100,11 @@ def up(
             help="Then run simulated users with a live dashboard (see `recsys simulate`)."
         ),
     ] = False,
-    rate: Annotated[float, typer.Option(help="--simulate: requests per second.")] = 20.0,
+    rate: Annotated[
+        float, typer.Option(min=MIN_RATE, help="--simulate: requests per second.")
+    ] = 20.0,
     duration: Annotated[
-        float, typer.Option(help="--simulate: seconds to run (0: until Ctrl-C).")
+        float, typer.Option(min=0.0, help="--simulate: seconds to run (0: until Ctrl-C).")
     ] = 0.0,
     features: Annotated[
         bool, typer.Option(help="Run the stream feature job (off: user state stays static).")
@@ -269,6 +273,8 @@ def status(
 
     Exits 0 when every part runs, 3 when the supervisor is not running, 4 when the system
     is degraded: a part was given up after its restarts or fails its health probes."""
+    if output not in ("text", "json"):
+        raise typer.BadParameter("must be text or json", param_hint="--output")
     folder = resolve_folder(run_dir)
     state = folder.read_state()
     if state is None:
@@ -489,8 +495,12 @@ def rollout_resume(run_dir: RunDirOption = None) -> None:
 
 def simulate_command(
     run_dir: RunDirOption = None,
-    rate: Annotated[float, typer.Option(help="Recommendation requests per second.")] = 20.0,
-    duration: Annotated[float, typer.Option(help="Seconds to run (0: until Ctrl-C).")] = 0.0,
+    rate: Annotated[
+        float, typer.Option(min=MIN_RATE, help="Recommendation requests per second.")
+    ] = 20.0,
+    duration: Annotated[
+        float, typer.Option(min=0.0, help="Seconds to run (0: until Ctrl-C).")
+    ] = 0.0,
     dashboard: Annotated[bool, typer.Option(help="Show the live dashboard.")] = True,
     record: Annotated[
         Path | None, typer.Option(help="Write per-second figures per model version to this CSV.")
@@ -521,7 +531,9 @@ def demo(
     filename: Annotated[Path, typer.Option("--filename", "-f", help="The demo manifest.")] = Path(
         "examples/demo.yaml"
     ),
-    rate: Annotated[float, typer.Option(help="Simulated requests per second.")] = 30.0,
+    rate: Annotated[
+        float, typer.Option(min=MIN_RATE, help="Simulated requests per second.")
+    ] = 30.0,
     dashboard: Annotated[bool, typer.Option(help="Show the live dashboard.")] = True,
 ) -> None:
     """Run the continuous-learning demo: a stale model, drifting users, retraining

@@ -87,6 +87,40 @@ def test_validate_refuses_a_folder_without_manifests(tmp_path: Path) -> None:
     assert f"-f {tmp_path}: a folder with no .yaml or .yml file" in result.stderr
 
 
+def test_render_without_the_referenced_policy_says_which_file_is_missing() -> None:
+    result = recsys("render", "-f", "examples/quickstart.yaml")
+    assert result.returncode == 1, result.stdout
+    assert (
+        'error RecommenderSystem/quickstart: spec.scalingPolicyRef names ScalingPolicy "default" '
+        "in namespace default, which is not among the files: give its manifest with another -f"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr and not result.stdout
+    given = recsys("render", "-f", "examples/quickstart.yaml", "-f", "examples/scaling-policy.yaml")
+    assert given.returncode == 0, given.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "refusal"),
+    [
+        (
+            ["render", "-f", "examples/quickstart.yaml", "-o", "xml"],
+            "--output: must be yaml or json",
+        ),
+        (["status", "-o", "yaml"], "--output: must be text or json"),
+        (["simulate", "--rate", "0"], "'--rate': Input should be greater than or equal to 0.1"),
+        (["up", "-f", "examples/quickstart.yaml", "--rate", "0"], "'--rate'"),
+        (["up", "-f", "examples/quickstart.yaml", "--duration", "-1"], "'--duration'"),
+    ],
+)
+def test_an_option_value_out_of_range_is_a_usage_error(
+    args: list[str], refusal: str, tmp_path: Path
+) -> None:
+    result = recsys(*args, cwd=ROOT if args[0] == "render" else tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert refusal in result.stderr
+    assert not (tmp_path / ".runs").exists()
+
+
 def test_crds_regenerates_byte_for_byte(tmp_path: Path) -> None:
     result = recsys("crds", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
