@@ -166,18 +166,18 @@ def test_the_jobs_help_shows_each_settings_default(command: list[str], model: An
             lines[option] += " " + line.strip()
     shown = 0
     for name, field in model.model_fields.items():
-        line = lines.get("--" + name.replace("_", "-"))
-        if line is None or "/ --no-" in line:  # not an option here, or a bool flag
+        help_text = lines.get("--" + name.replace("_", "-"))
+        if help_text is None or "/ --no-" in help_text:  # not an option here, or a bool flag
             continue
         if field.is_required():
-            assert f"[required: here or RECSYS_{name.upper()}]" in line
+            assert f"[required: here or RECSYS_{name.upper()}]" in help_text
             continue
         default = field.get_default(call_default_factory=True)
         if default is None:
-            assert "[default:" not in line
+            assert "[default:" not in help_text
             continue
         text = ",".join(default) if isinstance(default, list) else str(default)
-        assert f"[default: {text}]" in line, line
+        assert f"[default: {text}]" in help_text, help_text
         shown += 1
     assert shown >= 4
 
