@@ -33,6 +33,7 @@ FilesOption = Annotated[
     typer.Option(
         "--filename",
         "-f",
+        metavar="<path>",
         help="Manifest file or folder (YAML, several documents allowed; '-' reads stdin). Repeatable.",
     ),
 ]
@@ -52,7 +53,8 @@ def crds(
     out: Annotated[
         list[Path] | None,
         typer.Option(
-            help="Folder to write the CRD YAML files into (repeatable). Default: crds/ and the chart's crds/."
+            metavar="<folder>",
+            help="Folder to write the CRD YAML files into (repeatable). Default: crds/ and the chart's crds/.",
         ),
     ] = None,
     check: Annotated[

@@ -37,7 +37,11 @@ DOWN_TIMEOUT_S = 90.0
 FilesOption = Annotated[
     list[Path],
     typer.Option(
-        "--filename", "-f", help="Manifest with one RecommenderSystem (YAML; '-' is stdin)."
+        "--filename",
+        "-f",
+        metavar="<path>",
+        help="Manifest with one RecommenderSystem (YAML; '-' is stdin); a ScalingPolicy "
+        "beside it is validated, not applied. Repeatable.",
     ),
 ]
 RunDirOption = Annotated[
@@ -123,7 +127,7 @@ def up(
         ),
     ] = "5m",
 ) -> None:
-    """Run the RecommenderSystem in FILE on this machine, every part on 127.0.0.1.
+    """Run the RecommenderSystem of the -f manifest on this machine, every part on 127.0.0.1.
 
     Starts pulsar-lite, Redis, TorchServe (configured by the operator's renderer), the
     stream feature job, the gateway and Prometheus; logs and PIDs go to the run folder.
