@@ -9,6 +9,7 @@ is checked against that policy (tighten, never exceed).
 
 from __future__ import annotations
 
+import difflib
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -154,7 +155,7 @@ def parse_resource(body: Any, default_namespace: str = "default") -> CustomResou
     try:
         resource = model.model_validate(body)
     except ValidationError as exc:
-        issues = issues_from_validation_error(exc)
+        issues = _name_unknown_fields(exc, issues_from_validation_error(exc), kind)
         seen = {issue.path for issue in issues}
         # Schema findings the models did not already report (there should be none: a test checks).
         issues += [i for i in schema_issues if i.path not in seen]
@@ -166,6 +167,44 @@ def parse_resource(body: Any, default_namespace: str = "default") -> CustomResou
     if resource.metadata.namespace is None:
         resource.metadata.namespace = default_namespace
     return resource
+
+
+def _name_unknown_fields(
+    exc: ValidationError, issues: list[FieldIssue], kind: str
+) -> list[FieldIssue]:
+    """Pydantic's "Extra inputs are not permitted" for a mistyped field, with the field
+    the user most likely meant (or the ones allowed there), from the CRD schema."""
+    hints = {}
+    for error in exc.errors(include_url=False):
+        if error["type"] != "extra_forbidden":
+            continue
+        *parent, unknown = error["loc"]
+        allowed = _property_names(openapi_schema(RESOURCE_TYPES[kind]), parent)
+        if not allowed:
+            continue
+        close = difflib.get_close_matches(str(unknown), allowed, n=1, cutoff=0.6)
+        hints[join_path(*error["loc"])] = (
+            f"unknown field; did you mean {close[0]!r}?"
+            if close
+            else f"unknown field; expected one of {', '.join(allowed)}"
+        )
+    return [FieldIssue(i.path, hints[i.path]) if i.path in hints else i for i in issues]
+
+
+def _property_names(schema: dict[str, Any], loc: list[int | str]) -> list[str]:
+    """The fields the schema allows at `loc` (a pydantic error location); [] if unknown."""
+    for part in loc:
+        if isinstance(part, int):
+            schema = schema.get("items") or {}
+        else:
+            schema = (
+                (schema.get("properties") or {}).get(part)
+                or schema.get("additionalProperties")
+                or {}
+            )
+        if not isinstance(schema, dict):
+            return []
+    return list(schema.get("properties") or {})
 
 
 @dataclass

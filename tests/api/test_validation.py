@@ -132,7 +132,15 @@ MISTAKES = [
         "spec.rollout.analysis.maxErrorRate",
         "greater than or equal to 0",
     ),
-    ("spec.serving.replica", 3, "spec.serving.replica", "Extra inputs are not permitted"),
+    ("spec.serving.replica", 3, "spec.serving.replica", "unknown field; did you mean 'replicas'?"),
+    ("spec.gatway", {}, "spec.gatway", "unknown field; did you mean 'gateway'?"),
+    (
+        "spec.rollout.webhooks",
+        [{"name": "smoke", "type": "pre-rollout", "url": "http://x", "timeoutSeconds": 5}],
+        "spec.rollout.webhooks[0].timeoutSeconds",
+        "unknown field; did you mean 'timeout'?",
+    ),
+    ("spec.features.ttl", "7d", "spec.features.ttl", "unknown field; expected one of image, "),
     ("spec.events.subscriptionType", "Exclusive", "spec.events.subscriptionType", "KeyShared"),
     ("spec.features.windows", ["1h", "1h"], "spec.features.windows", "distinct"),
     (
