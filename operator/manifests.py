@@ -104,6 +104,18 @@ def load_documents(paths: Iterable[Path]) -> list[Document]:
     return documents
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line, with the line and column where the parser gave up (PyYAML's own text
+    spreads over lines and names "<unicode string>")."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return f"not valid YAML: {error}"
+    context = getattr(error, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    return f"not valid YAML at {where}: {problem}" + (f" ({context})" if context else "")
+
+
 def _nullable_to_draft4(node: Any) -> Any:
     """OpenAPI's `nullable: true` spelled as JSON Schema draft 4 (which has no `nullable`)."""
     if isinstance(node, list):
@@ -250,7 +262,7 @@ def validate_documents(
     parsed: list[tuple[Document, CustomResource]] = []
     for doc in documents:
         if isinstance(doc.body, yaml.YAMLError):
-            report.errors.append((doc.where, [FieldIssue("", f"not valid YAML: {doc.body}")]))
+            report.errors.append((doc.where, [FieldIssue("", _yaml_problem(doc.body))]))
             continue
         api_version = str(doc.body.get("apiVersion", "")) if isinstance(doc.body, dict) else ""
         if isinstance(doc.body, dict) and not api_version.startswith(f"{GROUP}/"):

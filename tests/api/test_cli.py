@@ -69,6 +69,15 @@ def test_validate_reads_stdin_and_reports_bad_yaml() -> None:
     assert "not valid YAML" in result.stdout
 
 
+def test_bad_yaml_is_one_line_naming_where_the_parser_stopped() -> None:
+    result = recsys("validate", "-f", "-", stdin="spec:\n  model: 1\n\tversion: 2\n")
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[1:] == [
+        "      not valid YAML at line 3, column 1: found character '\\t' that cannot start "
+        "any token (while scanning for the next token)"
+    ]
+
+
 @pytest.mark.parametrize("command", ["validate", "render", "up", "demo"])
 def test_a_manifest_path_that_does_not_exist_is_named_without_a_traceback(
     command: str, tmp_path: Path
