@@ -227,6 +227,14 @@ def train(
         raise typer.Exit(1)
     _limit_threads(threads)
     with _clear_errors():
+        tuned: TrainingConfig | None = None
+        if config_file is not None:  # before the data: a wrong path should not wait for it
+            from model_handlers.tuning import read_config
+
+            if not config_file.is_file():
+                raise FileNotFoundError(f"--config {config_file}: no such file")
+            tuned = read_config(config_file)
+            model = tuned.model
         source_path = movielens or data
         if source_path is not None and (source_path.is_dir() or source_path.suffix == ".npz"):
             path = source_path / INTERACTIONS_FILE if source_path.is_dir() else source_path
@@ -263,11 +271,8 @@ def train(
             seed=seed,
             threads=threads,
         )
-        if config_file is not None:
-            from model_handlers.tuning import read_config
-
-            config = replace(read_config(config_file), seed=seed, threads=threads)
-            model = config.model
+        if tuned is not None:
+            config = replace(tuned, seed=seed, threads=threads)
         with Progress(
             TextColumn("epoch {task.fields[epoch]}"),
             BarColumn(),
