@@ -293,13 +293,15 @@ def operator_run(
 
     if bool(namespace) == all_namespaces:
         raise typer.BadParameter("give either --namespace (one or more) or --all-namespaces")
+    if level_of(log_level) is None:
+        raise typer.BadParameter("must be debug, info or warning", param_hint="--log-level")
+    if (missing := _missing_kube_config()) is not None:
+        typer.echo(f"error: {missing}", err=True)
+        raise typer.Exit(1)
     host, _, port = metrics_address.rpartition(":")
     start_http_server(int(port), addr=host or "127.0.0.1")
-    level = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}.get(
-        log_level
-    )
-    if level is None:
-        raise typer.BadParameter("must be debug, info or warning", param_hint="--log-level")
+    level = level_of(log_level)
+    assert level is not None  # checked above
     kopf.configure(verbose=level <= logging.INFO, debug=level <= logging.DEBUG)
     logging.getLogger().setLevel(level)
     if level > logging.DEBUG:
@@ -312,6 +314,33 @@ def operator_run(
         namespaces=namespace or [],
         standalone=True,  # one replica; no peering objects to install
         liveness_endpoint=liveness,
+    )
+
+
+def level_of(log_level: str) -> int | None:
+    """The logging level of --log-level, None when it names none."""
+    import logging
+
+    return {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}.get(log_level)
+
+
+def _missing_kube_config() -> str | None:
+    """Why the operator could not connect at all, or None. In a pod the service account
+    is used; outside one, without a kubeconfig file, Kopf's startup would only retry the
+    same failure (with a traceback) every minute."""
+    import os
+
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    named = os.environ.get("KUBECONFIG")
+    files = [Path(p).expanduser() for p in (named or "~/.kube/config").split(os.pathsep) if p]
+    if any(f.is_file() for f in files):
+        return None
+    where = f"$KUBECONFIG ({named})" if named else "~/.kube/config"
+    return (
+        f"no Kubernetes configuration: not in a pod, and {where} is not a file. Point "
+        "$KUBECONFIG at the cluster's kubeconfig (docs/operations.md, \"Running the "
+        'operator outside the cluster")'
     )
 
 

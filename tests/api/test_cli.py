@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,32 @@ def test_operator_run_help_lists_every_setting_and_its_environment_variable() ->
     ):
         assert option in text and variable in text, (option, text)
     assert "KUBECONFIG" in text
+
+
+@pytest.mark.parametrize("kubeconfig", ["named", "default"])
+def test_operator_run_without_any_kube_config_stops_at_once_saying_so(
+    kubeconfig: str, tmp_path: Path
+) -> None:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")
+    }
+    env["HOME"] = str(tmp_path)  # no ~/.kube/config there
+    if kubeconfig == "named":
+        env["KUBECONFIG"] = str(tmp_path / "missing-kubeconfig")
+    result = subprocess.run(
+        [*RECSYS, "operator", "run", "-n", "default", "--metrics-address", "127.0.0.1:0"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    where = (
+        f"$KUBECONFIG ({tmp_path / 'missing-kubeconfig'})"
+        if kubeconfig == "named"
+        else ("~/.kube/config")
+    )
+    assert f"error: no Kubernetes configuration: not in a pod, and {where} is not a file" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_kopf_timer_runs_are_kept_for_debug_only() -> None:
