@@ -122,14 +122,21 @@ def docs(
 
 
 def _load_manifests(paths: list[Path]) -> list[Document]:
-    """The documents of the -f paths; a path with nothing to read is an error (exit 1)."""
+    """The documents of the -f paths; a path with nothing to read, or no document at all,
+    is an error (exit 1)."""
     from recsys_operator.manifests import ManifestPathError, load_documents
 
     try:
-        return load_documents(paths)
+        documents = load_documents(paths)
     except ManifestPathError as exc:
         typer.echo(f"error: -f {exc}", err=True)
         raise typer.Exit(1) from None
+    if not documents:
+        # e.g. `helm template ... | recsys validate -f -` after helm failed: not a pass.
+        names = ", ".join(str(p) for p in paths)
+        typer.echo(f"error: -f {names}: no YAML document to check", err=True)
+        raise typer.Exit(1)
+    return documents
 
 
 @app.command()

@@ -90,6 +90,14 @@ def test_a_manifest_path_that_does_not_exist_is_named_without_a_traceback(
     assert not (tmp_path / ".runs").exists()
 
 
+@pytest.mark.parametrize("command", ["validate", "render"])
+def test_empty_input_is_not_a_pass(command: str) -> None:
+    # `helm template ... | recsys validate -f -` after helm failed must fail CI too.
+    result = recsys(command, "-f", "-", stdin="")
+    assert result.returncode == 1, result.stdout
+    assert "error: -f -: no YAML document to check" in result.stderr
+
+
 def test_validate_refuses_a_folder_without_manifests(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a manifest")
     result = recsys("validate", "-f", str(tmp_path))
