@@ -27,7 +27,7 @@ from recsys_contracts.field_issues import (
     issues_from_validation_error,
     join_path,
 )
-from recsys_operator.api.base import GROUP
+from recsys_operator.api.base import API_VERSION, GROUP
 from recsys_operator.api.effective_scaling import resolve_scaling
 from recsys_operator.api.resources import (
     RESOURCE_TYPES,
@@ -264,9 +264,16 @@ def validate_documents(
         if isinstance(doc.body, yaml.YAMLError):
             report.errors.append((doc.where, [FieldIssue("", _yaml_problem(doc.body))]))
             continue
-        api_version = str(doc.body.get("apiVersion", "")) if isinstance(doc.body, dict) else ""
+        api_version = str(doc.body.get("apiVersion") or "") if isinstance(doc.body, dict) else ""
         if isinstance(doc.body, dict) and not api_version.startswith(f"{GROUP}/"):
-            report.notes.append(f"{doc.title}: not a {GROUP} resource, skipped")
+            ours = doc.body.get("kind") in RESOURCE_TYPES
+            if ours and "/" not in api_version:
+                # No group at all: kubectl would refuse it too; not someone else's resource.
+                issue = FieldIssue("apiVersion", f"expected {API_VERSION}, got {api_version!r}")
+                report.errors.append((doc.title, [issue]))
+                continue
+            hint = f" (this project's is apiVersion {API_VERSION})" if ours else ""
+            report.notes.append(f"{doc.title}: not a {GROUP} resource, skipped{hint}")
             continue
         try:
             parsed.append((doc, parse_resource(doc.body, default_namespace)))
