@@ -430,12 +430,21 @@ def rollout_start(
     random_embeddings: RandomOption = False,
 ) -> None:
     """Roll out a new model version (trains one on synthetic data unless --archive)."""
-    from recsys_operator.local.desired_state import parse_system, read_manifest
+    from recsys_operator.local.desired_state import ManifestError, parse_system, read_manifest
     from recsys_operator.local.model_source import ModelSourceError, prepare_model
 
     folder = _running_folder(run_dir)
-    system = parse_system(read_manifest(folder.manifest))
-    model = system.spec.model.model_copy(update={"version": version, "archive_uri": None})
+    body = read_manifest(folder.manifest)
+    if str(body["spec"]["model"]["version"]) == version:
+        raise fail(f"spec.model.version is already {version!r}: roll out another version")
+    # Checked before training: a version the spec refuses must not cost a model first.
+    fields = {k: v for k, v in body["spec"]["model"].items() if k != "archiveUri"}
+    body["spec"]["model"] = {**fields, "version": version}
+    try:
+        system = parse_system(body)
+    except ManifestError as exc:
+        raise fail(f"--version {version!r} cannot run:\n{exc}") from None
+    model = system.spec.model
     try:
         prepared = prepare_model(
             folder, model, archive=archive, random_embeddings=random_embeddings, say=typer.echo

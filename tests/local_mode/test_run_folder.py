@@ -57,3 +57,32 @@ def test_a_reused_pid_is_never_signalled() -> None:
     finally:
         if child.poll() is None:
             child.kill()
+
+
+@pytest.mark.parametrize(
+    ("version", "refusal"),
+    [
+        ("1", "spec.model.version is already '1': roll out another version"),
+        ("v 2", "--version 'v 2' cannot run:"),
+    ],
+)
+def test_rollout_start_refuses_a_version_it_cannot_roll_out_before_training(
+    version: str, refusal: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from recsys_operator.cli import app
+
+    me = os.getpid()  # stands for the running supervisor
+    folder = write_state(tmp_path / "run", me, process_start_time(me))
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    desired = (examples / "quickstart.yaml").read_text()
+    folder.manifest.write_text(desired)
+    result = CliRunner().invoke(
+        app, ["rollout", "start", "--version", version, "--run-dir", str(folder.root)]
+    )
+    assert result.exit_code == 1, result.output
+    assert refusal in result.stderr
+    assert isinstance(result.exception, SystemExit)  # no traceback
+    assert folder.manifest.read_text() == desired  # the desired state is untouched
+    assert not (folder.root / "trained").exists() and not (folder.root / "model-store").exists()
