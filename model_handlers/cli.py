@@ -656,9 +656,17 @@ def retrain(
         elif until.isdigit():
             end = dt.datetime.fromtimestamp(int(until) / 1000, dt.UTC)
         else:
-            end = dt.datetime.fromisoformat(until).astimezone(dt.UTC)
+            try:
+                end = dt.datetime.fromisoformat(until).astimezone(dt.UTC)
+            except ValueError:
+                raise ValueError(
+                    f"--until {until!r}: give RFC 3339 (2026-12-01T00:00:00Z) or epoch ms"
+                ) from None
         until_ms = int(end.timestamp() * 1000)
-        since_ms = until_ms - int(parse_duration(window) * 1000)
+        try:
+            since_ms = until_ms - int(parse_duration(window) * 1000)
+        except ValueError as exc:
+            raise ValueError(f"--window {window!r}: {exc}") from None
         run = TrainingRun(
             log_uri=log,
             model_store=model_store,
