@@ -38,6 +38,8 @@ USER_ID_PATTERN = rf"^[^{{}}{_NOT_IN_IDS}]{{1,256}}$"
 ID_PATTERN = rf"^[^{_NOT_IN_IDS}]{{1,256}}$"
 # Below this an epoch-millisecond value is before 1973: almost surely seconds sent by mistake.
 MIN_TS_MS = 100_000_000_000
+# Every reader of events says so (the event contract, the gateway).
+TS_BELOW_MIN = "must be Unix epoch milliseconds (this looks like seconds or is too early)"
 
 
 class EventType(StrEnum):
@@ -132,7 +134,7 @@ def _describe(exc: ValidationError) -> str:
             if where == "model_version":
                 message = "must match " + MODEL_VERSION_PATTERN
         if error["type"] == "greater_than_equal" and where == "ts":
-            message = "must be Unix epoch milliseconds (this looks like seconds or is too early)"
+            message = TS_BELOW_MIN
         if error["type"] == "value_error":
             message = str(error.get("ctx", {}).get("error", message))
         parts.append(f"{where}: {message}" if where else message)

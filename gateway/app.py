@@ -71,7 +71,7 @@ from gateway.routing_configmap import ConfigMapRef, ConfigMapRoutingWatcher, Kub
 from gateway.shadow import Shadow
 from gateway.upstream import ServingClient, ServingRejected, ServingUnavailable
 from recsys_contracts import __version__
-from recsys_contracts.events import InvalidEvent, check_event_ts, now_ms
+from recsys_contracts.events import TS_BELOW_MIN, InvalidEvent, check_event_ts, now_ms
 from recsys_contracts.model_version import FALLBACK_MODEL_VERSION, MODEL_VERSION_PATTERN
 from recsys_contracts.routing import Endpoint, Routing
 from recsys_contracts.variant_assignment import Variant, analysis_bucket
@@ -198,6 +198,8 @@ def parse_body(raw: bytes, adapter: TypeAdapter[Body]) -> Body:
         elif first["type"] == "string_pattern_mismatch":
             pattern = str(first.get("ctx", {}).get("pattern"))
             message = f"must be {PATTERN_MEANINGS.get(pattern, f'a string matching {pattern}')}"
+        elif first["type"] == "greater_than_equal" and first["loc"][-1:] == ("ts",):
+            message = TS_BELOW_MIN
         raise BadInput(422, f"{field or 'body'}: {message}", field) from None
     if (twice := duplicate_key(raw)) is not None:
         raise BadInput(400, f"the body names the key {twice!r} twice", twice)

@@ -131,8 +131,22 @@ def _read_log(
     weight_col: str | None,
     min_rating: float,
 ) -> Interactions:
+    """Interactions from any file or folder the commands accept (`train --data`): a
+    `recsys data synth` folder or its .npz, a MovieLens ratings file, or CSV/Parquet."""
     from model_handlers.interaction_files import Columns, load_interactions
+    from model_handlers.interactions import Interactions
+    from model_handlers.synthetic import INTERACTIONS_FILE
 
+    if path.is_dir() or path.suffix == ".npz":
+        npz = path / INTERACTIONS_FILE if path.is_dir() else path
+        if not npz.is_file():
+            raise FileNotFoundError(f"no interactions at {npz}; run `recsys data synth` first")
+        return Interactions.load(npz)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no interactions at {path}; run `recsys data synth` first, or give a ratings, "
+            "CSV or Parquet file"
+        )
     return load_interactions(
         path,
         Columns(user=user_col, item=item_col, time=time_col, weight=weight_col),
@@ -214,9 +228,8 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from model_handlers.ease import EaseConfig
-    from model_handlers.interactions import Interactions
     from model_handlers.model_directory import write_trained_model
-    from model_handlers.synthetic import INTERACTIONS_FILE, SyntheticConfig, SyntheticWorld
+    from model_handlers.synthetic import SyntheticConfig, SyntheticWorld
     from model_handlers.training import MODELS, EpochReport, TrainingConfig, train_model
 
     if data is not None and movielens is not None:
@@ -227,19 +240,16 @@ def train(
         raise typer.Exit(1)
     _limit_threads(threads)
     with _clear_errors():
+        tuned: TrainingConfig | None = None
+        if config_file is not None:  # before the data: a wrong path should not wait for it
+            from model_handlers.tuning import read_config
+
+            if not config_file.is_file():
+                raise FileNotFoundError(f"--config {config_file}: no such file")
+            tuned = read_config(config_file)
+            model = tuned.model
         source_path = movielens or data
-        if source_path is not None and (source_path.is_dir() or source_path.suffix == ".npz"):
-            path = source_path / INTERACTIONS_FILE if source_path.is_dir() else source_path
-            if not path.is_file():
-                raise FileNotFoundError(f"no interactions at {path}; run `recsys data synth` first")
-            log = Interactions.load(path)
-            source = str(path)
-        elif source_path is not None:
-            if not source_path.exists():
-                raise FileNotFoundError(
-                    f"no interactions at {source_path}; run `recsys data synth` first, or give "
-                    "a ratings, CSV or Parquet file"
-                )
+        if source_path is not None:
             log = _read_log(source_path, user_col, item_col, time_col, weight_col, min_rating)
             source = str(source_path)
         else:
@@ -263,11 +273,8 @@ def train(
             seed=seed,
             threads=threads,
         )
-        if config_file is not None:
-            from model_handlers.tuning import read_config
-
-            config = replace(read_config(config_file), seed=seed, threads=threads)
-            model = config.model
+        if tuned is not None:
+            config = replace(tuned, seed=seed, threads=threads)
         with Progress(
             TextColumn("epoch {task.fields[epoch]}"),
             BarColumn(),
@@ -381,7 +388,11 @@ def evaluate(
 
 def tune(
     data: Annotated[
-        Path, typer.Option(help="Training interactions (ratings file, CSV/Parquet, or .npz).")
+        Path,
+        typer.Option(
+            help="Training interactions: a `recsys data synth` folder or its .npz, a ratings "
+            "file, or CSV/Parquet."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Where to write the best settings (JSON).")] = Path(
         "artifacts/tuned.json"
@@ -402,7 +413,6 @@ def tune(
     """Search the trainer's hyperparameters with Optuna, scored on the validation
     holdout of --data only (each user's last 20%), and write the best settings for
     `recsys train --config`."""
-    from model_handlers.interactions import Interactions
     from model_handlers.training import MODELS, TrainingConfig
 
     if model not in MODELS:
@@ -418,10 +428,7 @@ def tune(
         raise typer.Exit(1) from None
     _limit_threads(threads)
     with _clear_errors():
-        if data.suffix == ".npz" or data.is_dir():
-            log = Interactions.load(data / "interactions.npz" if data.is_dir() else data)
-        else:
-            log = _read_log(data, user_col, item_col, time_col, weight_col, min_rating)
+        log = _read_log(data, user_col, item_col, time_col, weight_col, min_rating)
         console.print(
             f"tuning {model} on {data}: {len(log)} interactions; up to {trials} trials"
             + (f" or {timeout:.0f}s" if timeout else ""),
@@ -649,9 +656,17 @@ def retrain(
         elif until.isdigit():
             end = dt.datetime.fromtimestamp(int(until) / 1000, dt.UTC)
         else:
-            end = dt.datetime.fromisoformat(until).astimezone(dt.UTC)
+            try:
+                end = dt.datetime.fromisoformat(until).astimezone(dt.UTC)
+            except ValueError:
+                raise ValueError(
+                    f"--until {until!r}: give RFC 3339 (2026-12-01T00:00:00Z) or epoch ms"
+                ) from None
         until_ms = int(end.timestamp() * 1000)
-        since_ms = until_ms - int(parse_duration(window) * 1000)
+        try:
+            since_ms = until_ms - int(parse_duration(window) * 1000)
+        except ValueError as exc:
+            raise ValueError(f"--window {window!r}: {exc}") from None
         run = TrainingRun(
             log_uri=log,
             model_store=model_store,

@@ -143,7 +143,11 @@ def write_config(config: TrainingConfig, path: Path, **extra: Any) -> None:
 
 def read_config(path: Path) -> TrainingConfig:
     """A `TrainingConfig` from a file `recsys tune` wrote (unknown keys are an error)."""
-    data = json.loads(path.read_text()).get("training")
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc}); write it with `recsys tune`") from None
+    data = document.get("training") if isinstance(document, dict) else None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: no 'training' object; write it with `recsys tune`")
     known = {f.name for f in fields(TrainingConfig)}

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from recsys_contracts.env_vars import OperatorEnv
 from recsys_operator import __version__
 from recsys_operator.render.autoscaling import DEFAULT_PROMETHEUS_URL
+
+if TYPE_CHECKING:
+    from recsys_operator.manifests import Document
 
 app = typer.Typer(
     name="recsys",
@@ -30,6 +33,7 @@ FilesOption = Annotated[
     typer.Option(
         "--filename",
         "-f",
+        metavar="<path>",
         help="Manifest file or folder (YAML, several documents allowed; '-' reads stdin). Repeatable.",
     ),
 ]
@@ -49,7 +53,8 @@ def crds(
     out: Annotated[
         list[Path] | None,
         typer.Option(
-            help="Folder to write the CRD YAML files into (repeatable). Default: crds/ and the chart's crds/."
+            metavar="<folder>",
+            help="Folder to write the CRD YAML files into (repeatable). Default: crds/ and the chart's crds/.",
         ),
     ] = None,
     check: Annotated[
@@ -116,6 +121,24 @@ def docs(
     typer.echo(f"wrote {out}")
 
 
+def _load_manifests(paths: list[Path]) -> list[Document]:
+    """The documents of the -f paths; a path with nothing to read, or no document at all,
+    is an error (exit 1)."""
+    from recsys_operator.manifests import ManifestPathError, load_documents
+
+    try:
+        documents = load_documents(paths)
+    except ManifestPathError as exc:
+        typer.echo(f"error: -f {exc}", err=True)
+        raise typer.Exit(1) from None
+    if not documents:
+        # e.g. `helm template ... | recsys validate -f -` after helm failed: not a pass.
+        names = ", ".join(str(p) for p in paths)
+        typer.echo(f"error: -f {names}: no YAML document to check", err=True)
+        raise typer.Exit(1)
+    return documents
+
+
 @app.command()
 def validate(
     filename: FilesOption,
@@ -133,9 +156,9 @@ def validate(
     is printed with the path of the field it is about. Without --local, also what the
     operator finds only when it renders the children (e.g. a missing archiveUri).
     """
-    from recsys_operator.manifests import load_documents, validate_documents
+    from recsys_operator.manifests import validate_documents
 
-    report = validate_documents(load_documents(filename), for_cluster=not local)
+    report = validate_documents(_load_manifests(filename), for_cluster=not local)
     for line in report.lines():
         typer.echo(line)
     if not report.ok:
@@ -154,11 +177,14 @@ def render(
 
     Give the RecommenderSystem and, when it references one, its ScalingPolicy.
     """
-    from recsys_operator.manifests import dump_yaml_documents, load_documents, validate_documents
+    from recsys_contracts.field_issues import InvalidResource
+    from recsys_operator.manifests import dump_yaml_documents, validate_documents
     from recsys_operator.render import render_system
 
+    if output not in ("yaml", "json"):
+        raise typer.BadParameter("must be yaml or json", param_hint="--output")
     report = validate_documents(
-        load_documents(filename), default_namespace=namespace, for_cluster=True
+        _load_manifests(filename), default_namespace=namespace, for_cluster=True
     )
     if not report.ok:
         for line in report.lines():
@@ -167,13 +193,28 @@ def render(
     objects = []
     for system in report.systems:
         policy = report.policy_for(system)
-        objects.extend(render_system(system, policy))
+        ref = system.spec.scaling_policy_ref
+        if ref is not None and policy is None:
+            # `validate` may leave the policy to the cluster; the objects depend on it.
+            typer.echo(
+                f"error RecommenderSystem/{system.metadata.name}: spec.scalingPolicyRef names "
+                f'ScalingPolicy "{ref.name}" in namespace {system.metadata.namespace}, which is '
+                "not among the files: give its manifest with another -f "
+                "(e.g. -f examples/scaling-policy.yaml)",
+                err=True,
+            )
+            raise typer.Exit(1)
+        try:
+            objects.extend(render_system(system, policy))
+        except InvalidResource as exc:
+            typer.echo(f"error RecommenderSystem/{system.metadata.name}", err=True)
+            for issue in exc.issues:
+                typer.echo(f"      {issue}", err=True)
+            raise typer.Exit(1) from None
     if output == "json":
         typer.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
-    elif output == "yaml":
-        typer.echo(dump_yaml_documents(objects), nl=False)
     else:
-        raise typer.BadParameter("must be yaml or json", param_hint="--output")
+        typer.echo(dump_yaml_documents(objects), nl=False)
 
 
 operator_app = typer.Typer(help="Run the Kubernetes operator.", no_args_is_help=True)
@@ -259,13 +300,15 @@ def operator_run(
 
     if bool(namespace) == all_namespaces:
         raise typer.BadParameter("give either --namespace (one or more) or --all-namespaces")
+    if level_of(log_level) is None:
+        raise typer.BadParameter("must be debug, info or warning", param_hint="--log-level")
+    if (missing := _missing_kube_config()) is not None:
+        typer.echo(f"error: {missing}", err=True)
+        raise typer.Exit(1)
     host, _, port = metrics_address.rpartition(":")
     start_http_server(int(port), addr=host or "127.0.0.1")
-    level = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}.get(
-        log_level
-    )
-    if level is None:
-        raise typer.BadParameter("must be debug, info or warning", param_hint="--log-level")
+    level = level_of(log_level)
+    assert level is not None  # checked above
     kopf.configure(verbose=level <= logging.INFO, debug=level <= logging.DEBUG)
     logging.getLogger().setLevel(level)
     if level > logging.DEBUG:
@@ -278,6 +321,33 @@ def operator_run(
         namespaces=namespace or [],
         standalone=True,  # one replica; no peering objects to install
         liveness_endpoint=liveness,
+    )
+
+
+def level_of(log_level: str) -> int | None:
+    """The logging level of --log-level, None when it names none."""
+    import logging
+
+    return {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}.get(log_level)
+
+
+def _missing_kube_config() -> str | None:
+    """Why the operator could not connect at all, or None. In a pod the service account
+    is used; outside one, without a kubeconfig file, Kopf's startup would only retry the
+    same failure (with a traceback) every minute."""
+    import os
+
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    named = os.environ.get("KUBECONFIG")
+    files = [Path(p).expanduser() for p in (named or "~/.kube/config").split(os.pathsep) if p]
+    if any(f.is_file() for f in files):
+        return None
+    where = f"$KUBECONFIG ({named})" if named else "~/.kube/config"
+    return (
+        f"no Kubernetes configuration: not in a pod, and {where} is not a file. Point "
+        "$KUBECONFIG at the cluster's kubeconfig (docs/operations.md, \"Running the "
+        'operator outside the cluster")'
     )
 
 

@@ -9,6 +9,7 @@ is checked against that policy (tighten, never exceed).
 
 from __future__ import annotations
 
+import difflib
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from recsys_contracts.field_issues import (
     issues_from_validation_error,
     join_path,
 )
-from recsys_operator.api.base import GROUP
+from recsys_operator.api.base import API_VERSION, GROUP
 from recsys_operator.api.effective_scaling import resolve_scaling
 from recsys_operator.api.resources import (
     RESOURCE_TYPES,
@@ -57,22 +58,42 @@ class Document:
         return f"{self.where}: {self.body.get('kind', '?')}/{name}"
 
 
+class ManifestPathError(ValueError):
+    """A manifest path that gives nothing to read; the message names it and says why."""
+
+
 def _yaml_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise ManifestPathError(f"{path}: no such file or folder")
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
+        if not files:
+            # Checking nothing and saying nothing would read as "all valid".
+            raise ManifestPathError(f"{path}: a folder with no .yaml or .yml file")
+        return files
     return [path]
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ManifestPathError(f"{path}: not a text file (not UTF-8)") from None
+    except OSError as exc:
+        raise ManifestPathError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
 def load_documents(paths: Iterable[Path]) -> list[Document]:
-    """Every non-empty YAML document in the given files and folders ('-' is stdin)."""
+    """Every non-empty YAML document in the given files and folders ('-' is stdin).
+
+    Raises ManifestPathError for a path that does not exist, cannot be read, or is a
+    folder without YAML files."""
     documents = []
     for path in paths:
         if str(path) == "-":
             sources = [("<stdin>", sys.stdin.read())]
         else:
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: no such file or folder")
-            sources = [(str(p), p.read_text()) for p in _yaml_files(path)]
+            sources = [(str(p), _read_text(p)) for p in _yaml_files(path)]
         for source, text in sources:
             try:
                 bodies = list(yaml.safe_load_all(text))
@@ -81,6 +102,18 @@ def load_documents(paths: Iterable[Path]) -> list[Document]:
                 continue
             documents.extend(Document(source, i, b) for i, b in enumerate(bodies) if b is not None)
     return documents
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line, with the line and column where the parser gave up (PyYAML's own text
+    spreads over lines and names "<unicode string>")."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return f"not valid YAML: {error}"
+    context = getattr(error, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    return f"not valid YAML at {where}: {problem}" + (f" ({context})" if context else "")
 
 
 def _nullable_to_draft4(node: Any) -> Any:
@@ -134,7 +167,7 @@ def parse_resource(body: Any, default_namespace: str = "default") -> CustomResou
     try:
         resource = model.model_validate(body)
     except ValidationError as exc:
-        issues = issues_from_validation_error(exc)
+        issues = _name_unknown_fields(exc, issues_from_validation_error(exc), kind)
         seen = {issue.path for issue in issues}
         # Schema findings the models did not already report (there should be none: a test checks).
         issues += [i for i in schema_issues if i.path not in seen]
@@ -146,6 +179,44 @@ def parse_resource(body: Any, default_namespace: str = "default") -> CustomResou
     if resource.metadata.namespace is None:
         resource.metadata.namespace = default_namespace
     return resource
+
+
+def _name_unknown_fields(
+    exc: ValidationError, issues: list[FieldIssue], kind: str
+) -> list[FieldIssue]:
+    """Pydantic's "Extra inputs are not permitted" for a mistyped field, with the field
+    the user most likely meant (or the ones allowed there), from the CRD schema."""
+    hints = {}
+    for error in exc.errors(include_url=False):
+        if error["type"] != "extra_forbidden":
+            continue
+        *parent, unknown = error["loc"]
+        allowed = _property_names(openapi_schema(RESOURCE_TYPES[kind]), parent)
+        if not allowed:
+            continue
+        close = difflib.get_close_matches(str(unknown), allowed, n=1, cutoff=0.6)
+        hints[join_path(*error["loc"])] = (
+            f"unknown field; did you mean {close[0]!r}?"
+            if close
+            else f"unknown field; expected one of {', '.join(allowed)}"
+        )
+    return [FieldIssue(i.path, hints[i.path]) if i.path in hints else i for i in issues]
+
+
+def _property_names(schema: dict[str, Any], loc: list[int | str]) -> list[str]:
+    """The fields the schema allows at `loc` (a pydantic error location); [] if unknown."""
+    for part in loc:
+        if isinstance(part, int):
+            schema = schema.get("items") or {}
+        else:
+            schema = (
+                (schema.get("properties") or {}).get(part)
+                or schema.get("additionalProperties")
+                or {}
+            )
+        if not isinstance(schema, dict):
+            return []
+    return list(schema.get("properties") or {})
 
 
 @dataclass
@@ -191,11 +262,18 @@ def validate_documents(
     parsed: list[tuple[Document, CustomResource]] = []
     for doc in documents:
         if isinstance(doc.body, yaml.YAMLError):
-            report.errors.append((doc.where, [FieldIssue("", f"not valid YAML: {doc.body}")]))
+            report.errors.append((doc.where, [FieldIssue("", _yaml_problem(doc.body))]))
             continue
-        api_version = str(doc.body.get("apiVersion", "")) if isinstance(doc.body, dict) else ""
+        api_version = str(doc.body.get("apiVersion") or "") if isinstance(doc.body, dict) else ""
         if isinstance(doc.body, dict) and not api_version.startswith(f"{GROUP}/"):
-            report.notes.append(f"{doc.title}: not a {GROUP} resource, skipped")
+            ours = doc.body.get("kind") in RESOURCE_TYPES
+            if ours and "/" not in api_version:
+                # No group at all: kubectl would refuse it too; not someone else's resource.
+                issue = FieldIssue("apiVersion", f"expected {API_VERSION}, got {api_version!r}")
+                report.errors.append((doc.title, [issue]))
+                continue
+            hint = f" (this project's is apiVersion {API_VERSION})" if ours else ""
+            report.notes.append(f"{doc.title}: not a {GROUP} resource, skipped{hint}")
             continue
         try:
             parsed.append((doc, parse_resource(doc.body, default_namespace)))

@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
 
+from recsys_contracts.env_vars import PREFIX as ENV_PREFIX
 from recsys_contracts.env_vars import EventWireEnv
+from recsys_contracts.event_log_settings import EventLogSettings
 from recsys_contracts.feature_job_settings import FeatureJobSettings, SubscriptionType
 from recsys_contracts.store_endpoint import StoreMode
 
@@ -91,7 +94,7 @@ def send_events(
     """Send events (JSON lines, keyed by user_id) and report invalid lines.
 
     Exits 1 when any line was not a valid event (the valid ones are still sent), 2 when
-    the broker or topic cannot be reached. A send that timed out may still have been
+    the file cannot be read or the broker or topic cannot be reached. A send that timed out may still have been
     stored: sending the same lines again is safe when they carry their `event_id` (the
     feature job counts an id once); with --fill-missing each run makes new ids.
     """
@@ -109,6 +112,10 @@ def send_events(
     except ValueError:
         typer.echo(f"error: --wire-format {wire_format!r}: expected avro or json", err=True)
         raise typer.Exit(2) from None
+    if source != "-" and not Path(source).is_file():
+        why = "is a folder" if Path(source).is_dir() else "no such file"
+        typer.echo(f"error: cannot read events from {source}: {why}", err=True)
+        raise typer.Exit(2)
     if service_url is None or topic is None:
         try:
             target = running_local_target(system)
@@ -117,7 +124,11 @@ def send_events(
             raise typer.Exit(2) from None
         service_url = service_url or target.service_url
         topic = topic or target.interactions_topic
-    stream = sys.stdin if source == "-" else Path(source).open(encoding="utf-8")  # noqa: SIM115
+    try:
+        stream = sys.stdin if source == "-" else Path(source).open(encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        typer.echo(f"error: cannot read events from {source}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
     try:
         with (
             EventProducer(
@@ -160,6 +171,12 @@ def send_events(
             soft_wrap=True,
         )
     typer.echo(f"sent {report.sent} events to {topic}; {len(report.problems)} invalid lines")
+    if report.without_id_or_time:
+        typer.echo(
+            f"{report.without_id_or_time} of the invalid lines have no event_id or ts: "
+            "--fill-missing gives them a random id and the current time",
+            err=True,
+        )
     if report.problems:
         raise typer.Exit(1)
 
@@ -171,49 +188,118 @@ def _opt(help_text: str) -> typer.models.OptionInfo:
     return typer.Option(help=help_text, show_default=False)
 
 
+def _setting_opt(model: type[BaseModel], name: str, help_text: str) -> typer.models.OptionInfo:
+    """An option whose default is the settings model's (None here means "not given"):
+    the help shows that default, which the environment may override."""
+    field = model.model_fields[name]
+    if field.is_required():
+        return _opt(f"{help_text}  [required: here or {ENV_PREFIX}{name.upper()}]")
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, list):
+        default = ",".join(map(str, default))
+    if default is None:
+        return _opt(help_text)
+    return _opt(f"{help_text}  [default: {default}]")
+
+
+def _job_opt(name: str, help_text: str) -> typer.models.OptionInfo:
+    return _setting_opt(FeatureJobSettings, name, help_text)
+
+
+def _log_opt(name: str, help_text: str) -> typer.models.OptionInfo:
+    return _setting_opt(EventLogSettings, name, help_text)
+
+
 @features_app.command("run")
 def run_features(
-    system_id: Annotated[str | None, _opt("Id in the feature keys: <namespace>.<name>.")] = None,
-    pulsar_service_url: Annotated[str | None, _opt("Pulsar service URL.")] = None,
-    pulsar_admin_url: Annotated[str | None, _opt("Pulsar admin URL (backlog metric).")] = None,
-    interactions_topic: Annotated[str | None, _opt("The topic to consume.")] = None,
-    subscription: Annotated[str | None, _opt("Subscription name.")] = None,
+    system_id: Annotated[
+        str | None, _job_opt("system_id", "Id in the feature keys: <namespace>.<name>.")
+    ] = None,
+    pulsar_service_url: Annotated[
+        str | None, _job_opt("pulsar_service_url", "Pulsar service URL.")
+    ] = None,
+    pulsar_admin_url: Annotated[
+        str | None, _job_opt("pulsar_admin_url", "Pulsar admin URL (backlog metric).")
+    ] = None,
+    interactions_topic: Annotated[
+        str | None, _job_opt("interactions_topic", "The topic to consume.")
+    ] = None,
+    subscription: Annotated[str | None, _job_opt("subscription", "Subscription name.")] = None,
     subscription_type: Annotated[
-        SubscriptionType | None, _opt("KeyShared or Failover in production; Shared locally.")
+        SubscriptionType | None,
+        _job_opt("subscription_type", "KeyShared or Failover in production; Shared locally."),
     ] = None,
-    dead_letter_topic: Annotated[str | None, _opt("Topic for malformed events.")] = None,
-    redis_url: Annotated[str | None, _opt("The feature store.")] = None,
+    dead_letter_topic: Annotated[
+        str | None,
+        _job_opt(
+            "dead_letter_topic",
+            "Topic for malformed events. Default: <interactions-topic>-dead-letter.",
+        ),
+    ] = None,
+    redis_url: Annotated[str | None, _job_opt("redis_url", "The feature store.")] = None,
     redis_mode: Annotated[
-        StoreMode | None, _opt("single, or cluster: the URL names one node of a Redis Cluster.")
+        StoreMode | None,
+        _job_opt("redis_mode", "single, or cluster: the URL names one node of a Redis Cluster."),
     ] = None,
-    store_ttl_seconds: Annotated[int | None, _opt("Expiry of per-user keys.")] = None,
-    last_n: Annotated[int | None, _opt("Recent items kept per user.")] = None,
-    windows: Annotated[str | None, _opt("Counting windows, comma-separated, e.g. 1h,24h.")] = None,
-    session_gap: Annotated[str | None, _opt("Inactivity that ends a session, e.g. 30m.")] = None,
-    dedup_capacity: Annotated[int | None, _opt("Event ids remembered per user.")] = None,
+    store_ttl_seconds: Annotated[
+        int | None, _job_opt("store_ttl_seconds", "Expiry of per-user keys.")
+    ] = None,
+    last_n: Annotated[int | None, _job_opt("last_n", "Recent items kept per user.")] = None,
+    windows: Annotated[
+        str | None, _job_opt("windows", "Counting windows, comma-separated, e.g. 1h,24h.")
+    ] = None,
+    session_gap: Annotated[
+        str | None, _job_opt("session_gap", "Inactivity that ends a session, e.g. 30m.")
+    ] = None,
+    dedup_capacity: Annotated[
+        int | None, _job_opt("dedup_capacity", "Event ids remembered per user.")
+    ] = None,
     online_updates: Annotated[
         bool | None, typer.Option(help="Update user embeddings online.", show_default=False)
     ] = None,
-    learning_rate: Annotated[float | None, _opt("Step toward a touched item's embedding.")] = None,
-    decay: Annotated[float | None, _opt("Decay of the user embedding per interaction.")] = None,
-    model_version: Annotated[str | None, _opt("The served model version.")] = None,
+    learning_rate: Annotated[
+        float | None, _job_opt("learning_rate", "Step toward a touched item's embedding.")
+    ] = None,
+    decay: Annotated[
+        float | None, _job_opt("decay", "Decay of the user embedding per interaction.")
+    ] = None,
+    model_version: Annotated[
+        str | None, _job_opt("model_version", "The served model version.")
+    ] = None,
     model_archive_uri: Annotated[
-        str | None, _opt("Its archive or directory: path, file:// or http(s)://.")
+        str | None,
+        _job_opt("model_archive_uri", "Its archive or directory: path, file:// or http(s)://."),
     ] = None,
     embeddings_path: Annotated[
-        Path | None, _opt("Item embeddings: one model's directory or archive, or one per version.")
+        Path | None,
+        _job_opt(
+            "embeddings_path",
+            "Item embeddings: one model's directory or archive, or one per version.",
+        ),
     ] = None,
-    embeddings_reload: Annotated[str | None, _opt("How often embeddings are rescanned.")] = None,
-    popular_half_life: Annotated[str | None, _opt("Decay of the popular items, e.g. 7d.")] = None,
-    max_future: Annotated[str | None, _opt("Events further ahead are dead-lettered.")] = None,
-    batch_size: Annotated[int | None, _opt("Messages per batch.")] = None,
-    batch_wait: Annotated[str | None, _opt("Longest wait for a batch to fill, e.g. 5ms.")] = None,
-    drain_timeout: Annotated[str | None, _opt("On SIGTERM, time left for the batch.")] = None,
+    embeddings_reload: Annotated[
+        str | None, _job_opt("embeddings_reload", "How often embeddings are rescanned.")
+    ] = None,
+    popular_half_life: Annotated[
+        str | None, _job_opt("popular_half_life", "Decay of the popular items, e.g. 7d.")
+    ] = None,
+    max_future: Annotated[
+        str | None, _job_opt("max_future", "Events further ahead are dead-lettered.")
+    ] = None,
+    batch_size: Annotated[int | None, _job_opt("batch_size", "Messages per batch.")] = None,
+    batch_wait: Annotated[
+        str | None, _job_opt("batch_wait", "Longest wait for a batch to fill, e.g. 5ms.")
+    ] = None,
+    drain_timeout: Annotated[
+        str | None, _job_opt("drain_timeout", "On SIGTERM, time left for the batch.")
+    ] = None,
     resubscribe_idle: Annotated[
-        str | None, _opt("Reopen the subscription after this long idle (pulsar-lite).")
+        str | None,
+        _job_opt("resubscribe_idle", "Reopen the subscription after this long idle (pulsar-lite)."),
     ] = None,
     metrics_address: Annotated[
-        str | None, _opt("host:port of /metrics (0.0.0.0:PORT in a pod); empty: off.")
+        str | None,
+        _job_opt("metrics_address", "host:port of /metrics (0.0.0.0:PORT in a pod); empty: off."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
 ) -> None:
@@ -234,15 +320,26 @@ def run_features(
 
 @features_app.command("rebuild")
 def rebuild_features(
-    system_id: Annotated[str | None, _opt("Id in the feature keys: <namespace>.<name>.")] = None,
-    pulsar_service_url: Annotated[str | None, _opt("Pulsar service URL.")] = None,
-    interactions_topic: Annotated[str | None, _opt("The topic to replay.")] = None,
-    redis_url: Annotated[str | None, _opt("The feature store.")] = None,
+    system_id: Annotated[
+        str | None, _job_opt("system_id", "Id in the feature keys: <namespace>.<name>.")
+    ] = None,
+    pulsar_service_url: Annotated[
+        str | None, _job_opt("pulsar_service_url", "Pulsar service URL.")
+    ] = None,
+    interactions_topic: Annotated[
+        str | None, _job_opt("interactions_topic", "The topic to replay.")
+    ] = None,
+    redis_url: Annotated[str | None, _job_opt("redis_url", "The feature store.")] = None,
     redis_mode: Annotated[
-        StoreMode | None, _opt("single, or cluster: the URL names one node of a Redis Cluster.")
+        StoreMode | None,
+        _job_opt("redis_mode", "single, or cluster: the URL names one node of a Redis Cluster."),
     ] = None,
     embeddings_path: Annotated[
-        Path | None, _opt("Item embeddings: one model's directory or archive, or one per version.")
+        Path | None,
+        _job_opt(
+            "embeddings_path",
+            "Item embeddings: one model's directory or archive, or one per version.",
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "WARNING",
 ) -> None:
@@ -303,41 +400,79 @@ def features_main() -> None:
 @event_log_app.command("run")
 def run_event_log(
     log_uri: Annotated[
-        str | None, _opt("Root of the log: a folder (path, file://) or s3://bucket/prefix.")
+        str | None,
+        _log_opt("log_uri", "Root of the log: a folder (path, file://) or s3://bucket/prefix."),
     ] = None,
     system_id: Annotated[
-        str | None, _opt("The system, <namespace>.<name> (metrics label).")
+        str | None, _log_opt("system_id", "The system, <namespace>.<name> (metrics label).")
     ] = None,
-    pulsar_service_url: Annotated[str | None, _opt("Pulsar service URL.")] = None,
-    interactions_topic: Annotated[str | None, _opt("The interactions topic.")] = None,
+    pulsar_service_url: Annotated[
+        str | None, _log_opt("pulsar_service_url", "Pulsar service URL.")
+    ] = None,
+    interactions_topic: Annotated[
+        str | None, _log_opt("interactions_topic", "The interactions topic.")
+    ] = None,
     impressions_topic: Annotated[
-        str | None, _opt("The gateway's impressions topic (joined with the clicks).")
+        str | None,
+        _log_opt("impressions_topic", "The gateway's impressions topic (joined with the clicks)."),
     ] = None,
-    subscription: Annotated[str | None, _opt("Subscription name.")] = None,
-    subscription_type: Annotated[SubscriptionType | None, _opt("Shared by default.")] = None,
-    dead_letter_topic: Annotated[str | None, _opt("Topic for malformed events.")] = None,
-    flush_rows: Annotated[int | None, _opt("Buffered events that trigger a write.")] = None,
-    flush_interval: Annotated[str | None, _opt("Longest wait before a write, e.g. 5s.")] = None,
+    subscription: Annotated[str | None, _log_opt("subscription", "Subscription name.")] = None,
+    subscription_type: Annotated[
+        SubscriptionType | None, _log_opt("subscription_type", "Subscription type.")
+    ] = None,
+    dead_letter_topic: Annotated[
+        str | None,
+        _log_opt(
+            "dead_letter_topic",
+            "Topic for malformed events. Default: <interactions-topic>-event-log-dead-letter.",
+        ),
+    ] = None,
+    flush_rows: Annotated[
+        int | None, _log_opt("flush_rows", "Buffered events that trigger a write.")
+    ] = None,
+    flush_interval: Annotated[
+        str | None, _log_opt("flush_interval", "Longest wait before a write, e.g. 5s.")
+    ] = None,
     click_window: Annotated[
-        str | None, _opt("Event time an impression waits for its clicks, e.g. 30m.")
+        str | None,
+        _log_opt("click_window", "Event time an impression waits for its clicks, e.g. 30m."),
     ] = None,
     max_pending_impressions: Annotated[
-        int | None, _opt("Impressions waiting for clicks past which the oldest are written.")
+        int | None,
+        _log_opt(
+            "max_pending_impressions",
+            "Impressions waiting for clicks past which the oldest are written.",
+        ),
     ] = None,
     dedup_horizon: Annotated[
-        str | None, _opt("At start, ids of files written this recently are loaded, e.g. 2h.")
+        str | None,
+        _log_opt(
+            "dedup_horizon", "At start, ids of files written this recently are loaded, e.g. 2h."
+        ),
     ] = None,
-    compact_min_files: Annotated[int | None, _opt("Files that make a partition merge.")] = None,
-    compact_interval: Annotated[str | None, _opt("How often partitions are checked.")] = None,
-    max_future: Annotated[str | None, _opt("Events further ahead are dead-lettered.")] = None,
-    batch_size: Annotated[int | None, _opt("Messages per receive.")] = None,
-    batch_wait: Annotated[str | None, _opt("Longest wait for a receive to fill.")] = None,
+    compact_min_files: Annotated[
+        int | None, _log_opt("compact_min_files", "Files that make a partition merge.")
+    ] = None,
+    compact_interval: Annotated[
+        str | None, _log_opt("compact_interval", "How often partitions are checked.")
+    ] = None,
+    max_future: Annotated[
+        str | None, _log_opt("max_future", "Events further ahead are dead-lettered.")
+    ] = None,
+    batch_size: Annotated[int | None, _log_opt("batch_size", "Messages per receive.")] = None,
+    batch_wait: Annotated[
+        str | None, _log_opt("batch_wait", "Longest wait for a receive to fill.")
+    ] = None,
     resubscribe_idle: Annotated[
-        str | None, _opt("Reopen the subscription after this long idle (pulsar-lite).")
+        str | None,
+        _log_opt("resubscribe_idle", "Reopen the subscription after this long idle (pulsar-lite)."),
     ] = None,
-    drain_timeout: Annotated[str | None, _opt("On SIGTERM, time left to write.")] = None,
+    drain_timeout: Annotated[
+        str | None, _log_opt("drain_timeout", "On SIGTERM, time left to write.")
+    ] = None,
     metrics_address: Annotated[
-        str | None, _opt("host:port of /metrics (0.0.0.0:PORT in a pod); empty: off.")
+        str | None,
+        _log_opt("metrics_address", "host:port of /metrics (0.0.0.0:PORT in a pod); empty: off."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
 ) -> None:
@@ -350,7 +485,6 @@ def run_event_log(
     and endpoint come from the AWS_* environment (AWS_ENDPOINT_URL for a non-AWS store).
     """
     given = {name: value for name, value in locals().items() if name != "log_level"}
-    from recsys_contracts.event_log_settings import EventLogSettings
     from stream_jobs.event_log_sink import main
 
     raise typer.Exit(main(_event_log_settings(EventLogSettings, given, log_level)))
@@ -370,7 +504,11 @@ def compact_event_log(
     if min_files < 2:
         typer.echo("--min-files must be at least 2", err=True)
         raise typer.Exit(2)
-    done = compact_log(log_uri, min_files)
+    try:
+        done = compact_log(log_uri, min_files)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     for c in done:
         typer.echo(
             f"{c.table} {'/'.join(c.partition)}: {c.files_in} files -> 1, "

@@ -463,8 +463,12 @@ def compact_log(
     uri: str, min_files: int = 2, storage_options: dict[str, Any] | None = None
 ) -> list[Any]:
     """Merge every partition of the log with `min_files` files or more (`recsys event-log
-    compact`); returns the compactions done."""
+    compact`); returns the compactions done. FileNotFoundError when the root holds no
+    table's folder: a mistyped root must not read as a log with nothing to merge."""
     store = EventLogStore(uri, storage_options)
+    if not any(store.fs.exists(f"{store.root}/{table}") for table in layout.TABLES):
+        folders = " or ".join(f"{table}/" for table in layout.TABLES)
+        raise FileNotFoundError(f"no event log at {uri} (no {folders} folder)")
     done = []
     for table in layout.TABLES:
         by_partition: dict[tuple[str, str], list[str]] = defaultdict(list)

@@ -130,6 +130,8 @@ class LineProblem:
 class SendReport:
     sent: int = 0
     problems: list[LineProblem] = field(default_factory=list)
+    without_id_or_time: int = 0
+    """Invalid lines that are JSON objects without `event_id` or `ts` (`fill` gives them)."""
 
 
 def send_lines(
@@ -157,6 +159,8 @@ def send_lines(
                 event = parse_event(text)
         except InvalidEvent as problem:
             report.problems.append(LineProblem(number, problem.reason))
+            if not fill and _lacks_id_or_time(text):
+                report.without_id_or_time += 1
             continue
         producer.send(event)
         report.sent += 1
@@ -166,3 +170,11 @@ def send_lines(
     if on_progress is not None:
         on_progress(report.sent, len(report.problems))
     return report
+
+
+def _lacks_id_or_time(text: str) -> bool:
+    try:
+        record = parse_json_object(text)
+    except InvalidEvent:
+        return False
+    return "event_id" not in record or "ts" not in record

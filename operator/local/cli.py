@@ -30,12 +30,18 @@ from recsys_operator.local.run_folder import (
 )
 
 UP_TIMEOUT_S = 600.0
+# Simulated users: below this a run shows nothing (0 would wait forever for its first visit).
+MIN_RATE = 0.1
 DOWN_TIMEOUT_S = 90.0
 
 FilesOption = Annotated[
     list[Path],
     typer.Option(
-        "--filename", "-f", help="Manifest with one RecommenderSystem (YAML; '-' is stdin)."
+        "--filename",
+        "-f",
+        metavar="<path>",
+        help="Manifest with one RecommenderSystem (YAML; '-' is stdin); a ScalingPolicy "
+        "beside it is validated, not applied. Repeatable.",
     ),
 ]
 RunDirOption = Annotated[
@@ -98,9 +104,11 @@ def up(
             help="Then run simulated users with a live dashboard (see `recsys simulate`)."
         ),
     ] = False,
-    rate: Annotated[float, typer.Option(help="--simulate: requests per second.")] = 20.0,
+    rate: Annotated[
+        float, typer.Option(min=MIN_RATE, help="--simulate: requests per second.")
+    ] = 20.0,
     duration: Annotated[
-        float, typer.Option(help="--simulate: seconds to run (0: until Ctrl-C).")
+        float, typer.Option(min=0.0, help="--simulate: seconds to run (0: until Ctrl-C).")
     ] = 0.0,
     features: Annotated[
         bool, typer.Option(help="Run the stream feature job (off: user state stays static).")
@@ -119,7 +127,7 @@ def up(
         ),
     ] = "5m",
 ) -> None:
-    """Run the RecommenderSystem in FILE on this machine, every part on 127.0.0.1.
+    """Run the RecommenderSystem of the -f manifest on this machine, every part on 127.0.0.1.
 
     Starts pulsar-lite, Redis, TorchServe (configured by the operator's renderer), the
     stream feature job, the gateway and Prometheus; logs and PIDs go to the run folder.
@@ -269,6 +277,8 @@ def status(
 
     Exits 0 when every part runs, 3 when the supervisor is not running, 4 when the system
     is degraded: a part was given up after its restarts or fails its health probes."""
+    if output not in ("text", "json"):
+        raise typer.BadParameter("must be text or json", param_hint="--output")
     folder = resolve_folder(run_dir)
     state = folder.read_state()
     if state is None:
@@ -420,12 +430,21 @@ def rollout_start(
     random_embeddings: RandomOption = False,
 ) -> None:
     """Roll out a new model version (trains one on synthetic data unless --archive)."""
-    from recsys_operator.local.desired_state import parse_system, read_manifest
+    from recsys_operator.local.desired_state import ManifestError, parse_system, read_manifest
     from recsys_operator.local.model_source import ModelSourceError, prepare_model
 
     folder = _running_folder(run_dir)
-    system = parse_system(read_manifest(folder.manifest))
-    model = system.spec.model.model_copy(update={"version": version, "archive_uri": None})
+    body = read_manifest(folder.manifest)
+    if str(body["spec"]["model"]["version"]) == version:
+        raise fail(f"spec.model.version is already {version!r}: roll out another version")
+    # Checked before training: a version the spec refuses must not cost a model first.
+    fields = {k: v for k, v in body["spec"]["model"].items() if k != "archiveUri"}
+    body["spec"]["model"] = {**fields, "version": version}
+    try:
+        system = parse_system(body)
+    except ManifestError as exc:
+        raise fail(f"--version {version!r} cannot run:\n{exc}") from None
+    model = system.spec.model
     try:
         prepared = prepare_model(
             folder, model, archive=archive, random_embeddings=random_embeddings, say=typer.echo
@@ -489,8 +508,12 @@ def rollout_resume(run_dir: RunDirOption = None) -> None:
 
 def simulate_command(
     run_dir: RunDirOption = None,
-    rate: Annotated[float, typer.Option(help="Recommendation requests per second.")] = 20.0,
-    duration: Annotated[float, typer.Option(help="Seconds to run (0: until Ctrl-C).")] = 0.0,
+    rate: Annotated[
+        float, typer.Option(min=MIN_RATE, help="Recommendation requests per second.")
+    ] = 20.0,
+    duration: Annotated[
+        float, typer.Option(min=0.0, help="Seconds to run (0: until Ctrl-C).")
+    ] = 0.0,
     dashboard: Annotated[bool, typer.Option(help="Show the live dashboard.")] = True,
     record: Annotated[
         Path | None, typer.Option(help="Write per-second figures per model version to this CSV.")
@@ -521,7 +544,9 @@ def demo(
     filename: Annotated[Path, typer.Option("--filename", "-f", help="The demo manifest.")] = Path(
         "examples/demo.yaml"
     ),
-    rate: Annotated[float, typer.Option(help="Simulated requests per second.")] = 30.0,
+    rate: Annotated[
+        float, typer.Option(min=MIN_RATE, help="Simulated requests per second.")
+    ] = 30.0,
     dashboard: Annotated[bool, typer.Option(help="Show the live dashboard.")] = True,
 ) -> None:
     """Run the continuous-learning demo: a stale model, drifting users, retraining
@@ -531,8 +556,13 @@ def demo(
     Exits 0 only when a run was gated out and a retrained candidate was promoted.
     """
     from recsys_operator.local.demo import run_demo
+    from recsys_operator.local.desired_state import ManifestError
 
-    raise typer.Exit(run_demo(filename, rate=rate, dashboard=dashboard))
+    try:
+        code = run_demo(filename, rate=rate, dashboard=dashboard)
+    except ManifestError as exc:
+        raise fail(f"the manifest cannot run:\n{exc}") from None
+    raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:

@@ -106,13 +106,13 @@ class Director(threading.Thread):
 
 
 def run_demo(manifest: Path, *, rate: float, dashboard: bool) -> int:
-    from recsys_operator.local.desired_state import parse_system, read_manifest
+    from recsys_operator.local.desired_state import load_system_manifest, parse_system
     from recsys_operator.local.model_source import prepare_model
     from recsys_operator.local.simulation import Drift, run_simulation
 
     folder = RunFolder.for_system("default.demo")
     out = folder.root / "demo"
-    model = parse_system(read_manifest(manifest)).spec.model
+    model = parse_system(load_system_manifest([manifest])).spec.model
     print(f"== preparing {folder.root}: a stale version 1 and the event log it learned from")
     fresh_start(folder)
     stale = prepare_model(folder, model, history_fraction=STALE_FRACTION, say=print)

@@ -17,7 +17,12 @@ import yaml
 from recsys_contracts.field_issues import InvalidResource
 from recsys_operator.api.resources import RecommenderSystem
 from recsys_operator.local.run_folder import RunFolder
-from recsys_operator.manifests import load_documents, parse_resource, validate_documents
+from recsys_operator.manifests import (
+    ManifestPathError,
+    load_documents,
+    parse_resource,
+    validate_documents,
+)
 
 
 class ManifestError(ValueError):
@@ -29,7 +34,10 @@ def load_system_manifest(paths: list[Path]) -> dict[str, Any]:
 
     ScalingPolicies are validated with it (bounds are checked) but do not apply locally:
     every part runs as one process."""
-    documents = load_documents(paths)
+    try:
+        documents = load_documents(paths)
+    except ManifestPathError as exc:
+        raise ManifestError(f"-f {exc}") from None
     report = validate_documents(documents)
     if not report.ok:
         raise ManifestError("\n".join(line for line in report.lines() if not line.startswith("ok")))

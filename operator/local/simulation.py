@@ -366,12 +366,22 @@ def run_simulation(
     started = time.monotonic()
     thread.start()
     recorder = _Recorder(record) if record else None
+    system_stopped = False
+
+    def system_gone() -> bool:
+        # `recsys down` (or a crash) ends the system: visits would only fail from now on.
+        nonlocal system_stopped
+        if not folder.supervisor_running():
+            system_stopped = True
+            stop.set()
+        return system_stopped
+
     try:
         if dashboard:
             from rich.live import Live
 
             with Live(refresh_per_second=2, transient=False) as live:
-                while thread.is_alive():
+                while thread.is_alive() and not system_gone():
                     state = folder.read_state() or state
                     figures = prometheus_figures(urls.get("prometheus"))
                     live.update(
@@ -381,7 +391,7 @@ def run_simulation(
                         recorder.write(users.stats, state, time.monotonic() - started)
                     thread.join(timeout=1.0)
         else:
-            while thread.is_alive():
+            while thread.is_alive() and not system_gone():
                 thread.join(timeout=1.0)
                 if recorder:
                     recorder.write(
@@ -392,7 +402,10 @@ def run_simulation(
         thread.join(timeout=REQUEST_TIMEOUT_S * 2)
         if recorder:
             recorder.close()
-    return summarize(users.stats, time.monotonic() - started)
+    summary = summarize(users.stats, time.monotonic() - started)
+    if system_stopped:
+        summary += "\n  stopped early: the local system is no longer running (`recsys status`)"
+    return summary
 
 
 def summarize(stats: Stats, elapsed: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,10 +70,73 @@ def test_validate_reads_stdin_and_reports_bad_yaml() -> None:
     assert "not valid YAML" in result.stdout
 
 
-def test_validate_names_a_missing_file() -> None:
-    result = recsys("validate", "-f", "no/such/file.yaml")
-    assert result.returncode != 0
-    assert "no/such/file.yaml" in result.stdout + result.stderr
+def test_bad_yaml_is_one_line_naming_where_the_parser_stopped() -> None:
+    result = recsys("validate", "-f", "-", stdin="spec:\n  model: 1\n\tversion: 2\n")
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[1:] == [
+        "      not valid YAML at line 3, column 1: found character '\\t' that cannot start "
+        "any token (while scanning for the next token)"
+    ]
+
+
+@pytest.mark.parametrize("command", ["validate", "render", "up", "demo"])
+def test_a_manifest_path_that_does_not_exist_is_named_without_a_traceback(
+    command: str, tmp_path: Path
+) -> None:
+    result = recsys(command, "-f", "no/such/file.yaml", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "-f no/such/file.yaml: no such file or folder" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / ".runs").exists()
+
+
+@pytest.mark.parametrize("command", ["validate", "render"])
+def test_empty_input_is_not_a_pass(command: str) -> None:
+    # `helm template ... | recsys validate -f -` after helm failed must fail CI too.
+    result = recsys(command, "-f", "-", stdin="")
+    assert result.returncode == 1, result.stdout
+    assert "error: -f -: no YAML document to check" in result.stderr
+
+
+def test_validate_refuses_a_folder_without_manifests(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a manifest")
+    result = recsys("validate", "-f", str(tmp_path))
+    assert result.returncode == 1
+    assert f"-f {tmp_path}: a folder with no .yaml or .yml file" in result.stderr
+
+
+def test_render_without_the_referenced_policy_says_which_file_is_missing() -> None:
+    result = recsys("render", "-f", "examples/quickstart.yaml")
+    assert result.returncode == 1, result.stdout
+    assert (
+        'error RecommenderSystem/quickstart: spec.scalingPolicyRef names ScalingPolicy "default" '
+        "in namespace default, which is not among the files: give its manifest with another -f"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr and not result.stdout
+    given = recsys("render", "-f", "examples/quickstart.yaml", "-f", "examples/scaling-policy.yaml")
+    assert given.returncode == 0, given.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "refusal"),
+    [
+        (
+            ["render", "-f", "examples/quickstart.yaml", "-o", "xml"],
+            "--output: must be yaml or json",
+        ),
+        (["status", "-o", "yaml"], "--output: must be text or json"),
+        (["simulate", "--rate", "0"], "'--rate': Input should be greater than or equal to 0.1"),
+        (["up", "-f", "examples/quickstart.yaml", "--rate", "0"], "'--rate'"),
+        (["up", "-f", "examples/quickstart.yaml", "--duration", "-1"], "'--duration'"),
+    ],
+)
+def test_an_option_value_out_of_range_is_a_usage_error(
+    args: list[str], refusal: str, tmp_path: Path
+) -> None:
+    result = recsys(*args, cwd=ROOT if args[0] == "render" else tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert refusal in result.stderr
+    assert not (tmp_path / ".runs").exists()
 
 
 def test_crds_regenerates_byte_for_byte(tmp_path: Path) -> None:
@@ -149,6 +213,32 @@ def test_operator_run_help_lists_every_setting_and_its_environment_variable() ->
     ):
         assert option in text and variable in text, (option, text)
     assert "KUBECONFIG" in text
+
+
+@pytest.mark.parametrize("kubeconfig", ["named", "default"])
+def test_operator_run_without_any_kube_config_stops_at_once_saying_so(
+    kubeconfig: str, tmp_path: Path
+) -> None:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")
+    }
+    env["HOME"] = str(tmp_path)  # no ~/.kube/config there
+    if kubeconfig == "named":
+        env["KUBECONFIG"] = str(tmp_path / "missing-kubeconfig")
+    result = subprocess.run(
+        [*RECSYS, "operator", "run", "-n", "default", "--metrics-address", "127.0.0.1:0"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    where = (
+        f"$KUBECONFIG ({tmp_path / 'missing-kubeconfig'})"
+        if kubeconfig == "named"
+        else ("~/.kube/config")
+    )
+    assert f"error: no Kubernetes configuration: not in a pod, and {where} is not a file" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_kopf_timer_runs_are_kept_for_debug_only() -> None:

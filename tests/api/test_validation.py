@@ -12,7 +12,12 @@ import yaml
 from recsys_contracts.api_base import parse_duration, quantity_value
 from recsys_operator.api import InvalidResource, resolve_scaling
 from recsys_operator.api.resources import RecommenderSystem, ScalingPolicy
-from recsys_operator.manifests import load_documents, parse_resource, validate_documents
+from recsys_operator.manifests import (
+    Document,
+    load_documents,
+    parse_resource,
+    validate_documents,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -139,7 +144,15 @@ MISTAKES = [
         "spec.rollout.analysis.maxErrorRate",
         "greater than or equal to 0",
     ),
-    ("spec.serving.replica", 3, "spec.serving.replica", "Extra inputs are not permitted"),
+    ("spec.serving.replica", 3, "spec.serving.replica", "unknown field; did you mean 'replicas'?"),
+    ("spec.gatway", {}, "spec.gatway", "unknown field; did you mean 'gateway'?"),
+    (
+        "spec.rollout.webhooks",
+        [{"name": "smoke", "type": "pre-rollout", "url": "http://x", "timeoutSeconds": 5}],
+        "spec.rollout.webhooks[0].timeoutSeconds",
+        "unknown field; did you mean 'timeout'?",
+    ),
+    ("spec.features.ttl", "7d", "spec.features.ttl", "unknown field; expected one of image, "),
     ("spec.events.subscriptionType", "Exclusive", "spec.events.subscriptionType", "KeyShared"),
     ("spec.features.windows", ["1h", "1h"], "spec.features.windows", "distinct"),
     (
@@ -288,6 +301,25 @@ def test_validate_checks_systems_against_policies_given_together(tmp_path: Path)
     report = validate_documents(load_documents([tmp_path]))
     assert not report.ok
     assert any("spec.scaling.maxReplicas" in line for line in report.lines())
+
+
+@pytest.mark.parametrize("api_version", [None, "v1alpha1", "recsys.io/v1alpha1"])
+def test_our_kinds_without_our_api_group_are_not_silently_passed(api_version: str | None) -> None:
+    doc = quickstart()
+    if api_version is None:
+        del doc["apiVersion"]
+    else:
+        doc["apiVersion"] = api_version
+    report = validate_documents([Document("rs.yaml", 0, doc)])
+    if api_version is None or "/" not in api_version:  # kubectl would refuse it too
+        assert not report.ok
+        assert (
+            f"      apiVersion: expected recsys.dev/v1alpha1, got {api_version or ''!r}"
+            in report.lines()
+        )
+    else:  # maybe another project's RecommenderSystem: skipped, but saying ours is
+        assert report.ok
+        assert "(this project's is apiVersion recsys.dev/v1alpha1)" in report.notes[0]
 
 
 # --- value types ------------------------------------------------------------------

@@ -153,6 +153,31 @@ def test_client_mistakes_are_4xx_naming_the_field(
     assert not serving.requests  # refused before anything was called
 
 
+SECONDS_TS = {"type": "view", "user_id": "u", "item_id": "i", "ts": 1_767_225_600}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [(SECONDS_TS, "ts"), ([{**SECONDS_TS, "ts": None}, SECONDS_TS], "[1].ts")],
+    ids=["one", "list"],
+)
+def test_a_ts_in_seconds_is_refused_as_seconds(
+    serving: ServingStub,
+    start_gateway: StartGateway,
+    http: requests.Session,
+    body: Any,
+    field: str,
+) -> None:
+    # A client that sends `date +%s` must read what it did wrong, not pydantic's bound.
+    gateway = start_gateway(routing_document(serving))
+    answer = http.post(f"{gateway.url}/v1/events", json=body, timeout=10)
+    assert answer.status_code == 422, answer.text
+    assert answer.json() == {
+        "error": f"{field}: must be Unix epoch milliseconds (this looks like seconds or is too early)",
+        "field": field,
+    }
+
+
 def test_a_refusal_by_the_model_reaches_the_client(
     serving: ServingStub, start_gateway: StartGateway, http: requests.Session
 ) -> None:

@@ -87,3 +87,34 @@ def test_evaluate_refuses_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
         app, ["evaluate", "--model", str(tmp_path), "--train", str(data), "--test", str(data)]
     )
     assert result.exit_code == 1 and "not a model directory" in result.output
+
+
+def test_evaluate_reads_what_train_reads_a_synth_folder_or_its_npz(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from model_handlers.interaction_files import load_interactions
+
+    train = _csv(tmp_path / "train.csv", [("u1", "A", 1), ("u1", "B", 2), ("u2", "A", 1)])
+    test = _csv(tmp_path / "test.csv", [("u1", "D", 3), ("u2", "B", 2)])
+    folder = tmp_path / "synth"  # the layout `recsys data synth` writes
+    folder.mkdir()
+    load_interactions(train).save(folder / "interactions.npz")
+
+    def scores(train_arg: Path) -> dict[str, float]:
+        args = ["--model", str(model_dir), "--train", str(train_arg), "--test", str(test)]
+        result = CliRunner().invoke(app, ["evaluate", *args, "-o", "json"])
+        assert result.exit_code == 0, result.output
+        return dict(json.loads(result.stdout)["metrics"])
+
+    from_csv = scores(train)
+    assert scores(folder) == from_csv
+    assert scores(folder / "interactions.npz") == from_csv
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = CliRunner().invoke(
+        app, ["evaluate", "--model", str(model_dir), "--train", str(empty), "--test", str(test)]
+    )
+    assert missing.exit_code == 1
+    assert f"no interactions at {empty / 'interactions.npz'}; run `recsys data synth`" in (
+        missing.output
+    )

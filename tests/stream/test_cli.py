@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -15,7 +16,9 @@ from stream_support import consume
 from typer.testing import CliRunner
 
 from recsys_contracts import feature_keys as keys
+from recsys_contracts.event_log_settings import EventLogSettings
 from recsys_contracts.event_wire import WireFormat, decode_event, wire_format_of
+from recsys_contracts.feature_job_settings import FeatureJobSettings
 from recsys_operator.cli import app
 from recsys_operator.launchers.process import free_port
 
@@ -116,6 +119,20 @@ def test_events_send_without_fill_refuses_incomplete_events(
     assert result.exit_code == 1
     assert "line 1: event_id: Field required; ts: Field required" in result.stderr
     assert "sent 0 events" in result.stdout
+    assert "1 of the invalid lines have no event_id or ts: --fill-missing" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["no-such-file.jsonl", "."])
+def test_events_send_names_a_file_it_cannot_read_before_looking_for_a_broker(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    nowhere = ["--service-url", f"pulsar://127.0.0.1:{free_port()}", "--topic", "t"]
+    result = runner.invoke(app, ["events", "send", where, *nowhere])
+    assert result.exit_code == 2, result.output
+    why = "no such file" if where != "." else "is a folder"
+    assert f"error: cannot read events from {where}: {why}" in result.stderr
+    assert isinstance(result.exception, SystemExit)  # not a FileNotFoundError
 
 
 def test_features_run_reports_bad_settings_by_field() -> None:
@@ -125,6 +142,44 @@ def test_features_run_reports_bad_settings_by_field() -> None:
     assert result.exit_code == 2
     assert "learning_rate: Input should be less than or equal to 1" in result.stderr
     assert "windows.1:" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "model"),
+    [
+        (["features", "run"], FeatureJobSettings),
+        (["features", "rebuild"], FeatureJobSettings),
+        (["event-log", "run"], EventLogSettings),
+    ],
+)
+def test_the_jobs_help_shows_each_settings_default(command: list[str], model: Any) -> None:
+    # The options default to None ("not given here"): the help must show the model's.
+    result = runner.invoke(app, [*command, "--help"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    lines: dict[str, str] = {}  # option -> its help, continuation lines joined
+    option = ""
+    for line in result.stdout.split("Options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            option = line.split()[0]
+            lines[option] = line
+        elif option:
+            lines[option] += " " + line.strip()
+    shown = 0
+    for name, field in model.model_fields.items():
+        help_text = lines.get("--" + name.replace("_", "-"))
+        if help_text is None or "/ --no-" in help_text:  # not an option here, or a bool flag
+            continue
+        if field.is_required():
+            assert f"[required: here or RECSYS_{name.upper()}]" in help_text
+            continue
+        default = field.get_default(call_default_factory=True)
+        if default is None:
+            assert "[default:" not in help_text
+            continue
+        text = ",".join(default) if isinstance(default, list) else str(default)
+        assert f"[default: {text}]" in help_text, help_text
+        shown += 1
+    assert shown >= 4
 
 
 def test_python_m_stream_jobs_features_is_the_same_command() -> None:

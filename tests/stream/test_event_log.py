@@ -302,6 +302,13 @@ def test_the_cli_compacts_a_folder_and_names_a_missing_setting(tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     assert f"interactions {hour[0]}/{hour[1]}: 3 files -> 1, 20 rows, 10 duplicates" in done.stdout
     assert len(store.files(layout.INTERACTIONS_TABLE)) == 1
+    mistyped = subprocess.run(
+        [*cli, "compact", f"{uri}s"], capture_output=True, text=True, timeout=60
+    )
+    assert mistyped.returncode == 1, mistyped.stdout
+    assert f"error: no event log at {uri}s (no interactions/ or impressions/ folder)" in (
+        mistyped.stderr
+    )
     env = {k: v for k, v in os.environ.items() if k != "RECSYS_LOG_URI"}
     missing = subprocess.run([*cli, "run"], capture_output=True, text=True, timeout=60, env=env)
     assert missing.returncode == 2

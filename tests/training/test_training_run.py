@@ -340,3 +340,28 @@ def test_a_store_that_cannot_be_written_fails_the_run_and_the_verdict_says_so(
     assert "retrieval-1.mar" in verdict.reason
     assert "could not be written to the model store" in verdict.reason
     assert len(verdict.model_dump_json(by_alias=True)) < 4096
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "refusal"),
+    [
+        (
+            "--until",
+            "yesterday",
+            "--until 'yesterday': give RFC 3339 (2026-12-01T00:00:00Z) or epoch ms",
+        ),
+        ("--window", "7 days", "--window '7 days': '7 days' is not a duration"),
+    ],
+)
+def test_recsys_retrain_names_the_option_it_cannot_read(
+    option: str, value: str, refusal: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from recsys_operator.cli import app
+
+    args = ["retrain", "--log", str(tmp_path / "log"), "--model-store", str(tmp_path / "store")]
+    done = CliRunner().invoke(app, [*args, option, value])
+    assert done.exit_code == 1, done.output
+    assert refusal in done.output
+    assert not (tmp_path / "store").exists()  # refused before any run
