@@ -495,10 +495,23 @@ async def policy_deleted(type: str, namespace: str | None, name: str, **_: Any) 
 
 
 async def _reconcile_users(namespace: str, policy: str) -> None:
-    """Reconcile every system of `namespace` whose spec.scalingPolicyRef names `policy`."""
+    """Reconcile every system of `namespace` whose spec.scalingPolicyRef names `policy`.
+    One system's failure (a transient API error) does not keep the policy's change from
+    the systems after it: each is tried, then the handler fails for Kopf to retry."""
     systems = await asyncio.to_thread(
         STATE.kube.list_objects, API_VERSION, "RecommenderSystem", namespace
     )
+    failed = []
     for system in systems:
-        if ((system.get("spec") or {}).get("scalingPolicyRef") or {}).get("name") == policy:
-            await reconcile_and_record(namespace, system["metadata"]["name"], trigger="policy")
+        if ((system.get("spec") or {}).get("scalingPolicyRef") or {}).get("name") != policy:
+            continue
+        name = system["metadata"]["name"]
+        try:
+            await reconcile_and_record(namespace, name, trigger="policy")
+        except Exception as exc:
+            log.warning("reconciling %s/%s for policy %s failed: %s", namespace, name, policy, exc)
+            failed.append(name)
+    if failed:
+        raise kopf.TemporaryError(
+            f"systems not reconciled after the policy changed: {', '.join(failed)}", delay=10
+        )

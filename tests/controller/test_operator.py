@@ -1078,6 +1078,34 @@ def test_deleting_a_policy_rechecks_the_systems_using_it_at_once(
     assert cond["status"] == "False"
 
 
+def test_a_policy_change_reaches_every_system_when_one_of_them_fails(
+    cluster: Cluster, pulsar_admin: PulsarAdminHandle, operator: Any
+) -> None:
+    """Two systems name the policy; reading the first fails (a transient API error). The
+    second still gets the policy's change at once, not after Kopf's retry of the handler."""
+    cluster.create("scalingpolicies", policy())
+    for name in ("a-shop", "b-shop"):
+        cluster.create("recommendersystems", quickstart(pulsar_admin, name=name))
+    ready(cluster, "a-shop")
+    ready(cluster, "b-shop")
+    cluster.kube.emulator.fail_next(
+        10_000,
+        method="GET",
+        path=f"/apis/{GROUP}/{VERSION}/namespaces/default/recommendersystems/a-shop",
+        status=503,
+    )
+    by_policy = metrics.RECONCILES.labels(trigger="policy")
+    before = by_policy._value.get()
+
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, "default", "scalingpolicies", "default",
+        {"spec": {"gateway": {"maxReplicas": 5}}},
+    )  # fmt: skip
+
+    wait_for(lambda: by_policy._value.get() > before, timeout=10)  # b-shop, past a-shop
+    cluster.kube.emulator.injected_faults.clear()
+
+
 @pytest.mark.parametrize(
     "admin_url", ["http://pulsar-broker.pulsar:99999", "http://:8080", "http://[::1:8080"]
 )
