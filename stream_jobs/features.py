@@ -154,6 +154,8 @@ class FeatureJob:
             self._refresh_embeddings()
             self._check_store_persistence()
             self._rebuild_if_empty(client, stop)
+            if stop.is_set():
+                return  # stopped before or during the rebuild: nothing consumed yet
             # Subscribed only after the rebuild: a consumer that exists during it is sent a
             # receive queue of messages it does not read, which no other consumer of a Shared
             # subscription gets meanwhile, and which a job killed mid-rebuild leaves with its
@@ -213,8 +215,14 @@ class FeatureJob:
                 else:
                     log.warning("the feature store is empty: rebuilding it from the topic")
                 items = self.catalog.versions if self.settings.online_updates else {}
-                report = rebuild(self.settings, client, self.store, items)
-                log.warning("rebuilt the feature store: %s", report.summary())
+                report = rebuild(self.settings, client, self.store, items, stop)
+                if report.stopped:
+                    log.warning(
+                        "stopped during the rebuild (%s): the next start rebuilds again",
+                        report.summary(),
+                    )
+                else:
+                    log.warning("rebuilt the feature store: %s", report.summary())
                 return
             except STORE_ERRORS as exc:
                 log.warning("feature store unavailable for the rebuild check (%s)", exc)

@@ -24,6 +24,7 @@ offline event log.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -51,10 +52,13 @@ class RebuildReport:
     outcomes: Counter[str] = field(default_factory=Counter)
     """applied | duplicate | late | <dead-letter code> -> events."""
     seconds: float = 0.0
+    stopped: bool = False
+    """Stopped before the topic's end (SIGTERM): the store stays marked as rebuilding."""
 
     def summary(self) -> str:
         parts = ", ".join(f"{n} {what}" for what, n in sorted(self.outcomes.items()))
-        return f"read {self.read} events in {self.seconds:.1f}s: {parts or 'nothing'}"
+        text = f"read {self.read} events in {self.seconds:.1f}s: {parts or 'nothing'}"
+        return text + ("; stopped before the end" if self.stopped else "")
 
 
 def store_is_empty(client: StoreClient, system: str) -> bool:
@@ -96,8 +100,12 @@ def rebuild(
     client: pulsar.Client,
     store: FeatureStore,
     items: Mapping[str, ItemEmbeddings],
+    stop: threading.Event | None = None,
 ) -> RebuildReport:
-    """Replay the topic's retention into `store` (see the module docstring)."""
+    """Replay the topic's retention into `store` (see the module docstring). Once `stop`
+    is set it returns at the next message, the store still marked (`rebuild_unfinished`),
+    so that a job stopped mid-rebuild within its grace period rebuilds again at its next
+    start."""
     started = time.monotonic()
     report = RebuildReport()
     max_future, max_past = duration_ms(settings.max_future), duration_ms(settings.max_past)
@@ -115,6 +123,10 @@ def rebuild(
     marker: Any = keys.rebuild_marker_key(settings.system_id)
     store.client.set(marker, now_ms())  # until the last event is written (no TTL)
     for payload in retained_messages(client, settings.interactions_topic):
+        if stop is not None and stop.is_set():
+            report.stopped = True
+            report.seconds = time.monotonic() - started
+            return report
         report.read += 1
         try:
             event = decode_event(payload)

@@ -26,6 +26,7 @@ from stream_support import (
     wait_until,
 )
 
+from recsys_contracts import feature_keys as keys
 from recsys_contracts.events import Event
 from recsys_contracts.feature_job_settings import FeatureJobSettings, duration_ms
 from recsys_operator.launchers.process import ManagedProcess, free_port, log_tail
@@ -157,6 +158,9 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(
     producer = send_paced(pulsar_url, topic, events, per_second=400)
     job = job_process(settings, tmp_path / "job.log").start()
     try:
+        # Consuming (an empty store is first rebuilt from the topic: stopped there, the job
+        # exits at the next message, the test below) and past its first batches.
+        wait_until(lambda: "consuming " in log_tail(tmp_path / "job.log"), 30, "consuming")
         wait_until(lambda: applied_events(store, settings.system_id, users) >= 20, 30, "progress")
         assert job.popen is not None
         job.popen.send_signal(signal.SIGTERM)
@@ -173,6 +177,51 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(
             60,
             "the rest of the stream",
         )
+
+
+def test_a_job_stopped_during_a_rebuild_exits_at_once_and_the_next_start_finishes_it(
+    job_settings: FeatureJobSettings,
+    store: redis.Redis,
+    pulsar_url: str,
+    topic: str,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM during a rebuild (a rolling update, a node drained): the job stops at the
+    next message, within its grace period, not at the end of the topic; the store stays
+    marked, so the next start rebuilds again and nothing stays missing."""
+    settings = job_settings.model_copy(update={"batch_size": 100})
+    events = interleave_users(known_stream(users=40, per_user=250, seed=37))  # 100 batches
+    users = sorted({e.user_id for e in events})
+    expected = reference(settings, events)
+    produce_events(pulsar_url, topic, events)
+
+    def rebuilt() -> bool:
+        return store_content(store, settings.system_id, users, ["v1", "v2"]).same_as(expected)
+
+    with running_job(settings):  # every event applied and acked
+        wait_until(rebuilt, 120, "the stream")
+    full = applied_events(store, settings.system_id, users)
+    for key in list(store.scan_iter(match=f"recsys:v2:{settings.system_id}:*")):
+        store.delete(key)  # Redis lost its data
+
+    job = job_process(settings, tmp_path / "job.log").start()
+    try:
+        wait_until(
+            lambda: applied_events(store, settings.system_id, users) > 0, 60, "a rebuilt batch"
+        )
+        assert job.popen is not None
+        os.kill(job.popen.pid, signal.SIGTERM)  # our own child, by its PID
+        started = time.monotonic()
+        assert job.popen.wait(timeout=20) == 0, log_tail(tmp_path / "job.log")
+        stopped_in = time.monotonic() - started
+    finally:
+        job.stop()
+    assert applied_events(store, settings.system_id, users) < full, "stopped after the rebuild"
+    assert store.exists(keys.rebuild_marker_key(settings.system_id))
+    assert stopped_in < 10
+
+    with running_job(settings.model_copy(update={"rebuild_when_empty": True})):
+        wait_until(rebuilt, 120, "the next start to finish the rebuild")
 
 
 def test_a_rebuild_killed_midway_is_done_again_at_the_next_start(
