@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 from pathlib import Path
@@ -125,7 +126,13 @@ def send_events(
         service_url = service_url or target.service_url
         topic = topic or target.interactions_topic
     try:
-        stream = sys.stdin if source == "-" else Path(source).open(encoding="utf-8")  # noqa: SIM115
+        # Bytes that are no UTF-8 become lone surrogates, which the event contract refuses:
+        # that line is reported invalid, the others are sent (not a decode error midway).
+        stream = (
+            io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+            if source == "-"
+            else Path(source).open(encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+        )
     except OSError as exc:
         typer.echo(f"error: cannot read events from {source}: {exc.strerror or exc}", err=True)
         raise typer.Exit(2) from None

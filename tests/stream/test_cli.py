@@ -61,6 +61,24 @@ def test_events_send_sends_valid_lines_keyed_by_user_and_reports_the_rest(
 
 
 @pytest.mark.broker
+def test_events_send_reports_a_line_that_is_no_utf8_and_sends_the_others(
+    tmp_path: Path, pulsar_url: str, topic: str
+) -> None:
+    source = tmp_path / "events.jsonl"
+    bad = b'{"event_id": "b1", "user_id": "u\xff", "item_id": "i1", "type": "view", "ts": 1767225600000}'
+    source.write_bytes(LINES[0].encode() + b"\n" + bad + b"\n" + LINES[3].encode() + b"\n")
+    result = runner.invoke(
+        app, ["events", "send", str(source), "--service-url", pulsar_url, "--topic", topic]
+    )
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert f"sent 2 events to {topic}; 1 invalid lines" in result.stdout
+    assert "line 2: " in result.stderr
+    messages = consume(pulsar_url, topic, 2, timeout=20)
+    assert {decode_event(m.data()).event_id for m in messages} == {"a1", "a2"}
+
+
+@pytest.mark.broker
 @pytest.mark.parametrize(
     ("args", "env", "expected"),
     [
