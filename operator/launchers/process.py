@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,10 +24,38 @@ LOOPBACK = "127.0.0.1"
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral
+    range. A port the kernel hands out (bind to 0) comes from that range, and so does
+    the source port of every outgoing connection: one opened before the server binds
+    (TorchServe's JVM takes seconds) can take it. Random, so that concurrent callers
+    (test workers, several systems starting) rarely pick the same one."""
+    low, high = LISTEN_PORTS or (0, -1)
+    for _ in range(200 if high > low else 0):
+        port = _PORTS.randint(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue  # in use (or in TIME_WAIT): another
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
+        s.bind((LOOPBACK, 0))  # that range is full: one the kernel picks
         return int(s.getsockname()[1])
+
+
+def _listen_ports(floor: int = 10_000) -> tuple[int, int] | None:
+    """[floor, start of the ephemeral range) (Linux's ip_local_port_range; elsewhere
+    IANA's 49152), None when that leaves fewer than 1,000 ports."""
+    try:
+        start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        start = 49_152
+    return (floor, start - 1) if start - 1 - floor >= 1_000 else None
+
+
+LISTEN_PORTS = _listen_ports()
+"""Where `free_port` picks from."""
+_PORTS = random.SystemRandom()  # not the `random` module's generator, which tests seed
 
 
 def port_open(port: int, host: str = LOOPBACK) -> bool:

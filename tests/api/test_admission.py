@@ -49,8 +49,16 @@ def cel_holds(expression: str, value: Any) -> bool:
     return bool(result)
 
 
-def _unknown_fields(schema: dict[str, Any], value: Any, path: tuple[str, ...]) -> list[str]:
-    if not isinstance(value, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+def _unknown_fields(schema: dict[str, Any], value: Any, path: tuple[str | int, ...]) -> list[str]:
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if isinstance(value, list) and "items" in schema:  # strict field validation checks items
+        return [
+            problem
+            for index, item in enumerate(value)
+            for problem in _unknown_fields(schema["items"], item, (*path, index))
+        ]
+    if not isinstance(value, dict):
         return []
     if "properties" in schema:
         found = [join_path(*path, key) for key in value if key not in schema["properties"]]

@@ -216,3 +216,16 @@ def test_a_port_another_process_holds_is_reported_not_probed(
         with pytest.raises(ProcessFailed, match=f"port {taken} on 127.0.0.1 is held by another"):
             process.start(ready_timeout=10)
         assert not process.alive()  # stopped, by its PID
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_free() -> None:
+    """A port the kernel hands out for bind(0), or as the source port of an outgoing
+    connection, comes from ip_local_port_range: one picked there could be taken before a
+    slow server (TorchServe's JVM) binds it, which failed `recsys up` in CI."""
+    start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert all(1024 <= port < start for port in ports), ports
+    assert len(set(ports)) > 40  # random, not one port for every caller
+    for port in ports[:5]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))  # free: binds
