@@ -25,9 +25,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +36,9 @@ import pulsar
 
 from recsys_contracts.event_wire import wire_format_of
 from recsys_contracts.events import InvalidEvent
+from recsys_contracts.events import now_ms as wall_clock_ms
+
+log = logging.getLogger("stream_jobs.dead_letters")
 
 SEND_TIMEOUT_S = 30.0
 MAX_PAYLOAD_BYTES = 512 * 1024
@@ -122,3 +126,34 @@ class DeadLetterPublisher:
             if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 break
         return results
+
+    def publish_until_stored(
+        self,
+        letters: Sequence[DeadLetter],
+        stored: Callable[[DeadLetter], None],
+        give_up: Callable[[], bool],
+        wait: Callable[[float], None],
+        backoff: tuple[float, float],
+    ) -> list[DeadLetter]:
+        """Publish `letters`, calling `stored` for each once the broker has it (the
+        caller acks its message then); the refused ones are sent again after
+        `wait(delay)`, the delay doubling from `backoff[0]` to `backoff[1]`, their
+        messages unacked meanwhile (a message left unacked with a live consumer would
+        come back only when that consumer goes), until `give_up()`. Returns the letters
+        still refused then (none unless it gave up)."""
+        delay, longest = backoff
+        while True:
+            refused = []
+            for letter, ok in zip(letters, self.publish(letters, wall_clock_ms()), strict=True):
+                if ok:
+                    stored(letter)
+                else:
+                    refused.append(letter)
+            if not refused or give_up():
+                return refused
+            log.warning(
+                "the dead-letter topic refused %d messages; retrying in %.2fs", len(refused), delay
+            )
+            wait(delay)
+            delay = min(2 * delay, longest)
+            letters = refused

@@ -275,30 +275,23 @@ class EventLogSink:
         letters: list[DeadLetter],
         stop: threading.Event,
     ) -> None:
-        """Publish `letters`, acking each message once the broker stored its letter; the
-        refused ones are sent again with backoff, unacked meanwhile (a message left
-        unacked with a live consumer would come back only when that consumer goes),
-        until stopped for `drain_timeout`."""
-        delay = BACKOFF_FIRST_S
-        while True:
-            refused = []
-            for letter, ok in zip(letters, dead_letters.publish(letters, now_ms()), strict=True):
-                if ok:
-                    consumer.acknowledge(letter.message)
-                    self.metrics.dead_letters.labels(**self._m, reason=letter.problem.code).inc()
-                else:
-                    refused.append(letter)
-            if not refused:
-                return
-            if self._drain_expired(stop):
-                log.error("stopping while the dead-letter topic refuses: %d unacked", len(refused))
-                return
-            log.warning(
-                "the dead-letter topic refused %d messages; retrying in %.1fs", len(refused), delay
-            )
-            time.sleep(delay)
-            delay = min(2 * delay, BACKOFF_MAX_S)
-            letters = refused
+        """Dead-letter `letters`, acking each message once its letter is stored; the
+        refused ones are sent again (`publish_until_stored`), on stopping until
+        `drain_timeout`."""
+
+        def stored(letter: DeadLetter) -> None:
+            consumer.acknowledge(letter.message)
+            self.metrics.dead_letters.labels(**self._m, reason=letter.problem.code).inc()
+
+        refused = dead_letters.publish_until_stored(
+            letters,
+            stored,
+            give_up=lambda: self._drain_expired(stop),
+            wait=time.sleep,
+            backoff=(BACKOFF_FIRST_S, BACKOFF_MAX_S),
+        )
+        if refused:
+            log.error("stopping while the dead-letter topic refuses: %d unacked", len(refused))
 
     def _drain_expired(self, stop: threading.Event) -> bool:
         """Stopping, and for `drain_timeout` already: give up what still fails."""

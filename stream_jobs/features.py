@@ -304,36 +304,33 @@ class FeatureJob:
         letters: list[DeadLetter],
         stop: threading.Event,
     ) -> bool:
-        """Publish `letters`, acking each message once the broker stored its letter; the
-        refused ones are sent again with backoff, unacked meanwhile (a message left
-        unacked with a live consumer would come back only when that consumer goes).
-        False if stopped before all were stored."""
-        delay = BACKOFF_FIRST_S
-        while True:
-            refused = []
-            for letter, ok in zip(letters, dead_letters.publish(letters, now_ms()), strict=True):
-                if ok:
-                    consumer.acknowledge(letter.message)
-                    self.metrics.dead_letters.labels(reason=letter.problem.code).inc()
-                else:
-                    refused.append(letter)
-            if not refused:
-                return True
-            if self._drain_expired(stop):
-                log.error(
-                    "stopping while the dead-letter topic refuses messages: %d left unacked",
-                    len(refused),
-                )
-                return False
-            log.warning(
-                "the dead-letter topic refused %d messages; retrying in %.2fs", len(refused), delay
-            )
+        """Dead-letter `letters`, acking each message once its letter is stored; the
+        refused ones are sent again (`publish_until_stored`), on SIGTERM until
+        `drain_timeout`. False if stopped before all were stored."""
+
+        def stored(letter: DeadLetter) -> None:
+            consumer.acknowledge(letter.message)
+            self.metrics.dead_letters.labels(reason=letter.problem.code).inc()
+
+        def wait(delay: float) -> None:
             if stop.is_set():
                 time.sleep(delay)  # draining: keep trying until the deadline
             else:
                 stop.wait(delay)
-            delay = min(2 * delay, BACKOFF_MAX_S)
-            letters = refused
+
+        refused = dead_letters.publish_until_stored(
+            letters,
+            stored,
+            give_up=lambda: self._drain_expired(stop),
+            wait=wait,
+            backoff=(BACKOFF_FIRST_S, BACKOFF_MAX_S),
+        )
+        if refused:
+            log.error(
+                "stopping while the dead-letter topic refuses messages: %d left unacked",
+                len(refused),
+            )
+        return not refused
 
     @staticmethod
     def _outcomes(
