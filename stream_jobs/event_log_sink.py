@@ -53,7 +53,7 @@ from stream_jobs.event_log_metrics import EventLogMetrics
 from stream_jobs.event_log_store import EventLogStore, WrittenFile
 from stream_jobs.impression_join import ImpressionJoin, PendingImpression, listed_items
 from stream_jobs.subscription import subscribe_batches
-from stream_jobs.until_signalled import run_until_signalled
+from stream_jobs.until_signalled import DrainDeadline, run_until_signalled
 
 log = logging.getLogger("stream_jobs.event_log_sink")
 
@@ -143,11 +143,10 @@ class EventLogSink:
         self.buffer = Buffer()
         self._flush_s = duration_ms(settings.flush_interval) / 1000
         self._compact_s = duration_ms(settings.compact_interval) / 1000
-        self._drain_s = duration_ms(settings.drain_timeout) / 1000
+        self._drain = DrainDeadline(duration_ms(settings.drain_timeout) / 1000)
         self._max_future_ms = duration_ms(settings.max_future)
         self._touched: set[tuple[str, tuple[str, str]]] = set()
         self._next_compaction = time.monotonic() + self._compact_s
-        self._stop_since: float | None = None
         self._last_flush = time.monotonic()
         self._m = {"system": settings.system_id}
 
@@ -286,20 +285,12 @@ class EventLogSink:
         refused = dead_letters.publish_until_stored(
             letters,
             stored,
-            give_up=lambda: self._drain_expired(stop),
+            give_up=lambda: self._drain.expired(stop),
             wait=time.sleep,
             backoff=(BACKOFF_FIRST_S, BACKOFF_MAX_S),
         )
         if refused:
             log.error("stopping while the dead-letter topic refuses: %d unacked", len(refused))
-
-    def _drain_expired(self, stop: threading.Event) -> bool:
-        """Stopping, and for `drain_timeout` already: give up what still fails."""
-        if not stop.is_set():
-            return False
-        if self._stop_since is None:
-            self._stop_since = time.monotonic()
-        return time.monotonic() - self._stop_since >= self._drain_s
 
     def _receive_one(
         self, consumer: Any, event: Event, record: dict[str, Any], handle: Any
@@ -403,7 +394,7 @@ class EventLogSink:
                 return self.store.write(table, partition, data)
             except Exception as exc:  # fsspec backends raise their own families (OSError, botocore)
                 self.metrics.write_errors.labels(**self._m, error=type(exc).__name__).inc()
-                if self._drain_expired(stop):
+                if self._drain.expired(stop):
                     log.error("stopping while the store fails (%s): events stay unacked", exc)
                     return None
                 log.warning("writing to the log failed (%s); retrying in %.1fs", exc, delay)

@@ -46,7 +46,7 @@ from stream_jobs.item_embeddings import EmbeddingCatalog, EmbeddingsError
 from stream_jobs.metrics import FeatureJobMetrics, observe_all
 from stream_jobs.rebuild import rebuild, rebuild_unfinished, store_is_empty
 from stream_jobs.subscription import subscribe_batches
-from stream_jobs.until_signalled import run_until_signalled
+from stream_jobs.until_signalled import DrainDeadline, run_until_signalled
 from stream_jobs.user_features import FeatureParams, Outcome
 
 log = logging.getLogger("stream_jobs.features")
@@ -130,13 +130,12 @@ class FeatureJob:
         )
         self._max_future_ms = duration_ms(settings.max_future)
         self._max_past_ms = duration_ms(settings.max_past)
-        self._drain_s = duration_ms(settings.drain_timeout) / 1000
+        self._drain = DrainDeadline(duration_ms(settings.drain_timeout) / 1000)
         self._reload_s = duration_ms(settings.embeddings_reload) / 1000
         idle = settings.resubscribe_idle
         self._resubscribe_s = duration_ms(idle) / 1000 if idle else None
         self._next_reload = 0.0
         self._last_unknown_rescan = 0.0
-        self._stop_since: float | None = None
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -312,17 +311,11 @@ class FeatureJob:
             consumer.acknowledge(letter.message)
             self.metrics.dead_letters.labels(reason=letter.problem.code).inc()
 
-        def wait(delay: float) -> None:
-            if stop.is_set():
-                time.sleep(delay)  # draining: keep trying until the deadline
-            else:
-                stop.wait(delay)
-
         refused = dead_letters.publish_until_stored(
             letters,
             stored,
-            give_up=lambda: self._drain_expired(stop),
-            wait=wait,
+            give_up=lambda: self._drain.expired(stop),
+            wait=lambda delay: self._drain.pause(stop, delay),
             backoff=(BACKOFF_FIRST_S, BACKOFF_MAX_S),
         )
         if refused:
@@ -377,7 +370,7 @@ class FeatureJob:
                 return self.store.apply(by_user, items)
             except STORE_ERRORS as exc:
                 self.metrics.store_errors.labels(error=type(exc).__name__).inc()
-                if self._drain_expired(stop):
+                if self._drain.expired(stop):
                     log.error(
                         "stopping while the store fails (%s): %d events left unacked",
                         exc,
@@ -385,18 +378,8 @@ class FeatureJob:
                     )
                     return None
                 log.warning("feature store write failed (%s); retrying in %.2fs", exc, delay)
-                if stop.is_set():
-                    time.sleep(delay)  # draining: keep trying until the deadline
-                else:
-                    stop.wait(delay)
+                self._drain.pause(stop, delay)
                 delay = min(2 * delay, BACKOFF_MAX_S)
-
-    def _drain_expired(self, stop: threading.Event) -> bool:
-        if not stop.is_set():
-            return False
-        if self._stop_since is None:
-            self._stop_since = time.monotonic()
-        return time.monotonic() - self._stop_since >= self._drain_s
 
     def _record(self, written: BatchWrite) -> None:
         pairs: list[tuple[EventType, Outcome]] = []
