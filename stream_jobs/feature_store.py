@@ -99,6 +99,7 @@ from stream_jobs.user_features import (
     FeatureParams,
     Outcome,
     UnreadableState,
+    UserState,
     UserUpdate,
     decode_state,
     encode_state,
@@ -722,24 +723,37 @@ class FeatureStore:
         events_by_user: Mapping[str, Sequence[Event]],
         items: Mapping[str, ItemEmbeddings],
     ) -> dict[str, UserUpdate]:
-        states, unreadable = [], dict(read.problems)
-        for n, value in enumerate(read.states):
-            if n in unreadable:
-                states.append(decode_state(None))
-                continue
-            try:
-                states.append(decode_state(value, self.params))
-            except UnreadableState as exc:
-                # Their events are dead-lettered (`Outcome.UNREADABLE_STATE`) and their
-                # hash is left as it is; a fresh state stands in for the computation.
-                states.append(decode_state(None))
-                unreadable[n] = f"the stored state of user {users[n]!r} cannot be read: {exc}"
+        unreadable = dict(read.problems)
+        try:  # the steady case: every state reads
+            states = [] if unreadable else [decode_state(v, self.params) for v in read.states]
+        except UnreadableState:
+            states = []
+        if not states and read.states:
+            states = self._decode_or_stand_in(users, read.states, unreadable)
         batch = update_users(
             states, read.embeddings, [events_by_user[u] for u in users], self.params, items
         )
         for n, problem in unreadable.items():
             batch[n] = unreadable_update(events_by_user[users[n]], problem)
         return dict(zip(users, batch, strict=True))
+
+    def _decode_or_stand_in(
+        self, users: list[str], values: list[bytes | None], unreadable: dict[int, str]
+    ) -> list[UserState]:
+        """The states read, a fresh one standing in for each user in `unreadable` and for
+        each state that does not decode (added to `unreadable`, with why): their events
+        are dead-lettered (`Outcome.UNREADABLE_STATE`) and their hash is left as it is."""
+        states = []
+        for n, value in enumerate(values):
+            if n in unreadable:
+                states.append(UserState())
+                continue
+            try:
+                states.append(decode_state(value, self.params))
+            except UnreadableState as exc:
+                states.append(UserState())
+                unreadable[n] = f"the stored state of user {users[n]!r} cannot be read: {exc}"
+        return states
 
     def _user_fields(
         self, user: str, update: UserUpdate, state_read: bytes | None

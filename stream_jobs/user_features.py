@@ -742,7 +742,25 @@ def decode_state(data: bytes | str | None, params: FeatureParams | None = None) 
     then starts those counts afresh rather than misreading old buckets).
     """
     try:
-        return _decode_state(data, params)
+        if not data:
+            return UserState()
+        if isinstance(data, str) or not data.startswith(STATE_MAGIC):
+            if isinstance(data, bytes) and data.startswith(FORMAT_3_MAGIC):
+                return _decode_state_format_3(data, params)
+            return decode_state_json(data, params)
+        values = msgpack.unpackb(
+            memoryview(data)[len(STATE_MAGIC) :], use_list=False, strict_map_key=False
+        )
+        if len(values) != len(_STATE_FIELDS):
+            raise ValueError(f"a binary state of {len(values)} fields, not {len(_STATE_FIELDS)}")
+        state = object.__new__(UserState)
+        attributes = state.__dict__
+        attributes.update(zip(_STATE_FIELDS, values, strict=True))
+        counts = attributes["counts"]
+        if params is not None and counts and not params.window_names.issuperset(counts):
+            names = params.window_names
+            attributes["counts"] = {name: rows for name, rows in counts.items() if name in names}
+        return state
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error) as exc:
         # (msgpack's and json's errors are ValueErrors)
         head = bytes(data[:4]) if isinstance(data, bytes) else data[:4] if data else b""
@@ -756,28 +774,6 @@ def unreadable_update(events: Sequence[Event], problem: str) -> UserUpdate:
     """What a user's `events` did when their stored state cannot be read: nothing."""
     outcomes = [Outcome.UNREADABLE_STATE] * len(events)
     return UserUpdate(_FRESH, outcomes, {}, [], {}, problem)
-
-
-def _decode_state(data: bytes | str | None, params: FeatureParams | None) -> UserState:
-    if not data:
-        return UserState()
-    if isinstance(data, str) or not data.startswith(STATE_MAGIC):
-        if isinstance(data, bytes) and data.startswith(FORMAT_3_MAGIC):
-            return _decode_state_format_3(data, params)
-        return decode_state_json(data, params)
-    values = msgpack.unpackb(
-        memoryview(data)[len(STATE_MAGIC) :], use_list=False, strict_map_key=False
-    )
-    if len(values) != len(_STATE_FIELDS):
-        raise ValueError(f"a binary state of {len(values)} fields, not {len(_STATE_FIELDS)}")
-    state = object.__new__(UserState)
-    attributes = state.__dict__
-    attributes.update(zip(_STATE_FIELDS, values, strict=True))
-    counts = attributes["counts"]
-    if params is not None and counts and not params.window_names.issuperset(counts):
-        names = params.window_names
-        attributes["counts"] = {name: rows for name, rows in counts.items() if name in names}
-    return state
 
 
 # Format 3, written by the jobs before format 4 (read only): FORMAT_3_MAGIC, then the
