@@ -77,11 +77,22 @@ def envelope(
         document["payload_truncated"] = True
         document["payload_bytes"] = len(whole)
     try:
-        document["payload"] = payload.decode("utf-8")
+        document["payload"] = _text(payload, cut=len(payload) < len(whole))
     except UnicodeDecodeError:
         document["payload"] = base64.b64encode(payload).decode("ascii")
         document["payload_encoding"] = "base64"
     return document
+
+
+def _text(payload: bytes, cut: bool) -> str:
+    """`payload` as UTF-8 text; one `cut` short may end within a character (up to three
+    bytes of it), which is dropped rather than making the whole payload base64."""
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if cut and exc.start >= len(payload) - 3:
+            return payload[: exc.start].decode("utf-8")
+        raise
 
 
 @dataclass
@@ -127,6 +138,18 @@ class DeadLetterPublisher:
                 break
         return results
 
+    def publish_once(
+        self, letters: Sequence[DeadLetter], stored: Callable[[DeadLetter], None]
+    ) -> list[DeadLetter]:
+        """Publish `letters`, calling `stored` for each the broker has; the refused ones."""
+        refused = []
+        for letter, ok in zip(letters, self.publish(letters, wall_clock_ms()), strict=True):
+            if ok:
+                stored(letter)
+            else:
+                refused.append(letter)
+        return refused
+
     def publish_until_stored(
         self,
         letters: Sequence[DeadLetter],
@@ -143,12 +166,7 @@ class DeadLetterPublisher:
         still refused then (none unless it gave up)."""
         delay, longest = backoff
         while True:
-            refused = []
-            for letter, ok in zip(letters, self.publish(letters, wall_clock_ms()), strict=True):
-                if ok:
-                    stored(letter)
-                else:
-                    refused.append(letter)
+            refused = self.publish_once(letters, stored)
             if not refused or give_up():
                 return refused
             log.warning(

@@ -144,6 +144,10 @@ class EventLogSink:
         self._flush_s = duration_ms(settings.flush_interval) / 1000
         self._compact_s = duration_ms(settings.compact_interval) / 1000
         self._drain = DrainDeadline(duration_ms(settings.drain_timeout) / 1000)
+        # Dead letters the broker refused, their messages unacked, sent again when due.
+        self._refused_letters: list[DeadLetter] = []
+        self._letters_delay = BACKOFF_FIRST_S
+        self._letters_retry_at = 0.0
         self._max_future_ms = duration_ms(settings.max_future)
         self._touched: set[tuple[str, tuple[str, str]]] = set()
         self._next_compaction = time.monotonic() + self._compact_s
@@ -180,7 +184,7 @@ class EventLogSink:
                 now = time.monotonic()
                 if messages:
                     last_message = now
-                    self.receive(consumer, dead_letters, list(messages), stop)
+                    self.receive(consumer, dead_letters, list(messages))
                 elif idle_s and now - last_message >= idle_s and self._nothing_in_flight():
                     # Nothing unacked, so nothing is redelivered (see the setting).
                     consumer.close()
@@ -188,10 +192,13 @@ class EventLogSink:
                     last_message = now
                 if self._flush_due():
                     self.flush(consumer, stop)
+                if self._refused_letters and time.monotonic() >= self._letters_retry_at:
+                    self.retry_refused_letters(consumer, dead_letters)
                 if time.monotonic() >= self._next_compaction:
                     self.compact_touched()
             log.info("stopping: writing what is buffered")
             self.flush(consumer, stop)
+            self._dead_letter_until_drained(consumer, dead_letters, stop)
             consumer.close()
         finally:
             client.close()
@@ -248,7 +255,6 @@ class EventLogSink:
         consumer: Any,
         dead_letters: DeadLetterPublisher,
         messages: Sequence[Any],
-        stop: threading.Event,
     ) -> None:
         invalid: list[DeadLetter] = []
         now = now_ms()
@@ -265,32 +271,57 @@ class EventLogSink:
                 self._receive_one(consumer, event, record, handle)
         self.metrics.pending_impressions.labels(**self._m).set(self.join.pending)
         if invalid:
-            self._dead_letter_until_done(consumer, dead_letters, invalid, stop)
+            self._dead_letter(consumer, dead_letters, invalid)
 
-    def _dead_letter_until_done(
-        self,
-        consumer: Any,
-        dead_letters: DeadLetterPublisher,
-        letters: list[DeadLetter],
-        stop: threading.Event,
+    def _dead_letter(
+        self, consumer: Any, dead_letters: DeadLetterPublisher, letters: list[DeadLetter]
     ) -> None:
-        """Dead-letter `letters`, acking each message once its letter is stored; the
-        refused ones are sent again (`publish_until_stored`), on stopping until
-        `drain_timeout`."""
+        """One try at `letters`, acking each message once its letter is stored. The
+        refused ones stay unacked and are sent again from the loop, with backoff
+        (`retry_refused_letters`): a dead-letter topic refusing for a while must not hold
+        back the log's writes, and a message left unacked with a live consumer would come
+        back only when that consumer goes."""
+        refused = dead_letters.publish_once(
+            letters, lambda letter: self._dead_lettered(consumer, letter)
+        )
+        if not refused:
+            self._letters_delay = BACKOFF_FIRST_S
+            return
+        if not self._refused_letters:
+            self._letters_retry_at = time.monotonic() + self._letters_delay
+        self._refused_letters += refused
+        log.warning(
+            "the dead-letter topic refused %d messages; they stay unacked, retried in %.1fs",
+            len(refused),
+            self._letters_delay,
+        )
 
-        def stored(letter: DeadLetter) -> None:
-            consumer.acknowledge(letter.message)
-            self.metrics.dead_letters.labels(**self._m, reason=letter.problem.code).inc()
+    def retry_refused_letters(self, consumer: Any, dead_letters: DeadLetterPublisher) -> None:
+        """Send the refused dead letters again (the loop calls it when they are due)."""
+        letters, self._refused_letters = self._refused_letters, []
+        self._letters_delay = min(2 * self._letters_delay, BACKOFF_MAX_S)
+        self._dead_letter(consumer, dead_letters, letters)
 
+    def _dead_letter_until_drained(
+        self, consumer: Any, dead_letters: DeadLetterPublisher, stop: threading.Event
+    ) -> None:
+        """Stopping: the refused dead letters are sent again until `drain_timeout`."""
+        if not self._refused_letters:
+            return
         refused = dead_letters.publish_until_stored(
-            letters,
-            stored,
+            self._refused_letters,
+            lambda letter: self._dead_lettered(consumer, letter),
             give_up=lambda: self._drain.expired(stop),
-            wait=time.sleep,
+            wait=lambda delay: self._drain.pause(stop, delay),
             backoff=(BACKOFF_FIRST_S, BACKOFF_MAX_S),
         )
+        self._refused_letters = refused
         if refused:
             log.error("stopping while the dead-letter topic refuses: %d unacked", len(refused))
+
+    def _dead_lettered(self, consumer: Any, letter: DeadLetter) -> None:
+        consumer.acknowledge(letter.message)
+        self.metrics.dead_letters.labels(**self._m, reason=letter.problem.code).inc()
 
     def _receive_one(
         self, consumer: Any, event: Event, record: dict[str, Any], handle: Any

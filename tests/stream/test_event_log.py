@@ -248,40 +248,52 @@ def test_a_sink_restarted_after_writing_but_before_acking_drops_the_redelivered_
         assert len(EventLogStore(uri).files(table)) == files_before[table]
 
 
-def test_a_dead_letter_the_broker_refuses_is_sent_again_until_it_is_stored(
+def test_a_dead_letter_the_broker_refuses_waits_unacked_without_holding_back_the_log(
     pulsar_url: str, topic: str, tmp_path: Path
 ) -> None:
     """The dead-letter producer fails (closed here; a broker refusing or timing out the
-    sends alike): the sink keeps the bad message unacked and sends its dead letter again,
-    with backoff, until the broker stores it, then acks it. (A message left unacked with
-    a live consumer is neither dead-lettered nor redelivered until that consumer goes.)"""
+    sends alike). The bad message stays unacked while the events after it are written
+    (a refusing dead-letter topic must not stop the log), and its letter is sent again
+    until the broker stores it, then the message is acked. (A message left unacked with a
+    live consumer is neither dead-lettered nor redelivered until that consumer goes.)"""
+    events = [click(f"r{n}", "u1", f"i{n}", BASE_TS + n) for n in range(3)]  # no impression
     produce(pulsar_url, topic, [("u1", b"{not json")])
-    settings = sink_settings(pulsar_url, topic, str(tmp_path / "log"))
+    produce_events(pulsar_url, topic, events)
+    uri = str(tmp_path / "log")
+    settings = sink_settings(pulsar_url, topic, uri)
     sink = EventLogSink(settings)
     client = quiet_client(pulsar_url)
     stop = threading.Event()
+    dead_lettered = {"system": "test.log", "reason": "not_json"}
     try:
         consumer = sink._subscribe(client)
         refusing = client.create_producer(settings.dead_letters)
         refusing.close()
         dead_letters = DeadLetterPublisher(refusing, settings.subscription)
-        messages = wait_until(lambda: list(consumer.batch_receive()), 10, "the bad message")
-        thread = threading.Thread(
-            target=lambda: sink.receive(consumer, dead_letters, messages, stop)
-        )
-        thread.start()
-        time.sleep(0.5)  # a few refused sends
+        messages: list[Any] = []
+
+        def all_four() -> bool:
+            messages.extend(consumer.batch_receive())
+            return len(messages) == 4
+
+        wait_until(all_four, 10, "the four messages")
+        started = time.monotonic()
+        sink.receive(consumer, dead_letters, messages)
+        assert time.monotonic() - started < 5  # one try, not a wait for the topic
+        assert sink.flush(consumer, stop)  # the good events are written meanwhile
+        assert EventLogStore(uri).files(layout.INTERACTIONS_TABLE)
+        sink.retry_refused_letters(consumer, dead_letters)  # refused again
+        assert sample(sink.metrics.registry, names.EVENT_LOG_DEAD_LETTERED, dead_lettered) == 0
+
         dead_letters.producer = client.create_producer(
             settings.dead_letters, batching_enabled=False
         )
-        thread.join(20)
-        assert not thread.is_alive()
+        sink.retry_refused_letters(consumer, dead_letters)
         letters = consume(pulsar_url, settings.dead_letters, count=1, timeout=10)
         assert [json.loads(m.data())["code"] for m in letters] == ["not_json"]
-        labels = {"system": "test.log", "reason": "not_json"}
-        assert sample(sink.metrics.registry, names.EVENT_LOG_DEAD_LETTERED, labels) == 1
+        assert sample(sink.metrics.registry, names.EVENT_LOG_DEAD_LETTERED, dead_lettered) == 1
         consumer.close()
-        consumer = sink._subscribe(client)  # the bad message was acked: it does not come back
+        consumer = sink._subscribe(client)  # every message was acked: none comes back
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             assert not list(consumer.batch_receive())
