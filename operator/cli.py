@@ -300,15 +300,14 @@ def operator_run(
 
     if bool(namespace) == all_namespaces:
         raise typer.BadParameter("give either --namespace (one or more) or --all-namespaces")
-    if level_of(log_level) is None:
+    level = level_of(log_level)
+    if level is None:
         raise typer.BadParameter("must be debug, info or warning", param_hint="--log-level")
     if (missing := _missing_kube_config()) is not None:
         typer.echo(f"error: {missing}", err=True)
         raise typer.Exit(1)
     host, _, port = metrics_address.rpartition(":")
     start_http_server(int(port), addr=host or "127.0.0.1")
-    level = level_of(log_level)
-    assert level is not None  # checked above
     kopf.configure(verbose=level <= logging.INFO, debug=level <= logging.DEBUG)
     logging.getLogger().setLevel(level)
     if level > logging.DEBUG:

@@ -129,10 +129,15 @@ def _nullable_to_draft4(node: Any) -> Any:
 
 
 @cache
+def crd_schema(kind: str) -> dict[str, Any]:
+    """The CRD's OpenAPI schema of `kind` (built from the models once: tens of ms)."""
+    return openapi_schema(RESOURCE_TYPES[kind])
+
+
+@cache
 def crd_validator(kind: str) -> jsonschema.Draft4Validator:
     """A validator for the CRD schema of `kind`. OpenAPI v3.0 bounds are draft-4 style."""
-    schema = _nullable_to_draft4(openapi_schema(RESOURCE_TYPES[kind]))
-    return jsonschema.Draft4Validator(schema)
+    return jsonschema.Draft4Validator(_nullable_to_draft4(crd_schema(kind)))
 
 
 def crd_schema_issues(body: dict[str, Any]) -> list[FieldIssue]:
@@ -191,7 +196,7 @@ def _name_unknown_fields(
         if error["type"] != "extra_forbidden":
             continue
         *parent, unknown = error["loc"]
-        allowed = _property_names(openapi_schema(RESOURCE_TYPES[kind]), parent)
+        allowed = _property_names(crd_schema(kind), parent)
         if not allowed:
             continue
         close = difflib.get_close_matches(str(unknown), allowed, n=1, cutoff=0.6)

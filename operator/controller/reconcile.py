@@ -311,6 +311,12 @@ class Reconciler:
         features_refused = [r for r in refused if f"/{features_name}:" in r]
         serving_refused = [r for r in refused if r not in features_refused]
 
+        def unless_refused(ready: Condition, kind: ConditionType, refusals: list[str]) -> Condition:
+            if not refusals:
+                return ready
+            reason = ConditionReason.CHILD_APPLY_FAILED
+            return condition(kind, False, reason, "; ".join(refusals), generation)
+
         features_ok, features_msg = ready_of(features_name)
         features = condition(
             ConditionType.FEATURES_READY,
@@ -323,14 +329,7 @@ class Reconciler:
             f"stream job: {features_msg}",
             generation,
         )
-        if features_refused:
-            features = condition(
-                ConditionType.FEATURES_READY,
-                False,
-                ConditionReason.CHILD_APPLY_FAILED,
-                "; ".join(features_refused),
-                generation,
-            )
+        features = unless_refused(features, ConditionType.FEATURES_READY, features_refused)
         serving_parts = [(Component.GATEWAY, child_name(system, "gateway"))]
         serving_parts += [
             (f"serving {track}", serving_name(system, track))
@@ -350,14 +349,7 @@ class Reconciler:
             "; ".join(f"{label}: {msg}" for label, _, msg in states),
             generation,
         )
-        if serving_refused:
-            serving = condition(
-                ConditionType.SERVING_READY,
-                False,
-                ConditionReason.CHILD_APPLY_FAILED,
-                "; ".join(serving_refused),
-                generation,
-            )
+        serving = unless_refused(serving, ConditionType.SERVING_READY, serving_refused)
 
         namespace = system.metadata.namespace
         stable_version = old_status.get("stableVersion") or system.spec.model.version

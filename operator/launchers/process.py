@@ -29,15 +29,16 @@ def free_port() -> int:
     the source port of every outgoing connection: one opened before the server binds
     (TorchServe's JVM takes seconds) can take it. Random, so that concurrent callers
     (test workers, several systems starting) rarely pick the same one."""
-    low, high = LISTEN_PORTS or (0, -1)
-    for _ in range(200 if high > low else 0):
-        port = _PORTS.randint(low, high)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((LOOPBACK, port))
-            except OSError:
-                continue  # in use (or in TIME_WAIT): another
-            return port
+    if LISTEN_PORTS is not None:
+        low, high = LISTEN_PORTS
+        for _ in range(200):
+            port = _PORTS.randint(low, high)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((LOOPBACK, port))
+                except OSError:
+                    continue  # in use (or in TIME_WAIT): another
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))  # that range is full: one the kernel picks
         return int(s.getsockname()[1])
