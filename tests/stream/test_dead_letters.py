@@ -73,3 +73,17 @@ def test_a_payload_over_the_bound_is_kept_cut_short_and_says_so() -> None:
     assert len(json.dumps(letter)) < 5_000_000
     whole = envelope(FakeMessage(raw[:MAX_PAYLOAD_BYTES]), InvalidEvent("x", "y"), "f", 5)
     assert "payload_truncated" not in whole and "payload_bytes" not in whole
+
+
+def test_a_text_payload_cut_within_a_character_stays_text() -> None:
+    """The cut at MAX_PAYLOAD_BYTES can fall inside a multi-byte UTF-8 character: that
+    character is dropped, the payload stays readable text (not base64)."""
+    raw = b"a" * (MAX_PAYLOAD_BYTES - 1) + "é…".encode() * 3  # é straddles the cut
+    letter = envelope(FakeMessage(raw), InvalidEvent("not_json", "Invalid JSON"), "features", 5)
+    assert letter["payload"] == "a" * (MAX_PAYLOAD_BYTES - 1)
+    assert "payload_encoding" not in letter and letter["payload_truncated"] is True
+    broken = b"\xff" + b"a" * MAX_PAYLOAD_BYTES  # not UTF-8 anywhere near the cut: base64
+    assert (
+        envelope(FakeMessage(broken), InvalidEvent("x", "y"), "f", 5)["payload_encoding"]
+        == "base64"
+    )
