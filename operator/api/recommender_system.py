@@ -140,7 +140,7 @@ class EventsSpec(ApiModel):
     subscription_type: SubscriptionType = SubscriptionType.KEY_SHARED
     """Subscription type of the stream jobs: KeyShared or Failover keep per-user order; Shared does not."""
     deletion_policy: DeletionPolicy = DeletionPolicy.KEEP
-    """What happens to the topics when the RecommenderSystem is deleted."""
+    """What happens to the topics when the RecommenderSystem is deleted. Delete keeps them while another RecommenderSystem of the same Kubernetes namespace names the same Pulsar tenant and namespace (systems in other Kubernetes namespaces are not checked)."""
     topics: TopicsSpec = Field(default_factory=TopicsSpec)
     """Per-topic partitions, retention and backlog quota."""
 
