@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from recsys_contracts.events import InvalidEvent
-from stream_jobs.dead_letters import MAX_PAYLOAD_BYTES, envelope
+from stream_jobs.dead_letters import (
+    MAX_PAYLOAD_BYTES,
+    DeadLetter,
+    DeadLetterPublisher,
+    envelope,
+)
 
 
 @dataclass
@@ -87,3 +93,50 @@ def test_a_text_payload_cut_within_a_character_stays_text() -> None:
         envelope(FakeMessage(broken), InvalidEvent("x", "y"), "f", 5)["payload_encoding"]
         == "base64"
     )
+
+
+class RefusingFirst(DeadLetterPublisher):
+    """A publisher whose broker refuses each letter its first `refusals[i]` times (the
+    loop's own logic against a stand-in for the broker's answers)."""
+
+    def __init__(self, refusals: list[int]) -> None:
+        self.refusals = refusals
+        self.sent: list[int] = []
+
+    def publish(self, letters: Sequence[DeadLetter], now_ms: int) -> list[bool]:
+        out = []
+        for letter in letters:
+            index = int(letter.message.data())
+            self.sent.append(index)
+            out.append(self.refusals[index] == 0)
+            self.refusals[index] = max(0, self.refusals[index] - 1)
+        return out
+
+
+def letters(count: int) -> list[DeadLetter]:
+    return [DeadLetter(FakeMessage(str(n).encode()), InvalidEvent("x", "y")) for n in range(count)]
+
+
+def test_refused_letters_are_sent_again_with_doubling_backoff_until_stored() -> None:
+    publisher = RefusingFirst([0, 2, 3])
+    stored: list[bytes] = []
+    waits: list[float] = []
+    left = publisher.publish_until_stored(
+        letters(3), lambda one: stored.append(one.message.data()), lambda: False, waits.append,
+        backoff=(0.05, 0.15),
+    )  # fmt: skip
+    assert left == [] and stored == [b"0", b"1", b"2"]  # each once, in the order stored
+    assert publisher.sent == [0, 1, 2, 1, 2, 1, 2, 2]  # only the refused ones again
+    assert waits == [0.05, 0.1, 0.15]  # doubling, capped
+
+
+def test_giving_up_returns_the_letters_still_refused() -> None:
+    publisher = RefusingFirst([0, 9])
+    stored: list[DeadLetter] = []
+    tries = iter([False, True])
+    left = publisher.publish_until_stored(
+        letters(2), stored.append, lambda: next(tries), lambda _: None,
+        backoff=(0.01, 1.0),
+    )  # fmt: skip
+    assert [one.message.data() for one in left] == [b"1"] and len(stored) == 1
+    assert publisher.sent == [0, 1, 1]
