@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import sys
 from pathlib import Path
@@ -113,29 +112,30 @@ def send_events(
     except ValueError:
         typer.echo(f"error: --wire-format {wire_format!r}: expected avro or json", err=True)
         raise typer.Exit(2) from None
-    if source != "-" and not Path(source).is_file():
-        why = "is a folder" if Path(source).is_dir() else "no such file"
+    try:  # before the broker is looked for: a wrong path is the likelier mistake
+        # Bytes that are no UTF-8 become lone surrogates, which the event contract refuses:
+        # that line is reported invalid, the others are sent (not a decode error midway).
+        if source == "-":
+            sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")  # type: ignore[union-attr]
+            stream = sys.stdin
+        else:
+            stream = Path(source).open(encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+    except OSError as exc:
+        why = {IsADirectoryError: "is a folder", FileNotFoundError: "no such file"}.get(
+            type(exc), exc.strerror or str(exc)
+        )
         typer.echo(f"error: cannot read events from {source}: {why}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if service_url is None or topic is None:
         try:
             target = running_local_target(system)
         except LocalTargetError as exc:
+            if stream is not sys.stdin:
+                stream.close()
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         service_url = service_url or target.service_url
         topic = topic or target.interactions_topic
-    try:
-        # Bytes that are no UTF-8 become lone surrogates, which the event contract refuses:
-        # that line is reported invalid, the others are sent (not a decode error midway).
-        stream = (
-            io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
-            if source == "-"
-            else Path(source).open(encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
-        )
-    except OSError as exc:
-        typer.echo(f"error: cannot read events from {source}: {exc.strerror or exc}", err=True)
-        raise typer.Exit(2) from None
     try:
         with (
             EventProducer(
