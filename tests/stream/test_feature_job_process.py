@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,50 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(
         )
 
 
+@dataclass
+class StoreLost:
+    """A store that held every event of a stream, then lost its data (Redis restarted
+    empty) while the subscription's cursor is past every event: only a rebuild from the
+    topic brings the users back."""
+
+    store: redis.Redis
+    system: str
+    users: list[str]
+    expected: StoreContent
+    full: int
+    """Events applied in the store before it was lost."""
+
+    @classmethod
+    def after_the_stream(
+        cls,
+        settings: FeatureJobSettings,
+        store: redis.Redis,
+        pulsar_url: str,
+        topic: str,
+        events: list[Event],
+        timeout: float,
+    ) -> StoreLost:
+        users = sorted({e.user_id for e in events})
+        lost = cls(store, settings.system_id, users, reference(settings, events), 0)
+        produce_events(pulsar_url, topic, events)
+        with running_job(settings):  # every event applied and acked
+            wait_until(lost.rebuilt, timeout, "the stream")
+        lost.full = lost.applied()
+        for key in list(store.scan_iter(match=f"recsys:v2:{settings.system_id}:*")):
+            store.delete(key)  # Redis lost its data
+        return lost
+
+    def rebuilt(self) -> bool:
+        content = store_content(self.store, self.system, self.users, ["v1", "v2"])
+        return bool(content.same_as(self.expected))
+
+    def applied(self) -> int:
+        return applied_events(self.store, self.system, self.users)
+
+    def wait_for_a_rebuilt_batch(self) -> None:
+        wait_until(lambda: self.applied() > 0, 60, "a rebuilt batch")
+
+
 def test_a_job_stopped_during_a_rebuild_exits_at_once_and_the_next_start_finishes_it(
     job_settings: FeatureJobSettings,
     store: redis.Redis,
@@ -191,24 +236,11 @@ def test_a_job_stopped_during_a_rebuild_exits_at_once_and_the_next_start_finishe
     marked, so the next start rebuilds again and nothing stays missing."""
     settings = job_settings.model_copy(update={"batch_size": 100})
     events = interleave_users(known_stream(users=40, per_user=250, seed=37))  # 100 batches
-    users = sorted({e.user_id for e in events})
-    expected = reference(settings, events)
-    produce_events(pulsar_url, topic, events)
-
-    def rebuilt() -> bool:
-        return store_content(store, settings.system_id, users, ["v1", "v2"]).same_as(expected)
-
-    with running_job(settings):  # every event applied and acked
-        wait_until(rebuilt, 120, "the stream")
-    full = applied_events(store, settings.system_id, users)
-    for key in list(store.scan_iter(match=f"recsys:v2:{settings.system_id}:*")):
-        store.delete(key)  # Redis lost its data
+    lost = StoreLost.after_the_stream(settings, store, pulsar_url, topic, events, timeout=120)
 
     job = job_process(settings, tmp_path / "job.log").start()
     try:
-        wait_until(
-            lambda: applied_events(store, settings.system_id, users) > 0, 60, "a rebuilt batch"
-        )
+        lost.wait_for_a_rebuilt_batch()
         assert job.popen is not None
         os.kill(job.popen.pid, signal.SIGTERM)  # our own child, by its PID
         started = time.monotonic()
@@ -216,12 +248,12 @@ def test_a_job_stopped_during_a_rebuild_exits_at_once_and_the_next_start_finishe
         stopped_in = time.monotonic() - started
     finally:
         job.stop()
-    assert applied_events(store, settings.system_id, users) < full, "stopped after the rebuild"
+    assert lost.applied() < lost.full, "stopped after the rebuild"
     assert store.exists(keys.rebuild_marker_key(settings.system_id))
     assert stopped_in < 10
 
     with running_job(settings.model_copy(update={"rebuild_when_empty": True})):
-        wait_until(rebuilt, 120, "the next start to finish the rebuild")
+        wait_until(lost.rebuilt, 120, "the next start to finish the rebuild")
 
 
 def test_a_rebuild_killed_midway_is_done_again_at_the_next_start(
@@ -238,31 +270,18 @@ def test_a_rebuild_killed_midway_is_done_again_at_the_next_start(
     the next start did not rebuild, and the others stayed missing for good."""
     settings = job_settings.model_copy(update={"batch_size": 100})
     events = interleave_users(known_stream(users=10, per_user=25, seed=31))  # 2.5 batches
-    users = sorted({e.user_id for e in events})
-    expected = reference(settings, events)
-    produce_events(pulsar_url, topic, events)
-
-    def rebuilt() -> bool:
-        return store_content(store, settings.system_id, users, ["v1", "v2"]).same_as(expected)
-
-    with running_job(settings):  # every event applied and acked
-        wait_until(rebuilt, 60, "the stream")
-    full = applied_events(store, settings.system_id, users)
-    for key in list(store.scan_iter(match=f"recsys:v2:{settings.system_id}:*")):
-        store.delete(key)  # Redis lost its data
+    lost = StoreLost.after_the_stream(settings, store, pulsar_url, topic, events, timeout=60)
 
     job = job_process(settings, tmp_path / "job.log").start()  # rebuild_when_empty: default
     try:
-        wait_until(
-            lambda: applied_events(store, settings.system_id, users) > 0, 60, "a rebuilt batch"
-        )
+        lost.wait_for_a_rebuilt_batch()
         assert job.popen is not None
         os.kill(job.popen.pid, signal.SIGKILL)  # our own child, by its PID
         job.popen.wait(timeout=10)
     finally:
         job.stop()
-    assert applied_events(store, settings.system_id, users) < full, "killed after the rebuild"
+    assert lost.applied() < lost.full, "killed after the rebuild"
     restart_broker()  # frees what the killed job held (see the fixture)
 
     with running_job(settings.model_copy(update={"rebuild_when_empty": True})):
-        wait_until(rebuilt, 60, "the next start to finish the rebuild")
+        wait_until(lost.rebuilt, 60, "the next start to finish the rebuild")
