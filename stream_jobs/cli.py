@@ -217,14 +217,30 @@ def _log_opt(name: str, help_text: str) -> typer.models.OptionInfo:
     return _setting_opt(EventLogSettings, name, help_text)
 
 
+# The options `features run` and `features rebuild` share, declared once.
+SystemIdOption = Annotated[
+    str | None, _job_opt("system_id", "Id in the feature keys: <namespace>.<name>.")
+]
+PulsarServiceUrlOption = Annotated[
+    str | None, _job_opt("pulsar_service_url", "Pulsar service URL.")
+]
+RedisUrlOption = Annotated[str | None, _job_opt("redis_url", "The feature store.")]
+RedisModeOption = Annotated[
+    StoreMode | None,
+    _job_opt("redis_mode", "single, or cluster: the URL names one node of a Redis Cluster."),
+]
+EmbeddingsPathOption = Annotated[
+    Path | None,
+    _job_opt(
+        "embeddings_path", "Item embeddings: one model's directory or archive, or one per version."
+    ),
+]
+
+
 @features_app.command("run")
 def run_features(
-    system_id: Annotated[
-        str | None, _job_opt("system_id", "Id in the feature keys: <namespace>.<name>.")
-    ] = None,
-    pulsar_service_url: Annotated[
-        str | None, _job_opt("pulsar_service_url", "Pulsar service URL.")
-    ] = None,
+    system_id: SystemIdOption = None,
+    pulsar_service_url: PulsarServiceUrlOption = None,
     pulsar_admin_url: Annotated[
         str | None, _job_opt("pulsar_admin_url", "Pulsar admin URL (backlog metric).")
     ] = None,
@@ -243,11 +259,8 @@ def run_features(
             "Topic for malformed events. Default: <interactions-topic>-dead-letter.",
         ),
     ] = None,
-    redis_url: Annotated[str | None, _job_opt("redis_url", "The feature store.")] = None,
-    redis_mode: Annotated[
-        StoreMode | None,
-        _job_opt("redis_mode", "single, or cluster: the URL names one node of a Redis Cluster."),
-    ] = None,
+    redis_url: RedisUrlOption = None,
+    redis_mode: RedisModeOption = None,
     store_ttl_seconds: Annotated[
         int | None, _job_opt("store_ttl_seconds", "Expiry of per-user keys.")
     ] = None,
@@ -277,13 +290,7 @@ def run_features(
         str | None,
         _job_opt("model_archive_uri", "Its archive or directory: path, file:// or http(s)://."),
     ] = None,
-    embeddings_path: Annotated[
-        Path | None,
-        _job_opt(
-            "embeddings_path",
-            "Item embeddings: one model's directory or archive, or one per version.",
-        ),
-    ] = None,
+    embeddings_path: EmbeddingsPathOption = None,
     embeddings_reload: Annotated[
         str | None, _job_opt("embeddings_reload", "How often embeddings are rescanned.")
     ] = None,
@@ -327,27 +334,14 @@ def run_features(
 
 @features_app.command("rebuild")
 def rebuild_features(
-    system_id: Annotated[
-        str | None, _job_opt("system_id", "Id in the feature keys: <namespace>.<name>.")
-    ] = None,
-    pulsar_service_url: Annotated[
-        str | None, _job_opt("pulsar_service_url", "Pulsar service URL.")
-    ] = None,
+    system_id: SystemIdOption = None,
+    pulsar_service_url: PulsarServiceUrlOption = None,
     interactions_topic: Annotated[
         str | None, _job_opt("interactions_topic", "The topic to replay.")
     ] = None,
-    redis_url: Annotated[str | None, _job_opt("redis_url", "The feature store.")] = None,
-    redis_mode: Annotated[
-        StoreMode | None,
-        _job_opt("redis_mode", "single, or cluster: the URL names one node of a Redis Cluster."),
-    ] = None,
-    embeddings_path: Annotated[
-        Path | None,
-        _job_opt(
-            "embeddings_path",
-            "Item embeddings: one model's directory or archive, or one per version.",
-        ),
-    ] = None,
+    redis_url: RedisUrlOption = None,
+    redis_mode: RedisModeOption = None,
+    embeddings_path: EmbeddingsPathOption = None,
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "WARNING",
 ) -> None:
     """Recompute the feature store from the events the interactions topic still holds.
